@@ -1,0 +1,1 @@
+#include "asynctls/runtime/logging.h"

@@ -1,0 +1,115 @@
+// Parameters of the dense model ops: plain structs with the shape of every pointer, included
+// by the CPU reference (host pointers), the CUDA kernels (device pointers) and the tests.
+//
+// Conventions: activations are fp32 row-major; the KV cache is paged, one K and one V pool
+// per layer, each bf16 [num_blocks, num_kv_heads, kKvBlockSize, head_dim]; a token's slot is
+// block_id * kKvBlockSize + offset_in_block.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "asynctls/kernels/types.h"
+
+namespace asynctls::kernels {
+
+// out[t, :] = table[ids[t], :]
+struct EmbeddingParams {
+  const void* table;     // [vocab, dim], table_dtype (kF32 or kBF16)
+  const int32_t* ids;    // [num_tokens], each in [0, vocab)
+  float* out;            // [num_tokens, dim]
+  DType table_dtype;
+  int32_t num_tokens, dim, vocab;
+};
+
+// out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]; out may alias x.
+// Qwen3's per-head q/k norm is this op with rows = tokens * heads and dim = head_dim.
+struct RmsNormParams {
+  const float* x;       // [rows, dim]
+  const float* weight;  // [dim]
+  float* out;           // [rows, dim]
+  int32_t rows, dim;
+  float eps;
+};
+
+// out[m, n] = beta * out[m, n] + sum_k x[m, k] * w[n, k] + bias[n]
+// (beta 0: overwrite; 1: residual add; bias optional, Qwen2's q/k/v projections have one)
+struct GemmParams {
+  const float* x;           // [m, k]
+  const void* w;            // [n, k] row-major, w_dtype (kF32 or kBF16)
+  const float* maybe_bias;  // [n] or null
+  float* out;               // [m, n]
+  DType w_dtype;
+  int32_t m, n, k;
+  float beta;
+};
+
+enum class RopeStyle : int32_t {
+  kInterleaved = 0,  // rotates pairs (2i, 2i+1): llama.cpp's GGUF Llama layout
+  kHalf = 1,         // rotates pairs (i, i + rotary_dim/2): Hugging Face / NeoX / Qwen
+};
+
+// Rotates q and k in place. Angle for pair i at position p = p * inv_freq[i]; inv_freq is
+// computed on the host from theta and the model's rope scaling (linear, llama3).
+struct RopeParams {
+  float* q;                  // [num_tokens, num_q_heads, head_dim]
+  float* k;                  // [num_tokens, num_kv_heads, head_dim]
+  const int32_t* positions;  // [num_tokens]
+  const float* inv_freq;     // [rotary_dim / 2]
+  int32_t num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim;
+  RopeStyle style;
+};
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, dim + i]
+struct SiluMulParams {
+  const float* gate_up;  // [rows, 2 * dim]: gate, then up
+  float* out;            // [rows, dim]
+  int32_t rows, dim;
+};
+
+// Writes each token's K and V (rounded to bf16) into its slot of the paged cache.
+struct KvAppendParams {
+  const float* k;        // [num_tokens, num_kv_heads, head_dim] (row stride k_stride floats)
+  const float* v;        // [num_tokens, num_kv_heads, head_dim] (row stride v_stride floats)
+  const int32_t* slots;  // [num_tokens]
+  void* k_cache;         // bf16 [num_blocks, num_kv_heads, kKvBlockSize, head_dim]
+  void* v_cache;
+  int32_t num_tokens, num_kv_heads, head_dim;
+  int32_t k_stride, v_stride;  // floats between consecutive tokens' rows
+};
+
+// Decode attention: one query token per sequence over its whole paged cache (the current
+// token's K/V already appended). GQA: query head h reads KV head h / (num_q_heads/num_kv_heads).
+struct PagedDecodeParams {
+  const void* q;               // [batch, num_q_heads, head_dim], io_dtype
+  const void* k_cache;         // bf16 pool, see file comment
+  const void* v_cache;
+  const int32_t* block_table;  // [batch, max_blocks_per_seq]
+  const int32_t* seq_lens;     // [batch] tokens in the cache, >= 1
+  void* out;                   // [batch, num_q_heads, head_dim], io_dtype
+  float* maybe_lse;            // [batch, num_q_heads] log-sum-exp of scaled scores, or null
+  void* workspace;             // split-K scratch, PagedDecodeWorkspaceBytes(); null for ref
+  DType io_dtype;              // kF32 or kBF16
+  int32_t batch, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
+  int32_t max_seq_len;         // upper bound of seq_lens (sizes the split-K grid)
+  float scale;                 // usually 1/sqrt(head_dim)
+};
+
+// Chunked causal prefill: sequence b contributes q rows [cu_q_lens[b], cu_q_lens[b+1]), which
+// are its last q_len positions of seq_lens[b] tokens (already appended to the cache). Row i
+// of that chunk sits at position seq_lens[b] - q_len + i and attends to positions <= it.
+struct PagedPrefillParams {
+  const void* q;               // [num_tokens, num_q_heads, head_dim], io_dtype
+  const int32_t* cu_q_lens;    // [batch + 1]
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* block_table;  // [batch, max_blocks_per_seq]
+  const int32_t* seq_lens;     // [batch]
+  void* out;                   // [num_tokens, num_q_heads, head_dim], io_dtype
+  DType io_dtype;
+  int32_t batch, num_tokens, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
+  int32_t max_q_len;           // upper bound of chunk lengths (sizes the grid)
+  float scale;
+};
+
+}  // namespace asynctls::kernels

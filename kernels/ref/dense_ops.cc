@@ -1,0 +1,168 @@
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "asynctls/kernels/ref.h"
+
+namespace asynctls::kernels::ref {
+namespace {
+
+float Load(const void* base, DType dtype, int64_t i) {
+  if (dtype == DType::kBF16) return Bf16ToFloat(static_cast<const Bf16*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+void Store(void* base, DType dtype, int64_t i, float v) {
+  if (dtype == DType::kBF16) {
+    static_cast<Bf16*>(base)[i] = FloatToBf16(v);
+  } else {
+    static_cast<float*>(base)[i] = v;
+  }
+}
+
+// Offset of (slot, kv_head, dim 0) in a paged pool.
+int64_t CacheOffset(int64_t slot, int kv_head, int num_kv_heads, int head_dim) {
+  const int64_t block = slot / kKvBlockSize, in_block = slot % kKvBlockSize;
+  return ((block * num_kv_heads + kv_head) * kKvBlockSize + in_block) * head_dim;
+}
+
+// Exact softmax attention of one query row over positions [0, n) of one sequence's cache.
+// Returns the log-sum-exp of the scaled scores.
+float AttendOne(const float* q, const void* k_cache, const void* v_cache,
+                const int32_t* block_table, int n, int kv_head, int num_kv_heads, int head_dim,
+                float scale, float* out) {
+  std::vector<float> scores(n);
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < n; ++j) {
+    const int64_t slot = int64_t{block_table[j / kKvBlockSize]} * kKvBlockSize + j % kKvBlockSize;
+    const int64_t off = CacheOffset(slot, kv_head, num_kv_heads, head_dim);
+    float s = 0.f;
+    for (int d = 0; d < head_dim; ++d) s += q[d] * Load(k_cache, DType::kBF16, off + d);
+    scores[j] = s * scale;
+    max_score = std::max(max_score, scores[j]);
+  }
+  float denom = 0.f;
+  for (int j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - max_score);
+    denom += scores[j];
+  }
+  for (int d = 0; d < head_dim; ++d) out[d] = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const int64_t slot = int64_t{block_table[j / kKvBlockSize]} * kKvBlockSize + j % kKvBlockSize;
+    const int64_t off = CacheOffset(slot, kv_head, num_kv_heads, head_dim);
+    const float w = scores[j] / denom;
+    for (int d = 0; d < head_dim; ++d) out[d] += w * Load(v_cache, DType::kBF16, off + d);
+  }
+  return max_score + std::log(denom);
+}
+
+}  // namespace
+
+void Embedding(const EmbeddingParams& p) {
+  for (int t = 0; t < p.num_tokens; ++t) {
+    const int64_t row = p.ids[t];
+    for (int i = 0; i < p.dim; ++i) p.out[int64_t{t} * p.dim + i] = Load(p.table, p.table_dtype, row * p.dim + i);
+  }
+}
+
+void RmsNorm(const RmsNormParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* x = p.x + int64_t{r} * p.dim;
+    float* out = p.out + int64_t{r} * p.dim;
+    float sum_sq = 0.f;
+    for (int i = 0; i < p.dim; ++i) sum_sq += x[i] * x[i];
+    const float inv = 1.f / std::sqrt(sum_sq / p.dim + p.eps);
+    for (int i = 0; i < p.dim; ++i) out[i] = x[i] * inv * p.weight[i];
+  }
+}
+
+void Gemm(const GemmParams& p) {
+  for (int m = 0; m < p.m; ++m) {
+    for (int n = 0; n < p.n; ++n) {
+      float acc = 0.f;
+      for (int k = 0; k < p.k; ++k) acc += p.x[int64_t{m} * p.k + k] * Load(p.w, p.w_dtype, int64_t{n} * p.k + k);
+      if (p.maybe_bias) acc += p.maybe_bias[n];
+      float& o = p.out[int64_t{m} * p.n + n];
+      o = (p.beta == 0.f ? 0.f : p.beta * o) + acc;
+    }
+  }
+}
+
+void Rope(const RopeParams& p) {
+  const int half = p.rotary_dim / 2;
+  auto rotate = [&](float* head, float angle, int i) {
+    const int a = p.style == RopeStyle::kInterleaved ? 2 * i : i;
+    const int b = p.style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+    const float c = std::cos(angle), s = std::sin(angle);
+    const float x0 = head[a], x1 = head[b];
+    head[a] = x0 * c - x1 * s;
+    head[b] = x0 * s + x1 * c;
+  };
+  for (int t = 0; t < p.num_tokens; ++t) {
+    for (int i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(p.positions[t]) * p.inv_freq[i];
+      for (int h = 0; h < p.num_q_heads; ++h)
+        rotate(p.q + (int64_t{t} * p.num_q_heads + h) * p.head_dim, angle, i);
+      for (int h = 0; h < p.num_kv_heads; ++h)
+        rotate(p.k + (int64_t{t} * p.num_kv_heads + h) * p.head_dim, angle, i);
+    }
+  }
+}
+
+void SiluMul(const SiluMulParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* g = p.gate_up + int64_t{r} * 2 * p.dim;
+    for (int i = 0; i < p.dim; ++i) {
+      const float x = g[i];
+      p.out[int64_t{r} * p.dim + i] = x / (1.f + std::exp(-x)) * g[p.dim + i];
+    }
+  }
+}
+
+void KvAppend(const KvAppendParams& p) {
+  for (int t = 0; t < p.num_tokens; ++t) {
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int64_t off = CacheOffset(p.slots[t], h, p.num_kv_heads, p.head_dim);
+      for (int d = 0; d < p.head_dim; ++d) {
+        Store(p.k_cache, DType::kBF16, off + d, p.k[int64_t{t} * p.k_stride + h * p.head_dim + d]);
+        Store(p.v_cache, DType::kBF16, off + d, p.v[int64_t{t} * p.v_stride + h * p.head_dim + d]);
+      }
+    }
+  }
+}
+
+void PagedDecodeAttention(const PagedDecodeParams& p) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  std::vector<float> q(p.head_dim), out(p.head_dim);
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.num_q_heads; ++h) {
+      const int64_t row = (int64_t{b} * p.num_q_heads + h) * p.head_dim;
+      for (int d = 0; d < p.head_dim; ++d) q[d] = Load(p.q, p.io_dtype, row + d);
+      const float lse = AttendOne(q.data(), p.k_cache, p.v_cache,
+                                  p.block_table + int64_t{b} * p.max_blocks_per_seq, p.seq_lens[b],
+                                  h / group, p.num_kv_heads, p.head_dim, p.scale, out.data());
+      for (int d = 0; d < p.head_dim; ++d) Store(p.out, p.io_dtype, row + d, out[d]);
+      if (p.maybe_lse) p.maybe_lse[int64_t{b} * p.num_q_heads + h] = lse;
+    }
+  }
+}
+
+void PagedPrefillAttention(const PagedPrefillParams& p) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  std::vector<float> q(p.head_dim), out(p.head_dim);
+  for (int b = 0; b < p.batch; ++b) {
+    const int q_begin = p.cu_q_lens[b], q_len = p.cu_q_lens[b + 1] - q_begin;
+    for (int i = 0; i < q_len; ++i) {
+      const int visible = p.seq_lens[b] - q_len + i + 1;  // causal: positions <= own
+      for (int h = 0; h < p.num_q_heads; ++h) {
+        const int64_t row = (int64_t{q_begin + i} * p.num_q_heads + h) * p.head_dim;
+        for (int d = 0; d < p.head_dim; ++d) q[d] = Load(p.q, p.io_dtype, row + d);
+        AttendOne(q.data(), p.k_cache, p.v_cache, p.block_table + int64_t{b} * p.max_blocks_per_seq,
+                  visible, h / group, p.num_kv_heads, p.head_dim, p.scale, out.data());
+        for (int d = 0; d < p.head_dim; ++d) Store(p.out, p.io_dtype, row + d, out[d]);
+      }
+    }
+  }
+}
+
+}  // namespace asynctls::kernels::ref

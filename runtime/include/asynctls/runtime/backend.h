@@ -1,0 +1,92 @@
+// A compute backend: memory plus the dense model ops of kernels/dense_params.h. The model
+// forward is written once against this interface; the CPU backend (BLAS + threads) and the
+// CUDA backend (kernels + cuBLASLt) implement it. Ops are enqueued in order on the backend's
+// stream; the CPU backend runs them before returning. Params carry pointers from Allocate().
+// Not thread-safe: one backend serves one engine (one rank).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "asynctls/kernels/dense_params.h"
+
+namespace asynctls {
+
+enum class DeviceKind { kCpu, kCuda };
+
+class Backend;
+
+// Owns one allocation of a backend; frees it on destruction. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void Reset();
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+
+ private:
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual DeviceKind kind() const = 0;
+  virtual std::string Describe() const = 0;  // e.g. "cpu (2 threads)", "cuda:0 NVIDIA H200"
+
+  // Memory. Allocate returns RESOURCE_EXHAUSTED when the device is full. Copies are ordered
+  // with the ops on the stream; CopyToHost blocks until the data is on the host.
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Fill(void* dst, int byte_value, size_t bytes) = 0;
+  virtual absl::Status Synchronize() = 0;
+
+  // Ops (see kernels/dense_params.h). PagedDecodeAttention's workspace is provided by the
+  // backend itself (params.workspace is ignored).
+  virtual absl::Status Embedding(const kernels::EmbeddingParams& p) = 0;
+  virtual absl::Status RmsNorm(const kernels::RmsNormParams& p) = 0;
+  virtual absl::Status Gemm(const kernels::GemmParams& p) = 0;
+  virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
+  virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
+  virtual absl::Status KvAppend(const kernels::KvAppendParams& p) = 0;
+  virtual absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) = 0;
+  virtual absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) = 0;
+
+  // Converts a host fp32 weight to the dtype the backend's GEMMs read for `preferred`
+  // (CPU: always fp32; CUDA: fp32 or bf16) and uploads it.
+  virtual absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
+                                                    kernels::DType preferred,
+                                                    kernels::DType* stored_dtype) = 0;
+
+ protected:
+  friend class DeviceBuffer;
+  virtual void Free(void* data) = 0;
+};
+
+// The CPU backend, `num_threads` 0 = all cores.
+std::unique_ptr<Backend> MakeCpuBackend(int num_threads = 0);
+
+// The CUDA backend on `device_ordinal`; UNAVAILABLE when the build has no CUDA or no GPU.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device_ordinal = 0);
+
+// True when this build has CUDA and a GPU is present.
+bool CudaAvailable();
+
+}  // namespace asynctls
