@@ -1,0 +1,59 @@
+// The per-rank Engine: owns a backend, the model weights and the paged KV cache, and executes
+// one StepPlan at a time (prefill chunks + decode tokens + releases), returning sampled
+// tokens. It decides nothing: admission and batching are the scheduler's. Not thread-safe;
+// Step() calls are serialized by the caller.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "asynctls/runtime/backend.h"
+#include "asynctls/runtime/kv_cache.h"
+#include "asynctls/runtime/model.h"
+#include "asynctls/runtime/step_plan.h"
+
+namespace asynctls {
+
+class WeightFile;
+
+struct EngineOptions {
+  std::string device = "auto";  // "cpu", "cuda", "cuda:N" or "auto" (cuda when present)
+  int32_t cpu_threads = 0;      // 0: all cores
+  kernels::DType weight_dtype = kernels::DType::kF32;  // GEMM weights on CUDA
+  int32_t max_batch_tokens = 512;
+  int32_t max_batch_seqs = 64;
+  int64_t kv_cache_bytes = 0;   // 0: 1 GiB on the CPU, 40% of free memory on a GPU
+};
+
+class Engine final : public StepExecutor {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const WeightFile& weights,
+                                                        const EngineOptions& options);
+  ~Engine() override;
+
+  ExecutorInfo Info() const override;
+  absl::StatusOr<StepResult> Step(const StepPlan& plan) override;
+
+  const ModelConfig& config() const { return model_->config(); }
+  const KvCache& kv_cache() const { return *cache_; }
+  Backend& backend() { return *backend_; }
+
+ private:
+  Engine() = default;
+  struct Item;
+  absl::Status RunForward(const std::vector<Item>& items, StepResult* result);
+
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<KvCache> cache_;
+  std::string model_name_;
+  std::vector<float> logits_;
+};
+
+// Makes the backend named by `device` ("cpu", "cuda", "cuda:N", "auto").
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int cpu_threads);
+
+}  // namespace asynctls

@@ -1,0 +1,61 @@
+// The transformer forward pass (Llama / SmolLM2, Qwen2, Qwen3) written once against Backend.
+// One call runs a batch of sequences: prompt chunks (q_len > 1) first, then decode tokens
+// (q_len 1), over the paged KV cache. Not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "asynctls/runtime/backend.h"
+#include "asynctls/runtime/kv_cache.h"
+#include "asynctls/runtime/model_config.h"
+
+namespace asynctls {
+
+class WeightFile;
+
+struct ModelLoadOptions {
+  // Dtype of GEMM weights on the backend (CUDA: kF32 for exactness, kBF16 for speed; the
+  // CPU backend always keeps fp32).
+  kernels::DType weight_dtype = kernels::DType::kF32;
+  int32_t max_batch_tokens = 512;  // largest number of tokens in one Forward
+  int32_t max_batch_seqs = 64;
+};
+
+// One Forward's inputs (host memory). Sequences [0, num_prefill) are prompt chunks, the rest
+// decode tokens; q rows are packed in sequence order.
+struct ForwardBatch {
+  std::vector<int32_t> tokens;       // [num_tokens]
+  std::vector<int32_t> positions;    // [num_tokens]
+  std::vector<int32_t> slots;        // [num_tokens] cache slot of each token
+  std::vector<int32_t> cu_q_lens;    // [num_seqs + 1]
+  std::vector<int32_t> seq_lens;     // [num_seqs] cache length after this step
+  std::vector<int32_t> block_table;  // [num_seqs, max_blocks_per_seq]
+  int32_t max_blocks_per_seq = 0;
+  int32_t num_prefill = 0;           // sequences with prompt chunks (first in order)
+  std::vector<int32_t> logit_rows;   // token rows whose logits are returned, in order
+  int32_t num_seqs() const { return static_cast<int32_t>(seq_lens.size()); }
+};
+
+class Model {
+ public:
+  // Reads and uploads the weights. INVALID_ARGUMENT for a missing tensor or a shape that
+  // does not match the config (naming it).
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const WeightFile& file, Backend* backend,
+                                                     const ModelLoadOptions& options);
+  ~Model();
+
+  const ModelConfig& config() const;
+  // Runs the batch, writing K/V into `cache`, and copies logits of batch.logit_rows to
+  // `logits` ([logit_rows, vocab], host). INVALID_ARGUMENT if the batch exceeds the options.
+  absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits);
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace asynctls

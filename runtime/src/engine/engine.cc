@@ -1,0 +1,187 @@
+#include "asynctls/runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "asynctls/runtime/logging.h"
+#include "asynctls/runtime/sampler.h"
+#include "asynctls/runtime/status.h"
+#include "asynctls/runtime/weights.h"
+
+namespace asynctls {
+
+// One sequence's share of a forward pass: a run of prompt tokens or one decode token.
+struct Engine::Item {
+  uint64_t seq_id;
+  const int32_t* tokens;
+  int32_t num_tokens;
+  int32_t start_pos;
+  bool sample;
+  bool prefill;  // prompt items precede decode items in a forward
+  SamplingParams sampling;
+};
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int cpu_threads) {
+  if (device == "cpu") return MakeCpuBackend(cpu_threads);
+  if (device == "auto") {
+    if (CudaAvailable()) return MakeCudaBackend(0);
+    return MakeCpuBackend(cpu_threads);
+  }
+  if (device == "cuda") return MakeCudaBackend(0);
+  if (absl::StartsWith(device, "cuda:")) {
+    int ordinal = 0;
+    if (!absl::SimpleAtoi(device.substr(5), &ordinal) || ordinal < 0)
+      return absl::InvalidArgumentError(absl::StrCat("device: bad CUDA ordinal in '", device, "'"));
+    return MakeCudaBackend(ordinal);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("device: '", device, "' is not cpu, cuda, cuda:N or auto"));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const WeightFile& weights,
+                                                       const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->backend_, MakeBackend(options.device, options.cpu_threads));
+  ModelLoadOptions load;
+  load.weight_dtype = options.weight_dtype;
+  load.max_batch_tokens = options.max_batch_tokens;
+  load.max_batch_seqs = options.max_batch_seqs;
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->model_, Model::Load(weights, engine->backend_.get(), load));
+  const ModelConfig& c = engine->model_->config();
+  engine->model_name_ = c.name.empty() ? c.architecture : c.name;
+  int64_t kv_bytes = options.kv_cache_bytes;
+  if (kv_bytes <= 0) kv_bytes = int64_t{1} << 30;
+  const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim);
+  const int num_blocks = static_cast<int>(std::max<int64_t>(1, kv_bytes / static_cast<int64_t>(per_block)));
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers,
+                                                            c.num_kv_heads, c.head_dim, num_blocks));
+  ASYNCTLS_LOG_INFO("engine: ", engine->model_name_, " on ", engine->backend_->Describe(), ", ", c.num_layers,
+                    " layers, KV cache ", num_blocks, " blocks (", num_blocks * kernels::kKvBlockSize, " tokens)");
+  return engine;
+}
+
+Engine::~Engine() = default;
+
+ExecutorInfo Engine::Info() const {
+  ExecutorInfo info;
+  info.model_name = model_name_;
+  info.device = backend_->Describe();
+  info.vocab_size = model_->config().vocab_size;
+  info.max_context = model_->config().max_context;
+  info.kv_blocks_total = cache_->num_blocks();
+  info.max_batch_tokens = options_.max_batch_tokens;
+  return info;
+}
+
+absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* result) {
+  ForwardBatch batch;
+  batch.cu_q_lens.push_back(0);
+  int max_blocks = 1;
+  for (const Item& it : items) max_blocks = std::max<int>(max_blocks, cache_->Blocks(it.seq_id).size());
+  batch.max_blocks_per_seq = max_blocks;
+  for (const Item& it : items) {
+    for (int i = 0; i < it.num_tokens; ++i) {
+      batch.tokens.push_back(it.tokens[i]);
+      batch.positions.push_back(it.start_pos + i);
+      batch.slots.push_back(cache_->SlotOf(it.seq_id, it.start_pos + i));
+    }
+    batch.cu_q_lens.push_back(static_cast<int32_t>(batch.tokens.size()));
+    batch.seq_lens.push_back(it.start_pos + it.num_tokens);
+    const auto& blocks = cache_->Blocks(it.seq_id);
+    batch.block_table.insert(batch.block_table.end(), blocks.begin(), blocks.end());
+    batch.block_table.resize(static_cast<size_t>(batch.num_seqs()) * max_blocks, 0);
+    if (it.prefill) ++batch.num_prefill;
+    if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
+  }
+  ASYNCTLS_RETURN_IF_ERROR(model_->Forward(batch, *cache_, &logits_));
+  const int vocab = model_->config().vocab_size;
+  size_t row = 0;
+  for (const Item& it : items) {
+    cache_->SetSeqLen(it.seq_id, it.start_pos + it.num_tokens);
+    if (!it.sample) continue;
+    const Sample s = SampleToken(logits_.data() + row * vocab, vocab, it.sampling, it.start_pos + it.num_tokens);
+    result->tokens.push_back({it.seq_id, s.token, s.logprob});
+    ++row;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
+  const auto t0 = std::chrono::steady_clock::now();
+  StepResult result;
+  result.step_id = plan.step_id;
+  for (uint64_t id : plan.releases) cache_->Release(id);
+
+  const int max_context = model_->config().max_context;
+  auto drop = [&](uint64_t seq_id, std::string message) {
+    cache_->Release(seq_id);
+    result.errors.push_back({seq_id, std::move(message)});
+  };
+  // Validate and reserve KV; collect the work as items (prefill chunks first).
+  std::vector<Item> prefill_items, decode_items;
+  for (const PrefillChunk& c : plan.prefills) {
+    const int have = cache_->SeqLen(c.seq_id);
+    if (c.tokens.empty() || c.start_pos != have || c.start_pos + static_cast<int>(c.tokens.size()) > max_context) {
+      drop(c.seq_id, absl::StrCat("prefill chunk at ", c.start_pos, " of ", c.tokens.size(),
+                                  " tokens does not continue the sequence (", have, " cached, context ", max_context, ")"));
+      continue;
+    }
+    if (absl::Status s = cache_->Reserve(c.seq_id, c.start_pos + c.tokens.size()); !s.ok()) {
+      drop(c.seq_id, std::string(s.message()));
+      continue;
+    }
+    // Split chunks longer than the forward budget; only the last piece samples.
+    const int budget = options_.max_batch_tokens;
+    for (int off = 0; off < static_cast<int>(c.tokens.size()); off += budget) {
+      const int n = std::min<int>(budget, c.tokens.size() - off);
+      const bool last = off + n == static_cast<int>(c.tokens.size());
+      prefill_items.push_back({c.seq_id, c.tokens.data() + off, n, c.start_pos + off, last && c.sample, true,
+                               c.sampling});
+    }
+  }
+  for (const DecodeItem& d : plan.decodes) {
+    const int have = cache_->SeqLen(d.seq_id);
+    if (!cache_->Contains(d.seq_id) || d.position != have || d.position + 1 > max_context) {
+      drop(d.seq_id, absl::StrCat("decode at position ", d.position, " but ", have, " tokens cached (context ",
+                                  max_context, ")"));
+      continue;
+    }
+    if (absl::Status s = cache_->Reserve(d.seq_id, d.position + 1); !s.ok()) {
+      drop(d.seq_id, std::string(s.message()));
+      continue;
+    }
+    decode_items.push_back({d.seq_id, &d.token, 1, d.position, true, false, d.sampling});
+  }
+  // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
+  // sequence appears at most once per forward (its chunks are consecutive in the cache).
+  std::vector<Item> all = std::move(prefill_items);
+  all.insert(all.end(), decode_items.begin(), decode_items.end());
+  std::vector<Item> wave;
+  int wave_tokens = 0;
+  auto flush = [&]() -> absl::Status {
+    if (wave.empty()) return absl::OkStatus();
+    absl::Status s = RunForward(wave, &result);
+    wave.clear();
+    wave_tokens = 0;
+    return s;
+  };
+  for (const Item& it : all) {
+    const bool seq_in_wave = std::any_of(wave.begin(), wave.end(), [&](const Item& w) { return w.seq_id == it.seq_id; });
+    if (seq_in_wave || wave_tokens + it.num_tokens > options_.max_batch_tokens ||
+        static_cast<int>(wave.size()) == options_.max_batch_seqs) {
+      ASYNCTLS_RETURN_IF_ERROR(flush());
+    }
+    wave.push_back(it);
+    wave_tokens += it.num_tokens;
+  }
+  ASYNCTLS_RETURN_IF_ERROR(flush());
+  result.kv_blocks_used = cache_->used_blocks();
+  result.kv_blocks_total = cache_->num_blocks();
+  result.step_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return result;
+}
+
+}  // namespace asynctls

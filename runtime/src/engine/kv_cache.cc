@@ -1,0 +1,76 @@
+#include "asynctls/runtime/kv_cache.h"
+
+#include "absl/strings/str_cat.h"
+#include "asynctls/runtime/status.h"
+
+namespace asynctls {
+
+size_t KvCache::BytesPerBlock(int num_layers, int num_kv_heads, int head_dim) {
+  return size_t{2} * num_layers * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int num_layers,
+                                                         int num_kv_heads, int head_dim,
+                                                         int num_blocks) {
+  if (num_blocks <= 0) return absl::InvalidArgumentError("kv cache: num_blocks must be positive");
+  std::unique_ptr<KvCache> cache(new KvCache());
+  cache->num_blocks_ = num_blocks;
+  const size_t pool_bytes =
+      size_t{static_cast<size_t>(num_blocks)} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
+  for (int l = 0; l < num_layers; ++l) {
+    ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer k, backend->Allocate(pool_bytes));
+    ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer v, backend->Allocate(pool_bytes));
+    // Zeroed so that a read past a sequence's end (a bug) is finite, not garbage.
+    ASYNCTLS_RETURN_IF_ERROR(backend->Fill(k.data(), 0, pool_bytes));
+    ASYNCTLS_RETURN_IF_ERROR(backend->Fill(v.data(), 0, pool_bytes));
+    cache->k_pools_.push_back(std::move(k));
+    cache->v_pools_.push_back(std::move(v));
+  }
+  cache->free_.reserve(num_blocks);
+  for (int b = num_blocks - 1; b >= 0; --b) cache->free_.push_back(b);
+  return cache;
+}
+
+absl::Status KvCache::Reserve(uint64_t seq_id, int num_tokens) {
+  Seq& seq = seqs_[seq_id];
+  const int needed = (num_tokens + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
+  const int missing = needed - static_cast<int>(seq.blocks.size());
+  if (missing <= 0) return absl::OkStatus();
+  if (missing > free_blocks()) {
+    if (seq.blocks.empty()) seqs_.erase(seq_id);
+    return absl::ResourceExhaustedError(absl::StrCat("kv cache: sequence ", seq_id, " needs ", missing,
+                                                     " more blocks, ", free_blocks(), " free"));
+  }
+  for (int i = 0; i < missing; ++i) {
+    seq.blocks.push_back(free_.back());
+    free_.pop_back();
+  }
+  return absl::OkStatus();
+}
+
+void KvCache::Release(uint64_t seq_id) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return;
+  for (int32_t b : it->second.blocks) free_.push_back(b);
+  seqs_.erase(it);
+}
+
+int KvCache::SeqLen(uint64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() ? 0 : it->second.len;
+}
+
+void KvCache::SetSeqLen(uint64_t seq_id, int len) {
+  Seq& seq = seqs_.at(seq_id);
+  ASYNCTLS_CHECK(len <= static_cast<int>(seq.blocks.size()) * kernels::kKvBlockSize, "seq ", seq_id);
+  seq.len = len;
+}
+
+const std::vector<int32_t>& KvCache::Blocks(uint64_t seq_id) const { return seqs_.at(seq_id).blocks; }
+
+int32_t KvCache::SlotOf(uint64_t seq_id, int position) const {
+  const Seq& seq = seqs_.at(seq_id);
+  return seq.blocks[position / kernels::kKvBlockSize] * kernels::kKvBlockSize + position % kernels::kKvBlockSize;
+}
+
+}  // namespace asynctls

@@ -1,0 +1,297 @@
+#include "asynctls/runtime/model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "asynctls/runtime/logging.h"
+#include "asynctls/runtime/status.h"
+#include "asynctls/runtime/weights.h"
+
+namespace asynctls {
+
+using kernels::DType;
+
+namespace {
+
+// A weight on the backend and the dtype it is stored in.
+struct Weight {
+  DeviceBuffer buf;
+  DType dtype = DType::kF32;
+  const void* data() const { return buf.data(); }
+  const float* f32() const { return buf.as<const float>(); }
+};
+
+struct Layer {
+  Weight attn_norm, ffn_norm, q_norm, k_norm;
+  Weight wq, wk, wv, wo, w_gate_up, w_down;
+  Weight bq, bk, bv;
+};
+
+absl::StatusOr<std::vector<float>> ReadChecked(const WeightFile& file, const std::string& name,
+                                               std::vector<int64_t> expected_shape) {
+  ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> data, file.ReadF32(name));
+  int64_t expected = 1;
+  for (int64_t d : expected_shape) expected *= d;
+  if (static_cast<int64_t>(data.size()) != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " has ", data.size(),
+                                                   " elements; the config implies [",
+                                                   absl::StrJoin(expected_shape, ", "), "]"));
+  }
+  return data;
+}
+
+}  // namespace
+
+struct Model::Impl {
+  ModelConfig config;
+  ModelLoadOptions options;
+  Backend* backend = nullptr;
+  Weight token_embd, output_norm, output;  // output empty when tied
+  std::vector<Layer> layers;
+  DeviceBuffer inv_freq;
+
+  // Activations, sized for options.max_batch_tokens / max_batch_seqs.
+  DeviceBuffer x, xn, q, k, v, attn, gate_up, act, gathered, logits;
+  // Per-step metadata.
+  DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
+  int32_t max_blocks_per_seq = 0;
+
+  absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
+    Weight w;
+    ASYNCTLS_ASSIGN_OR_RETURN(w.buf, backend->UploadWeight(host.data(), host.size(), preferred, &w.dtype));
+    return w;
+  }
+
+  absl::Status LoadWeights(const WeightFile& file) {
+    const ModelConfig& c = config;
+    const int64_t hidden = c.hidden_size, hd = c.head_dim;
+    const DType gemm = options.weight_dtype;
+    auto load = [&](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<Weight> {
+      ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> host, ReadChecked(file, name, shape));
+      return Upload(host, dtype);
+    };
+    // The embedding table doubles as the LM head when tied: keep it in the GEMM dtype then.
+    ASYNCTLS_ASSIGN_OR_RETURN(token_embd, load("token_embd.weight", {c.vocab_size, hidden},
+                                               c.tied_embeddings ? gemm : DType::kF32));
+    ASYNCTLS_ASSIGN_OR_RETURN(output_norm, load("output_norm.weight", {hidden}, DType::kF32));
+    if (!c.tied_embeddings) {
+      ASYNCTLS_ASSIGN_OR_RETURN(output, load("output.weight", {c.vocab_size, hidden}, gemm));
+    }
+    layers.resize(c.num_layers);
+    for (int i = 0; i < c.num_layers; ++i) {
+      Layer& L = layers[i];
+      const std::string p = absl::StrCat("blk.", i, ".");
+      ASYNCTLS_ASSIGN_OR_RETURN(L.attn_norm, load(p + "attn_norm.weight", {hidden}, DType::kF32));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.ffn_norm, load(p + "ffn_norm.weight", {hidden}, DType::kF32));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.wq, load(p + "attn_q.weight", {c.num_q_heads * hd, hidden}, gemm));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.wk, load(p + "attn_k.weight", {c.num_kv_heads * hd, hidden}, gemm));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.wv, load(p + "attn_v.weight", {c.num_kv_heads * hd, hidden}, gemm));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.wo, load(p + "attn_output.weight", {hidden, c.num_q_heads * hd}, gemm));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.w_down, load(p + "ffn_down.weight", {hidden, c.ffn_size}, gemm));
+      {
+        // gate and up as one [2 * ffn, hidden] GEMM; SiluMul reads gate first, then up.
+        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> gate, ReadChecked(file, p + "ffn_gate.weight", {c.ffn_size, hidden}));
+        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> up, ReadChecked(file, p + "ffn_up.weight", {c.ffn_size, hidden}));
+        gate.insert(gate.end(), up.begin(), up.end());
+        ASYNCTLS_ASSIGN_OR_RETURN(L.w_gate_up, Upload(gate, gemm));
+      }
+      if (c.qk_norm) {
+        ASYNCTLS_ASSIGN_OR_RETURN(L.q_norm, load(p + "attn_q_norm.weight", {hd}, DType::kF32));
+        ASYNCTLS_ASSIGN_OR_RETURN(L.k_norm, load(p + "attn_k_norm.weight", {hd}, DType::kF32));
+      }
+      if (c.attention_bias) {
+        ASYNCTLS_ASSIGN_OR_RETURN(L.bq, load(p + "attn_q.bias", {c.num_q_heads * hd}, DType::kF32));
+        ASYNCTLS_ASSIGN_OR_RETURN(L.bk, load(p + "attn_k.bias", {c.num_kv_heads * hd}, DType::kF32));
+        ASYNCTLS_ASSIGN_OR_RETURN(L.bv, load(p + "attn_v.bias", {c.num_kv_heads * hd}, DType::kF32));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AllocateActivations() {
+    const ModelConfig& c = config;
+    const int64_t T = options.max_batch_tokens, S = options.max_batch_seqs;
+    const int64_t f = sizeof(float), i32 = sizeof(int32_t);
+    max_blocks_per_seq = (c.max_context + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
+    struct Alloc {
+      DeviceBuffer* buf;
+      int64_t bytes;
+    };
+    const Alloc allocs[] = {
+        {&x, T * c.hidden_size * f},
+        {&xn, T * c.hidden_size * f},
+        {&q, T * c.num_q_heads * c.head_dim * f},
+        {&k, T * c.num_kv_heads * c.head_dim * f},
+        {&v, T * c.num_kv_heads * c.head_dim * f},
+        {&attn, T * c.num_q_heads * c.head_dim * f},
+        {&gate_up, T * 2 * c.ffn_size * f},
+        {&act, T * c.ffn_size * f},
+        {&gathered, S * c.hidden_size * f},
+        {&logits, S * c.vocab_size * f},
+        {&tokens, T * i32},
+        {&positions, T * i32},
+        {&slots, T * i32},
+        {&cu_q_lens, (S + 1) * i32},
+        {&seq_lens, S * i32},
+        {&block_table, S * max_blocks_per_seq * i32},
+        {&logit_rows, S * i32},
+    };
+    for (const Alloc& a : allocs) {
+      ASYNCTLS_ASSIGN_OR_RETURN(*a.buf, backend->Allocate(a.bytes));
+    }
+    const std::vector<float> freq = c.RopeInvFreq();
+    ASYNCTLS_ASSIGN_OR_RETURN(inv_freq, backend->Allocate(freq.size() * sizeof(float)));
+    return backend->CopyToDevice(inv_freq.data(), freq.data(), freq.size() * sizeof(float));
+  }
+
+  absl::Status CheckBatch(const ForwardBatch& b) const {
+    const int num_tokens = static_cast<int>(b.tokens.size());
+    if (num_tokens == 0) return absl::InvalidArgumentError("forward: empty batch");
+    if (num_tokens > options.max_batch_tokens)
+      return absl::InvalidArgumentError(absl::StrCat("forward: ", num_tokens, " tokens > max_batch_tokens ",
+                                                     options.max_batch_tokens));
+    if (b.num_seqs() > options.max_batch_seqs || static_cast<int>(b.logit_rows.size()) > options.max_batch_seqs)
+      return absl::InvalidArgumentError(absl::StrCat("forward: ", b.num_seqs(), " sequences > max_batch_seqs ",
+                                                     options.max_batch_seqs));
+    if (b.positions.size() != b.tokens.size() || b.slots.size() != b.tokens.size() ||
+        b.cu_q_lens.size() != b.seq_lens.size() + 1 || b.cu_q_lens.back() != num_tokens ||
+        b.max_blocks_per_seq > max_blocks_per_seq ||
+        b.block_table.size() != static_cast<size_t>(b.num_seqs()) * b.max_blocks_per_seq)
+      return absl::InvalidArgumentError("forward: inconsistent batch layout");
+    for (int32_t t : b.tokens)
+      if (t < 0 || t >= config.vocab_size)
+        return absl::InvalidArgumentError(absl::StrCat("forward: token id ", t, " outside the vocabulary"));
+    for (int32_t s = 0; s < b.num_seqs(); ++s)
+      if (s >= b.num_prefill && b.cu_q_lens[s + 1] - b.cu_q_lens[s] != 1)
+        return absl::InvalidArgumentError("forward: decode sequences take exactly one token");
+    return absl::OkStatus();
+  }
+
+  absl::Status Upload32(DeviceBuffer& dst, const std::vector<int32_t>& src) {
+    return backend->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
+  }
+
+  absl::Status Forward(const ForwardBatch& b, KvCache& cache, std::vector<float>* out_logits) {
+    ASYNCTLS_RETURN_IF_ERROR(CheckBatch(b));
+    const ModelConfig& c = config;
+    const int T = static_cast<int>(b.tokens.size());
+    const int hd = c.head_dim, H = c.num_q_heads, KV = c.num_kv_heads;
+    const int num_logits = static_cast<int>(b.logit_rows.size());
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(tokens, b.tokens));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(positions, b.positions));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(slots, b.slots));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(cu_q_lens, b.cu_q_lens));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(seq_lens, b.seq_lens));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(block_table, b.block_table));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(logit_rows, b.logit_rows));
+
+    const int num_prefill_tokens = b.cu_q_lens[b.num_prefill];
+    const int num_decode = b.num_seqs() - b.num_prefill;
+    int max_q_len = 0, max_decode_len = 0;
+    for (int s = 0; s < b.num_seqs(); ++s) {
+      if (s < b.num_prefill) max_q_len = std::max(max_q_len, b.cu_q_lens[s + 1] - b.cu_q_lens[s]);
+      else max_decode_len = std::max(max_decode_len, b.seq_lens[s]);
+    }
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+
+    ASYNCTLS_RETURN_IF_ERROR(backend->Embedding({token_embd.data(), tokens.as<int32_t>(), x.as<float>(),
+                                                 token_embd.dtype, T, c.hidden_size, c.vocab_size}));
+    auto gemm = [&](const float* in, const Weight& w, const Weight* bias, float* out, int m, int n, int k,
+                    float beta) {
+      return backend->Gemm({in, w.data(), bias && bias->data() ? bias->f32() : nullptr, out, w.dtype, m, n, k, beta});
+    };
+    for (int li = 0; li < c.num_layers; ++li) {
+      const Layer& L = layers[li];
+      ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
+      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wq, &L.bq, q.as<float>(), T, H * hd, c.hidden_size, 0.f));
+      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wk, &L.bk, k.as<float>(), T, KV * hd, c.hidden_size, 0.f));
+      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wv, &L.bv, v.as<float>(), T, KV * hd, c.hidden_size, 0.f));
+      if (c.qk_norm) {
+        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({q.as<float>(), L.q_norm.f32(), q.as<float>(), T * H, hd, c.rms_eps}));
+        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({k.as<float>(), L.k_norm.f32(), k.as<float>(), T * KV, hd, c.rms_eps}));
+      }
+      ASYNCTLS_RETURN_IF_ERROR(backend->Rope({q.as<float>(), k.as<float>(), positions.as<int32_t>(),
+                                              inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
+      ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({k.as<float>(), v.as<float>(), slots.as<int32_t>(),
+                                                  cache.k_pool(li), cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
+      if (b.num_prefill > 0) {
+        kernels::PagedPrefillParams pp{};
+        pp.q = q.data();
+        pp.cu_q_lens = cu_q_lens.as<int32_t>();
+        pp.k_cache = cache.k_pool(li);
+        pp.v_cache = cache.v_pool(li);
+        pp.block_table = block_table.as<int32_t>();
+        pp.seq_lens = seq_lens.as<int32_t>();
+        pp.out = attn.data();
+        pp.io_dtype = DType::kF32;
+        pp.batch = b.num_prefill;
+        pp.num_tokens = num_prefill_tokens;
+        pp.num_q_heads = H;
+        pp.num_kv_heads = KV;
+        pp.head_dim = hd;
+        pp.max_blocks_per_seq = b.max_blocks_per_seq;
+        pp.max_q_len = max_q_len;
+        pp.scale = scale;
+        ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
+      }
+      if (num_decode > 0) {
+        kernels::PagedDecodeParams dp{};
+        dp.q = q.as<float>() + int64_t{num_prefill_tokens} * H * hd;
+        dp.k_cache = cache.k_pool(li);
+        dp.v_cache = cache.v_pool(li);
+        dp.block_table = block_table.as<int32_t>() + int64_t{b.num_prefill} * b.max_blocks_per_seq;
+        dp.seq_lens = seq_lens.as<int32_t>() + b.num_prefill;
+        dp.out = attn.as<float>() + int64_t{num_prefill_tokens} * H * hd;
+        dp.io_dtype = DType::kF32;
+        dp.batch = num_decode;
+        dp.num_q_heads = H;
+        dp.num_kv_heads = KV;
+        dp.head_dim = hd;
+        dp.max_blocks_per_seq = b.max_blocks_per_seq;
+        dp.max_seq_len = max_decode_len;
+        dp.scale = scale;
+        ASYNCTLS_RETURN_IF_ERROR(backend->PagedDecodeAttention(dp));
+      }
+      ASYNCTLS_RETURN_IF_ERROR(gemm(attn.as<float>(), L.wo, nullptr, x.as<float>(), T, c.hidden_size, H * hd, 1.f));
+      ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.ffn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
+      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.w_gate_up, nullptr, gate_up.as<float>(), T, 2 * c.ffn_size, c.hidden_size, 0.f));
+      ASYNCTLS_RETURN_IF_ERROR(backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size}));
+      ASYNCTLS_RETURN_IF_ERROR(gemm(act.as<float>(), L.w_down, nullptr, x.as<float>(), T, c.hidden_size, c.ffn_size, 1.f));
+    }
+    if (num_logits == 0) return absl::OkStatus();
+    // Only the rows that sample need the final norm and the LM head.
+    ASYNCTLS_RETURN_IF_ERROR(backend->Embedding({x.data(), logit_rows.as<int32_t>(), gathered.as<float>(),
+                                                 DType::kF32, num_logits, c.hidden_size, T}));
+    ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({gathered.as<float>(), output_norm.f32(), gathered.as<float>(),
+                                               num_logits, c.hidden_size, c.rms_eps}));
+    const Weight& head = c.tied_embeddings ? token_embd : output;
+    ASYNCTLS_RETURN_IF_ERROR(gemm(gathered.as<float>(), head, nullptr, logits.as<float>(), num_logits,
+                                  c.vocab_size, c.hidden_size, 0.f));
+    out_logits->resize(static_cast<size_t>(num_logits) * c.vocab_size);
+    return backend->CopyToHost(out_logits->data(), logits.data(), out_logits->size() * sizeof(float));
+  }
+};
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+const ModelConfig& Model::config() const { return impl_->config; }
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const WeightFile& file, Backend* backend,
+                                                   const ModelLoadOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  ASYNCTLS_ASSIGN_OR_RETURN(impl->config, file.ReadModelConfig());
+  ASYNCTLS_RETURN_IF_ERROR(impl->config.Validate());
+  impl->options = options;
+  impl->backend = backend;
+  ASYNCTLS_RETURN_IF_ERROR(impl->LoadWeights(file));
+  ASYNCTLS_RETURN_IF_ERROR(impl->AllocateActivations());
+  return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) {
+  return impl_->Forward(batch, cache, logits);
+}
+
+}  // namespace asynctls
