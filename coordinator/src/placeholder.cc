@@ -1,1 +1,0 @@
-#include "asynctls/runtime/logging.h"
