@@ -35,6 +35,9 @@ struct ModelConfig {
   float rope_theta = 10000.f;
   int32_t rotary_dim = 0;  // = head_dim unless the model rotates part of it
   RopeScaling rope_scaling;
+  // Per-pair frequency divisors [rotary_dim / 2] (GGUF rope_freqs.weight, how llama.cpp stores
+  // Llama 3 scaling); empty when absent. Applied after rope_scaling.
+  std::vector<float> rope_freq_factors;
   kernels::RopeStyle rope_style = kernels::RopeStyle::kHalf;
   bool qk_norm = false;          // Qwen3: RMSNorm on each q and k head before RoPE
   bool attention_bias = false;   // Qwen2: bias on q/k/v projections
@@ -45,5 +48,11 @@ struct ModelConfig {
   // RoPE inverse frequencies [rotary_dim / 2] after scaling.
   std::vector<float> RopeInvFreq() const;
 };
+
+// Parses a Hugging Face config.json (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
+// INVALID_ARGUMENT naming the key when the text is not JSON or a field is missing/wrong.
+// The result is validated. attention_bias / qk_norm / tied come from the config alone here;
+// WeightFile::ReadModelConfig also checks them against the tensors present.
+absl::StatusOr<ModelConfig> ModelConfigFromHfJson(const std::string& json_text);
 
 }  // namespace asynctls

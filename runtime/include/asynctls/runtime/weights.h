@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "asynctls/runtime/model_config.h"
 
 namespace asynctls {
@@ -32,6 +33,8 @@ class WeightFile {
   // Opens a .gguf file, a .safetensors file, or a directory holding config.json and one or
   // more *.safetensors files (sharded via model.safetensors.index.json or all in the folder).
   static absl::StatusOr<std::unique_ptr<WeightFile>> Open(const std::string& path);
+  // Parses a GGUF image held in memory (the bytes are moved in). For tests and fuzzing.
+  static absl::StatusOr<std::unique_ptr<WeightFile>> OpenGgufBytes(std::string bytes);
 
   virtual std::string format() const = 0;  // "gguf" or "safetensors"
   virtual absl::StatusOr<ModelConfig> ReadModelConfig() const = 0;
@@ -46,6 +49,17 @@ class WeightFile {
   virtual std::optional<double> MetaFloat(const std::string& key) const = 0;
   virtual std::optional<std::vector<std::string>> MetaStringArray(const std::string& key) const = 0;
   virtual std::optional<std::vector<int64_t>> MetaIntArray(const std::string& key) const = 0;
+  // Float arrays (e.g. tokenizer.ggml.scores); integer arrays are converted.
+  virtual std::optional<std::vector<float>> MetaFloatArray(const std::string& key) const = 0;
+  // MetaInt accepts every integer type and bool (0/1); uint64 values above INT64_MAX are
+  // nullopt. MetaFloat accepts float32/float64 and integers. Arrays of arrays are not exposed.
 };
+
+// Dequantizes `count` consecutive values of a GGUF tensor type ("F32", "F16", "BF16", "Q8_0",
+// "Q4_0", "Q4_1", "Q4_K", "Q6_K") from `src` (`src_bytes` long, llama.cpp block layouts) into
+// `dst`. INVALID_ARGUMENT when count is not a whole number of blocks or src is too short,
+// UNIMPLEMENTED for another type name.
+absl::Status DequantizeGguf(absl::string_view type, const void* src, size_t src_bytes,
+                            int64_t count, float* dst);
 
 }  // namespace asynctls
