@@ -25,7 +25,11 @@ class GemmRunner {
   // `max_x_elements` sizes the bf16 scratch for x (m * k of the largest GEMM).
   static cudaError_t Create(int64_t max_x_elements, GemmRunner** out);
   ~GemmRunner();
+  // Not thread-safe (caches cuBLASLt plans per shape; one runner per stream). The first call
+  // of a shape queries cuBLASLt's heuristic; later calls only enqueue (graph-capturable).
   cudaError_t Run(const GemmParams& p, cudaStream_t stream);
+  // What failed in the last unsuccessful call, e.g. "cublasLtMatmul(...): CUBLAS_STATUS_...".
+  const char* last_error_detail() const;
 
  private:
   GemmRunner() = default;

@@ -1,0 +1,102 @@
+// Rotary position embedding, in place on q and k. Pair i of a head rotates by
+// positions[t] * inv_freq[i]; kInterleaved pairs (2i, 2i+1), kHalf pairs (i, i + rotary_dim/2);
+// dims >= rotary_dim pass through. Accurate sincosf (not __sincosf) and unfused multiplies so
+// the result tracks the CPU reference to an ulp or two, even at large positions.
+#include "asynctls/kernels/cuda_ops.h"
+#include "dense_common.cuh"
+
+namespace asynctls::kernels::cuda {
+namespace {
+
+using detail::Vec;
+
+constexpr int kThreads = 128;
+
+template <RopeStyle STYLE, bool VEC2>
+__device__ __forceinline__ void RotatePair(float* head, int i, int half, float c, float s) {
+  float x0, x1;
+  if constexpr (STYLE == RopeStyle::kInterleaved && VEC2) {
+    const Vec<float, 2> v = detail::LoadVec<float, 2>(head + 2 * i);
+    x0 = v.v[0];
+    x1 = v.v[1];
+  } else {
+    const int a = STYLE == RopeStyle::kInterleaved ? 2 * i : i;
+    const int b = STYLE == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+    x0 = head[a];
+    x1 = head[b];
+  }
+  const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+  const float y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+  if constexpr (STYLE == RopeStyle::kInterleaved && VEC2) {
+    detail::StoreVec<float, 2>(head + 2 * i, Vec<float, 2>{{y0, y1}});
+  } else {
+    const int a = STYLE == RopeStyle::kInterleaved ? 2 * i : i;
+    const int b = STYLE == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+    head[a] = y0;
+    head[b] = y1;
+  }
+}
+
+// Tier 1: one CTA per token. The token's cos/sin table (rotary_dim/2 pairs) goes to shared
+// memory once, then threads stride over (head, pair) of its q and k heads.
+template <RopeStyle STYLE, bool VEC2>
+__global__ void __launch_bounds__(kThreads)
+    RopeKernel(float* __restrict__ q, float* __restrict__ k, const int32_t* __restrict__ positions,
+               const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads,
+               int head_dim, int half) {
+  extern __shared__ float cos_sin[];  // [half] cos, then [half] sin
+  const int t = blockIdx.x;
+  const float pos = static_cast<float>(positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
+    cos_sin[i] = c;
+    cos_sin[half + i] = s;
+  }
+  __syncthreads();
+  const int heads = num_q_heads + num_kv_heads;
+  for (int item = threadIdx.x; item < heads * half; item += blockDim.x) {
+    const int h = item / half, i = item % half;
+    float* head = h < num_q_heads
+                      ? q + (int64_t{t} * num_q_heads + h) * head_dim
+                      : k + (int64_t{t} * num_kv_heads + (h - num_q_heads)) * head_dim;
+    RotatePair<STYLE, VEC2>(head, i, half, cos_sin[i], cos_sin[half + i]);
+  }
+}
+
+// Tier 2.
+template <RopeStyle STYLE, bool VEC2>
+cudaError_t LaunchRope(const RopeParams& p, cudaStream_t stream) {
+  const int half = p.rotary_dim / 2;
+  const size_t smem = sizeof(float) * 2 * half;
+  RopeKernel<STYLE, VEC2><<<p.num_tokens, kThreads, smem, stream>>>(
+      p.q, p.k, p.positions, p.inv_freq, p.num_q_heads, p.num_kv_heads, p.head_dim, half);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Tier 3.
+cudaError_t Rope(const RopeParams& p, cudaStream_t stream) {
+  constexpr int kMaxRotaryDim = 8192;  // cos/sin table must fit the default 48 KB of smem
+  if (p.num_tokens < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.head_dim <= 0 ||
+      p.rotary_dim <= 0 || p.rotary_dim % 2 != 0 || p.rotary_dim > p.head_dim ||
+      p.rotary_dim > kMaxRotaryDim) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_tokens == 0 || p.num_q_heads + p.num_kv_heads == 0) return cudaSuccess;
+  switch (p.style) {
+    case RopeStyle::kInterleaved: {
+      const bool vec2 = p.head_dim % 2 == 0 && detail::IsVecAligned<float, 2>(p.q) &&
+                        detail::IsVecAligned<float, 2>(p.k);
+      return vec2 ? LaunchRope<RopeStyle::kInterleaved, true>(p, stream)
+                  : LaunchRope<RopeStyle::kInterleaved, false>(p, stream);
+    }
+    case RopeStyle::kHalf:
+      return LaunchRope<RopeStyle::kHalf, false>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace asynctls::kernels::cuda
