@@ -1,0 +1,175 @@
+// Arithmetic shared by the TLS CPU reference and the CUDA kernels (host + device inline). Every
+// value that a selection depends on is computed here, or from these pieces in an order both
+// sides follow, so that the GPU reproduces the CPU's scores bit for bit:
+//   - products enter sums only through TlsFma (std::fma / __fmaf_rn, both correctly rounded);
+//     no expression of the form a * b + c is left to the compiler's contraction choice;
+//   - exp is TlsExp2, a polynomial of fmas (libm's and CUDA's expf differ in the last ulp);
+//   - softmax denominators are sums of exp values truncated to multiples of 2^-40 in uint64,
+//     which are exact and therefore independent of the summation order (atomics on the GPU);
+//   - maxima and minima are exact in any order.
+#pragma once
+
+#include <cstdint>
+
+#include "asynctls/kernels/types.h"
+
+#if !defined(__CUDA_ARCH__)
+#include <cmath>
+#endif
+
+namespace asynctls::kernels {
+
+ASYNCTLS_HD float TlsFma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+ASYNCTLS_HD float TlsFloor(float x) {
+#if defined(__CUDA_ARCH__)
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+
+ASYNCTLS_HD float TlsRint(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);  // round half to even in the default rounding mode
+#endif
+}
+
+ASYNCTLS_HD float TlsBitsToFloat(uint32_t u) {
+  float f;
+#if defined(__CUDA_ARCH__)
+  f = __uint_as_float(u);
+#else
+  std::memcpy(&f, &u, 4);
+#endif
+  return f;
+}
+
+ASYNCTLS_HD uint32_t TlsFloatToBits(float f) {
+  uint32_t u;
+#if defined(__CUDA_ARCH__)
+  u = __float_as_uint(f);
+#else
+  std::memcpy(&u, &f, 4);
+#endif
+  return u;
+}
+
+// 2^x for x <= 0 (selection only needs x in [-inf, 0]); relative error below 2e-7. Returns 0
+// below 2^-126 and for -inf / NaN.
+ASYNCTLS_HD float TlsExp2(float x) {
+  if (!(x >= -126.f)) return 0.f;
+  if (x > 0.f) x = 0.f;
+  const float n = TlsFloor(x + 0.5f);  // x = n + r, r in [-0.5, 0.5]
+  const float r = x - n;
+  // 2^r = e^(r ln2): Taylor coefficients ln2^k / k!, k = 0..7 (error < 3e-9 on [-0.5, 0.5]).
+  float p = 1.5252733804059840e-05f;
+  p = TlsFma(p, r, 1.5403530393381609e-04f);
+  p = TlsFma(p, r, 1.3333558146428443e-03f);
+  p = TlsFma(p, r, 9.6181291076284772e-03f);
+  p = TlsFma(p, r, 5.5504108664821580e-02f);
+  p = TlsFma(p, r, 2.4022650695910071e-01f);
+  p = TlsFma(p, r, 6.9314718055994531e-01f);
+  p = TlsFma(p, r, 1.0f);
+  const int e = static_cast<int>(n) + 127;  // n in [-126, 0]
+  return p * TlsBitsToFloat(static_cast<uint32_t>(e) << 23);
+}
+
+inline constexpr float kTlsLog2E = 1.4426950408889634f;
+// Fixed point of the softmax denominators: exp values (<= 1) are summed as floor(e * 2^40).
+inline constexpr float kTlsExpFixedScale = 1099511627776.f;  // 2^40
+inline constexpr float kTlsExpFixedInv = 9.094947017729282e-13f;  // 2^-40
+
+ASYNCTLS_HD uint64_t TlsExpToFixed(float e) {
+  return static_cast<uint64_t>(e * kTlsExpFixedScale);  // e * 2^40 is exact; truncation
+}
+
+// Softmax weight factor of one head: 1 / (G * sum_j e_j).
+ASYNCTLS_HD float TlsInvDenominator(uint64_t fixed_sum, int group) {
+  const float z = static_cast<float>(fixed_sum) * kTlsExpFixedInv;
+  return 1.f / (static_cast<float>(group) * z);
+}
+
+// Monotone map of a float to uint32 (a < b => key(a) < key(b); -0 < +0; NaN sorts lowest).
+ASYNCTLS_HD uint32_t TlsOrderedBits(float f) {
+  if (f != f) return 0u;
+  const uint32_t u = TlsFloatToBits(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Total order of top-k: higher score first, then lower id. Larger key = better.
+ASYNCTLS_HD uint64_t TlsSelectKey(float score, int32_t id) {
+  return (static_cast<uint64_t>(TlsOrderedBits(score)) << 32) |
+         static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(id));
+}
+
+// ---- INT4 token index ----------------------------------------------------------------------
+
+ASYNCTLS_HD float TlsInt4Scale(float absmax) { return absmax / 7.f; }
+
+// Code in [-7, 7] of x with `scale` (the stored scale). Nibble = code + 8.
+ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
+  if (scale == 0.f) return 0;
+  float c = TlsRint(x / scale);
+  c = c > 7.f ? 7.f : (c < -7.f ? -7.f : c);
+  return static_cast<int>(c);
+}
+
+// Token-index logit of one head: scale * sum_c q[c] * code[c] (channels in order). `words`
+// holds the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
+// 4 * (c % 8)), i.e. the byte layout of the file comment read as uint32.
+ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale,
+                             int num_channels) {
+  float acc = 0.f;
+  for (int c = 0; c < num_channels; ++c) {
+    const int code = static_cast<int>((words[c >> 3] >> (4 * (c & 7))) & 15u) - 8;
+    acc = TlsFma(q[c], static_cast<float>(code), acc);
+  }
+  return acc * scale;
+}
+
+// ---- Geometry of the always-kept set (see tls_params.h) -------------------------------------
+
+struct TlsGeometry {
+  int32_t len;
+  int32_t sink_end;      // sink positions [0, sink_end)
+  int32_t recent_start;  // recent positions [recent_start, len); candidates < recent_start
+  int32_t first_recent_block;  // blocks >= this are never candidates
+};
+
+ASYNCTLS_HD TlsGeometry MakeTlsGeometry(int32_t len, int32_t select_len, int32_t sink_blocks,
+                                        int32_t window) {
+  TlsGeometry g;
+  g.len = len;
+  g.sink_end = sink_blocks * kKvBlockSize < len ? sink_blocks * kKvBlockSize : len;
+  g.first_recent_block = (select_len - 1) / kKvBlockSize;
+  int32_t start = g.first_recent_block * kKvBlockSize;
+  if (len - window < start) start = len - window;
+  if (start < g.sink_end) start = g.sink_end;
+  if (start > len) start = len;
+  g.recent_start = start;
+  return g;
+}
+
+// Blocks [sink_blocks, TlsEligibleEnd(len)) take part in block selection at length len.
+ASYNCTLS_HD int32_t TlsEligibleEnd(int32_t len) { return (len - 1) / kKvBlockSize; }
+
+// First position of candidate block `block` (inclusive) and its end (exclusive).
+ASYNCTLS_HD int32_t TlsBlockCandBegin(const TlsGeometry& g, int32_t block) {
+  const int32_t p = block * kKvBlockSize;
+  return p > g.sink_end ? p : g.sink_end;
+}
+ASYNCTLS_HD int32_t TlsBlockCandEnd(const TlsGeometry& g, int32_t block) {
+  const int32_t p = (block + 1) * kKvBlockSize;
+  return p < g.recent_start ? p : g.recent_start;
+}
+
+}  // namespace asynctls::kernels
