@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "asynctls/kernels/dense_params.h"
@@ -250,6 +251,46 @@ __device__ __forceinline__ float QuadSum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   v += __shfl_xor_sync(0xffffffffu, v, 2);
   return v;
+}
+
+// ---- per-device kernel setup ----------------------------------------------------------------
+
+struct KernelResidency {
+  int sms = 0;       // multiprocessors of the current device
+  int resident = 0;  // CTAs of this kernel that fit on one multiprocessor
+};
+
+// Raises the kernel's dynamic shared-memory limit and measures its residency, once per device
+// (cached: later calls, graph captures included, only ask which device is current).
+template <auto KERNEL, int THREADS, int SMEM_BYTES>
+cudaError_t PrepareKernel(KernelResidency* out) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // (sms << 8) | resident; 0 = not measured yet
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices) {
+    const int packed = cache[device].load(std::memory_order_relaxed);
+    if (packed != 0) {
+      out->sms = packed >> 8;
+      out->resident = packed & 0xff;
+      return cudaSuccess;
+    }
+  }
+  err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out->resident, KERNEL, THREADS,
+                                                        SMEM_BYTES);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&out->sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (err != cudaSuccess) return err;
+  if (out->resident < 1) return cudaErrorInvalidConfiguration;
+  if (device < kMaxDevices) {
+    cache[device].store((out->sms << 8) | (out->resident & 0xff), std::memory_order_relaxed);
+  }
+  return cudaSuccess;
 }
 
 // ---- dispatch ------------------------------------------------------------------------------

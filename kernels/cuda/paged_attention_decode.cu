@@ -255,28 +255,17 @@ int DecodeWaves() {
 }
 
 template <int D, typename Io>
-cudaError_t PrepareDecodeKernel(int* resident_per_sm) {
-  auto* kernel = PagedDecodeKernel<D, Io>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         DecodeConfig<D>::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(resident_per_sm, kernel, kDecodeThreads,
-                                                       DecodeConfig<D>::kSmemBytes);
-}
-
-template <int D, typename Io>
 cudaError_t PlanDecodeSplit(const PagedDecodeParams& p, DecodeSplit* split) {
-  int device = 0, sms = 0, resident = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = PrepareDecodeKernel<D, Io>(&resident);
+  KernelResidency res;
+  const cudaError_t err =
+      PrepareKernel<PagedDecodeKernel<D, Io>, kDecodeThreads, DecodeConfig<D>::kSmemBytes>(&res);
   if (err != cudaSuccess) return err;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int row_tiles = (group + kRowTile - 1) / kRowTile;
   const int64_t units = static_cast<int64_t>(p.batch) * p.num_kv_heads * row_tiles;
   const int max_pages = std::max(1, (p.max_seq_len + kPage - 1) / kPage);
-  const int64_t slots = static_cast<int64_t>(std::max(1, sms)) * std::max(1, resident) *
-                        DecodeWaves();
+  // One wave: every resident CTA slot of the GPU gets one split (more with the debug knob).
+  const int64_t slots = static_cast<int64_t>(res.sms) * res.resident * DecodeWaves();
   const int64_t wanted = std::max<int64_t>(1, slots / std::max<int64_t>(1, units));
   const int splits_cap = static_cast<int>(std::min<int64_t>(wanted, max_pages));
   split->pages_per_split = (max_pages + splits_cap - 1) / splits_cap;

@@ -136,12 +136,13 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
 
 template <int D, typename Io>
 cudaError_t LaunchPrefill(const PagedPrefillParams& p, cudaStream_t stream) {
-  auto* kernel = PagedPrefillKernel<D, Io>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, PrefillConfig<D>::kSmemBytes);
+  KernelResidency res;
+  const cudaError_t err =
+      PrepareKernel<PagedPrefillKernel<D, Io>, kPrefillThreads, PrefillConfig<D>::kSmemBytes>(
+          &res);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_q_heads, (p.max_q_len + kPrefillRows - 1) / kPrefillRows, p.batch);
-  kernel<<<grid, kPrefillThreads, PrefillConfig<D>::kSmemBytes, stream>>>(p);
+  PagedPrefillKernel<D, Io><<<grid, kPrefillThreads, PrefillConfig<D>::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

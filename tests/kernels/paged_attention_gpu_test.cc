@@ -1,0 +1,282 @@
+// CUDA paged attention (decode with split-K, chunked causal prefill) against the CPU oracle:
+// fresh random inputs, odd lengths (1, 17, 97, 1000+), shuffled block tables, NaN in every
+// cache slot no sequence owns, outputs poisoned with NaN before the launch, LSE compared too,
+// and a decode replayed from a CUDA graph. Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "asynctls/kernels/ref.h"
+#include "kernels/test_util.h"
+
+#if ASYNCTLS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "asynctls/kernels/cuda_attention.h"
+#endif
+
+namespace asynctls::kernels {
+namespace {
+
+#if ASYNCTLS_HAVE_CUDA
+
+using testing::DeviceBuffer;
+using testing::DevicePagedKvCache;
+using testing::MakePagedKvCache;
+using testing::MakeTyped;
+using testing::PagedKvCache;
+
+#define ASSERT_CUDA_OK(expr)                                                       \
+  do {                                                                             \
+    const cudaError_t _err = (expr);                                               \
+    ASSERT_EQ(_err, cudaSuccess) << #expr << ": " << cudaGetErrorString(_err);     \
+  } while (0)
+
+class PagedAttentionGpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+std::string DTypeName(DType t) { return t == DType::kBF16 ? "bf16" : "f32"; }
+
+void ExpectClose(const std::vector<float>& got, const std::vector<float>& want,
+                 const std::string& what) {
+  SCOPED_TRACE(what);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(testing::CountNonFinite(got), 0u);
+  EXPECT_LE(testing::Nmse(got, want), testing::kBf16AttentionTol.nmse);
+  EXPECT_LE(testing::MaxAbsDiff(got, want), testing::kBf16AttentionTol.max_abs);
+}
+
+struct DecodeCase {
+  std::vector<int32_t> seq_lens;
+  int num_q_heads, num_kv_heads, head_dim;
+  DType io;
+  bool with_lse;
+};
+
+std::string Describe(const DecodeCase& c) {
+  std::string s = "q" + std::to_string(c.num_q_heads) + "/kv" + std::to_string(c.num_kv_heads) +
+                  " d" + std::to_string(c.head_dim) + " " + DTypeName(c.io) + " lens";
+  for (int32_t l : c.seq_lens) s += " " + std::to_string(l);
+  return s;
+}
+
+// Runs one decode case on the GPU (optionally through a captured CUDA graph) and the CPU.
+void RunDecodeCase(const DecodeCase& dc, uint64_t seed, bool through_graph = false) {
+  SCOPED_TRACE(Describe(dc) + " seed " + std::to_string(seed));
+  testing::Reseed(seed);
+  const PagedKvCache c = MakePagedKvCache(dc.seq_lens, dc.num_kv_heads, dc.head_dim);
+  const int batch = c.batch(), d = dc.head_dim;
+  const size_t q_elems = size_t(batch) * dc.num_q_heads * d;
+  auto q = MakeTyped(testing::RandomNormal(q_elems), dc.io);
+
+  PagedDecodeParams p{};
+  p.io_dtype = dc.io;
+  p.batch = batch;
+  p.num_q_heads = dc.num_q_heads;
+  p.num_kv_heads = dc.num_kv_heads;
+  p.head_dim = d;
+  p.max_blocks_per_seq = c.max_blocks_per_seq;
+  p.max_seq_len = c.max_seq_len();
+  p.scale = 1.f / std::sqrt(float(d));
+  ASSERT_TRUE(cuda::PagedAttentionCanImplement(d, dc.io, dc.num_q_heads / dc.num_kv_heads));
+
+  // CPU oracle.
+  std::vector<uint8_t> ref_out(q.bytes.size());
+  std::vector<float> ref_lse(size_t(batch) * dc.num_q_heads);
+  PagedDecodeParams hp = p;
+  hp.q = q.data();
+  hp.k_cache = c.k.data();
+  hp.v_cache = c.v.data();
+  hp.block_table = c.block_table.data();
+  hp.seq_lens = c.seq_lens.data();
+  hp.out = ref_out.data();
+  hp.maybe_lse = ref_lse.data();
+  ref::PagedDecodeAttention(hp);
+
+  DevicePagedKvCache dev;
+  ASSERT_CUDA_OK(dev.Upload(c));
+  DeviceBuffer dq, dout(q.bytes.size()), dlse(ref_lse.size() * sizeof(float)), dws;
+  ASSERT_CUDA_OK(dq.Upload(q.bytes));
+  ASSERT_CUDA_OK(dout.Poison());
+  ASSERT_CUDA_OK(dlse.Poison());
+  p.q = dq.get();
+  p.k_cache = dev.k.get();
+  p.v_cache = dev.v.get();
+  p.block_table = dev.block_table.as<int32_t>();
+  p.seq_lens = dev.seq_lens.as<int32_t>();
+  p.out = dout.get();
+  p.maybe_lse = dc.with_lse ? dlse.as<float>() : nullptr;
+  const size_t ws_bytes = cuda::PagedDecodeWorkspaceBytes(p);
+  ASSERT_CUDA_OK(dws.Resize(ws_bytes));
+  if (ws_bytes) ASSERT_CUDA_OK(dws.Poison());
+  p.workspace = dws.get();
+
+  cudaStream_t stream;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  if (through_graph) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    ASSERT_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    const cudaError_t launch = cuda::PagedDecodeAttention(p, stream);
+    ASSERT_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    ASSERT_CUDA_OK(launch);
+    ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int rep = 0; rep < 3; ++rep) ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  } else {
+    ASSERT_CUDA_OK(cuda::PagedDecodeAttention(p, stream));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
+  }
+  ASSERT_CUDA_OK(cudaStreamDestroy(stream));
+
+  std::vector<uint8_t> out_bytes(q.bytes.size());
+  ASSERT_CUDA_OK(dout.Download(out_bytes.data(), out_bytes.size()));
+  ExpectClose(testing::ReadTyped(out_bytes.data(), dc.io, q_elems),
+              testing::ReadTyped(ref_out.data(), dc.io, q_elems), "decode out");
+  if (dc.with_lse) {
+    std::vector<float> lse(ref_lse.size());
+    ASSERT_CUDA_OK(dlse.Download(lse.data(), lse.size() * sizeof(float)));
+    EXPECT_EQ(testing::CountNonFinite(lse), 0u);
+    // The LSE of bf16-rounded scores: error ~ |score| * 2^-9.
+    EXPECT_LE(testing::MaxAbsDiff(lse, ref_lse), 2e-2) << "decode lse";
+  }
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeOddLengthsAllShapes) {
+  const std::vector<std::vector<int32_t>> lens = {
+      {1}, {17, 97, 1, 1000, 64, 65}, {1031, 5, 128, 63}};
+  uint64_t seed = 1;
+  for (int d : {64, 128}) {
+    for (DType io : {DType::kF32, DType::kBF16}) {
+      for (auto [hq, hkv] : {std::pair{4, 4}, {8, 2}, {9, 3}, {16, 1}, {20, 1}, {32, 8}}) {
+        for (const auto& l : lens) {
+          RunDecodeCase({l, hq, hkv, d, io, /*with_lse=*/(seed % 2) == 1}, seed);
+          ++seed;
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeLongContextManySplits) {
+  // Batch 1 forces many splits; batch 6 with mixed lengths leaves some sequences with fewer
+  // splits than the grid has (their extra CTAs exit, the combine reads only real splits).
+  RunDecodeCase({{20000}, 32, 8, 128, DType::kBF16, true}, 101);
+  RunDecodeCase({{4100, 1, 9000, 17, 2048, 333}, 32, 8, 128, DType::kBF16, true}, 102);
+  RunDecodeCase({{7777, 65}, 9, 3, 64, DType::kF32, true}, 103);
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeReplaysFromCudaGraph) {
+  RunDecodeCase({{3000, 97, 1}, 32, 8, 128, DType::kBF16, true}, 201, /*through_graph=*/true);
+}
+
+TEST_F(PagedAttentionGpuTest, RejectsUnsupportedShapes) {
+  EXPECT_FALSE(cuda::PagedAttentionCanImplement(96, DType::kBF16, 4));
+  EXPECT_FALSE(cuda::PagedAttentionCanImplement(128, DType::kF16, 4));
+  EXPECT_FALSE(cuda::PagedAttentionCanImplement(128, DType::kBF16, 0));
+  EXPECT_TRUE(cuda::PagedAttentionCanImplement(64, DType::kF32, 17));
+  PagedDecodeParams p{};
+  EXPECT_EQ(cuda::PagedDecodeAttention(p, nullptr), cudaErrorInvalidValue);
+  PagedPrefillParams pp{};
+  EXPECT_EQ(cuda::PagedPrefillAttention(pp, nullptr), cudaErrorInvalidValue);
+}
+
+struct PrefillCase {
+  std::vector<int32_t> seq_lens, q_lens;
+  int num_q_heads, num_kv_heads, head_dim;
+  DType io;
+};
+
+void RunPrefillCase(const PrefillCase& pc, uint64_t seed) {
+  std::string what = "q" + std::to_string(pc.num_q_heads) + "/kv" +
+                     std::to_string(pc.num_kv_heads) + " d" + std::to_string(pc.head_dim) + " " +
+                     DTypeName(pc.io) + " (seq,q):";
+  for (size_t i = 0; i < pc.seq_lens.size(); ++i)
+    what += " (" + std::to_string(pc.seq_lens[i]) + "," + std::to_string(pc.q_lens[i]) + ")";
+  SCOPED_TRACE(what + " seed " + std::to_string(seed));
+  testing::Reseed(seed);
+  const PagedKvCache c = MakePagedKvCache(pc.seq_lens, pc.num_kv_heads, pc.head_dim);
+  const auto cu = testing::CumulativeLens(pc.q_lens);
+  const int tokens = cu.back(), d = pc.head_dim;
+  const size_t q_elems = size_t(tokens) * pc.num_q_heads * d;
+  auto q = MakeTyped(testing::RandomNormal(q_elems), pc.io);
+
+  PagedPrefillParams p{};
+  p.io_dtype = pc.io;
+  p.batch = c.batch();
+  p.num_tokens = tokens;
+  p.num_q_heads = pc.num_q_heads;
+  p.num_kv_heads = pc.num_kv_heads;
+  p.head_dim = d;
+  p.max_blocks_per_seq = c.max_blocks_per_seq;
+  p.max_q_len = *std::max_element(pc.q_lens.begin(), pc.q_lens.end());
+  p.scale = 1.f / std::sqrt(float(d));
+
+  std::vector<uint8_t> ref_out(q.bytes.size());
+  PagedPrefillParams hp = p;
+  hp.q = q.data();
+  hp.cu_q_lens = cu.data();
+  hp.k_cache = c.k.data();
+  hp.v_cache = c.v.data();
+  hp.block_table = c.block_table.data();
+  hp.seq_lens = c.seq_lens.data();
+  hp.out = ref_out.data();
+  ref::PagedPrefillAttention(hp);
+
+  DevicePagedKvCache dev;
+  ASSERT_CUDA_OK(dev.Upload(c));
+  DeviceBuffer dq, dcu, dout(q.bytes.size());
+  ASSERT_CUDA_OK(dq.Upload(q.bytes));
+  ASSERT_CUDA_OK(dcu.Upload(cu));
+  ASSERT_CUDA_OK(dout.Poison());
+  p.q = dq.get();
+  p.cu_q_lens = dcu.as<int32_t>();
+  p.k_cache = dev.k.get();
+  p.v_cache = dev.v.get();
+  p.block_table = dev.block_table.as<int32_t>();
+  p.seq_lens = dev.seq_lens.as<int32_t>();
+  p.out = dout.get();
+  ASSERT_CUDA_OK(cuda::PagedPrefillAttention(p, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> out_bytes(q.bytes.size());
+  ASSERT_CUDA_OK(dout.Download(out_bytes.data(), out_bytes.size()));
+  ExpectClose(testing::ReadTyped(out_bytes.data(), pc.io, q_elems),
+              testing::ReadTyped(ref_out.data(), pc.io, q_elems), "prefill out");
+}
+
+TEST_F(PagedAttentionGpuTest, PrefillChunksAndOddLengths) {
+  // Fresh prompts (q_len == seq_len), chunks continuing a cache (seq_len > q_len, unaligned to
+  // the 64-token tiles), single-token chunks, and a long prompt with several query tiles.
+  const std::vector<int32_t> seq = {1, 17, 97, 300, 1000, 130};
+  const std::vector<int32_t> ql = {1, 17, 97, 33, 1000, 1};
+  uint64_t seed = 301;
+  for (int d : {64, 128}) {
+    for (DType io : {DType::kF32, DType::kBF16}) {
+      for (auto [hq, hkv] : {std::pair{4, 4}, {9, 3}, {8, 1}}) {
+        RunPrefillCase({seq, ql, hq, hkv, d, io}, seed++);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST_F(PagedAttentionGpuTest, PrefillLongPromptQwenShape) {
+  RunPrefillCase({{2100}, {2100}, 32, 8, 128, DType::kBF16}, 401);
+  RunPrefillCase({{2500, 700}, {400, 700}, 32, 8, 128, DType::kBF16}, 402);
+}
+
+#else
+TEST(PagedAttentionGpuTest, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+#endif  // ASYNCTLS_HAVE_CUDA
+
+}  // namespace
+}  // namespace asynctls::kernels
