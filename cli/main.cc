@@ -38,6 +38,7 @@ commands:
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
              --threads N         CPU threads (default: all cores)
+  fetch-model  download the default model into the cache (once) and print its path
 )";
 
 // Flags of one subcommand: --name value pairs and boolean switches.
@@ -179,6 +180,10 @@ int main(int argc, char** argv) {
   absl::Status status;
   if (command == "generate") {
     status = asynctls::Generate(argc - 2, argv + 2);
+  } else if (command == "fetch-model") {
+    absl::StatusOr<std::string> path = asynctls::DefaultModelPath();
+    status = path.status();
+    if (path.ok()) std::printf("%s\n", path->c_str());
   } else {
     std::fprintf(stderr, "unknown command '%s'\n%s", command.c_str(), asynctls::kUsage);
     return 2;
