@@ -118,6 +118,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
       if (p.maybe_blocks) {
         num_listed = p.maybe_num_blocks[bg];
         listed = p.maybe_blocks + bg * p.max_kept_blocks;
+        for (int i = 1; i < num_listed; ++i) ASYNCTLS_TLS_REF_CHECK(listed[i - 1] < listed[i]);
       } else {
         num_listed = std::max(0, geo.first_recent_block - p.sink_blocks);
       }

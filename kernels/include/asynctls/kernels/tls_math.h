@@ -17,6 +17,12 @@
 #include <cmath>
 #endif
 
+#if defined(__CUDA_ARCH__)
+#define ASYNCTLS_TLS_UNROLL _Pragma("unroll")
+#else
+#define ASYNCTLS_TLS_UNROLL
+#endif
+
 namespace asynctls::kernels {
 
 ASYNCTLS_HD float TlsFma(float a, float b, float c) {
@@ -129,6 +135,7 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
 ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale,
                              int num_channels) {
   float acc = 0.f;
+  ASYNCTLS_TLS_UNROLL
   for (int c = 0; c < num_channels; ++c) {
     const int code = static_cast<int>((words[c >> 3] >> (4 * (c & 7))) & 15u) - 8;
     acc = TlsFma(q[c], static_cast<float>(code), acc);

@@ -1,0 +1,376 @@
+// CUDA sparse decode attention over selected positions of the paged bf16 KV cache: split-K
+// over the positions, one block per (split, sequence, KV head, chunk of the group's heads), so
+// each gathered K/V row is read once for up to HPC query heads; fp32 online softmax in the
+// log2 domain; a merge kernel combines the splits and writes the log-sum-exp.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "asynctls/kernels/cuda_tls.h"
+#include "tls_common.cuh"
+
+namespace asynctls::kernels::cuda {
+namespace {
+
+using tls_detail::AlignUp;
+using tls_detail::LoadIo;
+using tls_detail::StoreIo;
+
+constexpr int kAttnThreads = 256;
+constexpr int kAttnWarps = kAttnThreads / 32;
+constexpr int kTile = 32;  // positions per tile: one per lane in the softmax update
+constexpr int kRowPad = 8;  // bf16 elements of padding per smem row (conflict-free 16 B reads)
+constexpr float kLn2 = 0.69314718055994531f;
+
+struct AttnLayout {
+  size_t q, p, stats, row_off, k, v, bytes;
+};
+
+template <int HEAD_DIM, int V_DIM, int HPC>
+constexpr AttnLayout MakeAttnLayout(bool shared_kv) {
+  AttnLayout l{};
+  size_t off = 0;
+  l.q = off;
+  off += sizeof(float) * HPC * HEAD_DIM;
+  l.p = off;
+  off += sizeof(float) * HPC * kTile;
+  l.stats = off;
+  off += sizeof(float) * 3 * HPC;
+  off = (off + 15) / 16 * 16;
+  l.row_off = off;
+  off += sizeof(int64_t) * kTile;
+  l.k = off;
+  off += 2 * kTile * (HEAD_DIM + kRowPad);
+  l.v = off;
+  if (!shared_kv) off += 2 * kTile * (V_DIM + kRowPad);
+  l.bytes = off;
+  return l;
+}
+
+template <int HEAD_DIM, int V_DIM, int HPC>
+__global__ void __launch_bounds__(kAttnThreads)
+    SparseAttnKernel(TlsSparseAttentionParams p, int split_tokens, int num_splits, float* ws_acc,
+                     float* ws_ml) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const bool shared_kv = p.v_cache == p.k_cache;
+  constexpr AttnLayout kL = MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(true);
+  float* q_s = reinterpret_cast<float*>(smem + kL.q);
+  float* p_s = reinterpret_cast<float*>(smem + kL.p);
+  float* m_s = reinterpret_cast<float*>(smem + kL.stats);
+  float* l_s = m_s + HPC;
+  float* corr_s = l_s + HPC;
+  int64_t* row_off = reinterpret_cast<int64_t*>(smem + kL.row_off);
+  __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem + kL.k);
+  __nv_bfloat16* v_s = shared_kv ? k_s : reinterpret_cast<__nv_bfloat16*>(smem + kL.v);
+  constexpr int kKStride = HEAD_DIM + kRowPad;
+  constexpr int kVStrideSep = V_DIM + kRowPad;
+  const int v_stride = shared_kv ? kKStride : kVStrideSep;
+
+  const int split = blockIdx.x, bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int h0 = blockIdx.z * HPC;
+  const int heads = min(HPC, group - h0);
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float q_scale = p.scale * 1.4426950408889634f;
+
+  for (int e = tid; e < HPC * HEAD_DIM; e += kAttnThreads) {
+    const int hh = e / HEAD_DIM, d = e % HEAD_DIM;
+    q_s[e] = hh < heads ? LoadIo(p.q, p.io_dtype,
+                                 (int64_t{b} * p.num_q_heads + g * group + h0 + hh) * HEAD_DIM + d) *
+                              q_scale
+                        : 0.f;
+  }
+  if (tid < HPC) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  constexpr int kPairs2 = HPC * V_DIM / 2;
+  constexpr int kAcc = (kPairs2 + kAttnThreads - 1) / kAttnThreads;
+  float2 acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = make_float2(0.f, 0.f);
+
+  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
+  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
+  const __nv_bfloat16* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
+  constexpr int kVecs = HEAD_DIM / 8;
+  constexpr int kScorePairs = HPC * kTile;
+  constexpr int kTpp = kAttnThreads / kScorePairs > 0 ? kAttnThreads / kScorePairs : 1;
+
+  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const int cnt = min(kTile, t_end - t0);
+    if (tid < kTile) {
+      int64_t off = 0;
+      if (tid < cnt) {
+        const int32_t pos = positions[t0 + tid];
+        const int64_t block = table[pos / kKvBlockSize];
+        off = ((block * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize) * HEAD_DIM;
+      }
+      row_off[tid] = off;
+    }
+    __syncthreads();
+    for (int e = tid; e < kTile * kVecs; e += kAttnThreads) {
+      const int r = e / kVecs, c = e % kVecs;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r < cnt) val = *reinterpret_cast<const uint4*>(k_cache + row_off[r] + 8 * c);
+      *reinterpret_cast<uint4*>(k_s + r * kKStride + 8 * c) = val;
+    }
+    if (!shared_kv) {
+      for (int e = tid; e < kTile * (V_DIM / 8); e += kAttnThreads) {
+        const int r = e / (V_DIM / 8), c = e % (V_DIM / 8);
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r < cnt) val = *reinterpret_cast<const uint4*>(v_cache + row_off[r] + 8 * c);
+        *reinterpret_cast<uint4*>(v_s + r * kVStrideSep + 8 * c) = val;
+      }
+    }
+    __syncthreads();
+    // Scores (log2 domain): kTpp threads per (head, position) pair.
+    for (int pair = tid / kTpp; pair < kScorePairs; pair += kAttnThreads / kTpp) {
+      const int hh = pair / kTile, t = pair % kTile, sub = tid % kTpp;
+      const float* qrow = q_s + hh * HEAD_DIM;
+      const __nv_bfloat16* krow = k_s + t * kKStride;
+      float s = 0.f;
+      for (int c = sub; c < kVecs; c += kTpp) {
+        const uint4 kv = *reinterpret_cast<const uint4*>(krow + 8 * c);
+        const float4 qa = *reinterpret_cast<const float4*>(qrow + 8 * c);
+        const float4 qb = *reinterpret_cast<const float4*>(qrow + 8 * c + 4);
+        const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kv);
+        const float2 k01 = __bfloat1622float2(k2[0]), k23 = __bfloat1622float2(k2[1]);
+        const float2 k45 = __bfloat1622float2(k2[2]), k67 = __bfloat1622float2(k2[3]);
+        s += qa.x * k01.x + qa.y * k01.y + qa.z * k23.x + qa.w * k23.y;
+        s += qb.x * k45.x + qb.y * k45.y + qb.z * k67.x + qb.w * k67.y;
+      }
+#pragma unroll
+      for (int o = kTpp / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (sub == 0) p_s[hh * kTile + t] = t < cnt ? s : -INFINITY;
+    }
+    __syncthreads();
+    for (int hh = warp; hh < HPC; hh += kAttnWarps) {
+      const float s = p_s[hh * kTile + lane];
+      float tmax = s;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+      const float m_old = m_s[hh];
+      const float m_new = fmaxf(m_old, tmax);
+      const float pe = exp2f(s - m_new);
+      float sum = pe;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      p_s[hh * kTile + lane] = pe;
+      if (lane == 0) {
+        const float corr = exp2f(m_old - m_new);
+        m_s[hh] = m_new;
+        l_s[hh] = l_s[hh] * corr + sum;
+        corr_s[hh] = corr;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      const int e2 = tid + i * kAttnThreads;
+      if (kPairs2 % kAttnThreads == 0 || e2 < kPairs2) {
+        const int hh = e2 / (V_DIM / 2), d2 = e2 % (V_DIM / 2);
+        const float corr = corr_s[hh];
+        float2 a = make_float2(acc[i].x * corr, acc[i].y * corr);
+        const float* prow = p_s + hh * kTile;
+        for (int t = 0; t < cnt; ++t) {
+          const float2 v = __bfloat1622float2(
+              *reinterpret_cast<const __nv_bfloat162*>(v_s + t * v_stride + 2 * d2));
+          a.x += prow[t] * v.x;
+          a.y += prow[t] * v.y;
+        }
+        acc[i] = a;
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) {
+    const int e2 = tid + i * kAttnThreads;
+    if (kPairs2 % kAttnThreads != 0 && e2 >= kPairs2) continue;
+    const int hh = e2 / (V_DIM / 2), d2 = e2 % (V_DIM / 2);
+    if (hh >= heads) continue;
+    const int64_t qh = int64_t{b} * p.num_q_heads + g * group + h0 + hh;
+    if (num_splits == 1) {
+      const float l = l_s[hh];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      StoreIo(p.out, p.io_dtype, qh * V_DIM + 2 * d2, acc[i].x * inv);
+      StoreIo(p.out, p.io_dtype, qh * V_DIM + 2 * d2 + 1, acc[i].y * inv);
+    } else {
+      float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * V_DIM + 2 * d2;
+      dst[0] = acc[i].x;
+      dst[1] = acc[i].y;
+    }
+  }
+  if (tid < heads) {
+    const int64_t qh = int64_t{b} * p.num_q_heads + g * group + h0 + tid;
+    const float m = m_s[tid], l = l_s[tid];
+    if (num_splits == 1) {
+      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    } else {
+      float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
+      ml[0] = m;
+      ml[1] = l;
+    }
+  }
+}
+
+constexpr int kMergeThreads = 128;
+constexpr int kMaxSplits = 256;
+
+// One block per (sequence, query head).
+__global__ void __launch_bounds__(kMergeThreads)
+    MergeSplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
+                      const float* ws_ml) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total[1];
+  const int64_t qh = blockIdx.x;
+  const int64_t rows = int64_t{p.batch} * p.num_q_heads;
+  if (threadIdx.x < 32) {
+    float m = -INFINITY;
+    for (int s = threadIdx.x; s < num_splits; s += 32) m = fmaxf(m, ws_ml[(s * rows + qh) * 2]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.f;
+    for (int s = threadIdx.x; s < num_splits; s += 32) {
+      const float ms = ws_ml[(s * rows + qh) * 2], ls = ws_ml[(s * rows + qh) * 2 + 1];
+      const float w = ls > 0.f ? exp2f(ms - m) : 0.f;
+      weight[s] = w;
+      l += ls * w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (threadIdx.x == 0) {
+      total[0] = l;
+      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+  __syncthreads();
+  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
+  for (int d = threadIdx.x; d < p.v_head_dim; d += kMergeThreads) {
+    float o = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      if (weight[s] != 0.f) o += weight[s] * ws_acc[(s * rows + qh) * p.v_head_dim + d];
+    }
+    StoreIo(p.out, p.io_dtype, qh * p.v_head_dim + d, o * inv);
+  }
+}
+
+struct SplitPlan {
+  int hpc = 0, head_chunks = 0, split_tokens = 0, num_splits = 0;
+};
+
+int NumSms() {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  return sms > 0 ? sms : 132;
+}
+
+SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
+  SplitPlan s;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int cap = p.head_dim == 576 ? 16 : 8;
+  s.hpc = 1;
+  while (s.hpc < group && s.hpc < cap) s.hpc *= 2;
+  s.head_chunks = (group + s.hpc - 1) / s.hpc;
+  const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
+  const int64_t want = std::max<int64_t>(1, (2 * int64_t{NumSms()} + base - 1) / base);
+  const int max_positions = std::max(1, p.max_positions);
+  int tokens = static_cast<int>((max_positions + want - 1) / want);
+  tokens = std::max(4 * kTile, (tokens + kTile - 1) / kTile * kTile);
+  // Keep the split count under the merge kernel's limit.
+  tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
+  s.split_tokens = tokens;
+  s.num_splits = (max_positions + tokens - 1) / tokens;
+  return s;
+}
+
+template <int HEAD_DIM, int V_DIM, int HPC>
+cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                       cudaStream_t stream) {
+  const bool shared_kv = p.v_cache == p.k_cache;
+  const size_t smem = shared_kv ? MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(true).bytes
+                                : MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(false).bytes;
+  auto kernel = SparseAttnKernel<HEAD_DIM, V_DIM, HPC>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  float* ws_acc = nullptr;
+  float* ws_ml = nullptr;
+  if (plan.num_splits > 1) {
+    ws_acc = static_cast<float*>(p.workspace);
+    const size_t acc_bytes =
+        AlignUp(size_t(plan.num_splits) * p.batch * p.num_q_heads * V_DIM * sizeof(float), 256);
+    ws_ml = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + acc_bytes);
+  }
+  const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
+  kernel<<<grid, kAttnThreads, smem, stream>>>(p, plan.split_tokens, plan.num_splits, ws_acc,
+                                               ws_ml);
+  if (plan.num_splits > 1) {
+    MergeSplitsKernel<<<p.batch * p.num_q_heads, kMergeThreads, 0, stream>>>(p, plan.num_splits,
+                                                                             ws_acc, ws_ml);
+  }
+  return cudaGetLastError();
+}
+
+template <int HEAD_DIM, int V_DIM>
+cudaError_t DispatchHeads(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                          cudaStream_t stream) {
+  switch (plan.hpc) {
+    case 1: return LaunchAttn<HEAD_DIM, V_DIM, 1>(p, plan, stream);
+    case 2: return LaunchAttn<HEAD_DIM, V_DIM, 2>(p, plan, stream);
+    case 4: return LaunchAttn<HEAD_DIM, V_DIM, 4>(p, plan, stream);
+    case 8: return LaunchAttn<HEAD_DIM, V_DIM, 8>(p, plan, stream);
+    case 16:
+      if constexpr (HEAD_DIM == 576) return LaunchAttn<HEAD_DIM, V_DIM, 16>(p, plan, stream);
+      return cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size,
+                                    DType io_dtype) {
+  const bool dims = (head_dim == 64 && v_head_dim == 64) ||
+                    (head_dim == 128 && v_head_dim == 128) ||
+                    (head_dim == 576 && v_head_dim == 512);
+  return dims && group_size >= 1 && (io_dtype == DType::kF32 || io_dtype == DType::kBF16);
+}
+
+size_t TlsSparseAttentionWorkspaceBytes(const TlsSparseAttentionParams& p) {
+  if (p.num_kv_heads <= 0 || p.batch <= 0) return 0;
+  const SplitPlan plan = PlanSplits(p);
+  if (plan.num_splits <= 1) return 0;
+  const size_t rows = size_t(plan.num_splits) * p.batch * p.num_q_heads;
+  return AlignUp(rows * p.v_head_dim * sizeof(float), 256) + AlignUp(rows * 2 * sizeof(float), 256);
+}
+
+cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
+      !TlsSparseAttentionCanImplement(p.head_dim, p.v_head_dim, p.num_q_heads / p.num_kv_heads,
+                                      p.io_dtype)) {
+    return cudaErrorInvalidValue;
+  }
+  const SplitPlan plan = PlanSplits(p);
+  if (plan.num_splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  switch (p.head_dim) {
+    case 64: return DispatchHeads<64, 64>(p, plan, stream);
+    case 128: return DispatchHeads<128, 128>(p, plan, stream);
+    case 576: return DispatchHeads<576, 512>(p, plan, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace asynctls::kernels::cuda

@@ -1,0 +1,171 @@
+// Device helpers shared by the TLS kernels: typed loads, block-wide scans and the deterministic
+// top-k of one row (radix select on the score bits, ties by ascending id).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "asynctls/kernels/tls_math.h"
+#include "asynctls/kernels/tls_params.h"
+
+namespace asynctls::kernels::cuda::tls_detail {
+
+__device__ __forceinline__ float LoadIo(const void* base, DType dtype, int64_t i) {
+  if (dtype == DType::kBF16) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+  }
+  return static_cast<const float*>(base)[i];
+}
+
+__device__ __forceinline__ void StoreIo(void* base, DType dtype, int64_t i, float v) {
+  if (dtype == DType::kBF16) {
+    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
+  } else {
+    static_cast<float*>(base)[i] = v;
+  }
+}
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+// Inverse of TlsOrderedBits for non-NaN keys.
+__device__ __forceinline__ float FromOrderedBits(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+template <typename T>
+__device__ __forceinline__ T WarpInclusiveSum(T v) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T n = __shfl_up_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) >= o) v += n;
+  }
+  return v;
+}
+
+// Block-wide exclusive scan of 0/1-ish ints; returns this thread's exclusive prefix and sets
+// *total. `scratch` holds NT / 32 + 1 ints. Contains __syncthreads: call from every thread.
+template <int NT>
+__device__ __forceinline__ int BlockExclusiveScan(int v, int* scratch, int* total) {
+  constexpr int kWarps = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int incl = WarpInclusiveSum(v);
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? scratch[lane] : 0;
+    w = WarpInclusiveSum(w);
+    if (lane < kWarps) scratch[lane] = w;  // inclusive per warp
+    if (lane == kWarps - 1) scratch[kWarps] = w;
+  }
+  __syncthreads();
+  const int before = warp == 0 ? 0 : scratch[warp - 1];
+  *total = scratch[kWarps];
+  __syncthreads();  // scratch reusable after return
+  return before + incl - v;
+}
+
+template <int NT>
+__device__ __forceinline__ int BlockSum(int v, int* scratch) {
+  int total;
+  BlockExclusiveScan<NT>(v, scratch, &total);
+  return total;
+}
+
+struct TopKShared {
+  int hist[256];
+  int scan[33];
+  uint32_t prefix;
+  int remaining;
+};
+
+// Deterministic top-k of one row of n items. `item(j, &score, &id)` returns whether item j is
+// valid; valid items must come in ascending id order. `emit(rank, id)` is called for each
+// kept item with its rank in ascending id order (0..kept-1). Returns the number kept,
+// min(k, #valid). All threads of the block must call it.
+template <int NT, typename Item, typename Emit>
+__device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
+  const int tid = threadIdx.x;
+  int valid_local = 0;
+  for (int j = tid; j < n; j += NT) {
+    float s;
+    int32_t id;
+    valid_local += item(j, &s, &id) ? 1 : 0;
+  }
+  const int num_valid = BlockSum<NT>(valid_local, sh.scan);
+  const bool take_all = num_valid <= k;
+  uint32_t threshold = 0;
+  int need_equal = 0;
+  if (!take_all) {
+    uint32_t prefix = 0, mask = 0;
+    int remaining = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += NT) sh.hist[i] = 0;
+      __syncthreads();
+      for (int j = tid; j < n; j += NT) {
+        float s;
+        int32_t id;
+        if (!item(j, &s, &id)) continue;
+        const uint32_t key = TlsOrderedBits(s);
+        if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1);
+      }
+      __syncthreads();
+      if (tid < 32) {
+        // Lane l covers digits 255 - 8l down to 248 - 8l; find where `remaining` falls.
+        int local = 0;
+        for (int i = 0; i < 8; ++i) local += sh.hist[255 - 8 * tid - i];
+        const int incl = WarpInclusiveSum(local);
+        const int above = incl - local;
+        if (above < remaining && remaining <= incl) {
+          int acc = above;
+          for (int i = 0; i < 8; ++i) {
+            const int digit = 255 - 8 * tid - i;
+            if (remaining <= acc + sh.hist[digit]) {
+              sh.prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+              sh.remaining = remaining - acc;
+              break;
+            }
+            acc += sh.hist[digit];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = sh.prefix;
+      remaining = sh.remaining;
+      mask |= 255u << shift;
+      __syncthreads();
+    }
+    threshold = prefix;
+    need_equal = remaining;
+  }
+  // Ordered compaction: keys above the threshold, plus the first need_equal equal keys.
+  int kept = 0, equal_seen = 0;
+  for (int base = 0; base < n; base += NT) {
+    const int j = base + tid;
+    float s = 0.f;
+    int32_t id = 0;
+    const bool valid = j < n && item(j, &s, &id);
+    bool take = valid, equal = false;
+    if (valid && !take_all) {
+      const uint32_t key = TlsOrderedBits(s);
+      take = key > threshold;
+      equal = key == threshold;
+    }
+    int equal_total;
+    const int equal_rank = BlockExclusiveScan<NT>(equal ? 1 : 0, sh.scan, &equal_total);
+    if (equal && equal_seen + equal_rank < need_equal) take = true;
+    int take_total;
+    const int rank = BlockExclusiveScan<NT>(take ? 1 : 0, sh.scan, &take_total);
+    if (take) emit(kept + rank, id);
+    kept += take_total;
+    equal_seen += equal_total;
+  }
+  return kept;
+}
+
+inline size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+}  // namespace asynctls::kernels::cuda::tls_detail

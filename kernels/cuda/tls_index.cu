@@ -1,0 +1,178 @@
+// CUDA TLS index ops: channel calibration statistics and selection, block index (key max/min)
+// and INT4 token index updates.
+#include <cuda_bf16.h>
+
+#include "asynctls/kernels/cuda_tls.h"
+#include "tls_common.cuh"
+
+namespace asynctls::kernels::cuda {
+namespace {
+
+using tls_detail::Bf16BitsToFloat;
+using tls_detail::LoadIo;
+
+// ---- calibration ------------------------------------------------------------------------
+
+// grid (ceil(columns / 256), token chunks); |x| >= 0, so float order equals int order.
+__global__ void CalibStatsKernel(const void* x, float* absmax, DType dtype, int num_tokens,
+                                 int columns, int tokens_per_chunk) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= columns) return;
+  const int t0 = blockIdx.y * tokens_per_chunk;
+  const int t1 = min(num_tokens, t0 + tokens_per_chunk);
+  float m = 0.f;
+  for (int t = t0; t < t1; ++t) {
+    const float v = fabsf(LoadIo(x, dtype, int64_t{t} * columns + col));
+    if (v > m) m = v;  // NaN never wins, as in the reference
+  }
+  atomicMax(reinterpret_cast<int*>(absmax + col), __float_as_int(m));
+}
+
+// One block per KV head. O(head_dim^2) ranking: head_dim is at most a few hundred.
+__global__ void CalibSelectKernel(TlsCalibSelectParams p) {
+  extern __shared__ uint64_t keys[];  // [head_dim], then int ranks[head_dim]
+  int* ranks = reinterpret_cast<int*>(keys + p.head_dim);
+  const int g = blockIdx.x;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int i = threadIdx.x; i < p.head_dim; i += blockDim.x) {
+    float sum = 0.f;
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      sum = __fadd_rn(sum, p.q_absmax[int64_t{h} * p.head_dim + i]);
+    }
+    const float score = __fmul_rn(__fdiv_rn(sum, static_cast<float>(group)),
+                                  p.k_absmax[int64_t{g} * p.head_dim + i]);
+    keys[i] = TlsSelectKey(score, i);
+    if (p.maybe_channel_scores) p.maybe_channel_scores[int64_t{g} * p.head_dim + i] = score;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.head_dim; i += blockDim.x) {
+    int rank = 0;
+    for (int j = 0; j < p.head_dim; ++j) rank += keys[j] > keys[i] ? 1 : 0;
+    ranks[i] = rank;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.head_dim; i += blockDim.x) {
+    if (ranks[i] >= p.num_channels) continue;
+    int slot = 0;  // selected channels below i
+    for (int j = 0; j < i; ++j) slot += ranks[j] < p.num_channels ? 1 : 0;
+    p.channels[int64_t{g} * p.num_channels + slot] = i;
+  }
+}
+
+// ---- index update -----------------------------------------------------------------------
+
+constexpr int kIndexThreads = 128;
+
+// grid (touched block slots, num_kv_heads, batch). Block index over the head dims, then one
+// warp per token for the token index.
+template <int NC>
+__global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdateParams p) {
+  const int b = blockIdx.z, g = blockIdx.y;
+  const int begin = p.start_pos[b], end = p.seq_lens[b];
+  if (begin >= end) return;
+  const int logical = begin / kKvBlockSize + blockIdx.x;
+  const int tok_lo = max(begin, logical * kKvBlockSize);
+  const int tok_hi = min(end, (logical + 1) * kKvBlockSize);
+  if (tok_lo >= tok_hi) return;
+  const int64_t pool_block = p.block_table[int64_t{b} * p.max_blocks_per_seq + logical];
+  const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + logical];
+  const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
+  const int64_t kbase = ((pool_block * p.num_kv_heads + g) * kKvBlockSize) * p.head_dim;
+  const bool fresh = tok_lo % kKvBlockSize == 0;
+  uint16_t* kmax = static_cast<uint16_t*>(p.block_kmax) + (row * p.num_kv_heads + g) * p.head_dim;
+  uint16_t* kmin = static_cast<uint16_t*>(p.block_kmin) + (row * p.num_kv_heads + g) * p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    uint16_t mx = kmax[d], mn = kmin[d];
+    for (int t = tok_lo; t < tok_hi; ++t) {
+      const uint16_t bits = k_cache[kbase + int64_t{t % kKvBlockSize} * p.head_dim + d];
+      const float v = Bf16BitsToFloat(bits);
+      if (fresh && t == tok_lo) {
+        mx = bits;
+        mn = bits;
+      } else {
+        if (v > Bf16BitsToFloat(mx)) mx = bits;
+        if (v < Bf16BitsToFloat(mn)) mn = bits;
+      }
+    }
+    kmax[d] = mx;
+    kmin[d] = mn;
+  }
+  if constexpr (NC > 0) {
+    if (p.maybe_token_codes == nullptr) return;
+    constexpr int kPerLane = (NC + 31) / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int32_t* channels = p.channels + int64_t{g} * NC;
+    for (int t = tok_lo + warp; t < tok_hi; t += kIndexThreads / 32) {
+      const int64_t krow = kbase + int64_t{t % kKvBlockSize} * p.head_dim;
+      float v[kPerLane];
+      float absmax = 0.f;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int c = lane + 32 * i;
+        v[i] = c < NC ? Bf16BitsToFloat(k_cache[krow + channels[c]]) : 0.f;
+        absmax = fmaxf(absmax, fabsf(v[i]));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, o));
+      const float scale = TlsInt4Scale(absmax);
+      const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + t % kKvBlockSize;
+      if (lane == 0) p.maybe_token_scales[tok] = scale;
+      uint8_t* codes = p.maybe_token_codes + tok * (NC / 2);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int c = lane + 32 * i;
+        const int nibble = TlsInt4Code(v[i], scale) + 8;
+        const int next = __shfl_down_sync(0xffffffffu, nibble, 1);
+        if (c < NC && (c & 1) == 0) codes[c / 2] = static_cast<uint8_t>(nibble | (next << 4));
+      }
+    }
+  }
+}
+
+template <int NC>
+cudaError_t LaunchIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
+  const int slots = (p.max_new_tokens + kKvBlockSize - 1) / kKvBlockSize + 1;
+  const dim3 grid(slots, p.num_kv_heads, p.batch);
+  IndexUpdateKernel<NC><<<grid, kIndexThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t TlsCalibStats(const TlsCalibStatsParams& p, cudaStream_t stream) {
+  if (p.num_tokens <= 0) return cudaSuccess;
+  constexpr int kTokensPerChunk = 64;
+  const int chunks = (p.num_tokens + kTokensPerChunk - 1) / kTokensPerChunk;
+  if (chunks > 65535) return cudaErrorInvalidValue;
+  const int q_cols = p.num_q_heads * p.head_dim, k_cols = p.num_kv_heads * p.head_dim;
+  CalibStatsKernel<<<dim3((q_cols + 255) / 256, chunks), 256, 0, stream>>>(
+      p.q, p.q_absmax, p.io_dtype, p.num_tokens, q_cols, kTokensPerChunk);
+  CalibStatsKernel<<<dim3((k_cols + 255) / 256, chunks), 256, 0, stream>>>(
+      p.k, p.k_absmax, p.io_dtype, p.num_tokens, k_cols, kTokensPerChunk);
+  return cudaGetLastError();
+}
+
+cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream) {
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.num_channels <= 0 ||
+      p.num_channels > p.head_dim || p.head_dim > 4096) {
+    return cudaErrorInvalidValue;
+  }
+  CalibSelectKernel<<<p.num_kv_heads, 256, p.head_dim * (sizeof(uint64_t) + sizeof(int)), stream>>>(
+      p);
+  return cudaGetLastError();
+}
+
+cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
+  if (p.batch <= 0 || p.max_new_tokens <= 0) return cudaSuccess;
+  if (p.head_dim <= 0 || p.num_kv_heads <= 0) return cudaErrorInvalidValue;
+  if (p.maybe_token_codes == nullptr) return LaunchIndexUpdate<0>(p, stream);
+  switch (p.num_channels) {
+    case 16: return LaunchIndexUpdate<16>(p, stream);
+    case 32: return LaunchIndexUpdate<32>(p, stream);
+    case 64: return LaunchIndexUpdate<64>(p, stream);
+    case 128: return LaunchIndexUpdate<128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace asynctls::kernels::cuda

@@ -1,0 +1,500 @@
+// CUDA TLS selection ops. Score arithmetic follows tls_math.h in the reference's order, so
+// scores and selected sets equal the CPU reference bit for bit.
+#include <cuda_bf16.h>
+
+#include "asynctls/kernels/cuda_tls.h"
+#include "tls_common.cuh"
+
+namespace asynctls::kernels::cuda {
+namespace {
+
+using tls_detail::AlignUp;
+using tls_detail::Bf16BitsToFloat;
+using tls_detail::BlockExclusiveScan;
+using tls_detail::BlockTopK;
+using tls_detail::FromOrderedBits;
+using tls_detail::LoadIo;
+using tls_detail::TopKShared;
+
+__device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
+                                             const int32_t* seq_lens, int b) {
+  return maybe_select_lens ? maybe_select_lens[b] : seq_lens[b];
+}
+
+// ---- block scores -------------------------------------------------------------------------
+// grid (ceil(max_blocks / kScoreBlocks), batch * num_kv_heads). The group's query is summed
+// into qpos / qneg (heads in order), then thread t < kScoreBlocks owns one block and walks the
+// dims in order through shared-memory chunks of kScoreChunk dims (coalesced loads).
+constexpr int kScoreThreads = 128;
+constexpr int kScoreBlocks = 64;
+constexpr int kScoreChunk = 64;
+constexpr int kScoreRowWords = kScoreChunk / 2 + 1;  // padded: conflict-free column reads
+
+__global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
+  extern __shared__ float q_sum[];  // qpos [head_dim], qneg [head_dim]
+  __shared__ uint32_t kmax_s[kScoreBlocks * kScoreRowWords];
+  __shared__ uint32_t kmin_s[kScoreBlocks * kScoreRowWords];
+  __shared__ int64_t row_off[kScoreBlocks];
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int num_blocks = (p.seq_lens[b] + kKvBlockSize - 1) / kKvBlockSize;
+  const int first = blockIdx.x * kScoreBlocks;
+  if (first >= num_blocks) return;
+  const int count = min(kScoreBlocks, num_blocks - first);
+  float* qpos = q_sum;
+  float* qneg = q_sum + p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+    float pos = 0.f, neg = 0.f;
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      const float v = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + h) * p.head_dim + d);
+      pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+      neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+    }
+    qpos[d] = pos;
+    qneg[d] = neg;
+  }
+  for (int i = threadIdx.x; i < count; i += kScoreThreads) {
+    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + first + i];
+    row_off[i] = (row * p.num_kv_heads + g) * p.head_dim;
+  }
+  __syncthreads();
+  const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
+  const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
+  float s = 0.f;
+  for (int d0 = 0; d0 < p.head_dim; d0 += kScoreChunk) {
+    const int width = min(kScoreChunk, p.head_dim - d0);  // multiple of 8
+    const int vecs = width / 8;
+    for (int e = threadIdx.x; e < count * vecs; e += kScoreThreads) {
+      const int i = e / vecs, v = e % vecs;
+      const uint4 a = *reinterpret_cast<const uint4*>(kmax + row_off[i] + d0 + 8 * v);
+      const uint4 c = *reinterpret_cast<const uint4*>(kmin + row_off[i] + d0 + 8 * v);
+      uint32_t* da = kmax_s + i * kScoreRowWords + 4 * v;
+      uint32_t* dc = kmin_s + i * kScoreRowWords + 4 * v;
+      da[0] = a.x; da[1] = a.y; da[2] = a.z; da[3] = a.w;
+      dc[0] = c.x; dc[1] = c.y; dc[2] = c.z; dc[3] = c.w;
+    }
+    __syncthreads();
+    if (threadIdx.x < count) {
+      const uint16_t* ra = reinterpret_cast<const uint16_t*>(kmax_s + threadIdx.x * kScoreRowWords);
+      const uint16_t* rc = reinterpret_cast<const uint16_t*>(kmin_s + threadIdx.x * kScoreRowWords);
+      for (int d = 0; d < width; ++d) {
+        s = TlsFma(qpos[d0 + d], Bf16BitsToFloat(ra[d]), s);
+        s = TlsFma(qneg[d0 + d], Bf16BitsToFloat(rc[d]), s);
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < count) {
+    p.scores[int64_t{bg} * p.max_blocks_per_seq + first + threadIdx.x] = s;
+  }
+}
+
+// ---- top-k kernels ------------------------------------------------------------------------
+constexpr int kSelectThreads = 512;
+
+// One block per (sequence, KV head).
+__global__ void __launch_bounds__(kSelectThreads) BlockSelectKernel(TlsBlockSelectParams p) {
+  __shared__ TopKShared sh;
+  const int bg = blockIdx.x;
+  const int b = bg / p.num_kv_heads;
+  const int end = TlsEligibleEnd(p.seq_lens[b]);
+  const int begin = p.sink_blocks;
+  const float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq;
+  int32_t* out = p.blocks + int64_t{bg} * p.max_kept_blocks;
+  const int n = max(0, end - begin);
+  const int kept = BlockTopK<kSelectThreads>(
+      n, p.k,
+      [&](int j, float* s, int32_t* id) {
+        *id = begin + j;
+        *s = scores[begin + j];
+        return true;
+      },
+      [&](int rank, int32_t id) { out[rank] = id; }, sh);
+  if (threadIdx.x == 0) p.num_blocks[bg] = kept;
+}
+
+// Writes the sink and recent parts of a positions row around `middle` entries.
+__device__ void WriteAlways(const TlsGeometry& geo, int middle, int32_t* row) {
+  for (int i = threadIdx.x; i < geo.sink_end; i += blockDim.x) row[i] = i;
+  const int base = geo.sink_end + middle;
+  for (int i = threadIdx.x; i < geo.len - geo.recent_start; i += blockDim.x) {
+    row[base + i] = geo.recent_start + i;
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads) TokenSelectKernel(TlsTokenSelectParams p) {
+  __shared__ TopKShared sh;
+  const int bg = blockIdx.x;
+  const int b = bg / p.num_kv_heads;
+  const TlsGeometry geo = MakeTlsGeometry(
+      p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
+  const float* alpha = p.alpha + int64_t{bg} * p.max_candidates;
+  const int32_t* cand = p.cand_positions + int64_t{bg} * p.max_candidates;
+  int32_t* row = p.positions + int64_t{bg} * p.max_positions;
+  int32_t* middle = row + geo.sink_end;
+  const int kept = BlockTopK<kSelectThreads>(
+      p.max_candidates, p.k,
+      [&](int j, float* s, int32_t* id) {
+        *id = cand[j];
+        *s = alpha[j];
+        return *id >= 0;
+      },
+      [&](int rank, int32_t id) { middle[rank] = id; }, sh);
+  WriteAlways(geo, kept, row);
+  if (threadIdx.x == 0) p.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
+}
+
+constexpr int kExpandThreads = 256;
+
+__global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpandParams p) {
+  __shared__ int scan[kExpandThreads / 32 + 1];
+  __shared__ int offsets[kExpandThreads];
+  __shared__ int32_t tile_blocks[kExpandThreads];
+  const int bg = blockIdx.x;
+  const int b = bg / p.num_kv_heads;
+  const TlsGeometry geo = MakeTlsGeometry(
+      p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
+  const int num_listed = p.maybe_blocks ? p.maybe_num_blocks[bg]
+                                        : max(0, geo.first_recent_block - p.sink_blocks);
+  const int32_t* listed = p.maybe_blocks ? p.maybe_blocks + int64_t{bg} * p.max_kept_blocks
+                                         : nullptr;
+  int32_t* row = p.positions + int64_t{bg} * p.max_positions;
+  int written = 0;
+  for (int base = 0; base < num_listed; base += kExpandThreads) {
+    const int i = base + threadIdx.x;
+    int count = 0;
+    if (i < num_listed) {
+      const int32_t block = listed ? listed[i] : p.sink_blocks + i;
+      count = max(0, TlsBlockCandEnd(geo, block) - TlsBlockCandBegin(geo, block));
+      tile_blocks[threadIdx.x] = block;
+    }
+    int total;
+    const int offset = BlockExclusiveScan<kExpandThreads>(count, scan, &total);
+    offsets[threadIdx.x] = offset;
+    __syncthreads();
+    const int tile = min(kExpandThreads, num_listed - base);
+    for (int e = threadIdx.x; e < tile * kKvBlockSize; e += kExpandThreads) {
+      const int t = e / kKvBlockSize;
+      const int32_t block = tile_blocks[t];
+      const int32_t pos = block * kKvBlockSize + e % kKvBlockSize;
+      const int32_t lo = TlsBlockCandBegin(geo, block);
+      if (pos >= lo && pos < TlsBlockCandEnd(geo, block)) {
+        row[geo.sink_end + written + offsets[t] + (pos - lo)] = pos;
+      }
+    }
+    written += total;
+    __syncthreads();
+  }
+  WriteAlways(geo, written, row);
+  if (threadIdx.x == 0) p.num_positions[bg] = geo.sink_end + written + (geo.len - geo.recent_start);
+}
+
+// ---- token scores -------------------------------------------------------------------------
+// Three passes over the candidates, one thread per candidate (grid (ceil(max_candidates /
+// kTokenThreads), batch * num_kv_heads)); each recomputes the per-head logits (NC fmas from
+// the INT4 row) instead of storing them:
+//   pass 0: per-head max (atomicMax on ordered bits)
+//   pass 1: per-head sum of exp, as exact uint64 fixed point (atomicAdd)
+//   pass 2: alpha = sum_h e_h * inv_h, and the candidate positions
+constexpr int kTokenThreads = 128;
+
+struct TokenStats {
+  uint32_t* max_bits;  // [batch * num_kv_heads * group]
+  unsigned long long* exp_sum;
+};
+
+TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
+  const size_t n = size_t(p.batch) * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads);
+  TokenStats s;
+  s.exp_sum = static_cast<unsigned long long*>(workspace);
+  s.max_bits = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) + AlignUp(n * 8, 256));
+  return s;
+}
+
+template <int NC, int PASS>
+__global__ void __launch_bounds__(kTokenThreads) TokenScoreKernel(TlsTokenScoreParams p,
+                                                                  TokenStats stats) {
+  extern __shared__ float q_s[];  // [group, NC], then (pass 2) inv [group], max [group]
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const TlsGeometry geo = MakeTlsGeometry(
+      p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
+  const int num_listed = p.maybe_blocks ? p.maybe_num_blocks[bg]
+                                        : max(0, geo.first_recent_block - p.sink_blocks);
+  const int j = blockIdx.x * kTokenThreads + threadIdx.x;
+  const int first = blockIdx.x * kTokenThreads;
+  if (first >= num_listed * kKvBlockSize) {
+    if (PASS == 2 && j < p.max_candidates) p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
+    return;
+  }
+  float* max_s = q_s + group * NC;
+  float* inv_s = max_s + group;
+  for (int e = threadIdx.x; e < group * NC; e += kTokenThreads) {
+    const int hh = e / NC, c = e % NC;
+    const int ch = p.channels[int64_t{g} * NC + c];
+    q_s[e] = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+  }
+  const int64_t stat = int64_t{bg} * group;
+  if (PASS >= 1) {
+    for (int hh = threadIdx.x; hh < group; hh += kTokenThreads) {
+      max_s[hh] = FromOrderedBits(stats.max_bits[stat + hh]);
+      if (PASS == 2) inv_s[hh] = TlsInvDenominator(stats.exp_sum[stat + hh], group);
+    }
+  }
+  __syncthreads();
+  int32_t pos = -1;
+  if (j < num_listed * kKvBlockSize) {
+    const int i = j / kKvBlockSize;
+    const int32_t block =
+        p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
+    const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
+    if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) pos = cpos;
+  }
+  if (PASS == 2 && j < p.max_candidates) p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos;
+  const bool valid = pos >= 0;
+  uint32_t words[NC / 8];
+  float tok_scale = 0.f;
+  if (valid) {
+    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + pos / kKvBlockSize];
+    const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize;
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(p.token_codes + tok * (NC / 2));
+#pragma unroll
+    for (int w = 0; w < NC / 8; ++w) words[w] = src[w];
+    tok_scale = p.token_scales[tok];
+  }
+  const float exp_scale = p.scale * kTlsLog2E;
+  float alpha = 0.f;
+  for (int hh = 0; hh < group; ++hh) {
+    const float logit = valid ? TlsInt4Dot(q_s + hh * NC, words, tok_scale, NC) : 0.f;
+    if (PASS == 0) {
+      const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
+      const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
+      if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
+    } else {
+      const float e = valid ? TlsExp2((logit - max_s[hh]) * exp_scale) : 0.f;
+      if (PASS == 1) {
+        unsigned long long fixed = valid ? TlsExpToFixed(e) : 0ull;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
+        if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
+      } else {
+        alpha = TlsFma(e, inv_s[hh], alpha);
+      }
+    }
+  }
+  if (PASS == 2 && valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
+}
+
+template <int NC>
+cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const size_t smem = (size_t(group) * NC + 2 * group) * sizeof(float);
+  const size_t stats_bytes = TlsTokenScoreWorkspaceBytes(p);
+  cudaError_t err = cudaMemsetAsync(p.workspace, 0, stats_bytes, stream);
+  if (err != cudaSuccess) return err;
+  const TokenStats stats = TokenStatsIn(p.workspace, p);
+  const dim3 grid((p.max_candidates + kTokenThreads - 1) / kTokenThreads,
+                  p.batch * p.num_kv_heads);
+  if (smem > 48 * 1024) {
+    for (auto* fn : {TokenScoreKernel<NC, 0>, TokenScoreKernel<NC, 1>, TokenScoreKernel<NC, 2>}) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+    }
+  }
+  TokenScoreKernel<NC, 0><<<grid, kTokenThreads, smem, stream>>>(p, stats);
+  TokenScoreKernel<NC, 1><<<grid, kTokenThreads, smem, stream>>>(p, stats);
+  TokenScoreKernel<NC, 2><<<grid, kTokenThreads, smem, stream>>>(p, stats);
+  return cudaGetLastError();
+}
+
+// ---- decode select workspace ---------------------------------------------------------------
+struct DecodeWorkspace {
+  float* block_scores;
+  float* alpha;
+  int32_t* cand;
+  void* token_stats;
+  size_t bytes;
+};
+
+int32_t DecodeMaxCandidates(const TlsDecodeSelectParams& p) {
+  switch (p.policy.mode) {
+    case TlsMode::kTokenOnly: return kKvBlockSize * p.max_blocks_per_seq;
+    case TlsMode::kTwoLevel: return kKvBlockSize * p.max_kept_blocks;
+    default: return 0;
+  }
+}
+
+TlsTokenScoreParams DecodeTokenScoreParams(const TlsDecodeSelectParams& p) {
+  TlsTokenScoreParams s{};
+  s.q = p.q;
+  s.channels = p.channels;
+  s.token_codes = p.token_codes;
+  s.token_scales = p.token_scales;
+  s.index_table = p.index_table;
+  s.seq_lens = p.seq_lens;
+  s.io_dtype = p.io_dtype;
+  s.batch = p.batch;
+  s.num_q_heads = p.num_q_heads;
+  s.num_kv_heads = p.num_kv_heads;
+  s.head_dim = p.head_dim;
+  s.num_channels = p.num_channels;
+  s.max_blocks_per_seq = p.max_blocks_per_seq;
+  s.max_kept_blocks = p.max_kept_blocks;
+  s.max_candidates = DecodeMaxCandidates(p);
+  s.sink_blocks = p.policy.sink_blocks;
+  s.window = p.policy.window;
+  s.scale = p.scale;
+  return s;
+}
+
+DecodeWorkspace CarveDecodeWorkspace(const TlsDecodeSelectParams& p, void* base) {
+  const size_t rows = size_t(p.batch) * p.num_kv_heads;
+  const size_t cands = size_t(DecodeMaxCandidates(p));
+  char* at = static_cast<char*>(base);
+  DecodeWorkspace w{};
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = at ? at + off : nullptr;
+    off += AlignUp(bytes, 256);
+    return ptr;
+  };
+  w.block_scores = reinterpret_cast<float*>(take(rows * p.max_blocks_per_seq * sizeof(float)));
+  w.alpha = reinterpret_cast<float*>(take(rows * cands * sizeof(float)));
+  w.cand = reinterpret_cast<int32_t*>(take(rows * cands * sizeof(int32_t)));
+  w.token_stats = take(TlsTokenScoreWorkspaceBytes(DecodeTokenScoreParams(p)));
+  w.bytes = off;
+  return w;
+}
+
+}  // namespace
+
+bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
+  const bool channels_ok = num_channels == 16 || num_channels == 32 || num_channels == 64 ||
+                           num_channels == 128;
+  return head_dim > 0 && head_dim % 8 == 0 && head_dim <= 4096 && channels_ok &&
+         num_channels <= head_dim && group_size >= 1 && group_size * num_channels <= 16384;
+}
+
+cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.head_dim % 8 != 0 || p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid((p.max_blocks_per_seq + kScoreBlocks - 1) / kScoreBlocks,
+                  p.batch * p.num_kv_heads);
+  BlockScoreKernel<<<grid, kScoreThreads, 2 * p.head_dim * sizeof(float), stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.k < 0 || p.k > p.max_kept_blocks) return cudaErrorInvalidValue;
+  BlockSelectKernel<<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p) {
+  const size_t n = size_t(p.batch) * p.num_kv_heads *
+                   (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
+  return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
+}
+
+cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
+      !TlsSelectCanImplement(p.head_dim, p.num_channels, p.num_q_heads / p.num_kv_heads)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.num_channels) {
+    case 16: return LaunchTokenScore<16>(p, stream);
+    case 32: return LaunchTokenScore<32>(p, stream);
+    case 64: return LaunchTokenScore<64>(p, stream);
+    case 128: return LaunchTokenScore<128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.k < 0) return cudaErrorInvalidValue;
+  TokenSelectKernel<<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  BlockExpandKernel<<<p.batch * p.num_kv_heads, kExpandThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p) {
+  return CarveDecodeWorkspace(p, nullptr).bytes;
+}
+
+cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream) {
+  if (p.batch <= 0) return cudaSuccess;
+  const TlsPolicy& pol = p.policy;
+  if (pol.mode != TlsMode::kDense &&
+      p.max_positions < TlsMaxSelectedTokens(pol, p.max_blocks_per_seq)) {
+    return cudaErrorInvalidValue;
+  }
+  const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
+  auto select_blocks = [&](int k) {
+    if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
+    const TlsBlockScoreParams s{p.q, p.block_kmax, p.block_kmin, p.index_table, p.seq_lens,
+                                ws.block_scores, p.io_dtype, p.batch, p.num_q_heads,
+                                p.num_kv_heads, p.head_dim, p.max_blocks_per_seq};
+    cudaError_t err = TlsBlockScore(s, stream);
+    if (err != cudaSuccess) return err;
+    const TlsBlockSelectParams sel{ws.block_scores, p.seq_lens, p.blocks, p.num_blocks, p.batch,
+                                   p.num_kv_heads, p.max_blocks_per_seq, p.max_kept_blocks, k,
+                                   pol.sink_blocks};
+    return TlsBlockSelect(sel, stream);
+  };
+  auto select_tokens = [&](const int32_t* blocks, const int32_t* num_blocks,
+                           const int32_t* select_lens) {
+    TlsTokenScoreParams s = DecodeTokenScoreParams(p);
+    s.maybe_select_lens = select_lens;
+    s.maybe_blocks = blocks;
+    s.maybe_num_blocks = num_blocks;
+    s.alpha = ws.alpha;
+    s.cand_positions = ws.cand;
+    s.workspace = ws.token_stats;
+    cudaError_t err = TlsTokenScore(s, stream);
+    if (err != cudaSuccess) return err;
+    const TlsTokenSelectParams sel{ws.alpha, ws.cand, p.seq_lens, select_lens, p.positions,
+                                   p.num_positions, p.batch, p.num_kv_heads, s.max_candidates,
+                                   p.max_positions, pol.token_budget, pol.sink_blocks,
+                                   pol.window};
+    return TlsTokenSelect(sel, stream);
+  };
+  auto expand = [&](const int32_t* blocks, const int32_t* num_blocks) {
+    const TlsBlockExpandParams e{blocks, num_blocks, p.seq_lens, nullptr, p.positions,
+                                 p.num_positions, p.batch, p.num_kv_heads, p.max_kept_blocks,
+                                 p.max_blocks_per_seq, p.max_positions, pol.sink_blocks,
+                                 pol.window};
+    return TlsBlockExpand(e, stream);
+  };
+  cudaError_t err = cudaSuccess;
+  switch (pol.mode) {
+    case TlsMode::kDense:
+      return expand(nullptr, nullptr);
+    case TlsMode::kBlockOnly:
+      err = select_blocks(TlsKeptBlocks(pol));
+      return err != cudaSuccess ? err : expand(p.blocks, p.num_blocks);
+    case TlsMode::kTokenOnly:
+      return select_tokens(nullptr, nullptr, nullptr);
+    case TlsMode::kTwoLevel:
+      if (pol.lag == TlsLag::kOneStep) {
+        err = select_tokens(p.prev_blocks, p.prev_num_blocks, p.prev_select_lens);
+        return err != cudaSuccess ? err : select_blocks(pol.block_budget);
+      }
+      err = select_blocks(pol.block_budget);
+      return err != cudaSuccess ? err : select_tokens(p.blocks, p.num_blocks, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace asynctls::kernels::cuda

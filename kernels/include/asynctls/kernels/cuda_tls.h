@@ -1,0 +1,47 @@
+// CUDA entries of the two-level sparse attention ops (params in tls_params.h; device pointers,
+// same semantics as tls_ref.h). Each entry enqueues on `stream`, never allocates or
+// synchronizes (graph-capturable), and returns the launch's cudaError_t; cudaErrorInvalidValue
+// when the shape is not supported (see the CanImplement functions). Selections and selection
+// scores equal the CPU reference bit for bit; attention outputs agree to fp32 rounding.
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_runtime_api.h>
+
+#include "asynctls/kernels/tls_params.h"
+
+namespace asynctls::kernels::cuda {
+
+// ---- support checks -----------------------------------------------------------------------
+// Index and selection ops: any head_dim that is a multiple of 8 up to 576, num_channels a
+// multiple of 8 up to 128, group * num_channels <= 16384. Attention: (head_dim, v_head_dim) in
+// {(64, 64), (128, 128), (576, 512)}, any group size.
+bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size);
+bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size, DType io_dtype);
+
+// ---- calibration and indices --------------------------------------------------------------
+cudaError_t TlsCalibStats(const TlsCalibStatsParams& p, cudaStream_t stream);
+cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream);
+cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream);
+
+// ---- selection ----------------------------------------------------------------------------
+cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream);
+cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream);
+size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p);
+cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream);
+cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream);
+cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
+// Runs the policy's ops in order on `stream` (workspace holds block scores, token scores and
+// the softmax statistics). For the one-step lag the runtime may instead launch TlsBlockScore +
+// TlsBlockSelect on a second stream itself, overlapping attention.
+size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p);
+cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream);
+
+// ---- attention ----------------------------------------------------------------------------
+// Split-K over the positions: partial (max, sum, output) per split in the workspace, merged by
+// a second kernel. The split count depends only on the params and the device's SM count.
+size_t TlsSparseAttentionWorkspaceBytes(const TlsSparseAttentionParams& p);
+cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t stream);
+
+}  // namespace asynctls::kernels::cuda
