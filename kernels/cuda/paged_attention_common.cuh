@@ -155,8 +155,8 @@ __device__ __forceinline__ void StoreQueryTile(uint8_t* tile, RowPtr row_ptr, in
 // A fragments (m16 x k16, row-major) of rows [row0, row0 + 16) of a swizzled tile, for all
 // D/16 k-steps.
 template <int D>
-__device__ __forceinline__ void LoadRowFragments(uint32_t (&a)[D / 16][4], uint32_t tile,
-                                                 int row0, int lane) {
+__device__ __forceinline__ void LoadRowFragments(uint32_t (&a)[D / 16][4], uint32_t tile, int row0,
+                                                 int lane) {
   // Matrices: 0 = rows 0-7 / k 0-7, 1 = rows 8-15 / k 0-7, 2 = rows 0-7 / k 8-15, 3 = rows 8-15
   // / k 8-15: exactly a0..a3 of mma.m16n8k16.
   const int row = row0 + ((lane >> 3) & 1) * 8 + (lane & 7);
@@ -198,10 +198,9 @@ __device__ __forceinline__ void AccumulateValues(float (&o)[D / 8][4], const flo
   const int chunk_hi = lane >> 4;
 #pragma unroll
   for (int ks = 0; ks < NT / 2; ++ks) {
-    const uint32_t pa[4] = {PackBf16(s[2 * ks][0], s[2 * ks][1]),
-                            PackBf16(s[2 * ks][2], s[2 * ks][3]),
-                            PackBf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                            PackBf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+    const uint32_t pa[4] = {
+        PackBf16(s[2 * ks][0], s[2 * ks][1]), PackBf16(s[2 * ks][2], s[2 * ks][3]),
+        PackBf16(s[2 * ks + 1][0], s[2 * ks + 1][1]), PackBf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
     const int key = key0 + ks * 16 + key_in_step;
 #pragma unroll
     for (int jj = 0; jj < D / 16; ++jj) {
@@ -279,8 +278,8 @@ cudaError_t PrepareKernel(KernelResidency* out) {
   }
   err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out->resident, KERNEL, THREADS,
-                                                        SMEM_BYTES);
+    err =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out->resident, KERNEL, THREADS, SMEM_BYTES);
   }
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&out->sms, cudaDevAttrMultiProcessorCount, device);

@@ -38,7 +38,8 @@ struct DecodeConfig {
   static constexpr int kMergeStride = D + 4;
   static constexpr int kMergeBytes =
       (kDecodeWarps * kRowTile * kMergeStride + 2 * kDecodeWarps * kRowTile + 3 * kRowTile +
-       kDecodeWarps * kRowTile) * 4;
+       kDecodeWarps * kRowTile) *
+      4;
   static_assert(kMergeBytes <= kStages * 2 * kTileBytes, "merge buffer must fit in the ring");
 };
 
@@ -76,11 +77,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   const auto* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
   const auto* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
 
-  auto load_page = [&](int iter) {
+  auto load_page = [&](int iter, int block) {
     const int page = page_begin + iter;
     const int stage = iter % Cfg::kStages;
-    const int64_t off =
-        (static_cast<int64_t>(table[page]) * p.num_kv_heads + kv_head) * (kPage * D);
+    const int64_t off = (static_cast<int64_t>(block) * p.num_kv_heads + kv_head) * (kPage * D);
     const int valid = min(kPage, seq_len - page * kPage);
     const uint32_t k_tile = ring + stage * 2 * Cfg::kTileBytes;
     LoadPageAsync<D, kDecodeThreads>(k_tile, k_cache + off, valid, tid);
@@ -90,9 +90,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   // Start streaming before anything else.
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < num_iters) load_page(s);
+    if (s < num_iters) load_page(s, table[page_begin + s]);
     CpAsyncCommit();
   }
+  // Block id of the next page to load, read one iteration early so that issuing its copies
+  // never waits on the table.
+  int next_block = Cfg::kStages - 1 < num_iters ? table[page_begin + Cfg::kStages - 1] : 0;
 
   const T* q = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.num_q_heads + head0) * D;
   StoreQueryTile<D, kRowTile, kDecodeThreads, Io>(
@@ -110,7 +113,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   for (int iter = 0; iter < num_iters; ++iter) {
     CpAsyncWait<Cfg::kStages - 2>();
     __syncthreads();  // page `iter` landed for all threads; stage iter-1 is free again
-    if (iter + Cfg::kStages - 1 < num_iters) load_page(iter + Cfg::kStages - 1);
+    if (iter + Cfg::kStages - 1 < num_iters) {
+      load_page(iter + Cfg::kStages - 1, next_block);
+      if (iter + Cfg::kStages < num_iters) next_block = table[page_begin + iter + Cfg::kStages];
+    }
     CpAsyncCommit();
 
     const int key0 = (page_begin + iter) * kPage + warp * 16;  // absolute position
@@ -163,8 +169,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     float scale[kDecodeWarps];
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
-      scale[w] = merge_m[w * kRowTile + tid] == -INFINITY ? 0.f
-                                                          : exp2f(merge_m[w * kRowTile + tid] - mx);
+      scale[w] =
+          merge_m[w * kRowTile + tid] == -INFINITY ? 0.f : exp2f(merge_m[w * kRowTile + tid] - mx);
       sum += merge_l[w * kRowTile + tid] * scale[w];
     }
     const float inv = 1.f / sum;
@@ -201,7 +207,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
 inline constexpr int kCombineWarps = 4;
 
 template <int D, typename Io>
-__global__ void __launch_bounds__(kCombineWarps * kWarpSize)
+__global__ void __launch_bounds__(kCombineWarps* kWarpSize)
     PagedDecodeCombineKernel(const PagedDecodeParams p, const int pages_per_split,
                              const int num_splits, const float* __restrict__ o_part,
                              const float* __restrict__ lse_part) {
@@ -341,9 +347,8 @@ struct DecodeLaunch {
 }  // namespace attention_detail
 
 bool PagedAttentionCanImplement(int head_dim, DType io_dtype, int group_size) {
-  return group_size >= 1 &&
-         attention_detail::DispatchHeadDimIo(head_dim, io_dtype, attention_detail::DecodeProbe{}) ==
-             cudaSuccess;
+  return group_size >= 1 && attention_detail::DispatchHeadDimIo(
+                                head_dim, io_dtype, attention_detail::DecodeProbe{}) == cudaSuccess;
 }
 
 size_t PagedDecodeWorkspaceBytes(const PagedDecodeParams& p) {

@@ -58,9 +58,9 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
   const auto* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
   const auto* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
 
-  auto load_tile = [&](int t) {
+  auto load_tile = [&](int t, int block) {
     const int stage = t % Cfg::kStages;
-    const int64_t off = (static_cast<int64_t>(table[t]) * p.num_kv_heads + kv_head) * (kPage * D);
+    const int64_t off = (static_cast<int64_t>(block) * p.num_kv_heads + kv_head) * (kPage * D);
     const int valid = min(kPage, seq_len - t * kPage);
     const uint32_t k_tile = ring + stage * 2 * Cfg::kTileBytes;
     LoadPageAsync<D, kPrefillThreads>(k_tile, k_cache + off, valid, tid);
@@ -69,13 +69,16 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
 
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s);
+    if (s < num_tiles) load_tile(s, table[s]);
     CpAsyncCommit();
   }
+  // Block id of the next tile to load, read one iteration early (no stall on the table).
+  int next_block = Cfg::kStages - 1 < num_tiles ? table[Cfg::kStages - 1] : 0;
 
   const T* q = static_cast<const T*>(p.q);
   const int64_t q_row_stride = static_cast<int64_t>(p.num_q_heads) * D;
-  const T* q0 = q + (static_cast<int64_t>(q_begin) + m0) * q_row_stride + static_cast<int64_t>(head) * D;
+  const T* q0 =
+      q + (static_cast<int64_t>(q_begin) + m0) * q_row_stride + static_cast<int64_t>(head) * D;
   StoreQueryTile<D, kPrefillRows, kPrefillThreads, Io>(
       q_tile_smem, [&](int r) { return q0 + r * q_row_stride; }, rows, p.scale * kLog2e, tid);
   __syncthreads();
@@ -94,7 +97,10 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
   for (int t = 0; t < num_tiles; ++t) {
     CpAsyncWait<Cfg::kStages - 2>();
     __syncthreads();
-    if (t + Cfg::kStages - 1 < num_tiles) load_tile(t + Cfg::kStages - 1);
+    if (t + Cfg::kStages - 1 < num_tiles) {
+      load_tile(t + Cfg::kStages - 1, next_block);
+      if (t + Cfg::kStages < num_tiles) next_block = table[t + Cfg::kStages];
+    }
     CpAsyncCommit();
 
     const int key0 = t * kPage;
@@ -138,8 +144,7 @@ template <int D, typename Io>
 cudaError_t LaunchPrefill(const PagedPrefillParams& p, cudaStream_t stream) {
   KernelResidency res;
   const cudaError_t err =
-      PrepareKernel<PagedPrefillKernel<D, Io>, kPrefillThreads, PrefillConfig<D>::kSmemBytes>(
-          &res);
+      PrepareKernel<PagedPrefillKernel<D, Io>, kPrefillThreads, PrefillConfig<D>::kSmemBytes>(&res);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_q_heads, (p.max_q_len + kPrefillRows - 1) / kPrefillRows, p.batch);
   PagedPrefillKernel<D, Io><<<grid, kPrefillThreads, PrefillConfig<D>::kSmemBytes, stream>>>(p);
