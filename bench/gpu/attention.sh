@@ -4,16 +4,16 @@
 #
 #   bash bench/gpu/attention.sh            # from the repository root; logs and JSON to $OUT
 #
-# Env: OUT (default ./attention-out), BUILD_DIR (default build), TEST_REGEX (ctest -R filter,
-# default paged_attention; set to '.' for every gpu-labelled test), QUICK=1 (fewer shapes),
-# SKIP_TESTS=1, SKIP_SDPA=1. Needs cmake, ninja, nvcc (CUDA 13), python3 with torch for the
+# Env: OUT (default ./attention-out), BUILD_DIR (default build), TEST_REGEX (ctest -R filter on
+# gtest Suite.Test names, default PagedAttentionGpu; '.' runs every gpu-labelled test that was
+# built), QUICK=1 (fewer shapes), SKIP_TESTS=1, SKIP_SDPA=1. Needs cmake, ninja, nvcc (CUDA 13), python3 with torch for the
 # baseline, and GoogleTest sources in .deps/googletest when libgtest-dev is absent.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/attention-out}
 BUILD_DIR=${BUILD_DIR:-build}
-TEST_REGEX=${TEST_REGEX:-paged_attention}
+TEST_REGEX=${TEST_REGEX:-PagedAttentionGpu}
 mkdir -p "$OUT"
 QUICK_FLAG=""
 [[ "${QUICK:-0}" == 1 ]] && QUICK_FLAG="--quick"
@@ -53,7 +53,7 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   log "ctest -L gpu -R $TEST_REGEX (and the CPU oracle test)"
   ctest --test-dir "$BUILD_DIR" -L gpu -R "$TEST_REGEX" --output-on-failure -j 4 \
     > "$OUT/ctest_gpu.log" 2>&1 || status=1
-  ctest --test-dir "$BUILD_DIR" -R paged_attention_ref --output-on-failure \
+  ctest --test-dir "$BUILD_DIR" -R PagedAttentionRef --output-on-failure \
     >> "$OUT/ctest_gpu.log" 2>&1 || status=1
   tail -15 "$OUT/ctest_gpu.log" | tee -a "$OUT/attention.log"
   grep -E "Failure|Expected|Which is|error|trace" "$OUT/ctest_gpu.log" | head -60 | tee -a "$OUT/attention.log"
