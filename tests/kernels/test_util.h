@@ -168,7 +168,7 @@ inline constexpr Tolerance kF32ElementwiseTol{1e-7, 1e-5};
 struct PagedKvCache {
   int num_kv_heads = 0, head_dim = 0, num_blocks = 0, max_blocks_per_seq = 0;
   std::vector<int32_t> seq_lens;     // [batch]
-  std::vector<int32_t> block_table;  // [batch, max_blocks_per_seq]; unused entries hold -1...
+  std::vector<int32_t> block_table;  // [batch, max_blocks_per_seq]; see unused_entry below
   std::vector<Bf16> k, v;            // pools
 
   int batch() const { return static_cast<int>(seq_lens.size()); }
