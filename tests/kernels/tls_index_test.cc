@@ -1,0 +1,192 @@
+// CPU tests of the TLS reference index ops: calibration, block index, INT4 token index.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "asynctls/kernels/tls_math.h"
+#include "asynctls/kernels/tls_ref.h"
+#include "kernels/tls_test_util.h"
+
+namespace asynctls::kernels {
+namespace {
+
+using testing::MakeTlsCase;
+using testing::TlsCase;
+
+TEST(TlsCalibTest, StatsAccumulateAbsMax) {
+  // 2 tokens, 2 q heads, 1 kv head, dim 3.
+  const std::vector<float> q = {1, -5, 2, 0, 3, -1, /*t1*/ -2, 1, 0, 4, -4, 0.5f};
+  const std::vector<float> k = {0.5f, -1, 2, /*t1*/ -3, 0, 1};
+  std::vector<float> qa(6, 0.f), ka(3, 0.f);
+  ref::TlsCalibStats({q.data(), k.data(), qa.data(), ka.data(), DType::kF32, 2, 2, 1, 3});
+  EXPECT_EQ(qa, (std::vector<float>{2, 5, 2, 4, 4, 1}));
+  EXPECT_EQ(ka, (std::vector<float>{3, 1, 2}));
+  const std::vector<float> q2(6, 10.f), k2 = {0, 0, -7};
+  ref::TlsCalibStats({q2.data(), k2.data(), qa.data(), ka.data(), DType::kF32, 1, 2, 1, 3});
+  EXPECT_EQ(qa, std::vector<float>(6, 10.f));
+  EXPECT_EQ(ka, (std::vector<float>{3, 1, 7}));
+}
+
+TEST(TlsCalibTest, SelectTopChannelsTiesToLowerChannel) {
+  // 2 kv heads, group 2, dim 6, pick 2.
+  const std::vector<float> qa = {1, 1, 1, 1, 1, 1, /*h1*/ 3, 1, 1, 1, 1, 1,
+                                 /*h2*/ 1, 1, 1, 1, 1, 1, /*h3*/ 1, 1, 1, 1, 1, 1};
+  const std::vector<float> ka = {1, 2, 2, 0, 2, 0.5f, /*g1*/ 0, 0, 0, 5, 0, 5};
+  std::vector<int32_t> channels(4, -1);
+  std::vector<float> scores(12);
+  ref::TlsCalibSelect({qa.data(), ka.data(), channels.data(), scores.data(), 4, 2, 6, 2});
+  // g0 scores: ch0 = (1+3)/2*1 = 2, ch1 = 2, ch2 = 2, ch4 = 2: ties -> channels 0 and 1.
+  EXPECT_FLOAT_EQ(scores[0], 2.f);
+  EXPECT_FLOAT_EQ(scores[1], 2.f);
+  EXPECT_EQ(channels[0], 0);
+  EXPECT_EQ(channels[1], 1);
+  EXPECT_EQ(channels[2], 3);
+  EXPECT_EQ(channels[3], 5);
+}
+
+// Brute force over the cache: block max/min and INT4 rows.
+void ExpectIndexMatchesCache(const TlsCase& c) {
+  const int rb = c.num_channels / 2;
+  for (int b = 0; b < c.batch; ++b) {
+    const int len = c.seq_lens()[b];
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      const std::vector<float> k = c.kv.Dense(c.kv.k, b, g);
+      for (int blk = 0; blk * kKvBlockSize < len; ++blk) {
+        const int64_t row = c.index_table[size_t(b) * c.max_blocks_per_seq() + blk];
+        const size_t off = (size_t(row) * c.num_kv_heads + g) * c.head_dim;
+        for (int d = 0; d < c.head_dim; ++d) {
+          float mx = -INFINITY, mn = INFINITY;
+          for (int t = blk * kKvBlockSize; t < std::min(len, (blk + 1) * kKvBlockSize); ++t) {
+            mx = std::max(mx, k[size_t(t) * c.head_dim + d]);
+            mn = std::min(mn, k[size_t(t) * c.head_dim + d]);
+          }
+          ASSERT_EQ(Bf16ToFloat(c.kmax[off + d]), mx) << "b=" << b << " blk=" << blk << " d=" << d;
+          ASSERT_EQ(Bf16ToFloat(c.kmin[off + d]), mn);
+        }
+      }
+      for (int t = 0; t < len; ++t) {
+        const int64_t row = c.index_table[size_t(b) * c.max_blocks_per_seq() + t / kKvBlockSize];
+        const size_t tok = (size_t(row) * c.num_kv_heads + g) * kKvBlockSize + t % kKvBlockSize;
+        const float scale = c.scales[tok];
+        float absmax = 0.f;
+        for (int ch = 0; ch < c.num_channels; ++ch) {
+          absmax = std::max(absmax, std::fabs(k[size_t(t) * c.head_dim +
+                                                 c.channels[size_t(g) * c.num_channels + ch]]));
+        }
+        ASSERT_EQ(scale, absmax / 7.f);
+        for (int ch = 0; ch < c.num_channels; ++ch) {
+          const uint8_t byte = c.codes[tok * rb + ch / 2];
+          const int nibble = ch % 2 ? byte >> 4 : byte & 15;
+          ASSERT_GE(nibble, 1);
+          ASSERT_LE(nibble, 15);
+          const float x = k[size_t(t) * c.head_dim + c.channels[size_t(g) * c.num_channels + ch]];
+          ASSERT_LE(std::fabs((nibble - 8) * scale - x), 0.5f * scale * 1.0001f + 1e-30f);
+        }
+      }
+    }
+  }
+}
+
+TEST(TlsIndexTest, BuildMatchesBruteForceGqa) {
+  testing::Reseed(11);
+  const TlsCase c = MakeTlsCase({1, 17, 64, 65, 200}, 6, 2, 64, 32, DType::kF32);
+  ExpectIndexMatchesCache(c);
+}
+
+TEST(TlsIndexTest, BuildMatchesBruteForceMla) {
+  testing::Reseed(12);
+  const TlsCase c = MakeTlsCase({97, 130}, 4, 1, 576, 128, DType::kBF16, /*mla=*/true);
+  ExpectIndexMatchesCache(c);
+}
+
+TEST(TlsIndexTest, ChannelsAreAscendingAndDistinct) {
+  testing::Reseed(13);
+  const TlsCase c = MakeTlsCase({70}, 8, 2, 128, 32, DType::kF32);
+  for (int g = 0; g < 2; ++g) {
+    for (int i = 1; i < 32; ++i) EXPECT_LT(c.channels[g * 32 + i - 1], c.channels[g * 32 + i]);
+  }
+  // The scaled channels (every 7th) dominate k_absmax, so calibration prefers them.
+  int multiples = 0;
+  for (int i = 0; i < 32; ++i) multiples += c.channels[i] % 7 == 0;
+  EXPECT_GE(multiples, 12);  // 19 of the 128 channels are scaled; chance gives ~5
+}
+
+// Appending in chunks (a prefill in pieces, then single decode tokens) gives the same index as
+// building at once, bit for bit.
+TEST(TlsIndexTest, IncrementalEqualsBuild) {
+  testing::Reseed(14);
+  const TlsCase c = MakeTlsCase({150, 64, 3}, 4, 2, 128, 16, DType::kF32);
+  std::vector<Bf16> kmax(c.kmax.size(), testing::kBf16NaN), kmin(c.kmin.size(), testing::kBf16NaN);
+  std::vector<uint8_t> codes(c.codes.size(), 0xff);
+  std::vector<float> scales(c.scales.size(), NAN);
+  std::vector<int32_t> done(c.batch, 0);
+  const std::vector<int> steps = {5, 59, 1, 1, 70, 1, 13, 1, 100};
+  for (int step : steps) {
+    std::vector<int32_t> start = done, end(c.batch);
+    for (int b = 0; b < c.batch; ++b) end[b] = std::min(c.seq_lens()[b], done[b] + step);
+    TlsIndexUpdateParams u{c.kv.k.data(), c.kv.block_table.data(), c.index_table.data(),
+                           start.data(), end.data(), kmax.data(), kmin.data(), c.channels.data(),
+                           codes.data(), scales.data(), c.batch, c.num_kv_heads, c.head_dim,
+                           c.num_channels, c.max_blocks_per_seq(), step};
+    ref::TlsIndexUpdate(u);
+    done = end;
+  }
+  ASSERT_EQ(done, c.seq_lens());
+  for (size_t i = 0; i < kmax.size(); ++i) {
+    ASSERT_EQ(kmax[i].bits, c.kmax[i].bits) << i;
+    ASSERT_EQ(kmin[i].bits, c.kmin[i].bits) << i;
+  }
+  EXPECT_EQ(codes, c.codes);
+  for (size_t i = 0; i < scales.size(); ++i) {
+    if (std::isnan(c.scales[i])) {
+      EXPECT_TRUE(std::isnan(scales[i]));
+    } else {
+      EXPECT_EQ(scales[i], c.scales[i]);
+    }
+  }
+}
+
+TEST(TlsIndexTest, BlockIndexOnlyWhenNoTokenCodes) {
+  testing::Reseed(15);
+  const TlsCase c = MakeTlsCase({80}, 2, 1, 64, 16, DType::kF32);
+  std::vector<Bf16> kmax(c.kmax.size()), kmin(c.kmin.size());
+  std::vector<int32_t> start = {0};
+  TlsIndexUpdateParams u{c.kv.k.data(), c.kv.block_table.data(), c.index_table.data(),
+                         start.data(), c.kv.seq_lens.data(), kmax.data(), kmin.data(), nullptr,
+                         nullptr, nullptr, 1, 1, 64, 0, c.max_blocks_per_seq(), 80};
+  ref::TlsIndexUpdate(u);
+  for (int blk = 0; blk < 2; ++blk) {
+    const size_t off = size_t(c.index_table[blk]) * 64;
+    for (int d = 0; d < 64; ++d) EXPECT_EQ(kmax[off + d].bits, c.kmax[off + d].bits);
+  }
+}
+
+TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
+  EXPECT_EQ(TlsExp2(0.f), 1.f);
+  EXPECT_EQ(TlsExp2(-200.f), 0.f);
+  EXPECT_EQ(TlsExp2(-INFINITY), 0.f);
+  for (float x = -125.f; x <= 0.f; x += 0.37f) {
+    const double want = std::exp2(double{x});
+    EXPECT_NEAR(TlsExp2(x) / want, 1.0, 3e-7) << x;
+  }
+}
+
+TEST(TlsMathTest, SelectKeyOrdersScoreThenId) {
+  EXPECT_GT(TlsSelectKey(1.f, 5), TlsSelectKey(0.5f, 0));
+  EXPECT_GT(TlsSelectKey(-1.f, 5), TlsSelectKey(-2.f, 0));
+  EXPECT_GT(TlsSelectKey(0.f, 3), TlsSelectKey(0.f, 4));
+  EXPECT_GT(TlsSelectKey(-INFINITY, 0), TlsSelectKey(NAN, 0));
+  EXPECT_GT(TlsSelectKey(0.f, 9), TlsSelectKey(-0.f, 1));
+}
+
+TEST(TlsMathTest, Int4CodeRoundTrip) {
+  const float scale = TlsInt4Scale(3.5f);
+  EXPECT_EQ(TlsInt4Code(3.5f, scale), 7);
+  EXPECT_EQ(TlsInt4Code(-3.5f, scale), -7);
+  EXPECT_EQ(TlsInt4Code(0.25f, scale), 0);  // 0.5 -> half to even
+  EXPECT_EQ(TlsInt4Code(1.f, 0.f), 0);
+}
+
+}  // namespace
+}  // namespace asynctls::kernels

@@ -1,0 +1,167 @@
+// Case generators for the TLS op tests (CPU and GPU) and benchmarks: a paged KV cache with its
+// block and token indices built by the reference, queries, and the policies to sweep.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <set>
+#include <vector>
+
+#include "asynctls/kernels/tls_params.h"
+#include "asynctls/kernels/tls_ref.h"
+#include "kernels/test_util.h"
+
+namespace asynctls::kernels::testing {
+
+struct TlsCase {
+  int batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0, v_head_dim = 0;
+  int num_channels = 0;
+  bool mla = false;  // v_cache = k_cache, v_head_dim = 512
+  PagedKvCache kv;
+  // Index rows: one per KV pool block; index_table = the KV block table.
+  int num_index_rows = 0;
+  std::vector<int32_t> index_table;
+  std::vector<Bf16> kmax, kmin;  // [rows, kv heads, head_dim]
+  std::vector<int32_t> channels;  // [kv heads, num_channels]
+  std::vector<uint8_t> codes;     // [rows, kv heads, 64, num_channels / 2]
+  std::vector<float> scales;      // [rows, kv heads, 64]
+  TypedBuffer q;                  // [batch, q heads, head_dim]
+
+  int group() const { return num_q_heads / num_kv_heads; }
+  const std::vector<int32_t>& seq_lens() const { return kv.seq_lens; }
+  int max_blocks_per_seq() const { return kv.max_blocks_per_seq; }
+};
+
+// Builds a case: random keys/values, channel set C calibrated by the reference from the queries
+// and the cached keys, both indices built by ref::TlsIndexUpdate (pools poisoned first).
+inline TlsCase MakeTlsCase(const std::vector<int32_t>& seq_lens, int num_q_heads, int num_kv_heads,
+                           int head_dim, int num_channels, DType io_dtype, bool mla = false) {
+  TlsCase c;
+  c.batch = static_cast<int>(seq_lens.size());
+  c.num_q_heads = num_q_heads;
+  c.num_kv_heads = num_kv_heads;
+  c.head_dim = head_dim;
+  c.mla = mla;
+  c.v_head_dim = mla ? 512 : head_dim;
+  c.num_channels = num_channels;
+  c.kv = MakePagedKvCache(seq_lens, num_kv_heads, head_dim);
+  c.num_index_rows = c.kv.num_blocks;
+  c.index_table = c.kv.block_table;
+  // Give a few channels a larger scale so calibration has something to find.
+  for (size_t i = 0; i < c.kv.k.size(); i += head_dim) {
+    for (int d = 0; d < head_dim; d += 7) {
+      const float v = Bf16ToFloat(c.kv.k[i + d]);
+      if (!std::isnan(v)) c.kv.k[i + d] = FloatToBf16(v * 3.f);
+    }
+  }
+  c.q = MakeTyped(RandomNormal(size_t(c.batch) * num_q_heads * head_dim), io_dtype);
+
+  std::vector<float> q_absmax(size_t(num_q_heads) * head_dim, 0.f);
+  std::vector<float> k_absmax(size_t(num_kv_heads) * head_dim, 0.f);
+  for (int b = 0; b < c.batch; ++b) {
+    std::vector<float> kd(size_t(seq_lens[b]) * num_kv_heads * head_dim);
+    for (int h = 0; h < num_kv_heads; ++h) {
+      const std::vector<float> dense = c.kv.Dense(c.kv.k, b, h);
+      for (int t = 0; t < seq_lens[b]; ++t) {
+        std::copy_n(dense.begin() + size_t(t) * head_dim, head_dim,
+                    kd.begin() + (size_t(t) * num_kv_heads + h) * head_dim);
+      }
+    }
+    // Keys: every cached token (q side disabled); queries: this sequence's row.
+    ref::TlsCalibStats({nullptr, kd.data(), q_absmax.data(), k_absmax.data(), DType::kF32,
+                        seq_lens[b], 0, num_kv_heads, head_dim});
+    ref::TlsCalibStats({c.q.values.data() + size_t(b) * num_q_heads * head_dim, nullptr,
+                        q_absmax.data(), k_absmax.data(), DType::kF32, 1, num_q_heads, 0,
+                        head_dim});
+  }
+  c.channels.assign(size_t(num_kv_heads) * num_channels, 0);
+  ref::TlsCalibSelect({q_absmax.data(), k_absmax.data(), c.channels.data(), nullptr, num_q_heads,
+                       num_kv_heads, head_dim, num_channels});
+
+  const size_t rows = size_t(c.num_index_rows) * num_kv_heads;
+  c.kmax.assign(rows * head_dim, kBf16NaN);
+  c.kmin.assign(rows * head_dim, kBf16NaN);
+  c.codes.assign(rows * kKvBlockSize * (num_channels / 2), 0xff);
+  c.scales.assign(rows * kKvBlockSize, std::numeric_limits<float>::quiet_NaN());
+  std::vector<int32_t> start(c.batch, 0);
+  int max_len = 0;
+  for (int32_t l : seq_lens) max_len = std::max(max_len, l);
+  TlsIndexUpdateParams u{c.kv.k.data(),     c.kv.block_table.data(), c.index_table.data(),
+                         start.data(),      c.kv.seq_lens.data(),    c.kmax.data(),
+                         c.kmin.data(),     c.channels.data(),       c.codes.data(),
+                         c.scales.data(),   c.batch,                 num_kv_heads,
+                         head_dim,          num_channels,            c.kv.max_blocks_per_seq,
+                         max_len};
+  ref::TlsIndexUpdate(u);
+  return c;
+}
+
+// Rows of a [rows, stride] positions buffer as sets, for exact comparisons.
+inline std::vector<std::vector<int32_t>> Rows(const std::vector<int32_t>& data,
+                                              const std::vector<int32_t>& counts, int stride) {
+  std::vector<std::vector<int32_t>> out(counts.size());
+  for (size_t r = 0; r < counts.size(); ++r) {
+    out[r].assign(data.begin() + r * stride, data.begin() + r * stride + counts[r]);
+  }
+  return out;
+}
+
+inline TlsPolicy MakePolicy(TlsMode mode, TlsLag lag, int block_budget, int token_budget,
+                            int sink_blocks = 1, int window = 64) {
+  TlsPolicy p;
+  p.mode = mode;
+  p.lag = lag;
+  p.block_budget = block_budget;
+  p.token_budget = token_budget;
+  p.sink_blocks = sink_blocks;
+  p.window = window;
+  return p;
+}
+
+// Host-side buffers of one TlsDecodeSelect call (outputs sized from the policy).
+struct TlsSelectBuffers {
+  int max_kept_blocks = 0, max_positions = 0;
+  std::vector<int32_t> blocks, num_blocks, positions, num_positions;
+  std::vector<int32_t> prev_blocks, prev_num_blocks, prev_select_lens;
+};
+
+inline TlsDecodeSelectParams MakeDecodeSelectParams(const TlsCase& c, const TlsPolicy& policy,
+                                                    TlsSelectBuffers& buf) {
+  buf.max_kept_blocks = std::max(1, TlsKeptBlocks(policy));
+  buf.max_positions = TlsMaxSelectedTokens(policy, c.max_blocks_per_seq());
+  const size_t rows = size_t(c.batch) * c.num_kv_heads;
+  buf.blocks.assign(rows * buf.max_kept_blocks, -7);
+  buf.num_blocks.assign(rows, -7);
+  buf.positions.assign(rows * buf.max_positions, -7);
+  buf.num_positions.assign(rows, -7);
+  TlsDecodeSelectParams p{};
+  p.policy = policy;
+  p.q = c.q.data();
+  p.seq_lens = c.kv.seq_lens.data();
+  p.index_table = c.index_table.data();
+  p.block_kmax = c.kmax.data();
+  p.block_kmin = c.kmin.data();
+  p.channels = c.channels.data();
+  p.token_codes = c.codes.data();
+  p.token_scales = c.scales.data();
+  p.prev_blocks = buf.prev_blocks.empty() ? nullptr : buf.prev_blocks.data();
+  p.prev_num_blocks = buf.prev_num_blocks.empty() ? nullptr : buf.prev_num_blocks.data();
+  p.prev_select_lens = buf.prev_select_lens.empty() ? nullptr : buf.prev_select_lens.data();
+  p.blocks = buf.blocks.data();
+  p.num_blocks = buf.num_blocks.data();
+  p.positions = buf.positions.data();
+  p.num_positions = buf.num_positions.data();
+  p.io_dtype = c.q.dtype;
+  p.batch = c.batch;
+  p.num_q_heads = c.num_q_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.num_channels = c.num_channels;
+  p.max_blocks_per_seq = c.max_blocks_per_seq();
+  p.max_kept_blocks = buf.max_kept_blocks;
+  p.max_positions = buf.max_positions;
+  p.scale = 1.f / std::sqrt(static_cast<float>(c.head_dim));
+  return p;
+}
+
+}  // namespace asynctls::kernels::testing
