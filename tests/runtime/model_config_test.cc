@@ -60,6 +60,8 @@ TEST(ModelConfigTest, Validate) {
   c.rope_scaling.low_freq_factor = 4; c.rope_scaling.high_freq_factor = 1;
   ExpectInvalid(c, "rope_scaling");
   c = Good(); c.rope_freq_factors = {1, 2}; ExpectInvalid(c, "rope_freq_factors");
+  c = Good(); c.head_dim = c.rotary_dim = 1 << 28; ExpectInvalid(c, "sanity bound");
+  c = Good(); c.vocab_size = 1 << 30; ExpectInvalid(c, "vocab_size");
 }
 
 TEST(ModelConfigTest, RopeInvFreqPlainAndLinear) {

@@ -19,9 +19,29 @@ absl::Status Invalid(absl::string_view field, absl::string_view why) {
   return absl::InvalidArgumentError(absl::StrCat("ModelConfig.", field, ": ", why));
 }
 
+// Upper bounds far above any real model, so that a lying file cannot make us allocate
+// per-layer or per-head tables of absurd size.
+constexpr int32_t kMaxLayers = 4096;
+constexpr int32_t kMaxHidden = 1 << 18;
+constexpr int32_t kMaxHeads = 4096;
+constexpr int32_t kMaxHeadDim = 4096;
+constexpr int32_t kMaxFfn = 1 << 21;
+constexpr int32_t kMaxVocab = 1 << 24;
+
+absl::Status Bounded(absl::string_view field, int32_t v, int32_t max) {
+  if (v > max) return Invalid(field, absl::StrCat(v, " exceeds the sanity bound ", max));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ModelConfig::Validate() const {
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("num_layers", num_layers, kMaxLayers));
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("hidden_size", hidden_size, kMaxHidden));
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("num_q_heads", num_q_heads, kMaxHeads));
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("head_dim", head_dim, kMaxHeadDim));
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("ffn_size", ffn_size, kMaxFfn));
+  ASYNCTLS_RETURN_IF_ERROR(Bounded("vocab_size", vocab_size, kMaxVocab));
   if (architecture != "llama" && architecture != "qwen2" && architecture != "qwen3") {
     return Invalid("architecture", absl::StrCat("unsupported \"", architecture,
                                                 "\" (llama, qwen2, qwen3)"));
