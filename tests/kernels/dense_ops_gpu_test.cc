@@ -319,7 +319,7 @@ TEST_F(DenseOpsGpuTest, ConvertF32ToBf16MatchesHostRounding) {
       in[misalign] = std::numeric_limits<float>::quiet_NaN();
       if (count > 4) {
         in[misalign + 1] = std::numeric_limits<float>::infinity();
-        in[misalign + 2] = 3.3961514e38f;  // rounds up to bf16 inf
+        in[misalign + 2] = 3.3961776e38f;  // 0x7f7f8000: halfway to inf, ties up to inf
         in[misalign + 3] = 1.00390625f;    // a tie: rounds to even (1.0)
       }
       std::vector<Bf16> expected(count);
@@ -437,6 +437,71 @@ TEST_F(GemmGpuTest, Bf16RejectsXLargerThanScratch) {
   p.k = 16;
   EXPECT_EQ(runner->Run(p, nullptr), cudaErrorInvalidValue);
   EXPECT_NE(std::string(runner->last_error_detail()), "");
+}
+
+// The ops allocate nothing and synchronize nothing, so a decode step's sequence of them can be
+// captured into a CUDA graph; the replayed graph must match the oracle. The GEMM shapes are
+// first seen inside the capture (the runner's plan cache fills during capture).
+TEST_F(GemmGpuTest, OpsReplayFromCudaGraph) {
+  SCOPED_TRACE(SeedTrace());
+  constexpr int kRows = 3, kDim = 576, kFfn = 1536;
+  cuda::GemmRunner* raw = nullptr;
+  ASSERT_CUDA_OK(cuda::GemmRunner::Create(kRows * kDim, &raw));
+  std::unique_ptr<cuda::GemmRunner> runner(raw);
+  const std::vector<float> x = kt::RandomNormal(kRows * kDim);
+  const std::vector<float> norm_w = kt::RandomF32(kDim, 0.5f, 1.5f);
+  const kt::TypedBuffer w_up = kt::MakeTyped(kt::RandomNormal(size_t{2} * kFfn * kDim, 0.05f),
+                                             DType::kBF16);
+  const std::vector<float> w_down = kt::RandomNormal(size_t{kDim} * kFfn, 0.05f);
+
+  // Oracle: h = norm(x); gu = h . w_up^T (bf16); a = silu_mul(gu); x += a . w_down^T (fp32).
+  std::vector<float> h(x.size()), gu(size_t{kRows} * 2 * kFfn), a(size_t{kRows} * kFfn);
+  std::vector<float> expected = x;
+  ref::RmsNorm({x.data(), norm_w.data(), h.data(), kRows, kDim, 1e-5f});
+  std::vector<float> h_rounded = h;
+  for (auto& v : h_rounded) v = RoundToBf16(v);
+  ref::Gemm({h_rounded.data(), w_up.data(), nullptr, gu.data(), DType::kBF16, kRows, 2 * kFfn,
+             kDim, 0.f});
+  ref::SiluMul({gu.data(), a.data(), kRows, kFfn});
+  ref::Gemm({a.data(), w_down.data(), nullptr, expected.data(), DType::kF32, kRows, kDim, kFfn,
+             1.f});
+
+  DeviceBuffer d_x = Upload(x), d_norm_w = Upload(norm_w), d_w_up = Upload(w_up.bytes),
+               d_w_down = Upload(w_down), d_h(h.size() * 4), d_gu(gu.size() * 4),
+               d_a(a.size() * 4);
+  cudaStream_t stream = nullptr;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  cudaError_t e = cuda::RmsNorm(
+      {d_x.as<float>(), d_norm_w.as<float>(), d_h.as<float>(), kRows, kDim, 1e-5f}, stream);
+  if (e == cudaSuccess) {
+    e = runner->Run({d_h.as<float>(), d_w_up.get(), nullptr, d_gu.as<float>(), DType::kBF16,
+                     kRows, 2 * kFfn, kDim, 0.f},
+                    stream);
+  }
+  if (e == cudaSuccess) {
+    e = cuda::SiluMul({d_gu.as<float>(), d_a.as<float>(), kRows, kFfn}, stream);
+  }
+  if (e == cudaSuccess) {
+    e = runner->Run({d_a.as<float>(), d_w_down.get(), nullptr, d_x.as<float>(), DType::kF32,
+                     kRows, kDim, kFfn, 1.f},
+                    stream);
+  }
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  ASSERT_EQ(e, cudaSuccess) << cudaGetErrorName(e) << " " << runner->last_error_detail();
+  ASSERT_CUDA_OK(end);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  // Nothing ran during capture: x is still the input. One replay applies the step once.
+  EXPECT_EQ(Download<float>(d_x, x.size()), x);
+  ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
+  // The oracle's fp32 GEMM read the rounded-h path's result; compare at the bf16 GEMM bound.
+  ExpectClose(Download<float>(d_x, x.size()), expected, kBf16GemmNmse);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

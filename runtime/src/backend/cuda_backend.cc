@@ -1,0 +1,434 @@
+// The CUDA backend: one device, one non-blocking stream, a cuBLASLt GemmRunner and the
+// decode-attention workspace; every op enqueues a kernels::cuda entry on the stream. Ops never
+// allocate unless a scratch must grow, and never while the stream is being captured into a
+// CUDA graph (they return FAILED_PRECONDITION instead), so a warmed-up decode step is
+// graph-capturable. Debug builds synchronize after every op to pin errors on the op.
+//
+// Without CUDA (-DASYNCTLS_CUDA=OFF) the factories return UNAVAILABLE.
+#include "asynctls/runtime/cuda_backend.h"
+
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "asynctls/runtime/backend.h"
+#include "asynctls/runtime/status.h"
+
+#if ASYNCTLS_HAVE_CUDA
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "asynctls/kernels/cuda_attention.h"
+#include "asynctls/kernels/cuda_ops.h"
+#include "backend/cuda_check.h"
+
+namespace asynctls {
+namespace {
+
+using kernels::DType;
+namespace kc = kernels::cuda;
+
+// fp32 elements staged per chunk when converting a weight to bf16 on the device.
+constexpr size_t kUploadChunkElements = size_t{16} << 20;
+
+struct StreamDeleter {
+  void operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
+};
+struct CudaFreeDeleter {
+  void operator()(void* p) const { cudaFree(p); }
+};
+using UniqueStream = std::unique_ptr<CUstream_st, StreamDeleter>;
+using UniqueCudaMemory = std::unique_ptr<void, CudaFreeDeleter>;
+
+// Status of a kernels::cuda entry's result, naming the op.
+#define ASYNCTLS_CUDA_OP(expr)                                           \
+  do {                                                                   \
+    ASYNCTLS_CUDA_RETURN_IF_ERROR(expr);                                 \
+    ASYNCTLS_RETURN_IF_ERROR(DebugSync(#expr, __FILE__, __LINE__));      \
+  } while (0)
+
+class CudaBackend final : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<Backend>> Create(const CudaBackendOptions& options);
+  ~CudaBackend() override;
+
+  DeviceKind kind() const override { return DeviceKind::kCuda; }
+  std::string Describe() const override {
+    return absl::StrCat("cuda:", options_.device_ordinal, " ", device_name_);
+  }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override;
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
+  absl::Status Fill(void* dst, int byte_value, size_t bytes) override;
+  absl::Status Synchronize() override;
+
+  absl::Status Embedding(const kernels::EmbeddingParams& p) override;
+  absl::Status RmsNorm(const kernels::RmsNormParams& p) override;
+  absl::Status Gemm(const kernels::GemmParams& p) override;
+  absl::Status Rope(const kernels::RopeParams& p) override;
+  absl::Status SiluMul(const kernels::SiluMulParams& p) override;
+  absl::Status KvAppend(const kernels::KvAppendParams& p) override;
+  absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override;
+  absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) override;
+
+  absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
+                                            kernels::DType preferred,
+                                            kernels::DType* stored_dtype) override;
+
+ protected:
+  void Free(void* data) override;
+
+ private:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+
+  absl::Status Activate() const;
+  absl::StatusOr<bool> Capturing() const;
+  absl::Status DebugSync(const char* what, const char* file, int line) const;
+  // Makes the decode workspace at least `bytes` (outside a capture only).
+  absl::Status EnsureDecodeWorkspace(size_t bytes);
+  absl::Status EnsureGemmScratch(int64_t x_elements);
+  absl::Status ReserveDecodeWorkspace();
+
+  CudaBackendOptions options_;
+  std::string device_name_;
+  UniqueStream stream_;
+  std::unique_ptr<kc::GemmRunner> gemm_;
+  int64_t gemm_x_capacity_ = 0;
+  UniqueCudaMemory decode_workspace_;
+  size_t decode_workspace_bytes_ = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOptions& options) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::UnavailableError("no CUDA device is available");
+  }
+  if (options.device_ordinal < 0 || options.device_ordinal >= count) {
+    return absl::UnavailableError(absl::StrCat("CUDA device ", options.device_ordinal,
+                                               " does not exist (", count, " present)"));
+  }
+  if (options.max_gemm_x_elements < 0 || options.max_decode_batch < 0 ||
+      options.max_seq_len < 0) {
+    return absl::InvalidArgumentError("CudaBackendOptions: negative size");
+  }
+  std::unique_ptr<CudaBackend> backend(new CudaBackend(options));
+  ASYNCTLS_RETURN_IF_ERROR(backend->Activate());
+  cudaDeviceProp prop{};
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, options.device_ordinal));
+  backend->device_name_ = prop.name;
+  cudaStream_t stream = nullptr;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  backend->stream_.reset(stream);
+  ASYNCTLS_RETURN_IF_ERROR(backend->EnsureGemmScratch(options.max_gemm_x_elements));
+  ASYNCTLS_RETURN_IF_ERROR(backend->ReserveDecodeWorkspace());
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+CudaBackend::~CudaBackend() {
+  if (Activate().ok() && stream_) cudaStreamSynchronize(stream_.get());
+  gemm_.reset();
+  decode_workspace_.reset();
+  stream_.reset();
+}
+
+absl::Status CudaBackend::Activate() const {
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device_ordinal));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CudaBackend::Capturing() const {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_.get(), &capture));
+  return capture != cudaStreamCaptureStatusNone;
+}
+
+absl::Status CudaBackend::DebugSync(const char* what, const char* file, int line) const {
+#ifndef NDEBUG
+  ASYNCTLS_ASSIGN_OR_RETURN(const bool capturing, Capturing());
+  if (!capturing) {
+    const cudaError_t e = cudaStreamSynchronize(stream_.get());
+    if (e != cudaSuccess) {
+      return cuda_check::ToStatus(e, absl::StrCat("cudaStreamSynchronize after ", what), file,
+                                  line);
+    }
+  }
+#endif
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnsureGemmScratch(int64_t x_elements) {
+  if (gemm_ && x_elements <= gemm_x_capacity_) return absl::OkStatus();
+  if (gemm_) {
+    ASYNCTLS_ASSIGN_OR_RETURN(const bool capturing, Capturing());
+    if (capturing) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "GEMM activations of ", x_elements, " elements exceed the bf16 scratch (",
+          gemm_x_capacity_, ") during a CUDA graph capture; raise max_gemm_x_elements"));
+    }
+    // The old scratch may still be read by enqueued GEMMs.
+    ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+    x_elements = std::max(x_elements, 2 * gemm_x_capacity_);
+  }
+  gemm_.reset();
+  kc::GemmRunner* runner = nullptr;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(kc::GemmRunner::Create(x_elements, &runner));
+  gemm_.reset(runner);
+  gemm_x_capacity_ = x_elements;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnsureDecodeWorkspace(size_t bytes) {
+  if (bytes <= decode_workspace_bytes_) return absl::OkStatus();
+  ASYNCTLS_ASSIGN_OR_RETURN(const bool capturing, Capturing());
+  if (capturing) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "decode attention needs ", bytes, " bytes of workspace (", decode_workspace_bytes_,
+        " reserved) during a CUDA graph capture; reserve more in CudaBackendOptions"));
+  }
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  decode_workspace_.reset();
+  decode_workspace_bytes_ = 0;
+  const size_t grown = std::max(bytes, bytes / 2 * 3);  // headroom against creeping growth
+  void* ptr = nullptr;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaMalloc(&ptr, grown));
+  decode_workspace_.reset(ptr);
+  decode_workspace_bytes_ = grown;
+  return absl::OkStatus();
+}
+
+// The split-K workspace depends on batch, heads and context (fewer sequences get more splits),
+// so the reservation takes the largest need over batch sizes up to the maximum.
+absl::Status CudaBackend::ReserveDecodeWorkspace() {
+  const CudaBackendOptions& o = options_;
+  if (o.max_decode_batch == 0 || o.max_seq_len == 0 || o.num_q_heads == 0 ||
+      o.num_kv_heads == 0 || o.head_dim == 0) {
+    return absl::OkStatus();
+  }
+  kernels::PagedDecodeParams p{};
+  static int32_t dummy = 0;  // the size query checks pointers for null but never reads them
+  p.q = p.k_cache = p.v_cache = p.out = &dummy;
+  p.block_table = p.seq_lens = &dummy;
+  p.num_q_heads = o.num_q_heads;
+  p.num_kv_heads = o.num_kv_heads;
+  p.head_dim = o.head_dim;
+  p.max_seq_len = o.max_seq_len;
+  p.max_blocks_per_seq = (o.max_seq_len + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
+  p.scale = 1.f;
+  size_t need = 0;
+  for (DType io : {DType::kF32, DType::kBF16}) {
+    p.io_dtype = io;
+    for (int batch = 1;; batch = std::min(2 * batch, o.max_decode_batch)) {
+      p.batch = batch;
+      need = std::max(need, kc::PagedDecodeWorkspaceBytes(p));
+      if (batch == o.max_decode_batch) break;
+    }
+  }
+  cudaGetLastError();  // the size query may leave a non-sticky error for unsupported shapes
+  return EnsureDecodeWorkspace(need);
+}
+
+absl::StatusOr<DeviceBuffer> CudaBackend::Allocate(size_t bytes) {
+  if (bytes == 0) return DeviceBuffer(this, nullptr, 0);
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  void* ptr = nullptr;
+  const cudaError_t e = cudaMalloc(&ptr, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_check::ToStatus(e, absl::StrCat("cudaMalloc(", bytes, " bytes)"), __FILE__,
+                                __LINE__);
+  }
+  return DeviceBuffer(this, ptr, bytes);
+}
+
+void CudaBackend::Free(void* data) {
+  if (data == nullptr) return;
+  cudaSetDevice(options_.device_ordinal);
+  cudaFree(data);
+}
+
+absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyToHost(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Fill(void* dst, int byte_value, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(cudaMemsetAsync(dst, byte_value, bytes, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Synchronize() {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Embedding(const kernels::EmbeddingParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::Embedding(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RmsNorm(const kernels::RmsNormParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::RmsNorm(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Gemm(const kernels::GemmParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  if (p.w_dtype == DType::kBF16) {
+    ASYNCTLS_RETURN_IF_ERROR(EnsureGemmScratch(int64_t{p.m} * p.k));
+  }
+  const cudaError_t e = gemm_->Run(p, stream_.get());
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_check::ToStatus(
+        e, absl::StrCat("GemmRunner::Run(m=", p.m, ", n=", p.n, ", k=", p.k, ")"), __FILE__,
+        __LINE__, gemm_->last_error_detail());
+  }
+  return DebugSync("GemmRunner::Run", __FILE__, __LINE__);
+}
+
+absl::Status CudaBackend::Rope(const kernels::RopeParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::Rope(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SiluMul(const kernels::SiluMulParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::SiluMul(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvAppend(const kernels::KvAppendParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::KvAppend(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CheckAttentionShape(int head_dim, DType io_dtype, int num_q_heads,
+                                 int num_kv_heads) {
+  if (num_kv_heads <= 0 || num_q_heads <= 0 || num_q_heads % num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention: ", num_q_heads, " query heads do not group over ", num_kv_heads,
+        " KV heads"));
+  }
+  if (!kc::PagedAttentionCanImplement(head_dim, io_dtype, num_q_heads / num_kv_heads)) {
+    return absl::InvalidArgumentError(absl::StrCat("attention: head_dim ", head_dim, " / dtype ",
+                                                   static_cast<int>(io_dtype), " / group ",
+                                                   num_q_heads / num_kv_heads,
+                                                   " is not supported by the CUDA kernels"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PagedDecodeAttention(const kernels::PagedDecodeParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(
+      CheckAttentionShape(p.head_dim, p.io_dtype, p.num_q_heads, p.num_kv_heads));
+  kernels::PagedDecodeParams q = p;
+  ASYNCTLS_RETURN_IF_ERROR(EnsureDecodeWorkspace(kc::PagedDecodeWorkspaceBytes(q)));
+  q.workspace = decode_workspace_.get();
+  ASYNCTLS_CUDA_OP(kc::PagedDecodeAttention(q, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PagedPrefillAttention(const kernels::PagedPrefillParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(
+      CheckAttentionShape(p.head_dim, p.io_dtype, p.num_q_heads, p.num_kv_heads));
+  ASYNCTLS_CUDA_OP(kc::PagedPrefillAttention(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DeviceBuffer> CudaBackend::UploadWeight(const float* host, size_t count,
+                                                       kernels::DType preferred,
+                                                       kernels::DType* stored_dtype) {
+  if (preferred != DType::kF32 && preferred != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "UploadWeight: the CUDA backend stores weights as fp32 or bf16, not dtype ",
+        static_cast<int>(preferred)));
+  }
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer buffer, Allocate(count * kernels::DTypeSize(preferred)));
+  if (stored_dtype) *stored_dtype = preferred;
+  if (count == 0) return buffer;
+  if (preferred == DType::kF32) {
+    ASYNCTLS_RETURN_IF_ERROR(CopyToDevice(buffer.data(), host, count * sizeof(float)));
+  } else {
+    // Convert on the device through an fp32 staging chunk: the host stays a plain memcpy and
+    // the rounding is the kernels' (identical to the host's FloatToBf16).
+    const size_t chunk = std::min(count, kUploadChunkElements);
+    ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer staging, Allocate(chunk * sizeof(float)));
+    for (size_t begin = 0; begin < count; begin += chunk) {
+      const size_t n = std::min(chunk, count - begin);
+      ASYNCTLS_RETURN_IF_ERROR(CopyToDevice(staging.data(), host + begin, n * sizeof(float)));
+      ASYNCTLS_CUDA_OP(kc::ConvertF32ToBf16(staging.as<float>(),
+                                            buffer.as<kernels::Bf16>() + begin,
+                                            static_cast<int64_t>(n), stream_.get()));
+    }
+    ASYNCTLS_RETURN_IF_ERROR(Synchronize());  // before `staging` is freed
+  }
+  ASYNCTLS_RETURN_IF_ERROR(Synchronize());
+  return buffer;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options) {
+  return CudaBackend::Create(options);
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device_ordinal) {
+  CudaBackendOptions options;
+  options.device_ordinal = device_ordinal;
+  return CudaBackend::Create(options);
+}
+
+bool CudaAvailable() {
+  int count = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  if (!ok) cudaGetLastError();
+  return ok;
+}
+
+}  // namespace asynctls
+
+#else  // !ASYNCTLS_HAVE_CUDA
+
+namespace asynctls {
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions&) {
+  return absl::UnavailableError("this build has no CUDA (configured with -DASYNCTLS_CUDA=OFF)");
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int) {
+  return MakeCudaBackend(CudaBackendOptions{});
+}
+
+bool CudaAvailable() { return false; }
+
+}  // namespace asynctls
+
+#endif  // ASYNCTLS_HAVE_CUDA

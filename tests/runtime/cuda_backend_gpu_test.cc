@@ -1,0 +1,440 @@
+// The CUDA backend through the Backend interface only (no CUDA headers: this file builds in
+// a CPU-only configure too): memory, error codes, and every op against the CPU oracle.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "asynctls/kernels/ref.h"
+#include "asynctls/runtime/backend.h"
+#include "asynctls/runtime/cuda_backend.h"
+
+namespace asynctls {
+namespace {
+
+using kernels::Bf16;
+using kernels::DType;
+using kernels::kKvBlockSize;
+
+constexpr double kF32ElementwiseNmse = 1e-7;
+constexpr double kF32GemmNmse = 1e-7;
+constexpr double kBf16GemmNmse = 1e-5;
+constexpr double kAttentionNmse = 5e-4;
+constexpr double kAttentionMaxAbs = 2e-2;
+
+double Nmse(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
+    den += double{b[i]} * b[i];
+  }
+  return den == 0 ? (num == 0 ? 0 : std::numeric_limits<double>::infinity()) : num / den;
+}
+
+double MaxAbs(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(double{a[i]} - b[i]));
+  return m;
+}
+
+size_t NonFinite(const std::vector<float>& a) {
+  return std::count_if(a.begin(), a.end(), [](float x) { return !std::isfinite(x); });
+}
+
+void ExpectClose(const std::vector<float>& actual, const std::vector<float>& expected,
+                 double nmse) {
+  ASSERT_EQ(actual.size(), expected.size());
+  EXPECT_EQ(NonFinite(actual), 0u);
+  EXPECT_LE(Nmse(actual, expected), nmse) << "max-abs " << MaxAbs(actual, expected);
+}
+
+TEST(CudaBackendAvailabilityTest, UnavailableWithoutCuda) {
+  if (CudaAvailable()) GTEST_SKIP() << "a CUDA device is present";
+  const auto backend = MakeCudaBackend(0);
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable) << backend.status();
+}
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    auto backend = MakeCudaBackend(0);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = *std::move(backend);
+  }
+
+  std::vector<float> Normal(size_t n, float stddev = 1.f) {
+    std::normal_distribution<float> dist(0.f, stddev);
+    std::vector<float> v(n);
+    for (auto& x : v) x = dist(rng_);
+    return v;
+  }
+
+  template <typename T>
+  DeviceBuffer Upload(const std::vector<T>& host) {
+    auto buffer = backend_->Allocate(host.size() * sizeof(T));
+    EXPECT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_TRUE(backend_->CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(T)).ok());
+    return *std::move(buffer);
+  }
+
+  // A device buffer of `count` T filled with 0xff bytes (NaN for fp32 and bf16).
+  template <typename T>
+  DeviceBuffer Poisoned(size_t count) {
+    auto buffer = backend_->Allocate(count * sizeof(T));
+    EXPECT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_TRUE(backend_->Fill(buffer->data(), 0xff, count * sizeof(T)).ok());
+    return *std::move(buffer);
+  }
+
+  template <typename T>
+  std::vector<T> Download(const DeviceBuffer& buffer, size_t count) {
+    std::vector<T> host(count);
+    const absl::Status s = backend_->CopyToHost(host.data(), buffer.data(), count * sizeof(T));
+    EXPECT_TRUE(s.ok()) << s;
+    return host;
+  }
+
+  std::string Seed() const { return "seed " + std::to_string(seed_); }
+
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_F(CudaBackendTest, DescribesItself) {
+  EXPECT_EQ(backend_->kind(), DeviceKind::kCuda);
+  EXPECT_EQ(backend_->Describe().rfind("cuda:0 ", 0), 0u) << backend_->Describe();
+}
+
+TEST_F(CudaBackendTest, MissingDeviceIsUnavailable) {
+  const auto backend = MakeCudaBackend(1 << 20);
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable) << backend.status();
+}
+
+TEST_F(CudaBackendTest, HugeAllocationIsResourceExhaustedAndRecoverable) {
+  const auto huge = backend_->Allocate(size_t{1} << 50);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  EXPECT_NE(huge.status().message().find("cudaMalloc"), absl::string_view::npos);
+  // The failed allocation leaves no error behind for the next op.
+  const std::vector<float> x = Normal(64);
+  DeviceBuffer d = Upload(x);
+  DeviceBuffer w = Upload(std::vector<float>(64, 1.f));
+  DeviceBuffer out = Poisoned<float>(64);
+  ASSERT_TRUE(backend_->RmsNorm({d.as<float>(), w.as<float>(), out.as<float>(), 1, 64, 1e-6f}).ok());
+  EXPECT_EQ(NonFinite(Download<float>(out, 64)), 0u);
+}
+
+TEST_F(CudaBackendTest, CopiesAndFills) {
+  const std::vector<float> x = Normal(1000);
+  DeviceBuffer d = Upload(x);
+  EXPECT_EQ(Download<float>(d, x.size()), x);
+  ASSERT_TRUE(backend_->Fill(d.data(), 0, d.bytes()).ok());
+  EXPECT_EQ(Download<float>(d, x.size()), std::vector<float>(x.size(), 0.f));
+  EXPECT_TRUE(backend_->Allocate(0).ok());
+}
+
+TEST_F(CudaBackendTest, BadShapeIsInvalidArgumentNamingTheOp) {
+  DeviceBuffer q = Poisoned<float>(64), k = Poisoned<float>(64);
+  const absl::Status s = backend_->Rope({q.as<float>(), k.as<float>(), nullptr, nullptr, 1, 1, 1,
+                                         64, /*rotary_dim=*/65, kernels::RopeStyle::kHalf});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("Rope"), absl::string_view::npos) << s;
+  EXPECT_NE(s.message().find("cuda_backend.cc:"), absl::string_view::npos) << s;
+}
+
+TEST_F(CudaBackendTest, UploadWeightStoresRequestedDtype) {
+  SCOPED_TRACE(Seed());
+  // Longer than one 16M-element staging chunk, with an odd tail.
+  const size_t count = (size_t{16} << 20) + 5;
+  std::vector<float> host = Normal(count);
+  host[3] = std::numeric_limits<float>::quiet_NaN();
+  DType stored = DType::kI32;
+  auto bf16 = backend_->UploadWeight(host.data(), count, DType::kBF16, &stored);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ(stored, DType::kBF16);
+  const std::vector<Bf16> got = Download<Bf16>(*bf16, count);
+  size_t mismatches = 0;
+  for (size_t i = 0; i < count; ++i) {
+    mismatches += got[i].bits != kernels::FloatToBf16(host[i]).bits;
+  }
+  EXPECT_EQ(mismatches, 0u);
+
+  auto f32 = backend_->UploadWeight(host.data(), 1000, DType::kF32, &stored);
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  EXPECT_EQ(stored, DType::kF32);
+  const std::vector<float> back = Download<float>(*f32, 1000);
+  EXPECT_EQ(std::memcmp(back.data(), host.data(), 1000 * sizeof(float)), 0);
+
+  EXPECT_EQ(backend_->UploadWeight(host.data(), 10, DType::kI32, &stored).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// One Llama-style layer's dense ops on odd shapes, each compared with the oracle.
+TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
+  SCOPED_TRACE(Seed());
+  constexpr int kVocab = 500, kHidden = 576, kFfn = 1536, kHeads = 9, kKvHeads = 3, kHeadDim = 64;
+  for (int tokens : {1, 17, 97}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << tokens);
+    // Embedding (bf16 table through UploadWeight).
+    const std::vector<float> table = Normal(size_t{kVocab} * kHidden);
+    DType table_dtype;
+    auto d_table = backend_->UploadWeight(table.data(), table.size(), DType::kBF16, &table_dtype);
+    ASSERT_TRUE(d_table.ok()) << d_table.status();
+    std::vector<Bf16> table_bf16(table.size());
+    for (size_t i = 0; i < table.size(); ++i) table_bf16[i] = kernels::FloatToBf16(table[i]);
+    std::vector<int32_t> ids(tokens);
+    for (auto& id : ids) id = static_cast<int32_t>(rng_() % kVocab);
+    std::vector<float> x(size_t(tokens) * kHidden);
+    kernels::ref::Embedding({table_bf16.data(), ids.data(), x.data(), DType::kBF16, tokens,
+                             kHidden, kVocab});
+    DeviceBuffer d_ids = Upload(ids), d_x = Poisoned<float>(x.size());
+    ASSERT_TRUE(backend_->Embedding({d_table->data(), d_ids.as<int32_t>(), d_x.as<float>(),
+                                     table_dtype, tokens, kHidden, kVocab})
+                    .ok());
+    ExpectClose(Download<float>(d_x, x.size()), x, 0.0);
+
+    // RmsNorm.
+    const std::vector<float> norm_w = Normal(kHidden, 0.2f);
+    std::vector<float> h(x.size());
+    kernels::ref::RmsNorm({x.data(), norm_w.data(), h.data(), tokens, kHidden, 1e-5f});
+    DeviceBuffer d_norm_w = Upload(norm_w), d_h = Poisoned<float>(h.size());
+    ASSERT_TRUE(backend_->RmsNorm({d_x.as<float>(), d_norm_w.as<float>(), d_h.as<float>(), tokens,
+                                   kHidden, 1e-5f})
+                    .ok());
+    ExpectClose(Download<float>(d_h, h.size()), h, kF32ElementwiseNmse);
+
+    // fp32 GEMM with bias (qkv projection) and bf16 GEMM with residual accumulate.
+    constexpr int kQkv = (kHeads + 2 * kKvHeads) * kHeadDim;
+    const std::vector<float> w_qkv = Normal(size_t{kQkv} * kHidden, 0.05f);
+    const std::vector<float> bias = Normal(kQkv);
+    DType w_dtype;
+    auto d_wqkv = backend_->UploadWeight(w_qkv.data(), w_qkv.size(), DType::kF32, &w_dtype);
+    ASSERT_TRUE(d_wqkv.ok()) << d_wqkv.status();
+    std::vector<float> qkv(size_t(tokens) * kQkv);
+    kernels::ref::Gemm({h.data(), w_qkv.data(), bias.data(), qkv.data(), DType::kF32, tokens,
+                        kQkv, kHidden, 0.f});
+    DeviceBuffer d_bias = Upload(bias), d_qkv = Poisoned<float>(qkv.size());
+    DeviceBuffer d_h_exact = Upload(h);  // the oracle's input, so only the GEMM is compared
+    absl::Status s = backend_->Gemm({d_h_exact.as<float>(), d_wqkv->data(), d_bias.as<float>(),
+                                     d_qkv.as<float>(), w_dtype, tokens, kQkv, kHidden, 0.f});
+    ASSERT_TRUE(s.ok()) << s;
+    ExpectClose(Download<float>(d_qkv, qkv.size()), qkv, kF32GemmNmse);
+
+    const std::vector<float> w_up = Normal(size_t{2 * kFfn} * kHidden, 0.05f);
+    auto d_wup = backend_->UploadWeight(w_up.data(), w_up.size(), DType::kBF16, &w_dtype);
+    ASSERT_TRUE(d_wup.ok()) << d_wup.status();
+    ASSERT_EQ(w_dtype, DType::kBF16);
+    std::vector<Bf16> w_up_bf16(w_up.size());
+    for (size_t i = 0; i < w_up.size(); ++i) w_up_bf16[i] = kernels::FloatToBf16(w_up[i]);
+    std::vector<float> h_rounded = h;
+    for (auto& v : h_rounded) v = kernels::RoundToBf16(v);
+    std::vector<float> gate_up = Normal(size_t(tokens) * 2 * kFfn);  // residual accumulate
+    DeviceBuffer d_gate_up = Upload(gate_up);
+    kernels::ref::Gemm({h_rounded.data(), w_up_bf16.data(), nullptr, gate_up.data(),
+                        DType::kBF16, tokens, 2 * kFfn, kHidden, 1.f});
+    s = backend_->Gemm({d_h_exact.as<float>(), d_wup->data(), nullptr, d_gate_up.as<float>(),
+                        DType::kBF16, tokens, 2 * kFfn, kHidden, 1.f});
+    ASSERT_TRUE(s.ok()) << s;
+    ExpectClose(Download<float>(d_gate_up, gate_up.size()), gate_up, kBf16GemmNmse);
+
+    // SiluMul.
+    std::vector<float> act(size_t(tokens) * kFfn);
+    kernels::ref::SiluMul({gate_up.data(), act.data(), tokens, kFfn});
+    DeviceBuffer d_gate_up_exact = Upload(gate_up), d_act = Poisoned<float>(act.size());
+    ASSERT_TRUE(
+        backend_->SiluMul({d_gate_up_exact.as<float>(), d_act.as<float>(), tokens, kFfn}).ok());
+    ExpectClose(Download<float>(d_act, act.size()), act, kF32ElementwiseNmse);
+
+    // Rope on separate q / k buffers, half style, partial rotary dim.
+    std::vector<float> q = Normal(size_t(tokens) * kHeads * kHeadDim);
+    std::vector<float> k = Normal(size_t(tokens) * kKvHeads * kHeadDim);
+    std::vector<int32_t> positions(tokens);
+    for (int t = 0; t < tokens; ++t) positions[t] = 5000 + 3 * t;
+    std::vector<float> inv_freq(kHeadDim / 4);
+    for (size_t i = 0; i < inv_freq.size(); ++i) {
+      inv_freq[i] = static_cast<float>(std::pow(100000.0, -2.0 * i / (kHeadDim / 2)));
+    }
+    DeviceBuffer d_q = Upload(q), d_k = Upload(k), d_pos = Upload(positions),
+                 d_inv = Upload(inv_freq);
+    kernels::ref::Rope({q.data(), k.data(), positions.data(), inv_freq.data(), tokens, kHeads,
+                        kKvHeads, kHeadDim, kHeadDim / 2, kernels::RopeStyle::kHalf});
+    ASSERT_TRUE(backend_->Rope({d_q.as<float>(), d_k.as<float>(), d_pos.as<int32_t>(),
+                                d_inv.as<float>(), tokens, kHeads, kKvHeads, kHeadDim,
+                                kHeadDim / 2, kernels::RopeStyle::kHalf})
+                    .ok());
+    ExpectClose(Download<float>(d_q, q.size()), q, kF32ElementwiseNmse);
+    ExpectClose(Download<float>(d_k, k.size()), k, kF32ElementwiseNmse);
+  }
+}
+
+// A paged KV cache filled through KvAppend (strided rows of a fused qkv buffer, shuffled
+// blocks), then decode and prefill attention against the oracle. The backend starts with no
+// decode workspace reserved, so the first decode grows it, and a longer context grows it again.
+TEST_F(CudaBackendTest, KvAppendAndAttentionMatchOracle) {
+  SCOPED_TRACE(Seed());
+  constexpr int kHeads = 9, kKvHeads = 3, kHeadDim = 64;
+  constexpr int kQkvRow = (kHeads + 2 * kKvHeads) * kHeadDim;
+  for (const std::vector<int32_t>& seq_lens :
+       {std::vector<int32_t>{1, 77}, std::vector<int32_t>{1000, 5, 4097}}) {
+    const int batch = static_cast<int>(seq_lens.size());
+    int max_blocks = 0, total_blocks = 0, total_tokens = 0, max_len = 0;
+    for (int32_t len : seq_lens) {
+      const int blocks = (len + kKvBlockSize - 1) / kKvBlockSize;
+      max_blocks = std::max(max_blocks, blocks);
+      total_blocks += blocks;
+      total_tokens += len;
+      max_len = std::max(max_len, len);
+    }
+    const int num_blocks = total_blocks + 2;
+    std::vector<int32_t> ids(num_blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng_);
+    std::vector<int32_t> block_table(size_t(batch) * max_blocks, 0), slots;
+    int next = 0;
+    for (int b = 0; b < batch; ++b) {
+      for (int j = 0; j * kKvBlockSize < seq_lens[b]; ++j) {
+        block_table[size_t(b) * max_blocks + j] = ids[next++];
+      }
+      for (int t = 0; t < seq_lens[b]; ++t) {
+        slots.push_back(block_table[size_t(b) * max_blocks + t / kKvBlockSize] * kKvBlockSize +
+                        t % kKvBlockSize);
+      }
+    }
+    // All tokens' K/V in one fused qkv buffer: [tokens, q | k | v].
+    const std::vector<float> qkv = Normal(size_t(total_tokens) * kQkvRow);
+    const size_t pool = size_t(num_blocks) * kKvHeads * kKvBlockSize * kHeadDim;
+    // Unused slots hold the same NaN bytes as the poisoned device pools.
+    std::vector<Bf16> k_cache(pool, Bf16{0xffff}), v_cache(pool, Bf16{0xffff});
+    kernels::ref::KvAppend({qkv.data() + kHeads * kHeadDim,
+                            qkv.data() + (kHeads + kKvHeads) * kHeadDim, slots.data(),
+                            k_cache.data(), v_cache.data(), total_tokens, kKvHeads, kHeadDim,
+                            kQkvRow, kQkvRow});
+    DeviceBuffer d_qkv = Upload(qkv), d_slots = Upload(slots), d_kc = Poisoned<Bf16>(pool),
+                 d_vc = Poisoned<Bf16>(pool);
+    ASSERT_TRUE(backend_->KvAppend({d_qkv.as<float>() + kHeads * kHeadDim,
+                                    d_qkv.as<float>() + (kHeads + kKvHeads) * kHeadDim,
+                                    d_slots.as<int32_t>(), d_kc.data(), d_vc.data(),
+                                    total_tokens, kKvHeads, kHeadDim, kQkvRow, kQkvRow})
+                    .ok());
+    const std::vector<Bf16> got_k = Download<Bf16>(d_kc, pool);
+    const std::vector<Bf16> got_v = Download<Bf16>(d_vc, pool);
+    EXPECT_EQ(std::memcmp(got_k.data(), k_cache.data(), pool * sizeof(Bf16)), 0);
+    EXPECT_EQ(std::memcmp(got_v.data(), v_cache.data(), pool * sizeof(Bf16)), 0);
+
+    DeviceBuffer d_table = Upload(block_table), d_lens = Upload(seq_lens);
+
+    // Decode: one query per sequence.
+    const std::vector<float> q = Normal(size_t(batch) * kHeads * kHeadDim);
+    std::vector<float> out(q.size()), lse(size_t(batch) * kHeads);
+    kernels::PagedDecodeParams p{};
+    p.q = q.data();
+    p.k_cache = k_cache.data();
+    p.v_cache = v_cache.data();
+    p.block_table = block_table.data();
+    p.seq_lens = seq_lens.data();
+    p.out = out.data();
+    p.maybe_lse = lse.data();
+    p.io_dtype = DType::kF32;
+    p.batch = batch;
+    p.num_q_heads = kHeads;
+    p.num_kv_heads = kKvHeads;
+    p.head_dim = kHeadDim;
+    p.max_blocks_per_seq = max_blocks;
+    p.max_seq_len = max_len;
+    p.scale = 1.f / std::sqrt(float{kHeadDim});
+    kernels::ref::PagedDecodeAttention(p);
+    DeviceBuffer d_q = Upload(q), d_out = Poisoned<float>(out.size()),
+                 d_lse = Poisoned<float>(lse.size());
+    kernels::PagedDecodeParams dp = p;
+    dp.q = d_q.data();
+    dp.k_cache = d_kc.data();
+    dp.v_cache = d_vc.data();
+    dp.block_table = d_table.as<int32_t>();
+    dp.seq_lens = d_lens.as<int32_t>();
+    dp.out = d_out.data();
+    dp.maybe_lse = d_lse.as<float>();
+    absl::Status s = backend_->PagedDecodeAttention(dp);
+    ASSERT_TRUE(s.ok()) << s;
+    const std::vector<float> got = Download<float>(d_out, out.size());
+    ExpectClose(got, out, kAttentionNmse);
+    EXPECT_LE(MaxAbs(got, out), kAttentionMaxAbs);
+    ExpectClose(Download<float>(d_lse, lse.size()), lse, 1e-6);
+
+    // Prefill: the last 17 (or fewer) positions of each sequence.
+    std::vector<int32_t> cu(batch + 1, 0);
+    int max_q = 0;
+    for (int b = 0; b < batch; ++b) {
+      const int q_len = std::min(17, seq_lens[b]);
+      cu[b + 1] = cu[b] + q_len;
+      max_q = std::max(max_q, q_len);
+    }
+    const std::vector<float> pq = Normal(size_t(cu[batch]) * kHeads * kHeadDim);
+    std::vector<float> pout(pq.size());
+    kernels::PagedPrefillParams pp{};
+    pp.q = pq.data();
+    pp.cu_q_lens = cu.data();
+    pp.k_cache = k_cache.data();
+    pp.v_cache = v_cache.data();
+    pp.block_table = block_table.data();
+    pp.seq_lens = seq_lens.data();
+    pp.out = pout.data();
+    pp.io_dtype = DType::kF32;
+    pp.batch = batch;
+    pp.num_tokens = cu[batch];
+    pp.num_q_heads = kHeads;
+    pp.num_kv_heads = kKvHeads;
+    pp.head_dim = kHeadDim;
+    pp.max_blocks_per_seq = max_blocks;
+    pp.max_q_len = max_q;
+    pp.scale = p.scale;
+    kernels::ref::PagedPrefillAttention(pp);
+    DeviceBuffer d_pq = Upload(pq), d_cu = Upload(cu), d_pout = Poisoned<float>(pout.size());
+    kernels::PagedPrefillParams dpp = pp;
+    dpp.q = d_pq.data();
+    dpp.cu_q_lens = d_cu.as<int32_t>();
+    dpp.k_cache = d_kc.data();
+    dpp.v_cache = d_vc.data();
+    dpp.block_table = d_table.as<int32_t>();
+    dpp.seq_lens = d_lens.as<int32_t>();
+    dpp.out = d_pout.data();
+    s = backend_->PagedPrefillAttention(dpp);
+    ASSERT_TRUE(s.ok()) << s;
+    const std::vector<float> pgot = Download<float>(d_pout, pout.size());
+    ExpectClose(pgot, pout, kAttentionNmse);
+    EXPECT_LE(MaxAbs(pgot, pout), kAttentionMaxAbs);
+  }
+}
+
+TEST_F(CudaBackendTest, UnsupportedAttentionShapeIsInvalidArgument) {
+  kernels::PagedDecodeParams p{};
+  p.num_q_heads = 9;
+  p.num_kv_heads = 2;  // 9 heads do not group over 2
+  p.head_dim = 64;
+  EXPECT_EQ(backend_->PagedDecodeAttention(p).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaBackendTest, ReservesDecodeWorkspaceFromOptions) {
+  CudaBackendOptions options;
+  options.max_decode_batch = 64;
+  options.max_seq_len = 32768;
+  options.num_q_heads = 32;
+  options.num_kv_heads = 8;
+  options.head_dim = 128;
+  auto backend = MakeCudaBackend(options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_EQ((*backend)->kind(), DeviceKind::kCuda);
+}
+
+}  // namespace
+}  // namespace asynctls
