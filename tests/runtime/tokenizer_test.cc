@@ -9,12 +9,11 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "asynctls/runtime/weights.h"
 #include "runtime/weights_test_util.h"
@@ -36,7 +35,8 @@ json ReadJson(const std::string& path) {
 
 std::vector<ChatMessage> Messages(const json& messages) {
   std::vector<ChatMessage> out;
-  for (const json& m : messages) out.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+  for (const json& m : messages)
+    out.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
   return out;
 }
 
@@ -101,7 +101,7 @@ TEST(Utf8Test, ValidAndInvalid) {
   EXPECT_FALSE(IsValidUtf8("\xF4\x90\x80\x80"));  // U+110000
   EXPECT_FALSE(IsValidUtf8("\xF5\x80\x80\x80"));
   EXPECT_FALSE(IsValidUtf8("\xFF"));
-  EXPECT_FALSE(IsValidUtf8("\xC3\x28"));          // lead followed by ASCII
+  EXPECT_FALSE(IsValidUtf8("\xC3\x28"));  // lead followed by ASCII
   EXPECT_FALSE(IsValidUtf8("\xE6\x97\x28"));
 }
 
@@ -119,8 +119,8 @@ TEST(Utf8Test, CompletePrefix) {
   // Bytes that can never complete a character are not held back.
   EXPECT_EQ(Utf8CompletePrefix("x\x80"), 2u);
   EXPECT_EQ(Utf8CompletePrefix("x\xFF"), 2u);
-  EXPECT_EQ(Utf8CompletePrefix("x\xED\xA0"), 3u);      // would be a surrogate
-  EXPECT_EQ(Utf8CompletePrefix("x\xE0\x80"), 3u);      // would be overlong
+  EXPECT_EQ(Utf8CompletePrefix("x\xED\xA0"), 3u);  // would be a surrogate
+  EXPECT_EQ(Utf8CompletePrefix("x\xE0\x80"), 3u);  // would be overlong
   EXPECT_EQ(Utf8CompletePrefix("x\x80\x80\x80\x80"), 5u);
 }
 

@@ -44,10 +44,14 @@ int ParseByteToken(std::string_view text) {
   int value = 0;
   for (char c : text.substr(3, 2)) {
     value <<= 4;
-    if (c >= '0' && c <= '9') value |= c - '0';
-    else if (c >= 'A' && c <= 'F') value |= c - 'A' + 10;
-    else if (c >= 'a' && c <= 'f') value |= c - 'a' + 10;
-    else return -1;
+    if (c >= '0' && c <= '9')
+      value |= c - '0';
+    else if (c >= 'A' && c <= 'F')
+      value |= c - 'A' + 10;
+    else if (c >= 'a' && c <= 'f')
+      value |= c - 'a' + 10;
+    else
+      return -1;
   }
   return value;
 }
@@ -99,7 +103,7 @@ class BpeTokenizer final : public Tokenizer {
   BpeVocab vocab_;
   absl::flat_hash_map<std::string, int32_t> text_to_id_;
   absl::flat_hash_map<uint64_t, Merge> merges_;
-  std::array<int32_t, 256> byte_ids_{};  // token of each single byte (-1 if missing)
+  std::array<int32_t, 256> byte_ids_{};   // token of each single byte (-1 if missing)
   std::vector<std::string> token_bytes_;  // decoded bytes of every token
   std::vector<SpecialToken> specials_;    // longest first
   std::array<bool, 256> special_first_byte_{};
@@ -126,7 +130,8 @@ absl::Status BpeTokenizer::Init() {
                                                    vocab_.token_types.size(), " token types"));
   }
   for (auto [name, id] : {std::pair<const char*, int32_t>{"bos", vocab_.bos_id},
-                          {"eos", vocab_.eos_id}, {"unknown", vocab_.unk_id}}) {
+                          {"eos", vocab_.eos_id},
+                          {"unknown", vocab_.unk_id}}) {
     if (id < -1 || id >= n) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer ", name, " token id ", id, " is outside the vocabulary of ", n));
@@ -169,10 +174,9 @@ absl::Status BpeTokenizer::Init() {
       }
     }
   }
-  std::stable_sort(specials_.begin(), specials_.end(),
-                   [](const SpecialToken& a, const SpecialToken& b) {
-                     return a.text.size() > b.text.size();
-                   });
+  std::stable_sort(
+      specials_.begin(), specials_.end(),
+      [](const SpecialToken& a, const SpecialToken& b) { return a.text.size() > b.text.size(); });
   for (const SpecialToken& special : specials_) {
     special_first_byte_[static_cast<unsigned char>(special.text[0])] = true;
   }
@@ -202,11 +206,11 @@ absl::Status BpeTokenizer::Init() {
       continue;
     }
     // The first (best ranked) rule for a pair wins, as a rank lookup would.
-    merges_.emplace(PairKey(l->second, r->second),
-                    Merge{static_cast<int32_t>(rank), m->second});
+    merges_.emplace(PairKey(l->second, r->second), Merge{static_cast<int32_t>(rank), m->second});
   }
   if (skipped > 0) {
-    ASYNCTLS_LOG_WARN("tokenizer: skipped ", skipped, " merges naming tokens not in the vocabulary");
+    ASYNCTLS_LOG_WARN("tokenizer: skipped ", skipped,
+                      " merges naming tokens not in the vocabulary");
   }
   vocab_.merges.clear();
   vocab_.merges.shrink_to_fit();
@@ -249,7 +253,8 @@ absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text,
   size_t fragment_start = 0;
   size_t pos = 0;
   while (pos < text.size()) {
-    const SpecialToken* special = specials_.empty() ? nullptr : MatchSpecial(text, pos, parse_special);
+    const SpecialToken* special =
+        specials_.empty() ? nullptr : MatchSpecial(text, pos, parse_special);
     if (special == nullptr) {
       ++pos;
       continue;

@@ -21,7 +21,7 @@ enum TokenType : int32_t {
   kTokenControl = 3,      // special: matched in text only when parse_special
   kTokenUserDefined = 4,  // added token: always matched in text, stored as raw text
   kTokenUnused = 5,
-  kTokenByte = 6,         // "<0xAB>"
+  kTokenByte = 6,  // "<0xAB>"
 };
 
 struct BpeVocab {

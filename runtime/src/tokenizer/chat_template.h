@@ -23,9 +23,7 @@ class ChatMlTemplate {
   // `add_generation_prompt`.
   std::string Render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const;
 
-  const std::optional<std::string>& default_system_prompt() const {
-    return default_system_prompt_;
-  }
+  const std::optional<std::string>& default_system_prompt() const { return default_system_prompt_; }
 
  private:
   std::optional<std::string> default_system_prompt_;

@@ -30,14 +30,22 @@ struct PreFamily {
 // digit out on its own (`\p{N}`), then run the GPT-2 regex on each piece.
 const std::vector<PreFamily>& PreFamilies() {
   static const auto* families = new std::vector<PreFamily>{
-      {"default", {kGpt2Pattern}, false},      {"gpt2", {kGpt2Pattern}, false},
-      {"gpt-2", {kGpt2Pattern}, false},        {"phi-2", {kGpt2Pattern}, false},
-      {"mpt", {kGpt2Pattern}, false},          {"olmo", {kGpt2Pattern}, false},
-      {"llama-bpe", {kLlama3Pattern}, true},   {"llama3", {kLlama3Pattern}, true},
-      {"llama-v3", {kLlama3Pattern}, true},    {"falcon3", {kLlama3Pattern}, true},
-      {"smaug-bpe", {kLlama3Pattern}, false},  {"dbrx", {kLlama3Pattern}, false},
-      {"qwen2", {kQwen2Pattern}, false},       {"deepseek-r1-qwen", {kQwen2Pattern}, false},
-      {"stablelm2", {kQwen2Pattern}, false},   {"smollm", {R"(\p{N})", kGpt2Pattern}, false},
+      {"default", {kGpt2Pattern}, false},
+      {"gpt2", {kGpt2Pattern}, false},
+      {"gpt-2", {kGpt2Pattern}, false},
+      {"phi-2", {kGpt2Pattern}, false},
+      {"mpt", {kGpt2Pattern}, false},
+      {"olmo", {kGpt2Pattern}, false},
+      {"llama-bpe", {kLlama3Pattern}, true},
+      {"llama3", {kLlama3Pattern}, true},
+      {"llama-v3", {kLlama3Pattern}, true},
+      {"falcon3", {kLlama3Pattern}, true},
+      {"smaug-bpe", {kLlama3Pattern}, false},
+      {"dbrx", {kLlama3Pattern}, false},
+      {"qwen2", {kQwen2Pattern}, false},
+      {"deepseek-r1-qwen", {kQwen2Pattern}, false},
+      {"stablelm2", {kQwen2Pattern}, false},
+      {"smollm", {R"(\p{N})", kGpt2Pattern}, false},
       {"starcoder", {R"(\p{N})", kGpt2Pattern}, false},
       {"refact", {R"(\p{N})", kGpt2Pattern}, false},
       {"command-r", {R"(\p{N})", kGpt2Pattern}, false},
@@ -58,16 +66,15 @@ absl::StatusOr<PreTokenizer> PreTokenizer::ForGgufPre(std::string_view pre, bool
     *ignore_merges = family.ignore_merges;
     return result;
   }
-  return absl::UnimplementedError(
-      absl::StrCat("tokenizer.ggml.pre = \"", std::string(pre), "\" is not a pre-tokenizer this runtime knows"));
+  return absl::UnimplementedError(absl::StrCat("tokenizer.ggml.pre = \"", std::string(pre),
+                                               "\" is not a pre-tokenizer this runtime knows"));
 }
 
 absl::Status PreTokenizer::AddStep(std::string_view pattern, SplitBehavior behavior, bool invert) {
   int error_code = 0;
   PCRE2_SIZE error_offset = 0;
-  pcre2_code* code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                    PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset, nullptr);
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                   PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset, nullptr);
   if (code == nullptr) {
     std::array<PCRE2_UCHAR, 256> message{};
     pcre2_get_error_message(error_code, message.data(), message.size());
@@ -98,8 +105,8 @@ void FindSpans(const pcre2_code* code, pcre2_match_data* data, std::string_view 
   size_t start = 0;
   size_t last_end = 0;
   while (start < text.size()) {
-    const int rc = pcre2_match(code, subject, text.size(), start, PCRE2_NO_UTF_CHECK, data,
-                               nullptr);
+    const int rc =
+        pcre2_match(code, subject, text.size(), start, PCRE2_NO_UTF_CHECK, data, nullptr);
     if (rc < 0) break;  // PCRE2_ERROR_NOMATCH, or a resource limit: keep the rest unmatched
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data);
     const size_t begin = ovector[0];

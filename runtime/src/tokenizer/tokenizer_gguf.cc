@@ -15,8 +15,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const WeightFile&
     return absl::NotFoundError("weight file has no tokenizer (tokenizer.ggml.model missing)");
   }
   if (*model != "gpt2") {
-    return absl::UnimplementedError(absl::StrCat("tokenizer.ggml.model = \"", *model,
-                                                 "\": only byte-level BPE (\"gpt2\") is supported"));
+    return absl::UnimplementedError(absl::StrCat(
+        "tokenizer.ggml.model = \"", *model, "\": only byte-level BPE (\"gpt2\") is supported"));
   }
   BpeVocab vocab;
   std::optional<std::vector<std::string>> tokens = file.MetaStringArray("tokenizer.ggml.tokens");
@@ -27,9 +27,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const WeightFile&
 
   if (std::optional<std::vector<int64_t>> types = file.MetaIntArray("tokenizer.ggml.token_type")) {
     if (types->size() != vocab.tokens.size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokenizer.ggml.token_type has ", types->size(), " entries for ",
-                       vocab.tokens.size(), " tokens"));
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer.ggml.token_type has ",
+                                                     types->size(), " entries for ",
+                                                     vocab.tokens.size(), " tokens"));
     }
     vocab.token_types.assign(types->begin(), types->end());
   }
@@ -71,8 +71,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const WeightFile&
     if (id >= 0) vocab.extra_stop_ids.push_back(id);
   }
   // Absent means no BOS, as byte-level BPE models (GPT-2, Qwen2, SmolLM) are trained.
-  vocab.add_bos = file.MetaInt("tokenizer.ggml.add_bos_token").value_or(0) != 0 &&
-                  vocab.bos_id >= 0;
+  vocab.add_bos =
+      file.MetaInt("tokenizer.ggml.add_bos_token").value_or(0) != 0 && vocab.bos_id >= 0;
   vocab.chat_template = file.MetaString("tokenizer.chat_template").value_or("");
   return tokenizer_internal::NewBpeTokenizer(std::move(vocab));
 }

@@ -2,9 +2,8 @@
 // plus tokenizer_config.json / generation_config.json from the same folder when present.
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "asynctls/runtime/logging.h"
@@ -149,11 +148,11 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfJsonImpl(const std::string& tok
 
   const json& model = root.value("model", json::object());
   if (model.value("type", "BPE") != "BPE") {
-    return absl::UnimplementedError(absl::StrCat(where, ": model type \"",
-                                                 model.value("type", ""), "\" is not BPE"));
+    return absl::UnimplementedError(
+        absl::StrCat(where, ": model type \"", model.value("type", ""), "\" is not BPE"));
   }
-  if (model.value("byte_fallback", false) || !model.value("continuing_subword_prefix", json())
-                                                   .is_null()) {
+  if (model.value("byte_fallback", false) ||
+      !model.value("continuing_subword_prefix", json()).is_null()) {
     return absl::UnimplementedError(
         absl::StrCat(where, ": byte_fallback / continuing_subword_prefix BPE is not supported"));
   }
@@ -178,8 +177,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfJsonImpl(const std::string& tok
   };
   for (const auto& [text, id] : model["vocab"].items()) {
     if (!id.is_number_integer()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": vocab entry \"", text,
-                                                     "\" has no integer id"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": vocab entry \"", text, "\" has no integer id"));
     }
     ASYNCTLS_RETURN_IF_ERROR(place(text, id.get<int64_t>(), tokenizer_internal::kTokenNormal));
   }
@@ -215,8 +214,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfJsonImpl(const std::string& tok
   }
 
   ASYNCTLS_RETURN_IF_ERROR(CheckNormalizer(root.value("normalizer", json())));
-  absl::Status pre_status = AddPreTokenizer(root.value("pre_tokenizer", json()),
-                                            &vocab.pre_tokenizer);
+  absl::Status pre_status =
+      AddPreTokenizer(root.value("pre_tokenizer", json()), &vocab.pre_tokenizer);
   if (!pre_status.ok()) {
     return absl::Status(pre_status.code(), absl::StrCat(where, ": ", pre_status.message()));
   }

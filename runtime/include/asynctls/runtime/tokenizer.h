@@ -24,14 +24,23 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
 
+  // From tokenizer.ggml.* metadata (model "gpt2"; pre "default"/"gpt2", "llama-bpe"/"llama3",
+  // "qwen2", "smollm" and a few aliases). NOT_FOUND when the file has no tokenizer,
+  // UNIMPLEMENTED for another model or pre-tokenizer, INVALID_ARGUMENT for bad metadata.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const WeightFile& file);
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfJson(const std::string& tokenizer_json_path);
+  // From a Hugging Face tokenizer.json (or the folder holding it) with a byte-level BPE model;
+  // tokenizer_config.json / generation_config.json beside it supply bos/eos, add_bos_token,
+  // the chat template and extra stop ids. An NFC normalizer is accepted but not applied.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfJson(
+      const std::string& tokenizer_json_path);
 
   // Special tokens written in the text (e.g. "<|im_start|>") become their ids when
-  // `parse_special` is true. INVALID_ARGUMENT for text that is not valid UTF-8.
+  // `parse_special` is true; user-defined (non-special added) tokens always do. Never adds BOS:
+  // callers prepend bos_id() when add_bos(). INVALID_ARGUMENT for text that is not valid UTF-8.
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                                       bool parse_special = true) const = 0;
   // Raw bytes of the tokens (may end inside a UTF-8 character; see Utf8CompletePrefix).
+  // Special tokens decode to their text; ids outside the vocabulary to nothing.
   virtual std::string Decode(const std::vector<int32_t>& ids) const = 0;
   virtual std::string TokenBytes(int32_t id) const = 0;
 
