@@ -6,7 +6,9 @@ function(asynctls_test name)
   if(NOT T_TIMEOUT)
     set(T_TIMEOUT 600)
   endif()
-  gtest_discover_tests(${name} PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT}
+  # CTest names are "<binary>.<Suite>.<Test>", so `ctest -R <binary>` selects one file's tests.
+  gtest_discover_tests(${name} TEST_PREFIX "${name}."
+                       PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT}
                        DISCOVERY_TIMEOUT 60)
 endfunction()
 

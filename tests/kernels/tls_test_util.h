@@ -165,3 +165,36 @@ inline TlsDecodeSelectParams MakeDecodeSelectParams(const TlsCase& c, const TlsP
 }
 
 }  // namespace asynctls::kernels::testing
+
+#if ASYNCTLS_HAVE_CUDA
+namespace asynctls::kernels::testing {
+
+// Device copies of a TlsCase (index pools included, as built by the reference).
+struct DeviceTlsCase {
+  DeviceBuffer k, v, block_table, index_table, seq_lens, kmax, kmin, channels, codes, scales, q;
+
+  cudaError_t Upload(const TlsCase& c) {
+    cudaError_t e;
+    if ((e = k.Upload(c.kv.k)) != cudaSuccess) return e;
+    if ((e = v.Upload(c.kv.v)) != cudaSuccess) return e;
+    if ((e = block_table.Upload(c.kv.block_table)) != cudaSuccess) return e;
+    if ((e = index_table.Upload(c.index_table)) != cudaSuccess) return e;
+    if ((e = seq_lens.Upload(c.kv.seq_lens)) != cudaSuccess) return e;
+    if ((e = kmax.Upload(c.kmax)) != cudaSuccess) return e;
+    if ((e = kmin.Upload(c.kmin)) != cudaSuccess) return e;
+    if ((e = channels.Upload(c.channels)) != cudaSuccess) return e;
+    if ((e = codes.Upload(c.codes)) != cudaSuccess) return e;
+    if ((e = scales.Upload(c.scales)) != cudaSuccess) return e;
+    return q.Upload(c.q.bytes);
+  }
+};
+
+template <typename T>
+std::vector<T> Download(const DeviceBuffer& d, size_t count) {
+  std::vector<T> out(count);
+  if (count) d.Download(out.data(), count * sizeof(T));
+  return out;
+}
+
+}  // namespace asynctls::kernels::testing
+#endif  // ASYNCTLS_HAVE_CUDA

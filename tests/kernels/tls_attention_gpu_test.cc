@@ -1,0 +1,130 @@
+// GPU compare tests of the TLS sparse attention against the CPU reference: position lists from
+// the reference selection (TLS budgets) and dense lists long enough to use split-K; GQA group
+// sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K) with G = 16 and 32.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "kernels/tls_test_util.h"
+
+#if ASYNCTLS_HAVE_CUDA
+#include "asynctls/kernels/cuda_tls.h"
+
+namespace asynctls::kernels {
+namespace {
+
+using testing::DeviceBuffer;
+using testing::Download;
+
+#define ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(expr)
+
+struct AttnShape {
+  std::vector<int32_t> lens;
+  int nq, nkv, dim;
+  bool mla;
+};
+
+void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
+  SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv << " dtype "
+                                  << int(dtype) << " mode " << int(mode));
+  const int nc = s.mla ? 128 : 32;
+  const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, nc, dtype, s.mla);
+  testing::TlsSelectBuffers buf;
+  const TlsPolicy pol = testing::MakePolicy(mode, TlsLag::kSameStep, 32, 1024, 1, 64);
+  ref::TlsDecodeSelect(testing::MakeDecodeSelectParams(c, pol, buf));
+
+  const int v_dim = c.v_head_dim;
+  const size_t out_elems = size_t(c.batch) * c.num_q_heads * v_dim;
+  std::vector<uint8_t> out(out_elems * DTypeSize(dtype));
+  std::vector<float> lse(size_t(c.batch) * c.num_q_heads);
+  TlsSparseAttentionParams p{};
+  p.q = c.q.data();
+  p.k_cache = c.kv.k.data();
+  p.v_cache = s.mla ? c.kv.k.data() : c.kv.v.data();
+  p.block_table = c.kv.block_table.data();
+  p.positions = buf.positions.data();
+  p.num_positions = buf.num_positions.data();
+  p.out = out.data();
+  p.maybe_lse = lse.data();
+  p.io_dtype = dtype;
+  p.batch = c.batch;
+  p.num_q_heads = c.num_q_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.v_head_dim = v_dim;
+  p.max_blocks_per_seq = c.max_blocks_per_seq();
+  p.max_positions = buf.max_positions;
+  p.scale = 1.f / std::sqrt(float(c.head_dim));
+  ref::TlsSparseAttention(p);
+  const auto want = testing::ReadTyped(out.data(), dtype, out_elems);
+
+  testing::DeviceTlsCase d;
+  ASSERT_CUDA(d.Upload(c));
+  DeviceBuffer dpos, dnum, dout(out.size()), dlse(lse.size() * 4);
+  ASSERT_CUDA(dpos.Upload(buf.positions));
+  ASSERT_CUDA(dnum.Upload(buf.num_positions));
+  ASSERT_CUDA(dout.Poison());
+  ASSERT_CUDA(dlse.Poison());
+  TlsSparseAttentionParams g = p;
+  g.q = d.q.get();
+  g.k_cache = d.k.get();
+  g.v_cache = s.mla ? d.k.get() : d.v.get();
+  g.block_table = d.block_table.as<int32_t>();
+  g.positions = dpos.as<int32_t>();
+  g.num_positions = dnum.as<int32_t>();
+  g.out = dout.get();
+  g.maybe_lse = dlse.as<float>();
+  DeviceBuffer ws(std::max<size_t>(1, cuda::TlsSparseAttentionWorkspaceBytes(g)));
+  g.workspace = ws.get();
+  ASSERT_TRUE(cuda::TlsSparseAttentionCanImplement(g.head_dim, g.v_head_dim, s.nq / s.nkv, dtype));
+  ASSERT_CUDA(cuda::TlsSparseAttention(g, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<uint8_t> gout(out.size());
+  ASSERT_CUDA(dout.Download(gout.data(), gout.size()));
+  const auto got = testing::ReadTyped(gout.data(), dtype, out_elems);
+  const auto glse = Download<float>(dlse, lse.size());
+  EXPECT_EQ(testing::CountNonFinite(got), 0u);
+  EXPECT_EQ(testing::CountNonFinite(glse), 0u);
+  const testing::Tolerance tol =
+      dtype == DType::kBF16 ? testing::kBf16AttentionTol : testing::Tolerance{1e-9, 1e-4};
+  EXPECT_LE(testing::Nmse(got, want), tol.nmse);
+  EXPECT_LE(testing::MaxAbsDiff(got, want), tol.max_abs);
+  EXPECT_LE(testing::MaxAbsDiff(glse, lse), 1e-3);
+}
+
+TEST(TlsSparseAttentionGpuTest, GqaMatchesReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(301);
+  const std::vector<AttnShape> shapes = {
+      {{1, 17, 97, 3000}, 9, 3, 64, false},   // G = 3
+      {{2200, 65}, 4, 4, 64, false},          // G = 1
+      {{4100, 333}, 32, 8, 128, false},       // G = 4
+      {{1500}, 8, 1, 128, false},             // G = 8
+      {{700}, 12, 1, 128, false},             // G = 12: two head chunks
+  };
+  for (const AttnShape& s : shapes) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kDense}) RunCompare(s, dtype, mode);
+    }
+  }
+}
+
+TEST(TlsSparseAttentionGpuTest, MlaMatchesReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(302);
+  const std::vector<AttnShape> shapes = {
+      {{2100, 90}, 16, 1, 576, true},
+      {{1300}, 32, 1, 576, true},
+      {{200}, 20, 1, 576, true},  // GLM-4.7-Flash head count: a partial head chunk
+  };
+  for (const AttnShape& s : shapes) {
+    for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kDense}) RunCompare(s, DType::kBF16, mode);
+  }
+}
+
+}  // namespace
+}  // namespace asynctls::kernels
+
+#else
+TEST(TlsSparseAttentionGpuTest, NoCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
+#endif  // ASYNCTLS_HAVE_CUDA

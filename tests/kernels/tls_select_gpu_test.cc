@@ -1,0 +1,250 @@
+// GPU compare tests of the TLS selection ops: scores bit-identical to the CPU reference and
+// selected sets exactly equal, for every mode and both lag variants, GQA and MLA shapes.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "asynctls/kernels/tls_math.h"
+#include "kernels/tls_test_util.h"
+
+#if ASYNCTLS_HAVE_CUDA
+#include "asynctls/kernels/cuda_tls.h"
+
+namespace asynctls::kernels {
+namespace {
+
+using testing::DeviceBuffer;
+using testing::Download;
+
+#define ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(expr)
+
+struct SelectShape {
+  std::vector<int32_t> lens;
+  int nq, nkv, dim, nc;
+  DType dtype;
+  bool mla;
+};
+
+std::vector<SelectShape> Shapes() {
+  return {
+      {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},   // SmolLM2-like, G = 3
+      {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},          // Qwen3-8B-like, G = 4
+      {{3000}, 8, 1, 128, 16, DType::kF32, false},                      // G = 8
+      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},               // MLA, G = 16
+      {{1800}, 32, 1, 576, 128, DType::kBF16, true},                    // MLA, G = 32
+  };
+}
+
+TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(201);
+  for (const SelectShape& s : Shapes()) {
+    SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv);
+    const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
+    // Block scores.
+    std::vector<float> want(size_t(rows) * mbps, 0.f);
+    TlsBlockScoreParams bp{c.q.data(), c.kmax.data(), c.kmin.data(), c.index_table.data(),
+                           c.kv.seq_lens.data(), want.data(), c.q.dtype, c.batch, c.num_q_heads,
+                           c.num_kv_heads, c.head_dim, mbps};
+    ref::TlsBlockScore(bp);
+    DeviceBuffer dscores;
+    ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
+    bp.q = d.q.get();
+    bp.block_kmax = d.kmax.get();
+    bp.block_kmin = d.kmin.get();
+    bp.index_table = d.index_table.as<int32_t>();
+    bp.seq_lens = d.seq_lens.as<int32_t>();
+    bp.scores = dscores.as<float>();
+    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+    const auto got = Download<float>(dscores, want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
+    }
+    // Token scores over every block (token-only) and over a block list.
+    for (bool listed : {false, true}) {
+      const int kept = 7;
+      std::vector<int32_t> blocks(size_t(rows) * kept, 0), num(rows, 0);
+      for (int r = 0; r < rows; ++r) {
+        const int len = c.seq_lens()[r / c.num_kv_heads];
+        int n = 0;
+        for (int blk = 1; blk < TlsEligibleEnd(len) && n < kept; blk += 1 + (r + blk) % 3) {
+          blocks[r * kept + n++] = blk;
+        }
+        num[r] = n;
+      }
+      const int max_candidates = 64 * (listed ? kept : mbps);
+      std::vector<float> alpha(size_t(rows) * max_candidates, 0.f);
+      std::vector<int32_t> cand(alpha.size(), -7);
+      TlsTokenScoreParams tp{};
+      tp.q = c.q.data();
+      tp.channels = c.channels.data();
+      tp.token_codes = c.codes.data();
+      tp.token_scales = c.scales.data();
+      tp.index_table = c.index_table.data();
+      tp.seq_lens = c.kv.seq_lens.data();
+      tp.maybe_blocks = listed ? blocks.data() : nullptr;
+      tp.maybe_num_blocks = listed ? num.data() : nullptr;
+      tp.alpha = alpha.data();
+      tp.cand_positions = cand.data();
+      tp.io_dtype = c.q.dtype;
+      tp.batch = c.batch;
+      tp.num_q_heads = c.num_q_heads;
+      tp.num_kv_heads = c.num_kv_heads;
+      tp.head_dim = c.head_dim;
+      tp.num_channels = c.num_channels;
+      tp.max_blocks_per_seq = mbps;
+      tp.max_kept_blocks = kept;
+      tp.max_candidates = max_candidates;
+      tp.sink_blocks = 1;
+      tp.window = 48;
+      tp.scale = 1.f / std::sqrt(float(c.head_dim));
+      ref::TlsTokenScore(tp);
+      DeviceBuffer dblocks, dnum, dalpha, dcand, dws(cuda::TlsTokenScoreWorkspaceBytes(tp));
+      ASSERT_CUDA(dblocks.Upload(blocks));
+      ASSERT_CUDA(dnum.Upload(num));
+      ASSERT_CUDA(dalpha.Upload(std::vector<float>(alpha.size(), 0.f)));
+      ASSERT_CUDA(dcand.Upload(std::vector<int32_t>(cand.size(), -7)));
+      TlsTokenScoreParams gp = tp;
+      gp.q = d.q.get();
+      gp.channels = d.channels.as<int32_t>();
+      gp.token_codes = d.codes.as<uint8_t>();
+      gp.token_scales = d.scales.as<float>();
+      gp.index_table = d.index_table.as<int32_t>();
+      gp.seq_lens = d.seq_lens.as<int32_t>();
+      gp.maybe_blocks = listed ? dblocks.as<int32_t>() : nullptr;
+      gp.maybe_num_blocks = listed ? dnum.as<int32_t>() : nullptr;
+      gp.alpha = dalpha.as<float>();
+      gp.cand_positions = dcand.as<int32_t>();
+      gp.workspace = dws.get();
+      ASSERT_CUDA(cuda::TlsTokenScore(gp, nullptr));
+      const auto galpha = Download<float>(dalpha, alpha.size());
+      const auto gcand = Download<int32_t>(dcand, cand.size());
+      ASSERT_EQ(gcand, cand);
+      for (size_t i = 0; i < alpha.size(); ++i) {
+        if (cand[i] < 0) continue;
+        ASSERT_EQ(std::memcmp(&galpha[i], &alpha[i], 4), 0)
+            << "listed " << listed << " j " << i << ": " << galpha[i] << " vs " << alpha[i];
+      }
+    }
+  }
+}
+
+// Top-k on hand-made scores with many exact ties: the GPU keeps the CPU's set.
+TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(202);
+  const std::vector<int32_t> lens = {9000, 70, 4000, 640};
+  const int mbps = 141, kept = 50, batch = 4;
+  std::vector<float> scores(size_t(batch) * mbps);
+  for (float& s : scores) s = float(int(testing::RandomF32(1, 0.f, 6.f)[0])) - 2.f;  // 6 values
+  std::vector<int32_t> blocks(batch * kept, -1), num(batch, -1);
+  for (int k : {0, 1, 17, 50}) {
+    TlsBlockSelectParams p{scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps,
+                           kept, k, 1};
+    ref::TlsBlockSelect(p);
+    DeviceBuffer ds, dl, db, dn;
+    ASSERT_CUDA(ds.Upload(scores));
+    ASSERT_CUDA(dl.Upload(lens));
+    ASSERT_CUDA(db.Upload(std::vector<int32_t>(blocks.size(), -1)));
+    ASSERT_CUDA(dn.Upload(std::vector<int32_t>(batch, -1)));
+    TlsBlockSelectParams g = p;
+    g.scores = ds.as<float>();
+    g.seq_lens = dl.as<int32_t>();
+    g.blocks = db.as<int32_t>();
+    g.num_blocks = dn.as<int32_t>();
+    ASSERT_CUDA(cuda::TlsBlockSelect(g, nullptr));
+    const auto gnum = Download<int32_t>(dn, batch);
+    ASSERT_EQ(gnum, num) << "k " << k;
+    EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
+              testing::Rows(blocks, num, kept)) << "k " << k;
+  }
+}
+
+// The whole step for every mode and lag: blocks, positions and counts equal the reference.
+TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(203);
+  for (const SelectShape& s : Shapes()) {
+    const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    const int rows = c.batch * c.num_kv_heads;
+    for (TlsMode mode : {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly,
+                         TlsMode::kTwoLevel}) {
+      for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
+        if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
+        SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " mode " << int(mode) << " lag "
+                                        << int(lag));
+        const TlsPolicy pol = testing::MakePolicy(mode, lag, 16, 256, 1, 64);
+        testing::TlsSelectBuffers buf;
+        if (lag == TlsLag::kOneStep) {
+          // Previous step: the same-step blocks of a sequence one token shorter.
+          buf.prev_blocks.assign(size_t(rows) * 16, 0);
+          buf.prev_num_blocks.assign(rows, 0);
+          buf.prev_select_lens = c.seq_lens();
+          for (int r = 0; r < rows; ++r) {
+            int32_t& l = buf.prev_select_lens[r / c.num_kv_heads];
+            if (r % c.num_kv_heads == 0 && l > 1) l -= 1;
+            int n = 0;
+            for (int blk = 1 + r % 2; blk < TlsEligibleEnd(l) && n < 16; blk += 2) {
+              buf.prev_blocks[r * 16 + n++] = blk;
+            }
+            buf.prev_num_blocks[r] = n;
+          }
+        }
+        TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+        ref::TlsDecodeSelect(p);
+
+        DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
+        ASSERT_CUDA(pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
+        ASSERT_CUDA(pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
+        ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0} : buf.prev_select_lens));
+        ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
+        ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
+        ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
+        ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
+        TlsDecodeSelectParams g = p;
+        g.q = d.q.get();
+        g.seq_lens = d.seq_lens.as<int32_t>();
+        g.index_table = d.index_table.as<int32_t>();
+        g.block_kmax = d.kmax.get();
+        g.block_kmin = d.kmin.get();
+        g.channels = d.channels.as<int32_t>();
+        g.token_codes = d.codes.as<uint8_t>();
+        g.token_scales = d.scales.as<float>();
+        g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
+        g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
+        g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
+        g.blocks = db.as<int32_t>();
+        g.num_blocks = dn.as<int32_t>();
+        g.positions = dp.as<int32_t>();
+        g.num_positions = dpn.as<int32_t>();
+        DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
+        g.workspace = ws.get();
+        ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
+        ASSERT_CUDA(cudaDeviceSynchronize());
+        const auto gpn = Download<int32_t>(dpn, rows);
+        ASSERT_EQ(gpn, buf.num_positions);
+        EXPECT_EQ(testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+                  testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+        if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
+          const auto gn = Download<int32_t>(dn, rows);
+          ASSERT_EQ(gn, buf.num_blocks);
+          EXPECT_EQ(testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
+                    testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace asynctls::kernels
+
+#else
+TEST(TlsSelectGpuTest, NoCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
+#endif  // ASYNCTLS_HAVE_CUDA
