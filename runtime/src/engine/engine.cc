@@ -102,7 +102,9 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   for (const Item& it : items) {
     cache_->SetSeqLen(it.seq_id, it.start_pos + it.num_tokens);
     if (!it.sample) continue;
-    const Sample s = SampleToken(logits_.data() + row * vocab, vocab, it.sampling, it.start_pos + it.num_tokens);
+    const float* row_logits = logits_.data() + row * vocab;
+    if (options_.keep_logits) sampled_logits_.insert(sampled_logits_.end(), row_logits, row_logits + vocab);
+    const Sample s = SampleToken(row_logits, vocab, it.sampling, it.start_pos + it.num_tokens);
     result->tokens.push_back({it.seq_id, s.token, s.logprob});
     ++row;
   }
@@ -113,6 +115,7 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
   const auto t0 = std::chrono::steady_clock::now();
   StepResult result;
   result.step_id = plan.step_id;
+  sampled_logits_.clear();
   for (uint64_t id : plan.releases) cache_->Release(id);
 
   const int max_context = model_->config().max_context;

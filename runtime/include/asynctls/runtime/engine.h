@@ -25,6 +25,7 @@ struct EngineOptions {
   int32_t max_batch_tokens = 512;
   int32_t max_batch_seqs = 64;
   int64_t kv_cache_bytes = 0;   // 0: 1 GiB on the CPU, 40% of free memory on a GPU
+  bool keep_logits = false;     // keep each sampled row's logits (tests, perplexity)
 };
 
 class Engine final : public StepExecutor {
@@ -37,6 +38,9 @@ class Engine final : public StepExecutor {
   absl::StatusOr<StepResult> Step(const StepPlan& plan) override;
 
   const ModelConfig& config() const { return model_->config(); }
+  // With keep_logits: the logits of the last Step's sampled tokens, [tokens, vocab], in the
+  // order of StepResult::tokens.
+  const std::vector<float>& sampled_logits() const { return sampled_logits_; }
   const KvCache& kv_cache() const { return *cache_; }
   Backend& backend() { return *backend_; }
 
@@ -51,6 +55,7 @@ class Engine final : public StepExecutor {
   std::unique_ptr<KvCache> cache_;
   std::string model_name_;
   std::vector<float> logits_;
+  std::vector<float> sampled_logits_;
 };
 
 // Makes the backend named by `device` ("cpu", "cuda", "cuda:N", "auto").
