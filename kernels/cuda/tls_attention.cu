@@ -189,6 +189,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
     __syncthreads();
   }
+  __syncthreads();  // m_s / l_s visible even when this split had no positions
 
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) {

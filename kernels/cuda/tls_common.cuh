@@ -89,6 +89,7 @@ struct TopKShared {
 template <int NT, typename Item, typename Emit>
 __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
   const int tid = threadIdx.x;
+  if (k <= 0) return 0;
   int valid_local = 0;
   for (int j = tid; j < n; j += NT) {
     float s;

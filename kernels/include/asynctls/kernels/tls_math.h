@@ -33,6 +33,23 @@ ASYNCTLS_HD float TlsFma(float a, float b, float c) {
 #endif
 }
 
+// Correctly rounded division and product, also under --use_fast_math.
+ASYNCTLS_HD float TlsDiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+ASYNCTLS_HD float TlsMul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 ASYNCTLS_HD float TlsFloor(float x) {
 #if defined(__CUDA_ARCH__)
   return floorf(x);
@@ -75,7 +92,7 @@ ASYNCTLS_HD float TlsExp2(float x) {
   if (!(x >= -126.f)) return 0.f;
   if (x > 0.f) x = 0.f;
   const float n = TlsFloor(x + 0.5f);  // x = n + r, r in [-0.5, 0.5]
-  const float r = x - n;
+  const float r = x - n;  // exact (Sterbenz)
   // 2^r = e^(r ln2): Taylor coefficients ln2^k / k!, k = 0..7 (error < 3e-9 on [-0.5, 0.5]).
   float p = 1.5252733804059840e-05f;
   p = TlsFma(p, r, 1.5403530393381609e-04f);
@@ -86,7 +103,7 @@ ASYNCTLS_HD float TlsExp2(float x) {
   p = TlsFma(p, r, 6.9314718055994531e-01f);
   p = TlsFma(p, r, 1.0f);
   const int e = static_cast<int>(n) + 127;  // n in [-126, 0]
-  return p * TlsBitsToFloat(static_cast<uint32_t>(e) << 23);
+  return TlsMul(p, TlsBitsToFloat(static_cast<uint32_t>(e) << 23));
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
@@ -95,13 +112,13 @@ inline constexpr float kTlsExpFixedScale = 1099511627776.f;  // 2^40
 inline constexpr float kTlsExpFixedInv = 9.094947017729282e-13f;  // 2^-40
 
 ASYNCTLS_HD uint64_t TlsExpToFixed(float e) {
-  return static_cast<uint64_t>(e * kTlsExpFixedScale);  // e * 2^40 is exact; truncation
+  return static_cast<uint64_t>(TlsMul(e, kTlsExpFixedScale));  // exact product; truncation
 }
 
 // Softmax weight factor of one head: 1 / (G * sum_j e_j).
 ASYNCTLS_HD float TlsInvDenominator(uint64_t fixed_sum, int group) {
-  const float z = static_cast<float>(fixed_sum) * kTlsExpFixedInv;
-  return 1.f / (static_cast<float>(group) * z);
+  const float z = TlsMul(static_cast<float>(fixed_sum), kTlsExpFixedInv);
+  return TlsDiv(1.f, TlsMul(static_cast<float>(group), z));
 }
 
 // Monotone map of a float to uint32 (a < b => key(a) < key(b); -0 < +0; NaN sorts lowest).
@@ -119,12 +136,12 @@ ASYNCTLS_HD uint64_t TlsSelectKey(float score, int32_t id) {
 
 // ---- INT4 token index ----------------------------------------------------------------------
 
-ASYNCTLS_HD float TlsInt4Scale(float absmax) { return absmax / 7.f; }
+ASYNCTLS_HD float TlsInt4Scale(float absmax) { return TlsDiv(absmax, 7.f); }
 
 // Code in [-7, 7] of x with `scale` (the stored scale). Nibble = code + 8.
 ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
   if (scale == 0.f) return 0;
-  float c = TlsRint(x / scale);
+  float c = TlsRint(TlsDiv(x, scale));
   c = c > 7.f ? 7.f : (c < -7.f ? -7.f : c);
   return static_cast<int>(c);
 }
@@ -140,7 +157,7 @@ ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale,
     const int code = static_cast<int>((words[c >> 3] >> (4 * (c & 7))) & 15u) - 8;
     acc = TlsFma(q[c], static_cast<float>(code), acc);
   }
-  return acc * scale;
+  return TlsMul(acc, scale);
 }
 
 // ---- Geometry of the always-kept set (see tls_params.h) -------------------------------------
