@@ -217,7 +217,11 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
   if (row >= static_cast<int64_t>(p.batch) * p.num_q_heads) return;
   const int b = static_cast<int>(row / p.num_q_heads);
   const int num_pages = (p.seq_lens[b] + kPage - 1) / kPage;
-  const int splits = (num_pages + pages_per_split - 1) / pages_per_split;
+  // The splits this sequence has, i.e. those whose CTA did not exit at once (split s covers
+  // pages [s * pages_per_split, ...) and exits when that is past the sequence's last page);
+  // the empty ones wrote nothing and are never read. Clamped to the grid so that a seq_len
+  // above max_seq_len (a broken caller contract) cannot read past the workspace.
+  const int splits = min(num_splits, (num_pages + pages_per_split - 1) / pages_per_split);
   const float* lse = lse_part + row * num_splits;
   const float* part = o_part + row * num_splits * D + lane * kPerLane;
 

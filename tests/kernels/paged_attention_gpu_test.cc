@@ -1,11 +1,16 @@
 // CUDA paged attention (decode with split-K, chunked causal prefill) against the CPU oracle:
 // fresh random inputs, odd lengths (1, 17, 97, 1000+), shuffled block tables, NaN in every
-// cache slot no sequence owns, outputs poisoned with NaN before the launch, LSE compared too,
-// and a decode replayed from a CUDA graph. Skips without a GPU.
+// cache slot no sequence owns, outputs and split-K workspace poisoned before every run (NaN, then
+// a huge finite value), each decode run several times and required to be bit-identical, LSE
+// compared too, batches whose short sequences leave most splits empty, a decode replayed from a
+// CUDA graph, and decodes from several host threads on their own streams at once. All device
+// work of a case is ordered on one stream. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "asynctls/kernels/ref.h"
@@ -99,12 +104,24 @@ void RunDecodeCase(const DecodeCase& dc, uint64_t seed, bool through_graph = fal
   hp.maybe_lse = ref_lse.data();
   ref::PagedDecodeAttention(hp);
 
+  // Every device operation of the case goes to one stream. (The first version of this test
+  // uploaded and poisoned on the legacy default stream and launched on a non-blocking stream:
+  // with other processes on the GPU the launch could overtake the q upload or the poison
+  // memsets, which showed up as all-NaN or slightly wrong outputs under `ctest -j`.)
+  cudaStream_t stream;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct StreamGuard {
+    cudaStream_t s;
+    ~StreamGuard() {
+      cudaStreamSynchronize(s);
+      cudaStreamDestroy(s);
+    }
+  } stream_guard{stream};
+
   DevicePagedKvCache dev;
-  ASSERT_CUDA_OK(dev.Upload(c));
+  ASSERT_CUDA_OK(dev.Upload(c, stream));
   DeviceBuffer dq, dout(q.bytes.size()), dlse(ref_lse.size() * sizeof(float)), dws;
-  ASSERT_CUDA_OK(dq.Upload(q.bytes));
-  ASSERT_CUDA_OK(dout.Poison());
-  ASSERT_CUDA_OK(dlse.Poison());
+  ASSERT_CUDA_OK(dq.Upload(q.bytes, stream));
   p.q = dq.get();
   p.k_cache = dev.k.get();
   p.v_cache = dev.v.get();
@@ -114,39 +131,67 @@ void RunDecodeCase(const DecodeCase& dc, uint64_t seed, bool through_graph = fal
   p.maybe_lse = dc.with_lse ? dlse.as<float>() : nullptr;
   const size_t ws_bytes = cuda::PagedDecodeWorkspaceBytes(p);
   ASSERT_CUDA_OK(dws.Resize(ws_bytes));
-  if (ws_bytes) ASSERT_CUDA_OK(dws.Poison());
   p.workspace = dws.get();
 
-  cudaStream_t stream;
-  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraphExec_t exec = nullptr;
   if (through_graph) {
     cudaGraph_t graph;
-    cudaGraphExec_t exec;
     ASSERT_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
     const cudaError_t launch = cuda::PagedDecodeAttention(p, stream);
     ASSERT_CUDA_OK(cudaStreamEndCapture(stream, &graph));
     ASSERT_CUDA_OK(launch);
     ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int rep = 0; rep < 3; ++rep) ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream));
-    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
-    cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
-  } else {
-    ASSERT_CUDA_OK(cuda::PagedDecodeAttention(p, stream));
-    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
   }
-  ASSERT_CUDA_OK(cudaStreamDestroy(stream));
+  struct ExecGuard {
+    cudaGraphExec_t e;
+    ~ExecGuard() {
+      if (e) cudaGraphExecDestroy(e);
+    }
+  } exec_guard{exec};
 
-  std::vector<uint8_t> out_bytes(q.bytes.size());
-  ASSERT_CUDA_OK(dout.Download(out_bytes.data(), out_bytes.size()));
-  ExpectClose(testing::ReadTyped(out_bytes.data(), dc.io, q_elems),
-              testing::ReadTyped(ref_out.data(), dc.io, q_elems), "decode out");
-  if (dc.with_lse) {
-    std::vector<float> lse(ref_lse.size());
-    ASSERT_CUDA_OK(dlse.Download(lse.data(), lse.size() * sizeof(float)));
-    EXPECT_EQ(testing::CountNonFinite(lse), 0u);
-    // The LSE of bf16-rounded scores: error ~ |score| * 2^-9.
-    EXPECT_LE(testing::MaxAbsDiff(lse, ref_lse), 2e-2) << "decode lse";
+  // Several runs, each after re-poisoning out, LSE and the split-K workspace, alternately with
+  // NaN (0xff bytes) and with a huge finite value (0x7f bytes, ~3.4e38 in fp32 and bf16): a read
+  // of anything the kernels did not write this run shows as NaN or as a wrong value, even where
+  // NaN would be swallowed (fmaxf). The kernels are deterministic (fixed split plan, fixed
+  // reduction order), so every run must also match the first bit for bit.
+  constexpr int kRuns = 4;
+  std::vector<uint8_t> first_out;
+  std::vector<float> first_lse;
+  for (int run = 0; run < kRuns; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    const int poison = run % 2 == 0 ? 0xff : 0x7f;
+    ASSERT_CUDA_OK(dout.FillBytes(poison, stream));
+    ASSERT_CUDA_OK(dlse.FillBytes(poison, stream));
+    ASSERT_CUDA_OK(dws.FillBytes(poison, stream));
+    if (through_graph) {
+      ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream));
+    } else {
+      ASSERT_CUDA_OK(cuda::PagedDecodeAttention(p, stream));
+    }
+    std::vector<uint8_t> out_bytes(q.bytes.size());
+    ASSERT_CUDA_OK(dout.Download(out_bytes.data(), out_bytes.size(), stream));
+    ExpectClose(testing::ReadTyped(out_bytes.data(), dc.io, q_elems),
+                testing::ReadTyped(ref_out.data(), dc.io, q_elems), "decode out");
+    if (run == 0) {
+      first_out = out_bytes;
+    } else {
+      EXPECT_TRUE(out_bytes == first_out) << "decode out differs from run 0 (not deterministic)";
+    }
+    if (dc.with_lse) {
+      std::vector<float> lse(ref_lse.size());
+      ASSERT_CUDA_OK(dlse.Download(lse.data(), lse.size() * sizeof(float), stream));
+      EXPECT_EQ(testing::CountNonFinite(lse), 0u);
+      // The LSE of bf16-rounded scores: error ~ |score| * 2^-9.
+      EXPECT_LE(testing::MaxAbsDiff(lse, ref_lse), 2e-2) << "decode lse";
+      if (run == 0) {
+        first_lse = lse;
+      } else {
+        EXPECT_TRUE(std::memcmp(lse.data(), first_lse.data(), lse.size() * sizeof(float)) == 0)
+            << "decode lse differs from run 0 (not deterministic)";
+      }
+    }
+    if (::testing::Test::HasFailure()) return;  // one report per case is enough
   }
 }
 
@@ -173,6 +218,46 @@ TEST_F(PagedAttentionGpuTest, DecodeLongContextManySplits) {
   RunDecodeCase({{20000}, 32, 8, 128, DType::kBF16, true}, 101);
   RunDecodeCase({{4100, 1, 9000, 17, 2048, 333}, 32, 8, 128, DType::kBF16, true}, 102);
   RunDecodeCase({{7777, 65}, 9, 3, 64, DType::kF32, true}, 103);
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeManyEmptySplits) {
+  // The split count follows max_seq_len, so next to one long sequence the short ones (1, 2, 63
+  // tokens: one partial page) own one split and leave every other split of the grid empty; the
+  // combine must read only the splits that exist. Also page-boundary lengths (64, 65, 128, 129).
+  const std::vector<int32_t> mixed = {5000, 1, 2, 63, 64, 65, 1, 129};
+  RunDecodeCase({mixed, 16, 1, 64, DType::kF32, true}, 501);
+  RunDecodeCase({mixed, 32, 8, 128, DType::kBF16, true}, 502);
+  RunDecodeCase({mixed, 9, 3, 64, DType::kBF16, true}, 503);
+  RunDecodeCase({mixed, 20, 1, 128, DType::kF32, true}, 504);
+  RunDecodeCase({{1, 1, 1, 9000}, 4, 4, 128, DType::kBF16, true}, 505);
+  RunDecodeCase({{12345}, 4, 4, 64, DType::kBF16, true}, 506);
+  RunDecodeCase({{3, 2500, 128, 1, 4097}, 8, 2, 64, DType::kF32, false}, 507);
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeSingleSplitLargeBatch) {
+  // Enough (sequence, KV head) units to fill the GPU on their own: one split, the decode kernel
+  // writes the output directly (no workspace, no combine), over many pages per CTA.
+  std::vector<int32_t> lens;
+  for (int i = 0; i < 64; ++i) lens.push_back(200 + 37 * i);
+  RunDecodeCase({lens, 32, 8, 128, DType::kBF16, true}, 601);
+  RunDecodeCase({lens, 16, 16, 64, DType::kF32, true}, 602);
+}
+
+TEST_F(PagedAttentionGpuTest, DecodeConcurrentThreadsAndStreams) {
+  // Host threads decoding on their own streams at once, from the first call of the process on
+  // (the per-device setup cache is initialised concurrently), with kernels of different shapes
+  // sharing the GPU: each must still match the oracle.
+  const std::vector<DecodeCase> cases = {
+      {{1031, 5, 128, 63}, 16, 1, 64, DType::kF32, true},
+      {{4100, 1, 9000, 17}, 32, 8, 128, DType::kBF16, true},
+      {{7777, 65}, 9, 3, 64, DType::kF32, true},
+      {{1, 1000, 2}, 16, 1, 128, DType::kBF16, true},
+  };
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    threads.emplace_back([&cases, i] { RunDecodeCase(cases[i], 701 + i); });
+  }
+  for (auto& t : threads) t.join();
 }
 
 TEST_F(PagedAttentionGpuTest, DecodeReplaysFromCudaGraph) {

@@ -290,18 +290,33 @@ class DeviceBuffer {
     bytes_ = bytes;
     return bytes ? cudaMalloc(&ptr_, bytes) : cudaSuccess;
   }
+
+  // Stream ordering: without a stream these use the legacy default stream (cudaMemcpy /
+  // cudaMemset), and a kernel launched on a cudaStreamNonBlocking stream is NOT ordered after
+  // them: cudaMemset is asynchronous to the host, and a cudaMemcpy from pageable memory may
+  // return before its DMA has landed. Pass the stream the kernel runs on (or synchronize the
+  // device before launching). With a stream, Download waits for that stream.
   template <typename T>
-  cudaError_t Upload(const std::vector<T>& host) {
+  cudaError_t Upload(const std::vector<T>& host, cudaStream_t stream = nullptr) {
     cudaError_t err = cudaSuccess;
     if (bytes_ < host.size() * sizeof(T)) err = Resize(host.size() * sizeof(T));
     if (err != cudaSuccess) return err;
-    return cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+    const size_t bytes = host.size() * sizeof(T);
+    return stream ? cudaMemcpyAsync(ptr_, host.data(), bytes, cudaMemcpyHostToDevice, stream)
+                  : cudaMemcpy(ptr_, host.data(), bytes, cudaMemcpyHostToDevice);
   }
-  cudaError_t Download(void* host, size_t bytes) const {
-    return cudaMemcpy(host, ptr_, bytes, cudaMemcpyDeviceToHost);
+  cudaError_t Download(void* host, size_t bytes, cudaStream_t stream = nullptr) const {
+    if (!stream) return cudaMemcpy(host, ptr_, bytes, cudaMemcpyDeviceToHost);
+    const cudaError_t err = cudaMemcpyAsync(host, ptr_, bytes, cudaMemcpyDeviceToHost, stream);
+    return err != cudaSuccess ? err : cudaStreamSynchronize(stream);
+  }
+  // Sets every byte of the buffer to `byte`.
+  cudaError_t FillBytes(int byte, cudaStream_t stream = nullptr) {
+    if (!ptr_) return cudaSuccess;
+    return stream ? cudaMemsetAsync(ptr_, byte, bytes_, stream) : cudaMemset(ptr_, byte, bytes_);
   }
   // Byte fill: 0xff gives NaN for fp32 and bf16 alike (poisoned outputs).
-  cudaError_t Poison() { return cudaMemset(ptr_, 0xff, bytes_); }
+  cudaError_t Poison(cudaStream_t stream = nullptr) { return FillBytes(0xff, stream); }
 
   void* get() const { return ptr_; }
   template <typename T>
@@ -323,12 +338,13 @@ class DeviceBuffer {
 // Device copies of a PagedKvCache.
 struct DevicePagedKvCache {
   DeviceBuffer k, v, block_table, seq_lens;
-  cudaError_t Upload(const PagedKvCache& c) {
+  // On `stream` when given (see DeviceBuffer: launches on another stream must not race it).
+  cudaError_t Upload(const PagedKvCache& c, cudaStream_t stream = nullptr) {
     cudaError_t e;
-    if ((e = k.Upload(c.k)) != cudaSuccess) return e;
-    if ((e = v.Upload(c.v)) != cudaSuccess) return e;
-    if ((e = block_table.Upload(c.block_table)) != cudaSuccess) return e;
-    return seq_lens.Upload(c.seq_lens);
+    if ((e = k.Upload(c.k, stream)) != cudaSuccess) return e;
+    if ((e = v.Upload(c.v, stream)) != cudaSuccess) return e;
+    if ((e = block_table.Upload(c.block_table, stream)) != cudaSuccess) return e;
+    return seq_lens.Upload(c.seq_lens, stream);
   }
 };
 #endif  // ASYNCTLS_HAVE_CUDA
