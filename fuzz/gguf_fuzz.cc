@@ -7,8 +7,8 @@
 #include "asynctls/runtime/weights.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  auto file = asynctls::WeightFile::OpenGgufBytes(
-      std::string(reinterpret_cast<const char*>(data), size));
+  auto file =
+      asynctls::WeightFile::OpenGgufBytes(std::string(reinterpret_cast<const char*>(data), size));
   if (!file.ok()) return 0;
   const asynctls::WeightFile& f = **file;
   for (const auto& t : f.tensors()) {
@@ -16,9 +16,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (int64_t d : t.shape) n *= d;  // validated not to overflow
     if (n <= (int64_t{1} << 22)) (void)f.ReadF32(t.name);
   }
-  for (const char* key : {"general.architecture", "general.alignment", "llama.block_count",
-                          "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                          "tokenizer.ggml.token_type"}) {
+  for (const char* key :
+       {"general.architecture", "general.alignment", "llama.block_count", "tokenizer.ggml.tokens",
+        "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
     (void)f.MetaString(key);
     (void)f.MetaInt(key);
     (void)f.MetaFloat(key);

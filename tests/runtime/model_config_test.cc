@@ -1,10 +1,11 @@
 // ModelConfig: Validate, RoPE frequencies (plain, linear, llama3, GGUF freq factors), and the
 // config.json and GGUF-metadata loaders.
+#include "asynctls/runtime/model_config.h"
+
 #include <cmath>
 #include <string>
 
 #include "absl/strings/match.h"
-#include "asynctls/runtime/model_config.h"
 #include "asynctls/runtime/weights.h"
 #include "gtest/gtest.h"
 #include "runtime/weights_test_util.h"
@@ -41,27 +42,64 @@ TEST(ModelConfigTest, Validate) {
   ModelConfig c = Good();
   c.architecture = "gpt2";
   ExpectInvalid(c, "architecture");
-  c = Good(); c.num_layers = 0; ExpectInvalid(c, "num_layers");
-  c = Good(); c.hidden_size = -1; ExpectInvalid(c, "hidden_size");
-  c = Good(); c.num_q_heads = 0; ExpectInvalid(c, "num_q_heads");
-  c = Good(); c.num_kv_heads = 3; ExpectInvalid(c, "num_kv_heads");
-  c = Good(); c.num_kv_heads = 8; ExpectInvalid(c, "num_kv_heads");
-  c = Good(); c.head_dim = 15; ExpectInvalid(c, "head_dim");
-  c = Good(); c.rotary_dim = 32; ExpectInvalid(c, "rotary_dim");
-  c = Good(); c.rotary_dim = 0; ExpectInvalid(c, "rotary_dim");
-  c = Good(); c.ffn_size = 0; ExpectInvalid(c, "ffn_size");
-  c = Good(); c.vocab_size = 0; ExpectInvalid(c, "vocab_size");
-  c = Good(); c.max_context = 0; ExpectInvalid(c, "max_context");
-  c = Good(); c.rms_eps = 0; ExpectInvalid(c, "rms_eps");
-  c = Good(); c.rope_theta = NAN; ExpectInvalid(c, "rope_theta");
-  c = Good(); c.rope_scaling.type = RopeScaling::Type::kLinear; c.rope_scaling.factor = 0;
+  c = Good();
+  c.num_layers = 0;
+  ExpectInvalid(c, "num_layers");
+  c = Good();
+  c.hidden_size = -1;
+  ExpectInvalid(c, "hidden_size");
+  c = Good();
+  c.num_q_heads = 0;
+  ExpectInvalid(c, "num_q_heads");
+  c = Good();
+  c.num_kv_heads = 3;
+  ExpectInvalid(c, "num_kv_heads");
+  c = Good();
+  c.num_kv_heads = 8;
+  ExpectInvalid(c, "num_kv_heads");
+  c = Good();
+  c.head_dim = 15;
+  ExpectInvalid(c, "head_dim");
+  c = Good();
+  c.rotary_dim = 32;
+  ExpectInvalid(c, "rotary_dim");
+  c = Good();
+  c.rotary_dim = 0;
+  ExpectInvalid(c, "rotary_dim");
+  c = Good();
+  c.ffn_size = 0;
+  ExpectInvalid(c, "ffn_size");
+  c = Good();
+  c.vocab_size = 0;
+  ExpectInvalid(c, "vocab_size");
+  c = Good();
+  c.max_context = 0;
+  ExpectInvalid(c, "max_context");
+  c = Good();
+  c.rms_eps = 0;
+  ExpectInvalid(c, "rms_eps");
+  c = Good();
+  c.rope_theta = NAN;
+  ExpectInvalid(c, "rope_theta");
+  c = Good();
+  c.rope_scaling.type = RopeScaling::Type::kLinear;
+  c.rope_scaling.factor = 0;
   ExpectInvalid(c, "rope_scaling.factor");
-  c = Good(); c.rope_scaling.type = RopeScaling::Type::kLlama3; c.rope_scaling.factor = 8;
-  c.rope_scaling.low_freq_factor = 4; c.rope_scaling.high_freq_factor = 1;
+  c = Good();
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8;
+  c.rope_scaling.low_freq_factor = 4;
+  c.rope_scaling.high_freq_factor = 1;
   ExpectInvalid(c, "rope_scaling");
-  c = Good(); c.rope_freq_factors = {1, 2}; ExpectInvalid(c, "rope_freq_factors");
-  c = Good(); c.head_dim = c.rotary_dim = 1 << 28; ExpectInvalid(c, "sanity bound");
-  c = Good(); c.vocab_size = 1 << 30; ExpectInvalid(c, "vocab_size");
+  c = Good();
+  c.rope_freq_factors = {1, 2};
+  ExpectInvalid(c, "rope_freq_factors");
+  c = Good();
+  c.head_dim = c.rotary_dim = 1 << 28;
+  ExpectInvalid(c, "sanity bound");
+  c = Good();
+  c.vocab_size = 1 << 30;
+  ExpectInvalid(c, "vocab_size");
 }
 
 TEST(ModelConfigTest, RopeInvFreqPlainAndLinear) {
@@ -92,10 +130,15 @@ TEST(ModelConfigTest, RopeInvFreqLlama3MatchesHuggingFace) {
   ASSERT_TRUE(c.Validate().ok());
   auto f = c.RopeInvFreq();
   ASSERT_EQ(f.size(), 64u);
-  const std::pair<int, double> expect[] = {
-      {0, 1.0},          {10, 0.128687382},     {20, 0.0165604409},   {25, 0.00594073068},
-      {30, 0.00137189368}, {35, 9.55621217e-05}, {40, 3.42810235e-05}, {50, 4.41153452e-06},
-      {63, 3.06892588e-07}};
+  const std::pair<int, double> expect[] = {{0, 1.0},
+                                           {10, 0.128687382},
+                                           {20, 0.0165604409},
+                                           {25, 0.00594073068},
+                                           {30, 0.00137189368},
+                                           {35, 9.55621217e-05},
+                                           {40, 3.42810235e-05},
+                                           {50, 4.41153452e-06},
+                                           {63, 3.06892588e-07}};
   for (auto [i, v] : expect) EXPECT_NEAR(f[i], v, 2e-6 * v) << i;
 }
 
@@ -159,8 +202,8 @@ TEST(ModelConfigTest, FromHfJsonErrorsNameTheKey) {
   EXPECT_TRUE(absl::StrContains(
       err(R"(, "vocab_size": 10, "rope_scaling": {"rope_type": "llama3", "factor": 4})").message(),
       "low_freq_factor"));
-  EXPECT_TRUE(absl::StrContains(err(R"(, "vocab_size": 10, "mlp_bias": true)").message(),
-                                "mlp_bias"));
+  EXPECT_TRUE(
+      absl::StrContains(err(R"(, "vocab_size": 10, "mlp_bias": true)").message(), "mlp_bias"));
   EXPECT_TRUE(absl::StrContains(err(R"(, "vocab_size": 1e40)").message(), "vocab_size"));
   EXPECT_FALSE(ModelConfigFromHfJson("{not json").ok());
   EXPECT_FALSE(ModelConfigFromHfJson("[]").ok());

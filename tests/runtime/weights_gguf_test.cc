@@ -45,7 +45,8 @@ GgufBuilder SmallModel(uint32_t version = 3, uint32_t alignment = 32) {
       .I32Array("tokenizer.ggml.token_type", {1, 2, 3})
       .F32Array("tokenizer.ggml.scores", {0.f, -1.5f, 2.f});
   // Nested: array of 2 arrays of u16 [[1, 2], [3]].
-  std::string nested = GgufBuilder::Pod<uint32_t>(GgufBuilder::kArray) + GgufBuilder::Pod<uint64_t>(2);
+  std::string nested =
+      GgufBuilder::Pod<uint32_t>(GgufBuilder::kArray) + GgufBuilder::Pod<uint64_t>(2);
   nested += GgufBuilder::Pod<uint32_t>(GgufBuilder::kU16) + GgufBuilder::Pod<uint64_t>(2) +
             GgufBuilder::Pod<uint16_t>(1) + GgufBuilder::Pod<uint16_t>(2);
   nested += GgufBuilder::Pod<uint32_t>(GgufBuilder::kU16) + GgufBuilder::Pod<uint64_t>(1) +
@@ -237,6 +238,12 @@ TEST(GgufCorruptTest, TensorInfoFields) {
   ExpectError(Patch<uint64_t>(good, l.tensor_dims[0], ~0ull), "overflows");
   ExpectError(Patch<uint64_t>(good, l.tensor_dims[1], 1ull << 62), "overflows");  // 4 * 2^62
   ExpectError(Patch<uint64_t>(good, l.tensor_dims[0], 1ull << 40), "past EOF");
+  {
+    // F16 [4, 1, 2] -> [0, 2^62, 2^62]: no elements, but the shape's product overflows.
+    std::string bad = Patch<uint64_t>(good, l.tensor_dims[1], 0);
+    bad = Patch<uint64_t>(bad, l.tensor_dims[1] + 8, 1ull << 62);
+    ExpectError(Patch<uint64_t>(bad, l.tensor_dims[1] + 16, 1ull << 62), "overflows");
+  }
   ExpectError(Patch<uint64_t>(good, l.tensor_offset[1], 8), "misaligned offset 8");
   ExpectError(Patch<uint64_t>(good, l.tensor_offset[5], 1ull << 20), "past EOF");
   ExpectError(Patch<uint64_t>(good, l.tensor_offset[5], ~0ull << 5), "past EOF");
@@ -249,7 +256,8 @@ TEST(GgufCorruptTest, TensorInfoFields) {
 TEST(GgufCorruptTest, DuplicatesAndBadMetadata) {
   {
     GgufBuilder b;
-    b.Tensor("w", {4}, kF32, FloatBytes({1, 2, 3, 4})).Tensor("w", {4}, kF32, FloatBytes({1, 2, 3, 4}));
+    b.Tensor("w", {4}, kF32, FloatBytes({1, 2, 3, 4}))
+        .Tensor("w", {4}, kF32, FloatBytes({1, 2, 3, 4}));
     ExpectError(b.Build(), "duplicate tensor name w");
   }
   {

@@ -100,7 +100,8 @@ std::string Qwen2Config(bool tied) {
     "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
     "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 10,
     "max_position_embeddings": 128, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "rope_scaling": null, "tie_word_embeddings": )", tied ? "true" : "false", "}");
+    "rope_scaling": null, "tie_word_embeddings": )",
+                      tied ? "true" : "false", "}");
 }
 
 TEST(SafetensorsTest, DirectoryWithOneFileMapsNames) {
@@ -185,8 +186,8 @@ TEST(SafetensorsTest, ShardedWithIndex) {
   dir.Write("stray.safetensors", "not listed in the index, never opened");
   std::string index = R"({"metadata": {"total_size": 1}, "weight_map": {)";
   for (size_t i = 0; i < all.size(); ++i) {
-    absl::StrAppend(&index, i ? "," : "", "\"", all[i].name, "\": \"model-0000",
-                    i < 7 ? 1 : 2, "-of-00002.safetensors\"");
+    absl::StrAppend(&index, i ? "," : "", "\"", all[i].name, "\": \"model-0000", i < 7 ? 1 : 2,
+                    "-of-00002.safetensors\"");
   }
   index += "}}";
   dir.Write("model.safetensors.index.json", index);
@@ -229,15 +230,20 @@ TEST(SafetensorsTest, Qwen3AndLlamaNames) {
   };
   for (int l = 0; l < 2; ++l) {
     std::string p = absl::StrCat("model.layers.", l, ".");
-    for (auto [n, rows, cols] : std::vector<std::tuple<const char*, int, int>>{
-             {"input_layernorm.weight", 8, 0}, {"self_attn.q_proj.weight", 8, 8},
-             {"self_attn.k_proj.weight", 4, 8}, {"self_attn.v_proj.weight", 4, 8},
-             {"self_attn.o_proj.weight", 8, 8}, {"self_attn.q_norm.weight", 4, 0},
-             {"self_attn.k_norm.weight", 4, 0}, {"post_attention_layernorm.weight", 8, 0},
-             {"mlp.gate_proj.weight", 12, 8}, {"mlp.up_proj.weight", 12, 8},
-             {"mlp.down_proj.weight", 8, 12}}) {
-      std::vector<int64_t> shape = cols ? std::vector<int64_t>{rows, cols}
-                                        : std::vector<int64_t>{rows};
+    for (auto [n, rows, cols] :
+         std::vector<std::tuple<const char*, int, int>>{{"input_layernorm.weight", 8, 0},
+                                                        {"self_attn.q_proj.weight", 8, 8},
+                                                        {"self_attn.k_proj.weight", 4, 8},
+                                                        {"self_attn.v_proj.weight", 4, 8},
+                                                        {"self_attn.o_proj.weight", 8, 8},
+                                                        {"self_attn.q_norm.weight", 4, 0},
+                                                        {"self_attn.k_norm.weight", 4, 0},
+                                                        {"post_attention_layernorm.weight", 8, 0},
+                                                        {"mlp.gate_proj.weight", 12, 8},
+                                                        {"mlp.up_proj.weight", 12, 8},
+                                                        {"mlp.down_proj.weight", 8, 12}}) {
+      std::vector<int64_t> shape =
+          cols ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
       t.push_back({p + n, "F32", shape, F32Bytes(cols ? rows * cols : rows, 0)});
     }
   }
@@ -297,7 +303,8 @@ TEST(SafetensorsCorruptTest, NamedErrors) {
   ExpectError(WithHeader(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "xxxx"),
               "past EOF");
   ExpectError(WithHeader(R"({"a":{"dtype":"F32","shape":[4611686018427387904,4],)"
-                         R"("data_offsets":[0,16]}})", "xxxx"),
+                         R"("data_offsets":[0,16]}})",
+                         "xxxx"),
               "overflows");
   ExpectError(WithHeader(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
                          R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",

@@ -17,8 +17,19 @@ namespace asynctls::testing {
 class GgufBuilder {
  public:
   enum Type : uint32_t {
-    kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
-    kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+    kU8 = 0,
+    kI8 = 1,
+    kU16 = 2,
+    kI16 = 3,
+    kU32 = 4,
+    kI32 = 5,
+    kF32 = 6,
+    kBool = 7,
+    kString = 8,
+    kArray = 9,
+    kU64 = 10,
+    kI64 = 11,
+    kF64 = 12,
   };
 
   // Byte positions of fields in the last Build() output, for corruption tests.
@@ -127,7 +138,8 @@ inline std::string FloatBytes(const std::vector<float>& v) {
 class TempDir {
  public:
   TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "asynctls_weights_XXXXXX").string();
+    std::string tmpl =
+        (std::filesystem::temp_directory_path() / "asynctls_weights_XXXXXX").string();
     path_ = ::mkdtemp(tmpl.data());
   }
   ~TempDir() {

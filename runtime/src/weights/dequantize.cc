@@ -111,9 +111,9 @@ absl::Status DequantizeGguf(absl::string_view type, const void* src, size_t src_
     return absl::UnimplementedError(absl::StrCat("cannot dequantize GGUF type ", type));
   }
   if (count < 0 || count % traits->block_size != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        type, ": ", count, " values is not a whole number of ", traits->block_size,
-        "-value blocks"));
+    return absl::InvalidArgumentError(absl::StrCat(type, ": ", count,
+                                                   " values is not a whole number of ",
+                                                   traits->block_size, "-value blocks"));
   }
   const int64_t blocks = count / traits->block_size;
   if (static_cast<uint64_t>(blocks) > src_bytes / static_cast<uint64_t>(traits->type_size)) {

@@ -73,8 +73,8 @@ class Cursor {
 
   absl::Status Need(uint64_t n, absl::string_view what) const {
     if (n > left()) {
-      return absl::DataLossError(absl::StrCat("GGUF truncated: reading ", what, " at byte ",
-                                              pos_, " needs ", n, " bytes, file has ", left(),
+      return absl::DataLossError(absl::StrCat("GGUF truncated: reading ", what, " at byte ", pos_,
+                                              " needs ", n, " bytes, file has ", left(),
                                               " left (size ", size_, ")"));
     }
     return absl::OkStatus();
@@ -93,9 +93,9 @@ class Cursor {
     uint64_t len;
     ASYNCTLS_RETURN_IF_ERROR(Read(&len, absl::StrCat("length of ", what)));
     if (len > left()) {
-      return absl::DataLossError(absl::StrCat("GGUF string length ", len, " of ", what,
-                                              " at byte ", at, " runs past end of file (",
-                                              left(), " bytes left)"));
+      return absl::DataLossError(absl::StrCat("GGUF string length ", len, " of ", what, " at byte ",
+                                              at, " runs past end of file (", left(),
+                                              " bytes left)"));
     }
     out->assign(reinterpret_cast<const char*>(data_ + pos_), static_cast<size_t>(len));
     pos_ += static_cast<size_t>(len);
@@ -196,15 +196,15 @@ absl::Status ReadValue(Cursor& c, GgufValueType type, GgufValue* v, const std::s
 absl::Status ReadArray(Cursor& c, GgufValue* v, const std::string& key, int depth) {
   v->type = GgufValueType::kArray;
   if (depth >= kMaxArrayNesting) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF metadata ", key, ": arrays nested more than ",
-                                                   kMaxArrayNesting, " deep"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GGUF metadata ", key, ": arrays nested more than ", kMaxArrayNesting, " deep"));
   }
   const size_t at = c.pos();
   uint32_t elem_type;
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&elem_type, absl::StrCat("array type of ", key)));
   if (!IsKnownValueType(elem_type)) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF metadata ", key, ": unknown array element type ",
-                                                   elem_type, " at byte ", at));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GGUF metadata ", key, ": unknown array element type ", elem_type, " at byte ", at));
   }
   uint64_t count;
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&count, absl::StrCat("array length of ", key)));
@@ -212,8 +212,8 @@ absl::Status ReadArray(Cursor& c, GgufValue* v, const std::string& key, int dept
   v->elem_type = et;
   if (count > c.left() / MinEncodedSize(et)) {
     return absl::DataLossError(absl::StrCat("GGUF metadata ", key, ": array length ", count,
-                                            " at byte ", at, " runs past end of file (",
-                                            c.left(), " bytes left)"));
+                                            " at byte ", at, " runs past end of file (", c.left(),
+                                            " bytes left)"));
   }
   const size_t n = static_cast<size_t>(count);
   const std::string what = absl::StrCat("element of ", key);
@@ -274,34 +274,38 @@ absl::Status ReadTensorInfo(Cursor& c, size_t index, GgufTensor* t) {
   }
   uint64_t ne[kMaxDims];
   int64_t numel = 1;
+  // The product of the non-zero dimensions must fit too, so that no partial product of the
+  // shape overflows for a caller (an empty tensor with huge other dimensions is rejected).
+  int64_t nonzero_product = 1;
   for (uint32_t d = 0; d < n_dims; ++d) {
     ASYNCTLS_RETURN_IF_ERROR(c.Read(&ne[d], absl::StrCat("dimension of ", t->name)));
     if (ne[d] > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return absl::InvalidArgumentError(
           absl::StrCat("GGUF tensor ", t->name, ": dimension ", d, " = ", ne[d], " overflows"));
     }
-    if (__builtin_mul_overflow(numel, static_cast<int64_t>(ne[d]), &numel)) {
+    const int64_t dim = static_cast<int64_t>(ne[d]);
+    if (dim != 0 && __builtin_mul_overflow(nonzero_product, dim, &nonzero_product)) {
       return absl::InvalidArgumentError(
           absl::StrCat("GGUF tensor ", t->name, ": element count overflows int64"));
     }
+    numel *= dim;
   }
   uint32_t type_id;
   const size_t type_at = c.pos();
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&type_id, absl::StrCat("type of ", t->name)));
   auto traits = GgmlTypeById(type_id);
   if (!traits.has_value()) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF tensor ", t->name,
-                                                   ": unknown type id ", type_id, " at byte ",
-                                                   type_at));
+    return absl::InvalidArgumentError(
+        absl::StrCat("GGUF tensor ", t->name, ": unknown type id ", type_id, " at byte ", type_at));
   }
   t->type = *traits;
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&t->offset, absl::StrCat("data offset of ", t->name)));
 
   const int64_t row = n_dims > 0 ? static_cast<int64_t>(ne[0]) : 1;
   if (row % traits->block_size != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "GGUF tensor ", t->name, ": row length ", row, " is not a multiple of the ",
-        traits->name, " block size ", traits->block_size));
+    return absl::InvalidArgumentError(absl::StrCat("GGUF tensor ", t->name, ": row length ", row,
+                                                   " is not a multiple of the ", traits->name,
+                                                   " block size ", traits->block_size));
   }
   int64_t nbytes;
   if (__builtin_mul_overflow(numel / traits->block_size, traits->type_size, &nbytes)) {
@@ -328,11 +332,11 @@ absl::StatusOr<GgufContents> ParseGguf(const uint8_t* data, size_t size) {
   }
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&out.version, "version"));
   if (out.version != 2 && out.version != 3) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unsupported GGUF version ", out.version,
-        out.version == 1 ? " (v1 is obsolete)"
-                         : (out.version > 0xFFFF ? " (big-endian file?)" : ""),
-        "; supported: 2, 3"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unsupported GGUF version ", out.version,
+                     out.version == 1 ? " (v1 is obsolete)"
+                                      : (out.version > 0xFFFF ? " (big-endian file?)" : ""),
+                     "; supported: 2, 3"));
   }
   uint64_t tensor_count, kv_count;
   ASYNCTLS_RETURN_IF_ERROR(c.Read(&tensor_count, "tensor count"));
@@ -341,13 +345,11 @@ absl::StatusOr<GgufContents> ParseGguf(const uint8_t* data, size_t size) {
   // pair at least 13 (key length, value type, one byte of value).
   if (tensor_count > c.left() / 24) {
     return absl::InvalidArgumentError(absl::StrCat("GGUF tensor count ", tensor_count,
-                                                   " is absurd for a file of ", size,
-                                                   " bytes"));
+                                                   " is absurd for a file of ", size, " bytes"));
   }
   if (kv_count > c.left() / 13) {
     return absl::InvalidArgumentError(absl::StrCat("GGUF metadata count ", kv_count,
-                                                   " is absurd for a file of ", size,
-                                                   " bytes"));
+                                                   " is absurd for a file of ", size, " bytes"));
   }
 
   out.keys.reserve(static_cast<size_t>(kv_count));
@@ -358,9 +360,8 @@ absl::StatusOr<GgufContents> ParseGguf(const uint8_t* data, size_t size) {
     uint32_t type;
     ASYNCTLS_RETURN_IF_ERROR(c.Read(&type, absl::StrCat("value type of ", key)));
     if (!IsKnownValueType(type)) {
-      return absl::InvalidArgumentError(absl::StrCat("GGUF metadata ", key,
-                                                     ": unknown value type ", type,
-                                                     " at byte ", type_at));
+      return absl::InvalidArgumentError(
+          absl::StrCat("GGUF metadata ", key, ": unknown value type ", type, " at byte ", type_at));
     }
     GgufValue value;
     ASYNCTLS_RETURN_IF_ERROR(ReadValue(c, static_cast<GgufValueType>(type), &value, key, 0));
@@ -394,14 +395,13 @@ absl::StatusOr<GgufContents> ParseGguf(const uint8_t* data, size_t size) {
   const uint64_t data_size = size > out.data_offset ? size - out.data_offset : 0;
   for (const GgufTensor& t : out.tensors) {
     if (t.offset % out.alignment != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("GGUF tensor ", t.name,
-                                                     ": misaligned offset ", t.offset,
-                                                     " (alignment ", out.alignment, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("GGUF tensor ", t.name, ": misaligned offset ",
+                                                     t.offset, " (alignment ", out.alignment, ")"));
     }
     if (t.offset > data_size || t.num_bytes > data_size - t.offset) {
-      return absl::DataLossError(absl::StrCat(
-          "GGUF tensor ", t.name, ": tensor data past EOF (offset ", t.offset, " + ",
-          t.num_bytes, " bytes > data section of ", data_size, " bytes)"));
+      return absl::DataLossError(
+          absl::StrCat("GGUF tensor ", t.name, ": tensor data past EOF (offset ", t.offset, " + ",
+                       t.num_bytes, " bytes > data section of ", data_size, " bytes)"));
     }
   }
   return out;

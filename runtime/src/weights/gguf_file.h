@@ -17,8 +17,19 @@
 namespace asynctls::weights {
 
 enum class GgufValueType : uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
-  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
 };
 
 struct GgufValue {
@@ -31,8 +42,8 @@ struct GgufValue {
   std::string s;
   // Arrays: element type and exactly one of the vectors below filled, by element kind.
   GgufValueType elem_type = GgufValueType::kU8;
-  std::vector<int64_t> ints;     // integer and bool elements
-  std::vector<double> floats;    // f32 / f64 elements
+  std::vector<int64_t> ints;   // integer and bool elements
+  std::vector<double> floats;  // f32 / f64 elements
   std::vector<std::string> strings;
   std::vector<GgufValue> arrays;  // nested arrays
 };

@@ -43,9 +43,7 @@ class MappedFile final : public ByteRegion {
 class OwnedBytes final : public ByteRegion {
  public:
   explicit OwnedBytes(std::string bytes) : bytes_(std::move(bytes)) {}
-  const uint8_t* data() const override {
-    return reinterpret_cast<const uint8_t*>(bytes_.data());
-  }
+  const uint8_t* data() const override { return reinterpret_cast<const uint8_t*>(bytes_.data()); }
   size_t size() const override { return bytes_.size(); }
 
  private:

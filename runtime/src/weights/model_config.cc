@@ -3,9 +3,8 @@
 
 #include <cmath>
 #include <limits>
-#include <optional>
-
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -43,8 +42,8 @@ absl::Status ModelConfig::Validate() const {
   ASYNCTLS_RETURN_IF_ERROR(Bounded("ffn_size", ffn_size, kMaxFfn));
   ASYNCTLS_RETURN_IF_ERROR(Bounded("vocab_size", vocab_size, kMaxVocab));
   if (architecture != "llama" && architecture != "qwen2" && architecture != "qwen3") {
-    return Invalid("architecture", absl::StrCat("unsupported \"", architecture,
-                                                "\" (llama, qwen2, qwen3)"));
+    return Invalid("architecture",
+                   absl::StrCat("unsupported \"", architecture, "\" (llama, qwen2, qwen3)"));
   }
   if (num_layers <= 0) return Invalid("num_layers", absl::StrCat(num_layers, " must be > 0"));
   if (hidden_size <= 0) return Invalid("hidden_size", absl::StrCat(hidden_size, " must be > 0"));
@@ -57,8 +56,9 @@ absl::Status ModelConfig::Validate() const {
     return Invalid("head_dim", absl::StrCat(head_dim, " must be positive and even"));
   }
   if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim) {
-    return Invalid("rotary_dim", absl::StrCat(rotary_dim, " must be positive, even and <= ",
-                                              "head_dim = ", head_dim));
+    return Invalid(
+        "rotary_dim",
+        absl::StrCat(rotary_dim, " must be positive, even and <= ", "head_dim = ", head_dim));
   }
   if (ffn_size <= 0) return Invalid("ffn_size", absl::StrCat(ffn_size, " must be > 0"));
   if (vocab_size <= 0) return Invalid("vocab_size", absl::StrCat(vocab_size, " must be > 0"));
@@ -75,9 +75,9 @@ absl::Status ModelConfig::Validate() const {
   }
   if (rs.type == RopeScaling::Type::kLlama3) {
     if (!(rs.low_freq_factor > 0.f) || !(rs.high_freq_factor > rs.low_freq_factor)) {
-      return Invalid("rope_scaling", absl::StrCat("llama3 needs 0 < low_freq_factor (",
-                                                  rs.low_freq_factor, ") < high_freq_factor (",
-                                                  rs.high_freq_factor, ")"));
+      return Invalid("rope_scaling",
+                     absl::StrCat("llama3 needs 0 < low_freq_factor (", rs.low_freq_factor,
+                                  ") < high_freq_factor (", rs.high_freq_factor, ")"));
     }
     if (rs.original_max_position <= 0) {
       return Invalid("rope_scaling.original_max_position",
@@ -86,9 +86,9 @@ absl::Status ModelConfig::Validate() const {
   }
   if (!rope_freq_factors.empty()) {
     if (rope_freq_factors.size() != static_cast<size_t>(rotary_dim / 2)) {
-      return Invalid("rope_freq_factors", absl::StrCat("has ", rope_freq_factors.size(),
-                                                       " entries, rotary_dim / 2 = ",
-                                                       rotary_dim / 2));
+      return Invalid("rope_freq_factors",
+                     absl::StrCat("has ", rope_freq_factors.size(),
+                                  " entries, rotary_dim / 2 = ", rotary_dim / 2));
     }
     for (float f : rope_freq_factors) {
       if (!(f > 0.f) || !std::isfinite(f)) {
@@ -121,8 +121,8 @@ std::vector<float> ModelConfig::RopeInvFreq() const {
         if (wavelen > low_wavelen) {
           inv /= rs.factor;
         } else if (wavelen >= high_wavelen) {
-          const double smooth = (old_ctx / wavelen - rs.low_freq_factor) /
-                                (rs.high_freq_factor - rs.low_freq_factor);
+          const double smooth =
+              (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
           inv = (1.0 - smooth) * inv / rs.factor + smooth * inv;
         }
         break;
@@ -353,8 +353,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const WeightFile& f) {
   ASYNCTLS_ASSIGN_OR_RETURN(auto kv, UniformInt(f, a + "attention.head_count_kv"));
   c.num_kv_heads = kv.value_or(c.num_q_heads);
   ASYNCTLS_ASSIGN_OR_RETURN(auto key_len, UniformInt(f, a + "attention.key_length"));
-  c.head_dim = key_len.has_value() ? *key_len
-                                   : (c.num_q_heads > 0 ? c.hidden_size / c.num_q_heads : 0);
+  c.head_dim =
+      key_len.has_value() ? *key_len : (c.num_q_heads > 0 ? c.hidden_size / c.num_q_heads : 0);
   ASYNCTLS_ASSIGN_OR_RETURN(auto value_len, UniformInt(f, a + "attention.value_length"));
   if (value_len.has_value() && *value_len != c.head_dim) {
     return GgufError(a + "attention.value_length",
@@ -371,8 +371,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const WeightFile& f) {
 
   // Vocabulary: the tokenizer's token list, else {arch}.vocab_size, else token_embd rows.
   if (auto tokens = f.MetaStringArray("tokenizer.ggml.tokens"); tokens.has_value()) {
-    ASYNCTLS_ASSIGN_OR_RETURN(c.vocab_size,
-                              ToInt32("tokenizer.ggml.tokens", static_cast<int64_t>(tokens->size())));
+    ASYNCTLS_ASSIGN_OR_RETURN(
+        c.vocab_size, ToInt32("tokenizer.ggml.tokens", static_cast<int64_t>(tokens->size())));
   } else if (auto vs = f.MetaInt(a + "vocab_size"); vs.has_value()) {
     ASYNCTLS_ASSIGN_OR_RETURN(c.vocab_size, ToInt32(a + "vocab_size", *vs));
   } else {
@@ -403,8 +403,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const WeightFile& f) {
     ASYNCTLS_ASSIGN_OR_RETURN(c.rope_freq_factors, f.ReadF32("rope_freqs.weight"));
   }
 
-  c.rope_style = c.architecture == "llama" ? kernels::RopeStyle::kInterleaved
-                                           : kernels::RopeStyle::kHalf;
+  c.rope_style =
+      c.architecture == "llama" ? kernels::RopeStyle::kInterleaved : kernels::RopeStyle::kHalf;
   c.tied_embeddings = !f.HasTensor("output.weight");
   c.qk_norm = f.HasTensor("blk.0.attn_q_norm.weight");
   c.attention_bias = f.HasTensor("blk.0.attn_q.bias");

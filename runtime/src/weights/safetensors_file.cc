@@ -5,10 +5,9 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -63,8 +62,8 @@ absl::Status ParseShard(const MappedFile& file, size_t shard, std::vector<StTens
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", why));
   };
   if (file.size() < 8) {
-    return absl::DataLossError(absl::StrCat(path, ": truncated (", file.size(),
-                                            " bytes, no safetensors header length)"));
+    return absl::DataLossError(
+        absl::StrCat(path, ": truncated (", file.size(), " bytes, no safetensors header length)"));
   }
   uint64_t header_len;
   std::memcpy(&header_len, file.data(), 8);
@@ -104,28 +103,31 @@ absl::Status ParseShard(const MappedFile& file, size_t shard, std::vector<StTens
     t.shard = shard;
     const int64_t esize = DtypeSize(t.dtype);
     if (esize == 0) return fail(absl::StrCat(name, ": unknown dtype \"", t.dtype, "\""));
-    int64_t numel = 1;
+    int64_t numel = 1, nonzero_product = 1;  // see gguf_file.cc: no partial product overflows
     for (const json& d : *shape) {
       ASYNCTLS_ASSIGN_OR_RETURN(uint64_t dim, NonNegative(d, absl::StrCat(name, " shape entry")));
       if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-          __builtin_mul_overflow(numel, static_cast<int64_t>(dim), &numel)) {
+          (dim != 0 &&
+           __builtin_mul_overflow(nonzero_product, static_cast<int64_t>(dim), &nonzero_product))) {
         return fail(absl::StrCat(name, ": shape overflows"));
       }
+      numel *= static_cast<int64_t>(dim);
       t.shape.push_back(static_cast<int64_t>(dim));
     }
     int64_t nbytes;
     if (__builtin_mul_overflow(numel, esize, &nbytes)) {
       return fail(absl::StrCat(name, ": byte size overflows"));
     }
-    ASYNCTLS_ASSIGN_OR_RETURN(uint64_t begin, NonNegative((*offs)[0], absl::StrCat(name, " begin")));
+    ASYNCTLS_ASSIGN_OR_RETURN(uint64_t begin,
+                              NonNegative((*offs)[0], absl::StrCat(name, " begin")));
     ASYNCTLS_ASSIGN_OR_RETURN(uint64_t end, NonNegative((*offs)[1], absl::StrCat(name, " end")));
     if (begin > end || end - begin != static_cast<uint64_t>(nbytes)) {
-      return fail(absl::StrCat(name, ": data_offsets [", begin, ", ", end, ") do not hold ",
-                               nbytes, " bytes of ", t.dtype, " for its shape"));
+      return fail(absl::StrCat(name, ": data_offsets [", begin, ", ", end, ") do not hold ", nbytes,
+                               " bytes of ", t.dtype, " for its shape"));
     }
     if (end > data_size) {
-      return absl::DataLossError(absl::StrCat(path, ": ", name, ": tensor data past EOF (end ",
-                                              end, " > ", data_size, " bytes of data)"));
+      return absl::DataLossError(absl::StrCat(path, ": ", name, ": tensor data past EOF (end ", end,
+                                              " > ", data_size, " bytes of data)"));
     }
     t.data = data + begin;
     t.num_bytes = static_cast<uint64_t>(nbytes);
@@ -167,8 +169,8 @@ class SafetensorsWeightFile final : public WeightFile {
       if (canonical.has_value() && canonical->empty()) continue;  // a buffer, not a weight
       std::string name = canonical.value_or(tensors_[i].hf_name);
       if (!index_.emplace(name, i).second) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "safetensors: duplicate tensor ", tensors_[i].hf_name, " (as ", name, ")"));
+        return absl::InvalidArgumentError(absl::StrCat("safetensors: duplicate tensor ",
+                                                       tensors_[i].hf_name, " (as ", name, ")"));
       }
       infos_.push_back({name, tensors_[i].shape, tensors_[i].dtype});
     }
@@ -212,12 +214,8 @@ class SafetensorsWeightFile final : public WeightFile {
   std::optional<std::vector<std::string>> MetaStringArray(const std::string&) const override {
     return {};
   }
-  std::optional<std::vector<int64_t>> MetaIntArray(const std::string&) const override {
-    return {};
-  }
-  std::optional<std::vector<float>> MetaFloatArray(const std::string&) const override {
-    return {};
-  }
+  std::optional<std::vector<int64_t>> MetaIntArray(const std::string&) const override { return {}; }
+  std::optional<std::vector<float>> MetaFloatArray(const std::string&) const override { return {}; }
 
  private:
   std::vector<std::unique_ptr<MappedFile>> shards_;
@@ -229,8 +227,8 @@ class SafetensorsWeightFile final : public WeightFile {
 };
 
 // Shard file names from model.safetensors.index.json, checked to stay inside `dir`.
-absl::StatusOr<std::vector<std::string>> ShardsFromIndex(const std::string& index_path,
-                                                         absl::flat_hash_map<std::string, std::string>* weight_map) {
+absl::StatusOr<std::vector<std::string>> ShardsFromIndex(
+    const std::string& index_path, absl::flat_hash_map<std::string, std::string>* weight_map) {
   ASYNCTLS_ASSIGN_OR_RETURN(std::string text, ReadTextFile(index_path));
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   auto fail = [&](absl::string_view why) {
@@ -241,7 +239,8 @@ absl::StatusOr<std::vector<std::string>> ShardsFromIndex(const std::string& inde
   if (wm == j.end() || !wm->is_object()) return fail("no \"weight_map\" object");
   std::set<std::string> files;
   for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it.value().is_string()) return fail(absl::StrCat("weight_map[", it.key(), "] is not a string"));
+    if (!it.value().is_string())
+      return fail(absl::StrCat("weight_map[", it.key(), "] is not a string"));
     std::string file = it.value().get<std::string>();
     if (file.empty() || absl::StrContains(file, "/") || file == "." || file == "..") {
       return fail(absl::StrCat("shard name \"", file, "\" is not a plain file name"));
@@ -276,7 +275,8 @@ absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensors(const std::string& p
         const std::string p = entry.path().string();
         if (entry.is_regular_file() && absl::EndsWith(p, ".safetensors")) shard_paths.push_back(p);
       }
-      if (ec) return absl::InvalidArgumentError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
+      if (ec)
+        return absl::InvalidArgumentError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
       std::sort(shard_paths.begin(), shard_paths.end());
       if (shard_paths.empty()) {
         return absl::NotFoundError(absl::StrCat(path, ": no *.safetensors files"));
@@ -302,8 +302,8 @@ absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensors(const std::string& p
     for (const auto& [name, file] : weight_map) {
       auto it = where.find(name);
       if (it == where.end() || fs::path(shard_paths[it->second]).filename() != file) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "model.safetensors.index.json: tensor ", name, " is not in shard ", file));
+        return absl::InvalidArgumentError(
+            absl::StrCat("model.safetensors.index.json: tensor ", name, " is not in shard ", file));
       }
     }
   }
