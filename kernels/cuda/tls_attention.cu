@@ -18,7 +18,7 @@ using tls_detail::StoreIo;
 
 constexpr int kAttnThreads = 256;
 constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kTile = 32;  // positions per tile: one per lane in the softmax update
+constexpr int kTile = 32;   // positions per tile: one per lane in the softmax update
 constexpr int kRowPad = 8;  // bf16 elements of padding per smem row (conflict-free 16 B reads)
 constexpr float kLn2 = 0.69314718055994531f;
 
@@ -79,10 +79,11 @@ __global__ void __launch_bounds__(kAttnThreads)
 
   for (int e = tid; e < HPC * HEAD_DIM; e += kAttnThreads) {
     const int hh = e / HEAD_DIM, d = e % HEAD_DIM;
-    q_s[e] = hh < heads ? LoadIo(p.q, p.io_dtype,
-                                 (int64_t{b} * p.num_q_heads + g * group + h0 + hh) * HEAD_DIM + d) *
-                              q_scale
-                        : 0.f;
+    q_s[e] = hh < heads
+                 ? LoadIo(p.q, p.io_dtype,
+                          (int64_t{b} * p.num_q_heads + g * group + h0 + hh) * HEAD_DIM + d) *
+                       q_scale
+                 : 0.f;
   }
   if (tid < HPC) {
     m_s[tid] = -INFINITY;
@@ -328,21 +329,25 @@ template <int HEAD_DIM, int V_DIM>
 cudaError_t DispatchHeads(const TlsSparseAttentionParams& p, const SplitPlan& plan,
                           cudaStream_t stream) {
   switch (plan.hpc) {
-    case 1: return LaunchAttn<HEAD_DIM, V_DIM, 1>(p, plan, stream);
-    case 2: return LaunchAttn<HEAD_DIM, V_DIM, 2>(p, plan, stream);
-    case 4: return LaunchAttn<HEAD_DIM, V_DIM, 4>(p, plan, stream);
-    case 8: return LaunchAttn<HEAD_DIM, V_DIM, 8>(p, plan, stream);
+    case 1:
+      return LaunchAttn<HEAD_DIM, V_DIM, 1>(p, plan, stream);
+    case 2:
+      return LaunchAttn<HEAD_DIM, V_DIM, 2>(p, plan, stream);
+    case 4:
+      return LaunchAttn<HEAD_DIM, V_DIM, 4>(p, plan, stream);
+    case 8:
+      return LaunchAttn<HEAD_DIM, V_DIM, 8>(p, plan, stream);
     case 16:
       if constexpr (HEAD_DIM == 576) return LaunchAttn<HEAD_DIM, V_DIM, 16>(p, plan, stream);
       return cudaErrorInvalidValue;
-    default: return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size,
-                                    DType io_dtype) {
+bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size, DType io_dtype) {
   const bool dims = (head_dim == 64 && v_head_dim == 64) ||
                     (head_dim == 128 && v_head_dim == 128) ||
                     (head_dim == 576 && v_head_dim == 512);
@@ -367,10 +372,14 @@ cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t s
   const SplitPlan plan = PlanSplits(p);
   if (plan.num_splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
   switch (p.head_dim) {
-    case 64: return DispatchHeads<64, 64>(p, plan, stream);
-    case 128: return DispatchHeads<128, 128>(p, plan, stream);
-    case 576: return DispatchHeads<576, 512>(p, plan, stream);
-    default: return cudaErrorInvalidValue;
+    case 64:
+      return DispatchHeads<64, 64>(p, plan, stream);
+    case 128:
+      return DispatchHeads<128, 128>(p, plan, stream);
+    case 576:
+      return DispatchHeads<576, 512>(p, plan, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

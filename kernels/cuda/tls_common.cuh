@@ -2,10 +2,10 @@
 // top-k of one row (radix select on the score bits, ties by ascending id).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "asynctls/kernels/tls_math.h"
 #include "asynctls/kernels/tls_params.h"

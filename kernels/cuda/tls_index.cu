@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdat
         absmax = fmaxf(absmax, fabsf(v[i]));
       }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, o));
+      for (int o = 16; o > 0; o >>= 1)
+        absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, o));
       const float scale = TlsInt4Scale(absmax);
       const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + t % kKvBlockSize;
       if (lane == 0) p.maybe_token_scales[tok] = scale;
@@ -157,7 +158,7 @@ cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream) {
       p.num_channels > p.head_dim || p.head_dim > 4096) {
     return cudaErrorInvalidValue;
   }
-  CalibSelectKernel<<<p.num_kv_heads, 256, p.head_dim * (sizeof(uint64_t) + sizeof(int)), stream>>>(
+  CalibSelectKernel<<<p.num_kv_heads, 256, p.head_dim*(sizeof(uint64_t) + sizeof(int)), stream>>>(
       p);
   return cudaGetLastError();
 }
@@ -167,11 +168,16 @@ cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
   if (p.head_dim <= 0 || p.num_kv_heads <= 0) return cudaErrorInvalidValue;
   if (p.maybe_token_codes == nullptr) return LaunchIndexUpdate<0>(p, stream);
   switch (p.num_channels) {
-    case 16: return LaunchIndexUpdate<16>(p, stream);
-    case 32: return LaunchIndexUpdate<32>(p, stream);
-    case 64: return LaunchIndexUpdate<64>(p, stream);
-    case 128: return LaunchIndexUpdate<128>(p, stream);
-    default: return cudaErrorInvalidValue;
+    case 16:
+      return LaunchIndexUpdate<16>(p, stream);
+    case 32:
+      return LaunchIndexUpdate<32>(p, stream);
+    case 64:
+      return LaunchIndexUpdate<64>(p, stream);
+    case 128:
+      return LaunchIndexUpdate<128>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

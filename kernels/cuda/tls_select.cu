@@ -71,8 +71,14 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
       const uint4 c = *reinterpret_cast<const uint4*>(kmin + row_off[i] + d0 + 8 * v);
       uint32_t* da = kmax_s + i * kScoreRowWords + 4 * v;
       uint32_t* dc = kmin_s + i * kScoreRowWords + 4 * v;
-      da[0] = a.x; da[1] = a.y; da[2] = a.z; da[3] = a.w;
-      dc[0] = c.x; dc[1] = c.y; dc[2] = c.z; dc[3] = c.w;
+      da[0] = a.x;
+      da[1] = a.y;
+      da[2] = a.z;
+      da[3] = a.w;
+      dc[0] = c.x;
+      dc[1] = c.y;
+      dc[2] = c.z;
+      dc[3] = c.w;
     }
     __syncthreads();
     if (threadIdx.x < count) {
@@ -155,10 +161,10 @@ __global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpa
   const int b = bg / p.num_kv_heads;
   const TlsGeometry geo = MakeTlsGeometry(
       p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
-  const int num_listed = p.maybe_blocks ? p.maybe_num_blocks[bg]
-                                        : max(0, geo.first_recent_block - p.sink_blocks);
-  const int32_t* listed = p.maybe_blocks ? p.maybe_blocks + int64_t{bg} * p.max_kept_blocks
-                                         : nullptr;
+  const int num_listed =
+      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
+  const int32_t* listed =
+      p.maybe_blocks ? p.maybe_blocks + int64_t{bg} * p.max_kept_blocks : nullptr;
   int32_t* row = p.positions + int64_t{bg} * p.max_positions;
   int written = 0;
   for (int base = 0; base < num_listed; base += kExpandThreads) {
@@ -213,20 +219,21 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
 }
 
 template <int NC, int PASS>
-__global__ void __launch_bounds__(kTokenThreads) TokenScoreKernel(TlsTokenScoreParams p,
-                                                                  TokenStats stats) {
+__global__ void __launch_bounds__(kTokenThreads)
+    TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats) {
   extern __shared__ float q_s[];  // [group, NC], then (pass 2) inv [group], max [group]
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int group = p.num_q_heads / p.num_kv_heads;
   const TlsGeometry geo = MakeTlsGeometry(
       p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
-  const int num_listed = p.maybe_blocks ? p.maybe_num_blocks[bg]
-                                        : max(0, geo.first_recent_block - p.sink_blocks);
+  const int num_listed =
+      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   const int j = blockIdx.x * kTokenThreads + threadIdx.x;
   const int first = blockIdx.x * kTokenThreads;
   if (first >= num_listed * kKvBlockSize) {
-    if (PASS == 2 && j < p.max_candidates) p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
+    if (PASS == 2 && j < p.max_candidates)
+      p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
     return;
   }
   float* max_s = q_s + group * NC;
@@ -234,7 +241,8 @@ __global__ void __launch_bounds__(kTokenThreads) TokenScoreKernel(TlsTokenScoreP
   for (int e = threadIdx.x; e < group * NC; e += kTokenThreads) {
     const int hh = e / NC, c = e % NC;
     const int ch = p.channels[int64_t{g} * NC + c];
-    q_s[e] = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+    q_s[e] =
+        LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
   }
   const int64_t stat = int64_t{bg} * group;
   if (PASS >= 1) {
@@ -295,8 +303,7 @@ cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) 
   cudaError_t err = cudaMemsetAsync(p.workspace, 0, stats_bytes, stream);
   if (err != cudaSuccess) return err;
   const TokenStats stats = TokenStatsIn(p.workspace, p);
-  const dim3 grid((p.max_candidates + kTokenThreads - 1) / kTokenThreads,
-                  p.batch * p.num_kv_heads);
+  const dim3 grid((p.max_candidates + kTokenThreads - 1) / kTokenThreads, p.batch * p.num_kv_heads);
   if (smem > 48 * 1024) {
     for (auto* fn : {TokenScoreKernel<NC, 0>, TokenScoreKernel<NC, 1>, TokenScoreKernel<NC, 2>}) {
       err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -320,9 +327,12 @@ struct DecodeWorkspace {
 
 int32_t DecodeMaxCandidates(const TlsDecodeSelectParams& p) {
   switch (p.policy.mode) {
-    case TlsMode::kTokenOnly: return kKvBlockSize * p.max_blocks_per_seq;
-    case TlsMode::kTwoLevel: return kKvBlockSize * p.max_kept_blocks;
-    default: return 0;
+    case TlsMode::kTokenOnly:
+      return kKvBlockSize * p.max_blocks_per_seq;
+    case TlsMode::kTwoLevel:
+      return kKvBlockSize * p.max_kept_blocks;
+    default:
+      return 0;
   }
 }
 
@@ -371,8 +381,8 @@ DecodeWorkspace CarveDecodeWorkspace(const TlsDecodeSelectParams& p, void* base)
 }  // namespace
 
 bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
-  const bool channels_ok = num_channels == 16 || num_channels == 32 || num_channels == 64 ||
-                           num_channels == 128;
+  const bool channels_ok =
+      num_channels == 16 || num_channels == 32 || num_channels == 64 || num_channels == 128;
   return head_dim > 0 && head_dim % 8 == 0 && head_dim <= 4096 && channels_ok &&
          num_channels <= head_dim && group_size >= 1 && group_size * num_channels <= 16384;
 }
@@ -396,8 +406,8 @@ cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
 }
 
 size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p) {
-  const size_t n = size_t(p.batch) * p.num_kv_heads *
-                   (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
+  const size_t n =
+      size_t(p.batch) * p.num_kv_heads * (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
   return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
 }
 
@@ -408,11 +418,16 @@ cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   switch (p.num_channels) {
-    case 16: return LaunchTokenScore<16>(p, stream);
-    case 32: return LaunchTokenScore<32>(p, stream);
-    case 64: return LaunchTokenScore<64>(p, stream);
-    case 128: return LaunchTokenScore<128>(p, stream);
-    default: return cudaErrorInvalidValue;
+    case 16:
+      return LaunchTokenScore<16>(p, stream);
+    case 32:
+      return LaunchTokenScore<32>(p, stream);
+    case 64:
+      return LaunchTokenScore<64>(p, stream);
+    case 128:
+      return LaunchTokenScore<128>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
@@ -443,14 +458,14 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
   auto select_blocks = [&](int k) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
-    const TlsBlockScoreParams s{p.q, p.block_kmax, p.block_kmin, p.index_table, p.seq_lens,
-                                ws.block_scores, p.io_dtype, p.batch, p.num_q_heads,
-                                p.num_kv_heads, p.head_dim, p.max_blocks_per_seq};
+    const TlsBlockScoreParams s{p.q,           p.block_kmax,    p.block_kmin, p.index_table,
+                                p.seq_lens,    ws.block_scores, p.io_dtype,   p.batch,
+                                p.num_q_heads, p.num_kv_heads,  p.head_dim,   p.max_blocks_per_seq};
     cudaError_t err = TlsBlockScore(s, stream);
     if (err != cudaSuccess) return err;
-    const TlsBlockSelectParams sel{ws.block_scores, p.seq_lens, p.blocks, p.num_blocks, p.batch,
-                                   p.num_kv_heads, p.max_blocks_per_seq, p.max_kept_blocks, k,
-                                   pol.sink_blocks};
+    const TlsBlockSelectParams sel{
+        ws.block_scores,      p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,
+        p.max_blocks_per_seq, p.max_kept_blocks, k,        pol.sink_blocks};
     return TlsBlockSelect(sel, stream);
   };
   auto select_tokens = [&](const int32_t* blocks, const int32_t* num_blocks,
@@ -464,17 +479,17 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
     s.workspace = ws.token_stats;
     cudaError_t err = TlsTokenScore(s, stream);
     if (err != cudaSuccess) return err;
-    const TlsTokenSelectParams sel{ws.alpha, ws.cand, p.seq_lens, select_lens, p.positions,
-                                   p.num_positions, p.batch, p.num_kv_heads, s.max_candidates,
-                                   p.max_positions, pol.token_budget, pol.sink_blocks,
-                                   pol.window};
+    const TlsTokenSelectParams sel{
+        ws.alpha,         ws.cand,         p.seq_lens,     select_lens,      p.positions,
+        p.num_positions,  p.batch,         p.num_kv_heads, s.max_candidates, p.max_positions,
+        pol.token_budget, pol.sink_blocks, pol.window};
     return TlsTokenSelect(sel, stream);
   };
   auto expand = [&](const int32_t* blocks, const int32_t* num_blocks) {
-    const TlsBlockExpandParams e{blocks, num_blocks, p.seq_lens, nullptr, p.positions,
-                                 p.num_positions, p.batch, p.num_kv_heads, p.max_kept_blocks,
-                                 p.max_blocks_per_seq, p.max_positions, pol.sink_blocks,
-                                 pol.window};
+    const TlsBlockExpandParams e{
+        blocks,          num_blocks,      p.seq_lens,     nullptr,           p.positions,
+        p.num_positions, p.batch,         p.num_kv_heads, p.max_kept_blocks, p.max_blocks_per_seq,
+        p.max_positions, pol.sink_blocks, pol.window};
     return TlsBlockExpand(e, stream);
   };
   cudaError_t err = cudaSuccess;

@@ -11,13 +11,13 @@
 
 namespace asynctls::kernels::ref::tls_internal {
 
-#define ASYNCTLS_TLS_REF_CHECK(cond)                                                   \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "%s:%d: TLS reference contract violated: %s\n", __FILE__, \
-                   __LINE__, #cond);                                                   \
-      std::abort();                                                                    \
-    }                                                                                  \
+#define ASYNCTLS_TLS_REF_CHECK(cond)                                                           \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      std::fprintf(stderr, "%s:%d: TLS reference contract violated: %s\n", __FILE__, __LINE__, \
+                   #cond);                                                                     \
+      std::abort();                                                                            \
+    }                                                                                          \
   } while (0)
 
 inline float LoadAs(const void* base, DType dtype, int64_t i) {

@@ -15,14 +15,16 @@ void TlsCalibStats(const TlsCalibStatsParams& p) {
   for (int t = 0; t < p.num_tokens; ++t) {
     for (int h = 0; h < p.num_q_heads; ++h) {
       for (int i = 0; i < p.head_dim; ++i) {
-        const float v = std::fabs(LoadAs(p.q, p.io_dtype, (int64_t{t} * p.num_q_heads + h) * p.head_dim + i));
+        const float v =
+            std::fabs(LoadAs(p.q, p.io_dtype, (int64_t{t} * p.num_q_heads + h) * p.head_dim + i));
         float& m = p.q_absmax[int64_t{h} * p.head_dim + i];
         if (v > m) m = v;
       }
     }
     for (int h = 0; h < p.num_kv_heads; ++h) {
       for (int i = 0; i < p.head_dim; ++i) {
-        const float v = std::fabs(LoadAs(p.k, p.io_dtype, (int64_t{t} * p.num_kv_heads + h) * p.head_dim + i));
+        const float v =
+            std::fabs(LoadAs(p.k, p.io_dtype, (int64_t{t} * p.num_kv_heads + h) * p.head_dim + i));
         float& m = p.k_absmax[int64_t{h} * p.head_dim + i];
         if (v > m) m = v;
       }
@@ -39,7 +41,8 @@ void TlsCalibSelect(const TlsCalibSelectParams& p) {
   for (int g = 0; g < p.num_kv_heads; ++g) {
     for (int i = 0; i < p.head_dim; ++i) {
       float sum = 0.f;
-      for (int h = g * group; h < (g + 1) * group; ++h) sum += p.q_absmax[int64_t{h} * p.head_dim + i];
+      for (int h = g * group; h < (g + 1) * group; ++h)
+        sum += p.q_absmax[int64_t{h} * p.head_dim + i];
       score[i] = sum / static_cast<float>(group) * p.k_absmax[int64_t{g} * p.head_dim + i];
       keys[i] = TlsSelectKey(score[i], i);
       if (p.maybe_channel_scores) p.maybe_channel_scores[int64_t{g} * p.head_dim + i] = score[i];
@@ -88,7 +91,8 @@ void TlsIndexUpdate(const TlsIndexUpdateParams& p) {
         if (!p.maybe_token_codes) continue;
         const int32_t* channels = p.channels + int64_t{g} * p.num_channels;
         float absmax = 0.f;
-        for (int c = 0; c < p.num_channels; ++c) absmax = std::max(absmax, std::fabs(key[channels[c]]));
+        for (int c = 0; c < p.num_channels; ++c)
+          absmax = std::max(absmax, std::fabs(key[channels[c]]));
         const float scale = TlsInt4Scale(absmax);
         const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + offset;
         p.maybe_token_scales[tok] = scale;

@@ -33,8 +33,8 @@ std::vector<int> TopKAscending(const std::vector<uint64_t>& keys, const std::vec
 // Writes sink ++ middle ++ recent into one positions row; returns the count.
 int32_t Compose(const TlsGeometry& geo, const std::vector<int>& middle, int32_t* row,
                 int32_t max_positions) {
-  const int64_t count = int64_t{geo.sink_end} + static_cast<int64_t>(middle.size()) +
-                        (geo.len - geo.recent_start);
+  const int64_t count =
+      int64_t{geo.sink_end} + static_cast<int64_t>(middle.size()) + (geo.len - geo.recent_start);
   ASYNCTLS_TLS_REF_CHECK(count <= max_positions);
   int32_t n = 0;
   for (int32_t pos = 0; pos < geo.sink_end; ++pos) row[n++] = pos;
@@ -58,7 +58,8 @@ void TlsBlockScore(const TlsBlockScoreParams& p) {
       for (int d = 0; d < p.head_dim; ++d) {
         float pos = 0.f, neg = 0.f;
         for (int h = g * group; h < (g + 1) * group; ++h) {
-          const float v = LoadAs(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + h) * p.head_dim + d);
+          const float v =
+              LoadAs(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + h) * p.head_dim + d);
           pos += v > 0.f ? v : 0.f;
           neg += v < 0.f ? v : 0.f;
         }
@@ -126,8 +127,8 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
       for (int hh = 0; hh < group; ++hh) {
         for (int c = 0; c < p.num_channels; ++c) {
           const int ch = p.channels[int64_t{g} * p.num_channels + c];
-          qc[int64_t{hh} * p.num_channels + c] =
-              LoadAs(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+          qc[int64_t{hh} * p.num_channels + c] = LoadAs(
+              p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
         }
       }
       int32_t* cand = p.cand_positions + bg * p.max_candidates;
@@ -162,7 +163,8 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         float m = logits[hh * n];
         for (size_t v = 1; v < n; ++v) m = std::max(m, logits[hh * n + v]);
         uint64_t z = 0;
-        for (size_t v = 0; v < n; ++v) z += TlsExpToFixed(TlsExp2((logits[hh * n + v] - m) * exp_scale));
+        for (size_t v = 0; v < n; ++v)
+          z += TlsExpToFixed(TlsExp2((logits[hh * n + v] - m) * exp_scale));
         max_logit[hh] = m;
         inv[hh] = TlsInvDenominator(z, group);
       }
@@ -192,9 +194,8 @@ void TlsTokenSelect(const TlsTokenSelectParams& p) {
         keys.push_back(TlsSelectKey(alpha[j], cand[j]));
         ids.push_back(cand[j]);
       }
-      p.num_positions[bg] =
-          Compose(geo, TopKAscending(keys, ids, p.k), p.positions + bg * p.max_positions,
-                  p.max_positions);
+      p.num_positions[bg] = Compose(geo, TopKAscending(keys, ids, p.k),
+                                    p.positions + bg * p.max_positions, p.max_positions);
     }
   }
 }
@@ -215,7 +216,8 @@ void TlsBlockExpand(const TlsBlockExpandParams& p) {
         for (int32_t pos = TlsBlockCandBegin(geo, block); pos < TlsBlockCandEnd(geo, block); ++pos)
           middle.push_back(pos);
       }
-      p.num_positions[bg] = Compose(geo, middle, p.positions + bg * p.max_positions, p.max_positions);
+      p.num_positions[bg] =
+          Compose(geo, middle, p.positions + bg * p.max_positions, p.max_positions);
     }
   }
 }
@@ -228,13 +230,13 @@ void TlsDecodeSelect(const TlsDecodeSelectParams& p) {
   auto select_blocks = [&](int k) {
     ASYNCTLS_TLS_REF_CHECK(k <= p.max_kept_blocks);
     std::vector<float> scores(rows * p.max_blocks_per_seq, 0.f);
-    TlsBlockScoreParams s{p.q, p.block_kmax, p.block_kmin, p.index_table, p.seq_lens,
-                          scores.data(), p.io_dtype, p.batch, p.num_q_heads, p.num_kv_heads,
-                          p.head_dim, p.max_blocks_per_seq};
+    TlsBlockScoreParams s{p.q,           p.block_kmax,   p.block_kmin, p.index_table,
+                          p.seq_lens,    scores.data(),  p.io_dtype,   p.batch,
+                          p.num_q_heads, p.num_kv_heads, p.head_dim,   p.max_blocks_per_seq};
     TlsBlockScore(s);
-    TlsBlockSelectParams sel{scores.data(), p.seq_lens, p.blocks, p.num_blocks, p.batch,
-                             p.num_kv_heads, p.max_blocks_per_seq, p.max_kept_blocks, k,
-                             pol.sink_blocks};
+    TlsBlockSelectParams sel{
+        scores.data(),        p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,
+        p.max_blocks_per_seq, p.max_kept_blocks, k,        pol.sink_blocks};
     TlsBlockSelect(sel);
   };
   auto select_tokens = [&](const int32_t* blocks, const int32_t* num_blocks,
@@ -268,15 +270,17 @@ void TlsDecodeSelect(const TlsDecodeSelectParams& p) {
     s.window = pol.window;
     s.scale = p.scale;
     TlsTokenScore(s);
-    TlsTokenSelectParams sel{alpha.data(), cand.data(), p.seq_lens, select_lens, p.positions,
-                             p.num_positions, p.batch, p.num_kv_heads, max_candidates,
-                             p.max_positions, pol.token_budget, pol.sink_blocks, pol.window};
+    TlsTokenSelectParams sel{alpha.data(),   cand.data(),     p.seq_lens,       select_lens,
+                             p.positions,    p.num_positions, p.batch,          p.num_kv_heads,
+                             max_candidates, p.max_positions, pol.token_budget, pol.sink_blocks,
+                             pol.window};
     TlsTokenSelect(sel);
   };
   auto expand = [&](const int32_t* blocks, const int32_t* num_blocks) {
-    TlsBlockExpandParams e{blocks, num_blocks, p.seq_lens, nullptr, p.positions,
-                           p.num_positions, p.batch, p.num_kv_heads, p.max_kept_blocks,
-                           p.max_blocks_per_seq, p.max_positions, pol.sink_blocks, pol.window};
+    TlsBlockExpandParams e{
+        blocks,          num_blocks,      p.seq_lens,     nullptr,           p.positions,
+        p.num_positions, p.batch,         p.num_kv_heads, p.max_kept_blocks, p.max_blocks_per_seq,
+        p.max_positions, pol.sink_blocks, pol.window};
     TlsBlockExpand(e);
   };
   switch (pol.mode) {

@@ -26,7 +26,7 @@ struct AttnShape {
 
 void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
   SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv << " dtype "
-                                  << int(dtype) << " mode " << int(mode));
+                                    << int(dtype) << " mode " << int(mode));
   const int nc = s.mla ? 128 : 32;
   const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, nc, dtype, s.mla);
   testing::TlsSelectBuffers buf;
@@ -96,11 +96,11 @@ TEST(TlsSparseAttentionGpuTest, GqaMatchesReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(301);
   const std::vector<AttnShape> shapes = {
-      {{1, 17, 97, 3000}, 9, 3, 64, false},   // G = 3
-      {{2200, 65}, 4, 4, 64, false},          // G = 1
-      {{4100, 333}, 32, 8, 128, false},       // G = 4
-      {{1500}, 8, 1, 128, false},             // G = 8
-      {{700}, 12, 1, 128, false},             // G = 12: two head chunks
+      {{1, 17, 97, 3000}, 9, 3, 64, false},  // G = 3
+      {{2200, 65}, 4, 4, 64, false},         // G = 1
+      {{4100, 333}, 32, 8, 128, false},      // G = 4
+      {{1500}, 8, 1, 128, false},            // G = 8
+      {{700}, 12, 1, 128, false},            // G = 12: two head chunks
   };
   for (const AttnShape& s : shapes) {
     for (DType dtype : {DType::kF32, DType::kBF16}) {

@@ -64,12 +64,25 @@ TEST(TlsSparseAttentionTest, AllPositionsEqualsDenseDecode) {
           for (int t = 0; t < lens[b]; ++t) positions[(b * 2 + g) * max_positions + t] = t;
         }
       }
-      const AttnRun sparse = RunSparse(kv, q, nq, head_dim, false, positions, counts, max_positions);
+      const AttnRun sparse =
+          RunSparse(kv, q, nq, head_dim, false, positions, counts, max_positions);
       std::vector<uint8_t> out(sparse.out.size() * DTypeSize(dtype));
       std::vector<float> lse(4 * nq);
-      PagedDecodeParams d{q.data(), kv.k.data(), kv.v.data(), kv.block_table.data(),
-                          kv.seq_lens.data(), out.data(), lse.data(), nullptr, dtype, 4, nq, 2,
-                          head_dim, kv.max_blocks_per_seq, 300,
+      PagedDecodeParams d{q.data(),
+                          kv.k.data(),
+                          kv.v.data(),
+                          kv.block_table.data(),
+                          kv.seq_lens.data(),
+                          out.data(),
+                          lse.data(),
+                          nullptr,
+                          dtype,
+                          4,
+                          nq,
+                          2,
+                          head_dim,
+                          kv.max_blocks_per_seq,
+                          300,
                           1.f / std::sqrt(float(head_dim))};
       ref::PagedDecodeAttention(d);
       const auto dense = testing::ReadTyped(out.data(), dtype, sparse.out.size());
@@ -130,7 +143,8 @@ TEST(TlsSparseAttentionTest, SubsetMatchesGatherGqa) {
   for (int r = 0; r < 9; ++r) {
     const int len = lens[r / 3];
     int n = 0;
-    for (int t = r % 3; t < len && n < max_positions; t += 1 + (t % 5)) positions[r * max_positions + n++] = t;
+    for (int t = r % 3; t < len && n < max_positions; t += 1 + (t % 5))
+      positions[r * max_positions + n++] = t;
     counts[r] = n;
   }
   ExpectMatchesGather(kv, q, 9, 64, false, positions, counts, max_positions);
@@ -146,7 +160,8 @@ TEST(TlsSparseAttentionTest, SubsetMatchesGatherMla) {
   std::vector<int32_t> positions(2 * max_positions, -1), counts(2);
   for (int b = 0; b < 2; ++b) {
     int n = 0;
-    for (int t = 0; t < lens[b] && n < max_positions; t += 2) positions[b * max_positions + n++] = t;
+    for (int t = 0; t < lens[b] && n < max_positions; t += 2)
+      positions[b * max_positions + n++] = t;
     counts[b] = n;
   }
   ExpectMatchesGather(kv, q, nq, 512, true, positions, counts, max_positions);

@@ -49,10 +49,12 @@ TEST(TlsIndexGpuTest, CalibrationMatchesReference) {
       ASSERT_CUDA(dk.Upload(k.bytes));
       ASSERT_CUDA(cudaMemset(dqa.get(), 0, dqa.bytes()));
       ASSERT_CUDA(cudaMemset(dka.get(), 0, dka.bytes()));
-      ASSERT_CUDA(cuda::TlsCalibStats({dq.get(), dk.get(), dqa.as<float>(), dka.as<float>(), dtype,
-                                       tokens, nq, nkv, dim}, nullptr));
-      ASSERT_CUDA(cuda::TlsCalibSelect({dqa.as<float>(), dka.as<float>(), dch.as<int32_t>(),
-                                        dsc.as<float>(), nq, nkv, dim, nc}, nullptr));
+      ASSERT_CUDA(cuda::TlsCalibStats(
+          {dq.get(), dk.get(), dqa.as<float>(), dka.as<float>(), dtype, tokens, nq, nkv, dim},
+          nullptr));
+      ASSERT_CUDA(cuda::TlsCalibSelect(
+          {dqa.as<float>(), dka.as<float>(), dch.as<int32_t>(), dsc.as<float>(), nq, nkv, dim, nc},
+          nullptr));
       ASSERT_CUDA(cudaDeviceSynchronize());
       ExpectBitEqual(Download<float>(dqa, qa.size()), qa, "q_absmax");
       ExpectBitEqual(Download<float>(dka, ka.size()), ka, "k_absmax");
@@ -105,11 +107,22 @@ TEST(TlsIndexGpuTest, BuildAndAppendMatchReference) {
         }
         ASSERT_CUDA(dstart.Upload(done));
         ASSERT_CUDA(dend.Upload(end));
-        TlsIndexUpdateParams u{d.k.get(), d.block_table.as<int32_t>(), d.index_table.as<int32_t>(),
-                               dstart.as<int32_t>(), dend.as<int32_t>(), d.kmax.get(),
-                               d.kmin.get(), d.channels.as<int32_t>(), d.codes.as<uint8_t>(),
-                               d.scales.as<float>(), c.batch, c.num_kv_heads, c.head_dim,
-                               c.num_channels, c.max_blocks_per_seq(), chunk ? chunk : max_len};
+        TlsIndexUpdateParams u{d.k.get(),
+                               d.block_table.as<int32_t>(),
+                               d.index_table.as<int32_t>(),
+                               dstart.as<int32_t>(),
+                               dend.as<int32_t>(),
+                               d.kmax.get(),
+                               d.kmin.get(),
+                               d.channels.as<int32_t>(),
+                               d.codes.as<uint8_t>(),
+                               d.scales.as<float>(),
+                               c.batch,
+                               c.num_kv_heads,
+                               c.head_dim,
+                               c.num_channels,
+                               c.max_blocks_per_seq(),
+                               chunk ? chunk : max_len};
         ASSERT_CUDA(cuda::TlsIndexUpdate(u, nullptr));
         done = end;
         for (int b = 0; b < c.batch; ++b) more |= done[b] < s.lens[b];

@@ -30,7 +30,7 @@ TEST(TlsCalibTest, StatsAccumulateAbsMax) {
 
 TEST(TlsCalibTest, SelectTopChannelsTiesToLowerChannel) {
   // 2 kv heads, group 2, dim 6, pick 2.
-  const std::vector<float> qa = {1, 1, 1, 1, 1, 1, /*h1*/ 3, 1, 1, 1, 1, 1,
+  const std::vector<float> qa = {1,        1, 1, 1, 1, 1, /*h1*/ 3, 1, 1, 1, 1, 1,
                                  /*h2*/ 1, 1, 1, 1, 1, 1, /*h3*/ 1, 1, 1, 1, 1, 1};
   const std::vector<float> ka = {1, 2, 2, 0, 2, 0.5f, /*g1*/ 0, 0, 0, 5, 0, 5};
   std::vector<int32_t> channels(4, -1);
@@ -71,8 +71,9 @@ void ExpectIndexMatchesCache(const TlsCase& c) {
         const float scale = c.scales[tok];
         float absmax = 0.f;
         for (int ch = 0; ch < c.num_channels; ++ch) {
-          absmax = std::max(absmax, std::fabs(k[size_t(t) * c.head_dim +
-                                                 c.channels[size_t(g) * c.num_channels + ch]]));
+          absmax = std::max(
+              absmax,
+              std::fabs(k[size_t(t) * c.head_dim + c.channels[size_t(g) * c.num_channels + ch]]));
         }
         ASSERT_EQ(scale, absmax / 7.f);
         for (int ch = 0; ch < c.num_channels; ++ch) {
@@ -125,10 +126,22 @@ TEST(TlsIndexTest, IncrementalEqualsBuild) {
   for (int step : steps) {
     std::vector<int32_t> start = done, end(c.batch);
     for (int b = 0; b < c.batch; ++b) end[b] = std::min(c.seq_lens()[b], done[b] + step);
-    TlsIndexUpdateParams u{c.kv.k.data(), c.kv.block_table.data(), c.index_table.data(),
-                           start.data(), end.data(), kmax.data(), kmin.data(), c.channels.data(),
-                           codes.data(), scales.data(), c.batch, c.num_kv_heads, c.head_dim,
-                           c.num_channels, c.max_blocks_per_seq(), step};
+    TlsIndexUpdateParams u{c.kv.k.data(),
+                           c.kv.block_table.data(),
+                           c.index_table.data(),
+                           start.data(),
+                           end.data(),
+                           kmax.data(),
+                           kmin.data(),
+                           c.channels.data(),
+                           codes.data(),
+                           scales.data(),
+                           c.batch,
+                           c.num_kv_heads,
+                           c.head_dim,
+                           c.num_channels,
+                           c.max_blocks_per_seq(),
+                           step};
     ref::TlsIndexUpdate(u);
     done = end;
   }
@@ -152,9 +165,22 @@ TEST(TlsIndexTest, BlockIndexOnlyWhenNoTokenCodes) {
   const TlsCase c = MakeTlsCase({80}, 2, 1, 64, 16, DType::kF32);
   std::vector<Bf16> kmax(c.kmax.size()), kmin(c.kmin.size());
   std::vector<int32_t> start = {0};
-  TlsIndexUpdateParams u{c.kv.k.data(), c.kv.block_table.data(), c.index_table.data(),
-                         start.data(), c.kv.seq_lens.data(), kmax.data(), kmin.data(), nullptr,
-                         nullptr, nullptr, 1, 1, 64, 0, c.max_blocks_per_seq(), 80};
+  TlsIndexUpdateParams u{c.kv.k.data(),
+                         c.kv.block_table.data(),
+                         c.index_table.data(),
+                         start.data(),
+                         c.kv.seq_lens.data(),
+                         kmax.data(),
+                         kmin.data(),
+                         nullptr,
+                         nullptr,
+                         nullptr,
+                         1,
+                         1,
+                         64,
+                         0,
+                         c.max_blocks_per_seq(),
+                         80};
   ref::TlsIndexUpdate(u);
   for (int blk = 0; blk < 2; ++blk) {
     const size_t off = size_t(c.index_table[blk]) * 64;

@@ -28,11 +28,11 @@ struct SelectShape {
 
 std::vector<SelectShape> Shapes() {
   return {
-      {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},   // SmolLM2-like, G = 3
-      {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},          // Qwen3-8B-like, G = 4
-      {{3000}, 8, 1, 128, 16, DType::kF32, false},                      // G = 8
-      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},               // MLA, G = 16
-      {{1800}, 32, 1, 576, 128, DType::kBF16, true},                    // MLA, G = 32
+      {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},  // SmolLM2-like, G = 3
+      {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
+      {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
+      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},              // MLA, G = 16
+      {{1800}, 32, 1, 576, 128, DType::kBF16, true},                   // MLA, G = 32
   };
 }
 
@@ -41,15 +41,17 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
   testing::Reseed(201);
   for (const SelectShape& s : Shapes()) {
     SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv);
-    const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    const testing::TlsCase c =
+        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
     // Block scores.
     std::vector<float> want(size_t(rows) * mbps, 0.f);
-    TlsBlockScoreParams bp{c.q.data(), c.kmax.data(), c.kmin.data(), c.index_table.data(),
-                           c.kv.seq_lens.data(), want.data(), c.q.dtype, c.batch, c.num_q_heads,
-                           c.num_kv_heads, c.head_dim, mbps};
+    TlsBlockScoreParams bp{
+        c.q.data(),           c.kmax.data(),  c.kmin.data(), c.index_table.data(),
+        c.kv.seq_lens.data(), want.data(),    c.q.dtype,     c.batch,
+        c.num_q_heads,        c.num_kv_heads, c.head_dim,    mbps};
     ref::TlsBlockScore(bp);
     DeviceBuffer dscores;
     ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
@@ -143,8 +145,8 @@ TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
   for (float& s : scores) s = float(int(testing::RandomF32(1, 0.f, 6.f)[0])) - 2.f;  // 6 values
   std::vector<int32_t> blocks(batch * kept, -1), num(batch, -1);
   for (int k : {0, 1, 17, 50}) {
-    TlsBlockSelectParams p{scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps,
-                           kept, k, 1};
+    TlsBlockSelectParams p{
+        scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps, kept, k, 1};
     ref::TlsBlockSelect(p);
     DeviceBuffer ds, dl, db, dn;
     ASSERT_CUDA(ds.Upload(scores));
@@ -160,7 +162,8 @@ TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
     const auto gnum = Download<int32_t>(dn, batch);
     ASSERT_EQ(gnum, num) << "k " << k;
     EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
-              testing::Rows(blocks, num, kept)) << "k " << k;
+              testing::Rows(blocks, num, kept))
+        << "k " << k;
   }
 }
 
@@ -169,16 +172,17 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(203);
   for (const SelectShape& s : Shapes()) {
-    const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    const testing::TlsCase c =
+        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads;
-    for (TlsMode mode : {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly,
-                         TlsMode::kTwoLevel}) {
+    for (TlsMode mode :
+         {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
       for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
         if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
-        SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " mode " << int(mode) << " lag "
-                                        << int(lag));
+        SCOPED_TRACE(::testing::Message()
+                     << "dim " << s.dim << " mode " << int(mode) << " lag " << int(lag));
         const TlsPolicy pol = testing::MakePolicy(mode, lag, 16, 256, 1, 64);
         testing::TlsSelectBuffers buf;
         if (lag == TlsLag::kOneStep) {
@@ -201,8 +205,10 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
 
         DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
         ASSERT_CUDA(pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
-        ASSERT_CUDA(pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
-        ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0} : buf.prev_select_lens));
+        ASSERT_CUDA(
+            pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
+        ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0}
+                                                           : buf.prev_select_lens));
         ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
         ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
         ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
@@ -229,13 +235,15 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
         ASSERT_CUDA(cudaDeviceSynchronize());
         const auto gpn = Download<int32_t>(dpn, rows);
         ASSERT_EQ(gpn, buf.num_positions);
-        EXPECT_EQ(testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
-                  testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+        EXPECT_EQ(
+            testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+            testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
         if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
           const auto gn = Download<int32_t>(dn, rows);
           ASSERT_EQ(gn, buf.num_blocks);
-          EXPECT_EQ(testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
-                    testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+          EXPECT_EQ(
+              testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
+              testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
         }
       }
     }

@@ -37,8 +37,9 @@ TEST(TlsBlockScoreTest, EqualsQuestBoundAndBoundsTrueScores) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
       const std::vector<float> k = c.kv.Dense(c.kv.k, b, g);
       for (int blk = 0; blk * 64 < len; ++blk) {
-        const size_t off = (size_t(c.index_table[b * c.max_blocks_per_seq() + blk]) *
-                                c.num_kv_heads + g) * c.head_dim;
+        const size_t off =
+            (size_t(c.index_table[b * c.max_blocks_per_seq() + blk]) * c.num_kv_heads + g) *
+            c.head_dim;
         double quest = 0, scale_sum = 0;
         for (int h = g * G; h < (g + 1) * G; ++h) {
           for (int d = 0; d < c.head_dim; ++d) {
@@ -76,7 +77,8 @@ TEST(TlsBlockSelectTest, TopKWithTiesSinkAndOpenBlockExcluded) {
   ref::TlsBlockSelect({scores.data(), lens.data(), blocks.data(), num.data(), 1, 1, mbps, 4, 3, 1});
   EXPECT_EQ(num[0], 3);
   // 5s at blocks 2, 3, 5, 8: ties go to the lower ids.
-  EXPECT_EQ(std::vector<int32_t>(blocks.begin(), blocks.begin() + 3), (std::vector<int32_t>{2, 3, 5}));
+  EXPECT_EQ(std::vector<int32_t>(blocks.begin(), blocks.begin() + 3),
+            (std::vector<int32_t>{2, 3, 5}));
   // k larger than the eligible set (blocks 1..8): all of them.
   std::vector<int32_t> all(12, -1);
   ref::TlsBlockSelect({scores.data(), lens.data(), all.data(), num.data(), 1, 1, mbps, 12, 12, 1});
@@ -84,7 +86,8 @@ TEST(TlsBlockSelectTest, TopKWithTiesSinkAndOpenBlockExcluded) {
   for (int i = 0; i < 8; ++i) EXPECT_EQ(all[i], i + 1);
   // Short sequences: nothing eligible.
   std::vector<int32_t> short_lens = {128};
-  ref::TlsBlockSelect({scores.data(), short_lens.data(), all.data(), num.data(), 1, 1, mbps, 12, 4, 1});
+  ref::TlsBlockSelect(
+      {scores.data(), short_lens.data(), all.data(), num.data(), 1, 1, mbps, 12, 4, 1});
   EXPECT_EQ(num[0], 0);
 }
 
@@ -176,14 +179,17 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
         std::vector<double> logit(cands.size());
         for (size_t v = 0; v < cands.size(); ++v) {
           const int pos = cands[v];
-          const size_t tok = (size_t(c.index_table[b * c.max_blocks_per_seq() + pos / 64]) *
-                                  c.num_kv_heads + g) * 64 + pos % 64;
+          const size_t tok =
+              (size_t(c.index_table[b * c.max_blocks_per_seq() + pos / 64]) * c.num_kv_heads + g) *
+                  64 +
+              pos % 64;
           double dot = 0;
           for (int ch = 0; ch < c.num_channels; ++ch) {
             const uint8_t byte = c.codes[tok * (c.num_channels / 2) + ch / 2];
             const int code = (ch % 2 ? byte >> 4 : byte & 15) - 8;
             dot += c.q.values[(size_t(b) * c.num_q_heads + h) * c.head_dim +
-                              c.channels[g * c.num_channels + ch]] * code * c.scales[tok];
+                              c.channels[g * c.num_channels + ch]] *
+                   code * c.scales[tok];
           }
           logit[v] = dot / std::sqrt(double(c.head_dim));
         }
@@ -241,8 +247,8 @@ TEST(TlsBlockExpandTest, QuestAndDensePositionLists) {
   EXPECT_EQ(std::vector<int32_t>(positions.begin(), positions.begin() + count[0]), want);
   ASSERT_EQ(count[1], 20);
   // Dense: every position.
-  ref::TlsBlockExpand({nullptr, nullptr, lens.data(), nullptr, positions.data(), count.data(), 2,
-                       1, 0, 5, 400, 1, 64});
+  ref::TlsBlockExpand({nullptr, nullptr, lens.data(), nullptr, positions.data(), count.data(), 2, 1,
+                       0, 5, 400, 1, 64});
   ASSERT_EQ(count[0], 300);
   for (int p = 0; p < 300; ++p) ASSERT_EQ(positions[p], p);
   ASSERT_EQ(count[1], 20);
@@ -260,8 +266,8 @@ void ExpectSortedUnique(const std::vector<int32_t>& row, int len) {
 TEST(TlsDecodeSelectTest, ModesAndBudgets) {
   testing::Reseed(41);
   const TlsCase c = MakeTlsCase({1, 63, 64, 700, 1500}, 8, 2, 128, 32, DType::kBF16);
-  for (TlsMode mode : {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly,
-                       TlsMode::kTwoLevel}) {
+  for (TlsMode mode :
+       {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
     SCOPED_TRACE(int(mode));
     TlsSelectBuffers buf;
     const TlsPolicy pol = MakePolicy(mode, TlsLag::kSameStep, 6, 128, 1, 32);
@@ -366,15 +372,27 @@ TEST(TlsDecodeSelectTest, NeedleIsSelected) {
     c.kv.k[off + d] = FloatToBf16(2.f * s);
   }
   std::vector<int32_t> start = {0};
-  TlsIndexUpdateParams u{c.kv.k.data(), c.kv.block_table.data(), c.index_table.data(),
-                         start.data(), c.kv.seq_lens.data(), c.kmax.data(), c.kmin.data(),
-                         c.channels.data(), c.codes.data(), c.scales.data(), 1, 1, 64, 32,
-                         c.max_blocks_per_seq(), 2000};
+  TlsIndexUpdateParams u{c.kv.k.data(),
+                         c.kv.block_table.data(),
+                         c.index_table.data(),
+                         start.data(),
+                         c.kv.seq_lens.data(),
+                         c.kmax.data(),
+                         c.kmin.data(),
+                         c.channels.data(),
+                         c.codes.data(),
+                         c.scales.data(),
+                         1,
+                         1,
+                         64,
+                         32,
+                         c.max_blocks_per_seq(),
+                         2000};
   ref::TlsIndexUpdate(u);
   for (TlsMode mode : {TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
     TlsSelectBuffers buf;
-    ref::TlsDecodeSelect(testing::MakeDecodeSelectParams(
-        c, MakePolicy(mode, TlsLag::kSameStep, 4, 64), buf));
+    ref::TlsDecodeSelect(
+        testing::MakeDecodeSelectParams(c, MakePolicy(mode, TlsLag::kSameStep, 4, 64), buf));
     const auto row = testing::Rows(buf.positions, buf.num_positions, buf.max_positions)[0];
     EXPECT_TRUE(std::binary_search(row.begin(), row.end(), needle)) << int(mode);
   }

@@ -21,7 +21,7 @@ struct TlsCase {
   // Index rows: one per KV pool block; index_table = the KV block table.
   int num_index_rows = 0;
   std::vector<int32_t> index_table;
-  std::vector<Bf16> kmax, kmin;  // [rows, kv heads, head_dim]
+  std::vector<Bf16> kmax, kmin;   // [rows, kv heads, head_dim]
   std::vector<int32_t> channels;  // [kv heads, num_channels]
   std::vector<uint8_t> codes;     // [rows, kv heads, 64, num_channels / 2]
   std::vector<float> scales;      // [rows, kv heads, 64]
@@ -86,11 +86,21 @@ inline TlsCase MakeTlsCase(const std::vector<int32_t>& seq_lens, int num_q_heads
   std::vector<int32_t> start(c.batch, 0);
   int max_len = 0;
   for (int32_t l : seq_lens) max_len = std::max(max_len, l);
-  TlsIndexUpdateParams u{c.kv.k.data(),     c.kv.block_table.data(), c.index_table.data(),
-                         start.data(),      c.kv.seq_lens.data(),    c.kmax.data(),
-                         c.kmin.data(),     c.channels.data(),       c.codes.data(),
-                         c.scales.data(),   c.batch,                 num_kv_heads,
-                         head_dim,          num_channels,            c.kv.max_blocks_per_seq,
+  TlsIndexUpdateParams u{c.kv.k.data(),
+                         c.kv.block_table.data(),
+                         c.index_table.data(),
+                         start.data(),
+                         c.kv.seq_lens.data(),
+                         c.kmax.data(),
+                         c.kmin.data(),
+                         c.channels.data(),
+                         c.codes.data(),
+                         c.scales.data(),
+                         c.batch,
+                         num_kv_heads,
+                         head_dim,
+                         num_channels,
+                         c.kv.max_blocks_per_seq,
                          max_len};
   ref::TlsIndexUpdate(u);
   return c;

@@ -5,9 +5,9 @@
 // scores equal the CPU reference bit for bit; attention outputs agree to fp32 rounding.
 #pragma once
 
-#include <cstddef>
-
 #include <cuda_runtime_api.h>
+
+#include <cstddef>
 
 #include "asynctls/kernels/tls_params.h"
 

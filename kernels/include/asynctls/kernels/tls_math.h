@@ -92,7 +92,7 @@ ASYNCTLS_HD float TlsExp2(float x) {
   if (!(x >= -126.f)) return 0.f;
   if (x > 0.f) x = 0.f;
   const float n = TlsFloor(x + 0.5f);  // x = n + r, r in [-0.5, 0.5]
-  const float r = x - n;  // exact (Sterbenz)
+  const float r = x - n;               // exact (Sterbenz)
   // 2^r = e^(r ln2): Taylor coefficients ln2^k / k!, k = 0..7 (error < 3e-9 on [-0.5, 0.5]).
   float p = 1.5252733804059840e-05f;
   p = TlsFma(p, r, 1.5403530393381609e-04f);
@@ -108,7 +108,7 @@ ASYNCTLS_HD float TlsExp2(float x) {
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
 // Fixed point of the softmax denominators: exp values (<= 1) are summed as floor(e * 2^40).
-inline constexpr float kTlsExpFixedScale = 1099511627776.f;  // 2^40
+inline constexpr float kTlsExpFixedScale = 1099511627776.f;       // 2^40
 inline constexpr float kTlsExpFixedInv = 9.094947017729282e-13f;  // 2^-40
 
 ASYNCTLS_HD uint64_t TlsExpToFixed(float e) {
@@ -149,8 +149,7 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
 // Token-index logit of one head: scale * sum_c q[c] * code[c] (channels in order). `words`
 // holds the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
 // 4 * (c % 8)), i.e. the byte layout of the file comment read as uint32.
-ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale,
-                             int num_channels) {
+ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale, int num_channels) {
   float acc = 0.f;
   ASYNCTLS_TLS_UNROLL
   for (int c = 0; c < num_channels; ++c) {
@@ -164,8 +163,8 @@ ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale,
 
 struct TlsGeometry {
   int32_t len;
-  int32_t sink_end;      // sink positions [0, sink_end)
-  int32_t recent_start;  // recent positions [recent_start, len); candidates < recent_start
+  int32_t sink_end;            // sink positions [0, sink_end)
+  int32_t recent_start;        // recent positions [recent_start, len); candidates < recent_start
   int32_t first_recent_block;  // blocks >= this are never candidates
 };
 

@@ -26,9 +26,9 @@
 //   selected positions = sink ++ top-k_t candidates (ascending) ++ recent: sorted, disjoint.
 //   Requires 1 <= L_sel <= len and len - L_sel <= 64.
 //
-// ---- Indices (one set per layer) ------------------------------------------------------------------
-// Index rows are paged like the KV cache: `index_table[b, i]` maps sequence b's logical block i to
-// a row of the index pools. A runtime that keeps every block resident can pass the KV block
+// ---- Indices (one set per layer) -------------------------------------------------------------
+// Index rows are paged like the KV cache: `index_table[b, i]` maps sequence b's logical block i
+// to a row of the index pools. A runtime that keeps every block resident can pass the KV block
 // table; one that offloads KV keeps an index row per logical block (indices never leave the GPU).
 //   block index: kmax, kmin   bf16 [num_index_rows, num_kv_heads, head_dim]: element-wise
 //                max / min of the block's keys (bf16 max/min is exact, so bf16 storage loses
@@ -42,15 +42,15 @@
 //       nibble. Dequantized value = code * scale. 4 + 32/num_channels bits per channel.
 //       num_channels is a multiple of 8 in [8, kTlsMaxChannels] (rows are whole 32-bit words).
 //
-// ---- MLA ------------------------------------------------------------------------------------------
-// One KV head of head_dim 576 (512 latent + 64 rope), G = all query heads (absorbed queries
-// of 576 dims). K is the full 576-dim row; V is the first v_head_dim = 512 dims of the same row:
+// ---- MLA ------------------------------------------------------------------------------------
+// One KV head of head_dim 576 (512 latent + 64 rope), G = all query heads (absorbed queries of
+// 576 dims). K is the full 576-dim row; V is the first v_head_dim = 512 dims of the same row:
 // pass v_cache = k_cache. Block index and calibration cover all 576 dims.
 //
-// ---- Determinism (CPU and GPU select the same sets, tests compare them exactly) ------------------
-// Selection scores use only IEEE operations with one defined order on both sides (explicit fma,
-// sequential sums, an exp2 built from fma, and exact integer sums for softmax denominators), so
-// the CUDA kernels produce the CPU's scores bit for bit; top-k orders by (score desc, id asc)
+// ---- Determinism (CPU and GPU select the same sets; tests compare them exactly) ---------------
+// Selection scores use only IEEE operations in one defined order on both sides (explicit fma,
+// sequential sums, an exp2 built from fma, exact integer sums for softmax denominators), so the
+// CUDA kernels reproduce the CPU's scores bit for bit; top-k orders by (score desc, id asc)
 // through TlsSelectKey. See tls_math.h.
 #pragma once
 
@@ -61,7 +61,7 @@
 
 namespace asynctls::kernels {
 
-inline constexpr int kTlsMaxChannels = 128;  // largest num_channels (d_c) supported
+inline constexpr int kTlsMaxChannels = 128;            // largest num_channels (d_c) supported
 inline constexpr int kTlsMaxLagTokens = kKvBlockSize;  // largest len - L_sel supported
 
 enum class TlsMode : int32_t {
@@ -102,12 +102,10 @@ inline int32_t TlsMaxSelectedTokens(const TlsPolicy& policy, int32_t max_blocks_
   const int32_t all = max_blocks_per_seq * kKvBlockSize;
   if (policy.mode == TlsMode::kDense) return all;
   const int32_t recent_blocks = 1 + (kTlsMaxLagTokens + kKvBlockSize - 1) / kKvBlockSize;
-  const int32_t recent = policy.window > recent_blocks * kKvBlockSize
-                             ? policy.window
-                             : recent_blocks * kKvBlockSize;
-  const int32_t chosen = policy.mode == TlsMode::kBlockOnly
-                             ? TlsKeptBlocks(policy) * kKvBlockSize
-                             : policy.token_budget;
+  const int32_t recent =
+      policy.window > recent_blocks * kKvBlockSize ? policy.window : recent_blocks * kKvBlockSize;
+  const int32_t chosen = policy.mode == TlsMode::kBlockOnly ? TlsKeptBlocks(policy) * kKvBlockSize
+                                                            : policy.token_budget;
   const int32_t bound = policy.sink_blocks * kKvBlockSize + chosen + recent;
   return bound < all ? bound : all;
 }
@@ -117,11 +115,11 @@ inline int32_t TlsMaxSelectedTokens(const TlsPolicy& policy, int32_t max_blocks_
 // Running statistics: q_absmax[h, i] = max(q_absmax[h, i], |q[t, h, i]|) over the tokens, and
 // likewise k_absmax. Initialise both to 0 before the first call.
 struct TlsCalibStatsParams {
-  const void* q;     // [num_tokens, num_q_heads, head_dim], io_dtype
-  const void* k;     // [num_tokens, num_kv_heads, head_dim], io_dtype
-  float* q_absmax;   // [num_q_heads, head_dim], in/out
-  float* k_absmax;   // [num_kv_heads, head_dim], in/out
-  DType io_dtype;    // kF32 or kBF16
+  const void* q;    // [num_tokens, num_q_heads, head_dim], io_dtype
+  const void* k;    // [num_tokens, num_kv_heads, head_dim], io_dtype
+  float* q_absmax;  // [num_q_heads, head_dim], in/out
+  float* k_absmax;  // [num_kv_heads, head_dim], in/out
+  DType io_dtype;   // kF32 or kBF16
   int32_t num_tokens, num_q_heads, num_kv_heads, head_dim;
 };
 
@@ -129,10 +127,10 @@ struct TlsCalibStatsParams {
 // query heads of the group (sum in head order); the num_channels best channels (score desc,
 // channel asc), written in ascending channel order.
 struct TlsCalibSelectParams {
-  const float* q_absmax;         // [num_q_heads, head_dim]
-  const float* k_absmax;         // [num_kv_heads, head_dim]
-  int32_t* channels;             // [num_kv_heads, num_channels]
-  float* maybe_channel_scores;   // [num_kv_heads, head_dim] or null
+  const float* q_absmax;        // [num_q_heads, head_dim]
+  const float* k_absmax;        // [num_kv_heads, head_dim]
+  int32_t* channels;            // [num_kv_heads, num_channels]
+  float* maybe_channel_scores;  // [num_kv_heads, head_dim] or null
   int32_t num_q_heads, num_kv_heads, head_dim, num_channels;
 };
 
@@ -144,18 +142,18 @@ struct TlsCalibSelectParams {
 // the stored row) and writes their token-index rows. Blocks of different sequences must map to
 // different index rows.
 struct TlsIndexUpdateParams {
-  const void* k_cache;           // bf16 [num_kv_blocks, num_kv_heads, 64, head_dim]
-  const int32_t* block_table;    // [batch, max_blocks_per_seq] logical block -> KV pool block
-  const int32_t* index_table;    // [batch, max_blocks_per_seq] logical block -> index row
-  const int32_t* start_pos;      // [batch]
-  const int32_t* seq_lens;       // [batch]
-  void* block_kmax;              // bf16 [num_index_rows, num_kv_heads, head_dim]
-  void* block_kmin;              // bf16 [num_index_rows, num_kv_heads, head_dim]
-  const int32_t* channels;       // [num_kv_heads, num_channels]; null with maybe_token_codes
-  uint8_t* maybe_token_codes;    // [num_index_rows, num_kv_heads, 64, num_channels / 2] or null
-  float* maybe_token_scales;     // [num_index_rows, num_kv_heads, 64] (with codes)
+  const void* k_cache;         // bf16 [num_kv_blocks, num_kv_heads, 64, head_dim]
+  const int32_t* block_table;  // [batch, max_blocks_per_seq] logical block -> KV pool block
+  const int32_t* index_table;  // [batch, max_blocks_per_seq] logical block -> index row
+  const int32_t* start_pos;    // [batch]
+  const int32_t* seq_lens;     // [batch]
+  void* block_kmax;            // bf16 [num_index_rows, num_kv_heads, head_dim]
+  void* block_kmin;            // bf16 [num_index_rows, num_kv_heads, head_dim]
+  const int32_t* channels;     // [num_kv_heads, num_channels]; null with maybe_token_codes
+  uint8_t* maybe_token_codes;  // [num_index_rows, num_kv_heads, 64, num_channels / 2] or null
+  float* maybe_token_scales;   // [num_index_rows, num_kv_heads, 64] (with codes)
   int32_t batch, num_kv_heads, head_dim, num_channels, max_blocks_per_seq;
-  int32_t max_new_tokens;        // upper bound of seq_lens - start_pos (sizes the grid)
+  int32_t max_new_tokens;  // upper bound of seq_lens - start_pos (sizes the grid)
 };
 
 // ---- Selection -------------------------------------------------------------------------------
@@ -165,24 +163,24 @@ struct TlsIndexUpdateParams {
 // qneg = sum_h min(q_h, 0), heads in order), so the "GEMM" of the paper is one dot product of
 // 2 * head_dim per block: the score equals Quest's bound sum_h sum_d max(q·kmax, q·kmin).
 struct TlsBlockScoreParams {
-  const void* q;                 // [batch, num_q_heads, head_dim], io_dtype
-  const void* block_kmax;        // bf16 [num_index_rows, num_kv_heads, head_dim]
+  const void* q;           // [batch, num_q_heads, head_dim], io_dtype
+  const void* block_kmax;  // bf16 [num_index_rows, num_kv_heads, head_dim]
   const void* block_kmin;
-  const int32_t* index_table;    // [batch, max_blocks_per_seq]
-  const int32_t* seq_lens;       // [batch]
-  float* scores;                 // [batch, num_kv_heads, max_blocks_per_seq]
-  DType io_dtype;                // kF32 or kBF16
+  const int32_t* index_table;  // [batch, max_blocks_per_seq]
+  const int32_t* seq_lens;     // [batch]
+  float* scores;               // [batch, num_kv_heads, max_blocks_per_seq]
+  DType io_dtype;              // kF32 or kBF16
   int32_t batch, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
 };
 
 // M: the min(k, #eligible) best eligible blocks (score desc, block asc), written ascending.
 struct TlsBlockSelectParams {
-  const float* scores;           // [batch, num_kv_heads, max_blocks_per_seq]
-  const int32_t* seq_lens;       // [batch]
-  int32_t* blocks;               // [batch, num_kv_heads, max_kept_blocks]
-  int32_t* num_blocks;           // [batch, num_kv_heads]
+  const float* scores;      // [batch, num_kv_heads, max_blocks_per_seq]
+  const int32_t* seq_lens;  // [batch]
+  int32_t* blocks;          // [batch, num_kv_heads, max_kept_blocks]
+  int32_t* num_blocks;      // [batch, num_kv_heads]
   int32_t batch, num_kv_heads, max_blocks_per_seq, max_kept_blocks;
-  int32_t k;                     // <= max_kept_blocks
+  int32_t k;  // <= max_kept_blocks
   int32_t sink_blocks;
 };
 
@@ -194,22 +192,22 @@ struct TlsBlockSelectParams {
 // TlsBlockSelect's output), or when null every block in [sink_blocks, ceil(L_sel / 64)) (the
 // token-only baseline).
 struct TlsTokenScoreParams {
-  const void* q;                 // [batch, num_q_heads, head_dim], io_dtype
-  const int32_t* channels;       // [num_kv_heads, num_channels]
-  const uint8_t* token_codes;    // see file comment
+  const void* q;               // [batch, num_q_heads, head_dim], io_dtype
+  const int32_t* channels;     // [num_kv_heads, num_channels]
+  const uint8_t* token_codes;  // see file comment
   const float* token_scales;
-  const int32_t* index_table;    // [batch, max_blocks_per_seq]
-  const int32_t* seq_lens;       // [batch]
+  const int32_t* index_table;        // [batch, max_blocks_per_seq]
+  const int32_t* seq_lens;           // [batch]
   const int32_t* maybe_select_lens;  // [batch] L_sel, or null: L_sel = len
-  const int32_t* maybe_blocks;   // [batch, num_kv_heads, max_kept_blocks] or null (all)
+  const int32_t* maybe_blocks;       // [batch, num_kv_heads, max_kept_blocks] or null (all)
   const int32_t* maybe_num_blocks;   // [batch, num_kv_heads] (with maybe_blocks)
-  float* alpha;                  // [batch, num_kv_heads, max_candidates]
-  int32_t* cand_positions;       // [batch, num_kv_heads, max_candidates]
-  void* workspace;               // TlsTokenScoreWorkspaceBytes (CUDA); ignored by the ref
+  float* alpha;                      // [batch, num_kv_heads, max_candidates]
+  int32_t* cand_positions;           // [batch, num_kv_heads, max_candidates]
+  void* workspace;                   // TlsTokenScoreWorkspaceBytes (CUDA); ignored by the ref
   DType io_dtype;
   int32_t batch, num_q_heads, num_kv_heads, head_dim, num_channels, max_blocks_per_seq;
-  int32_t max_kept_blocks;       // row stride of maybe_blocks
-  int32_t max_candidates;        // 64 * (maybe_blocks ? max_kept_blocks : max_blocks_per_seq)
+  int32_t max_kept_blocks;  // row stride of maybe_blocks
+  int32_t max_candidates;   // 64 * (maybe_blocks ? max_kept_blocks : max_blocks_per_seq)
   int32_t sink_blocks, window;
   float scale;
 };
@@ -217,12 +215,12 @@ struct TlsTokenScoreParams {
 // positions[b, g, :] = sink ++ the min(k, #candidates) best candidates by alpha (alpha desc,
 // position asc; written ascending) ++ recent; num_positions[b, g] = their count.
 struct TlsTokenSelectParams {
-  const float* alpha;            // [batch, num_kv_heads, max_candidates]
-  const int32_t* cand_positions; // [batch, num_kv_heads, max_candidates], -1 = none
-  const int32_t* seq_lens;       // [batch]
+  const float* alpha;                // [batch, num_kv_heads, max_candidates]
+  const int32_t* cand_positions;     // [batch, num_kv_heads, max_candidates], -1 = none
+  const int32_t* seq_lens;           // [batch]
   const int32_t* maybe_select_lens;  // [batch] or null
-  int32_t* positions;            // [batch, num_kv_heads, max_positions]
-  int32_t* num_positions;        // [batch, num_kv_heads]
+  int32_t* positions;                // [batch, num_kv_heads, max_positions]
+  int32_t* num_positions;            // [batch, num_kv_heads]
   int32_t batch, num_kv_heads, max_candidates, max_positions;
   int32_t k;
   int32_t sink_blocks, window;
@@ -231,12 +229,12 @@ struct TlsTokenSelectParams {
 // positions = sink ++ every candidate position of the listed blocks (ascending) ++ recent.
 // maybe_blocks null: every block (with L_sel = len this is dense attention's position list).
 struct TlsBlockExpandParams {
-  const int32_t* maybe_blocks;   // [batch, num_kv_heads, max_kept_blocks], ascending, or null
+  const int32_t* maybe_blocks;       // [batch, num_kv_heads, max_kept_blocks], ascending, or null
   const int32_t* maybe_num_blocks;   // [batch, num_kv_heads]
-  const int32_t* seq_lens;       // [batch]
+  const int32_t* seq_lens;           // [batch]
   const int32_t* maybe_select_lens;  // [batch] or null
-  int32_t* positions;            // [batch, num_kv_heads, max_positions]
-  int32_t* num_positions;        // [batch, num_kv_heads]
+  int32_t* positions;                // [batch, num_kv_heads, max_positions]
+  int32_t* num_positions;            // [batch, num_kv_heads]
   int32_t batch, num_kv_heads, max_kept_blocks, max_blocks_per_seq, max_positions;
   int32_t sink_blocks, window;
 };
@@ -252,27 +250,27 @@ struct TlsBlockExpandParams {
 // as the next prev_select_lens) and prefetches them.
 struct TlsDecodeSelectParams {
   TlsPolicy policy;
-  const void* q;                 // [batch, num_q_heads, head_dim], io_dtype
-  const int32_t* seq_lens;       // [batch]
-  const int32_t* index_table;    // [batch, max_blocks_per_seq]
-  const void* block_kmax;        // block index (kBlockOnly, kTwoLevel)
+  const void* q;               // [batch, num_q_heads, head_dim], io_dtype
+  const int32_t* seq_lens;     // [batch]
+  const int32_t* index_table;  // [batch, max_blocks_per_seq]
+  const void* block_kmax;      // block index (kBlockOnly, kTwoLevel)
   const void* block_kmin;
-  const int32_t* channels;       // token index (kTokenOnly, kTwoLevel)
+  const int32_t* channels;  // token index (kTokenOnly, kTwoLevel)
   const uint8_t* token_codes;
   const float* token_scales;
-  const int32_t* prev_blocks;    // [batch, num_kv_heads, max_kept_blocks] (kOneStep)
-  const int32_t* prev_num_blocks;    // [batch, num_kv_heads]
-  const int32_t* prev_select_lens;   // [batch]
-  int32_t* blocks;               // [batch, num_kv_heads, max_kept_blocks] M out
-  int32_t* num_blocks;           // [batch, num_kv_heads]
-  int32_t* positions;            // [batch, num_kv_heads, max_positions]
-  int32_t* num_positions;        // [batch, num_kv_heads]
-  void* workspace;               // TlsDecodeSelectWorkspaceBytes (CUDA); ignored by the ref
+  const int32_t* prev_blocks;       // [batch, num_kv_heads, max_kept_blocks] (kOneStep)
+  const int32_t* prev_num_blocks;   // [batch, num_kv_heads]
+  const int32_t* prev_select_lens;  // [batch]
+  int32_t* blocks;                  // [batch, num_kv_heads, max_kept_blocks] M out
+  int32_t* num_blocks;              // [batch, num_kv_heads]
+  int32_t* positions;               // [batch, num_kv_heads, max_positions]
+  int32_t* num_positions;           // [batch, num_kv_heads]
+  void* workspace;                  // TlsDecodeSelectWorkspaceBytes (CUDA); ignored by the ref
   DType io_dtype;
   int32_t batch, num_q_heads, num_kv_heads, head_dim, num_channels, max_blocks_per_seq;
-  int32_t max_kept_blocks;       // >= TlsKeptBlocks(policy)
-  int32_t max_positions;         // >= TlsMaxSelectedTokens(policy, max_blocks_per_seq)
-  float scale;                   // softmax scale of the token scores, 1/sqrt(head_dim)
+  int32_t max_kept_blocks;  // >= TlsKeptBlocks(policy)
+  int32_t max_positions;    // >= TlsMaxSelectedTokens(policy, max_blocks_per_seq)
+  float scale;              // softmax scale of the token scores, 1/sqrt(head_dim)
 };
 
 // ---- Sparse attention ------------------------------------------------------------------------
@@ -294,7 +292,7 @@ struct TlsSparseAttentionParams {
   void* workspace;               // TlsSparseAttentionWorkspaceBytes (CUDA); ignored by the ref
   DType io_dtype;                // kF32 or kBF16
   int32_t batch, num_q_heads, num_kv_heads, head_dim, v_head_dim, max_blocks_per_seq;
-  int32_t max_positions;         // row stride of positions and upper bound of num_positions
+  int32_t max_positions;  // row stride of positions and upper bound of num_positions
   float scale;
 };
 
