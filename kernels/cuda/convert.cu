@@ -32,8 +32,7 @@ template <int VEC>
 cudaError_t LaunchConvert(const float* in, Bf16* out, int64_t count, cudaStream_t stream) {
   const int64_t pieces = count / VEC;
   ConvertF32ToBf16Kernel<VEC>
-      <<<detail::GridFor(pieces > 0 ? pieces : 1, kThreads), kThreads, 0, stream>>>(in, out,
-                                                                                       count);
+      <<<detail::GridFor(pieces > 0 ? pieces : 1, kThreads), kThreads, 0, stream>>>(in, out, count);
   return cudaGetLastError();
 }
 

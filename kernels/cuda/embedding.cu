@@ -40,8 +40,8 @@ template <typename T, int VEC>
 cudaError_t LaunchEmbedding(const EmbeddingParams& p, cudaStream_t stream) {
   const int col_blocks = static_cast<int>(detail::CeilDiv(p.dim / VEC, kThreads));
   const dim3 grid(p.num_tokens, col_blocks < 1 ? 1 : col_blocks);
-  EmbeddingKernel<T, VEC><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(p.table), p.ids,
-                                                         p.out, p.dim, p.vocab);
+  EmbeddingKernel<T, VEC>
+      <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(p.table), p.ids, p.out, p.dim, p.vocab);
   return cudaGetLastError();
 }
 

@@ -3,13 +3,13 @@
 // Row-major to column-major: a row-major [r, c] matrix is a column-major [c, r] one, so we
 // compute out^T (n x m, ld n) = W (n x k, stored as col-major k x n -> op T) . x^T (k x m,
 // col-major, ld k -> op N). The bias of the BIAS epilogue is per row of D (col-major) = per n.
+#include <cublasLt.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <map>
 #include <string>
 #include <tuple>
-
-#include <cublasLt.h>
 
 #include "asynctls/kernels/cuda_ops.h"
 #include "gemm_epilogue.h"
@@ -56,8 +56,8 @@ struct Plan {
 };
 
 // (m, n, k, w dtype, has bias, alignments of w, x, out, bias)
-using PlanKey = std::tuple<int32_t, int32_t, int32_t, int32_t, bool, uint32_t, uint32_t, uint32_t,
-                           uint32_t>;
+using PlanKey =
+    std::tuple<int32_t, int32_t, int32_t, int32_t, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
 
 }  // namespace
 
@@ -82,10 +82,10 @@ struct GemmRunner::State {
 };
 
 // Returns from the enclosing function with the cuBLASLt error recorded in `state`.
-#define ASYNCTLS_LT_TRY(state, call)                                     \
-  do {                                                                   \
-    const cublasStatus_t _s = (call);                                    \
-    if (_s != CUBLAS_STATUS_SUCCESS) return (state).Fail(#call, _s);     \
+#define ASYNCTLS_LT_TRY(state, call)                                 \
+  do {                                                               \
+    const cublasStatus_t _s = (call);                                \
+    if (_s != CUBLAS_STATUS_SUCCESS) return (state).Fail(#call, _s); \
   } while (0)
 
 cudaError_t GemmRunner::State::MakePlan(const PlanKey& key, const GemmParams& p, bool bias_ok,
@@ -94,16 +94,17 @@ cudaError_t GemmRunner::State::MakePlan(const PlanKey& key, const GemmParams& p,
   const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   ASYNCTLS_LT_TRY(*this, cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   ASYNCTLS_LT_TRY(*this, cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA,
-                                                 &trans_a, sizeof(trans_a)));
+                                                        &trans_a, sizeof(trans_a)));
   ASYNCTLS_LT_TRY(*this, cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB,
-                                                 &trans_b, sizeof(trans_b)));
+                                                        &trans_b, sizeof(trans_b)));
   if (bias_ok) {
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bias_type = CUDA_R_32F;
     ASYNCTLS_LT_TRY(*this, cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
-                                                   &epilogue, sizeof(epilogue)));
-    ASYNCTLS_LT_TRY(*this, cublasLtMatmulDescSetAttribute(
-        plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+                                                          &epilogue, sizeof(epilogue)));
+    ASYNCTLS_LT_TRY(*this,
+                    cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                                   &bias_type, sizeof(bias_type)));
   }
   ASYNCTLS_LT_TRY(*this, cublasLtMatrixLayoutCreate(&plan->a, w_type, p.k, p.n, p.k));
   ASYNCTLS_LT_TRY(*this, cublasLtMatrixLayoutCreate(&plan->b, w_type, p.k, p.m, p.k));
@@ -112,8 +113,7 @@ cudaError_t GemmRunner::State::MakePlan(const PlanKey& key, const GemmParams& p,
   cublasLtMatmulPreference_t pref = nullptr;
   ASYNCTLS_LT_TRY(*this, cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = kWorkspaceBytes;
-  const uint32_t align_a = std::get<5>(key), align_b = std::get<6>(key),
-                 align_c = std::get<7>(key);
+  const uint32_t align_a = std::get<5>(key), align_b = std::get<6>(key), align_c = std::get<7>(key);
   cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   if (s == CUBLAS_STATUS_SUCCESS) {
@@ -124,8 +124,8 @@ cudaError_t GemmRunner::State::MakePlan(const PlanKey& key, const GemmParams& p,
     s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                                              &align_b, sizeof(align_b));
   }
-  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+  for (auto attr :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
     if (s == CUBLAS_STATUS_SUCCESS) {
       s = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align_c, sizeof(align_c));
     }
@@ -133,8 +133,8 @@ cudaError_t GemmRunner::State::MakePlan(const PlanKey& key, const GemmParams& p,
   cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
   if (s == CUBLAS_STATUS_SUCCESS) {
-    s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c,
-                                       pref, 1, &result, &returned);
+    s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
+                                       1, &result, &returned);
   }
   cublasLtMatmulPreferenceDestroy(pref);
   if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) {
@@ -192,8 +192,7 @@ const char* GemmRunner::last_error_detail() const {
 
 cudaError_t GemmRunner::Run(const GemmParams& p, cudaStream_t stream) {
   State& st = *state_;
-  if (p.m < 0 || p.n <= 0 || p.k <= 0 ||
-      (p.w_dtype != DType::kF32 && p.w_dtype != DType::kBF16)) {
+  if (p.m < 0 || p.n <= 0 || p.k <= 0 || (p.w_dtype != DType::kF32 && p.w_dtype != DType::kBF16)) {
     return st.Fail("GemmRunner::Run (bad shape or dtype)", cudaErrorInvalidValue);
   }
   if (p.m == 0) return cudaSuccess;
@@ -210,8 +209,14 @@ cudaError_t GemmRunner::Run(const GemmParams& p, cudaStream_t stream) {
 
   const bool has_bias = p.maybe_bias != nullptr;
   const uint32_t bias_align = has_bias ? AlignmentOf(p.maybe_bias) : 0;
-  const PlanKey key{p.m,       p.n,  p.k,     static_cast<int32_t>(p.w_dtype),
-                    has_bias,  AlignmentOf(p.w), AlignmentOf(x_operand), AlignmentOf(p.out),
+  const PlanKey key{p.m,
+                    p.n,
+                    p.k,
+                    static_cast<int32_t>(p.w_dtype),
+                    has_bias,
+                    AlignmentOf(p.w),
+                    AlignmentOf(x_operand),
+                    AlignmentOf(p.out),
                     bias_align};
   auto it = st.plans.find(key);
   if (it == st.plans.end()) {
@@ -232,12 +237,12 @@ cudaError_t GemmRunner::Run(const GemmParams& p, cudaStream_t stream) {
   Plan& plan = it->second;
   if (plan.bias_in_epilogue) {
     ASYNCTLS_LT_TRY(st, cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                   &p.maybe_bias, sizeof(p.maybe_bias)));
+                                                       &p.maybe_bias, sizeof(p.maybe_bias)));
   }
   const float alpha = 1.f, beta = p.beta;
-  ASYNCTLS_LT_TRY(st, cublasLtMatmul(st.handle, plan.desc, &alpha, p.w, plan.a, x_operand, plan.b,
-                                 &beta, p.out, plan.c, p.out, plan.c, &plan.algo, st.workspace,
-                                 kWorkspaceBytes, stream));
+  ASYNCTLS_LT_TRY(
+      st, cublasLtMatmul(st.handle, plan.desc, &alpha, p.w, plan.a, x_operand, plan.b, &beta, p.out,
+                         plan.c, p.out, plan.c, &plan.algo, st.workspace, kWorkspaceBytes, stream));
   if (has_bias && !plan.bias_in_epilogue) {
     const cudaError_t e = detail::AddBiasRows(p.maybe_bias, p.out, p.m, p.n, stream);
     if (e != cudaSuccess) return st.Fail("AddBiasRows", e);

@@ -7,8 +7,7 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void __launch_bounds__(kThreads)
-    AddBiasRowsKernel(const float* __restrict__ bias, float* __restrict__ out, int rows,
-                      int cols) {
+    AddBiasRowsKernel(const float* __restrict__ bias, float* __restrict__ out, int rows, int cols) {
   const int64_t total = int64_t{rows} * cols;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {

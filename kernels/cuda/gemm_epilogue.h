@@ -1,9 +1,9 @@
 // Private to gemm.cc: the bias add used when cuBLASLt offers no BIAS epilogue for a shape.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 namespace asynctls::kernels::cuda::detail {
 

@@ -47,8 +47,8 @@ template <int VEC>
 cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   const int64_t work = int64_t{p.num_tokens} * p.num_kv_heads * (p.head_dim / VEC);
   KvAppendKernel<VEC><<<detail::GridFor(work, kThreads), kThreads, 0, stream>>>(
-      p.k, p.v, p.slots, static_cast<Bf16*>(p.k_cache), static_cast<Bf16*>(p.v_cache),
-      p.num_tokens, p.num_kv_heads, p.head_dim, p.k_stride, p.v_stride);
+      p.k, p.v, p.slots, static_cast<Bf16*>(p.k_cache), static_cast<Bf16*>(p.v_cache), p.num_tokens,
+      p.num_kv_heads, p.head_dim, p.k_stride, p.v_stride);
   return cudaGetLastError();
 }
 

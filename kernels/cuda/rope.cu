@@ -42,8 +42,8 @@ __device__ __forceinline__ void RotatePair(float* head, int i, int half, float c
 template <RopeStyle STYLE, bool VEC2>
 __global__ void __launch_bounds__(kThreads)
     RopeKernel(float* __restrict__ q, float* __restrict__ k, const int32_t* __restrict__ positions,
-               const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads,
-               int head_dim, int half) {
+               const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads, int head_dim,
+               int half) {
   extern __shared__ float cos_sin[];  // [half] cos, then [half] sin
   const int t = blockIdx.x;
   const float pos = static_cast<float>(positions[t]);
@@ -57,9 +57,8 @@ __global__ void __launch_bounds__(kThreads)
   const int heads = num_q_heads + num_kv_heads;
   for (int item = threadIdx.x; item < heads * half; item += blockDim.x) {
     const int h = item / half, i = item % half;
-    float* head = h < num_q_heads
-                      ? q + (int64_t{t} * num_q_heads + h) * head_dim
-                      : k + (int64_t{t} * num_kv_heads + (h - num_q_heads)) * head_dim;
+    float* head = h < num_q_heads ? q + (int64_t{t} * num_q_heads + h) * head_dim
+                                  : k + (int64_t{t} * num_kv_heads + (h - num_q_heads)) * head_dim;
     RotatePair<STYLE, VEC2>(head, i, half, cos_sin[i], cos_sin[half + i]);
   }
 }

@@ -26,9 +26,9 @@ namespace {
 namespace kt = ::asynctls::kernels::testing;
 using kt::DeviceBuffer;
 
-#define ASSERT_CUDA_OK(expr)                                           \
-  do {                                                                 \
-    const cudaError_t _e = (expr);                                     \
+#define ASSERT_CUDA_OK(expr)                                             \
+  do {                                                                   \
+    const cudaError_t _e = (expr);                                       \
     ASSERT_EQ(_e, cudaSuccess) << #expr << ": " << cudaGetErrorName(_e); \
   } while (0)
 
@@ -50,9 +50,9 @@ DeviceBuffer Upload(const std::vector<T>& host) {
 template <typename T>
 std::vector<T> Download(const DeviceBuffer& d, size_t count, size_t offset_elems = 0) {
   std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), d.as<T>() + offset_elems, count * sizeof(T),
-                       cudaMemcpyDeviceToHost),
-            cudaSuccess);
+  EXPECT_EQ(
+      cudaMemcpy(host.data(), d.as<T>() + offset_elems, count * sizeof(T), cudaMemcpyDeviceToHost),
+      cudaSuccess);
   return host;
 }
 
@@ -93,8 +93,8 @@ TEST_F(DenseOpsGpuTest, EmbeddingMatchesOracleExactly) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     for (int dim : {64, 66, 576, 1536, 4096}) {
       for (int tokens : kRows) {
-        SCOPED_TRACE(::testing::Message() << "dtype " << int(dtype) << " dim " << dim << " tokens "
-                                        << tokens);
+        SCOPED_TRACE(::testing::Message()
+                     << "dtype " << int(dtype) << " dim " << dim << " tokens " << tokens);
         const kt::TypedBuffer table = kt::MakeTyped(kt::RandomNormal(size_t{kVocab} * dim), dtype);
         std::vector<int32_t> ids(tokens);
         std::uniform_int_distribution<int32_t> id_dist(0, kVocab - 1);
@@ -121,9 +121,9 @@ TEST_F(DenseOpsGpuTest, EmbeddingOutOfRangeIdGivesNanRow) {
   const std::vector<float> table = kt::RandomNormal(kVocab * kDim);
   const std::vector<int32_t> ids = {3, kVocab, -1};
   DeviceBuffer d_table = Upload(table), d_ids = Upload(ids), d_out(3 * kDim * sizeof(float));
-  ASSERT_CUDA_OK(cuda::Embedding({d_table.get(), d_ids.as<int32_t>(), d_out.as<float>(),
-                                  DType::kF32, 3, kDim, kVocab},
-                                 nullptr));
+  ASSERT_CUDA_OK(cuda::Embedding(
+      {d_table.get(), d_ids.as<int32_t>(), d_out.as<float>(), DType::kF32, 3, kDim, kVocab},
+      nullptr));
   const std::vector<float> out = Download<float>(d_out, 3 * kDim);
   EXPECT_EQ(kt::CountNonFinite(out.data(), kDim), 0u);
   EXPECT_EQ(kt::CountNonFinite(out.data() + kDim, 2 * kDim), size_t{2 * kDim});
@@ -137,8 +137,8 @@ TEST_F(DenseOpsGpuTest, RmsNormMatchesOracle) {
   for (int dim : dims) {
     for (int rows : kRows) {
       for (bool in_place : {false, true}) {
-        SCOPED_TRACE(::testing::Message() << "dim " << dim << " rows " << rows << " in_place "
-                                        << in_place);
+        SCOPED_TRACE(::testing::Message()
+                     << "dim " << dim << " rows " << rows << " in_place " << in_place);
         const std::vector<float> x = kt::RandomNormal(size_t(rows) * dim, 3.f);
         const std::vector<float> weight = kt::RandomF32(dim, 0.5f, 1.5f);
         constexpr float kEps = 1e-5f;
@@ -148,8 +148,8 @@ TEST_F(DenseOpsGpuTest, RmsNormMatchesOracle) {
         DeviceBuffer d_x = Upload(x), d_w = Upload(weight), d_out(x.size() * sizeof(float));
         ASSERT_CUDA_OK(d_out.Poison());
         float* out = in_place ? d_x.as<float>() : d_out.as<float>();
-        ASSERT_CUDA_OK(cuda::RmsNorm({d_x.as<float>(), d_w.as<float>(), out, rows, dim, kEps},
-                                     nullptr));
+        ASSERT_CUDA_OK(
+            cuda::RmsNorm({d_x.as<float>(), d_w.as<float>(), out, rows, dim, kEps}, nullptr));
         ExpectClose(Download<float>(in_place ? d_x : d_out, x.size()), expected,
                     kF32ElementwiseNmse);
       }
@@ -195,12 +195,11 @@ TEST_F(DenseOpsGpuTest, RopeMatchesOracle) {
           DeviceBuffer d_q = Upload(q_pad), d_k = Upload(k_pad), d_pos = Upload(positions),
                        d_inv = Upload(inv_freq);
 
-          ref::Rope({q.data(), k.data(), positions.data(), inv_freq.data(), tokens,
-                     s.num_q_heads, s.num_kv_heads, s.head_dim, s.rotary_dim, style});
+          ref::Rope({q.data(), k.data(), positions.data(), inv_freq.data(), tokens, s.num_q_heads,
+                     s.num_kv_heads, s.head_dim, s.rotary_dim, style});
           ASSERT_CUDA_OK(cuda::Rope({d_q.as<float>() + misalign, d_k.as<float>() + misalign,
-                                     d_pos.as<int32_t>(), d_inv.as<float>(), tokens,
-                                     s.num_q_heads, s.num_kv_heads, s.head_dim, s.rotary_dim,
-                                     style},
+                                     d_pos.as<int32_t>(), d_inv.as<float>(), tokens, s.num_q_heads,
+                                     s.num_kv_heads, s.head_dim, s.rotary_dim, style},
                                     nullptr));
           const std::vector<float> got_q = Download<float>(d_q, q_n, misalign);
           const std::vector<float> got_k = Download<float>(d_k, k_n, misalign);
@@ -257,9 +256,9 @@ TEST_F(DenseOpsGpuTest, KvAppendMatchesOracleExactly) {
   const std::vector<Shape> shapes = {{3, 64, 0}, {8, 128, 4096}, {3, 64, 576}, {2, 66, 1}};
   for (const Shape& s : shapes) {
     for (int tokens : kRows) {
-      SCOPED_TRACE(::testing::Message() << "kv_heads " << s.num_kv_heads << " head_dim "
-                                      << s.head_dim << " stride+" << s.extra_stride << " tokens "
-                                      << tokens);
+      SCOPED_TRACE(::testing::Message()
+                   << "kv_heads " << s.num_kv_heads << " head_dim " << s.head_dim << " stride+"
+                   << s.extra_stride << " tokens " << tokens);
       const int row = s.num_kv_heads * s.head_dim, stride = row + s.extra_stride;
       const int num_blocks = (tokens + kKvBlockSize - 1) / kKvBlockSize + 3;
       const size_t pool = size_t(num_blocks) * s.num_kv_heads * kKvBlockSize * s.head_dim;
@@ -277,10 +276,10 @@ TEST_F(DenseOpsGpuTest, KvAppendMatchesOracleExactly) {
                    d_kc = Upload(k_cache), d_vc = Upload(v_cache);
       ref::KvAppend({k.data(), v.data(), slots.data(), k_cache.data(), v_cache.data(), tokens,
                      s.num_kv_heads, s.head_dim, stride, stride});
-      ASSERT_CUDA_OK(cuda::KvAppend({d_k.as<float>(), d_v.as<float>(), d_slots.as<int32_t>(),
-                                     d_kc.get(), d_vc.get(), tokens, s.num_kv_heads, s.head_dim,
-                                     stride, stride},
-                                    nullptr));
+      ASSERT_CUDA_OK(
+          cuda::KvAppend({d_k.as<float>(), d_v.as<float>(), d_slots.as<int32_t>(), d_kc.get(),
+                          d_vc.get(), tokens, s.num_kv_heads, s.head_dim, stride, stride},
+                         nullptr));
       ExpectBitExact(Download<Bf16>(d_kc, pool), k_cache);
       ExpectBitExact(Download<Bf16>(d_vc, pool), v_cache);
     }
@@ -296,15 +295,14 @@ TEST_F(DenseOpsGpuTest, KvAppendSkipsNegativeSlots) {
   std::vector<Bf16> k_cache = kt::RandomBf16(pool), v_cache = kt::RandomBf16(pool);
   DeviceBuffer d_k = Upload(k), d_v = Upload(v), d_slots = Upload(slots), d_kc = Upload(k_cache),
                d_vc = Upload(v_cache);
-  ASSERT_CUDA_OK(cuda::KvAppend({d_k.as<float>(), d_v.as<float>(), d_slots.as<int32_t>(),
-                                 d_kc.get(), d_vc.get(), kTokens, kHeads, kDim, kHeads * kDim,
-                                 kHeads * kDim},
-                                nullptr));
+  ASSERT_CUDA_OK(
+      cuda::KvAppend({d_k.as<float>(), d_v.as<float>(), d_slots.as<int32_t>(), d_kc.get(),
+                      d_vc.get(), kTokens, kHeads, kDim, kHeads * kDim, kHeads * kDim},
+                     nullptr));
   // The oracle for the tokens that have a slot, one at a time.
   for (int t : {0, 2}) {
     ref::KvAppend({k.data() + t * kHeads * kDim, v.data() + t * kHeads * kDim, &slots[t],
-                   k_cache.data(), v_cache.data(), 1, kHeads, kDim, kHeads * kDim,
-                   kHeads * kDim});
+                   k_cache.data(), v_cache.data(), 1, kHeads, kDim, kHeads * kDim, kHeads * kDim});
   }
   ExpectBitExact(Download<Bf16>(d_kc, pool), k_cache);
   ExpectBitExact(Download<Bf16>(d_vc, pool), v_cache);
@@ -326,8 +324,8 @@ TEST_F(DenseOpsGpuTest, ConvertF32ToBf16MatchesHostRounding) {
       for (int64_t i = 0; i < count; ++i) expected[i] = FloatToBf16(in[misalign + i]);
       DeviceBuffer d_in = Upload(in), d_out((count + 1) * sizeof(Bf16));
       ASSERT_CUDA_OK(d_out.Poison());
-      ASSERT_CUDA_OK(cuda::ConvertF32ToBf16(d_in.as<float>() + misalign, d_out.get(), count,
-                                            nullptr));
+      ASSERT_CUDA_OK(
+          cuda::ConvertF32ToBf16(d_in.as<float>() + misalign, d_out.get(), count, nullptr));
       const std::vector<Bf16> got = Download<Bf16>(d_out, count);
       ExpectBitExact(got, expected);
     }
@@ -343,9 +341,9 @@ struct GemmCase {
 };
 
 std::string Describe(const GemmCase& c, DType dtype) {
-  return (::testing::Message() << (dtype == DType::kBF16 ? "bf16" : "fp32") << " m " << c.m
-                               << " n " << c.n << " k " << c.k << " bias " << c.bias << " beta "
-                               << c.beta << " x+" << c.x_offset << " bias+" << c.bias_offset)
+  return (::testing::Message() << (dtype == DType::kBF16 ? "bf16" : "fp32") << " m " << c.m << " n "
+                               << c.n << " k " << c.k << " bias " << c.bias << " beta " << c.beta
+                               << " x+" << c.x_offset << " bias+" << c.bias_offset)
       .GetString();
 }
 
@@ -400,11 +398,11 @@ class GemmGpuTest : public DenseOpsGpuTest {
 };
 
 const std::vector<GemmCase> kGemmCases = {
-    {1, 576, 576, false, 0.f, 0, 0},      {17, 1536, 576, false, 0.f, 0, 0},
-    {97, 576, 1536, false, 1.f, 0, 0},    {1, 4096, 4096, false, 1.f, 0, 0},
-    {17, 128, 4096, true, 0.f, 0, 0},     {97, 64, 128, true, 1.f, 0, 0},
-    {17, 576, 64, true, 0.f, 0, 1},       {1, 49152, 576, false, 0.f, 0, 0},
-    {97, 1536, 576, false, 0.f, 1, 0},    {17, 97, 17, true, 1.f, 1, 1},
+    {1, 576, 576, false, 0.f, 0, 0},   {17, 1536, 576, false, 0.f, 0, 0},
+    {97, 576, 1536, false, 1.f, 0, 0}, {1, 4096, 4096, false, 1.f, 0, 0},
+    {17, 128, 4096, true, 0.f, 0, 0},  {97, 64, 128, true, 1.f, 0, 0},
+    {17, 576, 64, true, 0.f, 0, 1},    {1, 49152, 576, false, 0.f, 0, 0},
+    {97, 1536, 576, false, 0.f, 1, 0}, {17, 97, 17, true, 1.f, 1, 1},
 };
 
 TEST_F(GemmGpuTest, Fp32MatchesOracle) {
@@ -450,8 +448,8 @@ TEST_F(GemmGpuTest, OpsReplayFromCudaGraph) {
   std::unique_ptr<cuda::GemmRunner> runner(raw);
   const std::vector<float> x = kt::RandomNormal(kRows * kDim);
   const std::vector<float> norm_w = kt::RandomF32(kDim, 0.5f, 1.5f);
-  const kt::TypedBuffer w_up = kt::MakeTyped(kt::RandomNormal(size_t{2} * kFfn * kDim, 0.05f),
-                                             DType::kBF16);
+  const kt::TypedBuffer w_up =
+      kt::MakeTyped(kt::RandomNormal(size_t{2} * kFfn * kDim, 0.05f), DType::kBF16);
   const std::vector<float> w_down = kt::RandomNormal(size_t{kDim} * kFfn, 0.05f);
 
   // Oracle: h = norm(x); gu = h . w_up^T (bf16); a = silu_mul(gu); x += a . w_down^T (fp32).
@@ -460,15 +458,14 @@ TEST_F(GemmGpuTest, OpsReplayFromCudaGraph) {
   ref::RmsNorm({x.data(), norm_w.data(), h.data(), kRows, kDim, 1e-5f});
   std::vector<float> h_rounded = h;
   for (auto& v : h_rounded) v = RoundToBf16(v);
-  ref::Gemm({h_rounded.data(), w_up.data(), nullptr, gu.data(), DType::kBF16, kRows, 2 * kFfn,
-             kDim, 0.f});
+  ref::Gemm({h_rounded.data(), w_up.data(), nullptr, gu.data(), DType::kBF16, kRows, 2 * kFfn, kDim,
+             0.f});
   ref::SiluMul({gu.data(), a.data(), kRows, kFfn});
-  ref::Gemm({a.data(), w_down.data(), nullptr, expected.data(), DType::kF32, kRows, kDim, kFfn,
-             1.f});
+  ref::Gemm(
+      {a.data(), w_down.data(), nullptr, expected.data(), DType::kF32, kRows, kDim, kFfn, 1.f});
 
   DeviceBuffer d_x = Upload(x), d_norm_w = Upload(norm_w), d_w_up = Upload(w_up.bytes),
-               d_w_down = Upload(w_down), d_h(h.size() * 4), d_gu(gu.size() * 4),
-               d_a(a.size() * 4);
+               d_w_down = Upload(w_down), d_h(h.size() * 4), d_gu(gu.size() * 4), d_a(a.size() * 4);
   cudaStream_t stream = nullptr;
   ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cudaGraph_t graph = nullptr;
@@ -476,16 +473,16 @@ TEST_F(GemmGpuTest, OpsReplayFromCudaGraph) {
   cudaError_t e = cuda::RmsNorm(
       {d_x.as<float>(), d_norm_w.as<float>(), d_h.as<float>(), kRows, kDim, 1e-5f}, stream);
   if (e == cudaSuccess) {
-    e = runner->Run({d_h.as<float>(), d_w_up.get(), nullptr, d_gu.as<float>(), DType::kBF16,
-                     kRows, 2 * kFfn, kDim, 0.f},
+    e = runner->Run({d_h.as<float>(), d_w_up.get(), nullptr, d_gu.as<float>(), DType::kBF16, kRows,
+                     2 * kFfn, kDim, 0.f},
                     stream);
   }
   if (e == cudaSuccess) {
     e = cuda::SiluMul({d_gu.as<float>(), d_a.as<float>(), kRows, kFfn}, stream);
   }
   if (e == cudaSuccess) {
-    e = runner->Run({d_a.as<float>(), d_w_down.get(), nullptr, d_x.as<float>(), DType::kF32,
-                     kRows, kDim, kFfn, 1.f},
+    e = runner->Run({d_a.as<float>(), d_w_down.get(), nullptr, d_x.as<float>(), DType::kF32, kRows,
+                     kDim, kFfn, 1.f},
                     stream);
   }
   const cudaError_t end = cudaStreamEndCapture(stream, &graph);

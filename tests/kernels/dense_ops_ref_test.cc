@@ -19,9 +19,9 @@ Bf16 B(float f) { return FloatToBf16(f); }
 
 TEST(DenseOpsRefTest, Bf16RoundsToNearestEven) {
   EXPECT_EQ(FloatToBf16(1.0f).bits, 0x3f80);
-  EXPECT_EQ(RoundToBf16(1.00390625f), 1.0f);         // tie, 1.0 has the even mantissa
-  EXPECT_EQ(RoundToBf16(1.01171875f), 1.015625f);    // tie, rounds up to even
-  EXPECT_EQ(RoundToBf16(1.0040f), 1.0078125f);       // above the tie
+  EXPECT_EQ(RoundToBf16(1.00390625f), 1.0f);       // tie, 1.0 has the even mantissa
+  EXPECT_EQ(RoundToBf16(1.01171875f), 1.015625f);  // tie, rounds up to even
+  EXPECT_EQ(RoundToBf16(1.0040f), 1.0078125f);     // above the tie
   EXPECT_EQ(RoundToBf16(-2.5f), -2.5f);
   EXPECT_TRUE(std::isinf(RoundToBf16(std::numeric_limits<float>::infinity())));
   float halfway_to_inf;  // between the largest bf16 (odd mantissa) and inf: ties to inf
@@ -96,8 +96,7 @@ TEST(DenseOpsRefTest, RopeStylesByHand) {
   {
     // Interleaved: pairs (0,1) at angle 1, (2,3) at angle 0.5.
     std::vector<float> q = {1, 0, 0, 1}, k = {2, 0, 0, 0};
-    ref::Rope({q.data(), k.data(), &pos, inv_freq.data(), 1, 1, 1, 4, 4,
-               RopeStyle::kInterleaved});
+    ref::Rope({q.data(), k.data(), &pos, inv_freq.data(), 1, 1, 1, 4, 4, RopeStyle::kInterleaved});
     EXPECT_NEAR(q[0], c1, kTol);
     EXPECT_NEAR(q[1], s1, kTol);
     EXPECT_NEAR(q[2], -s5, kTol);
@@ -125,8 +124,8 @@ TEST(DenseOpsRefTest, RopeStylesByHand) {
     EXPECT_EQ(k[2], 9.f);
     const int32_t zero = 0;
     std::vector<float> q0 = {1, 2, 3, 4}, k0 = {5, 6, 7, 8};
-    ref::Rope({q0.data(), k0.data(), &zero, inv_freq.data(), 1, 1, 1, 4, 4,
-               RopeStyle::kInterleaved});
+    ref::Rope(
+        {q0.data(), k0.data(), &zero, inv_freq.data(), 1, 1, 1, 4, 4, RopeStyle::kInterleaved});
     EXPECT_EQ(q0, (std::vector<float>{1, 2, 3, 4}));
   }
 }
@@ -148,8 +147,7 @@ TEST(DenseOpsRefTest, KvAppendWritesPagedSlot) {
   const std::vector<float> k = {1.00390625f, 2.f, 3.f, 4.f, -9.f, -9.f};
   const std::vector<float> v = {5.f, 6.f, 7.f, 1.01171875f, -9.f, -9.f};
   const int32_t slot = kKvBlockSize + 1;
-  ref::KvAppend({k.data(), v.data(), &slot, k_cache.data(), v_cache.data(), 1, kHeads, kDim, 6,
-                 6});
+  ref::KvAppend({k.data(), v.data(), &slot, k_cache.data(), v_cache.data(), 1, kHeads, kDim, 6, 6});
   auto at = [&](const std::vector<Bf16>& c, int h, int d) {
     return Bf16ToFloat(c[((1 * kHeads + h) * kKvBlockSize + 1) * kDim + d]);
   };

@@ -17,6 +17,10 @@
 #include "asynctls/runtime/backend.h"
 #include "asynctls/runtime/cuda_backend.h"
 
+#if ASYNCTLS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace asynctls {
 namespace {
 
@@ -131,7 +135,8 @@ TEST_F(CudaBackendTest, HugeAllocationIsResourceExhaustedAndRecoverable) {
   DeviceBuffer d = Upload(x);
   DeviceBuffer w = Upload(std::vector<float>(64, 1.f));
   DeviceBuffer out = Poisoned<float>(64);
-  ASSERT_TRUE(backend_->RmsNorm({d.as<float>(), w.as<float>(), out.as<float>(), 1, 64, 1e-6f}).ok());
+  ASSERT_TRUE(
+      backend_->RmsNorm({d.as<float>(), w.as<float>(), out.as<float>(), 1, 64, 1e-6f}).ok());
   EXPECT_EQ(NonFinite(Download<float>(out, 64)), 0u);
 }
 
@@ -196,11 +201,12 @@ TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
     std::vector<int32_t> ids(tokens);
     for (auto& id : ids) id = static_cast<int32_t>(rng_() % kVocab);
     std::vector<float> x(size_t(tokens) * kHidden);
-    kernels::ref::Embedding({table_bf16.data(), ids.data(), x.data(), DType::kBF16, tokens,
-                             kHidden, kVocab});
+    kernels::ref::Embedding(
+        {table_bf16.data(), ids.data(), x.data(), DType::kBF16, tokens, kHidden, kVocab});
     DeviceBuffer d_ids = Upload(ids), d_x = Poisoned<float>(x.size());
-    ASSERT_TRUE(backend_->Embedding({d_table->data(), d_ids.as<int32_t>(), d_x.as<float>(),
-                                     table_dtype, tokens, kHidden, kVocab})
+    ASSERT_TRUE(backend_
+                    ->Embedding({d_table->data(), d_ids.as<int32_t>(), d_x.as<float>(), table_dtype,
+                                 tokens, kHidden, kVocab})
                     .ok());
     ExpectClose(Download<float>(d_x, x.size()), x, 0.0);
 
@@ -209,8 +215,9 @@ TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
     std::vector<float> h(x.size());
     kernels::ref::RmsNorm({x.data(), norm_w.data(), h.data(), tokens, kHidden, 1e-5f});
     DeviceBuffer d_norm_w = Upload(norm_w), d_h = Poisoned<float>(h.size());
-    ASSERT_TRUE(backend_->RmsNorm({d_x.as<float>(), d_norm_w.as<float>(), d_h.as<float>(), tokens,
-                                   kHidden, 1e-5f})
+    ASSERT_TRUE(backend_
+                    ->RmsNorm({d_x.as<float>(), d_norm_w.as<float>(), d_h.as<float>(), tokens,
+                               kHidden, 1e-5f})
                     .ok());
     ExpectClose(Download<float>(d_h, h.size()), h, kF32ElementwiseNmse);
 
@@ -222,8 +229,8 @@ TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
     auto d_wqkv = backend_->UploadWeight(w_qkv.data(), w_qkv.size(), DType::kF32, &w_dtype);
     ASSERT_TRUE(d_wqkv.ok()) << d_wqkv.status();
     std::vector<float> qkv(size_t(tokens) * kQkv);
-    kernels::ref::Gemm({h.data(), w_qkv.data(), bias.data(), qkv.data(), DType::kF32, tokens,
-                        kQkv, kHidden, 0.f});
+    kernels::ref::Gemm(
+        {h.data(), w_qkv.data(), bias.data(), qkv.data(), DType::kF32, tokens, kQkv, kHidden, 0.f});
     DeviceBuffer d_bias = Upload(bias), d_qkv = Poisoned<float>(qkv.size());
     DeviceBuffer d_h_exact = Upload(h);  // the oracle's input, so only the GEMM is compared
     absl::Status s = backend_->Gemm({d_h_exact.as<float>(), d_wqkv->data(), d_bias.as<float>(),
@@ -241,8 +248,8 @@ TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
     for (auto& v : h_rounded) v = kernels::RoundToBf16(v);
     std::vector<float> gate_up = Normal(size_t(tokens) * 2 * kFfn);  // residual accumulate
     DeviceBuffer d_gate_up = Upload(gate_up);
-    kernels::ref::Gemm({h_rounded.data(), w_up_bf16.data(), nullptr, gate_up.data(),
-                        DType::kBF16, tokens, 2 * kFfn, kHidden, 1.f});
+    kernels::ref::Gemm({h_rounded.data(), w_up_bf16.data(), nullptr, gate_up.data(), DType::kBF16,
+                        tokens, 2 * kFfn, kHidden, 1.f});
     s = backend_->Gemm({d_h_exact.as<float>(), d_wup->data(), nullptr, d_gate_up.as<float>(),
                         DType::kBF16, tokens, 2 * kFfn, kHidden, 1.f});
     ASSERT_TRUE(s.ok()) << s;
@@ -269,14 +276,123 @@ TEST_F(CudaBackendTest, DenseOpsMatchOracle) {
                  d_inv = Upload(inv_freq);
     kernels::ref::Rope({q.data(), k.data(), positions.data(), inv_freq.data(), tokens, kHeads,
                         kKvHeads, kHeadDim, kHeadDim / 2, kernels::RopeStyle::kHalf});
-    ASSERT_TRUE(backend_->Rope({d_q.as<float>(), d_k.as<float>(), d_pos.as<int32_t>(),
-                                d_inv.as<float>(), tokens, kHeads, kKvHeads, kHeadDim,
-                                kHeadDim / 2, kernels::RopeStyle::kHalf})
-                    .ok());
+    ASSERT_TRUE(
+        backend_
+            ->Rope({d_q.as<float>(), d_k.as<float>(), d_pos.as<int32_t>(), d_inv.as<float>(),
+                    tokens, kHeads, kKvHeads, kHeadDim, kHeadDim / 2, kernels::RopeStyle::kHalf})
+            .ok());
     ExpectClose(Download<float>(d_q, q.size()), q, kF32ElementwiseNmse);
     ExpectClose(Download<float>(d_k, k.size()), k, kF32ElementwiseNmse);
   }
 }
+
+#if ASYNCTLS_HAVE_CUDA
+// A decode step's GEMM and attention captured into a CUDA graph on the backend's stream replay
+// to exactly what eager execution produced; a scratch that would have to grow during a capture
+// is FAILED_PRECONDITION, not an allocation.
+TEST_F(CudaBackendTest, DecodeStepReplaysFromCudaGraph) {
+  SCOPED_TRACE(Seed());
+  constexpr int kHeads = 9, kKvHeads = 3, kHeadDim = 64, kHidden = 576, kBatch = 2;
+  constexpr int kSeqLen = 300, kBlocksPerSeq = (kSeqLen + kKvBlockSize - 1) / kKvBlockSize;
+  CudaBackendOptions options;
+  options.max_gemm_x_elements = kBatch * kHidden;
+  options.max_decode_batch = 4;
+  options.max_seq_len = 4096;
+  options.num_q_heads = kHeads;
+  options.num_kv_heads = kKvHeads;
+  options.head_dim = kHeadDim;
+  auto made = MakeCudaBackend(options);
+  ASSERT_TRUE(made.ok()) << made.status();
+  Backend& be = **made;
+  auto stream = static_cast<cudaStream_t>(CudaBackendStream(be));
+  ASSERT_NE(stream, nullptr);
+  EXPECT_NE(CudaBackendStream(*backend_), nullptr);
+
+  auto upload = [&](const auto& host) {
+    auto b = be.Allocate(host.size() * sizeof(host[0]));
+    EXPECT_TRUE(b.ok());
+    EXPECT_TRUE(be.CopyToDevice(b->data(), host.data(), b->bytes()).ok());
+    return *std::move(b);
+  };
+  const std::vector<float> w = Normal(size_t{kHeads} * kHeadDim * kHidden, 0.05f);
+  DType w_dtype;
+  auto d_w = be.UploadWeight(w.data(), w.size(), DType::kBF16, &w_dtype);
+  ASSERT_TRUE(d_w.ok()) << d_w.status();
+  DeviceBuffer d_x = upload(Normal(kBatch * kHidden));
+  std::vector<int32_t> table(kBatch * kBlocksPerSeq);
+  std::iota(table.begin(), table.end(), 0);
+  const size_t pool = table.size() * kKvHeads * kKvBlockSize * kHeadDim;
+  std::vector<Bf16> cache(pool);
+  for (auto& c : cache) c = kernels::FloatToBf16(Normal(1)[0]);
+  DeviceBuffer d_kc = upload(cache), d_vc = upload(cache), d_table = upload(table),
+               d_lens = upload(std::vector<int32_t>(kBatch, kSeqLen));
+  auto d_q = be.Allocate(kBatch * kHeads * kHeadDim * sizeof(float));
+  auto d_out = be.Allocate(kBatch * kHeads * kHeadDim * sizeof(float));
+  ASSERT_TRUE(d_q.ok() && d_out.ok());
+
+  const kernels::GemmParams gemm{d_x.as<float>(),   d_w->data(), nullptr,
+                                 d_q->as<float>(),  w_dtype,     kBatch,
+                                 kHeads * kHeadDim, kHidden,     0.f};
+  kernels::PagedDecodeParams attn{};
+  attn.q = d_q->data();
+  attn.k_cache = d_kc.data();
+  attn.v_cache = d_vc.data();
+  attn.block_table = d_table.as<int32_t>();
+  attn.seq_lens = d_lens.as<int32_t>();
+  attn.out = d_out->data();
+  attn.io_dtype = DType::kF32;
+  attn.batch = kBatch;
+  attn.num_q_heads = kHeads;
+  attn.num_kv_heads = kKvHeads;
+  attn.head_dim = kHeadDim;
+  attn.max_blocks_per_seq = kBlocksPerSeq;
+  attn.max_seq_len = kSeqLen;
+  attn.scale = 0.125f;
+
+  ASSERT_TRUE(be.Gemm(gemm).ok());
+  ASSERT_TRUE(be.PagedDecodeAttention(attn).ok());
+  std::vector<float> eager(kBatch * kHeads * kHeadDim), replayed(eager.size());
+  ASSERT_TRUE(be.CopyToHost(eager.data(), d_out->data(), d_out->bytes()).ok());
+  ASSERT_TRUE(be.Fill(d_q->data(), 0xff, d_q->bytes()).ok());
+  ASSERT_TRUE(be.Fill(d_out->data(), 0xff, d_out->bytes()).ok());
+  ASSERT_TRUE(be.Synchronize().ok());
+
+  DeviceBuffer d_x2 = upload(Normal(2 * kBatch * kHidden));
+  auto d_out2_or = be.Allocate(2 * kBatch * kHeads * kHeadDim * sizeof(float));
+  ASSERT_TRUE(d_out2_or.ok());
+  DeviceBuffer d_out2 = *std::move(d_out2_or);
+  ASSERT_TRUE(be.Synchronize().ok());
+
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  const absl::Status gemm_status = be.Gemm(gemm);
+  const absl::Status attn_status = be.PagedDecodeAttention(attn);
+  // m * k beyond the bf16 scratch: would need an allocation inside the capture.
+  kernels::GemmParams too_big = gemm;
+  too_big.m = 2 * kBatch;
+  too_big.x = d_x2.as<float>();
+  too_big.out = d_out2.as<float>();
+  const absl::Status grow_status = be.Gemm(too_big);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_TRUE(gemm_status.ok()) << gemm_status;
+  ASSERT_TRUE(attn_status.ok()) << attn_status;
+  EXPECT_EQ(grow_status.code(), absl::StatusCode::kFailedPrecondition) << grow_status;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_TRUE(be.CopyToHost(replayed.data(), d_out->data(), d_out->bytes()).ok());
+  EXPECT_EQ(NonFinite(replayed), 0u);
+  EXPECT_EQ(std::memcmp(replayed.data(), eager.data(), eager.size() * sizeof(float)), 0);
+  // Outside the capture the scratch grows on demand (the graph's old scratch stays alive).
+  const absl::Status grown = be.Gemm(too_big);
+  EXPECT_TRUE(grown.ok()) << grown;
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_TRUE(be.CopyToHost(replayed.data(), d_out->data(), d_out->bytes()).ok());
+  EXPECT_EQ(std::memcmp(replayed.data(), eager.data(), eager.size() * sizeof(float)), 0);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+#endif  // ASYNCTLS_HAVE_CUDA
 
 // A paged KV cache filled through KvAppend (strided rows of a fused qkv buffer, shuffled
 // blocks), then decode and prefill attention against the oracle. The backend starts with no
@@ -316,16 +432,16 @@ TEST_F(CudaBackendTest, KvAppendAndAttentionMatchOracle) {
     const size_t pool = size_t(num_blocks) * kKvHeads * kKvBlockSize * kHeadDim;
     // Unused slots hold the same NaN bytes as the poisoned device pools.
     std::vector<Bf16> k_cache(pool, Bf16{0xffff}), v_cache(pool, Bf16{0xffff});
-    kernels::ref::KvAppend({qkv.data() + kHeads * kHeadDim,
-                            qkv.data() + (kHeads + kKvHeads) * kHeadDim, slots.data(),
-                            k_cache.data(), v_cache.data(), total_tokens, kKvHeads, kHeadDim,
-                            kQkvRow, kQkvRow});
+    kernels::ref::KvAppend(
+        {qkv.data() + kHeads * kHeadDim, qkv.data() + (kHeads + kKvHeads) * kHeadDim, slots.data(),
+         k_cache.data(), v_cache.data(), total_tokens, kKvHeads, kHeadDim, kQkvRow, kQkvRow});
     DeviceBuffer d_qkv = Upload(qkv), d_slots = Upload(slots), d_kc = Poisoned<Bf16>(pool),
                  d_vc = Poisoned<Bf16>(pool);
-    ASSERT_TRUE(backend_->KvAppend({d_qkv.as<float>() + kHeads * kHeadDim,
-                                    d_qkv.as<float>() + (kHeads + kKvHeads) * kHeadDim,
-                                    d_slots.as<int32_t>(), d_kc.data(), d_vc.data(),
-                                    total_tokens, kKvHeads, kHeadDim, kQkvRow, kQkvRow})
+    ASSERT_TRUE(backend_
+                    ->KvAppend({d_qkv.as<float>() + kHeads * kHeadDim,
+                                d_qkv.as<float>() + (kHeads + kKvHeads) * kHeadDim,
+                                d_slots.as<int32_t>(), d_kc.data(), d_vc.data(), total_tokens,
+                                kKvHeads, kHeadDim, kQkvRow, kQkvRow})
                     .ok());
     const std::vector<Bf16> got_k = Download<Bf16>(d_kc, pool);
     const std::vector<Bf16> got_v = Download<Bf16>(d_vc, pool);

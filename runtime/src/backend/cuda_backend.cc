@@ -16,12 +16,12 @@
 
 #if ASYNCTLS_HAVE_CUDA
 
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <cuda_runtime_api.h>
 
 #include "asynctls/kernels/cuda_attention.h"
 #include "asynctls/kernels/cuda_ops.h"
@@ -46,10 +46,10 @@ using UniqueStream = std::unique_ptr<CUstream_st, StreamDeleter>;
 using UniqueCudaMemory = std::unique_ptr<void, CudaFreeDeleter>;
 
 // Status of a kernels::cuda entry's result, naming the op.
-#define ASYNCTLS_CUDA_OP(expr)                                           \
-  do {                                                                   \
-    ASYNCTLS_CUDA_RETURN_IF_ERROR(expr);                                 \
-    ASYNCTLS_RETURN_IF_ERROR(DebugSync(#expr, __FILE__, __LINE__));      \
+#define ASYNCTLS_CUDA_OP(expr)                                      \
+  do {                                                              \
+    ASYNCTLS_CUDA_RETURN_IF_ERROR(expr);                            \
+    ASYNCTLS_RETURN_IF_ERROR(DebugSync(#expr, __FILE__, __LINE__)); \
   } while (0)
 
 class CudaBackend final : public Backend {
@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override;
 
   DeviceKind kind() const override { return DeviceKind::kCuda; }
+  cudaStream_t stream() const { return stream_.get(); }
   std::string Describe() const override {
     return absl::StrCat("cuda:", options_.device_ordinal, " ", device_name_);
   }
@@ -89,6 +90,8 @@ class CudaBackend final : public Backend {
 
   absl::Status Activate() const;
   absl::StatusOr<bool> Capturing() const;
+  // Records that an op using the owned scratch is being captured into a graph.
+  absl::Status NoteCapture();
   absl::Status DebugSync(const char* what, const char* file, int line) const;
   // Makes the decode workspace at least `bytes` (outside a capture only).
   absl::Status EnsureDecodeWorkspace(size_t bytes);
@@ -102,6 +105,12 @@ class CudaBackend final : public Backend {
   int64_t gemm_x_capacity_ = 0;
   UniqueCudaMemory decode_workspace_;
   size_t decode_workspace_bytes_ = 0;
+  // A CUDA graph captured from this stream holds raw pointers to the scratch buffers above.
+  // Once one has been, a grown buffer's predecessor is retired (kept until destruction) instead
+  // of freed, so replaying that graph never touches freed memory.
+  bool scratch_captured_ = false;
+  std::vector<std::unique_ptr<kc::GemmRunner>> retired_gemm_;
+  std::vector<UniqueCudaMemory> retired_workspaces_;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOptions& options) {
@@ -114,8 +123,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOp
     return absl::UnavailableError(absl::StrCat("CUDA device ", options.device_ordinal,
                                                " does not exist (", count, " present)"));
   }
-  if (options.max_gemm_x_elements < 0 || options.max_decode_batch < 0 ||
-      options.max_seq_len < 0) {
+  if (options.max_gemm_x_elements < 0 || options.max_decode_batch < 0 || options.max_seq_len < 0) {
     return absl::InvalidArgumentError("CudaBackendOptions: negative size");
   }
   std::unique_ptr<CudaBackend> backend(new CudaBackend(options));
@@ -134,7 +142,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOp
 CudaBackend::~CudaBackend() {
   if (Activate().ok() && stream_) cudaStreamSynchronize(stream_.get());
   gemm_.reset();
+  retired_gemm_.clear();
   decode_workspace_.reset();
+  retired_workspaces_.clear();
   stream_.reset();
 }
 
@@ -147,6 +157,12 @@ absl::StatusOr<bool> CudaBackend::Capturing() const {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_.get(), &capture));
   return capture != cudaStreamCaptureStatusNone;
+}
+
+absl::Status CudaBackend::NoteCapture() {
+  if (scratch_captured_) return absl::OkStatus();
+  ASYNCTLS_ASSIGN_OR_RETURN(scratch_captured_, Capturing());
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::DebugSync(const char* what, const char* file, int line) const {
@@ -175,6 +191,7 @@ absl::Status CudaBackend::EnsureGemmScratch(int64_t x_elements) {
     // The old scratch may still be read by enqueued GEMMs.
     ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
     x_elements = std::max(x_elements, 2 * gemm_x_capacity_);
+    if (scratch_captured_) retired_gemm_.push_back(std::move(gemm_));
   }
   gemm_.reset();
   kc::GemmRunner* runner = nullptr;
@@ -193,6 +210,9 @@ absl::Status CudaBackend::EnsureDecodeWorkspace(size_t bytes) {
         " reserved) during a CUDA graph capture; reserve more in CudaBackendOptions"));
   }
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  if (scratch_captured_ && decode_workspace_) {
+    retired_workspaces_.push_back(std::move(decode_workspace_));
+  }
   decode_workspace_.reset();
   decode_workspace_bytes_ = 0;
   const size_t grown = std::max(bytes, bytes / 2 * 3);  // headroom against creeping growth
@@ -207,8 +227,8 @@ absl::Status CudaBackend::EnsureDecodeWorkspace(size_t bytes) {
 // so the reservation takes the largest need over batch sizes up to the maximum.
 absl::Status CudaBackend::ReserveDecodeWorkspace() {
   const CudaBackendOptions& o = options_;
-  if (o.max_decode_batch == 0 || o.max_seq_len == 0 || o.num_q_heads == 0 ||
-      o.num_kv_heads == 0 || o.head_dim == 0) {
+  if (o.max_decode_batch == 0 || o.max_seq_len == 0 || o.num_q_heads == 0 || o.num_kv_heads == 0 ||
+      o.head_dim == 0) {
     return absl::OkStatus();
   }
   kernels::PagedDecodeParams p{};
@@ -263,8 +283,7 @@ absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes)
 absl::Status CudaBackend::CopyToHost(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   ASYNCTLS_RETURN_IF_ERROR(Activate());
-  ASYNCTLS_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
   return absl::OkStatus();
 }
@@ -299,6 +318,7 @@ absl::Status CudaBackend::Gemm(const kernels::GemmParams& p) {
   if (p.w_dtype == DType::kBF16) {
     ASYNCTLS_RETURN_IF_ERROR(EnsureGemmScratch(int64_t{p.m} * p.k));
   }
+  ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
   const cudaError_t e = gemm_->Run(p, stream_.get());
   if (e != cudaSuccess) {
     cudaGetLastError();
@@ -327,18 +347,15 @@ absl::Status CudaBackend::KvAppend(const kernels::KvAppendParams& p) {
   return absl::OkStatus();
 }
 
-absl::Status CheckAttentionShape(int head_dim, DType io_dtype, int num_q_heads,
-                                 int num_kv_heads) {
+absl::Status CheckAttentionShape(int head_dim, DType io_dtype, int num_q_heads, int num_kv_heads) {
   if (num_kv_heads <= 0 || num_q_heads <= 0 || num_q_heads % num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "attention: ", num_q_heads, " query heads do not group over ", num_kv_heads,
-        " KV heads"));
+        "attention: ", num_q_heads, " query heads do not group over ", num_kv_heads, " KV heads"));
   }
   if (!kc::PagedAttentionCanImplement(head_dim, io_dtype, num_q_heads / num_kv_heads)) {
-    return absl::InvalidArgumentError(absl::StrCat("attention: head_dim ", head_dim, " / dtype ",
-                                                   static_cast<int>(io_dtype), " / group ",
-                                                   num_q_heads / num_kv_heads,
-                                                   " is not supported by the CUDA kernels"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention: head_dim ", head_dim, " / dtype ", static_cast<int>(io_dtype), " / group ",
+        num_q_heads / num_kv_heads, " is not supported by the CUDA kernels"));
   }
   return absl::OkStatus();
 }
@@ -349,6 +366,7 @@ absl::Status CudaBackend::PagedDecodeAttention(const kernels::PagedDecodeParams&
       CheckAttentionShape(p.head_dim, p.io_dtype, p.num_q_heads, p.num_kv_heads));
   kernels::PagedDecodeParams q = p;
   ASYNCTLS_RETURN_IF_ERROR(EnsureDecodeWorkspace(kc::PagedDecodeWorkspaceBytes(q)));
+  ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
   q.workspace = decode_workspace_.get();
   ASYNCTLS_CUDA_OP(kc::PagedDecodeAttention(q, stream_.get()));
   return absl::OkStatus();
@@ -366,31 +384,30 @@ absl::StatusOr<DeviceBuffer> CudaBackend::UploadWeight(const float* host, size_t
                                                        kernels::DType preferred,
                                                        kernels::DType* stored_dtype) {
   if (preferred != DType::kF32 && preferred != DType::kBF16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "UploadWeight: the CUDA backend stores weights as fp32 or bf16, not dtype ",
-        static_cast<int>(preferred)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("UploadWeight: the CUDA backend stores weights as fp32 or bf16, not dtype ",
+                     static_cast<int>(preferred)));
   }
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer buffer, Allocate(count * kernels::DTypeSize(preferred)));
   if (stored_dtype) *stored_dtype = preferred;
   if (count == 0) return buffer;
+  DeviceBuffer staging;
   if (preferred == DType::kF32) {
     ASYNCTLS_RETURN_IF_ERROR(CopyToDevice(buffer.data(), host, count * sizeof(float)));
   } else {
     // Convert on the device through an fp32 staging chunk: the host stays a plain memcpy and
     // the rounding is the kernels' (identical to the host's FloatToBf16).
     const size_t chunk = std::min(count, kUploadChunkElements);
-    ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer staging, Allocate(chunk * sizeof(float)));
+    ASYNCTLS_ASSIGN_OR_RETURN(staging, Allocate(chunk * sizeof(float)));
     for (size_t begin = 0; begin < count; begin += chunk) {
       const size_t n = std::min(chunk, count - begin);
       ASYNCTLS_RETURN_IF_ERROR(CopyToDevice(staging.data(), host + begin, n * sizeof(float)));
-      ASYNCTLS_CUDA_OP(kc::ConvertF32ToBf16(staging.as<float>(),
-                                            buffer.as<kernels::Bf16>() + begin,
+      ASYNCTLS_CUDA_OP(kc::ConvertF32ToBf16(staging.as<float>(), buffer.as<kernels::Bf16>() + begin,
                                             static_cast<int64_t>(n), stream_.get()));
     }
-    ASYNCTLS_RETURN_IF_ERROR(Synchronize());  // before `staging` is freed
   }
-  ASYNCTLS_RETURN_IF_ERROR(Synchronize());
+  ASYNCTLS_RETURN_IF_ERROR(Synchronize());  // the host data may go away; so does `staging`
   return buffer;
 }
 
@@ -404,6 +421,11 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device_ordinal) {
   CudaBackendOptions options;
   options.device_ordinal = device_ordinal;
   return CudaBackend::Create(options);
+}
+
+void* CudaBackendStream(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  return cuda ? static_cast<void*>(cuda->stream()) : nullptr;
 }
 
 bool CudaAvailable() {
@@ -426,6 +448,8 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int) {
   return MakeCudaBackend(CudaBackendOptions{});
 }
+
+void* CudaBackendStream(Backend&) { return nullptr; }
 
 bool CudaAvailable() { return false; }
 

@@ -65,29 +65,28 @@ inline absl::Status ToStatus(cudaError_t e, absl::string_view call, const char* 
                              absl::string_view detail = {}) {
   if (e == cudaSuccess) return absl::OkStatus();
   return absl::Status(CodeOf(e), absl::StrCat(call, " at ", BaseName(file), ":", line, ": ",
-                                              cudaGetErrorName(e), " (", cudaGetErrorString(e),
-                                              ")", detail.empty() ? "" : ": ", detail));
+                                              cudaGetErrorName(e), " (", cudaGetErrorString(e), ")",
+                                              detail.empty() ? "" : ": ", detail));
 }
 
-inline absl::Status ToStatus(cublasStatus_t s, absl::string_view call, const char* file,
-                             int line) {
+inline absl::Status ToStatus(cublasStatus_t s, absl::string_view call, const char* file, int line) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::Status(CodeOf(s), absl::StrCat(call, " at ", BaseName(file), ":", line, ": ",
-                                              cublasLtGetStatusName(s), " (",
-                                              cublasLtGetStatusString(s), ")"));
+  return absl::Status(
+      CodeOf(s), absl::StrCat(call, " at ", BaseName(file), ":", line, ": ",
+                              cublasLtGetStatusName(s), " (", cublasLtGetStatusString(s), ")"));
 }
 
 }  // namespace asynctls::cuda_check
 
 // Returns a Status naming the call, file and line when `expr` (a cudaError_t or cublasStatus_t)
 // fails. A failed allocation's non-sticky error is cleared so later launches do not report it.
-#define ASYNCTLS_CUDA_RETURN_IF_ERROR(expr)                                                 \
-  do {                                                                                      \
-    const auto _asynctls_cuda_err = (expr);                                                 \
-    ::absl::Status _asynctls_cuda_status =                                                  \
-        ::asynctls::cuda_check::ToStatus(_asynctls_cuda_err, #expr, __FILE__, __LINE__);    \
-    if (!_asynctls_cuda_status.ok()) {                                                      \
-      ::cudaGetLastError();                                                                 \
-      return _asynctls_cuda_status;                                                         \
-    }                                                                                       \
+#define ASYNCTLS_CUDA_RETURN_IF_ERROR(expr)                                              \
+  do {                                                                                   \
+    const auto _asynctls_cuda_err = (expr);                                              \
+    ::absl::Status _asynctls_cuda_status =                                               \
+        ::asynctls::cuda_check::ToStatus(_asynctls_cuda_err, #expr, __FILE__, __LINE__); \
+    if (!_asynctls_cuda_status.ok()) {                                                   \
+      ::cudaGetLastError();                                                              \
+      return _asynctls_cuda_status;                                                      \
+    }                                                                                    \
   } while (0)

@@ -30,4 +30,11 @@ struct CudaBackendOptions {
 // RESOURCE_EXHAUSTED when the reservations do not fit.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options);
 
+// The cudaStream_t (as void*) that a CUDA backend enqueues on, for callers that order their own
+// work with it: copy streams waiting on events, CUDA graph capture of a decode step. Null when
+// `backend` is not a CUDA backend. Ops enqueued during a capture never allocate: a scratch that
+// would have to grow returns FAILED_PRECONDITION instead (reserve through CudaBackendOptions or
+// run the step once before capturing).
+void* CudaBackendStream(Backend& backend);
+
 }  // namespace asynctls
