@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Writes a few small valid GGUF files (gguf Python package) as a seed corpus:
-  python3 fuzz/make_seeds.py /tmp/gguf_corpus"""
+"""Writes a few small valid GGUF (gguf Python package) and safetensors files (by hand) as seed
+corpora:  python3 fuzz/make_seeds.py /tmp/corpus   ->  /tmp/corpus/gguf, /tmp/corpus/safetensors"""
+import json
 import os
 import sys
 
 import numpy as np
 import gguf
 
-out = sys.argv[1] if len(sys.argv) > 1 else "gguf_corpus"
+root = sys.argv[1] if len(sys.argv) > 1 else "corpus"
+out = os.path.join(root, "gguf")
 os.makedirs(out, exist_ok=True)
 rng = np.random.default_rng(1)
 for i, (arch, qtype) in enumerate([("llama", gguf.GGMLQuantizationType.Q8_0),
@@ -42,4 +44,26 @@ for i, (arch, qtype) in enumerate([("llama", gguf.GGMLQuantizationType.Q8_0),
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-print("wrote seeds to", out)
+st_out = os.path.join(root, "safetensors")
+os.makedirs(st_out, exist_ok=True)
+for i, dtype in enumerate(["F32", "F16", "BF16"]):
+    arrays = {"model.embed_tokens.weight": rng.standard_normal((4, 8)),
+              "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((8, 8)),
+              "model.layers.0.self_attn.q_proj.bias": rng.standard_normal(8),
+              "lm_head.weight": rng.standard_normal((4, 8))}
+    header, data = {"__metadata__": {"format": "pt"}}, b""
+    for name, a in arrays.items():
+        if dtype == "F32":
+            raw = a.astype(np.float32).tobytes()
+        elif dtype == "F16":
+            raw = a.astype(np.float16).tobytes()
+        else:
+            raw = (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(st_out, f"seed{i}.safetensors"), "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + data)
+print("wrote seeds to", out, "and", st_out)

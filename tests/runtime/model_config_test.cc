@@ -205,6 +205,8 @@ TEST(ModelConfigTest, FromHfJsonErrorsNameTheKey) {
   EXPECT_TRUE(
       absl::StrContains(err(R"(, "vocab_size": 10, "mlp_bias": true)").message(), "mlp_bias"));
   EXPECT_TRUE(absl::StrContains(err(R"(, "vocab_size": 1e40)").message(), "vocab_size"));
+  EXPECT_TRUE(absl::StrContains(err(R"(, "vocab_size": 10, "use_sliding_window": true)").message(),
+                                "use_sliding_window"));
   EXPECT_FALSE(ModelConfigFromHfJson("{not json").ok());
   EXPECT_FALSE(ModelConfigFromHfJson("[]").ok());
   EXPECT_TRUE(absl::StrContains(
@@ -321,6 +323,10 @@ TEST(ModelConfigTest, FromGgufErrorsNameTheKey) {
   GgufBuilder uneven;
   uneven.String("general.architecture", "llama").I32Array("llama.block_count", {1, 2});
   EXPECT_TRUE(absl::StrContains(GgufConfig(uneven).status().message(), "differs between layers"));
+  GgufBuilder mismatch = GgufModel("qwen2");
+  mismatch.StringArray("tokenizer.ggml.tokens", {"a", "b", "c"})
+      .Tensor("token_embd.weight", {64, 5}, 0, FloatBytes(std::vector<float>(320)));
+  EXPECT_TRUE(absl::StrContains(GgufConfig(mismatch).status().message(), "token_embd.weight"));
   GgufBuilder novocab = GgufModel("qwen2");
   EXPECT_TRUE(absl::StrContains(GgufConfig(novocab).status().message(), "vocab_size"));
 }

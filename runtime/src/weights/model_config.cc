@@ -286,6 +286,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromHfJson(const std::string& json_text) 
   ASYNCTLS_ASSIGN_OR_RETURN(auto bias, OptBool(j, "attention_bias"));
   c.attention_bias = c.architecture == "qwen2" ? true : bias.value_or(false);
   c.qk_norm = c.architecture == "qwen3";
+  ASYNCTLS_ASSIGN_OR_RETURN(auto sliding, OptBool(j, "use_sliding_window"));
+  if (sliding.value_or(false)) return HfError("use_sliding_window", "true is not supported");
   ASYNCTLS_ASSIGN_OR_RETURN(auto mlp_bias, OptBool(j, "mlp_bias"));
   if (mlp_bias.value_or(false)) return HfError("mlp_bias", "true is not supported");
   ASYNCTLS_RETURN_IF_ERROR(c.Validate());
@@ -332,6 +334,22 @@ absl::StatusOr<int32_t> RequiredInt(const WeightFile& f, const std::string& key)
   ASYNCTLS_ASSIGN_OR_RETURN(auto v, UniformInt(f, key));
   if (!v.has_value()) return GgufError(key, "is missing");
   return *v;
+}
+
+// token_embd.weight must be [vocab_size, hidden_size]: the LM head and the embedding lookup
+// are sized from the config.
+absl::Status CheckEmbeddingShape(const ModelConfig& c, const WeightFile& f) {
+  for (const WeightTensorInfo& t : f.tensors()) {
+    if (t.name != "token_embd.weight") continue;
+    if (t.shape != std::vector<int64_t>{c.vocab_size, c.hidden_size}) {
+      std::string shape;
+      for (int64_t d : t.shape) absl::StrAppend(&shape, shape.empty() ? "" : ", ", d);
+      return absl::InvalidArgumentError(
+          absl::StrCat("token_embd.weight has shape [", shape, "], the config says [vocab_size ",
+                       c.vocab_size, ", hidden_size ", c.hidden_size, "]"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -409,6 +427,7 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const WeightFile& f) {
   c.qk_norm = f.HasTensor("blk.0.attn_q_norm.weight");
   c.attention_bias = f.HasTensor("blk.0.attn_q.bias");
   ASYNCTLS_RETURN_IF_ERROR(c.Validate());
+  ASYNCTLS_RETURN_IF_ERROR(CheckEmbeddingShape(c, f));
   return c;
 }
 
@@ -430,6 +449,7 @@ absl::StatusOr<ModelConfig> ReconcileHfConfigWithTensors(ModelConfig c, const We
         "config.json \"tie_word_embeddings\" is false but lm_head.weight is missing");
   }
   ASYNCTLS_RETURN_IF_ERROR(c.Validate());
+  ASYNCTLS_RETURN_IF_ERROR(CheckEmbeddingShape(c, f));
   return c;
 }
 

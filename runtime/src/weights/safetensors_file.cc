@@ -56,8 +56,8 @@ absl::StatusOr<uint64_t> NonNegative(const json& v, absl::string_view what) {
 }
 
 // Parses one mapped shard's header and appends its tensors.
-absl::Status ParseShard(const MappedFile& file, size_t shard, std::vector<StTensor>* out) {
-  const std::string& path = file.path();
+absl::Status ParseShard(const ByteRegion& file, const std::string& path, size_t shard,
+                        std::vector<StTensor>* out) {
   auto fail = [&](absl::string_view why) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", why));
   };
@@ -154,7 +154,7 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
 
 class SafetensorsWeightFile final : public WeightFile {
  public:
-  SafetensorsWeightFile(std::vector<std::unique_ptr<MappedFile>> shards,
+  SafetensorsWeightFile(std::vector<std::unique_ptr<ByteRegion>> shards,
                         std::vector<StTensor> tensors, std::optional<std::string> config_json,
                         std::string config_path)
       : shards_(std::move(shards)),
@@ -218,7 +218,7 @@ class SafetensorsWeightFile final : public WeightFile {
   std::optional<std::vector<float>> MetaFloatArray(const std::string&) const override { return {}; }
 
  private:
-  std::vector<std::unique_ptr<MappedFile>> shards_;
+  std::vector<std::unique_ptr<ByteRegion>> shards_;
   std::vector<StTensor> tensors_;
   std::optional<std::string> config_json_;
   std::string config_path_;
@@ -288,11 +288,11 @@ absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensors(const std::string& p
     if (dir.empty()) dir = ".";
   }
 
-  std::vector<std::unique_ptr<MappedFile>> shards;
+  std::vector<std::unique_ptr<ByteRegion>> shards;
   std::vector<StTensor> tensors;
   for (size_t i = 0; i < shard_paths.size(); ++i) {
     ASYNCTLS_ASSIGN_OR_RETURN(auto mapped, MappedFile::Open(shard_paths[i]));
-    ASYNCTLS_RETURN_IF_ERROR(ParseShard(*mapped, i, &tensors));
+    ASYNCTLS_RETURN_IF_ERROR(ParseShard(*mapped, shard_paths[i], i, &tensors));
     shards.push_back(std::move(mapped));
   }
   if (!weight_map.empty()) {
@@ -313,6 +313,18 @@ absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensors(const std::string& p
   if (auto text = ReadTextFile(config_path); text.ok()) config_json = std::move(text).value();
   auto file = std::make_unique<SafetensorsWeightFile>(std::move(shards), std::move(tensors),
                                                       std::move(config_json), config_path);
+  ASYNCTLS_RETURN_IF_ERROR(file->Index());
+  return std::unique_ptr<WeightFile>(std::move(file));
+}
+
+absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensorsBytes(std::string bytes) {
+  auto region = std::make_unique<OwnedBytes>(std::move(bytes));
+  std::vector<StTensor> tensors;
+  ASYNCTLS_RETURN_IF_ERROR(ParseShard(*region, "<memory>", 0, &tensors));
+  std::vector<std::unique_ptr<ByteRegion>> shards;
+  shards.push_back(std::move(region));
+  auto file = std::make_unique<SafetensorsWeightFile>(std::move(shards), std::move(tensors),
+                                                      std::nullopt, "<memory>/config.json");
   ASYNCTLS_RETURN_IF_ERROR(file->Index());
   return std::unique_ptr<WeightFile>(std::move(file));
 }

@@ -14,4 +14,7 @@ namespace asynctls::weights {
 // `path` is a .safetensors file (config.json looked up beside it) or a directory.
 absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensors(const std::string& path);
 
+// One safetensors image held in memory, without config.json (fuzzing).
+absl::StatusOr<std::unique_ptr<WeightFile>> OpenSafetensorsBytes(std::string bytes);
+
 }  // namespace asynctls::weights
