@@ -165,4 +165,9 @@ void PagedPrefillAttention(const PagedPrefillParams& p) {
   }
 }
 
+void RandomFill(const RandomFillParams& p) {
+  for (int64_t i = 0; i < p.count; ++i)
+    Store(p.dst, p.dtype, i, p.offset + p.scale * (2.f * CounterUniform(p.seed, i) - 1.f));
+}
+
 }  // namespace asynctls::kernels::ref

@@ -2,6 +2,7 @@
 // a tiled online-softmax loop spread over a thread pool; the cheap element-wise ops reuse the
 // reference kernels (they cost nothing next to the GEMMs).
 #include <cblas.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -121,6 +122,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  int64_t FreeMemoryBytes() override {
+    return int64_t{sysconf(_SC_AVPHYS_PAGES)} * sysconf(_SC_PAGESIZE);
+  }
 
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
     kernels::ref::Embedding(p);
@@ -140,6 +144,11 @@ class CpuBackend final : public Backend {
   }
   absl::Status KvAppend(const kernels::KvAppendParams& p) override {
     kernels::ref::KvAppend(p);
+    return absl::OkStatus();
+  }
+
+  absl::Status RandomFill(const kernels::RandomFillParams& p) override {
+    kernels::ref::RandomFill(p);
     return absl::OkStatus();
   }
 

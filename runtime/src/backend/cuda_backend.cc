@@ -68,6 +68,7 @@ class CudaBackend final : public Backend {
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
   absl::Status Fill(void* dst, int byte_value, size_t bytes) override;
   absl::Status Synchronize() override;
+  int64_t FreeMemoryBytes() override;
 
   absl::Status Embedding(const kernels::EmbeddingParams& p) override;
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override;
@@ -77,6 +78,7 @@ class CudaBackend final : public Backend {
   absl::Status KvAppend(const kernels::KvAppendParams& p) override;
   absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override;
   absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) override;
+  absl::Status RandomFill(const kernels::RandomFillParams& p) override;
 
   absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
                                             kernels::DType preferred,
@@ -332,6 +334,18 @@ absl::Status CudaBackend::Gemm(const kernels::GemmParams& p) {
 absl::Status CudaBackend::Rope(const kernels::RopeParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_CUDA_OP(kc::Rope(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+int64_t CudaBackend::FreeMemoryBytes() {
+  size_t free_bytes = 0, total = 0;
+  if (!Activate().ok() || cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
+  return static_cast<int64_t>(free_bytes);
+}
+
+absl::Status CudaBackend::RandomFill(const kernels::RandomFillParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::RandomFill(p, stream_.get()));
   return absl::OkStatus();
 }
 

@@ -40,20 +40,42 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, 
   return absl::InvalidArgumentError(absl::StrCat("device: '", device, "' is not cpu, cuda, cuda:N or auto"));
 }
 
+static ModelLoadOptions LoadOptions(const EngineOptions& options) {
+  ModelLoadOptions load;
+  load.weight_dtype = options.weight_dtype;
+  load.max_batch_tokens = options.max_batch_tokens;
+  load.max_batch_seqs = options.max_batch_seqs;
+  return load;
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const WeightFile& weights,
                                                        const EngineOptions& options) {
   std::unique_ptr<Engine> engine(new Engine());
   engine->options_ = options;
   ASYNCTLS_ASSIGN_OR_RETURN(engine->backend_, MakeBackend(options.device, options.cpu_threads));
-  ModelLoadOptions load;
-  load.weight_dtype = options.weight_dtype;
-  load.max_batch_tokens = options.max_batch_tokens;
-  load.max_batch_seqs = options.max_batch_seqs;
-  ASYNCTLS_ASSIGN_OR_RETURN(engine->model_, Model::Load(weights, engine->backend_.get(), load));
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->model_, Model::Load(weights, engine->backend_.get(), LoadOptions(options)));
+  return Finish(std::move(engine));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateRandom(const ModelConfig& config, uint64_t seed,
+                                                             const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->backend_, MakeBackend(options.device, options.cpu_threads));
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->model_,
+                            Model::Random(config, seed, engine->backend_.get(), LoadOptions(options)));
+  return Finish(std::move(engine));
+}
+
+// Sizes and creates the KV cache once the model is loaded.
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> engine) {
   const ModelConfig& c = engine->model_->config();
   engine->model_name_ = c.name.empty() ? c.architecture : c.name;
-  int64_t kv_bytes = options.kv_cache_bytes;
-  if (kv_bytes <= 0) kv_bytes = int64_t{1} << 30;
+  int64_t kv_bytes = engine->options_.kv_cache_bytes;
+  if (kv_bytes <= 0) {
+    kv_bytes = engine->backend_->kind() == DeviceKind::kCpu ? int64_t{1} << 30
+                                                            : engine->backend_->FreeMemoryBytes() * 2 / 5;
+  }
   const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim);
   const int num_blocks = static_cast<int>(std::max<int64_t>(1, kv_bytes / static_cast<int64_t>(per_block)));
   ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -64,14 +65,52 @@ struct Model::Impl {
     return w;
   }
 
-  absl::Status LoadWeights(const WeightFile& file) {
-    const ModelConfig& c = config;
-    const int64_t hidden = c.hidden_size, hd = c.head_dim;
-    const DType gemm = options.weight_dtype;
-    auto load = [&](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<Weight> {
+  // Where weights come from: a name (canonical, plus the fused "blk.N.ffn_gate_up.weight"),
+  // its shape and the dtype to store it in.
+  using WeightSource =
+      std::function<absl::StatusOr<Weight>(const std::string&, std::vector<int64_t>, DType)>;
+
+  WeightSource FileSource(const WeightFile& file) {
+    return [this, &file](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<Weight> {
+      const std::string kGateUp = "ffn_gate_up.weight";
+      if (name.size() > kGateUp.size() && name.compare(name.size() - kGateUp.size(), kGateUp.size(), kGateUp) == 0) {
+        // gate and up as one [2 * ffn, hidden] GEMM; SiluMul reads gate first, then up.
+        const std::string prefix = name.substr(0, name.size() - kGateUp.size());
+        std::vector<int64_t> half = {shape[0] / 2, shape[1]};
+        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> gate, ReadChecked(file, prefix + "ffn_gate.weight", half));
+        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> up, ReadChecked(file, prefix + "ffn_up.weight", half));
+        gate.insert(gate.end(), up.begin(), up.end());
+        return Upload(gate, dtype);
+      }
       ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> host, ReadChecked(file, name, shape));
       return Upload(host, dtype);
     };
+  }
+
+  // Seeded uniform weights generated on the backend: norms 1, biases 0, matrices scaled by
+  // 1/sqrt(fan_in) so activations stay in range through every layer.
+  WeightSource RandomSource(uint64_t seed) {
+    return [this, seed](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<Weight> {
+      int64_t count = 1;
+      for (int64_t d : shape) count *= d;
+      Weight w;
+      w.dtype = backend->kind() == DeviceKind::kCpu ? DType::kF32 : dtype;
+      ASYNCTLS_ASSIGN_OR_RETURN(w.buf, backend->Allocate(count * kernels::DTypeSize(w.dtype)));
+      const bool is_norm = name.find("norm.weight") != std::string::npos;
+      const bool is_bias = name.find(".bias") != std::string::npos;
+      float scale = shape.size() == 2 ? 1.f / std::sqrt(static_cast<float>(shape[1])) : 0.f;
+      if (name == "token_embd.weight") scale = 0.05f;
+      const uint64_t tensor_seed = seed * 1000003u + std::hash<std::string>{}(name);
+      ASYNCTLS_RETURN_IF_ERROR(backend->RandomFill(
+          {w.buf.data(), w.dtype, count, tensor_seed, is_norm || is_bias ? 0.f : scale, is_norm ? 1.f : 0.f}));
+      return w;
+    };
+  }
+
+  absl::Status LoadWeights(const WeightSource& load) {
+    const ModelConfig& c = config;
+    const int64_t hidden = c.hidden_size, hd = c.head_dim;
+    const DType gemm = options.weight_dtype;
     // The embedding table doubles as the LM head when tied: keep it in the GEMM dtype then.
     ASYNCTLS_ASSIGN_OR_RETURN(token_embd, load("token_embd.weight", {c.vocab_size, hidden},
                                                c.tied_embeddings ? gemm : DType::kF32));
@@ -89,14 +128,8 @@ struct Model::Impl {
       ASYNCTLS_ASSIGN_OR_RETURN(L.wk, load(p + "attn_k.weight", {c.num_kv_heads * hd, hidden}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.wv, load(p + "attn_v.weight", {c.num_kv_heads * hd, hidden}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.wo, load(p + "attn_output.weight", {hidden, c.num_q_heads * hd}, gemm));
+      ASYNCTLS_ASSIGN_OR_RETURN(L.w_gate_up, load(p + "ffn_gate_up.weight", {2 * int64_t{c.ffn_size}, hidden}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.w_down, load(p + "ffn_down.weight", {hidden, c.ffn_size}, gemm));
-      {
-        // gate and up as one [2 * ffn, hidden] GEMM; SiluMul reads gate first, then up.
-        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> gate, ReadChecked(file, p + "ffn_gate.weight", {c.ffn_size, hidden}));
-        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> up, ReadChecked(file, p + "ffn_up.weight", {c.ffn_size, hidden}));
-        gate.insert(gate.end(), up.begin(), up.end());
-        ASYNCTLS_ASSIGN_OR_RETURN(L.w_gate_up, Upload(gate, gemm));
-      }
       if (c.qk_norm) {
         ASYNCTLS_ASSIGN_OR_RETURN(L.q_norm, load(p + "attn_q_norm.weight", {hd}, DType::kF32));
         ASYNCTLS_ASSIGN_OR_RETURN(L.k_norm, load(p + "attn_k_norm.weight", {hd}, DType::kF32));
@@ -285,7 +318,19 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const WeightFile& file, Backe
   ASYNCTLS_RETURN_IF_ERROR(impl->config.Validate());
   impl->options = options;
   impl->backend = backend;
-  ASYNCTLS_RETURN_IF_ERROR(impl->LoadWeights(file));
+  ASYNCTLS_RETURN_IF_ERROR(impl->LoadWeights(impl->FileSource(file)));
+  ASYNCTLS_RETURN_IF_ERROR(impl->AllocateActivations());
+  return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Random(const ModelConfig& config, uint64_t seed,
+                                                     Backend* backend, const ModelLoadOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  ASYNCTLS_RETURN_IF_ERROR(impl->config.Validate());
+  impl->options = options;
+  impl->backend = backend;
+  ASYNCTLS_RETURN_IF_ERROR(impl->LoadWeights(impl->RandomSource(seed)));
   ASYNCTLS_RETURN_IF_ERROR(impl->AllocateActivations());
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }

@@ -112,4 +112,23 @@ struct PagedPrefillParams {
   float scale;
 };
 
+// dst[i] = offset + scale * (2 * U(seed, i) - 1) with U = CounterUniform: the same values on
+// every backend (seeded random weights generated where they live, for performance runs).
+struct RandomFillParams {
+  void* dst;  // [count], dtype (kF32 or kBF16)
+  DType dtype;
+  int64_t count;
+  uint64_t seed;
+  float scale, offset;
+};
+
+// A counter-based uniform draw in [0, 1): a SplitMix64 finaliser over (seed, index).
+ASYNCTLS_HD float CounterUniform(uint64_t seed, uint64_t index) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + index + 0x632be59bd9b4e019ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+}
+
 }  // namespace asynctls::kernels

@@ -14,5 +14,6 @@ void SiluMul(const SiluMulParams& p);
 void KvAppend(const KvAppendParams& p);
 void PagedDecodeAttention(const PagedDecodeParams& p);
 void PagedPrefillAttention(const PagedPrefillParams& p);
+void RandomFill(const RandomFillParams& p);
 
 }  // namespace asynctls::kernels::ref

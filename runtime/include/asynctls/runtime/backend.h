@@ -57,6 +57,8 @@ class Backend {
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Fill(void* dst, int byte_value, size_t bytes) = 0;
   virtual absl::Status Synchronize() = 0;
+  // Bytes the device could still allocate (CPU: available system memory).
+  virtual int64_t FreeMemoryBytes() = 0;
 
   // Ops (see kernels/dense_params.h). PagedDecodeAttention's workspace is provided by the
   // backend itself (params.workspace is ignored).
@@ -68,6 +70,8 @@ class Backend {
   virtual absl::Status KvAppend(const kernels::KvAppendParams& p) = 0;
   virtual absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) = 0;
   virtual absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) = 0;
+  // Seeded uniform values, identical on every backend (random weights for perf runs).
+  virtual absl::Status RandomFill(const kernels::RandomFillParams& p) = 0;
 
   // Converts a host fp32 weight to the dtype the backend's GEMMs read for `preferred`
   // (CPU: always fp32; CUDA: fp32 or bf16) and uploads it.

@@ -32,6 +32,9 @@ class Engine final : public StepExecutor {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const WeightFile& weights,
                                                         const EngineOptions& options);
+  // An engine over seeded random weights of `config`'s real sizes (performance runs).
+  static absl::StatusOr<std::unique_ptr<Engine>> CreateRandom(const ModelConfig& config, uint64_t seed,
+                                                              const EngineOptions& options);
   ~Engine() override;
 
   ExecutorInfo Info() const override;
@@ -42,11 +45,13 @@ class Engine final : public StepExecutor {
   // order of StepResult::tokens.
   const std::vector<float>& sampled_logits() const { return sampled_logits_; }
   const KvCache& kv_cache() const { return *cache_; }
+  KvCache& mutable_kv_cache() { return *cache_; }  // benchmarks that stage KV directly
   Backend& backend() { return *backend_; }
 
  private:
   Engine() = default;
   struct Item;
+  static absl::StatusOr<std::unique_ptr<Engine>> Finish(std::unique_ptr<Engine> engine);
   absl::Status RunForward(const std::vector<Item>& items, StepResult* result);
 
   EngineOptions options_;

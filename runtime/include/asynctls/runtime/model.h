@@ -45,6 +45,11 @@ class Model {
   // does not match the config (naming it).
   static absl::StatusOr<std::unique_ptr<Model>> Load(const WeightFile& file, Backend* backend,
                                                      const ModelLoadOptions& options);
+  // Seeded random weights at the config's real sizes, generated on the backend (performance
+  // runs at shapes whose checkpoints are too large to ship).
+  static absl::StatusOr<std::unique_ptr<Model>> Random(const ModelConfig& config, uint64_t seed,
+                                                       Backend* backend,
+                                                       const ModelLoadOptions& options);
   ~Model();
 
   const ModelConfig& config() const;
