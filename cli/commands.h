@@ -1,0 +1,11 @@
+// The CLI's commands, one file each. Each parses its own flags (argv after the command name)
+// and returns a Status the entry prints.
+#pragma once
+
+#include "absl/status/status.h"
+
+namespace asynctls {
+
+absl::Status RunGenerate(int argc, char** argv);  // generate.cc
+
+}  // namespace asynctls
