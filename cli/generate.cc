@@ -64,6 +64,7 @@ absl::Status RunGenerate(int argc, char** argv) {
   }));
   GenerationEvent last = done.get_future().get();
   std::fputc('\n', stdout);
+  std::fflush(stdout);
   if (last.finish == FinishReason::kError || last.finish == FinishReason::kCancelled) return last.error;
   const auto& t = last.timings;
   double decode_ms = 0;

@@ -35,14 +35,23 @@ Coordinator::Coordinator(const Tokenizer* tokenizer, StepExecutor* executor, Coo
   loop_ = std::thread([this] { Loop(); });
 }
 
-Coordinator::~Coordinator() {
+Coordinator::~Coordinator() { Shutdown(absl::CancelledError("server shutting down")); }
+
+void Coordinator::Shutdown(const absl::Status& reason) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  loop_.join();
-  for (auto& [id, live] : live_) Emit(*live, id, FinishReason::kCancelled, absl::CancelledError("server shutting down"));
+  if (loop_.joinable()) loop_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  const FinishReason finish =
+      reason.code() == absl::StatusCode::kCancelled ? FinishReason::kCancelled : FinishReason::kError;
+  for (auto& [id, live] : live_) {
+    Emit(*live, id, finish, reason);
+    (finish == FinishReason::kError ? stats_.finished_error : stats_.cancelled)++;
+  }
+  live_.clear();
 }
 
 absl::Status Coordinator::Submit(GenerationRequest request, EventSink sink) {

@@ -42,7 +42,11 @@ class Coordinator {
  public:
   // `tokenizer` and `executor` must outlive the coordinator.
   Coordinator(const Tokenizer* tokenizer, StepExecutor* executor, CoordinatorOptions options);
-  ~Coordinator();  // stops the loop; live requests end with CANCELLED
+  ~Coordinator();  // Shutdown(CANCELLED "server shutting down") if not shut down yet
+
+  // Stops the loop (waiting for a step in flight) and ends every live request with `reason`
+  // (e.g. UNAVAILABLE when the replica's worker is lost). Later Submits fail with UNAVAILABLE.
+  void Shutdown(const absl::Status& reason);
 
   // Validates and queues the request (errors as in Scheduler::Enqueue plus sampling checks);
   // on success the sink receives its events until a final one.
