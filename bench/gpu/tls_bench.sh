@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Speed of the two-level sparse attention (TLS) decode step on a GPU machine, one call (issue 4,
+# item 6): build (kernels-only config), the TLS GPU compare tests first, bench/kernels/tls_bench
+# (TLS in one CUDA graph + per-stage breakdown, our dense paged decode, Quest-style, token-only,
+# bytes moved and the HBM floor), the PyTorch SDPA decode baseline (cuDNN and flash) at the
+# same GQA shapes, and one combined table. MLA has no SDPA baseline (SDPA has no 576/512 latent
+# layout with one shared KV head; its dense row is our sparse kernel over every position).
+#
+#   OUT=$OUT bash bench/gpu/tls_bench.sh      # from the repository root; logs + JSON in $OUT
+#
+# Env: OUT (default ./tls-bench-out), BUILD_DIR (default build), QUICK=1 (batch 1/8, 32K/128K,
+# k_t 1024 only), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES (default 15). Needs cmake, ninja, nvcc
+# (CUDA 13), python3 with torch for the SDPA baseline, GoogleTest sources in .deps/googletest.
+set -uo pipefail
+export PATH=/usr/local/cuda/bin:$PATH
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/tls-bench-out}
+BUILD_DIR=${BUILD_DIR:-build}
+SAMPLES=${SAMPLES:-15}
+mkdir -p "$OUT"
+QUICK_FLAG=""
+[[ "${QUICK:-0}" == 1 ]] && QUICK_FLAG="--quick"
+status=0
+log() { echo "== $*" | tee -a "$OUT/tls_bench.log"; }
+t0=$(date +%s)
+
+log "$(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  "$(git status --porcelain 2>/dev/null | grep -q . && echo '(dirty tree)')"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 |
+  tee -a "$OUT/tls_bench.log"
+
+log "configure + build ($BUILD_DIR)"
+if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > "$OUT/cmake.log" 2>&1; then
+  tail -30 "$OUT/cmake.log"; echo "configure failed"; exit 1
+fi
+targets="tls_bench"
+[[ "${SKIP_TESTS:-0}" == 1 ]] ||
+  targets="$targets tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
+if ! ninja -C "$BUILD_DIR" $targets > "$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -40; echo "build failed"; exit 1
+fi
+log "built in $(( $(date +%s) - t0 )) s"
+
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  log "ctest -L gpu -R tls"
+  ctest --test-dir "$BUILD_DIR" -L gpu -R tls --output-on-failure -j 3 \
+    > "$OUT/ctest_gpu.log" 2>&1 || status=1
+  tail -8 "$OUT/ctest_gpu.log" | tee -a "$OUT/tls_bench.log"
+  grep -E "Failure|Expected|Which is|differs|error|Skipped" "$OUT/ctest_gpu.log" | head -40 |
+    tee -a "$OUT/tls_bench.log"
+fi
+
+log "tls_bench ($(( $(date +%s) - t0 )) s in)"
+"$BUILD_DIR/bench/tls_bench" --json "$OUT/tls_bench.json" --samples "$SAMPLES" $QUICK_FLAG 2>&1 |
+  tee "$OUT/tls_bench_raw.log" || status=1
+
+if [[ "${SKIP_SDPA:-0}" != 1 ]]; then
+  batches=1,2,4,8; contexts=32768,65536,131072
+  [[ -n "$QUICK_FLAG" ]] && { batches=1,8; contexts=32768,131072; }
+  for kv in 8 4; do
+    log "PyTorch SDPA decode baseline, 32 q / $kv kv heads ($(( $(date +%s) - t0 )) s in)"
+    python3 bench/attention_sdpa.py --mode decode --q-heads 32 --kv-heads "$kv" \
+      --batches "$batches" --contexts "$contexts" --samples "$SAMPLES" \
+      --json "$OUT/sdpa_kv$kv.json" 2>&1 | tee "$OUT/sdpa_kv$kv.log" || status=1
+  done
+fi
+
+log "combined ($(( $(date +%s) - t0 )) s in)"
+python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/tls_summary.txt"
+import json, os, sys
+out = sys.argv[1]
+tls = json.load(open(os.path.join(out, "tls_bench.json")))
+sdpa = {}
+for kv in (8, 4):
+    path = os.path.join(out, "sdpa_kv%d.json" % kv)
+    if os.path.exists(path):
+        for r in json.load(open(path))["results"]:
+            if r.get("ms"):
+                sdpa[(kv, r["impl"], r["batch"], r["context"])] = r["ms"]
+def f(x, w=8, p=4): return ("%*.*f" % (w, p, x)) if x else "%*s" % (w, "n/a")
+print("device %s; ratios: x = other ms / TLS ms (>1: TLS faster); floor = TLS ms / TLS bytes at "
+      "%.1f TB/s" % (tls["device"], tls["hbm_bytes_per_s"] / 1e12))
+print("gqa_g4 = the paper's layout (32 q heads, G=4, d 128) = Qwen3-8B (32/8/128); gqa_g8 = "
+      "32/4/128; MLA: no SDPA baseline, dense = our sparse kernel over all positions")
+hdr = ("%-7s %2s %4s %4s | %8s %8s %8s %8s %8s %8s | %6s %6s %6s | %7s %6s | %s" % (
+    "config", "B", "ctx", "k_t", "TLS ms", "dense", "cudnn", "flash", "quest", "token",
+    "xdense", "xSDPA", "TLS/Q", "TLS MB", "floor", "targets"))
+print(hdr); print("-" * len(hdr))
+for r in tls["results"]:
+    kv = r["kv_heads"]
+    c = None if r["mla"] else sdpa.get((kv, "sdpa_cudnn", r["batch"], r["context"]))
+    fl = None if r["mla"] else sdpa.get((kv, "sdpa_flash", r["batch"], r["context"]))
+    best = min([x for x in (c, fl) if x], default=None)
+    t = r["tls_ms"]
+    xd, xq = r["dense_ms"] / t, r["quest_ms"] / t
+    xs = best / t if best else None
+    floor = t / r["floor_ms"]["tls"]
+    tg = []
+    if r["mla"]:
+        tg.append("MLA>=10x:" + ("ok" if xd >= 10 else "MISS"))
+    elif r["batch"] == 8 and r["context"] == 131072:
+        tg.append("GQA>=6x:" + ("ok" if xd >= 6 else "MISS"))
+    tg.append("Q>=0.8:" + ("ok" if xq >= 0.8 else "MISS"))
+    if r["batch"] == 1:
+        tg.append("floor<=3:" + ("ok" if floor <= 3 else "MISS"))
+    print("%-7s %2d %3dK %4d | %s %s %s %s %s %s | %6.2f %s %6.2f | %7.1f %6.1f | %s" % (
+        r["config"], r["batch"], r["context"] // 1024, r["k_t"], f(t), f(r["dense_ms"]), f(c),
+        f(fl), f(r["quest_ms"]), f(r["token_only_ms"]), xd, f(xs, 6, 2), xq,
+        r["bytes"]["tls"] / 1e6, floor, " ".join(tg)))
+print("\nstage breakdown (ms, each stage graphed alone; TLS runs append+block stages on a second "
+      "stream, overlapping token score/select/attention):")
+print("%-7s %2s %4s %4s | %s" % ("config", "B", "ctx", "k_t", "  ".join(
+    "%12s" % s for s in ("append", "block_score", "block_select", "token_score", "token_select",
+                         "attention", "serial_step"))))
+for r in tls["results"]:
+    s = r["stages_ms"]
+    print("%-7s %2d %3dK %4d | %s" % (r["config"], r["batch"], r["context"] // 1024, r["k_t"],
+        "  ".join("%12.4f" % v for v in (s.get("append", 0), s.get("block_score", 0),
+            s.get("block_select", 0), s.get("token_score", 0), s.get("token_select", 0),
+            s.get("attention", 0), r["tls_serial_ms"]))))
+PY
+log "done in $(( $(date +%s) - t0 )) s, status $status; files in $OUT"
+exit $status

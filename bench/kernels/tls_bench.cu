@@ -1,0 +1,711 @@
+// Speed of one two-level sparse attention (TLS) decode step per layer on the GPU, against our
+// dense paged decode kernel, Quest-style (block-only) and token-only selection at the same
+// token budget, with the bytes each method must move and the HBM floor (4.3 TB/s) they imply.
+//
+// Configurations (bf16, one layer, every sequence at the same context):
+//   gqa_g4   32 q / 8 KV heads, d 128, d_c 32: the paper's layout (32 query heads, group 4) and
+//            Qwen3-8B's at once (they are the same layout, so it is run once);
+//   gqa_g8   32 q / 4 KV heads, d 128, d_c 32 (group 8);
+//   mla_hN   N in {16, 32, 64, 128} query heads over one latent KV head of 576 dims (V = first
+//            512), d_c 128.
+// GQA: batch 1, 2, 4, 8 x context 32K, 64K, 128K; MLA: batch 1, 8 x 32K, 128K; k_b 128,
+// k_t in {512, 1024, 2048}; one sink block, 64-token window.
+//
+// Methods (each one CUDA graph per sample; the figure is the median over samples):
+//   tls      index append of the new token (block + token index) -> TlsDecodeSelect (two-level,
+//            one-step lag: token select over M_{t-1}, block score + top-k_b for M_t) ->
+//            TlsSparseAttention; plus each stage graphed alone (append, block_score,
+//            block_select, token_score, token_select, attention).
+//   dense    PagedDecodeAttention (GQA). MLA has no dense paged kernel of 576 dims: its dense
+//            row is TlsSparseAttention over every position (CUDA cores, compute-bound).
+//   quest    block index append -> TlsDecodeSelect(kBlockOnly, k_t / 64 blocks) -> attention.
+//   token    index append -> TlsDecodeSelect(kTokenOnly, k_t over every token) -> attention.
+// L2: the KV pool and its indices are one pool of 65536 blocks (16 GiB of K+V for GQA); every
+// launch inside a sample uses another random block table over it (32 tables), so consecutive
+// launches touch different index rows and K/V rows and the working set is far beyond 60 MB.
+//
+//   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "asynctls/kernels/cuda_attention.h"
+#include "asynctls/kernels/cuda_tls.h"
+#include "kernels/test_util.h"
+
+namespace {
+
+using asynctls::kernels::DType;
+using asynctls::kernels::kKvBlockSize;
+using asynctls::kernels::PagedDecodeParams;
+using asynctls::kernels::TlsDecodeSelectParams;
+using asynctls::kernels::TlsIndexUpdateParams;
+using asynctls::kernels::TlsLag;
+using asynctls::kernels::TlsMode;
+using asynctls::kernels::TlsPolicy;
+using asynctls::kernels::TlsSparseAttentionParams;
+using asynctls::kernels::testing::DeviceBuffer;
+namespace cuda = asynctls::kernels::cuda;
+
+#define BENCH_CHECK(expr)                                                                        \
+  do {                                                                                           \
+    const cudaError_t _e = (expr);                                                               \
+    if (_e != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+constexpr double kHbmBytesPerS = 4.3e12;
+constexpr int kPoolBlocks = 65536;  // KV pool blocks (and index rows) shared by every row
+constexpr int kTables = 32;         // random block tables rotated over inside one sample
+constexpr int kBlockBudget = 128;
+
+struct Config {
+  std::string name, note;
+  int q_heads, kv_heads, head_dim, v_dim, channels;
+  bool mla;
+};
+
+__global__ void FillRandomBf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    const float u = static_cast<float>(x >> 40) * (1.f / 16777216.f);  // [0, 1)
+    p[i] = __float2bfloat16_rn(4.f * u - 2.f);
+  }
+}
+
+__global__ void IotaRows(int32_t* p, int rows, int n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < int64_t{rows} * n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    p[i] = static_cast<int32_t>(i % n);
+  }
+}
+
+void Fill(DeviceBuffer& buf, uint64_t seed) {
+  FillRandomBf16<<<4096, 256>>>(buf.as<__nv_bfloat16>(), buf.bytes() / 2, seed);
+  BENCH_CHECK(cudaGetLastError());
+}
+
+// Median ms per step of `launch(i, stream)`; a sample is one graph of `per_sample` steps
+// (chosen so a sample lasts about 2 ms, at most kTables steps, at least 2).
+template <typename Launch>
+double TimeMs(Launch&& launch, int samples, cudaStream_t stream) {
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  BENCH_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < 2; ++i) BENCH_CHECK(launch(i, stream));  // warm-up, plan caches
+  BENCH_CHECK(cudaEventRecord(stop, stream));
+  BENCH_CHECK(cudaEventSynchronize(stop));
+  float eager = 0;
+  BENCH_CHECK(cudaEventElapsedTime(&eager, start, stop));
+  const int per_sample =
+      std::clamp(static_cast<int>(2.0 / std::max(1e-3, double{eager} / 2)), 2, kTables);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < per_sample; ++i) BENCH_CHECK(launch(i, stream));
+  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
+  BENCH_CHECK(cudaGraphLaunch(exec, stream));
+  std::vector<double> ms;
+  for (int s = 0; s < samples; ++s) {
+    BENCH_CHECK(cudaEventRecord(start, stream));
+    BENCH_CHECK(cudaGraphLaunch(exec, stream));
+    BENCH_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(double{t} / per_sample);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// The pool of one configuration: K (and V) blocks, the block and token indices of every block.
+struct Pool {
+  DeviceBuffer k, v, kmax, kmin, channels, codes, scales;
+  const void* v_ptr() const { return v.get() ? v.get() : k.get(); }
+};
+
+void BuildPool(const Config& c, Pool& pool, cudaStream_t stream) {
+  const size_t row = size_t(c.kv_heads) * kKvBlockSize * c.head_dim * 2;  // bytes per block
+  BENCH_CHECK(pool.k.Resize(kPoolBlocks * row));
+  Fill(pool.k, 11);
+  if (!c.mla) {
+    BENCH_CHECK(pool.v.Resize(kPoolBlocks * row));
+    Fill(pool.v, 12);
+  }
+  const size_t idx_row = size_t(c.kv_heads) * c.head_dim * 2;
+  BENCH_CHECK(pool.kmax.Resize(kPoolBlocks * idx_row));
+  BENCH_CHECK(pool.kmin.Resize(kPoolBlocks * idx_row));
+  BENCH_CHECK(pool.codes.Resize(size_t(kPoolBlocks) * c.kv_heads * kKvBlockSize * c.channels / 2));
+  BENCH_CHECK(pool.scales.Resize(size_t(kPoolBlocks) * c.kv_heads * kKvBlockSize * 4));
+  // Channel set: every (head_dim / channels)-th channel, rounded down to a multiple of 4.
+  std::vector<int32_t> ch(size_t(c.kv_heads) * c.channels);
+  const int stride = std::max(1, c.head_dim / c.channels);
+  for (int g = 0; g < c.kv_heads; ++g) {
+    for (int i = 0; i < c.channels; ++i) ch[size_t(g) * c.channels + i] = i * stride;
+  }
+  BENCH_CHECK(pool.channels.Upload(ch));
+  // Index build: the pool as kPoolBlocks / 1024 sequences of 1024 blocks, identity tables.
+  constexpr int kSeqBlocks = 1024;
+  const int nseq = kPoolBlocks / kSeqBlocks;
+  std::vector<int32_t> table(kPoolBlocks);
+  std::iota(table.begin(), table.end(), 0);
+  DeviceBuffer t, start, lens;
+  BENCH_CHECK(t.Upload(table));
+  BENCH_CHECK(start.Upload(std::vector<int32_t>(nseq, 0)));
+  BENCH_CHECK(lens.Upload(std::vector<int32_t>(nseq, kSeqBlocks * kKvBlockSize)));
+  TlsIndexUpdateParams p{};
+  p.k_cache = pool.k.get();
+  p.block_table = t.as<int32_t>();
+  p.index_table = t.as<int32_t>();
+  p.start_pos = start.as<int32_t>();
+  p.seq_lens = lens.as<int32_t>();
+  p.block_kmax = pool.kmax.get();
+  p.block_kmin = pool.kmin.get();
+  p.channels = pool.channels.as<int32_t>();
+  p.maybe_token_codes = pool.codes.as<uint8_t>();
+  p.maybe_token_scales = pool.scales.as<float>();
+  p.batch = nseq;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = c.head_dim;
+  p.num_channels = c.channels;
+  p.max_blocks_per_seq = kSeqBlocks;
+  p.max_new_tokens = kSeqBlocks * kKvBlockSize;
+  BENCH_CHECK(cudaDeviceSynchronize());
+  BENCH_CHECK(cuda::TlsIndexUpdate(p, stream));
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+}
+
+// Bytes one step must move from HBM (inputs read + outputs written; scratch included).
+struct Bytes {
+  double tls = 0, quest = 0, token = 0, dense = 0;
+};
+
+Bytes StepBytes(const Config& c, int batch, int context, int k_t) {
+  const double bkv = double(batch) * c.kv_heads;
+  const double blocks = double(context) / kKvBlockSize;
+  const double row_kv = c.mla ? c.head_dim * 2.0 : (c.head_dim + c.v_dim) * 2.0;  // K + V row
+  const double block_index = bkv * blocks * c.head_dim * 2 * 2;    // kmax + kmin
+  const double block_scores = bkv * blocks * 4 * 2;                // written, read back
+  const double tok_row = c.channels / 2.0 + 4;                     // codes + scale
+  const double q_out = double(batch) * c.q_heads * (c.head_dim + c.v_dim) * 2;
+  const double append = bkv * (c.head_dim * 2 * 3 + tok_row);      // K row, index row r/w
+  const double always = 2 * kKvBlockSize;                          // sink block + recent block
+  const double attn = bkv * (k_t + always) * (row_kv + 4) + q_out;  // rows + positions
+  const double kept_tokens = double(kBlockBudget) * kKvBlockSize;
+  // token stage: token index of the kept blocks, alpha + candidate ids written and read back
+  const double token_stage = bkv * kept_tokens * (tok_row + 8 * 2);
+  Bytes b;
+  b.tls = append + block_index + block_scores + token_stage + attn;
+  b.quest = append + block_index + block_scores + attn;
+  b.token = append + bkv * context * (tok_row + 8 * 2) + attn;
+  b.dense = bkv * context * row_kv + q_out;
+  return b;
+}
+
+struct Row {
+  std::string config;
+  int batch, context, k_t;
+  double tls, tls_serial, dense, quest, token;
+  std::map<std::string, double> stages;
+  Bytes bytes;
+};
+
+// Per (configuration, batch, context): random tables, per-table lag state, all methods.
+class Bench {
+ public:
+  Bench(const Config& c, const Pool& pool, int batch, int context, int samples,
+        cudaStream_t stream)
+      : c_(c), pool_(pool), batch_(batch), context_(context), samples_(samples), s_(stream) {
+    pages_ = context / kKvBlockSize;
+    std::mt19937 rng(static_cast<uint32_t>(batch * 1000003 + context));
+    std::vector<int32_t> ids(kPoolBlocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    tables_.resize(kTables);
+    const size_t need = size_t(batch) * pages_;
+    for (auto& t : tables_) {
+      for (size_t i = 0; i < need; ++i) {  // partial Fisher-Yates: a fresh sample per table
+        std::uniform_int_distribution<size_t> d(i, ids.size() - 1);
+        std::swap(ids[i], ids[d(rng)]);
+      }
+      BENCH_CHECK(t.Upload(std::vector<int32_t>(ids.begin(), ids.begin() + need)));
+    }
+    BENCH_CHECK(lens_.Upload(std::vector<int32_t>(batch, context)));
+    BENCH_CHECK(prev_lens_.Upload(std::vector<int32_t>(batch, context - 1)));
+    BENCH_CHECK(start_.Upload(std::vector<int32_t>(batch, context - 1)));
+    BENCH_CHECK(q_.Resize(size_t(batch) * c.q_heads * c.head_dim * 2));
+    Fill(q_, 21);
+    BENCH_CHECK(out_.Resize(size_t(batch) * c.q_heads * c.v_dim * 2));
+    BENCH_CHECK(lse_.Resize(size_t(batch) * c.q_heads * 4));
+    const size_t rows = size_t(batch) * c.kv_heads;
+    blocks_.resize(kTables);
+    num_blocks_.resize(kTables);
+    next_blocks_.resize(kTables);
+    next_num_blocks_.resize(kTables);
+    for (int i = 0; i < kTables; ++i) {
+      BENCH_CHECK(blocks_[i].Resize(rows * kBlockBudget * 4));
+      BENCH_CHECK(num_blocks_[i].Resize(rows * 4));
+      BENCH_CHECK(next_blocks_[i].Resize(rows * kBlockBudget * 4));
+      BENCH_CHECK(next_num_blocks_[i].Resize(rows * 4));
+    }
+    const int cands = kKvBlockSize * kBlockBudget;
+    Ensure(scores_, rows * pages_ * 4);
+    Ensure(alpha_, rows * cands * 4);
+    Ensure(cand_, rows * cands * 4);
+    BENCH_CHECK(cudaStreamCreateWithFlags(&s2_, cudaStreamNonBlocking));
+    BENCH_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    BENCH_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+    BENCH_CHECK(cudaDeviceSynchronize());
+  }
+  ~Bench() {
+    cudaStreamSynchronize(s2_);
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+    cudaStreamDestroy(s2_);
+  }
+  Bench(const Bench&) = delete;
+  Bench& operator=(const Bench&) = delete;
+
+  int32_t* Table(int i) const { return tables_[i % kTables].as<int32_t>(); }
+
+  TlsIndexUpdateParams Append(int i, bool token_index) const {
+    TlsIndexUpdateParams p{};
+    p.k_cache = pool_.k.get();
+    p.block_table = Table(i);
+    p.index_table = Table(i);
+    p.start_pos = start_.as<int32_t>();
+    p.seq_lens = lens_.as<int32_t>();
+    p.block_kmax = const_cast<void*>(pool_.kmax.get());
+    p.block_kmin = const_cast<void*>(pool_.kmin.get());
+    p.channels = pool_.channels.as<int32_t>();
+    p.maybe_token_codes = token_index ? pool_.codes.as<uint8_t>() : nullptr;
+    p.maybe_token_scales = token_index ? pool_.scales.as<float>() : nullptr;
+    p.batch = batch_;
+    p.num_kv_heads = c_.kv_heads;
+    p.head_dim = c_.head_dim;
+    p.num_channels = c_.channels;
+    p.max_blocks_per_seq = pages_;
+    p.max_new_tokens = 1;
+    return p;
+  }
+
+  TlsDecodeSelectParams Select(int i, const TlsPolicy& pol) {
+    TlsDecodeSelectParams p{};
+    p.policy = pol;
+    p.q = q_.get();
+    p.seq_lens = lens_.as<int32_t>();
+    p.index_table = Table(i);
+    p.block_kmax = pool_.kmax.get();
+    p.block_kmin = pool_.kmin.get();
+    p.channels = pool_.channels.as<int32_t>();
+    p.token_codes = pool_.codes.as<uint8_t>();
+    p.token_scales = pool_.scales.as<float>();
+    p.prev_blocks = blocks_[i % kTables].as<int32_t>();
+    p.prev_num_blocks = num_blocks_[i % kTables].as<int32_t>();
+    p.prev_select_lens = prev_lens_.as<int32_t>();
+    p.blocks = blocks_[i % kTables].as<int32_t>();  // M_t replaces M_{t-1} after its use
+    p.num_blocks = num_blocks_[i % kTables].as<int32_t>();
+    p.io_dtype = DType::kBF16;
+    p.batch = batch_;
+    p.num_q_heads = c_.q_heads;
+    p.num_kv_heads = c_.kv_heads;
+    p.head_dim = c_.head_dim;
+    p.num_channels = c_.channels;
+    p.max_blocks_per_seq = pages_;
+    p.max_kept_blocks = kBlockBudget;
+    p.max_positions = asynctls::kernels::TlsMaxSelectedTokens(pol, pages_);
+    p.scale = 1.f / std::sqrt(float(c_.head_dim));
+    Ensure(positions_, size_t(batch_) * c_.kv_heads * p.max_positions * 4);
+    Ensure(num_positions_, size_t(batch_) * c_.kv_heads * 4);
+    p.positions = positions_.as<int32_t>();
+    p.num_positions = num_positions_.as<int32_t>();
+    Ensure(select_ws_, cuda::TlsDecodeSelectWorkspaceBytes(p));
+    p.workspace = select_ws_.get();
+    return p;
+  }
+
+  TlsSparseAttentionParams Attention(int i, int max_positions) {
+    TlsSparseAttentionParams p{};
+    p.q = q_.get();
+    p.k_cache = pool_.k.get();
+    p.v_cache = pool_.v_ptr();
+    p.block_table = Table(i);
+    p.positions = positions_.as<int32_t>();
+    p.num_positions = num_positions_.as<int32_t>();
+    p.out = out_.get();
+    p.maybe_lse = lse_.as<float>();
+    p.io_dtype = DType::kBF16;
+    p.batch = batch_;
+    p.num_q_heads = c_.q_heads;
+    p.num_kv_heads = c_.kv_heads;
+    p.head_dim = c_.head_dim;
+    p.v_head_dim = c_.v_dim;
+    p.max_blocks_per_seq = pages_;
+    p.max_positions = max_positions;
+    p.scale = 1.f / std::sqrt(float(c_.head_dim));
+    Ensure(attn_ws_, cuda::TlsSparseAttentionWorkspaceBytes(p));
+    p.workspace = attn_ws_.get();
+    return p;
+  }
+
+  // Whole step of a selection policy: append, select, attend.
+  cudaError_t Step(int i, const TlsPolicy& pol, cudaStream_t s) {
+    cudaError_t err = cuda::TlsIndexUpdate(Append(i, pol.mode != TlsMode::kBlockOnly), s);
+    if (err != cudaSuccess) return err;
+    const TlsDecodeSelectParams sel = Select(i, pol);
+    err = cuda::TlsDecodeSelect(sel, s);
+    if (err != cudaSuccess) return err;
+    return cuda::TlsSparseAttention(Attention(i, sel.max_positions), s);
+  }
+
+  // The two-level step as the runtime runs it with the one-step lag: one graph, two branches.
+  //   branch A (stream s):  token score over M_{t-1} -> token top-k_t -> sparse attention
+  //   branch B (stream s2): index append of the new token -> block score -> block top-k_b (M_t)
+  // Branch A does not read what branch B writes (M_{t-1} is a separate buffer; the new token is
+  // in the recent window, never a candidate), so they overlap; the step ends when both do.
+  cudaError_t TlsStep(int i, int k_t, cudaStream_t s) {
+    cudaError_t err = cudaEventRecord(fork_, s);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
+    if (err == cudaSuccess) err = cuda::TlsIndexUpdate(Append(i, true), s2_);
+    if (err == cudaSuccess) err = cuda::TlsBlockScore(ScoreParams(i), s2_);
+    if (err == cudaSuccess) {
+      asynctls::kernels::TlsBlockSelectParams sel = BlockSelectParams(i);
+      sel.blocks = next_blocks_[i % kTables].as<int32_t>();
+      sel.num_blocks = next_num_blocks_[i % kTables].as<int32_t>();
+      err = cuda::TlsBlockSelect(sel, s2_);
+    }
+    if (err == cudaSuccess) err = cudaEventRecord(join_, s2_);
+    if (err == cudaSuccess) err = cuda::TlsTokenScore(TokenScoreParams(i), s);
+    if (err == cudaSuccess) err = cuda::TlsTokenSelect(TokenSelectParams(k_t), s);
+    if (err == cudaSuccess) {
+      err = cuda::TlsSparseAttention(Attention(i, TokenSelectParams(k_t).max_positions), s);
+    }
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(s, join_, 0);
+    return err;
+  }
+
+  double Tls(int k_t) {
+    return TimeMs([&](int i, cudaStream_t s) { return TlsStep(i, k_t, s); }, samples_, s_);
+  }
+
+  // M_{t-1} of every table (same-step two-level selection at length len - 1 is close enough:
+  // any valid block list of k_b blocks costs the same).
+  void InitLagState(int k_t) {
+    TlsPolicy pol;
+    pol.mode = TlsMode::kTwoLevel;
+    pol.lag = TlsLag::kSameStep;
+    pol.token_budget = k_t;
+    for (int i = 0; i < kTables; ++i) BENCH_CHECK(cuda::TlsDecodeSelect(Select(i, pol), s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
+  }
+
+  double Dense() {
+    if (!c_.mla) {
+      PagedDecodeParams p{};
+      p.q = q_.get();
+      p.k_cache = pool_.k.get();
+      p.v_cache = pool_.v_ptr();
+      p.seq_lens = lens_.as<int32_t>();
+      p.out = out_.get();
+      p.maybe_lse = lse_.as<float>();
+      p.io_dtype = DType::kBF16;
+      p.batch = batch_;
+      p.num_q_heads = c_.q_heads;
+      p.num_kv_heads = c_.kv_heads;
+      p.head_dim = c_.head_dim;
+      p.max_blocks_per_seq = pages_;
+      p.max_seq_len = context_;
+      Ensure(attn_ws_, cuda::PagedDecodeWorkspaceBytes(p));
+      p.workspace = attn_ws_.get();
+      p.scale = 1.f / std::sqrt(float(c_.head_dim));
+      return TimeMs(
+          [&](int i, cudaStream_t s) {
+            PagedDecodeParams pi = p;
+            pi.block_table = Table(i);
+            return cuda::PagedDecodeAttention(pi, s);
+          },
+          samples_, s_);
+    }
+    // MLA: every position through the sparse kernel.
+    Ensure(positions_, size_t(batch_) * context_ * 4);
+    IotaRows<<<1024, 256, 0, s_>>>(positions_.as<int32_t>(), batch_, context_);
+    BENCH_CHECK(
+        num_positions_.Upload(std::vector<int32_t>(size_t(batch_) * c_.kv_heads, context_), s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
+    return TimeMs([&](int i, cudaStream_t s) {
+      return cuda::TlsSparseAttention(Attention(i, context_), s);
+    }, samples_, s_);
+  }
+
+  double Method(const TlsPolicy& pol) {
+    return TimeMs([&](int i, cudaStream_t s) { return Step(i, pol, s); }, samples_, s_);
+  }
+
+  // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).
+  void Stages(int k_t, bool with_fixed, std::map<std::string, double>* out) {
+    if (with_fixed) {
+      (*out)["append"] = TimeMs(
+          [&](int i, cudaStream_t s) { return cuda::TlsIndexUpdate(Append(i, true), s); },
+          samples_, s_);
+      (*out)["block_score"] = TimeMs([&](int i, cudaStream_t s) {
+        return cuda::TlsBlockScore(ScoreParams(i), s);
+      }, samples_, s_);
+      (*out)["block_select"] = TimeMs([&](int i, cudaStream_t s) {
+        return cuda::TlsBlockSelect(BlockSelectParams(i), s);
+      }, samples_, s_);
+    }
+    (*out)["token_score"] = TimeMs([&](int i, cudaStream_t s) {
+      return cuda::TlsTokenScore(TokenScoreParams(i), s);
+    }, samples_, s_);
+    const asynctls::kernels::TlsTokenSelectParams sel = TokenSelectParams(k_t);
+    const int max_positions = sel.max_positions;
+    (*out)["token_select"] = TimeMs(
+        [&](int, cudaStream_t s) { return cuda::TlsTokenSelect(sel, s); }, samples_, s_);
+    (*out)["attention"] = TimeMs([&](int i, cudaStream_t s) {
+      return cuda::TlsSparseAttention(Attention(i, max_positions), s);
+    }, samples_, s_);
+  }
+
+ private:
+  static void Ensure(DeviceBuffer& b, size_t bytes) {
+    bytes = std::max<size_t>(bytes, 256);
+    if (b.bytes() < bytes) BENCH_CHECK(b.Resize(bytes));
+  }
+
+  // Token scores over M_{t-1} of table i (chosen at length len - 1).
+  asynctls::kernels::TlsTokenScoreParams TokenScoreParams(int i) {
+    asynctls::kernels::TlsTokenScoreParams ts{};
+    ts.q = q_.get();
+    ts.channels = pool_.channels.as<int32_t>();
+    ts.token_codes = pool_.codes.as<uint8_t>();
+    ts.token_scales = pool_.scales.as<float>();
+    ts.index_table = Table(i);
+    ts.seq_lens = lens_.as<int32_t>();
+    ts.maybe_select_lens = prev_lens_.as<int32_t>();
+    ts.maybe_blocks = blocks_[i % kTables].as<int32_t>();
+    ts.maybe_num_blocks = num_blocks_[i % kTables].as<int32_t>();
+    ts.alpha = alpha_.as<float>();
+    ts.cand_positions = cand_.as<int32_t>();
+    ts.io_dtype = DType::kBF16;
+    ts.batch = batch_;
+    ts.num_q_heads = c_.q_heads;
+    ts.num_kv_heads = c_.kv_heads;
+    ts.head_dim = c_.head_dim;
+    ts.num_channels = c_.channels;
+    ts.max_blocks_per_seq = pages_;
+    ts.max_kept_blocks = kBlockBudget;
+    ts.max_candidates = kKvBlockSize * kBlockBudget;
+    ts.sink_blocks = 1;
+    ts.window = 64;
+    ts.scale = 1.f / std::sqrt(float(c_.head_dim));
+    Ensure(stats_, cuda::TlsTokenScoreWorkspaceBytes(ts));
+    ts.workspace = stats_.get();
+    return ts;
+  }
+
+  asynctls::kernels::TlsTokenSelectParams TokenSelectParams(int k_t) {
+    TlsPolicy pol;
+    pol.token_budget = k_t;
+    const int max_positions = asynctls::kernels::TlsMaxSelectedTokens(pol, pages_);
+    Ensure(positions_, size_t(batch_) * c_.kv_heads * max_positions * 4);
+    Ensure(num_positions_, size_t(batch_) * c_.kv_heads * 4);
+    return {alpha_.as<float>(),       cand_.as<int32_t>(),      lens_.as<int32_t>(),
+            prev_lens_.as<int32_t>(), positions_.as<int32_t>(), num_positions_.as<int32_t>(),
+            batch_,                   c_.kv_heads,              kKvBlockSize * kBlockBudget,
+            max_positions,            k_t,                      1,
+            64};
+  }
+
+  asynctls::kernels::TlsBlockScoreParams ScoreParams(int i) {
+    return {q_.get(),           pool_.kmax.get(),  pool_.kmin.get(), Table(i),
+            lens_.as<int32_t>(), scores_.as<float>(), DType::kBF16,   batch_,
+            c_.q_heads,         c_.kv_heads,       c_.head_dim,      pages_};
+  }
+  asynctls::kernels::TlsBlockSelectParams BlockSelectParams(int i) {
+    // Scores of the previous stage are in scores_ (any table's scores cost the same).
+    return {scores_.as<float>(), lens_.as<int32_t>(), blocks_[i % kTables].as<int32_t>(),
+            num_blocks_[i % kTables].as<int32_t>(), batch_, c_.kv_heads, pages_, kBlockBudget,
+            kBlockBudget, 1};
+  }
+
+  const Config& c_;
+  const Pool& pool_;
+  int batch_, context_, samples_, pages_;
+  cudaStream_t s_, s2_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  std::vector<DeviceBuffer> tables_, blocks_, num_blocks_, next_blocks_, next_num_blocks_;
+  DeviceBuffer lens_, prev_lens_, start_, q_, out_, lse_, positions_, num_positions_, select_ws_,
+      attn_ws_, scores_, alpha_, cand_, stats_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json_path, only;
+  int samples = 15;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--json" && i + 1 < argc) {
+      json_path = argv[++i];
+    } else if (a == "--samples" && i + 1 < argc) {
+      samples = std::max(3, std::atoi(argv[++i]));
+    } else if (a == "--quick") {
+      quick = true;
+    } else if (a == "--only" && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  int device = 0;
+  cudaDeviceProp prop;
+  BENCH_CHECK(cudaGetDevice(&device));
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
+  std::printf("device: %s, %d SMs, L2 %d MB; bf16, k_b %d, sink 1 block, window 64, "
+              "HBM floor at %.1f TB/s\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, kBlockBudget,
+              kHbmBytesPerS / 1e12);
+  std::printf("note: the paper's GQA layout (32 q heads, G = 4, d 128) is Qwen3-8B's (32/8/128): "
+              "row gqa_g4 is both; gqa_g8 (32/4/128) is the G = 8 variant.\n");
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+  std::vector<Config> configs;
+  if (only.empty() || only == "gqa") {
+    configs.push_back({"gqa_g4", "paper G=4 = Qwen3-8B", 32, 8, 128, 128, 32, false});
+    configs.push_back({"gqa_g8", "G=8", 32, 4, 128, 128, 32, false});
+  }
+  if (only.empty() || only == "mla") {
+    for (int h : {16, 32, 64, 128}) {
+      configs.push_back({"mla_h" + std::to_string(h), "MLA 576/512", h, 1, 576, 512, 128, true});
+    }
+  }
+  const std::vector<int> k_ts = quick ? std::vector<int>{1024} : std::vector<int>{512, 1024, 2048};
+  std::vector<Row> rows;
+  std::printf("\n%-8s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
+              "batch", "context", "k_t", "tls ms", "serial", "dense ms", "quest ms", "token ms",
+              "xdense", "/quest",
+              "tls MB", "xfloor", "stages ms: append bscore bselect tscore tselect attn");
+  for (const Config& c : configs) {
+    Pool pool;
+    BuildPool(c, pool, stream);
+    const std::vector<int> batches = c.mla ? std::vector<int>{1, 8}
+                                     : quick ? std::vector<int>{1, 8}
+                                             : std::vector<int>{1, 2, 4, 8};
+    const std::vector<int> contexts = c.mla || quick ? std::vector<int>{32768, 131072}
+                                                     : std::vector<int>{32768, 65536, 131072};
+    for (int b : batches) {
+      for (int l : contexts) {
+        Bench bench(c, pool, b, l, samples, stream);
+        const double dense = bench.Dense();
+        std::map<std::string, double> fixed;
+        for (size_t ki = 0; ki < k_ts.size(); ++ki) {
+          const int k_t = k_ts[ki];
+          bench.InitLagState(k_t);
+          Row r{c.name, b, l, k_t, 0, 0, dense, 0, 0, {}, StepBytes(c, b, l, k_t)};
+          TlsPolicy tls;
+          tls.token_budget = k_t;
+          r.tls = bench.Tls(k_t);
+          r.tls_serial = bench.Method(tls);
+          TlsPolicy quest = tls;
+          quest.mode = TlsMode::kBlockOnly;
+          r.quest = bench.Method(quest);
+          TlsPolicy token = tls;
+          token.mode = TlsMode::kTokenOnly;
+          r.token = bench.Method(token);
+          bench.InitLagState(k_t);
+          bench.Stages(k_t, ki == 0, &r.stages);
+          if (ki == 0) {
+            fixed = r.stages;
+          } else {
+            for (const char* s : {"append", "block_score", "block_select"}) r.stages[s] = fixed[s];
+          }
+          const double floor_ms = r.bytes.tls / kHbmBytesPerS * 1e3;
+          std::printf(
+              "%-8s %5d %7d %5d | %8.4f %8.4f %8.4f %8.4f %8.4f | %6.2f %6.2f | %8.2f %6.2f | "
+              "%.4f %.4f %.4f %.4f %.4f %.4f\n",
+              c.name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token, r.dense / r.tls,
+              r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms, r.stages["append"],
+              r.stages["block_score"], r.stages["block_select"], r.stages["token_score"],
+              r.stages["token_select"], r.stages["attention"]);
+          std::fflush(stdout);
+          rows.push_back(r);
+        }
+      }
+    }
+  }
+  BENCH_CHECK(cudaStreamDestroy(stream));
+  std::printf("\ntls = one graph, block branch (append, block score, top-k_b) on a second stream "
+              "overlapping the token branch (token score, top-k_t, attention); serial = "
+              "append + TlsDecodeSelect + TlsSparseAttention on one stream.\n");
+  std::printf("xdense = dense ms / tls ms; /quest = quest ms / tls ms (>= 0.8 is the target); "
+              "xfloor = tls ms / (tls bytes at %.1f TB/s).\n", kHbmBytesPerS / 1e12);
+  std::printf("MLA dense = TlsSparseAttention over every position (no 576-dim dense kernel).\n");
+
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (!f) {
+      std::perror(json_path.c_str());
+      return 1;
+    }
+    std::fprintf(f, "{\"device\": \"%s\", \"hbm_bytes_per_s\": %.3e, \"block_budget\": %d, "
+                 "\"results\": [\n", prop.name, kHbmBytesPerS, kBlockBudget);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      const Config* c = nullptr;
+      for (const Config& x : configs) {
+        if (x.name == r.config) c = &x;
+      }
+      std::fprintf(f,
+                   "  {\"config\": \"%s\", \"note\": \"%s\", \"q_heads\": %d, \"kv_heads\": %d, "
+                   "\"head_dim\": %d, \"mla\": %s, \"batch\": %d, \"context\": %d, \"k_t\": %d, "
+                   "\"tls_ms\": %.6f, \"tls_serial_ms\": %.6f, \"dense_ms\": %.6f, \"dense_impl\": \"%s\", "
+                   "\"quest_ms\": %.6f, \"token_only_ms\": %.6f, \"stages_ms\": {",
+                   r.config.c_str(), c->note.c_str(), c->q_heads, c->kv_heads, c->head_dim,
+                   c->mla ? "true" : "false", r.batch, r.context, r.k_t, r.tls, r.tls_serial, r.dense,
+                   c->mla ? "tls_sparse_attention_all_positions" : "paged_decode", r.quest,
+                   r.token);
+      size_t n = 0;
+      for (const auto& [k, v] : r.stages) {
+        std::fprintf(f, "\"%s\": %.6f%s", k.c_str(), v, ++n < r.stages.size() ? ", " : "");
+      }
+      std::fprintf(f,
+                   "}, \"bytes\": {\"tls\": %.0f, \"quest\": %.0f, \"token_only\": %.0f, "
+                   "\"dense\": %.0f}, \"floor_ms\": {\"tls\": %.6f, \"quest\": %.6f, "
+                   "\"token_only\": %.6f, \"dense\": %.6f}}%s\n",
+                   r.bytes.tls, r.bytes.quest, r.bytes.token, r.bytes.dense,
+                   r.bytes.tls / kHbmBytesPerS * 1e3, r.bytes.quest / kHbmBytesPerS * 1e3,
+                   r.bytes.token / kHbmBytesPerS * 1e3, r.bytes.dense / kHbmBytesPerS * 1e3,
+                   i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  return 0;
+}
