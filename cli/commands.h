@@ -7,5 +7,6 @@
 namespace asynctls {
 
 absl::Status RunGenerate(int argc, char** argv);  // generate.cc
+absl::Status RunBench(int argc, char** argv);     // bench.cc (gRPC builds only)
 
 }  // namespace asynctls

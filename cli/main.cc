@@ -22,6 +22,17 @@ commands:
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
              --threads N         CPU threads (default: all cores)
+  bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only
+             --server HOST:PORT  the server (required)
+             --num-requests N    default 100
+             --request-rate R    Poisson arrivals per second (default inf: all at once)
+             --max-concurrency C at most C requests in flight (default: no cap)
+             --prompt-len DIST   fixed:N, uniform:A:B or normal:MEAN:STD (default fixed:128)
+             --output-len DIST   as --prompt-len; outputs ignore EOS (default fixed:128)
+             --seed S            prompts, lengths and arrivals (default 0)
+             --slo-ttft-ms X --slo-tpot-ms Y --slo-e2e-ms Z   goodput SLOs
+             --json FILE         also write the results as JSON
+             --model NAME        default: the server's first model
   fetch-model  download the default model into the cache (once) and print its path
 )";
 
@@ -38,6 +49,9 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"generate", RunGenerate},
+#if ASYNCTLS_HAVE_GRPC
+    {"bench", RunBench},
+#endif
     {"fetch-model", FetchModel},
 };
 
