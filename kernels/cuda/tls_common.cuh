@@ -80,6 +80,8 @@ struct TopKShared {
   int scan[33];
   uint32_t prefix;
   int remaining;
+  int warp_equal[32];
+  int warp_take[32];
 };
 
 // Deterministic top-k of one row of n items. `item(j, &score, &id)` returns whether item j is
@@ -142,28 +144,63 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
     threshold = prefix;
     need_equal = remaining;
   }
-  // Ordered compaction: keys above the threshold, plus the first need_equal equal keys.
-  int kept = 0, equal_seen = 0;
-  for (int base = 0; base < n; base += NT) {
-    const int j = base + tid;
+  // Ordered compaction. Warp w owns the contiguous items [w * span, (w + 1) * span) and reads
+  // them 32 at a time (coalesced); two passes: count per warp (keys above the threshold and
+  // equal keys), then emit with ballot ranks. Equal keys are taken in ascending item order, so
+  // the first need_equal of them (block-wide) are kept, as before. Two block-wide barriers in
+  // all instead of three per NT items.
+  constexpr int kWarps = NT / 32;
+  const int lane = tid & 31, warp = tid >> 5;
+  const unsigned lane_lt = (1u << lane) - 1u;
+  const int span = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
+  const int lo = warp * span, hi = min(n, lo + span);
+  int above = 0, equal_count = 0;
+  for (int base = lo; base < hi; base += 32) {
+    const int j = base + lane;
     float s = 0.f;
     int32_t id = 0;
-    const bool valid = j < n && item(j, &s, &id);
+    const bool valid = j < hi && item(j, &s, &id);
     bool take = valid, equal = false;
     if (valid && !take_all) {
       const uint32_t key = TlsOrderedBits(s);
       take = key > threshold;
       equal = key == threshold;
     }
-    int equal_total;
-    const int equal_rank = BlockExclusiveScan<NT>(equal ? 1 : 0, sh.scan, &equal_total);
-    if (equal && equal_seen + equal_rank < need_equal) take = true;
-    int take_total;
-    const int rank = BlockExclusiveScan<NT>(take ? 1 : 0, sh.scan, &take_total);
-    if (take) emit(kept + rank, id);
-    kept += take_total;
-    equal_seen += equal_total;
+    above += __popc(__ballot_sync(0xffffffffu, take));
+    equal_count += __popc(__ballot_sync(0xffffffffu, equal));
   }
+  if (lane == 0) sh.warp_equal[warp] = equal_count;
+  __syncthreads();
+  int equal_before = 0;
+  for (int w = 0; w < warp; ++w) equal_before += sh.warp_equal[w];
+  const int equal_take = max(0, min(equal_count, need_equal - equal_before));
+  if (lane == 0) sh.warp_take[warp] = above + equal_take;
+  __syncthreads();
+  int rank = 0, kept = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) rank += sh.warp_take[w];
+    kept += sh.warp_take[w];
+  }
+  int equal_seen = 0;
+  for (int base = lo; base < hi; base += 32) {
+    const int j = base + lane;
+    float s = 0.f;
+    int32_t id = 0;
+    const bool valid = j < hi && item(j, &s, &id);
+    bool take = valid, equal = false;
+    if (valid && !take_all) {
+      const uint32_t key = TlsOrderedBits(s);
+      take = key > threshold;
+      equal = key == threshold;
+    }
+    const unsigned equal_bits = __ballot_sync(0xffffffffu, equal);
+    if (equal && equal_seen + __popc(equal_bits & lane_lt) < equal_take) take = true;
+    equal_seen += __popc(equal_bits);
+    const unsigned take_bits = __ballot_sync(0xffffffffu, take);
+    if (take) emit(rank + __popc(take_bits & lane_lt), id);
+    rank += __popc(take_bits);
+  }
+  __syncthreads();  // sh reusable after return
   return kept;
 }
 

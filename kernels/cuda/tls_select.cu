@@ -197,13 +197,24 @@ __global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpa
 }
 
 // ---- token scores -------------------------------------------------------------------------
-// Three passes over the candidates, one thread per candidate (grid (ceil(max_candidates /
-// kTokenThreads), batch * num_kv_heads)); each recomputes the per-head logits (NC fmas from
-// the INT4 row) instead of storing them:
+// Three passes over the candidates (grid (ceil(max_candidates / candidates per CTA), batch *
+// num_kv_heads)); each recomputes the per-head logits (NC fmas from the INT4 row) instead of
+// storing them:
 //   pass 0: per-head max (atomicMax on ordered bits)
 //   pass 1: per-head sum of exp, as exact uint64 fixed point (atomicAdd)
-//   pass 2: alpha = sum_h e_h * inv_h, and the candidate positions
+//   pass 2: alpha = sum_h e_h * inv_h (heads in order), and the candidate positions
+// HS = 1: one thread per candidate walks every head (128 candidates per CTA). HS > 1 (large
+// groups, e.g. MLA): warp w of HS handles heads w, w + HS, ... for the CTA's 32 candidates, so
+// HS times more threads share the logit work; pass 2 stages e_h in shared memory and one thread
+// per candidate then accumulates alpha over the heads in order, the same fma chain as HS = 1,
+// so the scores are unchanged bit for bit.
 constexpr int kTokenThreads = 128;
+
+template <int HS>
+struct TokenTile {
+  static constexpr int kThreads = HS == 1 ? kTokenThreads : 32 * HS;
+  static constexpr int kCands = HS == 1 ? kTokenThreads : 32;
+};
 
 struct TokenStats {
   uint32_t* max_bits;  // [batch * num_kv_heads * group]
@@ -218,10 +229,13 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   return s;
 }
 
-template <int NC, int PASS>
-__global__ void __launch_bounds__(kTokenThreads)
+template <int NC, int PASS, int HS>
+__global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats) {
-  extern __shared__ float q_s[];  // [group, NC], then (pass 2) inv [group], max [group]
+  constexpr int kThreads = TokenTile<HS>::kThreads;
+  constexpr int kCands = TokenTile<HS>::kCands;
+  // [group, NC] queries, max [group], inv [group], then (HS > 1, pass 2) e [kCands, group]
+  extern __shared__ float q_s[];
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -229,16 +243,19 @@ __global__ void __launch_bounds__(kTokenThreads)
       p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
-  const int j = blockIdx.x * kTokenThreads + threadIdx.x;
-  const int first = blockIdx.x * kTokenThreads;
+  const int sub = HS == 1 ? 0 : static_cast<int>(threadIdx.x) / 32;  // warp-uniform
+  const int local = HS == 1 ? static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % 32;
+  const int j = blockIdx.x * kCands + local;
+  const int first = blockIdx.x * kCands;
   if (first >= num_listed * kKvBlockSize) {
-    if (PASS == 2 && j < p.max_candidates)
+    if (PASS == 2 && sub == 0 && j < p.max_candidates)
       p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
     return;
   }
   float* max_s = q_s + group * NC;
   float* inv_s = max_s + group;
-  for (int e = threadIdx.x; e < group * NC; e += kTokenThreads) {
+  float* e_s = inv_s + group;
+  for (int e = threadIdx.x; e < group * NC; e += kThreads) {
     const int hh = e / NC, c = e % NC;
     const int ch = p.channels[int64_t{g} * NC + c];
     q_s[e] =
@@ -246,7 +263,7 @@ __global__ void __launch_bounds__(kTokenThreads)
   }
   const int64_t stat = int64_t{bg} * group;
   if (PASS >= 1) {
-    for (int hh = threadIdx.x; hh < group; hh += kTokenThreads) {
+    for (int hh = threadIdx.x; hh < group; hh += kThreads) {
       max_s[hh] = FromOrderedBits(stats.max_bits[stat + hh]);
       if (PASS == 2) inv_s[hh] = TlsInvDenominator(stats.exp_sum[stat + hh], group);
     }
@@ -260,7 +277,9 @@ __global__ void __launch_bounds__(kTokenThreads)
     const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
     if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) pos = cpos;
   }
-  if (PASS == 2 && j < p.max_candidates) p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos;
+  if (PASS == 2 && sub == 0 && j < p.max_candidates) {
+    p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos;
+  }
   const bool valid = pos >= 0;
   uint32_t words[NC / 8];
   float tok_scale = 0.f;
@@ -274,7 +293,7 @@ __global__ void __launch_bounds__(kTokenThreads)
   }
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
-  for (int hh = 0; hh < group; ++hh) {
+  for (int hh = sub; hh < group; hh += HS) {
     const float logit = valid ? TlsInt4Dot(q_s + hh * NC, words, tok_scale, NC) : 0.f;
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
@@ -287,33 +306,57 @@ __global__ void __launch_bounds__(kTokenThreads)
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
         if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
-      } else {
+      } else if (HS == 1) {
         alpha = TlsFma(e, inv_s[hh], alpha);
+      } else {
+        e_s[local * group + hh] = e;
       }
     }
   }
-  if (PASS == 2 && valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
+  if (PASS == 2) {
+    if (HS > 1) {
+      __syncthreads();
+      if (sub != 0) return;
+      for (int hh = 0; hh < group; ++hh) alpha = TlsFma(e_s[local * group + hh], inv_s[hh], alpha);
+    }
+    if (valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
+  }
 }
+
+template <int NC, int HS>
+cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stats,
+                                   cudaStream_t stream) {
+  using Tile = TokenTile<HS>;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const size_t smem = (size_t(group) * NC + 2 * group) * sizeof(float);
+  const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * group * sizeof(float) : 0);
+  const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
+  cudaError_t err = cudaSuccess;
+  if (smem2 > 48 * 1024) {
+    for (auto* fn : {TokenScoreKernel<NC, 0, HS>, TokenScoreKernel<NC, 1, HS>,
+                     TokenScoreKernel<NC, 2, HS>}) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem2));
+      if (err != cudaSuccess) return err;
+    }
+  }
+  TokenScoreKernel<NC, 0, HS><<<grid, Tile::kThreads, smem, stream>>>(p, stats);
+  TokenScoreKernel<NC, 1, HS><<<grid, Tile::kThreads, smem, stream>>>(p, stats);
+  TokenScoreKernel<NC, 2, HS><<<grid, Tile::kThreads, smem2, stream>>>(p, stats);
+  return cudaGetLastError();
+}
+
+// Head split for the group size: more threads per candidate once a thread would walk 32 heads.
+constexpr int kTokenHeadSplit = 8;
 
 template <int NC>
 cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t smem = (size_t(group) * NC + 2 * group) * sizeof(float);
   const size_t stats_bytes = TlsTokenScoreWorkspaceBytes(p);
   cudaError_t err = cudaMemsetAsync(p.workspace, 0, stats_bytes, stream);
   if (err != cudaSuccess) return err;
   const TokenStats stats = TokenStatsIn(p.workspace, p);
-  const dim3 grid((p.max_candidates + kTokenThreads - 1) / kTokenThreads, p.batch * p.num_kv_heads);
-  if (smem > 48 * 1024) {
-    for (auto* fn : {TokenScoreKernel<NC, 0>, TokenScoreKernel<NC, 1>, TokenScoreKernel<NC, 2>}) {
-      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (err != cudaSuccess) return err;
-    }
-  }
-  TokenScoreKernel<NC, 0><<<grid, kTokenThreads, smem, stream>>>(p, stats);
-  TokenScoreKernel<NC, 1><<<grid, kTokenThreads, smem, stream>>>(p, stats);
-  TokenScoreKernel<NC, 2><<<grid, kTokenThreads, smem, stream>>>(p, stats);
-  return cudaGetLastError();
+  if (group >= 32) return LaunchTokenScorePasses<NC, kTokenHeadSplit>(p, stats, stream);
+  return LaunchTokenScorePasses<NC, 1>(p, stats, stream);
 }
 
 // ---- decode select workspace ---------------------------------------------------------------
