@@ -99,9 +99,15 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
 // ---- top-k kernels ------------------------------------------------------------------------
 constexpr int kSelectThreads = 512;
 
-// One block per (sequence, KV head).
+// Rows up to this many items are first copied into shared memory (one coalesced pass), so the
+// count, radix and compaction passes of BlockTopK read shared memory instead of L2.
+constexpr int kSelectCacheItems = 8192;
+
+// One block per (sequence, KV head). CACHED: the row's scores in dynamic shared memory.
+template <bool CACHED>
 __global__ void __launch_bounds__(kSelectThreads) BlockSelectKernel(TlsBlockSelectParams p) {
   __shared__ TopKShared sh;
+  extern __shared__ float score_s[];  // [n] when CACHED
   const int bg = blockIdx.x;
   const int b = bg / p.num_kv_heads;
   const int end = TlsEligibleEnd(p.seq_lens[b]);
@@ -109,11 +115,15 @@ __global__ void __launch_bounds__(kSelectThreads) BlockSelectKernel(TlsBlockSele
   const float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq;
   int32_t* out = p.blocks + int64_t{bg} * p.max_kept_blocks;
   const int n = max(0, end - begin);
+  if (CACHED) {
+    for (int j = threadIdx.x; j < n; j += kSelectThreads) score_s[j] = scores[begin + j];
+    __syncthreads();
+  }
   const int kept = BlockTopK<kSelectThreads>(
       n, p.k,
       [&](int j, float* s, int32_t* id) {
         *id = begin + j;
-        *s = scores[begin + j];
+        *s = CACHED ? score_s[j] : scores[begin + j];
         return true;
       },
       [&](int rank, int32_t id) { out[rank] = id; }, sh);
@@ -129,8 +139,12 @@ __device__ void WriteAlways(const TlsGeometry& geo, int middle, int32_t* row) {
   }
 }
 
+// CACHED: alpha and candidate ids of the row in dynamic shared memory ([max_candidates] each).
+template <bool CACHED>
 __global__ void __launch_bounds__(kSelectThreads) TokenSelectKernel(TlsTokenSelectParams p) {
   __shared__ TopKShared sh;
+  extern __shared__ float alpha_s[];  // [max_candidates], then int32 cand [max_candidates]
+  int32_t* cand_s = reinterpret_cast<int32_t*>(alpha_s + (CACHED ? p.max_candidates : 0));
   const int bg = blockIdx.x;
   const int b = bg / p.num_kv_heads;
   const TlsGeometry geo = MakeTlsGeometry(
@@ -139,11 +153,19 @@ __global__ void __launch_bounds__(kSelectThreads) TokenSelectKernel(TlsTokenSele
   const int32_t* cand = p.cand_positions + int64_t{bg} * p.max_candidates;
   int32_t* row = p.positions + int64_t{bg} * p.max_positions;
   int32_t* middle = row + geo.sink_end;
+  if (CACHED) {
+    for (int j = threadIdx.x; j < p.max_candidates; j += kSelectThreads) {
+      const int32_t id = cand[j];
+      cand_s[j] = id;
+      alpha_s[j] = id >= 0 ? alpha[j] : 0.f;  // alpha of a non-candidate is unspecified
+    }
+    __syncthreads();
+  }
   const int kept = BlockTopK<kSelectThreads>(
       p.max_candidates, p.k,
       [&](int j, float* s, int32_t* id) {
-        *id = cand[j];
-        *s = alpha[j];
+        *id = CACHED ? cand_s[j] : cand[j];
+        *s = CACHED ? alpha_s[j] : alpha[j];
         return *id >= 0;
       },
       [&](int rank, int32_t id) { middle[rank] = id; }, sh);
@@ -444,7 +466,12 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
   if (p.batch <= 0) return cudaSuccess;
   if (p.k < 0 || p.k > p.max_kept_blocks) return cudaErrorInvalidValue;
-  BlockSelectKernel<<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  if (p.max_blocks_per_seq <= kSelectCacheItems) {
+    BlockSelectKernel<true><<<p.batch * p.num_kv_heads, kSelectThreads,
+                              p.max_blocks_per_seq * sizeof(float), stream>>>(p);
+  } else {
+    BlockSelectKernel<false><<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -477,7 +504,17 @@ cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
 cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream) {
   if (p.batch <= 0) return cudaSuccess;
   if (p.k < 0) return cudaErrorInvalidValue;
-  TokenSelectKernel<<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  if (p.max_candidates <= kSelectCacheItems) {
+    const size_t smem = size_t(p.max_candidates) * (sizeof(float) + sizeof(int32_t));
+    if (smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          TokenSelectKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+    }
+    TokenSelectKernel<true><<<p.batch * p.num_kv_heads, kSelectThreads, smem, stream>>>(p);
+  } else {
+    TokenSelectKernel<false><<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
