@@ -101,13 +101,22 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--q-heads", type=int, default=HQ)
+    ap.add_argument("--kv-heads", type=int, default=HKV)
+    ap.add_argument("--batches", help="comma list, overrides the default batches")
+    ap.add_argument("--contexts", help="comma list, overrides the default decode contexts")
     args = ap.parse_args()
+    globals().update(HQ=args.q_heads, HKV=args.kv_heads)
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"cudnn {torch.backends.cudnn.version()}")
+          f"cudnn {torch.backends.cudnn.version()}; {HQ} q / {HKV} kv heads, d {D}")
     batches = [1, 8] if args.quick else [1, 2, 4, 8]
     contexts = [16384, 131072] if args.quick else [16384, 32768, 65536, 131072]
     prefill_contexts = [8192] if args.quick else [8192, 16384, 32768]
+    if args.batches:
+        batches = [int(x) for x in args.batches.split(",")]
+    if args.contexts:
+        contexts = [int(x) for x in args.contexts.split(",")]
     results = []
 
     def run(backend, fn, *a):
@@ -139,7 +148,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
+                       "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "results": results}, f, indent=1)
     return 0
 
 
