@@ -108,12 +108,21 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += NT) sh.hist[i] = 0;
       __syncthreads();
-      for (int j = tid; j < n; j += NT) {
-        float s;
-        int32_t id;
-        if (!item(j, &s, &id)) continue;
-        const uint32_t key = TlsOrderedBits(s);
-        if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1);
+      // Warp-aggregated: lanes with the same digit add once (scores of a row often share
+      // their top bytes, and 32 lanes hitting one shared counter serialize).
+      for (int base = 0; base < n; base += NT) {
+        const int j = base + tid;
+        float s = 0.f;
+        int32_t id = 0;
+        uint32_t digit = 256u;  // none
+        if (j < n && item(j, &s, &id)) {
+          const uint32_t key = TlsOrderedBits(s);
+          if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+        }
+        const unsigned same = __match_any_sync(0xffffffffu, digit);
+        if (digit != 256u && (tid & 31) == __ffs(same) - 1) {
+          atomicAdd(&sh.hist[digit], __popc(same));
+        }
       }
       __syncthreads();
       if (tid < 32) {
