@@ -7,6 +7,7 @@
 namespace asynctls {
 
 absl::Status RunGenerate(int argc, char** argv);  // generate.cc
+absl::Status RunServe(int argc, char** argv);     // serve.cc (gRPC builds only)
 absl::Status RunBench(int argc, char** argv);     // bench.cc (gRPC builds only)
 
 }  // namespace asynctls

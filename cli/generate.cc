@@ -13,6 +13,9 @@
 #include "commands.h"
 #include "flags.h"
 #include "model_fetch.h"
+#if ASYNCTLS_HAVE_GRPC
+#include "grpc_client.h"
+#endif
 
 namespace asynctls {
 
@@ -20,7 +23,7 @@ absl::Status RunGenerate(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw"}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown({"prompt", "prompt-file", "model", "device", "max-tokens", "temperature",
-                                             "top-p", "top-k", "seed", "stop", "raw", "threads"}));
+                                             "top-p", "top-k", "seed", "stop", "raw", "threads", "server"}));
   if (flags.Has("prompt") == flags.Has("prompt-file"))
     return absl::InvalidArgumentError("give exactly one of --prompt or --prompt-file");
   std::string prompt = flags.Get("prompt");
@@ -40,6 +43,41 @@ absl::Status RunGenerate(int argc, char** argv) {
   engine_options.device = flags.Get("device", "auto");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("threads", &engine_options.cpu_threads));
 
+  if (flags.Has("server")) {
+#if ASYNCTLS_HAVE_GRPC
+    // A client of a running server: the server tokenizes (and applies the chat template).
+    v1::GenerateRequest remote;
+    if (flags.Has("raw")) {
+      remote.set_prompt(prompt);
+    } else {
+      v1::ChatMessage* m = remote.mutable_messages()->add_messages();
+      m->set_role("user");
+      m->set_content(prompt);
+    }
+    v1::SamplingParams* s = remote.mutable_sampling();
+    s->set_max_tokens(request.max_tokens);
+    s->set_temperature(request.sampling.temperature);
+    if (flags.Has("top-p")) s->set_top_p(request.sampling.top_p);
+    s->set_top_k(request.sampling.top_k);
+    s->set_seed(request.sampling.seed);
+    for (const auto& stop : request.stop_strings) s->add_stop(stop);
+    InferenceClient client(flags.Get("server"));
+    ASYNCTLS_ASSIGN_OR_RETURN(StreamedGeneration out, client.Generate(remote, [](const v1::Chunk& chunk) {
+      std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
+      std::fflush(stdout);
+    }));
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    const v1::Timings& t = out.final.timings();
+    std::fprintf(stderr, "[%s] prompt %d tokens | TTFT %.1f ms | %d tokens generated, mean ITL %.1f ms | finish: %s\n",
+                 flags.Get("server").c_str(), out.final.usage().prompt_tokens(), t.ttft_ms(),
+                 out.final.usage().completion_tokens(), t.mean_itl_ms(),
+                 v1::Final::FinishReason_Name(out.final.finish_reason()).c_str());
+    return absl::OkStatus();
+#else
+    return absl::UnimplementedError("--server: this build has no gRPC client (ASYNCTLS_GRPC=OFF)");
+#endif
+  }
   std::string model_path = flags.Get("model");
   if (model_path.empty()) {
     ASYNCTLS_ASSIGN_OR_RETURN(model_path, DefaultModelPath());

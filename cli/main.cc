@@ -22,6 +22,14 @@ commands:
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
              --threads N         CPU threads (default: all cores)
+  serve      serve the gRPC API (asynctls.v1.Inference + health + reflection); gRPC builds only
+             --port N            default 50051
+             --metrics-port N    Prometheus metrics on this port (default: off)
+             --model PATH        as for generate   --device D --threads N
+             --workers N         run N asynctls-worker processes instead of the in-process engine
+             --worker-binary P   asynctls-worker to start (default: next to asynctls)
+             --max-queue N --max-batch-tokens N --max-running N --host H
+  generate --server HOST:PORT    act as a client of a running server
   bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only
              --server HOST:PORT  the server (required)
              --num-requests N    default 100
@@ -50,6 +58,7 @@ struct Command {
 constexpr Command kCommands[] = {
     {"generate", RunGenerate},
 #if ASYNCTLS_HAVE_GRPC
+    {"serve", RunServe},
     {"bench", RunBench},
 #endif
     {"fetch-model", FetchModel},

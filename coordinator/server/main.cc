@@ -1,6 +1,6 @@
 // asynctls-coordinator: the gRPC front door. Serves asynctls.v1.Inference (plus health and
-// reflection) over whatever replicas it has: remote workers that register with it, or an
-// in-process engine with --local-engine.
+// reflection) over whatever replicas it has: asynctls-worker processes that connect to it
+// (WorkerLink), and an in-process engine with --local-engine.
 #include <cstdio>
 #include <cstdlib>
 #include <string>

@@ -15,6 +15,9 @@
 #if ASYNCTLS_HAVE_METRICS
 #include "server/metrics.h"
 #endif
+#if ASYNCTLS_HAVE_WORKER_LINK
+#include "server/worker_registry.h"
+#endif
 
 namespace asynctls {
 namespace {
@@ -64,9 +67,17 @@ absl::Status ServeUntilSignalled(const ServingOptions& options) {
   InferenceService service(&router, tokenizer.get(), InferenceServiceOptions{}, metrics_ptr);
   ServerConfig config;
   config.address = absl::StrCat(options.host, ":", options.port);
-  // TODO(worker registry): register the coordinator<->worker service here
-  // (config.extra_services) so that asynctls-worker processes can join the router.
-  ASYNCTLS_ASSIGN_OR_RETURN(RunningServer running, BuildInferenceServer(&service, config));
+#if ASYNCTLS_HAVE_WORKER_LINK
+  // asynctls-worker processes connect here and become replicas.
+  WorkerRegistry registry(&router, WorkerRegistryOptions{});
+  config.extra_services.push_back(&registry);
+#endif
+  absl::StatusOr<RunningServer> started = BuildInferenceServer(&service, config);
+#if ASYNCTLS_HAVE_WORKER_LINK
+  if (!started.ok()) registry.Shutdown();
+#endif
+  if (!started.ok()) return started.status();
+  RunningServer running = std::move(*started);
   std::fprintf(stderr, "asynctls: listening on %s:%d\n", options.host.c_str(), running.port);
   std::fflush(stderr);
 
@@ -78,7 +89,11 @@ absl::Status ServeUntilSignalled(const ServingOptions& options) {
   while (status.ok() && !g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   std::fprintf(stderr, "asynctls: shutting down\n");
   if (options.on_ready) options.on_ready(-1).IgnoreError();
-  // Live streams end CANCELLED when the replicas stop; then the server drains.
+  // Workers first (their streams would hold the server's Shutdown), then the local replica:
+  // live streams end CANCELLED; then the server drains.
+#if ASYNCTLS_HAVE_WORKER_LINK
+  registry.Shutdown();
+#endif
   for (const auto& r : router.Stats()) router.RemoveReplica(r.name, absl::CancelledError("server shutting down"));
   running.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
 #if ASYNCTLS_HAVE_METRICS
