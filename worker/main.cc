@@ -3,11 +3,11 @@
 // Heartbeats every 500 ms, also while a step runs; a coordinator silent for 1.5 s or a broken
 // stream frees every sequence's KV and reconnects with backoff. SIGTERM/SIGINT: clean exit.
 #include <grpcpp/grpcpp.h>
-#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -273,6 +273,10 @@ absl::Status Main(int argc, char** argv, StopState* stop) {
 }  // namespace
 }  // namespace asynctls
 
+namespace {
+int g_signal_pipe[2] = {-1, -1};
+}  // namespace
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -281,27 +285,29 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
-  // Signals go to one thread (sigwait) so that stopping is ordinary code, not a handler.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Threads started before main (OpenBLAS's pool) would take a blocked-elsewhere signal, so the
+  // handler only writes to a pipe; a thread reads it and stops the worker as ordinary code.
+  if (pipe(g_signal_pipe) != 0) return 1;
+  struct sigaction action = {};
+  action.sa_handler = [](int sig) {
+    const char byte = static_cast<char>(sig);
+    [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &byte, 1);
+  };
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
   asynctls::StopState stop;
   std::thread signal_thread([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    if (sig != 0) {
-      ASYNCTLS_LOG_INFO("signal ", sig, ": stopping");
-      stop.Stop();
+    char sig = 0;
+    while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
     }
+    if (sig != 0) ASYNCTLS_LOG_INFO("signal ", static_cast<int>(sig), ": stopping");
+    stop.Stop();
   });
   const absl::Status status = asynctls::Main(argc - 1, argv + 1, &stop);
   // Wake the signal thread if no signal came.
-  if (!stop.stopping()) {
-    stop.Stop();
-    pthread_kill(signal_thread.native_handle(), SIGTERM);
-  }
+  const char zero = 0;
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &zero, 1);
   signal_thread.join();
   if (!status.ok()) {
     std::fprintf(stderr, "asynctls-worker: %s\n%s", status.ToString().c_str(),
