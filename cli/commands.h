@@ -9,5 +9,6 @@ namespace asynctls {
 absl::Status RunGenerate(int argc, char** argv);  // generate.cc
 absl::Status RunServe(int argc, char** argv);     // serve.cc (gRPC builds only)
 absl::Status RunBench(int argc, char** argv);     // bench.cc (gRPC builds only)
+absl::Status RunCalibrate(int argc, char** argv);  // calibrate.cc
 
 }  // namespace asynctls

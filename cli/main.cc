@@ -22,6 +22,14 @@ commands:
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
              --threads N         CPU threads (default: all cores)
+  calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
+             --out FILE          where to write (format: runtime/.../channel_sets.h)
+             --model PATH        as for generate
+             --text FILE         calibration text (default tests/data/prompts/gpl-2.txt)
+             --channels N        d_c (default 32)
+             --device D          default cpu
+             --max-tokens N      use only the first N tokens of the text
+             --capture FILE      also write q/k/v for bench tls_accuracy_bench (see calibrate.cc)
   serve      serve the gRPC API (asynctls.v1.Inference + health + reflection); gRPC builds only
              --port N            default 50051
              --metrics-port N    Prometheus metrics on this port (default: off)
@@ -61,6 +69,7 @@ constexpr Command kCommands[] = {
     {"serve", RunServe},
     {"bench", RunBench},
 #endif
+    {"calibrate", RunCalibrate},
     {"fetch-model", FetchModel},
 };
 

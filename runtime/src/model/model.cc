@@ -58,6 +58,8 @@ struct Model::Impl {
   // Per-step metadata.
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
+  AttentionCaptureFn capture;
+  std::vector<float> capture_q, capture_k, capture_v;
 
   absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
     Weight w;
@@ -202,6 +204,20 @@ struct Model::Impl {
     return absl::OkStatus();
   }
 
+  absl::Status Capture(int layer, const ForwardBatch& b) {
+    const ModelConfig& c = config;
+    const size_t T = b.tokens.size();
+    capture_q.resize(T * c.num_q_heads * c.head_dim);
+    capture_k.resize(T * c.num_kv_heads * c.head_dim);
+    capture_v.resize(capture_k.size());
+    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_q.data(), q.data(), capture_q.size() * sizeof(float)));
+    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_k.data(), k.data(), capture_k.size() * sizeof(float)));
+    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_v.data(), v.data(), capture_v.size() * sizeof(float)));
+    capture({layer, static_cast<int32_t>(T), b.positions.data(), capture_q.data(), capture_k.data(),
+             capture_v.data()});
+    return absl::OkStatus();
+  }
+
   absl::Status Upload32(DeviceBuffer& dst, const std::vector<int32_t>& src) {
     return backend->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   }
@@ -247,6 +263,7 @@ struct Model::Impl {
       }
       ASYNCTLS_RETURN_IF_ERROR(backend->Rope({q.as<float>(), k.as<float>(), positions.as<int32_t>(),
                                               inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
+      if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
       ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({k.as<float>(), v.as<float>(), slots.as<int32_t>(),
                                                   cache.k_pool(li), cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
       if (b.num_prefill > 0) {
@@ -338,5 +355,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Random(const ModelConfig& config, 
 absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) {
   return impl_->Forward(batch, cache, logits);
 }
+
+void Model::SetAttentionCapture(AttentionCaptureFn fn) { impl_->capture = std::move(fn); }
 
 }  // namespace asynctls

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -39,6 +40,18 @@ struct ForwardBatch {
   int32_t num_seqs() const { return static_cast<int32_t>(seq_lens.size()); }
 };
 
+// One layer's attention inputs of one Forward, after RoPE, as host copies valid during the
+// callback only (channel calibration, accuracy captures).
+struct AttentionCapture {
+  int32_t layer = 0;
+  int32_t num_tokens = 0;              // rows of the batch, in batch order
+  const int32_t* positions = nullptr;  // [num_tokens]
+  const float* q = nullptr;            // [num_tokens, num_q_heads, head_dim]
+  const float* k = nullptr;            // [num_tokens, num_kv_heads, head_dim]
+  const float* v = nullptr;            // [num_tokens, num_kv_heads, head_dim]
+};
+using AttentionCaptureFn = std::function<void(const AttentionCapture&)>;
+
 class Model {
  public:
   // Reads and uploads the weights. INVALID_ARGUMENT for a missing tensor or a shape that
@@ -56,6 +69,10 @@ class Model {
   // Runs the batch, writing K/V into `cache`, and copies logits of batch.logit_rows to
   // `logits` ([logit_rows, vocab], host). INVALID_ARGUMENT if the batch exceeds the options.
   absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits);
+  // Calls `fn` in every later Forward once per layer, after RoPE, with host copies of that
+  // layer's q/k/v (a blocking device-to-host copy per layer). Null (the default) turns it off
+  // and costs nothing.
+  void SetAttentionCapture(AttentionCaptureFn fn);
 
  private:
   struct Impl;
