@@ -47,8 +47,12 @@ constexpr char kDefaultText[] = "tests/data/prompts/gpl-2.txt";
 class QkvRecorder {
  public:
   QkvRecorder(const ModelConfig& c, int num_tokens, int num_queries)
-      : c_(c), num_tokens_(num_tokens), num_queries_(num_queries),
-        k_(c.num_layers), v_(c.num_layers), q_(c.num_layers) {
+      : c_(c),
+        num_tokens_(num_tokens),
+        num_queries_(num_queries),
+        k_(c.num_layers),
+        v_(c.num_layers),
+        q_(c.num_layers) {
     const size_t kv = static_cast<size_t>(num_tokens) * c.num_kv_heads * c.head_dim;
     for (int l = 0; l < c.num_layers; ++l) {
       k_[l].resize(kv);
@@ -74,8 +78,14 @@ class QkvRecorder {
   absl::Status Write(const std::string& path) const {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
     if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
-    const int32_t header[8] = {c_.num_layers, num_tokens_,  c_.num_q_heads, c_.num_kv_heads,
-                               c_.head_dim,   num_queries_, 0,              0};
+    const int32_t header[8] = {c_.num_layers,
+                               num_tokens_,
+                               c_.num_q_heads,
+                               c_.num_kv_heads,
+                               c_.head_dim,
+                               num_queries_,
+                               0,
+                               0};
     out.write("ATLSQKV1", 8);
     out.write(reinterpret_cast<const char*>(header), sizeof(header));
     for (int l = 0; l < c_.num_layers; ++l) {
@@ -99,8 +109,9 @@ class QkvRecorder {
 absl::Status RunCalibrate(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
-  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown({"model", "text", "channels", "out", "device", "threads",
-                                             "max-tokens", "chunk", "capture", "capture-queries"}));
+  ASYNCTLS_RETURN_IF_ERROR(
+      flags.CheckKnown({"model", "text", "channels", "out", "device", "threads", "max-tokens",
+                        "chunk", "capture", "capture-queries"}));
   if (!flags.Has("out")) return absl::InvalidArgumentError("--out FILE is required");
   int32_t num_channels = 32, max_tokens = 0, chunk = 512, capture_queries = 256, threads = 0;
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("channels", &num_channels));
@@ -123,7 +134,8 @@ absl::Status RunCalibrate(int argc, char** argv) {
   ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<WeightFile> weights, WeightFile::Open(model_path));
   ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromGguf(*weights));
   ASYNCTLS_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, tokenizer->Encode(*text));
-  if (tokenizer->add_bos() && tokenizer->bos_id() >= 0) tokens.insert(tokens.begin(), tokenizer->bos_id());
+  if (tokenizer->add_bos() && tokenizer->bos_id() >= 0)
+    tokens.insert(tokens.begin(), tokenizer->bos_id());
   if (max_tokens > 0 && static_cast<int32_t>(tokens.size()) > max_tokens) tokens.resize(max_tokens);
 
   ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
@@ -131,7 +143,8 @@ absl::Status RunCalibrate(int argc, char** argv) {
   ModelLoadOptions load;
   load.max_batch_tokens = chunk;
   load.max_batch_seqs = 1;
-  ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(*weights, backend.get(), load));
+  ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
+                            Model::Load(*weights, backend.get(), load));
   const ModelConfig& config = model->config();
   const int n = static_cast<int>(tokens.size());
   if (num_channels > config.head_dim) {
@@ -150,19 +163,20 @@ absl::Status RunCalibrate(int argc, char** argv) {
   }
   std::fprintf(stderr, "[calibrate] %s on %s: %d tokens of %s, d_c = %d\n", config.name.c_str(),
                backend->Describe().c_str(), n, text_path.c_str(), num_channels);
-  ASYNCTLS_RETURN_IF_ERROR(PrefillWithCapture(*model, *backend, tokens, chunk, [&](const AttentionCapture& a) {
-    calibrator.Add(a);
-    if (recorder) recorder->Add(a);
-  }));
+  ASYNCTLS_RETURN_IF_ERROR(
+      PrefillWithCapture(*model, *backend, tokens, chunk, [&](const AttentionCapture& a) {
+        calibrator.Add(a);
+        if (recorder) recorder->Add(a);
+      }));
   ASYNCTLS_ASSIGN_OR_RETURN(ChannelSets sets, calibrator.Select(num_channels));
   sets.source = text_path;
   ASYNCTLS_RETURN_IF_ERROR(WriteChannelSets(sets, flags.Get("out")));
-  std::fprintf(stderr, "[calibrate] wrote %d layers x %d KV heads x %d channels to %s\n", sets.num_layers,
-               sets.num_kv_heads, sets.num_channels, flags.Get("out").c_str());
+  std::fprintf(stderr, "[calibrate] wrote %d layers x %d KV heads x %d channels to %s\n",
+               sets.num_layers, sets.num_kv_heads, sets.num_channels, flags.Get("out").c_str());
   if (recorder) {
     ASYNCTLS_RETURN_IF_ERROR(recorder->Write(flags.Get("capture")));
-    std::fprintf(stderr, "[calibrate] wrote q/k/v of %d tokens (%d queries) to %s\n", n, capture_queries,
-                 flags.Get("capture").c_str());
+    std::fprintf(stderr, "[calibrate] wrote q/k/v of %d tokens (%d queries) to %s\n", n,
+                 capture_queries, flags.Get("capture").c_str());
   }
   return absl::OkStatus();
 }

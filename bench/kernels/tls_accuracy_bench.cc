@@ -72,8 +72,9 @@ std::string Json(const std::vector<Row>& rows, const std::string& meta) {
 
 void PrintTable(const std::string& title, const std::vector<Row>& rows, bool needles) {
   std::printf("\n### %s\n\n", title.c_str());
-  std::printf("| context | k_b | k_t | method | top-k_t recall | mass recall | out rel err |%s |S| |\n",
-              needles ? " needle recall |" : "");
+  std::printf(
+      "| context | k_b | k_t | method | top-k_t recall | mass recall | out rel err |%s |S| |\n",
+      needles ? " needle recall |" : "");
   std::printf("|---:|---:|---:|---|---:|---:|---:|%s---:|\n", needles ? "---:|" : "");
   for (const Row& r : rows) {
     std::printf("| %d | %d | %d | %s | %.3f | %.3f | %.3f |", r.context, r.k_b, r.k_t,
@@ -153,7 +154,8 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
   std::vector<int32_t> positions;
   for (int i = 0; i < nq; ++i) positions.push_back(file.num_tokens - 1 - i * step);
   if (positions.back() - 1 < file.num_tokens - file.num_queries) {
-    std::fprintf(stderr, "queries reach before the captured ones: lower --capture-queries/--query-step\n");
+    std::fprintf(stderr,
+                 "queries reach before the captured ones: lower --capture-queries/--query-step\n");
     return 1;
   }
   const std::vector<int> budgets = ParseInts(a.Get("capture-budgets", "128,256,512,1024,2048"));
@@ -172,10 +174,16 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
       for (const AccuracyMethod& method : methods) {
         const bool two_level = method.mode == TlsMode::kTwoLevel;
         for (int k_b : two_level ? block_budgets : std::vector<int>{0}) {
-          Row r{"capture", method.name, file.num_tokens, l, k_b, k_t,
+          Row r{"capture",
+                method.name,
+                file.num_tokens,
+                l,
+                k_b,
+                k_t,
                 h.Evaluate(MakeAccuracyPolicy(method, k_b, k_t))};
           per_layer.push_back(r);
-          const std::string key = std::to_string(k_t) + "/" + method.name + "/" + std::to_string(k_b);
+          const std::string key =
+              std::to_string(k_t) + "/" + method.name + "/" + std::to_string(k_b);
           if (!total.count(key)) {
             order.push_back(key);
             r.layer = -1;
@@ -194,14 +202,15 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
   std::snprintf(title, sizeof(title),
                 "(c) captured q/k/v: %d tokens, %d layers x %d KV heads, %d q heads, head_dim %d, "
                 "d_c %d, queries at positions %d..%d step %d (mean over layers, heads, queries)",
-                file.num_tokens, file.num_layers, file.num_kv_heads, file.num_q_heads, file.head_dim,
-                dc, positions.back(), positions.front(), step);
+                file.num_tokens, file.num_layers, file.num_kv_heads, file.num_q_heads,
+                file.head_dim, dc, positions.back(), positions.front(), step);
   PrintTable(title, rows, false);
 
   // Per layer: mass recall at one (k_b, k_t) so layers where a method breaks down show.
   const int show_kt = budgets.size() > 2 ? budgets[2] : budgets.front();
   const int show_kb = block_budgets.front();
-  std::printf("\n### (c) per layer: mass recall / top-k_t recall at k_t = %d, k_b = %d\n\n", show_kt, show_kb);
+  std::printf("\n### (c) per layer: mass recall / top-k_t recall at k_t = %d, k_b = %d\n\n",
+              show_kt, show_kb);
   std::printf("| layer |");
   for (const AccuracyMethod& m : methods) std::printf(" %s |", m.name);
   std::printf("\n|---:|");
@@ -235,9 +244,10 @@ int Main(int argc, char** argv) {
     a.values[k.substr(2)] = argv[++i];
   }
   std::vector<Row> rows;
-  const std::string inputs = a.Get("inputs", a.values.count("capture") ? "gaussian,needle,capture"
-                                                                         : "gaussian,needle");
-  for (const std::string& input : {std::string("gaussian"), std::string("needle"), std::string("capture")}) {
+  const std::string inputs =
+      a.Get("inputs", a.values.count("capture") ? "gaussian,needle,capture" : "gaussian,needle");
+  for (const std::string& input :
+       {std::string("gaussian"), std::string("needle"), std::string("capture")}) {
     if (("," + inputs + ",").find("," + input + ",") == std::string::npos) continue;
     if (input == "capture") {
       if (int rc = RunCapture(a, &rows); rc != 0) return rc;

@@ -1,14 +1,13 @@
 // The accuracy harness (tls_accuracy_util.h) at small sizes: its metrics on cases with known
 // answers, needles found by the channel-index methods, and the capture / channel file readers.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include "kernels/tls_accuracy_util.h"
 
@@ -100,7 +99,7 @@ TEST(TlsAccuracy, NeedlesAreSelected) {
   }
   // TLS can lose a needle whose block misses the top k_b: Quest-style bounds are loose on
   // random 64-dim keys (quest alone finds about half of them here).
-  EXPECT_GE(by_method[0].needle_recall, 0.9);  // tls
+  EXPECT_GE(by_method[0].needle_recall, 0.9);         // tls
   EXPECT_DOUBLE_EQ(by_method[1].needle_recall, 1.0);  // token-only
   EXPECT_GT(by_method[0].mass_recall, 0.5);
   EXPECT_GT(by_method[0].mass_recall, by_method[2].mass_recall);  // tls beats quest here
@@ -118,7 +117,8 @@ TEST(TlsAccuracy, LagVariantRuns) {
 
 TEST(TlsAccuracy, CaptureFileRoundTrip) {
   const std::string path = (std::filesystem::temp_directory_path() /
-                            ("tls_acc_capture_" + std::to_string(::getpid()) + ".bin")).string();
+                            ("tls_acc_capture_" + std::to_string(::getpid()) + ".bin"))
+                               .string();
   const int L = 2, T = 130, H = 4, KV = 2, hd = 8, NQ = 5;
   std::vector<uint16_t> k(size_t(T) * KV * hd), v(k.size());
   std::vector<float> q(size_t(NQ) * H * hd);
@@ -146,9 +146,9 @@ TEST(TlsAccuracy, CaptureFileRoundTrip) {
   const AccuracyInput in = file.Layer(1, {T - 1, T - 3}, std::vector<int32_t>(KV * 8, 0), 8);
   EXPECT_EQ(in.lens, (std::vector<int32_t>{T, T - 2}));
   EXPECT_EQ(Bf16ToFloat(in.k[3]), RoundToBf16(1003.f));
-  EXPECT_EQ(in.q[0], 1.f + 0.5f * (4 * H * hd));        // query row 4 = position T - 1
-  EXPECT_EQ(in.q_prev[0], 1.f + 0.5f * (3 * H * hd));   // position T - 2
-  EXPECT_EQ(in.q[H * hd], 1.f + 0.5f * (2 * H * hd));   // position T - 3
+  EXPECT_EQ(in.q[0], 1.f + 0.5f * (4 * H * hd));       // query row 4 = position T - 1
+  EXPECT_EQ(in.q_prev[0], 1.f + 0.5f * (3 * H * hd));  // position T - 2
+  EXPECT_EQ(in.q[H * hd], 1.f + 0.5f * (2 * H * hd));  // position T - 3
   std::filesystem::resize_file(path, 100);
   QkvCaptureFile truncated;
   EXPECT_FALSE(truncated.Open(path, &error));

@@ -34,12 +34,12 @@
 #include "asynctls/kernels/tls_ref.h"
 
 // Harness invariants (bad inputs are the caller's bug): abort with the condition.
-#define ASYNCTLS_ACC_CHECK(cond)                                              \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
+#define ASYNCTLS_ACC_CHECK(cond)                                                    \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                           \
-    }                                                                         \
+      std::abort();                                                                 \
+    }                                                                               \
   } while (0)
 
 namespace asynctls::kernels::testing {
@@ -128,15 +128,16 @@ class AccuracyHarness {
       prev_blocks.resize(blocks.size());
       prev_num_blocks.resize(num_blocks.size());
       std::vector<int32_t> scratch(positions.size()), scratch_n(num_positions.size());
-      TlsDecodeSelectParams p = SelectParams(prev, in_.q_prev.data(), prev_lens.data(), max_kept,
-                                             max_pos);
+      TlsDecodeSelectParams p =
+          SelectParams(prev, in_.q_prev.data(), prev_lens.data(), max_kept, max_pos);
       p.blocks = prev_blocks.data();
       p.num_blocks = prev_num_blocks.data();
       p.positions = scratch.data();
       p.num_positions = scratch_n.data();
       ref::TlsDecodeSelect(p);
     }
-    TlsDecodeSelectParams p = SelectParams(policy, in_.q.data(), in_.lens.data(), max_kept, max_pos);
+    TlsDecodeSelectParams p =
+        SelectParams(policy, in_.q.data(), in_.lens.data(), max_kept, max_pos);
     p.prev_blocks = prev_blocks.empty() ? nullptr : prev_blocks.data();
     p.prev_num_blocks = prev_blocks.empty() ? nullptr : prev_num_blocks.data();
     p.prev_select_lens = prev_blocks.empty() ? nullptr : prev_lens.data();
@@ -240,7 +241,8 @@ class AccuracyHarness {
     v_pool_.assign(pool, Bf16{0});
     for (int t = 0; t < in_.num_tokens; ++t) {
       for (int g = 0; g < KV; ++g) {
-        const size_t dst = ((size_t(t / kKvBlockSize) * KV + g) * kKvBlockSize + t % kKvBlockSize) * hd;
+        const size_t dst =
+            ((size_t(t / kKvBlockSize) * KV + g) * kKvBlockSize + t % kKvBlockSize) * hd;
         const size_t src = (size_t(t) * KV + g) * hd;
         std::copy_n(in_.k.begin() + src, hd, k_pool_.begin() + dst);
         std::copy_n(in_.v.begin() + src, hd, v_pool_.begin() + dst);
@@ -249,7 +251,8 @@ class AccuracyHarness {
     // Every query is a sequence of its own over the same blocks (identity table).
     table_.resize(size_t(in_.num_queries()) * max_blocks_);
     for (int b = 0; b < in_.num_queries(); ++b) {
-      std::iota(table_.begin() + size_t(b) * max_blocks_, table_.begin() + size_t(b + 1) * max_blocks_, 0);
+      std::iota(table_.begin() + size_t(b) * max_blocks_,
+                table_.begin() + size_t(b + 1) * max_blocks_, 0);
     }
   }
 
@@ -379,12 +382,14 @@ class AccuracyHarness {
 
 // C from statistics (ref::TlsCalibStats / TlsCalibSelect): keys [0, num_tokens) and `queries`
 // ([n, num_q_heads, head_dim]).
-inline std::vector<int32_t> CalibrateChannels(const AccuracyInput& in, const std::vector<float>& queries) {
+inline std::vector<int32_t> CalibrateChannels(const AccuracyInput& in,
+                                              const std::vector<float>& queries) {
   const int H = in.num_q_heads, KV = in.num_kv_heads, hd = in.head_dim;
   std::vector<float> qa(size_t(H) * hd, 0.f), ka(size_t(KV) * hd, 0.f);
   std::vector<float> kf(in.k.size());
   for (size_t i = 0; i < kf.size(); ++i) kf[i] = Bf16ToFloat(in.k[i]);
-  ref::TlsCalibStats({nullptr, kf.data(), qa.data(), ka.data(), DType::kF32, in.num_tokens, 0, KV, hd});
+  ref::TlsCalibStats(
+      {nullptr, kf.data(), qa.data(), ka.data(), DType::kF32, in.num_tokens, 0, KV, hd});
   ref::TlsCalibStats({queries.data(), nullptr, qa.data(), ka.data(), DType::kF32,
                       static_cast<int32_t>(queries.size() / (size_t(H) * hd)), H, 0, hd});
   std::vector<int32_t> channels(size_t(KV) * in.num_channels);
@@ -400,8 +405,9 @@ inline std::vector<int32_t> TailLengths(int num_tokens, int num_queries, int ste
 }
 
 // (a) i.i.d. N(0, 1) keys, values and queries; C calibrated on keys and 64 extra random queries.
-inline AccuracyInput MakeGaussianInput(int num_tokens, int num_queries, int num_q_heads, int num_kv_heads,
-                                       int head_dim, int num_channels, uint64_t seed) {
+inline AccuracyInput MakeGaussianInput(int num_tokens, int num_queries, int num_q_heads,
+                                       int num_kv_heads, int head_dim, int num_channels,
+                                       uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.f, 1.f);
   AccuracyInput in;
@@ -431,9 +437,9 @@ inline AccuracyInput MakeGaussianInput(int num_tokens, int num_queries, int num_
 // (q_h = u_g + e_h, all N(0, 1)); a needle's key is u_g / |u_g| * (needle_logit * sqrt(d) /
 // |u_g|) plus N(0, 0.1) noise, so its exact logit is about needle_logit for every head of the
 // group (random keys: N(0, 2)). C is calibrated on the keys and 64 queries of the same law.
-inline AccuracyInput MakeNeedleInput(int num_tokens, int num_queries, int num_q_heads, int num_kv_heads,
-                                     int head_dim, int num_channels, int num_needles,
-                                     float needle_logit, uint64_t seed) {
+inline AccuracyInput MakeNeedleInput(int num_tokens, int num_queries, int num_q_heads,
+                                     int num_kv_heads, int head_dim, int num_channels,
+                                     int num_needles, float needle_logit, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.f, 1.f);
   AccuracyInput in = MakeGaussianInput(num_tokens, num_queries, num_q_heads, num_kv_heads, head_dim,
@@ -446,7 +452,8 @@ inline AccuracyInput MakeNeedleInput(int num_tokens, int num_queries, int num_q_
     for (int b = 0; b < n; ++b)
       for (int h = 0; h < num_q_heads; ++h)
         for (int d = 0; d < head_dim; ++d)
-          q[(size_t(b) * num_q_heads + h) * head_dim + d] = u[size_t(h / G) * head_dim + d] + n01(rng);
+          q[(size_t(b) * num_q_heads + h) * head_dim + d] =
+              u[size_t(h / G) * head_dim + d] + n01(rng);
     return q;
   };
   in.q = make_queries(num_queries);
@@ -454,7 +461,8 @@ inline AccuracyInput MakeNeedleInput(int num_tokens, int num_queries, int num_q_
   std::uniform_int_distribution<int> where(lo, std::max(lo, hi - 1));
   while (static_cast<int>(in.needles.size()) < num_needles) {
     const int p = where(rng);
-    if (std::find(in.needles.begin(), in.needles.end(), p) == in.needles.end()) in.needles.push_back(p);
+    if (std::find(in.needles.begin(), in.needles.end(), p) == in.needles.end())
+      in.needles.push_back(p);
   }
   std::sort(in.needles.begin(), in.needles.end());
   std::normal_distribution<float> noise(0.f, 0.1f);
@@ -476,7 +484,8 @@ inline AccuracyInput MakeNeedleInput(int num_tokens, int num_queries, int num_q_
 // The "ATLSQKV1" file of `asynctls calibrate --capture` (format in cli/calibrate.cc).
 class QkvCaptureFile {
  public:
-  int num_layers = 0, num_tokens = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0, num_queries = 0;
+  int num_layers = 0, num_tokens = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0,
+      num_queries = 0;
 
   // False (with `error` set) when the file is missing, truncated or not a capture file.
   bool Open(const std::string& path, std::string* error) {
@@ -484,12 +493,15 @@ class QkvCaptureFile {
     if (!in_) return Fail(error, "cannot open " + path);
     char magic[8];
     int32_t h[8];
-    if (!in_.read(magic, 8) || std::memcmp(magic, "ATLSQKV1", 8) != 0) return Fail(error, path + ": not ATLSQKV1");
-    if (!in_.read(reinterpret_cast<char*>(h), sizeof(h))) return Fail(error, path + ": short header");
+    if (!in_.read(magic, 8) || std::memcmp(magic, "ATLSQKV1", 8) != 0)
+      return Fail(error, path + ": not ATLSQKV1");
+    if (!in_.read(reinterpret_cast<char*>(h), sizeof(h)))
+      return Fail(error, path + ": short header");
     num_layers = h[0], num_tokens = h[1], num_q_heads = h[2], num_kv_heads = h[3], head_dim = h[4];
     num_queries = h[5];
-    if (num_layers <= 0 || num_tokens <= 0 || num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 ||
-        head_dim <= 0 || num_queries <= 0 || num_queries > num_tokens)
+    if (num_layers <= 0 || num_tokens <= 0 || num_kv_heads <= 0 ||
+        num_q_heads % num_kv_heads != 0 || head_dim <= 0 || num_queries <= 0 ||
+        num_queries > num_tokens)
       return Fail(error, path + ": bad header");
     in_.seekg(0, std::ios::end);
     if (static_cast<int64_t>(in_.tellg()) != 40 + int64_t(num_layers) * LayerBytes())
@@ -520,7 +532,8 @@ class QkvCaptureFile {
     for (int32_t p : query_positions) {
       in.lens.push_back(p + 1);
       in.q.insert(in.q.end(), q.begin() + (p - first) * qrow, q.begin() + (p - first + 1) * qrow);
-      in.q_prev.insert(in.q_prev.end(), q.begin() + (p - 1 - first) * qrow, q.begin() + (p - first) * qrow);
+      in.q_prev.insert(in.q_prev.end(), q.begin() + (p - 1 - first) * qrow,
+                       q.begin() + (p - first) * qrow);
     }
     in.channels = layer_channels;
     return in;
@@ -528,7 +541,8 @@ class QkvCaptureFile {
 
  private:
   int64_t LayerBytes() const {
-    return 2 * int64_t(num_tokens) * num_kv_heads * head_dim * 2 + int64_t(num_queries) * num_q_heads * head_dim * 4;
+    return 2 * int64_t(num_tokens) * num_kv_heads * head_dim * 2 +
+           int64_t(num_queries) * num_q_heads * head_dim * 4;
   }
   bool Fail(std::string* error, const std::string& what) {
     if (error) *error = what;
@@ -540,8 +554,9 @@ class QkvCaptureFile {
 // The channel sets of an "asynctls-channels-v1" JSON file (runtime/.../channel_sets.h), read
 // without a JSON library (the kernels-only build has none): the header integers by key and
 // every integer after "channels" in order. Empty (with `error`) on a mismatch.
-inline std::vector<int32_t> ParseChannelSetsJson(const std::string& text, int* num_layers, int* num_kv_heads,
-                                                 int* num_channels, std::string* error) {
+inline std::vector<int32_t> ParseChannelSetsJson(const std::string& text, int* num_layers,
+                                                 int* num_kv_heads, int* num_channels,
+                                                 std::string* error) {
   auto int_after = [&](const std::string& key, int* out) {
     const size_t at = text.find("\"" + key + "\"");
     if (at == std::string::npos) return false;
@@ -551,8 +566,9 @@ inline std::vector<int32_t> ParseChannelSetsJson(const std::string& text, int* n
     return true;
   };
   std::vector<int32_t> out;
-  if (text.find("asynctls-channels-v1") == std::string::npos || !int_after("num_layers", num_layers) ||
-      !int_after("num_kv_heads", num_kv_heads) || !int_after("num_channels", num_channels)) {
+  if (text.find("asynctls-channels-v1") == std::string::npos ||
+      !int_after("num_layers", num_layers) || !int_after("num_kv_heads", num_kv_heads) ||
+      !int_after("num_channels", num_channels)) {
     if (error) *error = "not an asynctls-channels-v1 file";
     return out;
   }

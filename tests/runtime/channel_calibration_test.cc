@@ -1,5 +1,10 @@
 // Channel calibration (issue 4, item 1): the channel-set file format and its loader, and a
 // calibration of the real SmolLM2 over ~1K tokens of text through the attention capture.
+#include "asynctls/runtime/channel_calibration.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -7,10 +12,6 @@
 #include <sstream>
 #include <string>
 
-#include <gtest/gtest.h>
-#include <unistd.h>
-
-#include "asynctls/runtime/channel_calibration.h"
 #include "asynctls/runtime/channel_sets.h"
 #include "asynctls/runtime/engine.h"
 #include "asynctls/runtime/tokenizer.h"
@@ -65,9 +66,11 @@ TEST(ChannelSets, RejectsBadFiles) {
   json.replace(json.find(key), key.size(), "\"num_kv_heads\": 3");
   const auto wrong_shape = ChannelSetsFromJson(json);
   EXPECT_EQ(wrong_shape.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ChannelSetsFromJson("{\"format\": 1}").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ChannelSetsFromJson("{\"format\": 1}").status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ChannelSetsFromJson("not json").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(LoadChannelSets("/nonexistent/channels.json").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(LoadChannelSets("/nonexistent/channels.json").status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 // The real model over the first 1024 tokens of the GPL text: 30 layers x 3 KV heads x 32
@@ -95,12 +98,13 @@ TEST(ChannelCalibration, SmolLm2OverOneThousandTokens) {
   const ModelConfig& c = (*model)->config();
   ChannelCalibrator calibrator(c);
   int calls = 0;
-  const absl::Status run = PrefillWithCapture(**model, *backend, *tokens, 512, [&](const AttentionCapture& a) {
-    ++calls;
-    ASSERT_EQ(a.num_tokens, 512);
-    ASSERT_EQ(a.positions[0] % 512, 0);
-    calibrator.Add(a);
-  });
+  const absl::Status run =
+      PrefillWithCapture(**model, *backend, *tokens, 512, [&](const AttentionCapture& a) {
+        ++calls;
+        ASSERT_EQ(a.num_tokens, 512);
+        ASSERT_EQ(a.positions[0] % 512, 0);
+        calibrator.Add(a);
+      });
   ASSERT_TRUE(run.ok()) << run;
   EXPECT_EQ(calls, 2 * c.num_layers);
   EXPECT_EQ(calibrator.num_tokens(), 1024);
@@ -109,7 +113,8 @@ TEST(ChannelCalibration, SmolLm2OverOneThousandTokens) {
   ASSERT_TRUE(sets.ok()) << sets.status();
 
   const std::string file = (std::filesystem::temp_directory_path() /
-                            ("channels_" + std::to_string(::getpid()) + ".json")).string();
+                            ("channels_" + std::to_string(::getpid()) + ".json"))
+                               .string();
   ASSERT_TRUE(WriteChannelSets(*sets, file).ok());
   auto loaded = LoadChannelSets(file);
   std::filesystem::remove(file);

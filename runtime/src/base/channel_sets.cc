@@ -1,9 +1,8 @@
 #include "asynctls/runtime/channel_sets.h"
 
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "asynctls/kernels/tls_params.h"
@@ -19,10 +18,9 @@ absl::Status ChannelSets::Validate() const {
   }
   if (num_channels < 8 || num_channels % 8 != 0 || num_channels > head_dim ||
       num_channels > kernels::kTlsMaxChannels) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("channel sets: num_channels ", num_channels,
-                     " must be a multiple of 8 in [8, min(head_dim, ", kernels::kTlsMaxChannels,
-                     ")]"));
+    return absl::InvalidArgumentError(absl::StrCat("channel sets: num_channels ", num_channels,
+                                                   " must be a multiple of 8 in [8, min(head_dim, ",
+                                                   kernels::kTlsMaxChannels, ")]"));
   }
   const size_t rows = static_cast<size_t>(num_layers) * num_kv_heads;
   if (channels.size() != rows * num_channels) {
@@ -97,8 +95,10 @@ absl::StatusOr<ChannelSets> ChannelSetsFromJson(const std::string& text) {
     const char* key;
     int32_t* dst;
   };
-  const Field fields[] = {{"num_layers", &s.num_layers},     {"num_q_heads", &s.num_q_heads},
-                          {"num_kv_heads", &s.num_kv_heads}, {"head_dim", &s.head_dim},
+  const Field fields[] = {{"num_layers", &s.num_layers},
+                          {"num_q_heads", &s.num_q_heads},
+                          {"num_kv_heads", &s.num_kv_heads},
+                          {"head_dim", &s.head_dim},
                           {"num_channels", &s.num_channels}};
   for (const Field& f : fields) {
     if (!j.contains(f.key) || !j[f.key].is_number_integer()) {

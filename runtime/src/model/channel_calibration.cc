@@ -44,9 +44,9 @@ absl::StatusOr<ChannelSets> ChannelCalibrator::Select(int32_t num_channels) cons
   s.num_channels = num_channels;
   if (num_channels < 8 || num_channels % 8 != 0 || num_channels > s.head_dim ||
       num_channels > kernels::kTlsMaxChannels) {
-    return absl::InvalidArgumentError(absl::StrCat("num_channels ", num_channels,
-                                                   " must be a multiple of 8 in [8, min(head_dim ",
-                                                   s.head_dim, ", ", kernels::kTlsMaxChannels, ")]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_channels ", num_channels, " must be a multiple of 8 in [8, min(head_dim ",
+                     s.head_dim, ", ", kernels::kTlsMaxChannels, ")]"));
   }
   s.channels.assign(static_cast<size_t>(s.num_layers) * s.num_kv_heads * num_channels, 0);
   const int hd = config_.head_dim;
@@ -76,8 +76,9 @@ absl::Status PrefillWithCapture(Model& model, Backend& backend, const std::vecto
   }
   if (chunk_tokens <= 0) return absl::InvalidArgumentError("chunk_tokens must be positive");
   const int blocks = (n + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
-  ASYNCTLS_ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache,
-                            KvCache::Create(&backend, c.num_layers, c.num_kv_heads, c.head_dim, blocks));
+  ASYNCTLS_ASSIGN_OR_RETURN(
+      std::unique_ptr<KvCache> cache,
+      KvCache::Create(&backend, c.num_layers, c.num_kv_heads, c.head_dim, blocks));
   constexpr uint64_t kSeq = 1;
   ASYNCTLS_RETURN_IF_ERROR(cache->Reserve(kSeq, n));
   model.SetAttentionCapture(std::move(capture));
