@@ -68,8 +68,11 @@ absl::Status ServeUntilSignalled(const ServingOptions& options) {
   ServerConfig config;
   config.address = absl::StrCat(options.host, ":", options.port);
 #if ASYNCTLS_HAVE_WORKER_LINK
-  // asynctls-worker processes connect here and become replicas.
-  WorkerRegistry registry(&router, WorkerRegistryOptions{});
+  // asynctls-worker processes connect here and become replicas; a worker serving a model with
+  // another vocabulary than this tokenizer's is refused.
+  WorkerRegistryOptions registry_options;
+  registry_options.expected_vocab_size = tokenizer->vocab_size();
+  WorkerRegistry registry(&router, registry_options);
   config.extra_services.push_back(&registry);
 #endif
   absl::StatusOr<RunningServer> started = BuildInferenceServer(&service, config);
