@@ -287,7 +287,10 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   const int64_t want = std::max<int64_t>(1, (2 * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
-  tokens = std::max(4 * kTile, (tokens + kTile - 1) / kTile * kTile);
+  // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20 splits
+  // per (sequence, KV head) instead of 5, and each CTA pays the position -> table -> K/V load
+  // chain once; the merge reads at most a few KB per query head.
+  tokens = std::max(kTile, (tokens + kTile - 1) / kTile * kTile);
   // Keep the split count under the merge kernel's limit.
   tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
   s.split_tokens = tokens;

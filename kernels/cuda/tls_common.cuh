@@ -119,9 +119,12 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
           const uint32_t key = TlsOrderedBits(s);
           if ((key & mask) == prefix) digit = (key >> shift) & 255u;
         }
-        const unsigned same = __match_any_sync(0xffffffffu, digit);
-        if (digit != 256u && (tid & 31) == __ffs(same) - 1) {
-          atomicAdd(&sh.hist[digit], __popc(same));
+        // After the first pass most items miss the prefix: skip the match for idle warps.
+        if (__any_sync(0xffffffffu, digit != 256u)) {
+          const unsigned same = __match_any_sync(0xffffffffu, digit);
+          if (digit != 256u && (tid & 31) == __ffs(same) - 1) {
+            atomicAdd(&sh.hist[digit], __popc(same));
+          }
         }
       }
       __syncthreads();

@@ -98,6 +98,8 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
 
 // ---- top-k kernels ------------------------------------------------------------------------
 constexpr int kSelectThreads = 512;
+// Token rows are up to 8192 candidates: twice the threads halve the serial work per radix pass.
+constexpr int kTokenSelectThreads = 1024;
 
 // Rows up to this many items are first copied into shared memory (one coalesced pass), so the
 // count, radix and compaction passes of BlockTopK read shared memory instead of L2.
@@ -141,7 +143,7 @@ __device__ void WriteAlways(const TlsGeometry& geo, int middle, int32_t* row) {
 
 // CACHED: alpha and candidate ids of the row in dynamic shared memory ([max_candidates] each).
 template <bool CACHED>
-__global__ void __launch_bounds__(kSelectThreads) TokenSelectKernel(TlsTokenSelectParams p) {
+__global__ void __launch_bounds__(kTokenSelectThreads) TokenSelectKernel(TlsTokenSelectParams p) {
   __shared__ TopKShared sh;
   extern __shared__ float alpha_s[];  // [max_candidates], then int32 cand [max_candidates]
   int32_t* cand_s = reinterpret_cast<int32_t*>(alpha_s + (CACHED ? p.max_candidates : 0));
@@ -154,14 +156,14 @@ __global__ void __launch_bounds__(kSelectThreads) TokenSelectKernel(TlsTokenSele
   int32_t* row = p.positions + int64_t{bg} * p.max_positions;
   int32_t* middle = row + geo.sink_end;
   if (CACHED) {
-    for (int j = threadIdx.x; j < p.max_candidates; j += kSelectThreads) {
+    for (int j = threadIdx.x; j < p.max_candidates; j += kTokenSelectThreads) {
       const int32_t id = cand[j];
       cand_s[j] = id;
       alpha_s[j] = id >= 0 ? alpha[j] : 0.f;  // alpha of a non-candidate is unspecified
     }
     __syncthreads();
   }
-  const int kept = BlockTopK<kSelectThreads>(
+  const int kept = BlockTopK<kTokenSelectThreads>(
       p.max_candidates, p.k,
       [&](int j, float* s, int32_t* id) {
         *id = CACHED ? cand_s[j] : cand[j];
@@ -511,9 +513,9 @@ cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream) {
           TokenSelectKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
     }
-    TokenSelectKernel<true><<<p.batch * p.num_kv_heads, kSelectThreads, smem, stream>>>(p);
+    TokenSelectKernel<true><<<p.batch * p.num_kv_heads, kTokenSelectThreads, smem, stream>>>(p);
   } else {
-    TokenSelectKernel<false><<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+    TokenSelectKernel<false><<<p.batch * p.num_kv_heads, kTokenSelectThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
