@@ -66,26 +66,6 @@ ASYNCTLS_HD float TlsRint(float x) {
 #endif
 }
 
-ASYNCTLS_HD float TlsBitsToFloat(uint32_t u) {
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(u);
-#else
-  std::memcpy(&f, &u, 4);
-#endif
-  return f;
-}
-
-ASYNCTLS_HD uint32_t TlsFloatToBits(float f) {
-  uint32_t u;
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(f);
-#else
-  std::memcpy(&u, &f, 4);
-#endif
-  return u;
-}
-
 // 2^x for x <= 0 (selection only needs x in [-inf, 0]); relative error below 2e-7. Returns 0
 // below 2^-126 and for -inf / NaN.
 ASYNCTLS_HD float TlsExp2(float x) {
@@ -103,7 +83,7 @@ ASYNCTLS_HD float TlsExp2(float x) {
   p = TlsFma(p, r, 6.9314718055994531e-01f);
   p = TlsFma(p, r, 1.0f);
   const int e = static_cast<int>(n) + 127;  // n in [-126, 0]
-  return TlsMul(p, TlsBitsToFloat(static_cast<uint32_t>(e) << 23));
+  return TlsMul(p, BitsToFloat(static_cast<uint32_t>(e) << 23));
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
@@ -124,7 +104,7 @@ ASYNCTLS_HD float TlsInvDenominator(uint64_t fixed_sum, int group) {
 // Monotone map of a float to uint32 (a < b => key(a) < key(b); -0 < +0; NaN sorts lowest).
 ASYNCTLS_HD uint32_t TlsOrderedBits(float f) {
   if (f != f) return 0u;
-  const uint32_t u = TlsFloatToBits(f);
+  const uint32_t u = FloatToBits(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -24,24 +24,31 @@ struct Bf16 {
   uint16_t bits;
 };
 
-ASYNCTLS_HD float Bf16ToFloat(Bf16 h) {
-  uint32_t u = static_cast<uint32_t>(h.bits) << 16;
-  float f;
+// The bits of a float and back, on host and device alike.
+ASYNCTLS_HD float BitsToFloat(uint32_t u) {
 #if defined(__CUDA_ARCH__)
-  f = __uint_as_float(u);
+  return __uint_as_float(u);
 #else
+  float f;
   std::memcpy(&f, &u, 4);
-#endif
   return f;
+#endif
 }
 
-ASYNCTLS_HD Bf16 FloatToBf16(float f) {
-  uint32_t u;
+ASYNCTLS_HD uint32_t FloatToBits(float f) {
 #if defined(__CUDA_ARCH__)
-  u = __float_as_uint(f);
+  return __float_as_uint(f);
 #else
+  uint32_t u;
   std::memcpy(&u, &f, 4);
+  return u;
 #endif
+}
+
+ASYNCTLS_HD float Bf16ToFloat(Bf16 h) { return BitsToFloat(static_cast<uint32_t>(h.bits) << 16); }
+
+ASYNCTLS_HD Bf16 FloatToBf16(float f) {
+  uint32_t u = FloatToBits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return Bf16{static_cast<uint16_t>((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return Bf16{static_cast<uint16_t>(u >> 16)};
