@@ -284,7 +284,12 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   while (s.hpc < group && s.hpc < cap) s.hpc *= 2;
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
-  const int64_t want = std::max<int64_t>(1, (2 * int64_t{NumSms()} + base - 1) / base);
+  // Each CTA walks its tiles one after another (position -> table -> K/V gather, then the
+  // math), so a split's time is its tile count times a latency-bound step: aim for one full
+  // wave of GQA CTAs (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by
+  // side. MLA CTAs are ~4x larger (3 per SM) and compute-bound: 2 per SM as before.
+  const int64_t ctas_per_sm = p.head_dim == 576 ? 2 : 6;
+  const int64_t want = std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
   // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20 splits

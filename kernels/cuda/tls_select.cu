@@ -13,6 +13,7 @@ using tls_detail::Bf16BitsToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
 using tls_detail::FromOrderedBits;
+using tls_detail::Int4CodeToFloat;
 using tls_detail::LoadIo;
 using tls_detail::TopKShared;
 
@@ -143,7 +144,9 @@ __device__ void WriteAlways(const TlsGeometry& geo, int middle, int32_t* row) {
 
 // CACHED: alpha and candidate ids of the row in dynamic shared memory ([max_candidates] each).
 template <bool CACHED>
-__global__ void __launch_bounds__(kTokenSelectThreads) TokenSelectKernel(TlsTokenSelectParams p) {
+// One CTA per SM is all the grid needs; the 1 lets ptxas use 64 registers (no spills).
+__global__ void __launch_bounds__(kTokenSelectThreads, 1)
+    TokenSelectKernel(TlsTokenSelectParams p) {
   __shared__ TopKShared sh;
   extern __shared__ float alpha_s[];  // [max_candidates], then int32 cand [max_candidates]
   int32_t* cand_s = reinterpret_cast<int32_t*>(alpha_s + (CACHED ? p.max_candidates : 0));
@@ -156,10 +159,27 @@ __global__ void __launch_bounds__(kTokenSelectThreads) TokenSelectKernel(TlsToke
   int32_t* row = p.positions + int64_t{bg} * p.max_positions;
   int32_t* middle = row + geo.sink_end;
   if (CACHED) {
-    for (int j = threadIdx.x; j < p.max_candidates; j += kTokenSelectThreads) {
-      const int32_t id = cand[j];
-      cand_s[j] = id;
-      alpha_s[j] = id >= 0 ? alpha[j] : 0.f;  // alpha of a non-candidate is unspecified
+    // kLoadUnroll independent loads of each array in flight per thread (the row is 8 loads per
+    // thread at 8192 candidates); alpha is read unconditionally (the buffer spans the row) and
+    // dropped for non-candidates, whose alpha is unspecified.
+    constexpr int kLoadUnroll = 8;
+    for (int j0 = threadIdx.x; j0 < p.max_candidates; j0 += kLoadUnroll * kTokenSelectThreads) {
+      int32_t ids[kLoadUnroll];
+      float vals[kLoadUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {
+        const int j = j0 + u * kTokenSelectThreads;
+        ids[u] = j < p.max_candidates ? __ldg(cand + j) : -1;
+        vals[u] = j < p.max_candidates ? __ldg(alpha + j) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {
+        const int j = j0 + u * kTokenSelectThreads;
+        if (j < p.max_candidates) {
+          cand_s[j] = ids[u];
+          alpha_s[j] = ids[u] >= 0 ? vals[u] : 0.f;
+        }
+      }
     }
     __syncthreads();
   }
@@ -306,6 +326,8 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
   const bool valid = pos >= 0;
   uint32_t words[NC / 8];
+#pragma unroll
+  for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
   float tok_scale = 0.f;
   if (valid) {
     const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + pos / kKvBlockSize];
@@ -315,10 +337,31 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     for (int w = 0; w < NC / 8; ++w) words[w] = src[w];
     tok_scale = p.token_scales[tok];
   }
+  // The codes are the same for every head: decode them once (kHoist) instead of once per head.
+  // The logit is TlsInt4Dot's fma chain (channels in order, then the scale), bit for bit.
+  constexpr bool kHoist = NC <= 64;
+  float codes[kHoist ? NC : 1];
+  if (kHoist) {
+#pragma unroll
+    for (int c = 0; c < NC; ++c) codes[c] = Int4CodeToFloat(words[c >> 3], c & 7);
+  }
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
   for (int hh = sub; hh < group; hh += HS) {
-    const float logit = valid ? TlsInt4Dot(q_s + hh * NC, words, tok_scale, NC) : 0.f;
+    const float4* qh = reinterpret_cast<const float4*>(q_s + hh * NC);  // NC % 16 == 0
+    float acc = 0.f;
+#pragma unroll
+    for (int c4 = 0; c4 < NC / 4; ++c4) {
+      const float4 qv = qh[c4];
+      const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = 4 * c4 + u;
+        const float code = kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
+        acc = TlsFma(qc[u], code, acc);
+      }
+    }
+    const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
       const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
