@@ -6,7 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config python3 python3-pip
   libabsl-dev libgtest-dev libgmock-dev libopenblas-dev libpcre2-dev nlohmann-json3-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libucx-dev libgloo-dev python3-grpcio
-  libcivetweb-dev
+  libcpp-httplib-dev
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,12 +1,15 @@
 #include "server/metrics.h"
 
-#include <civetweb.h>
+#include <httplib.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -204,62 +207,65 @@ std::string Metrics::Render() const {
   return out;
 }
 
-int Metrics::HandleRequest(mg_connection* conn, void* self) {
-  const mg_request_info* info = mg_get_request_info(conn);
-  const bool head = std::strcmp(info->request_method, "HEAD") == 0;
-  if (!head && std::strcmp(info->request_method, "GET") != 0) {
-    mg_send_http_error(conn, 405, "%s", "only GET\n");
-    return 405;
-  }
-  const std::string body = static_cast<const Metrics*>(self)->Render();
-  mg_send_http_ok(conn, kContentType, static_cast<long long>(body.size()));
-  if (!head) mg_write(conn, body.data(), body.size());
-  return 200;
-}
+// cpp-httplib runs handlers on its own std::thread pool (default stacks: a library with a
+// fixed small thread stack, as civetweb's Debian build has, cannot start threads in a process
+// that also maps cuBLASLt's and OpenBLAS's large static TLS).
+struct Metrics::HttpServer {
+  httplib::Server server;
+  std::thread listener;
+};
 
 absl::Status Metrics::Serve(int port, const std::string& bind_address) {
   if (server_ != nullptr) return absl::FailedPreconditionError("metrics: already serving");
   if (port < 0 || port > 65535)
     return absl::InvalidArgumentError(absl::StrCat("metrics port ", port, " out of range"));
-  static std::once_flag init;
-  std::call_once(init, [] { mg_init_library(0); });
-
-  const std::string ports =
-      bind_address.empty() ? std::to_string(port) : absl::StrCat(bind_address, ":", port);
-  const char* options[] = {"listening_ports", ports.c_str(), "num_threads", "2",
-                           // Scrapes are small; do not keep idle connections a thread each.
-                           "enable_keep_alive", "no", nullptr};
-  mg_callbacks callbacks;
-  std::memset(&callbacks, 0, sizeof(callbacks));
-  // Silence civetweb's own error printing; failures surface through the Status.
-  callbacks.log_message = [](const mg_connection*, const char*) { return 1; };
-  char error_text[256] = {0};
-  mg_init_data init_data;
-  std::memset(&init_data, 0, sizeof(init_data));
-  init_data.callbacks = &callbacks;
-  init_data.user_data = this;
-  init_data.configuration_options = options;
-  mg_error_data error;
-  std::memset(&error, 0, sizeof(error));
-  error.text = error_text;
-  error.text_buffer_size = sizeof(error_text);
-  server_ = mg_start2(&init_data, &error);
-  if (server_ == nullptr)
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot serve HTTP on ", ports, ": ", error_text));
-  mg_set_request_handler(server_, "/metrics$", &Metrics::HandleRequest, this);
-  mg_set_request_handler(server_, "/$", &Metrics::HandleRequest, this);
-
-  mg_server_port bound[4];
-  const int n = mg_get_server_ports(server_, 4, bound);
-  port_ = n > 0 ? bound[0].port : port;
+  auto http = std::make_unique<HttpServer>();
+  httplib::Server& srv = http->server;
+  // Scrapes are small; one request per connection keeps no idle thread busy.
+  srv.set_keep_alive_max_count(1);
+  // SO_REUSEADDR only: the library's default adds SO_REUSEPORT, which would let a second
+  // server share a port silently instead of reporting it busy.
+  srv.set_socket_options([](auto sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&yes), sizeof(yes));
+  });
+  auto serve = [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(Render(), kContentType);
+  };
+  auto refuse = [](const httplib::Request&, httplib::Response& res) {
+    res.status = 405;
+    res.set_header("Allow", "GET, HEAD");
+    res.set_content("only GET\n", "text/plain");
+  };
+  for (const char* path : {"/metrics", "/"}) {
+    srv.Get(path, serve);
+    srv.Post(path, refuse);
+    srv.Put(path, refuse);
+    srv.Delete(path, refuse);
+    srv.Patch(path, refuse);
+  }
+  const std::string host = bind_address.empty() ? "0.0.0.0" : bind_address;
+  int bound = port;
+  if (port == 0) {
+    bound = srv.bind_to_any_port(host);
+    if (bound <= 0) return absl::UnavailableError(absl::StrCat("metrics: cannot bind ", host, ":0"));
+  } else if (!srv.bind_to_port(host, port)) {
+    return absl::UnavailableError(absl::StrCat("metrics: cannot serve HTTP on ", host, ":", port,
+                                               " (in use or not allowed)"));
+  }
+  http->listener = std::thread([&srv] { srv.listen_after_bind(); });
+  // stop() is a no-op until the loop runs: wait for it so a quick StopServing cannot hang.
+  for (int i = 0; i < 5000 && !srv.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  server_ = std::move(http);
+  port_ = bound;
   return absl::OkStatus();
 }
 
 void Metrics::StopServing() {
   if (server_ == nullptr) return;
-  mg_stop(server_);
-  server_ = nullptr;
+  server_->server.stop();
+  if (server_->listener.joinable()) server_->listener.join();
+  server_.reset();
   port_ = 0;
 }
 

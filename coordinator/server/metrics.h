@@ -1,5 +1,5 @@
 // The coordinator's Prometheus metrics: counters, gauges and fixed-bucket histograms rendered
-// in the text exposition format 0.0.4, and an HTTP endpoint (civetweb) that serves them on
+// in the text exposition format 0.0.4, and an HTTP endpoint (cpp-httplib) that serves them on
 // GET /metrics. The gRPC service feeds request outcomes (OnFinal / OnRejected); gauges that
 // describe the replicas (queue, running sequences, KV blocks per worker) are read from the
 // Router at scrape time through a callback. No gRPC types here.
@@ -16,8 +16,6 @@
 #include "asynctls/coordinator/request.h"
 #include "asynctls/coordinator/router.h"
 
-struct mg_context;
-struct mg_connection;
 
 namespace asynctls {
 
@@ -82,7 +80,7 @@ class Metrics {
   static constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
 
  private:
-  static int HandleRequest(mg_connection* conn, void* self);
+  struct HttpServer;  // cpp-httplib server and its listening thread
 
   mutable std::mutex mu_;
   // asynctls_requests_total by outcome: stop, length, cancelled, error, rejected.
@@ -96,7 +94,7 @@ class Metrics {
   Histogram e2e_;
   std::function<std::vector<ReplicaStats>()> stats_source_;  // guarded by mu_
 
-  mg_context* server_ = nullptr;  // owned; started by Serve
+  std::unique_ptr<HttpServer> server_;  // started by Serve
   int port_ = 0;
 };
 

@@ -1,5 +1,5 @@
 // Metrics: the Prometheus text format (0.0.4), histogram bucket placement, gauges sampled from a
-// stats source at scrape time, and an HTTP GET against the civetweb endpoint.
+// stats source at scrape time, and an HTTP GET against the HTTP endpoint.
 #include "server/metrics.h"
 
 #include <arpa/inet.h>
