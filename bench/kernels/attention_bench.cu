@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "asynctls/kernels/cuda_attention.h"
+#include "graph_timing.cuh"
 #include "kernels/test_util.h"
 
 namespace {
@@ -31,14 +32,6 @@ using asynctls::kernels::PagedPrefillParams;
 using asynctls::kernels::testing::DeviceBuffer;
 namespace cuda = asynctls::kernels::cuda;
 
-#define BENCH_CHECK(expr)                                                                        \
-  do {                                                                                           \
-    const cudaError_t _e = (expr);                                                               \
-    if (_e != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 constexpr int kNumQHeads = 32, kNumKvHeads = 8, kHeadDim = 128;
 
@@ -66,33 +59,7 @@ template <typename Launch>
 double TimeMs(Launch&& launch, int per_sample, int samples, cudaStream_t stream) {
   for (int i = 0; i < per_sample; ++i) BENCH_CHECK(launch(i, stream));  // warm-up, plan caches
   BENCH_CHECK(cudaStreamSynchronize(stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < per_sample; ++i) BENCH_CHECK(launch(i, stream));
-  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  BENCH_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
-  BENCH_CHECK(cudaGraphLaunch(exec, stream));
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int s = 0; s < samples; ++s) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    BENCH_CHECK(cudaGraphLaunch(exec, stream));
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(double{t} / per_sample);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return asynctls::bench::MedianGraphMs(launch, per_sample, samples, stream);
 }
 
 struct Result {

@@ -41,6 +41,7 @@
 
 #include "asynctls/kernels/cuda_attention.h"
 #include "asynctls/kernels/cuda_tls.h"
+#include "graph_timing.cuh"
 #include "kernels/test_util.h"
 
 namespace {
@@ -57,14 +58,6 @@ using asynctls::kernels::TlsSparseAttentionParams;
 using asynctls::kernels::testing::DeviceBuffer;
 namespace cuda = asynctls::kernels::cuda;
 
-#define BENCH_CHECK(expr)                                                                        \
-  do {                                                                                           \
-    const cudaError_t _e = (expr);                                                               \
-    if (_e != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 constexpr double kHbmBytesPerS = 4.3e12;
 constexpr int kPoolBlocks = 65536;  // KV pool blocks (and index rows) shared by every row
@@ -118,30 +111,9 @@ double TimeMs(Launch&& launch, int samples, cudaStream_t stream) {
   BENCH_CHECK(cudaEventElapsedTime(&eager, start, stop));
   const int per_sample =
       std::clamp(static_cast<int>(2.0 / std::max(1e-3, double{eager} / 2)), 2, kTables);
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < per_sample; ++i) BENCH_CHECK(launch(i, stream));
-  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  BENCH_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
-  BENCH_CHECK(cudaGraphLaunch(exec, stream));
-  std::vector<double> ms;
-  for (int s = 0; s < samples; ++s) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    BENCH_CHECK(cudaGraphLaunch(exec, stream));
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(double{t} / per_sample);
-  }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return asynctls::bench::MedianGraphMs(launch, per_sample, samples, stream);
 }
 
 // The pool of one configuration: K (and V) blocks, the block and token indices of every block.
