@@ -190,8 +190,10 @@ Bytes StepBytes(const Config& c, int batch, int context, int k_t) {
   const double always = 2 * kKvBlockSize;                          // sink block + recent block
   const double attn = bkv * (k_t + always) * (row_kv + 4) + q_out;  // rows + positions
   const double kept_tokens = double(kBlockBudget) * kKvBlockSize;
-  // token stage: token index of the kept blocks, alpha + candidate ids written and read back
-  const double token_stage = bkv * kept_tokens * (tok_row + 8 * 2);
+  // token stage: token index of the kept blocks (fused score + select: nothing else; the
+  // separate ops (MLA's large groups) also write and read back alpha + candidate ids)
+  const bool fused = c.q_heads / c.kv_heads <= 16;
+  const double token_stage = bkv * kept_tokens * (tok_row + (fused ? 0 : 8 * 2));
   Bytes b;
   b.tls = append + block_index + block_scores + token_stage + attn;
   b.quest = append + block_index + block_scores + attn;
@@ -372,13 +374,23 @@ class Bench {
       err = cuda::TlsBlockSelect(sel, s2_);
     }
     if (err == cudaSuccess) err = cudaEventRecord(join_, s2_);
-    if (err == cudaSuccess) err = cuda::TlsTokenScore(TokenScoreParams(i), s);
-    if (err == cudaSuccess) err = cuda::TlsTokenSelect(TokenSelectParams(k_t), s);
+    if (err == cudaSuccess) err = TokenBranch(i, k_t, s);
     if (err == cudaSuccess) {
       err = cuda::TlsSparseAttention(Attention(i, TokenSelectParams(k_t).max_positions), s);
     }
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s, join_, 0);
     return err;
+  }
+
+  // Token score + token top-k_t over M_{t-1}: one fused launch when the shape allows (as
+  // TlsDecodeSelect does), else the two ops.
+  cudaError_t TokenBranch(int i, int k_t, cudaStream_t s) {
+    const asynctls::kernels::TlsTokenScoreParams ts = TokenScoreParams(i);
+    if (cuda::TlsTokenScoreSelectCanFuse(ts)) {
+      return cuda::TlsTokenScoreSelect(ts, TokenSelectParams(k_t), s);
+    }
+    cudaError_t err = cuda::TlsTokenScore(ts, s);
+    return err != cudaSuccess ? err : cuda::TlsTokenSelect(TokenSelectParams(k_t), s);
   }
 
   double Tls(int k_t) {
@@ -458,6 +470,10 @@ class Bench {
     const int max_positions = sel.max_positions;
     (*out)["token_select"] = TimeMs(
         [&](int, cudaStream_t s) { return cuda::TlsTokenSelect(sel, s); }, samples_, s_);
+    if (cuda::TlsTokenScoreSelectCanFuse(TokenScoreParams(0))) {
+      (*out)["token_fused"] = TimeMs(
+          [&](int i, cudaStream_t s) { return TokenBranch(i, k_t, s); }, samples_, s_);
+    }
     (*out)["attention"] = TimeMs([&](int i, cudaStream_t s) {
       return cuda::TlsSparseAttention(Attention(i, max_positions), s);
     }, samples_, s_);

@@ -400,8 +400,8 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
   const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
   cudaError_t err = cudaSuccess;
   if (smem2 > 48 * 1024) {
-    for (auto* fn : {TokenScoreKernel<NC, 0, HS>, TokenScoreKernel<NC, 1, HS>,
-                     TokenScoreKernel<NC, 2, HS>}) {
+    for (auto* fn :
+         {TokenScoreKernel<NC, 0, HS>, TokenScoreKernel<NC, 1, HS>, TokenScoreKernel<NC, 2, HS>}) {
       err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem2));
       if (err != cudaSuccess) return err;
     }
@@ -551,7 +551,7 @@ cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream) {
   if (p.k < 0) return cudaErrorInvalidValue;
   if (p.max_candidates <= kSelectCacheItems) {
     const size_t smem = size_t(p.max_candidates) * (sizeof(float) + sizeof(int32_t));
-    if (smem > 48 * 1024) {
+    if (smem + sizeof(TopKShared) > 48 * 1024) {  // static + dynamic above the default limit
       const cudaError_t err = cudaFuncSetAttribute(
           TokenSelectKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
@@ -602,12 +602,17 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
     s.alpha = ws.alpha;
     s.cand_positions = ws.cand;
     s.workspace = ws.token_stats;
-    cudaError_t err = TlsTokenScore(s, stream);
-    if (err != cudaSuccess) return err;
     const TlsTokenSelectParams sel{
         ws.alpha,         ws.cand,         p.seq_lens,     select_lens,      p.positions,
         p.num_positions,  p.batch,         p.num_kv_heads, s.max_candidates, p.max_positions,
         pol.token_budget, pol.sink_blocks, pol.window};
+    if (TlsTokenScoreSelectCanFuse(s)) {
+      s.alpha = nullptr;  // nothing reads them
+      s.cand_positions = nullptr;
+      return TlsTokenScoreSelect(s, sel, stream);
+    }
+    cudaError_t err = TlsTokenScore(s, stream);
+    if (err != cudaSuccess) return err;
     return TlsTokenSelect(sel, stream);
   };
   auto expand = [&](const int32_t* blocks, const int32_t* num_blocks) {

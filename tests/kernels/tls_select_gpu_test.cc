@@ -177,73 +177,78 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads;
-    for (TlsMode mode :
-         {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
-      for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
-        if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
-        SCOPED_TRACE(::testing::Message()
-                     << "dim " << s.dim << " mode " << int(mode) << " lag " << int(lag));
-        const TlsPolicy pol = testing::MakePolicy(mode, lag, 16, 256, 1, 64);
-        testing::TlsSelectBuffers buf;
-        if (lag == TlsLag::kOneStep) {
-          // Previous step: the same-step blocks of a sequence one token shorter.
-          buf.prev_blocks.assign(size_t(rows) * 16, 0);
-          buf.prev_num_blocks.assign(rows, 0);
-          buf.prev_select_lens = c.seq_lens();
-          for (int r = 0; r < rows; ++r) {
-            int32_t& l = buf.prev_select_lens[r / c.num_kv_heads];
-            if (r % c.num_kv_heads == 0 && l > 1) l -= 1;
-            int n = 0;
-            for (int blk = 1 + r % 2; blk < TlsEligibleEnd(l) && n < 16; blk += 2) {
-              buf.prev_blocks[r * 16 + n++] = blk;
+    // k_b 16: rows of 1,024 candidates (one CTA); 96: 6,144 (a cluster of 8 CTAs, two empty).
+    for (const int kb : {16, 96}) {
+      for (TlsMode mode :
+           {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
+        for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
+          if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
+          if (kb != 16 && mode != TlsMode::kTwoLevel) continue;
+          SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " mode " << int(mode) << " lag "
+                                            << int(lag) << " k_b " << kb);
+          const TlsPolicy pol = testing::MakePolicy(mode, lag, kb, 256, 1, 64);
+          testing::TlsSelectBuffers buf;
+          if (lag == TlsLag::kOneStep) {
+            // Previous step: the same-step blocks of a sequence one token shorter.
+            buf.prev_blocks.assign(size_t(rows) * kb, 0);
+            buf.prev_num_blocks.assign(rows, 0);
+            buf.prev_select_lens = c.seq_lens();
+            for (int r = 0; r < rows; ++r) {
+              int32_t& l = buf.prev_select_lens[r / c.num_kv_heads];
+              if (r % c.num_kv_heads == 0 && l > 1) l -= 1;
+              int n = 0;
+              for (int blk = 1 + r % 2; blk < TlsEligibleEnd(l) && n < kb; blk += 2) {
+                buf.prev_blocks[r * kb + n++] = blk;
+              }
+              buf.prev_num_blocks[r] = n;
             }
-            buf.prev_num_blocks[r] = n;
           }
-        }
-        TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
-        ref::TlsDecodeSelect(p);
+          TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+          ref::TlsDecodeSelect(p);
 
-        DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
-        ASSERT_CUDA(pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
-        ASSERT_CUDA(
-            pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
-        ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0}
-                                                           : buf.prev_select_lens));
-        ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
-        ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
-        ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
-        ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
-        TlsDecodeSelectParams g = p;
-        g.q = d.q.get();
-        g.seq_lens = d.seq_lens.as<int32_t>();
-        g.index_table = d.index_table.as<int32_t>();
-        g.block_kmax = d.kmax.get();
-        g.block_kmin = d.kmin.get();
-        g.channels = d.channels.as<int32_t>();
-        g.token_codes = d.codes.as<uint8_t>();
-        g.token_scales = d.scales.as<float>();
-        g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
-        g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
-        g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
-        g.blocks = db.as<int32_t>();
-        g.num_blocks = dn.as<int32_t>();
-        g.positions = dp.as<int32_t>();
-        g.num_positions = dpn.as<int32_t>();
-        DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
-        g.workspace = ws.get();
-        ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
-        ASSERT_CUDA(cudaDeviceSynchronize());
-        const auto gpn = Download<int32_t>(dpn, rows);
-        ASSERT_EQ(gpn, buf.num_positions);
-        EXPECT_EQ(
-            testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
-            testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
-        if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
-          const auto gn = Download<int32_t>(dn, rows);
-          ASSERT_EQ(gn, buf.num_blocks);
+          DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
+          ASSERT_CUDA(
+              pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
+          ASSERT_CUDA(pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0}
+                                                            : buf.prev_num_blocks));
+          ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0}
+                                                             : buf.prev_select_lens));
+          ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
+          ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
+          ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
+          ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
+          TlsDecodeSelectParams g = p;
+          g.q = d.q.get();
+          g.seq_lens = d.seq_lens.as<int32_t>();
+          g.index_table = d.index_table.as<int32_t>();
+          g.block_kmax = d.kmax.get();
+          g.block_kmin = d.kmin.get();
+          g.channels = d.channels.as<int32_t>();
+          g.token_codes = d.codes.as<uint8_t>();
+          g.token_scales = d.scales.as<float>();
+          g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
+          g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
+          g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
+          g.blocks = db.as<int32_t>();
+          g.num_blocks = dn.as<int32_t>();
+          g.positions = dp.as<int32_t>();
+          g.num_positions = dpn.as<int32_t>();
+          DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
+          g.workspace = ws.get();
+          ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
+          ASSERT_CUDA(cudaDeviceSynchronize());
+          const auto gpn = Download<int32_t>(dpn, rows);
+          ASSERT_EQ(gpn, buf.num_positions);
           EXPECT_EQ(
-              testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
-              testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+              testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+              testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+          if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
+            const auto gn = Download<int32_t>(dn, rows);
+            ASSERT_EQ(gn, buf.num_blocks);
+            EXPECT_EQ(
+                testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
+                testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+          }
         }
       }
     }

@@ -32,6 +32,13 @@ size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p);
 cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream);
 cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream);
 cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
+// TlsTokenScore then TlsTokenSelect in one launch (a thread cluster per row, no workspace):
+// same positions; alpha / cand_positions are also written where `score` has them non-null.
+// Fuses rows of up to 8192 candidates and groups of up to 16 heads (CanFuse); the two-level
+// decode step uses it whenever it can.
+bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
+cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
+                                const TlsTokenSelectParams& select, cudaStream_t stream);
 // Runs the policy's ops in order on `stream` (workspace holds block scores, token scores and
 // the softmax statistics). For the one-step lag the runtime may instead launch TlsBlockScore +
 // TlsBlockSelect on a second stream itself, overlapping attention.
