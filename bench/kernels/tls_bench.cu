@@ -24,7 +24,7 @@
 // launch inside a sample uses another random block table over it (32 tables), so consecutive
 // launches touch different index rows and K/V rows and the working set is far beyond 60 MB.
 //
-//   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla]
+//   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla] [--k-t N,N,...]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -557,6 +557,7 @@ int main(int argc, char** argv) {
   std::string json_path, only;
   int samples = 15;
   bool quick = false;
+  std::vector<int> k_t_list;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) {
@@ -565,10 +566,21 @@ int main(int argc, char** argv) {
       samples = std::max(3, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--k-t" && i + 1 < argc) {
+      for (const char* at = argv[++i]; *at != '\0';) {
+        char* end = nullptr;
+        k_t_list.push_back(static_cast<int>(std::strtol(at, &end, 10)));
+        at = *end == ',' ? end + 1 : end;
+        if (k_t_list.back() <= 0) {
+          std::fprintf(stderr, "--k-t: positive integers separated by commas\n");
+          return 2;
+        }
+      }
     } else if (a == "--only" && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla]\n",
+      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla] "
+                   "[--k-t N,N,...]\n",
                    argv[0]);
       return 2;
     }
@@ -596,7 +608,9 @@ int main(int argc, char** argv) {
       configs.push_back({"mla_h" + std::to_string(h), "MLA 576/512", h, 1, 576, 512, 128, true});
     }
   }
-  const std::vector<int> k_ts = quick ? std::vector<int>{1024} : std::vector<int>{512, 1024, 2048};
+  const std::vector<int> k_ts = !k_t_list.empty() ? k_t_list
+                                : quick           ? std::vector<int>{1024}
+                                                  : std::vector<int>{512, 1024, 2048};
   std::vector<Row> rows;
   std::printf("\n%-8s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
               "batch", "context", "k_t", "tls ms", "serial", "dense ms", "quest ms", "token ms",

@@ -24,11 +24,16 @@ using tls_detail::Int4CodeToFloat;
 using tls_detail::LoadIo;
 using tls_detail::WarpInclusiveSum;
 
-constexpr int kFusedThreads = 1024;  // candidates per CTA (one per thread)
-constexpr int kFusedWarps = kFusedThreads / 32;
-constexpr int kFusedMaxCluster = 8;  // portable cluster size: rows up to 8192 candidates
-constexpr int kFusedMaxGroup = 16;   // logits of the group live in registers
+constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
+constexpr int kFusedWarps = kFusedThreads / 32;  // <= 32: one warp scans per-warp counts
+// Portable cluster size: rows of up to 8 * 1024 candidates. (512-thread CTAs in clusters of 16
+// measured no faster at batch 1 and 1.5x slower at batch 8 on the H200.)
+constexpr int kFusedMaxCluster = 8;
+constexpr int kFusedMaxGroup = 16;  // logits of the group live in registers
 
+constexpr int kFusedMaxItems = 4;  // candidates per thread (registers: items * group <= 16)
+
+template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's queries on the channel set
   uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
@@ -39,10 +44,11 @@ struct FusedShared {
   int hist_sum[256];                           // cluster-wide histogram of the pass
   int counts[3];                               // this CTA's valid, above, equal counts
   int num_valid;                               // cluster-wide valid candidates
-  int base, equal_before, kept;                // compaction offsets of this CTA, total kept
+  int above_before, equal_before, kept;        // ranks before this CTA; cluster-wide kept
   int scan[kFusedWarps + 1];
-  int warp_equal[kFusedWarps];
-  int warp_take[kFusedWarps];
+  // Per (item, warp) entry in candidate order: counts, then exclusive prefixes within the CTA.
+  int entry_above[ITEMS][kFusedWarps];
+  int entry_equal[ITEMS][kFusedWarps];
   uint32_t prefix;
   int remaining;
   int done;
@@ -54,19 +60,22 @@ template <typename T>
 __device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, int size) {
   T v[kFusedMaxCluster];
 #pragma unroll
-  for (int r = 0; r < kFusedMaxCluster; ++r)
+  for (int r = 0; r < kFusedMaxCluster; ++r) {
     v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0;
+  }
   T s = 0;
 #pragma unroll
   for (int r = 0; r < kFusedMaxCluster; ++r) s += v[r];
   return s;
 }
 
-// MAXG: the group size rounded up to 4, 8 or 16 (the logits' register array).
-template <int NC, int MAXG>
+// MAXG: the group size rounded up to 4, 8 or 16 (the logits' register array). ITEMS: candidates
+// per thread; item u of thread t is candidate (rank * ITEMS + u) * kFusedThreads + t, so candidate
+// order is (rank, item, thread) order, which is position order.
+template <int NC, int MAXG, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     TokenScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel) {
-  __shared__ FusedShared sh;
+  __shared__ FusedShared<ITEMS> sh;
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -91,69 +100,90 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
 
-  // This thread's candidate j (ranks in candidate order, so ranks are in position order).
-  const int j = rank * kFusedThreads + tid;
-  int32_t pos = -1;
-  if (j < num_listed * kKvBlockSize) {
-    const int i = j / kKvBlockSize;
-    const int32_t block =
-        p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
-    const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
-    if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) pos = cpos;
-  }
-  const bool valid = pos >= 0;
-  uint32_t words[NC / 8];
+  int32_t pos[ITEMS];
+  int64_t tok[ITEMS];
 #pragma unroll
-  for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
-  float tok_scale = 0.f;
-  if (valid) {
-    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + pos / kKvBlockSize];
-    const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize;
-    const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok * (NC / 2));
-#pragma unroll
-    for (int w = 0; w < NC / 32; ++w) {
-      const uint4 v = __ldg(src + w);
-      words[4 * w] = v.x;
-      words[4 * w + 1] = v.y;
-      words[4 * w + 2] = v.z;
-      words[4 * w + 3] = v.w;
+  for (int u = 0; u < ITEMS; ++u) {
+    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
+    pos[u] = -1;
+    tok[u] = 0;
+    if (j < num_listed * kKvBlockSize) {
+      const int i = j / kKvBlockSize;
+      const int32_t block =
+          p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
+      const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
+      if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) {
+        pos[u] = cpos;
+        const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+        tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
+      }
     }
-    if (NC == 16) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
-      words[0] = v.x;
-      words[1] = v.y;
-    }
-    tok_scale = __ldg(p.token_scales + tok);
   }
   __syncthreads();
 
   // Logits: TlsInt4Dot's fma chain (channels in order, then the scale), per head.
-  constexpr bool kHoist = NC <= 32;
-  float codes[kHoist ? NC : 1];
-  if (kHoist) {
+  float logit[ITEMS][MAXG];
+  uint32_t head_max[MAXG];
 #pragma unroll
-    for (int c = 0; c < NC; ++c) codes[c] = Int4CodeToFloat(words[c >> 3], c & 7);
-  }
-  float logit[MAXG];
+  for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = 0u;
 #pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) {
-    logit[hh] = 0.f;
-    if (hh < group) {
-      const float4* qh = reinterpret_cast<const float4*>(sh.q + hh * NC);
-      float acc = 0.f;
+  for (int u = 0; u < ITEMS; ++u) {
+    const bool valid = pos[u] >= 0;
+    uint32_t words[NC / 8];
 #pragma unroll
-      for (int c4 = 0; c4 < NC / 4; ++c4) {
-        const float4 qv = qh[c4];
-        const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+    for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
+    float tok_scale = 0.f;
+    if (valid) {
+      if (NC == 16) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p.token_codes + tok[u] * (NC / 2)));
+        words[0] = v.x;
+        words[1] = v.y;
+      } else {
+        const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok[u] * (NC / 2));
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int c = 4 * c4 + u;
-          const float code = kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
-          acc = TlsFma(qc[u], code, acc);
+        for (int w = 0; w < NC / 32; ++w) {
+          const uint4 v = __ldg(src + w);
+          words[4 * w] = v.x;
+          words[4 * w + 1] = v.y;
+          words[4 * w + 2] = v.z;
+          words[4 * w + 3] = v.w;
         }
       }
-      logit[hh] = valid ? TlsMul(acc, tok_scale) : 0.f;
-      const uint32_t wmax = __reduce_max_sync(0xffffffffu, valid ? TlsOrderedBits(logit[hh]) : 0u);
+      tok_scale = __ldg(p.token_scales + tok[u]);
+    }
+    constexpr bool kHoist = NC <= 32;
+    float codes[kHoist ? NC : 1];
+    if (kHoist) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) codes[c] = Int4CodeToFloat(words[c >> 3], c & 7);
+    }
+#pragma unroll
+    for (int hh = 0; hh < MAXG; ++hh) {
+      logit[u][hh] = 0.f;
+      if (hh < group) {
+        const float4* qh = reinterpret_cast<const float4*>(sh.q + hh * NC);
+        float acc = 0.f;
+#pragma unroll
+        for (int c4 = 0; c4 < NC / 4; ++c4) {
+          const float4 qv = qh[c4];
+          const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const int c = 4 * c4 + v;
+            const float code =
+                kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
+            acc = TlsFma(qc[v], code, acc);
+          }
+        }
+        logit[u][hh] = valid ? TlsMul(acc, tok_scale) : 0.f;
+        if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit[u][hh]));
+      }
+    }
+  }
+#pragma unroll
+  for (int hh = 0; hh < MAXG; ++hh) {
+    if (hh < group) {
+      const uint32_t wmax = __reduce_max_sync(0xffffffffu, head_max[hh]);
       if (lane == 0 && wmax != 0u) atomicMax(&sh.max_bits[hh], wmax);
     }
   }
@@ -173,17 +203,25 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics).
   const float exp_scale = p.scale * kTlsLog2E;
+  int valid_local = 0;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) valid_local += pos[u] >= 0 ? 1 : 0;
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) {
     if (hh < group) {
-      logit[hh] = valid ? TlsExp2((logit[hh] - sh.max_f[hh]) * exp_scale) : 0.f;
-      unsigned long long fixed = valid ? TlsExpToFixed(logit[hh]) : 0ull;
+      unsigned long long fixed = 0ull;
+#pragma unroll
+      for (int u = 0; u < ITEMS; ++u) {
+        const bool valid = pos[u] >= 0;
+        logit[u][hh] = valid ? TlsExp2((logit[u][hh] - sh.max_f[hh]) * exp_scale) : 0.f;
+        fixed += valid ? TlsExpToFixed(logit[u][hh]) : 0ull;
+      }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
       if (lane == 0 && fixed != 0ull) atomicAdd(&sh.exp_sum[hh], fixed);
     }
   }
-  const int valid_cta = tls_detail::BlockSum<kFusedThreads>(valid ? 1 : 0, sh.scan);
+  const int valid_cta = tls_detail::BlockSum<kFusedThreads>(valid_local, sh.scan);
   if (tid == 0) sh.counts[0] = valid_cta;
   cluster.sync();
   if (tid < group) {
@@ -192,17 +230,23 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
   __syncthreads();
   const int num_valid = sh.num_valid;
-  float alpha = 0.f;
+  uint32_t key[ITEMS];
 #pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) {
-    if (hh < group) alpha = TlsFma(logit[hh], sh.inv[hh], alpha);
+  for (int u = 0; u < ITEMS; ++u) {
+    float alpha = 0.f;
+#pragma unroll
+    for (int hh = 0; hh < MAXG; ++hh) {
+      if (hh < group) alpha = TlsFma(logit[u][hh], sh.inv[hh], alpha);
+    }
+    key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
+    if (p.alpha != nullptr && pos[u] >= 0) {
+      p.alpha[int64_t{bg} * p.max_candidates + (rank * ITEMS + u) * kFusedThreads + tid] = alpha;
+    }
   }
-  if (p.alpha != nullptr && valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
 
   // Cluster-wide radix select of the k-th key (as BlockTopK, histograms summed over the ranks).
   const int k = sel.k;
   const bool take_all = num_valid <= k;
-  const uint32_t key = valid ? TlsOrderedBits(alpha) : 0u;
   uint32_t threshold = 0, mask = 0;
   int need_equal = 0;
   if (!take_all && k > 0) {
@@ -211,10 +255,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     int pass = 0;
     for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
       int* hist = sh.hist[pass & 1];
-      const uint32_t digit = valid && (key & mask) == prefix ? (key >> shift) & 255u : 256u;
-      if (__any_sync(0xffffffffu, digit != 256u)) {
-        const unsigned same = __match_any_sync(0xffffffffu, digit);
-        if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+#pragma unroll
+      for (int u = 0; u < ITEMS; ++u) {
+        const uint32_t digit =
+            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
+        if (__any_sync(0xffffffffu, digit != 256u)) {
+          const unsigned same = __match_any_sync(0xffffffffu, digit);
+          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+        }
       }
       cluster.sync();  // every rank's histogram of this pass is complete
       for (int i = tid; i < 256; i += kFusedThreads) {
@@ -253,67 +301,82 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     need_equal = remaining;
   }
 
-  // Ordered compaction across the cluster: ranks before this one, then warps before this one.
-  bool take = valid && k > 0, equal = false;
-  if (valid && !take_all) {
-    take = (key & mask) > threshold;
-    equal = (key & mask) == threshold;
-  }
-  const int warp_above = __popc(__ballot_sync(0xffffffffu, take));
-  const int warp_equal = __popc(__ballot_sync(0xffffffffu, equal));
-  if (lane == 0) {
-    sh.warp_take[warp] = warp_above;
-    sh.warp_equal[warp] = warp_equal;
+  // Ordered compaction. The rank of a kept item = (items above the threshold before it) +
+  // min(equal items before it, need_equal): prefixes over ranks, then (item, warp) entries,
+  // then lanes.
+  bool above[ITEMS], equal[ITEMS];
+  unsigned above_bits[ITEMS], equal_bits[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const bool valid = pos[u] >= 0 && k > 0;
+    above[u] = valid && (take_all || (key[u] & mask) > threshold);
+    equal[u] = valid && !take_all && (key[u] & mask) == threshold;
+    above_bits[u] = __ballot_sync(0xffffffffu, above[u]);
+    equal_bits[u] = __ballot_sync(0xffffffffu, equal[u]);
+    if (lane == 0) {
+      sh.entry_above[u][warp] = __popc(above_bits[u]);
+      sh.entry_equal[u][warp] = __popc(equal_bits[u]);
+    }
   }
   __syncthreads();
-  if (tid == 0) {
-    int above = 0, eq = 0;
-    for (int w = 0; w < kFusedWarps; ++w) {
-      above += sh.warp_take[w];
-      eq += sh.warp_equal[w];
+  if (warp == 0) {  // exclusive prefixes over the entries in (item, warp) order, CTA totals
+    int above_carry = 0, equal_carry = 0;
+    for (int u = 0; u < ITEMS; ++u) {
+      const bool entry = lane < kFusedWarps;
+      const int a = entry ? sh.entry_above[u][lane] : 0;
+      const int e = entry ? sh.entry_equal[u][lane] : 0;
+      const int ai = WarpInclusiveSum(a), ei = WarpInclusiveSum(e);
+      if (entry) {
+        sh.entry_above[u][lane] = above_carry + ai - a;
+        sh.entry_equal[u][lane] = equal_carry + ei - e;
+      }
+      above_carry += __shfl_sync(0xffffffffu, ai, 31);
+      equal_carry += __shfl_sync(0xffffffffu, ei, 31);
     }
-    sh.counts[1] = above;
-    sh.counts[2] = eq;
+    if (lane == 0) {
+      sh.counts[1] = above_carry;
+      sh.counts[2] = equal_carry;
+    }
   }
   cluster.sync();
   if (tid == 0) {
-    int above[kFusedMaxCluster], eq[kFusedMaxCluster];
+    int a[kFusedMaxCluster], e[kFusedMaxCluster];
 #pragma unroll
     for (int r = 0; r < kFusedMaxCluster; ++r) {
-      above[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
-      eq[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
+      a[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
+      e[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
     }
-    int base = 0, equal_before = 0, kept = 0, eq_seen = 0;
+    int above_before = 0, equal_before = 0, above_all = 0, equal_all = 0;
 #pragma unroll
     for (int r = 0; r < kFusedMaxCluster; ++r) {
-      const int eq_take = max(0, min(eq[r], need_equal - eq_seen));
-      if (r < rank) {
-        base += above[r] + eq_take;
-        equal_before += eq[r];
-      }
-      kept += above[r] + eq_take;
-      eq_seen += eq[r];
+      above_before += r < rank ? a[r] : 0;
+      equal_before += r < rank ? e[r] : 0;
+      above_all += a[r];
+      equal_all += e[r];
     }
-    sh.base = base;
+    sh.above_before = above_before;
     sh.equal_before = equal_before;
-    sh.kept = kept;
+    sh.kept = above_all + min(equal_all, need_equal);
   }
   __syncthreads();
-  const int base = sh.base, equal_before = sh.equal_before, kept = sh.kept;
   int32_t* row = sel.positions + int64_t{bg} * sel.max_positions;
-  int rank_pos = base;
-  int eq_seen = equal_before;
-  for (int w = 0; w < warp; ++w) {
-    const int eq_w = sh.warp_equal[w];
-    rank_pos += sh.warp_take[w] + max(0, min(eq_w, need_equal - eq_seen));
-    eq_seen += eq_w;
-  }
   const unsigned lane_lt = (1u << lane) - 1u;
-  const unsigned equal_bits = __ballot_sync(0xffffffffu, equal);
-  if (equal && eq_seen + __popc(equal_bits & lane_lt) < need_equal) take = true;
-  const unsigned take_bits = __ballot_sync(0xffffffffu, take);
-  if (take) row[geo.sink_end + rank_pos + __popc(take_bits & lane_lt)] = pos;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const int above_before =
+        sh.above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
+    const int equal_before =
+        sh.equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
+    if (above[u] || (equal[u] && equal_before < need_equal)) {
+      row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
+    }
+    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
+    if (p.cand_positions != nullptr && j < p.max_candidates) {
+      p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos[u];
+    }
+  }
   if (rank == 0) {
+    const int kept = sh.kept;
     for (int i = tid; i < geo.sink_end; i += kFusedThreads) row[i] = i;
     const int recent_base = geo.sink_end + kept;
     for (int i = tid; i < geo.len - geo.recent_start; i += kFusedThreads) {
@@ -321,23 +384,40 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
     if (tid == 0) sel.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
   }
-  if (p.cand_positions != nullptr && j < p.max_candidates) {
-    p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos;
-  }
   cluster.sync();  // peers may still read this CTA's shared memory
 }
 
-int FusedClusterSize(int max_candidates) {
+// CTAs per row (a power of two up to kFusedMaxCluster) for `items` candidates per thread.
+int FusedClusterSize(int max_candidates, int items) {
   int size = 1;
-  while (size * kFusedThreads < max_candidates) size *= 2;
+  while (size * items * kFusedThreads < max_candidates) size *= 2;
   return size;
 }
 
-template <int NC, int MAXG>
+// Candidates per thread: the fewest that keep the grid within one wave (one CTA per SM), as
+// far as the group's logits fit in registers (items * group <= 16).
+int FusedItems(const TlsTokenScoreParams& p, int max_group) {
+  static const int num_sms = [] {
+    int device = 0, sms = 132;
+    if (cudaGetDevice(&device) == cudaSuccess) {
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    }
+    return sms;
+  }();
+  const int rows = p.batch * p.num_kv_heads;
+  int items = 1;
+  while (items < kFusedMaxItems && items * 2 * max_group <= kFusedMaxGroup &&
+         rows * FusedClusterSize(p.max_candidates, items) > num_sms) {
+    items *= 2;
+  }
+  return items;
+}
+
+template <int NC, int MAXG, int ITEMS>
 cudaError_t LaunchFused(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                         cudaStream_t stream) {
   cudaLaunchConfig_t config{};
-  const int size = FusedClusterSize(p.max_candidates);
+  const int size = FusedClusterSize(p.max_candidates, ITEMS);
   config.gridDim = dim3(size, p.batch * p.num_kv_heads);
   config.blockDim = dim3(kFusedThreads);
   config.stream = stream;
@@ -348,16 +428,29 @@ cudaError_t LaunchFused(const TlsTokenScoreParams& p, const TlsTokenSelectParams
   attr.val.clusterDim.z = 1;
   config.attrs = &attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, TokenScoreSelectKernel<NC, MAXG>, p, sel);
+  return cudaLaunchKernelEx(&config, TokenScoreSelectKernel<NC, MAXG, ITEMS>, p, sel);
+}
+
+template <int NC, int MAXG>
+cudaError_t LaunchForItems(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                           cudaStream_t stream) {
+  // More than one item per thread only for channel sets of up to 32 (the GQA configuration).
+  const int items = NC <= 32 ? FusedItems(p, MAXG) : 1;
+  if (NC <= 32 && MAXG <= 4 && items >= 4)
+    return LaunchFused < NC, MAXG, NC <= 32 && MAXG <= 4 ? 4 : 1 > (p, sel, stream);
+  if (NC <= 32 && MAXG <= 8 && items >= 2) {
+    return LaunchFused < NC, MAXG, NC <= 32 && MAXG <= 8 ? 2 : 1 > (p, sel, stream);
+  }
+  return LaunchFused<NC, MAXG, 1>(p, sel, stream);
 }
 
 template <int NC>
 cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                            cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  if (group <= 4) return LaunchFused<NC, 4>(p, sel, stream);
-  if (group <= 8) return LaunchFused<NC, 8>(p, sel, stream);
-  return LaunchFused<NC, kFusedMaxGroup>(p, sel, stream);
+  if (group <= 4) return LaunchForItems<NC, 4>(p, sel, stream);
+  if (group <= 8) return LaunchForItems<NC, 8>(p, sel, stream);
+  return LaunchForItems<NC, kFusedMaxGroup>(p, sel, stream);
 }
 
 }  // namespace

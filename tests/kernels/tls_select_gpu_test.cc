@@ -177,7 +177,8 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads;
-    // k_b 16: rows of 1,024 candidates (one CTA); 96: 6,144 (a cluster of 8 CTAs, two empty).
+    // k_b 16: rows of 1,024 candidates (one CTA at batch 1); 96: 6,144 (8 CTAs at one
+    // candidate per thread, two of them empty).
     for (const int kb : {16, 96}) {
       for (TlsMode mode :
            {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
