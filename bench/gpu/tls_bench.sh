@@ -9,7 +9,8 @@
 #   OUT=$OUT bash bench/gpu/tls_bench.sh      # from the repository root; logs + JSON in $OUT
 #
 # Env: OUT (default ./tls-bench-out), BUILD_DIR (default build), QUICK=1 (batch 1/8, 32K/128K,
-# k_t 1024 only), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES (default 15). Needs cmake, ninja, nvcc
+# k_t 1024 only), ONLY=gqa|mla (one layout; mla skips SDPA), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES
+# (default 15). Needs cmake, ninja, nvcc
 # (CUDA 13), python3 with torch for the SDPA baseline, GoogleTest sources in .deps/googletest.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
@@ -20,6 +21,8 @@ SAMPLES=${SAMPLES:-15}
 mkdir -p "$OUT"
 QUICK_FLAG=""
 [[ "${QUICK:-0}" == 1 ]] && QUICK_FLAG="--quick"
+[[ -n "${ONLY:-}" ]] && QUICK_FLAG="$QUICK_FLAG --only $ONLY"
+[[ "${ONLY:-}" == mla ]] && SKIP_SDPA=1
 status=0
 log() { echo "== $*" | tee -a "$OUT/tls_bench.log"; }
 t0=$(date +%s)
@@ -56,7 +59,7 @@ log "tls_bench ($(( $(date +%s) - t0 )) s in)"
 
 if [[ "${SKIP_SDPA:-0}" != 1 ]]; then
   batches=1,2,4,8; contexts=32768,65536,131072
-  [[ -n "$QUICK_FLAG" ]] && { batches=1,8; contexts=32768,131072; }
+  [[ "${QUICK:-0}" == 1 ]] && { batches=1,8; contexts=32768,131072; }
   for kv in 8 4; do
     log "PyTorch SDPA decode baseline, 32 q / $kv kv heads ($(( $(date +%s) - t0 )) s in)"
     python3 bench/attention_sdpa.py --mode decode --q-heads 32 --kv-heads "$kv" \

@@ -192,7 +192,7 @@ Bytes StepBytes(const Config& c, int batch, int context, int k_t) {
   const double kept_tokens = double(kBlockBudget) * kKvBlockSize;
   // token stage: token index of the kept blocks (fused score + select: nothing else; the
   // separate ops (MLA's large groups) also write and read back alpha + candidate ids)
-  const bool fused = c.q_heads / c.kv_heads <= 16;
+  const bool fused = c.q_heads / c.kv_heads * c.channels <= 512;  // TlsTokenScoreSelectCanFuse
   const double token_stage = bkv * kept_tokens * (tok_row + (fused ? 0 : 8 * 2));
   Bytes b;
   b.tls = append + block_index + block_scores + token_stage + attn;

@@ -457,7 +457,10 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& p) {
   const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
-  return group >= 1 && group <= kFusedMaxGroup && p.num_q_heads % p.num_kv_heads == 0 &&
+  // group * num_channels bounds the per-thread logit work: MLA's 16 heads x 128 channels on one
+  // KV head is 16x the GQA row's and gets only batch * 8 CTAs, so it runs faster unfused.
+  return group >= 1 && group <= kFusedMaxGroup && group * p.num_channels <= kFusedMaxWork &&
+         p.num_q_heads % p.num_kv_heads == 0 &&
          p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
          TlsSelectCanImplement(p.head_dim, p.num_channels, group);
 }

@@ -34,8 +34,9 @@ cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream);
 cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 // TlsTokenScore then TlsTokenSelect in one launch (a thread cluster per row, no workspace):
 // same positions; alpha / cand_positions are also written where `score` has them non-null.
-// Fuses rows of up to 8192 candidates and groups of up to 16 heads (CanFuse); the two-level
-// decode step uses it whenever it can.
+// Fuses rows of up to 8192 candidates, groups of up to 16 heads and group * num_channels <=
+// 512 (CanFuse: GQA layouts, not MLA's 16+ heads x 128 channels); the two-level decode step
+// uses it whenever it can.
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);
