@@ -32,6 +32,7 @@ constexpr int kFusedMaxCluster = 8;
 constexpr int kFusedMaxGroup = 16;  // logits of the group live in registers
 
 constexpr int kFusedMaxItems = 4;  // candidates per thread (registers: items * group <= 16)
+constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
 template <int ITEMS>
 struct FusedShared {
