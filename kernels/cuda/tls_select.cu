@@ -347,7 +347,20 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
-  auto per_head = [&](int hh, float acc) {
+  for (int hh = sub; hh < group; hh += HS) {
+    const float4* qh = reinterpret_cast<const float4*>(q_s + hh * NC);  // NC % 16 == 0
+    float acc = 0.f;
+#pragma unroll
+    for (int c4 = 0; c4 < NC / 4; ++c4) {
+      const float4 qv = qh[c4];
+      const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = 4 * c4 + u;
+        const float code = kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
+        acc = TlsFma(qc[u], code, acc);
+      }
+    }
     const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
@@ -365,57 +378,6 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       } else {
         e_s[local * group + hh] = e;
       }
-    }
-  };
-  // Wide channel sets (MLA's 128): decode kChunk channels at a time into registers and run each
-  // of this thread's heads over them, carrying every head's fma chain across the chunks (still
-  // channels in order), so a code is decoded once per thread instead of once per head.
-  constexpr int kChunk = 32, kChunkHeads = 16;
-  const int my_heads = (group - sub + HS - 1) / HS;  // warp-uniform
-  if (!kHoist && my_heads <= kChunkHeads) {
-    float acc[kHoist ? 1 : kChunkHeads];
-#pragma unroll
-    for (int i = 0; i < (kHoist ? 1 : kChunkHeads); ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int c0 = 0; c0 < NC; c0 += kChunk) {
-      float chunk[kChunk];
-#pragma unroll
-      for (int c = 0; c < kChunk; ++c) chunk[c] = Int4CodeToFloat(words[(c0 + c) >> 3], c & 7);
-#pragma unroll
-      for (int i = 0; i < (kHoist ? 1 : kChunkHeads); ++i) {
-        if (i < my_heads) {
-          const float4* qh = reinterpret_cast<const float4*>(q_s + (sub + i * HS) * NC + c0);
-#pragma unroll
-          for (int c4 = 0; c4 < kChunk / 4; ++c4) {
-            const float4 qv = qh[c4];
-            acc[i] = TlsFma(qv.x, chunk[4 * c4], acc[i]);
-            acc[i] = TlsFma(qv.y, chunk[4 * c4 + 1], acc[i]);
-            acc[i] = TlsFma(qv.z, chunk[4 * c4 + 2], acc[i]);
-            acc[i] = TlsFma(qv.w, chunk[4 * c4 + 3], acc[i]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < (kHoist ? 1 : kChunkHeads); ++i) {
-      if (i < my_heads) per_head(sub + i * HS, acc[i]);
-    }
-  } else {
-    for (int hh = sub; hh < group; hh += HS) {
-      const float4* qh = reinterpret_cast<const float4*>(q_s + hh * NC);  // NC % 16 == 0
-      float acc = 0.f;
-#pragma unroll
-      for (int c4 = 0; c4 < NC / 4; ++c4) {
-        const float4 qv = qh[c4];
-        const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int c = 4 * c4 + u;
-          const float code = kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
-          acc = TlsFma(qc[u], code, acc);
-        }
-      }
-      per_head(hh, acc);
     }
   }
   if (PASS == 2) {
