@@ -82,6 +82,73 @@ __device__ __forceinline__ int BlockSum(int v, int* scratch) {
   return total;
 }
 
+// TlsInt4Dot's fma chain (channels in order; the token scale is applied by the caller) of one
+// head's NC queries (16-byte aligned shared memory) with a token's INT4 codes: the decoded
+// `codes` when HOIST, else decoded from the packed `words` per use.
+template <int NC, bool HOIST>
+__device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
+                                             const uint32_t* words) {
+  const float4* qh = reinterpret_cast<const float4*>(q);
+  float acc = 0.f;
+#pragma unroll
+  for (int c4 = 0; c4 < NC / 4; ++c4) {
+    const float4 qv = qh[c4];
+    const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int c = 4 * c4 + u;
+      acc =
+          TlsFma(qc[u], HOIST ? codes[HOIST ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7), acc);
+    }
+  }
+  return acc;
+}
+
+// One radix pass's decision, by the 32 lanes of one warp: the digit (descending) of the
+// `remaining`-th largest key in hist[256]. Writes the extended prefix, the rank left inside that
+// digit, and whether the digit's keys are all kept (no later pass needed).
+__device__ __forceinline__ void FindRadixDigit(const int* hist, uint32_t prefix, int shift,
+                                               int remaining, uint32_t* out_prefix,
+                                               int* out_remaining, int* out_done) {
+  const int lane = threadIdx.x & 31;
+  // Lane l covers digits 255 - 8l down to 248 - 8l; find where `remaining` falls.
+  int local = 0;
+  for (int i = 0; i < 8; ++i) local += hist[255 - 8 * lane - i];
+  const int incl = WarpInclusiveSum(local);
+  const int above = incl - local;
+  if (above < remaining && remaining <= incl) {
+    int acc = above;
+    for (int i = 0; i < 8; ++i) {
+      const int digit = 255 - 8 * lane - i;
+      if (remaining <= acc + hist[digit]) {
+        *out_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+        *out_remaining = remaining - acc;
+        *out_done = remaining - acc == hist[digit] ? 1 : 0;
+        break;
+      }
+      acc += hist[digit];
+    }
+  }
+}
+
+// The end of one radix pass, called by every thread once `hist` is complete: warp 0 finds the
+// digit, the block reads it back (through the three shared slots), extends prefix / mask and
+// the rank left. Returns whether the selection is settled (no later pass needed).
+__device__ __forceinline__ bool RadixPassDecide(const int* hist, int shift, uint32_t* prefix,
+                                                int* remaining, uint32_t* mask, uint32_t* sh_prefix,
+                                                int* sh_remaining, int* sh_done) {
+  if (threadIdx.x < 32) {
+    FindRadixDigit(hist, *prefix, shift, *remaining, sh_prefix, sh_remaining, sh_done);
+  }
+  __syncthreads();
+  *prefix = *sh_prefix;
+  *remaining = *sh_remaining;
+  const bool done = *sh_done != 0;
+  *mask |= 255u << shift;
+  __syncthreads();  // the slots are reusable
+  return done;
+}
+
 struct TopKShared {
   int hist[256];
   int scan[33];
@@ -139,33 +206,10 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
         }
       }
       __syncthreads();
-      if (tid < 32) {
-        // Lane l covers digits 255 - 8l down to 248 - 8l; find where `remaining` falls.
-        int local = 0;
-        for (int i = 0; i < 8; ++i) local += sh.hist[255 - 8 * tid - i];
-        const int incl = WarpInclusiveSum(local);
-        const int above = incl - local;
-        if (above < remaining && remaining <= incl) {
-          int acc = above;
-          for (int i = 0; i < 8; ++i) {
-            const int digit = 255 - 8 * tid - i;
-            if (remaining <= acc + sh.hist[digit]) {
-              sh.prefix = prefix | (static_cast<uint32_t>(digit) << shift);
-              sh.remaining = remaining - acc;
-              sh.done = remaining - acc == sh.hist[digit] ? 1 : 0;
-              break;
-            }
-            acc += sh.hist[digit];
-          }
-        }
+      if (RadixPassDecide(sh.hist, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
+                          &sh.done)) {
+        break;
       }
-      __syncthreads();
-      prefix = sh.prefix;
-      remaining = sh.remaining;
-      const bool done = sh.done != 0;
-      mask |= 255u << shift;
-      __syncthreads();
-      if (done) break;
     }
     threshold = prefix;
     need_equal = remaining;

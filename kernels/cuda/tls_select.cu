@@ -14,6 +14,7 @@ using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
+using tls_detail::Int4HeadDot;
 using tls_detail::LoadIo;
 using tls_detail::TopKShared;
 
@@ -348,19 +349,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
   for (int hh = sub; hh < group; hh += HS) {
-    const float4* qh = reinterpret_cast<const float4*>(q_s + hh * NC);  // NC % 16 == 0
-    float acc = 0.f;
-#pragma unroll
-    for (int c4 = 0; c4 < NC / 4; ++c4) {
-      const float4 qv = qh[c4];
-      const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int c = 4 * c4 + u;
-        const float code = kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
-        acc = TlsFma(qc[u], code, acc);
-      }
-    }
+    const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
     const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;

@@ -21,7 +21,9 @@ namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
+using tls_detail::Int4HeadDot;
 using tls_detail::LoadIo;
+using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -31,7 +33,7 @@ constexpr int kFusedWarps = kFusedThreads / 32;  // <= 32: one warp scans per-wa
 constexpr int kFusedMaxCluster = 8;
 constexpr int kFusedMaxGroup = 16;  // logits of the group live in registers
 
-constexpr int kFusedMaxItems = 4;  // candidates per thread (registers: items * group <= 16)
+constexpr int kFusedMaxItems = 4;   // candidates per thread (registers: items * group <= 16)
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
 template <int ITEMS>
@@ -162,20 +164,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int hh = 0; hh < MAXG; ++hh) {
       logit[u][hh] = 0.f;
       if (hh < group) {
-        const float4* qh = reinterpret_cast<const float4*>(sh.q + hh * NC);
-        float acc = 0.f;
-#pragma unroll
-        for (int c4 = 0; c4 < NC / 4; ++c4) {
-          const float4 qv = qh[c4];
-          const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            const int c = 4 * c4 + v;
-            const float code =
-                kHoist ? codes[kHoist ? c : 0] : Int4CodeToFloat(words[c >> 3], c & 7);
-            acc = TlsFma(qc[v], code, acc);
-          }
-        }
+        const float acc = Int4HeadDot<NC, kHoist>(sh.q + hh * NC, codes, words);
         logit[u][hh] = valid ? TlsMul(acc, tok_scale) : 0.f;
         if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit[u][hh]));
       }
@@ -271,32 +260,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
       }
       __syncthreads();
-      if (tid < 32) {
-        int local = 0;
-        for (int i = 0; i < 8; ++i) local += sh.hist_sum[255 - 8 * tid - i];
-        const int incl = WarpInclusiveSum(local);
-        const int above = incl - local;
-        if (above < remaining && remaining <= incl) {
-          int acc = above;
-          for (int i = 0; i < 8; ++i) {
-            const int d = 255 - 8 * tid - i;
-            if (remaining <= acc + sh.hist_sum[d]) {
-              sh.prefix = prefix | (static_cast<uint32_t>(d) << shift);
-              sh.remaining = remaining - acc;
-              sh.done = remaining - acc == sh.hist_sum[d] ? 1 : 0;
-              break;
-            }
-            acc += sh.hist_sum[d];
-          }
-        }
+      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
+                          &sh.done)) {
+        break;
       }
-      __syncthreads();
-      prefix = sh.prefix;
-      remaining = sh.remaining;
-      const bool done = sh.done != 0;
-      mask |= 255u << shift;
-      __syncthreads();
-      if (done) break;
     }
     threshold = prefix;
     need_equal = remaining;
