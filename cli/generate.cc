@@ -12,6 +12,7 @@
 #include "asynctls/runtime/weights.h"
 #include "commands.h"
 #include "flags.h"
+#include "tls_flags.h"
 #include "model_fetch.h"
 #if ASYNCTLS_HAVE_GRPC
 #include "grpc_client.h"
@@ -23,7 +24,8 @@ absl::Status RunGenerate(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw"}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown({"prompt", "prompt-file", "model", "device", "max-tokens", "temperature",
-                                             "top-p", "top-k", "seed", "stop", "raw", "threads", "server"}));
+                                             "top-p", "top-k", "seed", "stop", "raw", "threads", "server",
+                                             "attention", "tls-channels", "tls-block-budget", "tls-token-budget"}));
   if (flags.Has("prompt") == flags.Has("prompt-file"))
     return absl::InvalidArgumentError("give exactly one of --prompt or --prompt-file");
   std::string prompt = flags.Get("prompt");
@@ -42,6 +44,14 @@ absl::Status RunGenerate(int argc, char** argv) {
   EngineOptions engine_options;
   engine_options.device = flags.Get("device", "auto");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("threads", &engine_options.cpu_threads));
+  // --attention tls: two-level sparse decode (locally it needs --tls-channels FILE).
+  const std::string attention = flags.Get("attention", "dense");
+  if (attention != "dense" && attention != "tls")
+    return absl::InvalidArgumentError(absl::StrCat("--attention: '", attention, "' is not dense or tls"));
+  request.tls = attention == "tls";
+  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &engine_options));
+  if (request.tls && !flags.Has("server") && !engine_options.tls)
+    return absl::InvalidArgumentError("--attention tls: give --tls-channels FILE (asynctls calibrate writes one)");
 
   if (flags.Has("server")) {
 #if ASYNCTLS_HAVE_GRPC
@@ -61,6 +71,7 @@ absl::Status RunGenerate(int argc, char** argv) {
     s->set_top_k(request.sampling.top_k);
     s->set_seed(request.sampling.seed);
     for (const auto& stop : request.stop_strings) s->add_stop(stop);
+    if (request.tls) remote.mutable_attention()->set_mode(v1::AttentionOptions::MODE_TLS);
     InferenceClient client(flags.Get("server"));
     ASYNCTLS_ASSIGN_OR_RETURN(StreamedGeneration out, client.Generate(remote, [](const v1::Chunk& chunk) {
       std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);

@@ -22,6 +22,10 @@ commands:
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
              --threads N         CPU threads (default: all cores)
+             --attention A       dense (default) or tls: two-level sparse attention for the
+                                 generated tokens (locally needs --tls-channels)
+             --tls-channels FILE channel sets from `asynctls calibrate`; enables TLS decode
+             --tls-block-budget N --tls-token-budget N   k_b, k_t (default 128, 1024)
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)
              --model PATH        as for generate
@@ -37,6 +41,8 @@ commands:
              --workers N         run N asynctls-worker processes instead of the in-process engine
              --worker-binary P   asynctls-worker to start (default: next to asynctls)
              --max-queue N --max-batch-tokens N --max-running N --host H
+             --tls-channels FILE [--tls-block-budget N --tls-token-budget N]   serve requests
+                                 with attention.mode TLS (as for generate)
   generate --server HOST:PORT    act as a client of a running server
   bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only
              --server HOST:PORT  the server (required)

@@ -16,6 +16,7 @@
 #include "asynctls/runtime/status.h"
 #include "commands.h"
 #include "flags.h"
+#include "tls_flags.h"
 #include "model_fetch.h"
 #include "server/serving.h"
 
@@ -69,7 +70,8 @@ absl::Status RunServe(int argc, char** argv) {
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown({"port", "metrics-port", "model", "device", "threads", "max-queue",
                                              "max-batch-tokens", "max-running", "host", "workers",
-                                             "worker-binary"}));
+                                             "worker-binary", "tls-channels", "tls-block-budget",
+                                             "tls-token-budget"}));
   ServingOptions options;
   options.host = flags.Get("host", "0.0.0.0");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("port", &options.port));
@@ -79,6 +81,7 @@ absl::Status RunServe(int argc, char** argv) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("max-running", &options.coordinator.max_running));
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("threads", &options.engine.cpu_threads));
   options.engine.device = flags.Get("device", "auto");
+  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &options.engine));
   options.model_path = flags.Get("model");
   if (options.model_path.empty()) {
     ASYNCTLS_ASSIGN_OR_RETURN(options.model_path, DefaultModelPath());
@@ -103,6 +106,8 @@ absl::Status RunServe(int argc, char** argv) {
                                          absl::StrCat("worker-", i), "--model", options.model_path, "--device",
                                          options.engine.device};
         if (flags.Has("threads")) args.insert(args.end(), {"--threads", flags.Get("threads")});
+        for (const char* f : {"tls-channels", "tls-block-budget", "tls-token-budget"})
+          if (flags.Has(f)) args.insert(args.end(), {absl::StrCat("--", f), flags.Get(f)});
         const pid_t pid = Spawn(args);
         if (pid < 0) return absl::InternalError("fork failed");
         pids.push_back(pid);

@@ -26,6 +26,7 @@
 #include "asynctls/runtime/weights.h"
 #include "asynctls/v1/worker.grpc.pb.h"
 #include "flags.h"
+#include "tls_flags.h"
 #include "model_fetch.h"
 #include "server/step_codec.h"
 
@@ -236,7 +237,8 @@ absl::Status Main(int argc, char** argv, StopState* stop) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens"}));
+      {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens", "tls-channels",
+       "tls-block-budget", "tls-token-budget"}));
   if (!flags.Has("coordinator")) return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   std::string name = flags.Get("name");
   if (name.empty()) {
@@ -254,6 +256,7 @@ absl::Status Main(int argc, char** argv, StopState* stop) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("kv-cache-mb", &kv_mb));
   if (kv_mb < 0) return absl::InvalidArgumentError("--kv-cache-mb must be >= 0");
   options.kv_cache_bytes = kv_mb << 20;
+  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &options));
 
   std::string model_path = flags.Get("model");
   if (model_path.empty()) {

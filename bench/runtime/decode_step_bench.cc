@@ -1,8 +1,12 @@
 // A whole decode step of a Qwen3-8B-shaped model (36 layers, hidden 4096, 32/8 heads, d 128,
-// FFN 12288, vocab 151936) with seeded random bf16 weights generated on the GPU, dense
-// attention over a staged KV cache, next to the step's byte floor (weights + KV read once).
+// FFN 12288, vocab 151936) with seeded random bf16 weights generated on the GPU over a staged
+// KV cache, next to the step's byte floor (weights + the attention's bytes read once). Dense
+// attention, or two-level sparse attention (same-step selection through the engine's TLS path,
+// the TLS index built over the staged keys; channel sets = channels 0..31, any set costs the
+// same on random data).
 //
 //   decode_step_bench [--device cuda] [--context 32768] [--batches 1,8] [--steps 20] [--json F]
+//                     [--attention dense|tls|both] [--k-b 128] [--k-t 1024]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "asynctls/runtime/engine.h"
+#include "asynctls/runtime/status.h"
 
 namespace asynctls {
 namespace {
@@ -30,7 +35,7 @@ ModelConfig Qwen3_8B() {
   c.head_dim = 128;
   c.ffn_size = 12288;
   c.vocab_size = 151936;
-  c.max_context = 131072;
+  c.max_context = 131072 + 1024;  // 128K of staged context plus the measured steps
   c.rms_eps = 1e-6f;
   c.rope_theta = 1000000.f;
   c.rotary_dim = 128;
@@ -40,20 +45,91 @@ ModelConfig Qwen3_8B() {
   return c;
 }
 
-// Bytes one decode step must read: every GEMM weight once (bf16), the LM head, the norms,
-// and each sequence's K and V (bf16) in every layer.
-double StepBytes(const ModelConfig& c, int batch, int context) {
-  const double hd = c.head_dim, h = c.hidden_size;
+constexpr int kTlsChannels = 32;
+
+// Bytes one decode step must read: every GEMM weight once (bf16), the LM head, the norms, and
+// per sequence and layer the attention's bytes: dense, all of K and V (bf16); TLS, the block
+// index (max + min of every block), the token index of the k_b kept blocks, and K + V of the
+// k_t chosen tokens plus the sink block and the window.
+double StepBytes(const ModelConfig& c, int batch, int context, const kernels::TlsPolicy* tls) {
+  const double hd = c.head_dim, h = c.hidden_size, kv_heads = c.num_kv_heads;
   const double per_layer = h * (c.num_q_heads * hd) + 2 * h * (c.num_kv_heads * hd) + (c.num_q_heads * hd) * h +
                            3 * h * c.ffn_size;
   const double weights = 2.0 * (c.num_layers * per_layer + double(c.vocab_size) * h);
-  const double kv = 2.0 * 2.0 * c.num_layers * c.num_kv_heads * hd * double(context) * batch;
-  return weights + kv;
+  double attn = 2.0 * 2.0 * kv_heads * hd * double(context);
+  if (tls) {
+    const double blocks = double(context) / kernels::kKvBlockSize;
+    const double block_index = blocks * kv_heads * hd * 2 * 2;
+    const double token_index = double(tls->block_budget) * kernels::kKvBlockSize * kv_heads * (kTlsChannels / 2 + 4);
+    const double rows = double(tls->token_budget) + 2 * kernels::kKvBlockSize;
+    attn = block_index + token_index + rows * kv_heads * hd * 2 * 2;
+  }
+  return weights + attn * c.num_layers * batch;
+}
+
+// Builds every layer's TLS index over `context` staged tokens of each sequence in `ids`.
+absl::Status BuildTlsIndex(Engine& engine, const ModelConfig& c, const std::vector<uint64_t>& ids, int context) {
+  KvCache& cache = engine.mutable_kv_cache();
+  Backend& backend = engine.backend();
+  const int batch = static_cast<int>(ids.size());
+  int max_blocks = 0;
+  for (uint64_t id : ids) max_blocks = std::max<int>(max_blocks, cache.Blocks(id).size());
+  std::vector<int32_t> table(size_t(batch) * max_blocks, 0), start(batch, 0), lens(batch, context);
+  for (int b = 0; b < batch; ++b) {
+    const auto& blocks = cache.Blocks(ids[b]);
+    std::copy(blocks.begin(), blocks.end(), table.begin() + size_t(b) * max_blocks);
+  }
+  std::vector<int32_t> channels(size_t(c.num_kv_heads) * kTlsChannels);
+  for (size_t i = 0; i < channels.size(); ++i) channels[i] = static_cast<int32_t>(i % kTlsChannels);
+  auto upload = [&](const std::vector<int32_t>& v) -> absl::StatusOr<DeviceBuffer> {
+    ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer buf, backend.Allocate(v.size() * sizeof(int32_t)));
+    ASYNCTLS_RETURN_IF_ERROR(backend.CopyToDevice(buf.data(), v.data(), v.size() * sizeof(int32_t)));
+    return buf;
+  };
+  ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer d_table, upload(table));
+  ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer d_start, upload(start));
+  ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer d_lens, upload(lens));
+  ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer d_channels, upload(channels));
+  for (int l = 0; l < c.num_layers; ++l) {
+    kernels::TlsIndexUpdateParams p{};
+    p.k_cache = cache.k_pool(l);
+    p.block_table = d_table.as<int32_t>();
+    p.index_table = d_table.as<int32_t>();
+    p.start_pos = d_start.as<int32_t>();
+    p.seq_lens = d_lens.as<int32_t>();
+    p.block_kmax = cache.tls_kmax(l);
+    p.block_kmin = cache.tls_kmin(l);
+    p.channels = d_channels.as<int32_t>();
+    p.maybe_token_codes = cache.tls_codes(l);
+    p.maybe_token_scales = cache.tls_scales(l);
+    p.batch = batch;
+    p.num_kv_heads = c.num_kv_heads;
+    p.head_dim = c.head_dim;
+    p.num_channels = kTlsChannels;
+    p.max_blocks_per_seq = max_blocks;
+    p.max_new_tokens = context;
+    ASYNCTLS_RETURN_IF_ERROR(backend.TlsIndexUpdate(p));
+  }
+  return backend.Synchronize();
+}
+
+// Channel sets 0..kTlsChannels-1 for every layer and KV head.
+ChannelSets FirstChannels(const ModelConfig& c) {
+  ChannelSets sets;
+  sets.model = c.name;
+  sets.num_layers = c.num_layers;
+  sets.num_q_heads = c.num_q_heads;
+  sets.num_kv_heads = c.num_kv_heads;
+  sets.head_dim = c.head_dim;
+  sets.num_channels = kTlsChannels;
+  for (int i = 0; i < c.num_layers * c.num_kv_heads; ++i)
+    for (int ch = 0; ch < kTlsChannels; ++ch) sets.channels.push_back(ch);
+  return sets;
 }
 
 int Main(int argc, char** argv) {
-  std::string device = "cuda", json_path;
-  int context = 32768, steps = 20;
+  std::string device = "cuda", json_path, attention = "dense";
+  int context = 32768, steps = 20, k_b = 128, k_t = 1024;
   std::vector<int> batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
@@ -61,6 +137,9 @@ int Main(int argc, char** argv) {
     else if (f == "--context") context = std::atoi(v.c_str());
     else if (f == "--steps") steps = std::atoi(v.c_str());
     else if (f == "--json") json_path = v;
+    else if (f == "--attention") attention = v;
+    else if (f == "--k-b") k_b = std::atoi(v.c_str());
+    else if (f == "--k-t") k_t = std::atoi(v.c_str());
     else if (f == "--batches") {
       batches.clear();
       for (auto s : absl::StrSplit(v, ',')) batches.push_back(std::atoi(std::string(s).c_str()));
@@ -74,8 +153,22 @@ int Main(int argc, char** argv) {
   options.max_batch_seqs = std::max(max_batch, 8);
   options.max_batch_tokens = 512;
   const int blocks_per_seq = (context + 1 + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
+  if (attention != "dense" && attention != "tls" && attention != "both") {
+    std::fprintf(stderr, "--attention: dense, tls or both\n");
+    return 2;
+  }
+  const bool with_tls = attention != "dense";
+  if (with_tls) {
+    TlsDecodeOptions tls;
+    tls.channels = FirstChannels(config);
+    tls.policy.lag = kernels::TlsLag::kSameStep;
+    tls.policy.block_budget = k_b;
+    tls.policy.token_budget = k_t;
+    options.tls = tls;
+  }
   options.kv_cache_bytes = int64_t{blocks_per_seq + 1} * max_batch *
-                           KvCache::BytesPerBlock(config.num_layers, config.num_kv_heads, config.head_dim);
+                           KvCache::BytesPerBlock(config.num_layers, config.num_kv_heads, config.head_dim,
+                                                  with_tls ? kTlsChannels : 0);
   auto t0 = std::chrono::steady_clock::now();
   auto engine_or = Engine::CreateRandom(config, 1234, options);
   if (!engine_or.ok()) {
@@ -96,10 +189,15 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  std::printf("# %s on %s, load %.1f s, context %d, bf16 weights, dense attention\n", config.name.c_str(),
-              engine.Info().device.c_str(), load_s, context);
-  std::printf("%6s %8s %10s %10s %12s %10s %8s\n", "batch", "context", "step_ms", "tok/s", "floor_ms", "GB/s", "x_floor");
+  std::printf("# %s on %s, load %.1f s, context %d, bf16 weights, attention %s (TLS: same-step, k_b %d, "
+              "k_t %d)\n", config.name.c_str(), engine.Info().device.c_str(), load_s, context, attention.c_str(), k_b, k_t);
+  std::printf("%6s %6s %8s %10s %10s %12s %10s %8s\n", "attn", "batch", "context", "step_ms", "tok/s", "floor_ms",
+              "GB/s", "x_floor");
   std::string json = "[";
+  std::vector<bool> modes;
+  if (attention != "tls") modes.push_back(false);
+  if (with_tls) modes.push_back(true);
+  for (bool tls_mode : modes)
   for (int batch : batches) {
     std::vector<uint64_t> ids;
     for (int b = 0; b < batch; ++b) {
@@ -111,11 +209,17 @@ int Main(int argc, char** argv) {
       cache.SetSeqLen(id, context);
       ids.push_back(id);
     }
+    if (tls_mode) {
+      if (absl::Status st = BuildTlsIndex(engine, config, ids, context); !st.ok()) {
+        std::fprintf(stderr, "tls index: %s\n", st.ToString().c_str());
+        return 1;
+      }
+    }
     std::vector<double> times;
     int pos = context;
     for (int s = 0; s < steps + 3; ++s, ++pos) {
       StepPlan plan;
-      for (uint64_t id : ids) plan.decodes.push_back({id, 42, pos, {}});
+      for (uint64_t id : ids) plan.decodes.push_back({id, 42, pos, {}, tls_mode});
       auto r = engine.Step(plan);
       if (!r.ok() || !r->errors.empty()) {
         std::fprintf(stderr, "step failed: %s\n", r.ok() ? r->errors[0].message.c_str() : r.status().ToString().c_str());
@@ -125,13 +229,15 @@ int Main(int argc, char** argv) {
     }
     std::sort(times.begin(), times.end());
     const double ms = times[times.size() / 2];
-    const double bytes = StepBytes(config, batch, context);
+    const double bytes = StepBytes(config, batch, context, tls_mode ? &options.tls->policy : nullptr);
     const double floor_ms = bytes / 4.3e12 * 1e3;
-    std::printf("%6d %8d %10.3f %10.1f %12.3f %10.0f %8.2f\n", batch, context, ms, batch * 1000.0 / ms, floor_ms,
-                bytes / (ms * 1e-3) / 1e9, ms / floor_ms);
-    char row[256];
-    std::snprintf(row, sizeof(row), "%s{\"batch\":%d,\"context\":%d,\"step_ms\":%.4f,\"floor_ms\":%.4f,\"bytes\":%.0f}",
-                  json.size() > 1 ? "," : "", batch, context, ms, floor_ms, bytes);
+    std::printf("%6s %6d %8d %10.3f %10.1f %12.3f %10.0f %8.2f\n", tls_mode ? "tls" : "dense", batch, context, ms,
+                batch * 1000.0 / ms, floor_ms, bytes / (ms * 1e-3) / 1e9, ms / floor_ms);
+    char row[320];
+    std::snprintf(row, sizeof(row),
+                  "%s{\"attention\":\"%s\",\"batch\":%d,\"context\":%d,\"step_ms\":%.4f,\"floor_ms\":%.4f,"
+                  "\"bytes\":%.0f}",
+                  json.size() > 1 ? "," : "", tls_mode ? "tls" : "dense", batch, context, ms, floor_ms, bytes);
     json += row;
     StepPlan release;
     release.releases = ids;

@@ -287,12 +287,25 @@ absl::StatusOr<GenerationRequest> InferenceService::Prepare(const v1::GenerateRe
 
   // Attention options.
   const v1::AttentionOptions& attention = request.attention();
-  if (attention.mode() == v1::AttentionOptions::MODE_TLS)
-    return absl::UnimplementedError("attention.mode: MODE_TLS is not implemented in the runtime yet; use MODE_DENSE");
-  if (attention.mode() != v1::AttentionOptions::MODE_DENSE)
+  if (attention.mode() != v1::AttentionOptions::MODE_DENSE && attention.mode() != v1::AttentionOptions::MODE_TLS)
     return absl::InvalidArgumentError(absl::StrCat("attention.mode: unknown mode ", attention.mode()));
   if (attention.token_budget() < 0) return absl::InvalidArgumentError("attention.token_budget: must be >= 0");
   if (attention.block_budget() < 0) return absl::InvalidArgumentError("attention.block_budget: must be >= 0");
+  if (attention.mode() == v1::AttentionOptions::MODE_TLS) {
+    const ReplicaStats* tls = nullptr;
+    for (const auto& r : replicas)
+      if (r.info.tls && (request.model().empty() || r.info.model_name == request.model())) tls = &r;
+    if (tls == nullptr)
+      return absl::FailedPreconditionError(
+          "attention.mode: MODE_TLS needs a server started with TLS channel sets (asynctls serve --tls-channels)");
+    if (attention.token_budget() != 0 && attention.token_budget() != tls->info.tls_token_budget)
+      return absl::InvalidArgumentError(absl::StrCat("attention.token_budget: per-request budgets are not supported yet; "
+                                                     "this server attends ", tls->info.tls_token_budget, " tokens (send 0)"));
+    if (attention.block_budget() != 0 && attention.block_budget() != tls->info.tls_block_budget)
+      return absl::InvalidArgumentError(absl::StrCat("attention.block_budget: per-request budgets are not supported yet; "
+                                                     "this server keeps ", tls->info.tls_block_budget, " blocks (send 0)"));
+    out.tls = true;
+  }
 
   // Sampling.
   const v1::SamplingParams& s = request.sampling();

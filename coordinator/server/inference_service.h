@@ -42,7 +42,8 @@ class InferenceService final
   ~InferenceService() override;
 
   // Validates `request` and turns it into the core's GenerationRequest (tokenized). Errors name
-  // the field: INVALID_ARGUMENT (or UNIMPLEMENTED for attention.mode TLS).
+  // the field: INVALID_ARGUMENT (FAILED_PRECONDITION for attention.mode TLS on a server without
+  // TLS channel sets).
   absl::StatusOr<GenerationRequest> Prepare(const v1::GenerateRequest& request);
 
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,

@@ -38,6 +38,7 @@ void ToProto(const StepPlan& plan, v1::WorkerStepPlan* out) {
     p->set_token(d.token);
     p->set_position(d.position);
     ToProto(d.sampling, p->mutable_sampling());
+    p->set_tls(d.tls);
   }
 }
 
@@ -60,6 +61,7 @@ StepPlan FromProto(const v1::WorkerStepPlan& plan) {
     d.token = p.token();
     d.position = p.position();
     d.sampling = FromProto(p.sampling());
+    d.tls = p.tls();
     out.decodes.push_back(d);
   }
   return out;
@@ -101,6 +103,9 @@ void ToProto(const ExecutorInfo& info, v1::WorkerHello* out) {
   out->set_max_context(info.max_context);
   out->set_vocab_size(info.vocab_size);
   out->set_max_batch_tokens(info.max_batch_tokens);
+  out->set_tls(info.tls);
+  out->set_tls_block_budget(info.tls_block_budget);
+  out->set_tls_token_budget(info.tls_token_budget);
 }
 
 ExecutorInfo InfoFromHello(const v1::WorkerHello& hello) {
@@ -111,6 +116,9 @@ ExecutorInfo InfoFromHello(const v1::WorkerHello& hello) {
   info.max_context = hello.max_context();
   info.kv_blocks_total = hello.kv_blocks_total();
   info.max_batch_tokens = hello.max_batch_tokens();
+  info.tls = hello.tls();
+  info.tls_block_budget = hello.tls_block_budget();
+  info.tls_token_budget = hello.tls_token_budget();
   return info;
 }
 

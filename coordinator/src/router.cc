@@ -51,6 +51,7 @@ absl::Status Router::Submit(GenerationRequest request, EventSink sink) {
   const std::string id = request.request_id;
   int best_load = 0;
   for (const auto& r : Snapshot()) {
+    if (request.tls && !r->core->executor_info().tls) continue;  // replicas without a TLS index
     const CoordinatorStats s = r->core->Stats();
     const int load = s.waiting + s.running;
     if (!target || load < best_load) {
@@ -58,6 +59,8 @@ absl::Status Router::Submit(GenerationRequest request, EventSink sink) {
       best_load = load;
     }
   }
+  if (!target && request.tls)
+    return absl::FailedPreconditionError("attention.mode: no replica serves MODE_TLS (none has TLS channel sets)");
   if (!target) return absl::UnavailableError("no worker is serving; try again when one registers");
   {
     std::lock_guard<std::mutex> lock(mu_);

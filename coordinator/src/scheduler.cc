@@ -85,7 +85,8 @@ StepPlan Scheduler::NextPlan() {
     const int32_t prompt_len = static_cast<int32_t>(s->request.prompt_tokens.size());
     if (s->prefilled < prompt_len || s->generated.empty()) continue;
     plan.decodes.push_back({s->seq_id, s->generated.back(),
-                            prompt_len + static_cast<int32_t>(s->generated.size()) - 1, s->request.sampling});
+                            prompt_len + static_cast<int32_t>(s->generated.size()) - 1, s->request.sampling,
+                            s->request.tls});
     --budget;
   }
   // 2. Admit waiting requests while KV and slots allow (FIFO: no overtaking).

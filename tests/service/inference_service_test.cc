@@ -278,10 +278,11 @@ TEST_F(InferenceServiceTest, InvalidUtf8IsInvalid) {
   ExpectRejected(chat, grpc::StatusCode::INVALID_ARGUMENT, "messages[0].content");
 }
 
-TEST_F(InferenceServiceTest, TlsAttentionIsUnimplemented) {
+// This server's engine has no TLS channel sets (model_tls_test covers the TLS engine path).
+TEST_F(InferenceServiceTest, TlsAttentionWithoutChannelSetsIsFailedPrecondition) {
   v1::GenerateRequest r = Request("e8", "Hello", 4);
   r.mutable_attention()->set_mode(v1::AttentionOptions::MODE_TLS);
-  ExpectRejected(r, grpc::StatusCode::UNIMPLEMENTED, "attention.mode");
+  ExpectRejected(r, grpc::StatusCode::FAILED_PRECONDITION, "attention.mode");
 }
 
 TEST_F(InferenceServiceTest, DuplicateLiveRequestIdIsRejected) {

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "asynctls/kernels/ref.h"
+#include "asynctls/kernels/tls_ref.h"
 #include "asynctls/runtime/backend.h"
 #include "asynctls/runtime/status.h"
 #include "backend/thread_pool.h"
@@ -149,6 +150,20 @@ class CpuBackend final : public Backend {
 
   absl::Status RandomFill(const kernels::RandomFillParams& p) override {
     kernels::ref::RandomFill(p);
+    return absl::OkStatus();
+  }
+
+  // The TLS ops run the plain reference (single-threaded): selections equal the GPU's.
+  absl::Status TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) override {
+    kernels::ref::TlsIndexUpdate(p);
+    return absl::OkStatus();
+  }
+  absl::Status TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) override {
+    kernels::ref::TlsDecodeSelect(p);
+    return absl::OkStatus();
+  }
+  absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) override {
+    kernels::ref::TlsSparseAttention(p);
     return absl::OkStatus();
   }
 

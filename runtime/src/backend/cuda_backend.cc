@@ -25,6 +25,7 @@
 
 #include "asynctls/kernels/cuda_attention.h"
 #include "asynctls/kernels/cuda_ops.h"
+#include "asynctls/kernels/cuda_tls.h"
 #include "backend/cuda_check.h"
 
 namespace asynctls {
@@ -79,6 +80,9 @@ class CudaBackend final : public Backend {
   absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override;
   absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) override;
   absl::Status RandomFill(const kernels::RandomFillParams& p) override;
+  absl::Status TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) override;
+  absl::Status TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) override;
+  absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) override;
 
   absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
                                             kernels::DType preferred,
@@ -95,8 +99,15 @@ class CudaBackend final : public Backend {
   // Records that an op using the owned scratch is being captured into a graph.
   absl::Status NoteCapture();
   absl::Status DebugSync(const char* what, const char* file, int line) const;
-  // Makes the decode workspace at least `bytes` (outside a capture only).
-  absl::Status EnsureDecodeWorkspace(size_t bytes);
+  struct Workspace {
+    UniqueCudaMemory memory;
+    size_t bytes = 0;
+  };
+  // Makes `ws` at least `bytes` (outside a capture only); `what` names the op in errors.
+  absl::Status EnsureWorkspace(Workspace& ws, size_t bytes, const char* what);
+  absl::Status EnsureDecodeWorkspace(size_t bytes) {
+    return EnsureWorkspace(decode_workspace_, bytes, "decode attention");
+  }
   absl::Status EnsureGemmScratch(int64_t x_elements);
   absl::Status ReserveDecodeWorkspace();
 
@@ -105,8 +116,9 @@ class CudaBackend final : public Backend {
   UniqueStream stream_;
   std::unique_ptr<kc::GemmRunner> gemm_;
   int64_t gemm_x_capacity_ = 0;
-  UniqueCudaMemory decode_workspace_;
-  size_t decode_workspace_bytes_ = 0;
+  Workspace decode_workspace_;
+  Workspace tls_select_workspace_;     // TlsDecodeSelect scratch
+  Workspace tls_attention_workspace_;  // TlsSparseAttention split-K partials
   // A CUDA graph captured from this stream holds raw pointers to the scratch buffers above.
   // Once one has been, a grown buffer's predecessor is retired (kept until destruction) instead
   // of freed, so replaying that graph never touches freed memory.
@@ -145,7 +157,9 @@ CudaBackend::~CudaBackend() {
   if (Activate().ok() && stream_) cudaStreamSynchronize(stream_.get());
   gemm_.reset();
   retired_gemm_.clear();
-  decode_workspace_.reset();
+  decode_workspace_.memory.reset();
+  tls_select_workspace_.memory.reset();
+  tls_attention_workspace_.memory.reset();
   retired_workspaces_.clear();
   stream_.reset();
 }
@@ -203,30 +217,26 @@ absl::Status CudaBackend::EnsureGemmScratch(int64_t x_elements) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnsureDecodeWorkspace(size_t bytes) {
-  if (bytes <= decode_workspace_bytes_) return absl::OkStatus();
+absl::Status CudaBackend::EnsureWorkspace(Workspace& ws, size_t bytes, const char* what) {
+  if (bytes <= ws.bytes) return absl::OkStatus();
   ASYNCTLS_ASSIGN_OR_RETURN(const bool capturing, Capturing());
   if (capturing) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "decode attention needs ", bytes, " bytes of workspace (", decode_workspace_bytes_,
-        " reserved) during a CUDA graph capture; reserve more in CudaBackendOptions"));
+        what, " needs ", bytes, " bytes of workspace (", ws.bytes,
+        " reserved) during a CUDA graph capture; run the step once before capturing it"));
   }
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
-  if (scratch_captured_ && decode_workspace_) {
-    retired_workspaces_.push_back(std::move(decode_workspace_));
-  }
-  decode_workspace_.reset();
-  decode_workspace_bytes_ = 0;
+  if (scratch_captured_ && ws.memory) retired_workspaces_.push_back(std::move(ws.memory));
+  ws.memory.reset();
+  ws.bytes = 0;
   const size_t grown = std::max(bytes, bytes / 2 * 3);  // headroom against creeping growth
   void* ptr = nullptr;
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaMalloc(&ptr, grown));
-  decode_workspace_.reset(ptr);
-  decode_workspace_bytes_ = grown;
+  ws.memory.reset(ptr);
+  ws.bytes = grown;
   return absl::OkStatus();
 }
 
-// The split-K workspace depends on batch, heads and context (fewer sequences get more splits),
-// so the reservation takes the largest need over batch sizes up to the maximum.
 absl::Status CudaBackend::ReserveDecodeWorkspace() {
   const CudaBackendOptions& o = options_;
   if (o.max_decode_batch == 0 || o.max_seq_len == 0 || o.num_q_heads == 0 || o.num_kv_heads == 0 ||
@@ -349,6 +359,46 @@ absl::Status CudaBackend::RandomFill(const kernels::RandomFillParams& p) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::TlsIndexUpdate(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  if (!kc::TlsSelectCanImplement(p.head_dim, p.num_channels, p.num_q_heads / p.num_kv_heads)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tls select: head_dim ", p.head_dim, " / ", p.num_channels, " channels / group ",
+        p.num_q_heads / p.num_kv_heads, " is not supported by the CUDA kernels"));
+  }
+  kernels::TlsDecodeSelectParams q = p;
+  ASYNCTLS_RETURN_IF_ERROR(EnsureWorkspace(tls_select_workspace_,
+                                           kc::TlsDecodeSelectWorkspaceBytes(q), "tls select"));
+  ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
+  q.workspace = tls_select_workspace_.memory.get();
+  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  if (!kc::TlsSparseAttentionCanImplement(p.head_dim, p.v_head_dim,
+                                          p.num_q_heads / p.num_kv_heads, p.io_dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tls attention: head_dim ", p.head_dim, " / v ", p.v_head_dim, " / group ",
+        p.num_q_heads / p.num_kv_heads, " is not supported by the CUDA kernels"));
+  }
+  kernels::TlsSparseAttentionParams q = p;
+  ASYNCTLS_RETURN_IF_ERROR(EnsureWorkspace(tls_attention_workspace_,
+                                           kc::TlsSparseAttentionWorkspaceBytes(q),
+                                           "tls attention"));
+  ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
+  q.workspace = tls_attention_workspace_.memory.get();
+  ASYNCTLS_CUDA_OP(kc::TlsSparseAttention(q, stream_.get()));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::SiluMul(const kernels::SiluMulParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_CUDA_OP(kc::SiluMul(p, stream_.get()));
@@ -381,7 +431,7 @@ absl::Status CudaBackend::PagedDecodeAttention(const kernels::PagedDecodeParams&
   kernels::PagedDecodeParams q = p;
   ASYNCTLS_RETURN_IF_ERROR(EnsureDecodeWorkspace(kc::PagedDecodeWorkspaceBytes(q)));
   ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
-  q.workspace = decode_workspace_.get();
+  q.workspace = decode_workspace_.memory.get();
   ASYNCTLS_CUDA_OP(kc::PagedDecodeAttention(q, stream_.get()));
   return absl::OkStatus();
 }

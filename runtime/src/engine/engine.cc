@@ -22,7 +22,19 @@ struct Engine::Item {
   bool sample;
   bool prefill;  // prompt items precede decode items in a forward
   SamplingParams sampling;
+  bool tls = false;  // two-level sparse decode: such items come last in a forward
 };
+
+absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
+                                                          int32_t block_budget, int32_t token_budget) {
+  TlsDecodeOptions options;
+  ASYNCTLS_ASSIGN_OR_RETURN(options.channels, LoadChannelSets(channels_path));
+  options.policy.mode = kernels::TlsMode::kTwoLevel;
+  options.policy.lag = kernels::TlsLag::kSameStep;
+  if (block_budget > 0) options.policy.block_budget = block_budget;
+  if (token_budget > 0) options.policy.token_budget = token_budget;
+  return options;
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int cpu_threads) {
   if (device == "cpu") return MakeCpuBackend(cpu_threads);
@@ -76,10 +88,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
     kv_bytes = engine->backend_->kind() == DeviceKind::kCpu ? int64_t{1} << 30
                                                             : engine->backend_->FreeMemoryBytes() * 2 / 5;
   }
-  const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim);
+  int tls_channels = 0;
+  if (engine->options_.tls) {
+    ASYNCTLS_RETURN_IF_ERROR(engine->model_->EnableTls(*engine->options_.tls));
+    tls_channels = engine->options_.tls->channels.num_channels;
+  }
+  const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim, tls_channels);
   const int num_blocks = static_cast<int>(std::max<int64_t>(1, kv_bytes / static_cast<int64_t>(per_block)));
-  ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers,
-                                                            c.num_kv_heads, c.head_dim, num_blocks));
+  ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers, c.num_kv_heads,
+                                                            c.head_dim, num_blocks, tls_channels));
   ASYNCTLS_LOG_INFO("engine: ", engine->model_name_, " on ", engine->backend_->Describe(), ", ", c.num_layers,
                     " layers, KV cache ", num_blocks, " blocks (", num_blocks * kernels::kKvBlockSize, " tokens)");
   return engine;
@@ -95,6 +112,11 @@ ExecutorInfo Engine::Info() const {
   info.max_context = model_->config().max_context;
   info.kv_blocks_total = cache_->num_blocks();
   info.max_batch_tokens = options_.max_batch_tokens;
+  info.tls = options_.tls.has_value();
+  if (options_.tls) {
+    info.tls_block_budget = options_.tls->policy.block_budget;
+    info.tls_token_budget = options_.tls->policy.token_budget;
+  }
   return info;
 }
 
@@ -116,6 +138,7 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     batch.block_table.insert(batch.block_table.end(), blocks.begin(), blocks.end());
     batch.block_table.resize(static_cast<size_t>(batch.num_seqs()) * max_blocks, 0);
     if (it.prefill) ++batch.num_prefill;
+    if (it.tls) ++batch.num_tls_decode;
     if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
   }
   ASYNCTLS_RETURN_IF_ERROR(model_->Forward(batch, *cache_, &logits_));
@@ -178,8 +201,14 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
       drop(d.seq_id, std::string(s.message()));
       continue;
     }
-    decode_items.push_back({d.seq_id, &d.token, 1, d.position, true, false, d.sampling});
+    if (d.tls && !options_.tls) {
+      drop(d.seq_id, "two-level sparse attention is not enabled on this engine (no TLS channel sets)");
+      continue;
+    }
+    decode_items.push_back({d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls});
   }
+  // Dense decode items first, TLS ones last: a forward runs its TLS sequences as one tail batch.
+  std::stable_partition(decode_items.begin(), decode_items.end(), [](const Item& it) { return !it.tls; });
   // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
   // sequence appears at most once per forward (its chunks are consecutive in the cache).
   std::vector<Item> all = std::move(prefill_items);

@@ -1,20 +1,45 @@
 #include "asynctls/runtime/kv_cache.h"
 
+#include <array>
+
 #include "absl/strings/str_cat.h"
 #include "asynctls/runtime/status.h"
 
 namespace asynctls {
 
-size_t KvCache::BytesPerBlock(int num_layers, int num_kv_heads, int head_dim) {
-  return size_t{2} * num_layers * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
+namespace {
+
+// Bytes of one block's TLS index parts (kmax, kmin, codes, scales) in one layer.
+std::array<size_t, 4> TlsPartBytes(int num_kv_heads, int head_dim, int tls_channels) {
+  const size_t rows = size_t(num_kv_heads);
+  const size_t tokens = rows * kernels::kKvBlockSize;
+  return {rows * head_dim * sizeof(kernels::Bf16), rows * head_dim * sizeof(kernels::Bf16),
+          tokens * size_t(tls_channels) / 2, tokens * sizeof(float)};
+}
+
+}  // namespace
+
+size_t KvCache::BytesPerBlock(int num_layers, int num_kv_heads, int head_dim, int tls_channels) {
+  size_t bytes = size_t{2} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
+  if (tls_channels > 0) {
+    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels)) bytes += part;
+  }
+  return bytes * num_layers;
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int num_layers,
                                                          int num_kv_heads, int head_dim,
-                                                         int num_blocks) {
+                                                         int num_blocks, int tls_channels) {
   if (num_blocks <= 0) return absl::InvalidArgumentError("kv cache: num_blocks must be positive");
+  if (tls_channels < 0 || tls_channels % 8 != 0 || tls_channels > head_dim ||
+      tls_channels > kernels::kTlsMaxChannels) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv cache: tls_channels ", tls_channels, " must be a multiple of 8 in [0, min(head_dim ",
+        head_dim, ", ", kernels::kTlsMaxChannels, ")]"));
+  }
   std::unique_ptr<KvCache> cache(new KvCache());
   cache->num_blocks_ = num_blocks;
+  cache->tls_channels_ = tls_channels;
   const size_t pool_bytes =
       size_t{static_cast<size_t>(num_blocks)} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
   for (int l = 0; l < num_layers; ++l) {
@@ -25,6 +50,13 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
     ASYNCTLS_RETURN_IF_ERROR(backend->Fill(v.data(), 0, pool_bytes));
     cache->k_pools_.push_back(std::move(k));
     cache->v_pools_.push_back(std::move(v));
+    if (tls_channels == 0) continue;
+    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels)) {
+      const size_t bytes = part * static_cast<size_t>(num_blocks);
+      ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer buf, backend->Allocate(bytes));
+      ASYNCTLS_RETURN_IF_ERROR(backend->Fill(buf.data(), 0, bytes));
+      cache->tls_pools_.push_back(std::move(buf));
+    }
   }
   cache->free_.reserve(num_blocks);
   for (int b = num_blocks - 1; b >= 0; --b) cache->free_.push_back(b);

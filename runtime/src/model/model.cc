@@ -59,6 +59,13 @@ struct Model::Impl {
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
   AttentionCaptureFn capture;
+  // Two-level sparse decode (EnableTls): channel sets [layers, kv heads, channels] and the
+  // selection buffers of one step, sized for max_batch_seqs.
+  bool tls = false;
+  kernels::TlsPolicy tls_policy;
+  int32_t tls_channels = 0, tls_max_positions = 0, tls_max_kept = 0;
+  DeviceBuffer tls_channel_sets, tls_start_pos, tls_blocks, tls_num_blocks, tls_positions,
+      tls_num_positions;
   std::vector<float> capture_q, capture_k, capture_v;
 
   absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
@@ -218,8 +225,102 @@ struct Model::Impl {
     return absl::OkStatus();
   }
 
+  absl::Status EnableTls(const TlsDecodeOptions& o) {
+    const ModelConfig& c = config;
+    const ChannelSets& cs = o.channels;
+    ASYNCTLS_RETURN_IF_ERROR(cs.Validate());
+    if (cs.num_layers != c.num_layers || cs.num_kv_heads != c.num_kv_heads ||
+        cs.num_q_heads != c.num_q_heads || cs.head_dim != c.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tls: channel sets are for ", cs.num_layers, " layers x ", cs.num_q_heads, "/",
+          cs.num_kv_heads, " heads x ", cs.head_dim, " dims; the model has ", c.num_layers, " x ",
+          c.num_q_heads, "/", c.num_kv_heads, " x ", c.head_dim));
+    }
+    const kernels::TlsPolicy& pol = o.policy;
+    if (pol.lag != kernels::TlsLag::kSameStep) {
+      return absl::InvalidArgumentError(
+          "tls: policy.lag must be same-step (the one-step lag keeps per-sequence block sets, "
+          "which the engine does not hold yet)");
+    }
+    if (pol.block_budget <= 0 || pol.token_budget <= 0 || pol.sink_blocks < 0 || pol.window < 0) {
+      return absl::InvalidArgumentError(
+          "tls: policy.block_budget and token_budget must be positive, sink_blocks and window "
+          "non-negative");
+    }
+    const int64_t S = options.max_batch_seqs, KV = c.num_kv_heads;
+    tls_policy = pol;
+    tls_channels = cs.num_channels;
+    tls_max_kept = std::max(1, kernels::TlsKeptBlocks(pol));
+    tls_max_positions = kernels::TlsMaxSelectedTokens(pol, max_blocks_per_seq);
+    const int64_t i32 = sizeof(int32_t);
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_channel_sets, backend->Allocate(cs.channels.size() * i32));
+    ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_channel_sets, cs.channels));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_start_pos, backend->Allocate(S * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_blocks, backend->Allocate(S * KV * tls_max_kept * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_num_blocks, backend->Allocate(S * KV * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_positions, backend->Allocate(S * KV * tls_max_positions * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_num_positions, backend->Allocate(S * KV * i32));
+    tls = true;
+    return absl::OkStatus();
+  }
+
   absl::Status Upload32(DeviceBuffer& dst, const std::vector<int32_t>& src) {
     return backend->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
+  }
+
+  // Two-level sparse attention of the batch's last b.num_tls_decode sequences (decode tokens
+  // from q row `first_row`, sequence `first_seq`): select positions, then attend over them.
+  absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer, int first_row,
+                                  int first_seq, float scale) {
+    const ModelConfig& c = config;
+    const int H = c.num_q_heads, KV = c.num_kv_heads, hd = c.head_dim;
+    const int max_positions = kernels::TlsMaxSelectedTokens(tls_policy, b.max_blocks_per_seq);
+    const float* q_rows = q.as<float>() + int64_t{first_row} * H * hd;
+    const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * b.max_blocks_per_seq;
+    const int32_t* lens = seq_lens.as<int32_t>() + first_seq;
+    kernels::TlsDecodeSelectParams sp{};
+    sp.policy = tls_policy;
+    sp.q = q_rows;
+    sp.seq_lens = lens;
+    sp.index_table = table;
+    sp.block_kmax = cache.tls_kmax(layer);
+    sp.block_kmin = cache.tls_kmin(layer);
+    sp.channels = tls_channel_sets.as<int32_t>() + int64_t{layer} * KV * tls_channels;
+    sp.token_codes = cache.tls_codes(layer);
+    sp.token_scales = cache.tls_scales(layer);
+    sp.blocks = tls_blocks.as<int32_t>();
+    sp.num_blocks = tls_num_blocks.as<int32_t>();
+    sp.positions = tls_positions.as<int32_t>();
+    sp.num_positions = tls_num_positions.as<int32_t>();
+    sp.io_dtype = DType::kF32;
+    sp.batch = b.num_tls_decode;
+    sp.num_q_heads = H;
+    sp.num_kv_heads = KV;
+    sp.head_dim = hd;
+    sp.num_channels = tls_channels;
+    sp.max_blocks_per_seq = b.max_blocks_per_seq;
+    sp.max_kept_blocks = tls_max_kept;
+    sp.max_positions = max_positions;
+    sp.scale = scale;
+    ASYNCTLS_RETURN_IF_ERROR(backend->TlsDecodeSelect(sp));
+    kernels::TlsSparseAttentionParams ap{};
+    ap.q = q_rows;
+    ap.k_cache = cache.k_pool(layer);
+    ap.v_cache = cache.v_pool(layer);
+    ap.block_table = table;
+    ap.positions = tls_positions.as<int32_t>();
+    ap.num_positions = tls_num_positions.as<int32_t>();
+    ap.out = attn.as<float>() + int64_t{first_row} * H * hd;
+    ap.io_dtype = DType::kF32;
+    ap.batch = b.num_tls_decode;
+    ap.num_q_heads = H;
+    ap.num_kv_heads = KV;
+    ap.head_dim = hd;
+    ap.v_head_dim = hd;
+    ap.max_blocks_per_seq = b.max_blocks_per_seq;
+    ap.max_positions = max_positions;
+    ap.scale = scale;
+    return backend->TlsSparseAttention(ap);
   }
 
   absl::Status Forward(const ForwardBatch& b, KvCache& cache, std::vector<float>* out_logits) {
@@ -238,6 +339,28 @@ struct Model::Impl {
 
     const int num_prefill_tokens = b.cu_q_lens[b.num_prefill];
     const int num_decode = b.num_seqs() - b.num_prefill;
+    const bool tls_index = tls && cache.has_tls_index();
+    if (tls && cache.tls_channels() != tls_channels) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: the KV cache keeps a TLS index of ",
+                                                     cache.tls_channels(), " channels, the model's sets have ",
+                                                     tls_channels));
+    }
+    if (b.num_tls_decode < 0 || b.num_tls_decode > num_decode || (b.num_tls_decode > 0 && !tls_index)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "forward: num_tls_decode ", b.num_tls_decode, " needs 0..", num_decode,
+          " decode sequences, Model::EnableTls and a KV cache with a TLS index"));
+    }
+    const int num_dense_decode = num_decode - b.num_tls_decode;
+    int max_q_len_all = 1;
+    if (tls_index) {
+      std::vector<int32_t> start(b.num_seqs());
+      for (int s = 0; s < b.num_seqs(); ++s) {
+        const int q_len = b.cu_q_lens[s + 1] - b.cu_q_lens[s];
+        start[s] = b.seq_lens[s] - q_len;
+        max_q_len_all = std::max(max_q_len_all, q_len);
+      }
+      ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_start_pos, start));
+    }
     int max_q_len = 0, max_decode_len = 0;
     for (int s = 0; s < b.num_seqs(); ++s) {
       if (s < b.num_prefill) max_q_len = std::max(max_q_len, b.cu_q_lens[s + 1] - b.cu_q_lens[s]);
@@ -266,6 +389,26 @@ struct Model::Impl {
       if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
       ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({k.as<float>(), v.as<float>(), slots.as<int32_t>(),
                                                   cache.k_pool(li), cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
+      if (tls_index) {
+        kernels::TlsIndexUpdateParams ip{};
+        ip.k_cache = cache.k_pool(li);
+        ip.block_table = block_table.as<int32_t>();
+        ip.index_table = block_table.as<int32_t>();  // index row = KV block
+        ip.start_pos = tls_start_pos.as<int32_t>();
+        ip.seq_lens = seq_lens.as<int32_t>();
+        ip.block_kmax = cache.tls_kmax(li);
+        ip.block_kmin = cache.tls_kmin(li);
+        ip.channels = tls_channel_sets.as<int32_t>() + int64_t{li} * KV * tls_channels;
+        ip.maybe_token_codes = cache.tls_codes(li);
+        ip.maybe_token_scales = cache.tls_scales(li);
+        ip.batch = b.num_seqs();
+        ip.num_kv_heads = KV;
+        ip.head_dim = hd;
+        ip.num_channels = tls_channels;
+        ip.max_blocks_per_seq = b.max_blocks_per_seq;
+        ip.max_new_tokens = max_q_len_all;
+        ASYNCTLS_RETURN_IF_ERROR(backend->TlsIndexUpdate(ip));
+      }
       if (b.num_prefill > 0) {
         kernels::PagedPrefillParams pp{};
         pp.q = q.data();
@@ -286,7 +429,11 @@ struct Model::Impl {
         pp.scale = scale;
         ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
       }
-      if (num_decode > 0) {
+      if (b.num_tls_decode > 0) {
+        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, num_prefill_tokens + num_dense_decode,
+                                                    b.num_seqs() - b.num_tls_decode, scale));
+      }
+      if (num_dense_decode > 0) {
         kernels::PagedDecodeParams dp{};
         dp.q = q.as<float>() + int64_t{num_prefill_tokens} * H * hd;
         dp.k_cache = cache.k_pool(li);
@@ -295,7 +442,7 @@ struct Model::Impl {
         dp.seq_lens = seq_lens.as<int32_t>() + b.num_prefill;
         dp.out = attn.as<float>() + int64_t{num_prefill_tokens} * H * hd;
         dp.io_dtype = DType::kF32;
-        dp.batch = num_decode;
+        dp.batch = num_dense_decode;
         dp.num_q_heads = H;
         dp.num_kv_heads = KV;
         dp.head_dim = hd;
@@ -357,5 +504,7 @@ absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vect
 }
 
 void Model::SetAttentionCapture(AttentionCaptureFn fn) { impl_->capture = std::move(fn); }
+
+absl::Status Model::EnableTls(const TlsDecodeOptions& options) { return impl_->EnableTls(options); }
 
 }  // namespace asynctls

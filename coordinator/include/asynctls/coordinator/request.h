@@ -19,6 +19,7 @@ struct GenerationRequest {
   int32_t max_tokens = 256;            // > 0
   std::vector<std::string> stop_strings;
   bool ignore_eos = false;
+  bool tls = false;  // decode through two-level sparse attention (the replica must offer it)
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "asynctls/kernels/dense_params.h"
+#include "asynctls/kernels/tls_params.h"
 
 namespace asynctls {
 
@@ -72,6 +73,11 @@ class Backend {
   virtual absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) = 0;
   // Seeded uniform values, identical on every backend (random weights for perf runs).
   virtual absl::Status RandomFill(const kernels::RandomFillParams& p) = 0;
+  // Two-level sparse attention (kernels/tls_params.h); the backend provides the workspaces
+  // (params.workspace is ignored). Selections are identical on every backend.
+  virtual absl::Status TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) = 0;
+  virtual absl::Status TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) = 0;
+  virtual absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) = 0;
 
   // Converts a host fp32 weight to the dtype the backend's GEMMs read for `preferred`
   // (CPU: always fp32; CUDA: fp32 or bf16) and uploads it.

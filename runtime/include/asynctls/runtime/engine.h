@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -26,6 +27,8 @@ struct EngineOptions {
   int32_t max_batch_seqs = 64;
   int64_t kv_cache_bytes = 0;   // 0: 1 GiB on the CPU, 40% of free memory on a GPU
   bool keep_logits = false;     // keep each sampled row's logits (tests, perplexity)
+  // Two-level sparse decode: the KV cache keeps a TLS index and DecodeItem::tls is honoured.
+  std::optional<TlsDecodeOptions> tls;
 };
 
 class Engine final : public StepExecutor {
@@ -62,6 +65,12 @@ class Engine final : public StepExecutor {
   std::vector<float> logits_;
   std::vector<float> sampled_logits_;
 };
+
+// Two-level sparse decode options from a channel-sets file (`asynctls calibrate`) and budgets
+// (the paper's k_b 128, k_t 1024 when <= 0), same-step selection. Errors name the file.
+absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
+                                                          int32_t block_budget = 0,
+                                                          int32_t token_budget = 0);
 
 // Makes the backend named by `device` ("cpu", "cuda", "cuda:N", "auto").
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int cpu_threads);

@@ -1,6 +1,10 @@
 // The paged KV cache of one rank: per layer a K and a V pool of bf16 blocks
 // [num_blocks, num_kv_heads, 64, head_dim] on the backend, a free list of blocks, and the
-// block list of every live sequence. Not thread-safe (owned by one Engine).
+// block list of every live sequence. With a TLS index (tls_channels > 0) every layer also keeps
+// the two-level sparse attention indices of every block, on the same block ids (index row = KV
+// block; layouts in kernels/tls_params.h): block max/min bf16 [num_blocks, num_kv_heads,
+// head_dim] and the INT4 token index codes [num_blocks, num_kv_heads, 64, tls_channels / 2] +
+// fp32 scales [num_blocks, num_kv_heads, 64]. Not thread-safe (owned by one Engine).
 #pragma once
 
 #include <cstdint>
@@ -18,7 +22,7 @@ class KvCache {
   // RESOURCE_EXHAUSTED when the pools do not fit on the backend.
   static absl::StatusOr<std::unique_ptr<KvCache>> Create(Backend* backend, int num_layers,
                                                          int num_kv_heads, int head_dim,
-                                                         int num_blocks);
+                                                         int num_blocks, int tls_channels = 0);
 
   // Grows sequence `seq_id` (created on first use) to hold `num_tokens` tokens, taking blocks
   // from the free list. RESOURCE_EXHAUSTED (and no change) when there are not enough free blocks.
@@ -33,11 +37,20 @@ class KvCache {
 
   void* k_pool(int layer) const { return k_pools_[layer].data(); }
   void* v_pool(int layer) const { return v_pools_[layer].data(); }
+  // TLS index of a layer (null without one).
+  bool has_tls_index() const { return tls_channels_ > 0; }
+  int tls_channels() const { return tls_channels_; }
+  void* tls_kmax(int layer) const { return TlsPart(layer, 0); }
+  void* tls_kmin(int layer) const { return TlsPart(layer, 1); }
+  uint8_t* tls_codes(int layer) const { return static_cast<uint8_t*>(TlsPart(layer, 2)); }
+  float* tls_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 3)); }
   int num_blocks() const { return num_blocks_; }
   int free_blocks() const { return static_cast<int>(free_.size()); }
   int used_blocks() const { return num_blocks_ - free_blocks(); }
   int num_sequences() const { return static_cast<int>(seqs_.size()); }
-  static size_t BytesPerBlock(int num_layers, int num_kv_heads, int head_dim);
+  // Device bytes of one block over all layers (K, V and, with tls_channels > 0, its indices).
+  static size_t BytesPerBlock(int num_layers, int num_kv_heads, int head_dim,
+                              int tls_channels = 0);
 
  private:
   struct Seq {
@@ -45,9 +58,14 @@ class KvCache {
     int len = 0;
   };
   KvCache() = default;
+  void* TlsPart(int layer, int part) const {
+    return tls_channels_ > 0 ? tls_pools_[4 * layer + part].data() : nullptr;
+  }
 
   int num_blocks_ = 0;
+  int tls_channels_ = 0;
   std::vector<DeviceBuffer> k_pools_, v_pools_;
+  std::vector<DeviceBuffer> tls_pools_;  // per layer: kmax, kmin, codes, scales
   std::vector<int32_t> free_;  // stack of free block ids
   absl::flat_hash_map<uint64_t, Seq> seqs_;
 };

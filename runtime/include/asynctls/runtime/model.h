@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "asynctls/kernels/tls_params.h"
 #include "asynctls/runtime/backend.h"
+#include "asynctls/runtime/channel_sets.h"
 #include "asynctls/runtime/kv_cache.h"
 #include "asynctls/runtime/model_config.h"
 
@@ -37,7 +39,19 @@ struct ForwardBatch {
   int32_t max_blocks_per_seq = 0;
   int32_t num_prefill = 0;           // sequences with prompt chunks (first in order)
   std::vector<int32_t> logit_rows;   // token rows whose logits are returned, in order
+  // The last num_tls_decode decode sequences attend through the two-level sparse path
+  // (Model::EnableTls); the others densely.
+  int32_t num_tls_decode = 0;
   int32_t num_seqs() const { return static_cast<int32_t>(seq_lens.size()); }
+};
+
+// Two-level sparse attention for decode tokens (DESIGN §1): once enabled, every Forward keeps
+// the KV cache's TLS index up to date (prefill chunks and decode tokens; the cache must have
+// one with channels.num_channels channels), and the batch's TLS decode sequences select their
+// positions with `policy` and attend over them only. Prefill attention stays dense.
+struct TlsDecodeOptions {
+  kernels::TlsPolicy policy;  // same-step only (the one-step lag needs per-sequence state)
+  ChannelSets channels;       // calibrated channel sets of this model (asynctls calibrate)
 };
 
 // One layer's attention inputs of one Forward, after RoPE, as host copies valid during the
@@ -73,6 +87,9 @@ class Model {
   // layer's q/k/v (a blocking device-to-host copy per layer). Null (the default) turns it off
   // and costs nothing.
   void SetAttentionCapture(AttentionCaptureFn fn);
+  // INVALID_ARGUMENT when the channel sets do not fit the model or the policy is not supported
+  // (naming the field).
+  absl::Status EnableTls(const TlsDecodeOptions& options);
 
  private:
   struct Impl;

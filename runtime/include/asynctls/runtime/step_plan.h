@@ -35,6 +35,7 @@ struct DecodeItem {
   int32_t token = 0;
   int32_t position = 0;
   SamplingParams sampling;
+  bool tls = false;  // attend through the two-level sparse path (ExecutorInfo::tls)
 };
 
 struct StepPlan {
@@ -73,6 +74,8 @@ struct ExecutorInfo {
   int32_t max_context = 0;
   int32_t kv_blocks_total = 0; // 64-token blocks
   int32_t max_batch_tokens = 0;
+  bool tls = false;  // decode items may ask for two-level sparse attention
+  int32_t tls_block_budget = 0, tls_token_budget = 0;  // its budgets (with tls)
 };
 
 // Executes plans: the in-process Engine, or a link to remote workers. Step() calls are

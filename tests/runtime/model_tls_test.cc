@@ -1,0 +1,218 @@
+// Two-level sparse decode in the model and the engine (CPU backend, real SmolLM2, channel sets
+// calibrated on another text: tests/data/channels/smollm2-gpl.json). Each test prefills the same
+// prompt as two sequences and decodes them side by side in one forward, one densely and one
+// through TLS, feeding both the dense sequence's tokens (teacher forcing), so every step compares
+// the two attention paths on the same context.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "asynctls/runtime/channel_sets.h"
+#include "asynctls/runtime/tokenizer.h"
+#include "model_test_util.h"
+
+namespace asynctls {
+namespace {
+
+using kernels::TlsLag;
+using kernels::TlsMode;
+using kernels::TlsPolicy;
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class ModelTlsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const std::string path = testing::SmolLm2Path();
+    if (path.empty()) return;
+    auto file = WeightFile::Open(path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    weights_ = std::move(*file).release();
+    auto sets = LoadChannelSets(std::string(ASYNCTLS_SOURCE_DIR) +
+                                "/tests/data/channels/smollm2-gpl.json");
+    ASSERT_TRUE(sets.ok()) << sets.status();
+    channels_ = new ChannelSets(*std::move(sets));
+    auto tokenizer = Tokenizer::FromGguf(*weights_);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    auto ids = (*tokenizer)->Encode(
+        ReadText(std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/prompts/apache-2.0.txt"));
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    apache_ = new std::vector<int32_t>(*ids);
+  }
+  static void TearDownTestSuite() {
+    delete weights_;
+    delete channels_;
+    delete apache_;
+    weights_ = nullptr;
+    channels_ = nullptr;
+    apache_ = nullptr;
+  }
+  void SetUp() override {
+    if (!weights_) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
+  }
+
+  static absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(std::optional<TlsPolicy> policy) {
+    EngineOptions options;
+    options.device = "cpu";
+    options.keep_logits = true;
+    options.kv_cache_bytes = int64_t{64} << 20;
+    if (policy) options.tls = TlsDecodeOptions{*policy, *channels_};
+    return Engine::Create(*weights_, options);
+  }
+
+  static TlsPolicy Policy(int block_budget, int token_budget) {
+    TlsPolicy p;
+    p.mode = TlsMode::kTwoLevel;
+    p.lag = TlsLag::kSameStep;
+    p.block_budget = block_budget;
+    p.token_budget = token_budget;
+    return p;
+  }
+
+  struct SideBySide {
+    int steps = 0, same_top1 = 0;
+    double max_abs_diff = 0;
+  };
+
+  // Prefills the first `prompt_len` Apache tokens as sequences 1 (dense) and 2 (TLS), then
+  // decodes `steps` tokens with both in each forward; both are fed sequence 1's greedy tokens.
+  static SideBySide Run(Engine& engine, int prompt_len, int steps) {
+    const std::vector<int32_t> prompt(apache_->begin(), apache_->begin() + prompt_len);
+    const int vocab = engine.config().vocab_size;
+    StepPlan plan;
+    for (uint64_t id : {1, 2}) {
+      PrefillChunk c;
+      c.seq_id = id;
+      c.tokens = prompt;
+      c.sample = true;
+      plan.prefills.push_back(c);
+    }
+    auto r = engine.Step(plan);
+    EXPECT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->errors.empty());
+    int32_t next = r->tokens.at(0).seq_id == 1 ? r->tokens[0].token : r->tokens[1].token;
+    SideBySide out;
+    for (int s = 0; s < steps; ++s) {
+      StepPlan d;
+      const int32_t pos = prompt_len + s;
+      d.decodes.push_back({2, next, pos, {}, /*tls=*/true});  // listed first: the engine reorders
+      d.decodes.push_back({1, next, pos, {}, /*tls=*/false});
+      auto step = engine.Step(d);
+      EXPECT_TRUE(step.ok()) << step.status();
+      EXPECT_TRUE(step->errors.empty()) << step->errors[0].message;
+      if (!step.ok() || step->tokens.size() != 2) return out;
+      const std::vector<float>& logits = engine.sampled_logits();
+      const int dense_row = step->tokens[0].seq_id == 1 ? 0 : 1;
+      const float* dense = logits.data() + dense_row * vocab;
+      const float* tls = logits.data() + (1 - dense_row) * vocab;
+      for (int i = 0; i < vocab; ++i) {
+        out.max_abs_diff = std::max<double>(out.max_abs_diff, std::fabs(dense[i] - tls[i]));
+      }
+      const int32_t dense_top = step->tokens[dense_row].token;
+      out.same_top1 += step->tokens[1 - dense_row].token == dense_top ? 1 : 0;
+      ++out.steps;
+      next = dense_top;
+    }
+    StepPlan release;
+    release.releases = {1, 2};
+    EXPECT_TRUE(engine.Step(release).ok());
+    EXPECT_EQ(engine.kv_cache().used_blocks(), 0);
+    return out;
+  }
+
+  static WeightFile* weights_;
+  static ChannelSets* channels_;
+  static std::vector<int32_t>* apache_;
+};
+WeightFile* ModelTlsTest::weights_ = nullptr;
+ChannelSets* ModelTlsTest::channels_ = nullptr;
+std::vector<int32_t>* ModelTlsTest::apache_ = nullptr;
+
+// Budgets above the context: TLS selects every position, so its attention is exact attention and
+// only the summation order differs from the dense kernel.
+TEST_F(ModelTlsTest, FullBudgetEqualsDense) {
+  auto engine = MakeEngine(Policy(64, 8192));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->Info().tls);
+  const SideBySide r = Run(**engine, 300, 6);
+  std::printf("[ full     ] %d/%d same top-1, max |logit diff| %.2e\n", r.same_top1, r.steps,
+              r.max_abs_diff);
+  EXPECT_EQ(r.same_top1, r.steps);
+  EXPECT_LT(r.max_abs_diff, 1e-2);
+}
+
+// A real sparse budget on 768 tokens: 4 blocks kept of 10 eligible, 96 tokens chosen among their
+// 256 (plus the sink block and the window): ~30% of the context is read.
+TEST_F(ModelTlsTest, SparseBudgetTracksDense) {
+  auto engine = MakeEngine(Policy(4, 96));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const SideBySide r = Run(**engine, 768, 12);
+  std::printf("[ sparse   ] k_b 4, k_t 96 over 768 tokens: %d/%d same top-1, max |logit diff| %.2f\n",
+              r.same_top1, r.steps, r.max_abs_diff);
+  EXPECT_GE(r.same_top1 * 4, r.steps * 3);  // at least 75% of the steps agree
+  EXPECT_GT(r.max_abs_diff, 0.0);           // the path is really sparse
+}
+
+// A TLS decode on an engine without channel sets fails that sequence only, freeing its KV.
+TEST_F(ModelTlsTest, TlsDecodeWithoutTlsIsASequenceError) {
+  auto engine = MakeEngine(std::nullopt);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_FALSE((*engine)->Info().tls);
+  const std::vector<int32_t> prompt(apache_->begin(), apache_->begin() + 40);
+  StepPlan plan;
+  for (uint64_t id : {1, 2}) {
+    PrefillChunk c;
+    c.seq_id = id;
+    c.tokens = prompt;
+    c.sample = true;
+    plan.prefills.push_back(c);
+  }
+  ASSERT_TRUE((*engine)->Step(plan).ok());
+  StepPlan d;
+  d.decodes.push_back({1, prompt[0], 40, {}, /*tls=*/true});
+  d.decodes.push_back({2, prompt[0], 40, {}, /*tls=*/false});
+  auto r = (*engine)->Step(d);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->errors.size(), 1u);
+  EXPECT_EQ(r->errors[0].seq_id, 1u);
+  EXPECT_NE(r->errors[0].message.find("not enabled"), std::string::npos) << r->errors[0].message;
+  ASSERT_EQ(r->tokens.size(), 1u);
+  EXPECT_EQ(r->tokens[0].seq_id, 2u);
+  EXPECT_FALSE((*engine)->kv_cache().Contains(1));
+}
+
+TEST_F(ModelTlsTest, BadOptionsAreRejected) {
+  {
+    TlsPolicy lag = Policy(4, 96);
+    lag.lag = TlsLag::kOneStep;
+    auto engine = MakeEngine(lag);
+    ASSERT_FALSE(engine.ok());
+    EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(engine.status().message().find("lag"), std::string::npos) << engine.status();
+  }
+  {
+    ChannelSets wrong = *channels_;
+    wrong.num_layers -= 1;
+    wrong.channels.resize(wrong.channels.size() - size_t(wrong.num_kv_heads) * wrong.num_channels);
+    EngineOptions options;
+    options.device = "cpu";
+    options.kv_cache_bytes = int64_t{16} << 20;
+    options.tls = TlsDecodeOptions{Policy(4, 96), wrong};
+    auto engine = Engine::Create(*weights_, options);
+    ASSERT_FALSE(engine.ok());
+    EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(engine.status().message().find("29 layers"), std::string::npos) << engine.status();
+  }
+}
+
+}  // namespace
+}  // namespace asynctls
