@@ -1,5 +1,6 @@
 // SmolLM2 on the CUDA backend: next-token top-1 equals llama.cpp's, and greedy output equals
-// the CPU backend's for the first 32 tokens of each reference prompt. Skips without a GPU.
+// the CPU backend's for the first 32 tokens of each reference prompt, with dense and with
+// two-level sparse decode. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,11 +14,19 @@ namespace {
 
 std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
 
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file, const std::string& device) {
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file, const std::string& device,
+                                                   bool tls = false) {
   EngineOptions options;
   options.device = device;
   options.keep_logits = true;
   options.kv_cache_bytes = int64_t{256} << 20;
+  if (tls) {
+    // A sparse budget for these prompts: 4 blocks of ~35, 96 tokens among their 256.
+    auto tls_options = TlsDecodeOptionsFromFile(
+        std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/channels/smollm2-gpl.json", 4, 96);
+    if (!tls_options.ok()) return tls_options.status();
+    options.tls = *tls_options;
+  }
   return Engine::Create(file, options);
 }
 
@@ -53,6 +62,39 @@ TEST(SmolLm2GpuTest, GreedyMatchesCpuAndTop1MatchesLlamaCpp) {
     while (same < 32 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
     std::printf("[ cpu=gpu  ] %-12s first %d/32 greedy tokens identical; gpu: %s\n", name.c_str(), same,
                 (*tokenizer)->Decode(*on_gpu).substr(0, 60).c_str());
+    EXPECT_EQ(*on_gpu, *on_cpu);
+  }
+  EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
+}
+
+// Two-level sparse decode on the GPU and the CPU: the selections are computed bit for bit alike
+// from the same q, so greedy outputs agree as the dense ones do.
+TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const std::string path = testing::SmolLm2Path();
+  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
+  auto file = WeightFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto gpu = MakeEngine(**file, "cuda", /*tls=*/true);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = MakeEngine(**file, "cpu", /*tls=*/true);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const nlohmann::json ref = testing::LoadReference();
+  for (const auto& c : ref["cases"]) {
+    const std::string name = c["name"].get<std::string>();
+    SCOPED_TRACE(name);
+    const std::vector<int32_t> prompt = Ids(c["token_ids"]);
+    auto on_gpu = testing::Greedy(**gpu, prompt, 24, 1, /*tls=*/true);
+    ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+    auto on_cpu = testing::Greedy(**cpu, prompt, 24, 1, /*tls=*/true);
+    ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+    auto dense = testing::Greedy(**gpu, prompt, 24, 2);
+    ASSERT_TRUE(dense.ok()) << dense.status();
+    int same = 0, same_dense = 0;
+    while (same < 24 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
+    while (same_dense < 24 && (*on_gpu)[same_dense] == (*dense)[same_dense]) ++same_dense;
+    std::printf("[ tls      ] %-12s %5zu tokens: gpu tls = cpu tls for the first %d/24, = gpu dense for %d/24\n",
+                name.c_str(), prompt.size(), same, same_dense);
     EXPECT_EQ(*on_gpu, *on_cpu);
   }
   EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);

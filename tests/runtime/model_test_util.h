@@ -48,16 +48,17 @@ inline absl::StatusOr<SampledToken> Prefill(Engine& engine, uint64_t seq_id, con
   return result->tokens.at(0);
 }
 
-// Greedy generation of `n` tokens after `prompt`, one step at a time; releases the sequence.
+// Greedy generation of `n` tokens after `prompt`, one step at a time (two-level sparse decode
+// with `tls`); releases the sequence.
 inline absl::StatusOr<std::vector<int32_t>> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n,
-                                                   uint64_t seq_id = 1) {
+                                                   uint64_t seq_id = 1, bool tls = false) {
   std::vector<int32_t> out;
   auto first = Prefill(engine, seq_id, prompt);
   if (!first.ok()) return first.status();
   out.push_back(first->token);
   while (static_cast<int>(out.size()) < n) {
     StepPlan plan;
-    plan.decodes.push_back({seq_id, out.back(), static_cast<int32_t>(prompt.size() + out.size() - 1), {}});
+    plan.decodes.push_back({seq_id, out.back(), static_cast<int32_t>(prompt.size() + out.size() - 1), {}, tls});
     auto result = engine.Step(plan);
     if (!result.ok()) return result.status();
     if (!result->errors.empty()) return absl::InternalError(result->errors[0].message);
