@@ -34,15 +34,22 @@ inline nlohmann::json LoadReference() {
   return nlohmann::json::parse(in);
 }
 
+// A plan that prefills `prompt` whole as each of `seq_ids`, sampling the next token.
+inline StepPlan PrefillPlan(const std::vector<uint64_t>& seq_ids, const std::vector<int32_t>& prompt) {
+  StepPlan plan;
+  for (uint64_t id : seq_ids) {
+    PrefillChunk chunk;
+    chunk.seq_id = id;
+    chunk.tokens = prompt;
+    chunk.sample = true;
+    plan.prefills.push_back(chunk);
+  }
+  return plan;
+}
+
 // Prefills `prompt` as sequence `seq_id` and returns the sampled first token.
 inline absl::StatusOr<SampledToken> Prefill(Engine& engine, uint64_t seq_id, const std::vector<int32_t>& prompt) {
-  StepPlan plan;
-  PrefillChunk chunk;
-  chunk.seq_id = seq_id;
-  chunk.tokens = prompt;
-  chunk.sample = true;
-  plan.prefills.push_back(chunk);
-  auto result = engine.Step(plan);
+  auto result = engine.Step(PrefillPlan({seq_id}, prompt));
   if (!result.ok()) return result.status();
   if (!result->errors.empty()) return absl::InternalError(result->errors[0].message);
   return result->tokens.at(0);

@@ -88,15 +88,7 @@ class ModelTlsTest : public ::testing::Test {
   static SideBySide Run(Engine& engine, int prompt_len, int steps) {
     const std::vector<int32_t> prompt(apache_->begin(), apache_->begin() + prompt_len);
     const int vocab = engine.config().vocab_size;
-    StepPlan plan;
-    for (uint64_t id : {1, 2}) {
-      PrefillChunk c;
-      c.seq_id = id;
-      c.tokens = prompt;
-      c.sample = true;
-      plan.prefills.push_back(c);
-    }
-    auto r = engine.Step(plan);
+    auto r = engine.Step(testing::PrefillPlan({1, 2}, prompt));
     EXPECT_TRUE(r.ok()) << r.status();
     EXPECT_TRUE(r->errors.empty());
     int32_t next = r->tokens.at(0).seq_id == 1 ? r->tokens[0].token : r->tokens[1].token;
@@ -168,15 +160,7 @@ TEST_F(ModelTlsTest, TlsDecodeWithoutTlsIsASequenceError) {
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_FALSE((*engine)->Info().tls);
   const std::vector<int32_t> prompt(apache_->begin(), apache_->begin() + 40);
-  StepPlan plan;
-  for (uint64_t id : {1, 2}) {
-    PrefillChunk c;
-    c.seq_id = id;
-    c.tokens = prompt;
-    c.sample = true;
-    plan.prefills.push_back(c);
-  }
-  ASSERT_TRUE((*engine)->Step(plan).ok());
+  ASSERT_TRUE((*engine)->Step(testing::PrefillPlan({1, 2}, prompt)).ok());
   StepPlan d;
   d.decodes.push_back({1, prompt[0], 40, {}, /*tls=*/true});
   d.decodes.push_back({2, prompt[0], 40, {}, /*tls=*/false});

@@ -19,6 +19,7 @@
 #include "grpcpp/grpcpp.h"
 #include "runtime/model_test_util.h"
 #include "server/inference_service.h"
+#include "service/service_test_util.h"
 
 namespace asynctls {
 namespace {
@@ -39,10 +40,7 @@ struct StreamResult {
 struct World {
   std::unique_ptr<WeightFile> weights;
   std::unique_ptr<Tokenizer> tokenizer;
-  std::unique_ptr<Router> router;
-  std::unique_ptr<InferenceService> service;
-  RunningServer server;
-  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<testing::InProcessServer> serving;  // before the tokenizer goes
   std::string model_name;
 };
 World* world = nullptr;
@@ -57,33 +55,23 @@ class InferenceServiceTest : public ::testing::Test {
     world->tokenizer = std::move(*Tokenizer::FromGguf(*world->weights));
     CoordinatorOptions options;
     options.max_queue = 64;
-    world->router = std::make_unique<Router>(world->tokenizer.get(), options);
     EngineOptions engine_options;
     engine_options.device = "cpu";
     engine_options.kv_cache_bytes = int64_t{256} << 20;
     auto engine = Engine::Create(*world->weights, engine_options);
     ASSERT_TRUE(engine.ok()) << engine.status();
     world->model_name = (*engine)->Info().model_name;
-    ASSERT_TRUE(world->router->AddReplica("local", std::move(*engine)).ok());
-    world->service = std::make_unique<InferenceService>(world->router.get(), world->tokenizer.get());
-    ServerConfig config;
-    config.address = "127.0.0.1:0";
-    auto server = BuildInferenceServer(world->service.get(), config);
-    ASSERT_TRUE(server.ok()) << server.status();
-    world->server = std::move(*server);
-    world->channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(world->server.port),
-                                         grpc::InsecureChannelCredentials());
+    auto serving = testing::InProcessServer::Start(world->tokenizer.get(), std::move(*engine), options);
+    ASSERT_TRUE(serving.ok()) << serving.status();
+    world->serving = std::move(*serving);
   }
   static void TearDownTestSuite() {
-    if (!world) return;
-    world->server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    world->router.reset();
     delete world;
     world = nullptr;
   }
   void SetUp() override {
     if (!world) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-    stub_ = v1::Inference::NewStub(world->channel);
+    stub_ = v1::Inference::NewStub(world->serving->channel);
   }
 
   static v1::GenerateRequest Request(const std::string& id, const std::string& prompt, int max_tokens) {
@@ -359,7 +347,7 @@ TEST_F(InferenceServiceTest, ListModelsAndStats) {
 
 // One raw call through the generic stub (no generated stubs for health/reflection here).
 grpc::Status RawCall(const std::string& method, const std::string& request, bool streaming, std::string* reply) {
-  grpc::GenericStub stub(world->channel);
+  grpc::GenericStub stub(world->serving->channel);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   grpc::CompletionQueue cq;

@@ -17,6 +17,7 @@
 #include "grpcpp/grpcpp.h"
 #include "runtime/model_test_util.h"
 #include "server/inference_service.h"
+#include "service/service_test_util.h"
 
 namespace asynctls {
 namespace {
@@ -24,10 +25,7 @@ namespace {
 struct TlsWorld {
   std::unique_ptr<WeightFile> weights;
   std::unique_ptr<Tokenizer> tokenizer;
-  std::unique_ptr<Router> router;
-  std::unique_ptr<InferenceService> service;
-  RunningServer server;
-  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<testing::InProcessServer> serving;  // before the tokenizer goes
 };
 TlsWorld* world = nullptr;
 
@@ -39,7 +37,6 @@ class TlsServiceTest : public ::testing::Test {
     world = new TlsWorld;
     world->weights = std::move(*WeightFile::Open(path));
     world->tokenizer = std::move(*Tokenizer::FromGguf(*world->weights));
-    world->router = std::make_unique<Router>(world->tokenizer.get(), CoordinatorOptions{});
     EngineOptions options;
     options.device = "cpu";
     options.kv_cache_bytes = int64_t{128} << 20;
@@ -49,27 +46,17 @@ class TlsServiceTest : public ::testing::Test {
     options.tls = *tls;
     auto engine = Engine::Create(*world->weights, options);
     ASSERT_TRUE(engine.ok()) << engine.status();
-    ASSERT_TRUE(world->router->AddReplica("local", std::move(*engine)).ok());
-    world->service =
-        std::make_unique<InferenceService>(world->router.get(), world->tokenizer.get());
-    ServerConfig config;
-    config.address = "127.0.0.1:0";
-    auto server = BuildInferenceServer(world->service.get(), config);
-    ASSERT_TRUE(server.ok()) << server.status();
-    world->server = std::move(*server);
-    world->channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(world->server.port),
-                                         grpc::InsecureChannelCredentials());
+    auto serving = testing::InProcessServer::Start(world->tokenizer.get(), std::move(*engine));
+    ASSERT_TRUE(serving.ok()) << serving.status();
+    world->serving = std::move(*serving);
   }
   static void TearDownTestSuite() {
-    if (!world) return;
-    world->server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    world->router.reset();
     delete world;
     world = nullptr;
   }
   void SetUp() override {
     if (!world) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-    stub_ = v1::Inference::NewStub(world->channel);
+    stub_ = v1::Inference::NewStub(world->serving->channel);
   }
 
   // The first ~600 tokens of the Apache license as a raw prompt, greedy, `max_tokens` tokens.
