@@ -30,7 +30,9 @@ double MedianGraphMs(Launch&& launch, int per_sample, int samples, cudaStream_t 
   BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < per_sample; ++i) BENCH_CHECK(launch(i, stream));
   BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  // Kernel nodes keep the priority of the stream they were captured from (a step's critical
+  // branch on a high-priority stream goes first when branches compete for SMs).
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, cudaGraphInstantiateFlagUseNodePriority));
   BENCH_CHECK(cudaGraphLaunch(exec, stream));
   BENCH_CHECK(cudaGraphLaunch(exec, stream));
   cudaEvent_t start, stop;
