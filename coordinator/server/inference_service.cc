@@ -298,13 +298,15 @@ absl::StatusOr<GenerationRequest> InferenceService::Prepare(const v1::GenerateRe
     if (tls == nullptr)
       return absl::FailedPreconditionError(
           "attention.mode: MODE_TLS needs a server started with TLS channel sets (asynctls serve --tls-channels)");
-    if (attention.token_budget() != 0 && attention.token_budget() != tls->info.tls_token_budget)
-      return absl::InvalidArgumentError(absl::StrCat("attention.token_budget: per-request budgets are not supported yet; "
-                                                     "this server attends ", tls->info.tls_token_budget, " tokens (send 0)"));
-    if (attention.block_budget() != 0 && attention.block_budget() != tls->info.tls_block_budget)
-      return absl::InvalidArgumentError(absl::StrCat("attention.block_budget: per-request budgets are not supported yet; "
-                                                     "this server keeps ", tls->info.tls_block_budget, " blocks (send 0)"));
+    if (attention.token_budget() > tls->info.tls_token_budget)
+      return absl::InvalidArgumentError(absl::StrCat("attention.token_budget: ", attention.token_budget(),
+                                                     " exceeds this server's largest, ", tls->info.tls_token_budget));
+    if (attention.block_budget() > tls->info.tls_block_budget)
+      return absl::InvalidArgumentError(absl::StrCat("attention.block_budget: ", attention.block_budget(),
+                                                     " exceeds this server's largest, ", tls->info.tls_block_budget));
     out.tls = true;
+    out.tls_block_budget = attention.block_budget();
+    out.tls_token_budget = attention.token_budget();
   }
 
   // Sampling.

@@ -39,6 +39,8 @@ void ToProto(const StepPlan& plan, v1::WorkerStepPlan* out) {
     p->set_position(d.position);
     ToProto(d.sampling, p->mutable_sampling());
     p->set_tls(d.tls);
+    p->set_tls_block_budget(d.tls_block_budget);
+    p->set_tls_token_budget(d.tls_token_budget);
   }
 }
 
@@ -62,6 +64,8 @@ StepPlan FromProto(const v1::WorkerStepPlan& plan) {
     d.position = p.position();
     d.sampling = FromProto(p.sampling());
     d.tls = p.tls();
+    d.tls_block_budget = p.tls_block_budget();
+    d.tls_token_budget = p.tls_token_budget();
     out.decodes.push_back(d);
   }
   return out;

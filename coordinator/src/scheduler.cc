@@ -86,7 +86,7 @@ StepPlan Scheduler::NextPlan() {
     if (s->prefilled < prompt_len || s->generated.empty()) continue;
     plan.decodes.push_back({s->seq_id, s->generated.back(),
                             prompt_len + static_cast<int32_t>(s->generated.size()) - 1, s->request.sampling,
-                            s->request.tls});
+                            s->request.tls, s->request.tls_block_budget, s->request.tls_token_budget});
     --budget;
   }
   // 2. Admit waiting requests while KV and slots allow (FIFO: no overtaking).

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "asynctls/runtime/channel_sets.h"
@@ -64,7 +65,7 @@ class ModelTlsTest : public ::testing::Test {
     EngineOptions options;
     options.device = "cpu";
     options.keep_logits = true;
-    options.kv_cache_bytes = int64_t{64} << 20;
+    options.kv_cache_bytes = int64_t{128} << 20;
     if (policy) options.tls = TlsDecodeOptions{*policy, *channels_};
     return Engine::Create(*weights_, options);
   }
@@ -152,6 +153,59 @@ TEST_F(ModelTlsTest, SparseBudgetTracksDense) {
               r.same_top1, r.steps, r.max_abs_diff);
   EXPECT_GE(r.same_top1 * 4, r.steps * 3);  // at least 75% of the steps agree
   EXPECT_GT(r.max_abs_diff, 0.0);           // the path is really sparse
+}
+
+// Sequences with different budgets share a forward (one selection call per budget run): each
+// one's logits equal those of the same sequence decoded alone with its budgets, bit for bit.
+TEST_F(ModelTlsTest, PerSequenceBudgetsInOneForward) {
+  auto engine = MakeEngine(Policy(8, 256));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const int vocab = e.config().vocab_size, len = 640;
+  const std::vector<int32_t> prompt(apache_->begin(), apache_->begin() + len);
+  auto r = e.Step(testing::PrefillPlan({1, 2, 3, 4}, prompt));
+  ASSERT_TRUE(r.ok() && r->errors.empty());
+  const int32_t next = r->tokens[0].token;
+  auto decode = [&](uint64_t id, int32_t kb, int32_t kt) {
+    DecodeItem d{id, next, len, {}, /*tls=*/true};
+    d.tls_block_budget = kb;
+    d.tls_token_budget = kt;
+    return d;
+  };
+  // 1: k_b 4 / k_t 96; 2: the engine's 8 / 256 spelled out; 3: 0 / 0 (the engine's); listed
+  // out of budget order (the engine groups them).
+  StepPlan mixed;
+  mixed.decodes = {decode(1, 4, 96), decode(2, 8, 256), decode(3, 0, 0)};
+  auto m = e.Step(mixed);
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_TRUE(m->errors.empty()) << m->errors[0].message;
+  ASSERT_EQ(m->tokens.size(), 3u);
+  std::map<uint64_t, std::vector<float>> rows;
+  for (size_t i = 0; i < 3; ++i) {
+    rows[m->tokens[i].seq_id].assign(e.sampled_logits().begin() + i * vocab,
+                                     e.sampled_logits().begin() + (i + 1) * vocab);
+  }
+  StepPlan alone;
+  alone.decodes = {decode(4, 4, 96)};
+  auto a = e.Step(alone);
+  ASSERT_TRUE(a.ok() && a->errors.empty());
+  const std::vector<float> row4(e.sampled_logits().begin(), e.sampled_logits().begin() + vocab);
+  EXPECT_EQ(rows[1], row4);     // same budgets, alone vs in a mixed forward
+  EXPECT_EQ(rows[2], rows[3]);  // explicit engine budgets == defaults
+  EXPECT_NE(rows[1], rows[2]);  // the budgets really differ
+  // Over the engine's budgets: that sequence fails, with a message naming them.
+  StepPlan over;
+  over.decodes = {decode(1, 16, 96)};
+  over.decodes[0].position = len + 1;
+  over.decodes[0].token = r->tokens[0].token;
+  auto o = e.Step(over);
+  ASSERT_TRUE(o.ok());
+  ASSERT_EQ(o->errors.size(), 1u);
+  EXPECT_NE(o->errors[0].message.find("k_b 16"), std::string::npos) << o->errors[0].message;
+  StepPlan release;
+  release.releases = {1, 2, 3, 4};
+  ASSERT_TRUE(e.Step(release).ok());
+  EXPECT_EQ(e.kv_cache().used_blocks(), 0);
 }
 
 // A TLS decode on an engine without channel sets fails that sequence only, freeing its KV.

@@ -18,7 +18,7 @@ TEST(StepCodecTest, PlanRoundTripKeepsDecodeItemsAndTheirTlsFlag) {
   c.sample = true;
   c.sampling.temperature = 0.5f;
   plan.prefills.push_back(c);
-  plan.decodes.push_back({8, 42, 100, {}, /*tls=*/true});
+  plan.decodes.push_back({8, 42, 100, {}, /*tls=*/true, 16, 512});
   plan.decodes.push_back({9, 43, 200, {}, /*tls=*/false});
   v1::WorkerStepPlan proto;
   ToProto(plan, &proto);
@@ -33,6 +33,8 @@ TEST(StepCodecTest, PlanRoundTripKeepsDecodeItemsAndTheirTlsFlag) {
   EXPECT_EQ(back.decodes[0].seq_id, 8u);
   EXPECT_EQ(back.decodes[0].position, 100);
   EXPECT_TRUE(back.decodes[0].tls);
+  EXPECT_EQ(back.decodes[0].tls_block_budget, 16);
+  EXPECT_EQ(back.decodes[0].tls_token_budget, 512);
   EXPECT_FALSE(back.decodes[1].tls);
 }
 

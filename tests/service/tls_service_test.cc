@@ -103,7 +103,7 @@ TEST_F(TlsServiceTest, TlsRequestStreamsAndTracksDense) {
   EXPECT_GE(same, 4);  // the first tokens see (almost) the same attention
 }
 
-TEST_F(TlsServiceTest, BudgetOtherThanTheServersIsInvalid) {
+TEST_F(TlsServiceTest, BudgetAboveTheServersIsInvalid) {
   v1::GenerateRequest r = Request("budget", 4, true);
   r.mutable_attention()->set_token_budget(512);
   std::vector<int32_t> tokens;
@@ -111,13 +111,15 @@ TEST_F(TlsServiceTest, BudgetOtherThanTheServersIsInvalid) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(s.error_message().find("attention.token_budget"), std::string::npos) << s.error_message();
   EXPECT_NE(s.error_message().find("96"), std::string::npos) << s.error_message();
-  // The server's own budgets are accepted.
-  r.set_request_id("budget-ok");
-  r.mutable_attention()->set_token_budget(96);
-  r.mutable_attention()->set_block_budget(4);
-  tokens.clear();
-  EXPECT_TRUE(Run(r, &tokens).ok());
-  EXPECT_EQ(tokens.size(), 4u);
+  // The server's own budgets and smaller ones are accepted.
+  for (auto [kb, kt] : {std::pair{4, 96}, std::pair{2, 48}}) {
+    r.set_request_id("budget-ok-" + std::to_string(kt));
+    r.mutable_attention()->set_token_budget(kt);
+    r.mutable_attention()->set_block_budget(kb);
+    tokens.clear();
+    EXPECT_TRUE(Run(r, &tokens).ok());
+    EXPECT_EQ(tokens.size(), 4u);
+  }
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "asynctls/runtime/engine.h"
 
 #include <algorithm>
+#include <tuple>
 #include <chrono>
 
 #include "absl/strings/numbers.h"
@@ -23,6 +24,7 @@ struct Engine::Item {
   bool prefill;  // prompt items precede decode items in a forward
   SamplingParams sampling;
   bool tls = false;  // two-level sparse decode: such items come last in a forward
+  int32_t tls_block_budget = 0, tls_token_budget = 0;  // effective budgets (with tls)
 };
 
 absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
@@ -138,7 +140,10 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     batch.block_table.insert(batch.block_table.end(), blocks.begin(), blocks.end());
     batch.block_table.resize(static_cast<size_t>(batch.num_seqs()) * max_blocks, 0);
     if (it.prefill) ++batch.num_prefill;
-    if (it.tls) ++batch.num_tls_decode;
+    if (it.tls) {
+      ++batch.num_tls_decode;
+      batch.tls_budgets.push_back({it.tls_block_budget, it.tls_token_budget});
+    }
     if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
   }
   ASYNCTLS_RETURN_IF_ERROR(model_->Forward(batch, *cache_, &logits_));
@@ -201,14 +206,31 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
       drop(d.seq_id, std::string(s.message()));
       continue;
     }
-    if (d.tls && !options_.tls) {
-      drop(d.seq_id, "two-level sparse attention is not enabled on this engine (no TLS channel sets)");
-      continue;
+    int32_t block_budget = 0, token_budget = 0;
+    if (d.tls) {
+      if (!options_.tls) {
+        drop(d.seq_id, "two-level sparse attention is not enabled on this engine (no TLS channel sets)");
+        continue;
+      }
+      const kernels::TlsPolicy& limit = options_.tls->policy;
+      if (d.tls_block_budget < 0 || d.tls_token_budget < 0 || d.tls_block_budget > limit.block_budget ||
+          d.tls_token_budget > limit.token_budget) {
+        drop(d.seq_id, absl::StrCat("tls budgets k_b ", d.tls_block_budget, " / k_t ", d.tls_token_budget,
+                                    " outside this engine's 0..", limit.block_budget, " / 0..", limit.token_budget));
+        continue;
+      }
+      block_budget = d.tls_block_budget > 0 ? d.tls_block_budget : limit.block_budget;
+      token_budget = d.tls_token_budget > 0 ? d.tls_token_budget : limit.token_budget;
     }
-    decode_items.push_back({d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls});
+    decode_items.push_back(
+        {d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls, block_budget, token_budget});
   }
-  // Dense decode items first, TLS ones last: a forward runs its TLS sequences as one tail batch.
-  std::stable_partition(decode_items.begin(), decode_items.end(), [](const Item& it) { return !it.tls; });
+  // Dense decode items first, then TLS ones grouped by budgets: a forward runs its TLS sequences
+  // as a tail, one selection + attention call per run of equal budgets.
+  std::stable_sort(decode_items.begin(), decode_items.end(), [](const Item& a, const Item& b) {
+    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget) <
+           std::make_tuple(b.tls, b.tls_block_budget, b.tls_token_budget);
+  });
   // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
   // sequence appears at most once per forward (its chunks are consecutive in the cache).
   std::vector<Item> all = std::move(prefill_items);

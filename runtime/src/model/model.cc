@@ -268,18 +268,20 @@ struct Model::Impl {
     return backend->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   }
 
-  // Two-level sparse attention of the batch's last b.num_tls_decode sequences (decode tokens
-  // from q row `first_row`, sequence `first_seq`): select positions, then attend over them.
-  absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer, int first_row,
-                                  int first_seq, float scale) {
+  // Two-level sparse attention of `count` decode sequences from sequence `first_seq` (q row
+  // `first_row`) with `policy` (budgets at most the enabled policy's, so the buffers fit):
+  // select positions, then attend over them.
+  absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer,
+                                  const kernels::TlsPolicy& policy, int first_row, int first_seq, int count,
+                                  float scale) {
     const ModelConfig& c = config;
     const int H = c.num_q_heads, KV = c.num_kv_heads, hd = c.head_dim;
-    const int max_positions = kernels::TlsMaxSelectedTokens(tls_policy, b.max_blocks_per_seq);
+    const int max_positions = kernels::TlsMaxSelectedTokens(policy, b.max_blocks_per_seq);
     const float* q_rows = q.as<float>() + int64_t{first_row} * H * hd;
     const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * b.max_blocks_per_seq;
     const int32_t* lens = seq_lens.as<int32_t>() + first_seq;
     kernels::TlsDecodeSelectParams sp{};
-    sp.policy = tls_policy;
+    sp.policy = policy;
     sp.q = q_rows;
     sp.seq_lens = lens;
     sp.index_table = table;
@@ -293,13 +295,13 @@ struct Model::Impl {
     sp.positions = tls_positions.as<int32_t>();
     sp.num_positions = tls_num_positions.as<int32_t>();
     sp.io_dtype = DType::kF32;
-    sp.batch = b.num_tls_decode;
+    sp.batch = count;
     sp.num_q_heads = H;
     sp.num_kv_heads = KV;
     sp.head_dim = hd;
     sp.num_channels = tls_channels;
     sp.max_blocks_per_seq = b.max_blocks_per_seq;
-    sp.max_kept_blocks = tls_max_kept;
+    sp.max_kept_blocks = std::max(1, kernels::TlsKeptBlocks(policy));
     sp.max_positions = max_positions;
     sp.scale = scale;
     ASYNCTLS_RETURN_IF_ERROR(backend->TlsDecodeSelect(sp));
@@ -312,7 +314,7 @@ struct Model::Impl {
     ap.num_positions = tls_num_positions.as<int32_t>();
     ap.out = attn.as<float>() + int64_t{first_row} * H * hd;
     ap.io_dtype = DType::kF32;
-    ap.batch = b.num_tls_decode;
+    ap.batch = count;
     ap.num_q_heads = H;
     ap.num_kv_heads = KV;
     ap.head_dim = hd;
@@ -351,6 +353,18 @@ struct Model::Impl {
           " decode sequences, Model::EnableTls and a KV cache with a TLS index"));
     }
     const int num_dense_decode = num_decode - b.num_tls_decode;
+    if (!b.tls_budgets.empty() && static_cast<int>(b.tls_budgets.size()) != b.num_tls_decode) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: ", b.tls_budgets.size(), " tls_budgets for ",
+                                                     b.num_tls_decode, " TLS sequences"));
+    }
+    for (const ForwardBatch::TlsBudgets& t : b.tls_budgets) {
+      if (t.block_budget <= 0 || t.token_budget <= 0 || t.block_budget > tls_policy.block_budget ||
+          t.token_budget > tls_policy.token_budget) {
+        return absl::InvalidArgumentError(absl::StrCat("forward: tls budgets k_b ", t.block_budget, " / k_t ",
+                                                       t.token_budget, " outside 1..", tls_policy.block_budget,
+                                                       " / 1..", tls_policy.token_budget));
+      }
+    }
     int max_q_len_all = 1;
     if (tls_index) {
       std::vector<int32_t> start(b.num_seqs());
@@ -429,9 +443,24 @@ struct Model::Impl {
         pp.scale = scale;
         ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
       }
-      if (b.num_tls_decode > 0) {
-        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, num_prefill_tokens + num_dense_decode,
-                                                    b.num_seqs() - b.num_tls_decode, scale));
+      // TLS sequences in runs of equal budgets, one selection + attention call per run.
+      for (int t = 0; t < b.num_tls_decode;) {
+        kernels::TlsPolicy policy = tls_policy;
+        int run = b.num_tls_decode - t;
+        if (!b.tls_budgets.empty()) {
+          const ForwardBatch::TlsBudgets& first = b.tls_budgets[t];
+          run = 1;
+          while (t + run < b.num_tls_decode && b.tls_budgets[t + run].block_budget == first.block_budget &&
+                 b.tls_budgets[t + run].token_budget == first.token_budget) {
+            ++run;
+          }
+          policy.block_budget = first.block_budget;
+          policy.token_budget = first.token_budget;
+        }
+        const int first_seq = b.num_seqs() - b.num_tls_decode + t;
+        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, num_prefill_tokens + num_dense_decode + t,
+                                                    first_seq, run, scale));
+        t += run;
       }
       if (num_dense_decode > 0) {
         kernels::PagedDecodeParams dp{};

@@ -20,6 +20,7 @@ struct GenerationRequest {
   std::vector<std::string> stop_strings;
   bool ignore_eos = false;
   bool tls = false;  // decode through two-level sparse attention (the replica must offer it)
+  int32_t tls_block_budget = 0, tls_token_budget = 0;  // 0: the replica's
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };

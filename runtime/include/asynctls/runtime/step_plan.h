@@ -36,6 +36,8 @@ struct DecodeItem {
   int32_t position = 0;
   SamplingParams sampling;
   bool tls = false;  // attend through the two-level sparse path (ExecutorInfo::tls)
+  // With tls: k_b and k_t of this sequence, at most the engine's (ExecutorInfo); 0 = the engine's.
+  int32_t tls_block_budget = 0, tls_token_budget = 0;
 };
 
 struct StepPlan {
@@ -75,7 +77,7 @@ struct ExecutorInfo {
   int32_t kv_blocks_total = 0; // 64-token blocks
   int32_t max_batch_tokens = 0;
   bool tls = false;  // decode items may ask for two-level sparse attention
-  int32_t tls_block_budget = 0, tls_token_budget = 0;  // its budgets (with tls)
+  int32_t tls_block_budget = 0, tls_token_budget = 0;  // its default and largest budgets
 };
 
 // Executes plans: the in-process Engine, or a link to remote workers. Step() calls are
