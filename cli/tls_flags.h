@@ -15,7 +15,8 @@ namespace asynctls {
 inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (!flags.Has("tls-channels")) {
     if (flags.Has("tls-block-budget") || flags.Has("tls-token-budget")) {
-      return absl::InvalidArgumentError("--tls-block-budget / --tls-token-budget need --tls-channels FILE");
+      return absl::InvalidArgumentError(
+          "--tls-block-budget / --tls-token-budget need --tls-channels FILE");
     }
     return absl::OkStatus();
   }
@@ -25,8 +26,9 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (block_budget < 0 || token_budget < 0) {
     return absl::InvalidArgumentError("--tls-block-budget / --tls-token-budget: must be positive");
   }
-  ASYNCTLS_ASSIGN_OR_RETURN(TlsDecodeOptions tls,
-                            TlsDecodeOptionsFromFile(flags.Get("tls-channels"), block_budget, token_budget));
+  ASYNCTLS_ASSIGN_OR_RETURN(
+      TlsDecodeOptions tls,
+      TlsDecodeOptionsFromFile(flags.Get("tls-channels"), block_budget, token_budget));
   options->tls = std::move(tls);
   return absl::OkStatus();
 }

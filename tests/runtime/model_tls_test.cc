@@ -38,14 +38,15 @@ class ModelTlsTest : public ::testing::Test {
     auto file = WeightFile::Open(path);
     ASSERT_TRUE(file.ok()) << file.status();
     weights_ = std::move(*file).release();
-    auto sets = LoadChannelSets(std::string(ASYNCTLS_SOURCE_DIR) +
-                                "/tests/data/channels/smollm2-gpl.json");
+    auto sets =
+        LoadChannelSets(std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/channels/smollm2-gpl.json");
     ASSERT_TRUE(sets.ok()) << sets.status();
     channels_ = new ChannelSets(*std::move(sets));
     auto tokenizer = Tokenizer::FromGguf(*weights_);
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
-    auto ids = (*tokenizer)->Encode(
-        ReadText(std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/prompts/apache-2.0.txt"));
+    auto ids = (*tokenizer)
+                   ->Encode(ReadText(std::string(ASYNCTLS_SOURCE_DIR) +
+                                     "/tests/data/prompts/apache-2.0.txt"));
     ASSERT_TRUE(ids.ok()) << ids.status();
     apache_ = new std::vector<int32_t>(*ids);
   }
@@ -149,8 +150,9 @@ TEST_F(ModelTlsTest, SparseBudgetTracksDense) {
   auto engine = MakeEngine(Policy(4, 96));
   ASSERT_TRUE(engine.ok()) << engine.status();
   const SideBySide r = Run(**engine, 768, 12);
-  std::printf("[ sparse   ] k_b 4, k_t 96 over 768 tokens: %d/%d same top-1, max |logit diff| %.2f\n",
-              r.same_top1, r.steps, r.max_abs_diff);
+  std::printf(
+      "[ sparse   ] k_b 4, k_t 96 over 768 tokens: %d/%d same top-1, max |logit diff| %.2f\n",
+      r.same_top1, r.steps, r.max_abs_diff);
   EXPECT_GE(r.same_top1 * 4, r.steps * 3);  // at least 75% of the steps agree
   EXPECT_GT(r.max_abs_diff, 0.0);           // the path is really sparse
 }

@@ -21,9 +21,9 @@ struct InProcessServer {
   std::shared_ptr<grpc::Channel> channel;  // to the server, insecure
 
   // Serves `engine` as replica "local" on 127.0.0.1 (a free port).
-  static absl::StatusOr<std::unique_ptr<InProcessServer>> Start(const Tokenizer* tokenizer,
-                                                                std::unique_ptr<Engine> engine,
-                                                                const CoordinatorOptions& options = {}) {
+  static absl::StatusOr<std::unique_ptr<InProcessServer>> Start(
+      const Tokenizer* tokenizer, std::unique_ptr<Engine> engine,
+      const CoordinatorOptions& options = {}) {
     auto s = std::make_unique<InProcessServer>();
     s->router = std::make_unique<Router>(tokenizer, options);
     if (absl::Status st = s->router->AddReplica("local", std::move(engine)); !st.ok()) return st;
@@ -39,7 +39,8 @@ struct InProcessServer {
   }
 
   ~InProcessServer() {
-    if (server.server) server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (server.server)
+      server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     router.reset();  // finishes the replicas' requests before the service goes
   }
 };

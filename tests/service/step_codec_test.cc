@@ -1,8 +1,8 @@
 // The coordinator <-> worker codec keeps every field of a plan and of the worker's hello,
 // including the two-level sparse attention flag and budgets.
-#include <gtest/gtest.h>
-
 #include "server/step_codec.h"
+
+#include <gtest/gtest.h>
 
 namespace asynctls {
 namespace {

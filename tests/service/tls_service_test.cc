@@ -109,7 +109,8 @@ TEST_F(TlsServiceTest, BudgetAboveTheServersIsInvalid) {
   std::vector<int32_t> tokens;
   const grpc::Status s = Run(r, &tokens);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(s.error_message().find("attention.token_budget"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("attention.token_budget"), std::string::npos)
+      << s.error_message();
   EXPECT_NE(s.error_message().find("96"), std::string::npos) << s.error_message();
   // The server's own budgets and smaller ones are accepted.
   for (auto [kb, kt] : {std::pair{4, 96}, std::pair{2, 48}}) {
