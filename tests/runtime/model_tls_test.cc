@@ -62,9 +62,10 @@ class ModelTlsTest : public ::testing::Test {
     if (!weights_) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
   }
 
-  static absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(std::optional<TlsPolicy> policy) {
+  static absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(std::optional<TlsPolicy> policy,
+                                                            const std::string& device = "cpu") {
     EngineOptions options;
-    options.device = "cpu";
+    options.device = device;
     options.keep_logits = true;
     options.kv_cache_bytes = int64_t{128} << 20;
     if (policy) options.tls = TlsDecodeOptions{*policy, *channels_};
@@ -123,6 +124,9 @@ class ModelTlsTest : public ::testing::Test {
     return out;
   }
 
+  // Sequences with different budgets in one forward vs alone (PerSequenceBudgetsInOneForward).
+  static void CheckPerSequenceBudgets(const std::string& device);
+
   static WeightFile* weights_;
   static ChannelSets* channels_;
   static std::vector<int32_t>* apache_;
@@ -159,8 +163,8 @@ TEST_F(ModelTlsTest, SparseBudgetTracksDense) {
 
 // Sequences with different budgets share a forward (one selection call per budget run): each
 // one's logits equal those of the same sequence decoded alone with its budgets, bit for bit.
-TEST_F(ModelTlsTest, PerSequenceBudgetsInOneForward) {
-  auto engine = MakeEngine(Policy(8, 256));
+void ModelTlsTest::CheckPerSequenceBudgets(const std::string& device) {
+  auto engine = MakeEngine(Policy(8, 256), device);
   ASSERT_TRUE(engine.ok()) << engine.status();
   Engine& e = **engine;
   const int vocab = e.config().vocab_size, len = 640;
@@ -208,6 +212,16 @@ TEST_F(ModelTlsTest, PerSequenceBudgetsInOneForward) {
   release.releases = {1, 2, 3, 4};
   ASSERT_TRUE(e.Step(release).ok());
   EXPECT_EQ(e.kv_cache().used_blocks(), 0);
+}
+
+// On the CPU, and on the GPU when there is one (its kernels are deterministic too).
+TEST_F(ModelTlsTest, PerSequenceBudgetsInOneForward) {
+  std::vector<std::string> devices = {"cpu"};
+  if (CudaAvailable()) devices.push_back("cuda");
+  for (const std::string& device : devices) {
+    SCOPED_TRACE(device);
+    CheckPerSequenceBudgets(device);
+  }
 }
 
 // A TLS decode on an engine without channel sets fails that sequence only, freeing its KV.
