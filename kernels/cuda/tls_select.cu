@@ -595,11 +595,7 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
         ws.alpha,         ws.cand,         p.seq_lens,     select_lens,      p.positions,
         p.num_positions,  p.batch,         p.num_kv_heads, s.max_candidates, p.max_positions,
         pol.token_budget, pol.sink_blocks, pol.window};
-    if (TlsTokenScoreSelectCanFuse(s)) {
-      s.alpha = nullptr;  // nothing reads them
-      s.cand_positions = nullptr;
-      return TlsTokenScoreSelect(s, sel, stream);
-    }
+    if (TlsTokenScoreSelectCanFuse(s)) return TlsTokenScoreSelect(s, sel, stream);
     cudaError_t err = TlsTokenScore(s, stream);
     if (err != cudaSuccess) return err;
     return TlsTokenSelect(sel, stream);

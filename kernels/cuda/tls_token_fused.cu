@@ -229,9 +229,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       if (hh < group) alpha = TlsFma(logit[u][hh], sh.inv[hh], alpha);
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
-    if (p.alpha != nullptr && pos[u] >= 0) {
-      p.alpha[int64_t{bg} * p.max_candidates + (rank * ITEMS + u) * kFusedThreads + tid] = alpha;
-    }
   }
 
   // Cluster-wide radix select of the k-th key (as BlockTopK, histograms summed over the ranks).
@@ -337,10 +334,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         sh.equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
     if (above[u] || (equal[u] && equal_before < need_equal)) {
       row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
-    }
-    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
-    if (p.cand_positions != nullptr && j < p.max_candidates) {
-      p.cand_positions[int64_t{bg} * p.max_candidates + j] = pos[u];
     }
   }
   if (rank == 0) {

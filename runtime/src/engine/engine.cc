@@ -1,8 +1,8 @@
 #include "asynctls/runtime/engine.h"
 
 #include <algorithm>
-#include <tuple>
 #include <chrono>
+#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -140,10 +140,7 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     batch.block_table.insert(batch.block_table.end(), blocks.begin(), blocks.end());
     batch.block_table.resize(static_cast<size_t>(batch.num_seqs()) * max_blocks, 0);
     if (it.prefill) ++batch.num_prefill;
-    if (it.tls) {
-      ++batch.num_tls_decode;
-      batch.tls_budgets.push_back({it.tls_block_budget, it.tls_token_budget});
-    }
+    if (it.tls) batch.tls_decode.push_back({it.tls_block_budget, it.tls_token_budget});
     if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
   }
   ASYNCTLS_RETURN_IF_ERROR(model_->Forward(batch, *cache_, &logits_));

@@ -63,7 +63,7 @@ struct Model::Impl {
   // selection buffers of one step, sized for max_batch_seqs.
   bool tls = false;
   kernels::TlsPolicy tls_policy;
-  int32_t tls_channels = 0, tls_max_positions = 0, tls_max_kept = 0;
+  int32_t tls_channels = 0;
   DeviceBuffer tls_channel_sets, tls_start_pos, tls_blocks, tls_num_blocks, tls_positions,
       tls_num_positions;
   std::vector<float> capture_q, capture_k, capture_v;
@@ -250,15 +250,16 @@ struct Model::Impl {
     const int64_t S = options.max_batch_seqs, KV = c.num_kv_heads;
     tls_policy = pol;
     tls_channels = cs.num_channels;
-    tls_max_kept = std::max(1, kernels::TlsKeptBlocks(pol));
-    tls_max_positions = kernels::TlsMaxSelectedTokens(pol, max_blocks_per_seq);
+    // Buffers for the largest budgets (a batch's runs use at most these).
+    const int64_t max_kept = std::max(1, kernels::TlsKeptBlocks(pol));
+    const int64_t max_positions = kernels::TlsMaxSelectedTokens(pol, max_blocks_per_seq);
     const int64_t i32 = sizeof(int32_t);
     ASYNCTLS_ASSIGN_OR_RETURN(tls_channel_sets, backend->Allocate(cs.channels.size() * i32));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_channel_sets, cs.channels));
     ASYNCTLS_ASSIGN_OR_RETURN(tls_start_pos, backend->Allocate(S * i32));
-    ASYNCTLS_ASSIGN_OR_RETURN(tls_blocks, backend->Allocate(S * KV * tls_max_kept * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_blocks, backend->Allocate(S * KV * max_kept * i32));
     ASYNCTLS_ASSIGN_OR_RETURN(tls_num_blocks, backend->Allocate(S * KV * i32));
-    ASYNCTLS_ASSIGN_OR_RETURN(tls_positions, backend->Allocate(S * KV * tls_max_positions * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_positions, backend->Allocate(S * KV * max_positions * i32));
     ASYNCTLS_ASSIGN_OR_RETURN(tls_num_positions, backend->Allocate(S * KV * i32));
     tls = true;
     return absl::OkStatus();
@@ -347,17 +348,14 @@ struct Model::Impl {
                                                      cache.tls_channels(), " channels, the model's sets have ",
                                                      tls_channels));
     }
-    if (b.num_tls_decode < 0 || b.num_tls_decode > num_decode || (b.num_tls_decode > 0 && !tls_index)) {
+    const int num_tls_decode = b.num_tls_decode();
+    if (num_tls_decode > num_decode || (num_tls_decode > 0 && !tls_index)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "forward: num_tls_decode ", b.num_tls_decode, " needs 0..", num_decode,
-          " decode sequences, Model::EnableTls and a KV cache with a TLS index"));
+          "forward: ", num_tls_decode, " TLS sequences need as many decode sequences (", num_decode,
+          "), Model::EnableTls and a KV cache with a TLS index"));
     }
-    const int num_dense_decode = num_decode - b.num_tls_decode;
-    if (!b.tls_budgets.empty() && static_cast<int>(b.tls_budgets.size()) != b.num_tls_decode) {
-      return absl::InvalidArgumentError(absl::StrCat("forward: ", b.tls_budgets.size(), " tls_budgets for ",
-                                                     b.num_tls_decode, " TLS sequences"));
-    }
-    for (const ForwardBatch::TlsBudgets& t : b.tls_budgets) {
+    const int num_dense_decode = num_decode - num_tls_decode;
+    for (const ForwardBatch::TlsBudgets& t : b.tls_decode) {
       if (t.block_budget <= 0 || t.token_budget <= 0 || t.block_budget > tls_policy.block_budget ||
           t.token_budget > tls_policy.token_budget) {
         return absl::InvalidArgumentError(absl::StrCat("forward: tls budgets k_b ", t.block_budget, " / k_t ",
@@ -444,20 +442,17 @@ struct Model::Impl {
         ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
       }
       // TLS sequences in runs of equal budgets, one selection + attention call per run.
-      for (int t = 0; t < b.num_tls_decode;) {
-        kernels::TlsPolicy policy = tls_policy;
-        int run = b.num_tls_decode - t;
-        if (!b.tls_budgets.empty()) {
-          const ForwardBatch::TlsBudgets& first = b.tls_budgets[t];
-          run = 1;
-          while (t + run < b.num_tls_decode && b.tls_budgets[t + run].block_budget == first.block_budget &&
-                 b.tls_budgets[t + run].token_budget == first.token_budget) {
-            ++run;
-          }
-          policy.block_budget = first.block_budget;
-          policy.token_budget = first.token_budget;
+      for (int t = 0; t < num_tls_decode;) {
+        const ForwardBatch::TlsBudgets& first = b.tls_decode[t];
+        int run = 1;
+        while (t + run < num_tls_decode && b.tls_decode[t + run].block_budget == first.block_budget &&
+               b.tls_decode[t + run].token_budget == first.token_budget) {
+          ++run;
         }
-        const int first_seq = b.num_seqs() - b.num_tls_decode + t;
+        kernels::TlsPolicy policy = tls_policy;
+        policy.block_budget = first.block_budget;
+        policy.token_budget = first.token_budget;
+        const int first_seq = b.num_seqs() - num_tls_decode + t;
         ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, num_prefill_tokens + num_dense_decode + t,
                                                     first_seq, run, scale));
         t += run;

@@ -33,7 +33,7 @@ cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream);
 cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream);
 cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 // TlsTokenScore then TlsTokenSelect in one launch (a thread cluster per row, no workspace):
-// same positions; alpha / cand_positions are also written where `score` has them non-null.
+// same positions; score.alpha, cand_positions and workspace are not used (nothing is staged).
 // Fuses rows of up to 8192 candidates, groups of up to 16 heads and group * num_channels <=
 // 512 (CanFuse: GQA layouts, not MLA's 16+ heads x 128 channels); the two-level decode step
 // uses it whenever it can.

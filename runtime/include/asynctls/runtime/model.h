@@ -39,15 +39,14 @@ struct ForwardBatch {
   int32_t max_blocks_per_seq = 0;
   int32_t num_prefill = 0;           // sequences with prompt chunks (first in order)
   std::vector<int32_t> logit_rows;   // token rows whose logits are returned, in order
-  // The last num_tls_decode decode sequences attend through the two-level sparse path
-  // (Model::EnableTls); the others densely. Optionally their budgets, one per TLS sequence in
-  // order, each at most the enabled policy's (empty: the policy's for all); sequences with
-  // equal budgets should be adjacent (each run is one selection call).
-  int32_t num_tls_decode = 0;
+  // The last tls_decode.size() decode sequences attend through the two-level sparse path
+  // (Model::EnableTls) with these budgets, one per sequence in order, each at most the enabled
+  // policy's; the others densely. Equal budgets should be adjacent (a run is one selection call).
   struct TlsBudgets {
     int32_t block_budget = 0, token_budget = 0;
   };
-  std::vector<TlsBudgets> tls_budgets;
+  std::vector<TlsBudgets> tls_decode;
+  int32_t num_tls_decode() const { return static_cast<int32_t>(tls_decode.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(seq_lens.size()); }
 };
 
