@@ -24,7 +24,7 @@
 // launch inside a sample uses another random block table over it (32 tables), so consecutive
 // launches touch different index rows and K/V rows and the working set is far beyond 60 MB.
 //
-//   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla] [--k-t N,N,...]
+//   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] [--k-t N,N,...]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -561,7 +561,17 @@ int main(int argc, char** argv) {
   std::string json_path, only;
   int samples = 15;
   bool quick = false;
-  std::vector<int> k_t_list;
+  std::vector<int> k_t_list, batch_list, context_list;
+  // "N,N,..." into `out`; false on anything but positive integers.
+  auto parse_list = [](const char* at, std::vector<int>* out) {
+    while (*at != '\0') {
+      char* end = nullptr;
+      out->push_back(static_cast<int>(std::strtol(at, &end, 10)));
+      if (out->back() <= 0 || (*end != ',' && *end != '\0')) return false;
+      at = *end == ',' ? end + 1 : end;
+    }
+    return !out->empty();
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) {
@@ -570,21 +580,17 @@ int main(int argc, char** argv) {
       samples = std::max(3, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
-    } else if (a == "--k-t" && i + 1 < argc) {
-      for (const char* at = argv[++i]; *at != '\0';) {
-        char* end = nullptr;
-        k_t_list.push_back(static_cast<int>(std::strtol(at, &end, 10)));
-        at = *end == ',' ? end + 1 : end;
-        if (k_t_list.back() <= 0) {
-          std::fprintf(stderr, "--k-t: positive integers separated by commas\n");
-          return 2;
-        }
+    } else if ((a == "--k-t" || a == "--batches" || a == "--contexts") && i + 1 < argc) {
+      std::vector<int>* out = a == "--k-t" ? &k_t_list : a == "--batches" ? &batch_list : &context_list;
+      if (!parse_list(argv[++i], out)) {
+        std::fprintf(stderr, "%s: positive integers separated by commas\n", a.c_str());
+        return 2;
       }
     } else if (a == "--only" && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla] "
-                   "[--k-t N,N,...]\n",
+      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
+                   "[--k-t N,N,...] [--batches N,...] [--contexts N,...]\n",
                    argv[0]);
       return 2;
     }
@@ -604,15 +610,22 @@ int main(int argc, char** argv) {
   BENCH_CHECK(cudaDeviceGetStreamPriorityRange(nullptr, &greatest_priority));
   BENCH_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest_priority));
 
-  std::vector<Config> configs;
-  if (only.empty() || only == "gqa") {
-    configs.push_back({"gqa_g4", "paper G=4 = Qwen3-8B", 32, 8, 128, 128, 32, false});
-    configs.push_back({"gqa_g8", "G=8", 32, 4, 128, 128, 32, false});
+  std::vector<Config> configs = {{"gqa_g4", "paper G=4 = Qwen3-8B", 32, 8, 128, 128, 32, false},
+                                 {"gqa_g8", "G=8", 32, 4, 128, 128, 32, false}};
+  for (int h : {16, 32, 64, 128}) {
+    configs.push_back({"mla_h" + std::to_string(h), "MLA 576/512", h, 1, 576, 512, 128, true});
   }
-  if (only.empty() || only == "mla") {
-    for (int h : {16, 32, 64, 128}) {
-      configs.push_back({"mla_h" + std::to_string(h), "MLA 576/512", h, 1, 576, 512, 128, true});
-    }
+  // --only: a family (gqa, mla) or one config's name.
+  configs.erase(std::remove_if(configs.begin(), configs.end(),
+                               [&](const Config& c) {
+                                 return !only.empty() && only != c.name &&
+                                        only != (c.mla ? "mla" : "gqa");
+                               }),
+                configs.end());
+  if (configs.empty()) {
+    std::fprintf(stderr, "--only %s: no such config (gqa, mla, gqa_g4, gqa_g8, mla_h16..128)\n",
+                 only.c_str());
+    return 2;
   }
   const std::vector<int> k_ts = !k_t_list.empty() ? k_t_list
                                 : quick           ? std::vector<int>{1024}
@@ -625,11 +638,12 @@ int main(int argc, char** argv) {
   for (const Config& c : configs) {
     Pool pool;
     BuildPool(c, pool, stream);
-    const std::vector<int> batches = c.mla ? std::vector<int>{1, 8}
-                                     : quick ? std::vector<int>{1, 8}
-                                             : std::vector<int>{1, 2, 4, 8};
-    const std::vector<int> contexts = c.mla || quick ? std::vector<int>{32768, 131072}
-                                                     : std::vector<int>{32768, 65536, 131072};
+    const std::vector<int> batches = !batch_list.empty() ? batch_list
+                                     : c.mla || quick     ? std::vector<int>{1, 8}
+                                                          : std::vector<int>{1, 2, 4, 8};
+    const std::vector<int> contexts = !context_list.empty() ? context_list
+                                      : c.mla || quick ? std::vector<int>{32768, 131072}
+                                                       : std::vector<int>{32768, 65536, 131072};
     for (int b : batches) {
       for (int l : contexts) {
         Bench bench(c, pool, b, l, samples, stream);

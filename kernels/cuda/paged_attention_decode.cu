@@ -310,11 +310,16 @@ cudaError_t LaunchDecode(const PagedDecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The shape alone decides the split plan, so the workspace size needs no pointers.
+bool ValidDecodeShape(const PagedDecodeParams& p) {
+  return p.batch >= 0 && p.num_kv_heads > 0 && p.num_q_heads > 0 &&
+         p.num_q_heads % p.num_kv_heads == 0 && p.max_blocks_per_seq > 0 && p.max_seq_len >= 1 &&
+         p.batch <= 65535 && p.max_seq_len <= p.max_blocks_per_seq * kPage;
+}
+
 bool ValidDecode(const PagedDecodeParams& p) {
-  return p.q && p.k_cache && p.v_cache && p.block_table && p.seq_lens && p.out && p.batch >= 0 &&
-         p.num_kv_heads > 0 && p.num_q_heads > 0 && p.num_q_heads % p.num_kv_heads == 0 &&
-         p.max_blocks_per_seq > 0 && p.max_seq_len >= 1 && p.batch <= 65535 &&
-         p.max_seq_len <= p.max_blocks_per_seq * kPage;
+  return p.q && p.k_cache && p.v_cache && p.block_table && p.seq_lens && p.out &&
+         ValidDecodeShape(p);
 }
 
 struct DecodeProbe {
@@ -357,7 +362,7 @@ bool PagedAttentionCanImplement(int head_dim, DType io_dtype, int group_size) {
 
 size_t PagedDecodeWorkspaceBytes(const PagedDecodeParams& p) {
   using namespace attention_detail;
-  if (!ValidDecode(p) || p.batch == 0) return 0;
+  if (!ValidDecodeShape(p) || p.batch == 0) return 0;
   size_t bytes = 0;
   DispatchHeadDimIo(p.head_dim, p.io_dtype, DecodeWorkspaceSize{p, &bytes});
   return bytes;

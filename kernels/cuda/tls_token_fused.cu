@@ -11,6 +11,9 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "asynctls/kernels/cuda_tls.h"
 #include "tls_common.cuh"
 
@@ -33,13 +36,15 @@ constexpr int kFusedWarps = kFusedThreads / 32;  // <= 32: one warp scans per-wa
 constexpr int kFusedMaxCluster = 8;
 constexpr int kFusedMaxGroup = 16;  // logits of the group live in registers
 
-constexpr int kFusedMaxItems = 4;   // candidates per thread (registers: items * group <= 16)
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
 template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's queries on the channel set
   uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
+  uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
+  uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
+  int part_valid[kFusedWarps];                 // per-warp valid candidates
   unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
   float max_f[kFusedMaxGroup];                 // cluster-wide max per head
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
@@ -72,6 +77,24 @@ __device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, in
   return s;
 }
 
+// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, from exact float
+// steps (x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23): the parts sum in
+// 32 bits with one redux per warp instead of 64-bit shuffles and shared atomics.
+__device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) {
+  constexpr float kTwo23 = 8388608.f, kTwo20 = 1048576.f;
+  const float h = __fadd_rz(__fmul_rn(e, kTwo20), kTwo23);
+  const float rest = __fmaf_rn(-__fsub_rn(h, kTwo23), kTwo20, __fmul_rn(e, kTlsExpFixedScale));
+  *hi += __float_as_uint(h) - 0x4B000000u;
+  *lo += __float_as_uint(__fadd_rz(rest, kTwo23)) - 0x4B000000u;
+}
+
+// 64-bit sum over the warp's lanes.
+__device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // MAXG: the group size rounded up to 4, 8 or 16 (the logits' register array). ITEMS: candidates
 // per thread; item u of thread t is candidate (rank * ITEMS + u) * kFusedThreads + t, so candidate
 // order is (rank, item, thread) order, which is position order.
@@ -79,6 +102,9 @@ template <int NC, int MAXG, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     TokenScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel) {
   __shared__ FusedShared<ITEMS> sh;
+  // Item u's logit, then exp, for head hh at lg[(hh * ITEMS + u) * kFusedThreads + tid]: shared
+  // memory instead of registers, so up to 4 items x 8 heads per thread fit without spilling.
+  extern __shared__ float lg[];
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -97,10 +123,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     sh.q[e] =
         LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
   }
-  if (tid < kFusedMaxGroup) {
-    sh.max_bits[tid] = 0u;
-    sh.exp_sum[tid] = 0ull;
-  }
+  if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
 
   int32_t pos[ITEMS];
@@ -125,7 +148,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // Logits: TlsInt4Dot's fma chain (channels in order, then the scale), per head.
-  float logit[ITEMS][MAXG];
   uint32_t head_max[MAXG];
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = 0u;
@@ -162,11 +184,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-      logit[u][hh] = 0.f;
       if (hh < group) {
         const float acc = Int4HeadDot<NC, kHoist>(sh.q + hh * NC, codes, words);
-        logit[u][hh] = valid ? TlsMul(acc, tok_scale) : 0.f;
-        if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit[u][hh]));
+        const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
+        lg[(hh * ITEMS + u) * kFusedThreads + tid] = logit;
+        if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit));
       }
     }
   }
@@ -191,28 +213,41 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics).
+  // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics):
+  // per warp with redux, then over the CTA's warps by one warp per head.
   const float exp_scale = p.scale * kTlsLog2E;
-  int valid_local = 0;
+  int valid_warp = 0;
 #pragma unroll
-  for (int u = 0; u < ITEMS; ++u) valid_local += pos[u] >= 0 ? 1 : 0;
+  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) {
     if (hh < group) {
-      unsigned long long fixed = 0ull;
+      uint32_t hi = 0u, lo = 0u;
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
-        const bool valid = pos[u] >= 0;
-        logit[u][hh] = valid ? TlsExp2((logit[u][hh] - sh.max_f[hh]) * exp_scale) : 0.f;
-        fixed += valid ? TlsExpToFixed(logit[u][hh]) : 0ull;
+        float& v = lg[(hh * ITEMS + u) * kFusedThreads + tid];
+        const float e = pos[u] >= 0 ? TlsExp2((v - sh.max_f[hh]) * exp_scale) : 0.f;
+        v = e;
+        FixedParts(e, &hi, &lo);
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
-      if (lane == 0 && fixed != 0ull) atomicAdd(&sh.exp_sum[hh], fixed);
+      hi = __reduce_add_sync(0xffffffffu, hi);
+      lo = __reduce_add_sync(0xffffffffu, lo);
+      if (lane == 0) {
+        sh.part_hi[hh][warp] = hi;
+        sh.part_lo[hh][warp] = lo;
+      }
     }
   }
-  const int valid_cta = tls_detail::BlockSum<kFusedThreads>(valid_local, sh.scan);
-  if (tid == 0) sh.counts[0] = valid_cta;
+  if (lane == 0) sh.part_valid[warp] = valid_warp;
+  __syncthreads();
+  if (warp < group) {
+    const unsigned long long hi = WarpSum64(lane < kFusedWarps ? sh.part_hi[warp][lane] : 0u);
+    const unsigned long long lo = WarpSum64(lane < kFusedWarps ? sh.part_lo[warp][lane] : 0u);
+    if (lane == 0) sh.exp_sum[warp] = (hi << 20) + lo;
+  } else if (warp == kFusedWarps - 1) {
+    const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
+    if (lane == 0) sh.counts[0] = v;
+  }
   cluster.sync();
   if (tid < group) {
     sh.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &sh.exp_sum[tid], size), group);
@@ -226,7 +261,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-      if (hh < group) alpha = TlsFma(logit[u][hh], sh.inv[hh], alpha);
+      if (hh < group) alpha = TlsFma(lg[(hh * ITEMS + u) * kFusedThreads + tid], sh.inv[hh], alpha);
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
@@ -348,61 +383,97 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   cluster.sync();  // peers may still read this CTA's shared memory
 }
 
-// CTAs per row (a power of two up to kFusedMaxCluster) for `items` candidates per thread.
+// CTAs per row (up to kFusedMaxCluster; any count, clusters need not be powers of two) for
+// `items` candidates per thread.
 int FusedClusterSize(int max_candidates, int items) {
-  int size = 1;
-  while (size * items * kFusedThreads < max_candidates) size *= 2;
-  return size;
+  return std::max(1, (max_candidates + items * kFusedThreads - 1) / (items * kFusedThreads));
 }
 
-// Candidates per thread: the fewest that keep the grid within one wave (one CTA per SM), as
-// far as the group's logits fit in registers (items * group <= 16).
-int FusedItems(const TlsTokenScoreParams& p, int max_group) {
-  static const int num_sms = [] {
-    int device = 0, sms = 132;
-    if (cudaGetDevice(&device) == cudaSuccess) {
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+constexpr size_t FusedDynamicSmem(int max_group, int items) {
+  return size_t(max_group) * items * kFusedThreads * sizeof(float);
+}
+
+// The launch of one row per cluster; also raises the kernel's dynamic shared memory limit
+// (a per-function attribute, set before every launch as the other TLS kernels do).
+template <int NC, int MAXG, int ITEMS>
+cudaError_t FusedConfig(const TlsTokenScoreParams& p, cudaLaunchAttribute* attr,
+                        cudaStream_t stream, cudaLaunchConfig_t* config) {
+  const size_t smem = FusedDynamicSmem(MAXG, ITEMS);
+  const cudaError_t err = cudaFuncSetAttribute(TokenScoreSelectKernel<NC, MAXG, ITEMS>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               int(smem));
+  if (err != cudaSuccess) return err;
+  const int size = FusedClusterSize(p.max_candidates, ITEMS);
+  *config = cudaLaunchConfig_t{};
+  config->gridDim = dim3(size, p.batch * p.num_kv_heads);
+  config->blockDim = dim3(kFusedThreads);
+  config->dynamicSmemBytes = smem;
+  config->stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = size;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config->attrs = attr;
+  config->numAttrs = 1;
+  return cudaSuccess;
+}
+
+// How many clusters of this kernel the GPU runs at once. Not the SM count over the cluster
+// size: a cluster must fit inside one GPC, and the H200's GPCs hold different SM counts (it
+// runs 15 clusters of 8 CTAs, not 16). Asked once per (kernel, cluster size); every device is
+// assumed the same kind.
+template <int NC, int MAXG, int ITEMS>
+int MaxActiveClusters(const TlsTokenScoreParams& p) {
+  static std::atomic<int> cache[kFusedMaxCluster + 1] = {};  // 0 = not asked yet
+  const int size = FusedClusterSize(p.max_candidates, ITEMS);
+  int active = cache[size].load(std::memory_order_relaxed);
+  if (active == 0) {
+    cudaLaunchAttribute attr{};
+    cudaLaunchConfig_t config;
+    if (FusedConfig<NC, MAXG, ITEMS>(p, &attr, nullptr, &config) != cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&active, TokenScoreSelectKernel<NC, MAXG, ITEMS>,
+                                       &config) != cudaSuccess ||
+        active <= 0) {
+      (void)cudaGetLastError();
+      active = 1;
     }
-    return sms;
-  }();
-  const int rows = p.batch * p.num_kv_heads;
-  int items = 1;
-  while (items < kFusedMaxItems && items * 2 * max_group <= kFusedMaxGroup &&
-         rows * FusedClusterSize(p.max_candidates, items) > num_sms) {
-    items *= 2;
+    cache[size].store(active, std::memory_order_relaxed);
   }
-  return items;
+  return active;
 }
 
 template <int NC, int MAXG, int ITEMS>
 cudaError_t LaunchFused(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                         cudaStream_t stream) {
-  cudaLaunchConfig_t config{};
-  const int size = FusedClusterSize(p.max_candidates, ITEMS);
-  config.gridDim = dim3(size, p.batch * p.num_kv_heads);
-  config.blockDim = dim3(kFusedThreads);
-  config.stream = stream;
   cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = size;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  cudaLaunchConfig_t config;
+  const cudaError_t err = FusedConfig<NC, MAXG, ITEMS>(p, &attr, stream, &config);
+  if (err != cudaSuccess) return err;
   return cudaLaunchKernelEx(&config, TokenScoreSelectKernel<NC, MAXG, ITEMS>, p, sel);
 }
 
+// Candidates per thread: the fewest that keep every row's cluster resident at once (one wave),
+// else the most (fewest waves). Up to 4 for channel sets of up to 32 and groups up to 8 (the
+// GQA configurations), 2 for groups of 16 (shared memory), 1 for wider channel sets (MLA).
+// Three matter: at 8,192 candidates they make clusters of 3 CTAs, of which the H200 holds
+// more than 32 at once (rows of batch 4 x 8 KV heads) where it holds 30 of 4.
 template <int NC, int MAXG>
 cudaError_t LaunchForItems(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                            cudaStream_t stream) {
-  // More than one item per thread only for channel sets of up to 32 (the GQA configuration).
-  const int items = NC <= 32 ? FusedItems(p, MAXG) : 1;
-  if (NC <= 32 && MAXG <= 4 && items >= 4)
-    return LaunchFused < NC, MAXG, NC <= 32 && MAXG <= 4 ? 4 : 1 > (p, sel, stream);
-  if (NC <= 32 && MAXG <= 8 && items >= 2) {
-    return LaunchFused < NC, MAXG, NC <= 32 && MAXG <= 8 ? 2 : 1 > (p, sel, stream);
+  constexpr int kMaxItems = NC > 32 ? 1 : MAXG > 8 ? 2 : 4;
+  constexpr int kTwo = std::min(2, kMaxItems), kThree = std::min(3, kMaxItems);
+  constexpr int kFour = std::min(4, kMaxItems);
+  const int rows = p.batch * p.num_kv_heads;
+  if (kMaxItems == 1 || rows <= MaxActiveClusters<NC, MAXG, 1>(p)) {
+    return LaunchFused<NC, MAXG, 1>(p, sel, stream);
   }
-  return LaunchFused<NC, MAXG, 1>(p, sel, stream);
+  if (kMaxItems == 2 || rows <= MaxActiveClusters<NC, MAXG, kTwo>(p)) {
+    return LaunchFused<NC, MAXG, kTwo>(p, sel, stream);
+  }
+  if (rows <= MaxActiveClusters<NC, MAXG, kThree>(p)) {
+    return LaunchFused<NC, MAXG, kThree>(p, sel, stream);
+  }
+  return LaunchFused<NC, MAXG, kFour>(p, sel, stream);
 }
 
 template <int NC>

@@ -275,6 +275,25 @@ TEST_F(PagedAttentionGpuTest, RejectsUnsupportedShapes) {
   EXPECT_EQ(cuda::PagedPrefillAttention(pp, nullptr), cudaErrorInvalidValue);
 }
 
+// The split plan, so the workspace size, follows from the shape: a caller may size the buffer
+// before it has the tensors (the TLS bench did, and got 0 bytes for a split launch).
+TEST_F(PagedAttentionGpuTest, DecodeWorkspaceBytesNeedNoPointers) {
+  PagedDecodeParams shape{};
+  shape.io_dtype = DType::kBF16;
+  shape.batch = 8;
+  shape.num_q_heads = 32;
+  shape.num_kv_heads = 8;
+  shape.head_dim = 128;
+  shape.max_seq_len = 131072;
+  shape.max_blocks_per_seq = 2048;
+  PagedDecodeParams full = shape;
+  int32_t dummy = 0;
+  full.q = full.k_cache = full.v_cache = full.out = &dummy;
+  full.block_table = full.seq_lens = &dummy;
+  EXPECT_GT(cuda::PagedDecodeWorkspaceBytes(shape), 0u);
+  EXPECT_EQ(cuda::PagedDecodeWorkspaceBytes(shape), cuda::PagedDecodeWorkspaceBytes(full));
+}
+
 struct PrefillCase {
   std::vector<int32_t> seq_lens, q_lens;
   int num_q_heads, num_kv_heads, head_dim;

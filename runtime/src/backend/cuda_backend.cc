@@ -243,10 +243,7 @@ absl::Status CudaBackend::ReserveDecodeWorkspace() {
       o.head_dim == 0) {
     return absl::OkStatus();
   }
-  kernels::PagedDecodeParams p{};
-  static int32_t dummy = 0;  // the size query checks pointers for null but never reads them
-  p.q = p.k_cache = p.v_cache = p.out = &dummy;
-  p.block_table = p.seq_lens = &dummy;
+  kernels::PagedDecodeParams p{};  // the size query reads the shape only
   p.num_q_heads = o.num_q_heads;
   p.num_kv_heads = o.num_kv_heads;
   p.head_dim = o.head_dim;
