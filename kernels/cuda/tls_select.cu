@@ -14,6 +14,7 @@ using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
+using tls_detail::Int4WordToFloats;
 using tls_detail::Int4HeadDot;
 using tls_detail::LoadIo;
 using tls_detail::TopKShared;
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   float codes[kHoist ? NC : 1];
   if (kHoist) {
 #pragma unroll
-    for (int c = 0; c < NC; ++c) codes[c] = Int4CodeToFloat(words[c >> 3], c & 7);
+    for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
   }
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;

@@ -24,6 +24,7 @@ namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
+using tls_detail::Int4WordToFloats;
 using tls_detail::Int4HeadDot;
 using tls_detail::LoadIo;
 using tls_detail::RadixPassDecide;
@@ -117,12 +118,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
 
-  for (int e = tid; e < group * NC; e += kFusedThreads) {
-    const int hh = e / NC, c = e % NC;
-    const int ch = p.channels[int64_t{g} * NC + c];
-    sh.q[e] =
-        LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
-  }
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
 
@@ -144,6 +139,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
       }
     }
+  }
+  // The queries after the candidates' two dependent loads (block list, index table) are issued.
+  for (int e = tid; e < group * NC; e += kFusedThreads) {
+    const int hh = e / NC, c = e % NC;
+    const int ch = p.channels[int64_t{g} * NC + c];
+    sh.q[e] =
+        LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
   }
   __syncthreads();
 
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float codes[kHoist ? NC : 1];
     if (kHoist) {
 #pragma unroll
-      for (int c = 0; c < NC; ++c) codes[c] = Int4CodeToFloat(words[c >> 3], c & 7);
+      for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
     }
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
