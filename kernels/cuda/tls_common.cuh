@@ -50,6 +50,17 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
   }
 }
 
+// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, from exact float
+// steps (x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23): the parts sum in
+// 32 bits with one redux per warp instead of 64-bit shuffles.
+__device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) {
+  constexpr float kTwo23 = 8388608.f, kTwo20 = 1048576.f;
+  const float h = __fadd_rz(__fmul_rn(e, kTwo20), kTwo23);
+  const float rest = __fmaf_rn(-__fsub_rn(h, kTwo23), kTwo20, __fmul_rn(e, kTlsExpFixedScale));
+  *hi += __float_as_uint(h) - 0x4B000000u;
+  *lo += __float_as_uint(__fadd_rz(rest, kTwo23)) - 0x4B000000u;
+}
+
 // Inverse of TlsOrderedBits for non-NaN keys.
 __device__ __forceinline__ float FromOrderedBits(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);

@@ -2,6 +2,8 @@
 // scores and selected sets equal the CPU reference bit for bit.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+
 #include "asynctls/kernels/cuda_tls.h"
 #include "tls_common.cuh"
 
@@ -12,6 +14,7 @@ using tls_detail::AlignUp;
 using tls_detail::Bf16BitsToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
+using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4WordToFloats;
@@ -254,6 +257,9 @@ __global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpa
 // HS times more threads share the logit work; pass 2 stages e_h in shared memory and one thread
 // per candidate then accumulates alpha over the heads in order, the same fma chain as HS = 1,
 // so the scores are unchanged bit for bit.
+// STORED (wide channel sets with large groups, MLA): pass 0 is TokenLogitsKernel, a tiled
+// product that writes every logit to the workspace; passes 1-2 read them instead of
+// recomputing NC fmas per head (each logit is the same fma chain either way).
 constexpr int kTokenThreads = 128;
 
 template <int HS>
@@ -267,6 +273,12 @@ struct TokenStats {
   unsigned long long* exp_sum;
 };
 
+size_t TokenStatsBytes(const TlsTokenScoreParams& p) {
+  const size_t n =
+      size_t(p.batch) * p.num_kv_heads * (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
+  return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
+}
+
 TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   const size_t n = size_t(p.batch) * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads);
   TokenStats s;
@@ -275,12 +287,144 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   return s;
 }
 
-template <int NC, int PASS, int HS>
+// Stored logits: channel sets of 64+ and groups of 16, 32, 64 or 128 (MLA's heads on 128
+// channels), candidate rows up to 16,384 (two-level budgets; token-only over a whole
+// context would need rows x group x context floats). Laid out [row, head, candidate].
+constexpr int kStoredMaxCandidates = 16384;
+
+bool UseStoredLogits(const TlsTokenScoreParams& p) {
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  return p.num_channels >= 64 && (group == 16 || group == 32 || group == 64 || group == 128) &&
+         p.max_candidates <= kStoredMaxCandidates;
+}
+
+size_t StoredLogitsBytes(const TlsTokenScoreParams& p) {
+  if (!UseStoredLogits(p)) return 0;
+  return AlignUp(size_t(p.batch) * p.num_q_heads * p.max_candidates * sizeof(float), 256);
+}
+
+float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
+  return reinterpret_cast<float*>(static_cast<char*>(workspace) + TokenStatsBytes(p));
+}
+
+// Pass 0 of the stored path: the logits of listed KV blocks' 64 candidates for every head of
+// the group, as a register-tiled product; a CTA loads the group's queries once and walks blocks
+// blockIdx.x, + gridDim.x, ... Thread t holds candidates 4 (t % 16) .. + 3 and heads
+// HT (t / 16) .. + HT - 1 (HT = group / 16); each of its 4 x HT accumulators runs the channels
+// in order through TlsFma, as TlsInt4Dot does, so the logits equal the per-candidate kernel's
+// bit for bit. Also the per-head max (atomicMax on ordered bits, as pass 0).
+constexpr int kLogitCands = kKvBlockSize;
+constexpr int kLogitThreads = 256;
+
+template <int HT>
+constexpr int LogitQStride() {
+  return 16 * HT + 4;  // padded: the channel-major query writes hit 8 banks, not 1
+}
+
+template <int NC, int HT>
+__global__ void __launch_bounds__(kLogitThreads)
+    TokenLogitsKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
+  constexpr int kGroup = 16 * HT, kQStride = LogitQStride<HT>();
+  extern __shared__ float logit_smem[];
+  float* q_t = logit_smem;                 // [NC][kQStride]: a thread's HT heads are contiguous
+  float* codes_t = q_t + NC * kQStride;    // [NC][64 candidates]
+  __shared__ float scale_s[kLogitCands];
+  const int tid = threadIdx.x;
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const TlsGeometry geo = MakeTlsGeometry(
+      p.seq_lens[b], SelectLen(p.maybe_select_lens, p.seq_lens, b), p.sink_blocks, p.window);
+  const int num_listed =
+      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
+  if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
+  for (int e = tid; e < kGroup * NC; e += kLogitThreads) {
+    const int hh = e / NC, c = e % NC;
+    const int ch = p.channels[int64_t{g} * NC + c];
+    q_t[c * kQStride + hh] = LoadIo(
+        p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * kGroup + hh) * p.head_dim + ch);
+  }
+  const int quad = tid % 16, hs = tid / 16;
+  const int64_t stat = int64_t{bg} * kGroup;
+  for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
+    const int32_t block =
+        p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
+    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+    const int64_t tok0 = (row * p.num_kv_heads + g) * kKvBlockSize;
+    __syncthreads();  // the previous block's codes are consumed
+    for (int e = tid; e < kLogitCands * (NC / 8); e += kLogitThreads) {
+      const int j = e % kLogitCands, w = e / kLogitCands;  // consecutive threads: consecutive j
+      const uint32_t word =
+          reinterpret_cast<const uint32_t*>(p.token_codes + (tok0 + j) * (NC / 2))[w];
+      float f[8];
+      Int4WordToFloats(word, f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) codes_t[(8 * w + k) * kLogitCands + j] = f[k];
+    }
+    if (tid < kLogitCands) scale_s[tid] = p.token_scales[tok0 + tid];
+    __syncthreads();
+
+    float acc[4][HT];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int h = 0; h < HT; ++h) acc[u][h] = 0.f;
+    }
+#pragma unroll 4
+    for (int c = 0; c < NC; ++c) {
+      const float4 cv = *reinterpret_cast<const float4*>(codes_t + c * kLogitCands + 4 * quad);
+      const float code[4] = {cv.x, cv.y, cv.z, cv.w};
+      float qv[HT];
+      const float* qc = q_t + c * kQStride + hs * HT;
+      if constexpr (HT % 4 == 0) {
+#pragma unroll
+        for (int h = 0; h < HT; h += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(qc + h);
+          qv[h] = v.x;
+          qv[h + 1] = v.y;
+          qv[h + 2] = v.z;
+          qv[h + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < HT; ++h) qv[h] = qc[h];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int h = 0; h < HT; ++h) acc[u][h] = TlsFma(qv[h], code[u], acc[u][h]);
+      }
+    }
+
+    const int cbeg = TlsBlockCandBegin(geo, block), cend = TlsBlockCandEnd(geo, block);
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      const int hh = hs * HT + h;
+      float out[4];
+      uint32_t key = 0u;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = 4 * quad + u;
+        const int32_t cpos = block * kKvBlockSize + j;
+        const bool valid = cpos >= cbeg && cpos < cend;
+        out[u] = valid ? TlsMul(acc[u][h], scale_s[j]) : 0.f;
+        if (valid) key = max(key, TlsOrderedBits(out[u]));
+      }
+      float* dst = logits + (int64_t{bg} * kGroup + hh) * p.max_candidates + i * kLogitCands;
+      *reinterpret_cast<float4*>(dst + 4 * quad) = make_float4(out[0], out[1], out[2], out[3]);
+      // The 16 lanes of a half-warp share hs: reduce over them.
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, o));
+      if (quad == 0 && key != 0u) atomicMax(stats.max_bits + stat + hh, key);
+    }
+  }
+}
+
+template <int NC, int PASS, int HS, bool STORED>
 __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
-    TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats) {
+    TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, const float* logits) {
   constexpr int kThreads = TokenTile<HS>::kThreads;
   constexpr int kCands = TokenTile<HS>::kCands;
-  // [group, NC] queries, max [group], inv [group], then (HS > 1, pass 2) e [kCands, group]
+  // [group, NC] queries, max [group], inv [group], then (HS > 1, pass 2) e [kCands, group + 1]
   extern __shared__ float q_s[];
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
@@ -298,10 +442,10 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
     return;
   }
-  float* max_s = q_s + group * NC;
+  float* max_s = q_s + (STORED ? 0 : group * NC);
   float* inv_s = max_s + group;
   float* e_s = inv_s + group;
-  for (int e = threadIdx.x; e < group * NC; e += kThreads) {
+  for (int e = threadIdx.x; !STORED && e < group * NC; e += kThreads) {
     const int hh = e / NC, c = e % NC;
     const int ch = p.channels[int64_t{g} * NC + c];
     q_s[e] =
@@ -331,7 +475,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
 #pragma unroll
   for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
   float tok_scale = 0.f;
-  if (valid) {
+  if (valid && !STORED) {
     const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + pos / kKvBlockSize];
     const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize;
     const uint32_t* src = reinterpret_cast<const uint32_t*>(p.token_codes + tok * (NC / 2));
@@ -341,7 +485,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
   // The codes are the same for every head: decode them once (kHoist) instead of once per head.
   // The logit is TlsInt4Dot's fma chain (channels in order, then the scale), bit for bit.
-  constexpr bool kHoist = NC <= 64;
+  constexpr bool kHoist = NC <= 64 && !STORED;
   float codes[kHoist ? NC : 1];
   if (kHoist) {
 #pragma unroll
@@ -350,8 +494,13 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
   for (int hh = sub; hh < group; hh += HS) {
-    const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
-    const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
+    float logit = 0.f;
+    if (STORED) {
+      if (valid) logit = logits[(int64_t{bg} * group + hh) * p.max_candidates + j];
+    } else {
+      const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
+      logit = valid ? TlsMul(acc, tok_scale) : 0.f;
+    }
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
       const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
@@ -359,14 +508,16 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     } else {
       const float e = valid ? TlsExp2((logit - max_s[hh]) * exp_scale) : 0.f;
       if (PASS == 1) {
-        unsigned long long fixed = valid ? TlsExpToFixed(e) : 0ull;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
+        uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)
+        FixedParts(e, &hi, &lo);
+        const unsigned long long fixed =
+            (static_cast<unsigned long long>(__reduce_add_sync(0xffffffffu, hi)) << 20) +
+            __reduce_add_sync(0xffffffffu, lo);
         if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
       } else if (HS == 1) {
         alpha = TlsFma(e, inv_s[hh], alpha);
       } else {
-        e_s[local * group + hh] = e;
+        e_s[local * (group + 1) + hh] = e;  // padded row: the serial reads below hit 32 banks
       }
     }
   }
@@ -374,46 +525,106 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     if (HS > 1) {
       __syncthreads();
       if (sub != 0) return;
-      for (int hh = 0; hh < group; ++hh) alpha = TlsFma(e_s[local * group + hh], inv_s[hh], alpha);
+      for (int hh = 0; hh < group; ++hh) {
+        alpha = TlsFma(e_s[local * (group + 1) + hh], inv_s[hh], alpha);
+      }
     }
     if (valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
   }
 }
 
-template <int NC, int HS>
+template <int NC, int HS, bool STORED>
 cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stats,
-                                   cudaStream_t stream) {
+                                   const float* logits, cudaStream_t stream) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t smem = (size_t(group) * NC + 2 * group) * sizeof(float);
-  const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * group * sizeof(float) : 0);
+  const size_t smem = (size_t(STORED ? 0 : group) * NC + 2 * group) * sizeof(float);
+  const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * (group + 1) * sizeof(float) : 0);
   const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
   cudaError_t err = cudaSuccess;
   if (smem2 > 48 * 1024) {
-    for (auto* fn :
-         {TokenScoreKernel<NC, 0, HS>, TokenScoreKernel<NC, 1, HS>, TokenScoreKernel<NC, 2, HS>}) {
+    for (auto* fn : {TokenScoreKernel<NC, 0, HS, STORED>, TokenScoreKernel<NC, 1, HS, STORED>,
+                     TokenScoreKernel<NC, 2, HS, STORED>}) {
       err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem2));
       if (err != cudaSuccess) return err;
     }
   }
-  TokenScoreKernel<NC, 0, HS><<<grid, Tile::kThreads, smem, stream>>>(p, stats);
-  TokenScoreKernel<NC, 1, HS><<<grid, Tile::kThreads, smem, stream>>>(p, stats);
-  TokenScoreKernel<NC, 2, HS><<<grid, Tile::kThreads, smem2, stream>>>(p, stats);
+  if (!STORED) {  // pass 0 of the stored path is TokenLogitsKernel
+    TokenScoreKernel<NC, 0, HS, false><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
+  }
+  TokenScoreKernel<NC, 1, HS, STORED><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
+  TokenScoreKernel<NC, 2, HS, STORED><<<grid, Tile::kThreads, smem2, stream>>>(p, stats, logits);
+  return cudaGetLastError();
+}
+
+template <int NC, int HT>
+cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, float* logits,
+                              cudaStream_t stream) {
+  const size_t smem = size_t(NC) * (LogitQStride<HT>() + kLogitCands) * sizeof(float);
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        TokenLogitsKernel<NC, HT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  // Resident CTAs of the GPU (asked once; every device assumed the same kind).
+  static const int slots = [smem] {
+    int device = 0, sms = 132, per_sm = 1;
+    if (cudaGetDevice(&device) == cudaSuccess) {
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, TokenLogitsKernel<NC, HT>,
+                                                      kLogitThreads, smem) != cudaSuccess) {
+      (void)cudaGetLastError();
+      per_sm = 1;
+    }
+    return sms * std::max(1, per_sm);
+  }();
+  // Blocks per CTA: the fewest that fit every CTA in one wave (queries loaded once per CTA).
+  const int rows = p.batch * p.num_kv_heads, blocks = p.max_candidates / kLogitCands;
+  const int per_cta = std::max(1, (rows * blocks + slots - 1) / slots);
+  const dim3 grid((blocks + per_cta - 1) / per_cta, rows);
+  TokenLogitsKernel<NC, HT><<<grid, kLogitThreads, smem, stream>>>(p, stats, logits);
   return cudaGetLastError();
 }
 
 // Head split for the group size: more threads per candidate once a thread would walk 32 heads.
 constexpr int kTokenHeadSplit = 8;
 
+// The stored path's groups (16, 32, 64, 128) as HT = group / 16.
+template <int NC>
+cudaError_t LaunchTokenLogitsForGroup(const TlsTokenScoreParams& p, TokenStats stats,
+                                      float* logits, cudaStream_t stream) {
+  switch (p.num_q_heads / p.num_kv_heads) {
+    case 16:
+      return LaunchTokenLogits<NC, 1>(p, stats, logits, stream);
+    case 32:
+      return LaunchTokenLogits<NC, 2>(p, stats, logits, stream);
+    case 64:
+      return LaunchTokenLogits<NC, 4>(p, stats, logits, stream);
+    default:
+      return LaunchTokenLogits<NC, 8>(p, stats, logits, stream);
+  }
+}
+
 template <int NC>
 cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t stats_bytes = TlsTokenScoreWorkspaceBytes(p);
-  cudaError_t err = cudaMemsetAsync(p.workspace, 0, stats_bytes, stream);
+  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenStatsBytes(p), stream);
   if (err != cudaSuccess) return err;
   const TokenStats stats = TokenStatsIn(p.workspace, p);
-  if (group >= 32) return LaunchTokenScorePasses<NC, kTokenHeadSplit>(p, stats, stream);
-  return LaunchTokenScorePasses<NC, 1>(p, stats, stream);
+  if constexpr (NC >= 64) {
+    if (UseStoredLogits(p)) {
+      float* logits = StoredLogitsIn(p.workspace, p);
+      err = LaunchTokenLogitsForGroup<NC>(p, stats, logits, stream);
+      if (err != cudaSuccess) return err;
+      return group >= 32
+                 ? LaunchTokenScorePasses<NC, kTokenHeadSplit, true>(p, stats, logits, stream)
+                 : LaunchTokenScorePasses<NC, 1, true>(p, stats, logits, stream);
+    }
+  }
+  return group >= 32
+             ? LaunchTokenScorePasses<NC, kTokenHeadSplit, false>(p, stats, nullptr, stream)
+             : LaunchTokenScorePasses<NC, 1, false>(p, stats, nullptr, stream);
 }
 
 // ---- decode select workspace ---------------------------------------------------------------
@@ -511,9 +722,7 @@ cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
 }
 
 size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p) {
-  const size_t n =
-      size_t(p.batch) * p.num_kv_heads * (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
-  return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
+  return TokenStatsBytes(p) + StoredLogitsBytes(p);
 }
 
 cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {

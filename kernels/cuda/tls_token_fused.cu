@@ -22,6 +22,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
+using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4WordToFloats;
@@ -76,17 +77,6 @@ __device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, in
 #pragma unroll
   for (int r = 0; r < kFusedMaxCluster; ++r) s += v[r];
   return s;
-}
-
-// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, from exact float
-// steps (x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23): the parts sum in
-// 32 bits with one redux per warp instead of 64-bit shuffles and shared atomics.
-__device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) {
-  constexpr float kTwo23 = 8388608.f, kTwo20 = 1048576.f;
-  const float h = __fadd_rz(__fmul_rn(e, kTwo20), kTwo23);
-  const float rest = __fmaf_rn(-__fsub_rn(h, kTwo23), kTwo20, __fmul_rn(e, kTlsExpFixedScale));
-  *hi += __float_as_uint(h) - 0x4B000000u;
-  *lo += __float_as_uint(__fadd_rz(rest, kTwo23)) - 0x4B000000u;
 }
 
 // 64-bit sum over the warp's lanes.

@@ -33,6 +33,8 @@ std::vector<SelectShape> Shapes() {
       {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
       {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},              // MLA, G = 16
       {{1800}, 32, 1, 576, 128, DType::kBF16, true},                   // MLA, G = 32
+      {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},              // MLA, G = 64
+      {{2200}, 128, 1, 576, 128, DType::kBF16, true},                  // MLA, G = 128
       // 72 and 48 rows of 6,144 candidates at k_b 96: more clusters of 6 and 3 CTAs than one
       // wave holds on the H200, so the fused token kernel takes 4 (G = 4) and 3 (G = 8)
       // candidates per thread.
