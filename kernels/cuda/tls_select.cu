@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpa
 // so the scores are unchanged bit for bit.
 // STORED (wide channel sets with large groups, MLA): pass 0 is TokenLogitsKernel, a tiled
 // product that writes every logit to the workspace; passes 1-2 read them instead of
-// recomputing NC fmas per head (each logit is the same fma chain either way).
+// recomputing NC fmas per head (each logit is the same fma chain either way); pass 1 writes
+// each exp back over its logit, so pass 2 reads e_h instead of recomputing the exp.
 constexpr int kTokenThreads = 128;
 
 template <int HS>
@@ -310,21 +311,25 @@ float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
 // Pass 0 of the stored path: the logits of listed KV blocks' 64 candidates for every head of
 // the group, as a register-tiled product; a CTA loads the group's queries once and walks blocks
 // blockIdx.x, + gridDim.x, ... Thread t holds candidates 4 (t % 16) .. + 3 and heads
-// HT (t / 16) .. + HT - 1 (HT = group / 16); each of its 4 x HT accumulators runs the channels
-// in order through TlsFma, as TlsInt4Dot does, so the logits equal the per-candidate kernel's
-// bit for bit. Also the per-head max (atomicMax on ordered bits, as pass 0).
+// HT (t / 16) .. + HT - 1; each of its 4 x HT accumulators runs the channels in order through
+// TlsFma, as TlsInt4Dot does, so the logits equal the per-candidate kernel's bit for bit. Also
+// the per-head max (atomicMax on ordered bits, as pass 0).
 constexpr int kLogitCands = kKvBlockSize;
-constexpr int kLogitThreads = 256;
 
-template <int HT>
-constexpr int LogitQStride() {
-  return 16 * HT + 4;  // padded: the channel-major query writes hit 8 banks, not 1
-}
+// Heads per thread: group / 16, but at least 2 (a group of 16 on 128 threads: 8 fmas per
+// three shared-memory wavefronts instead of 4); threads: 16 candidate quads x head slices.
+template <int GROUP>
+struct LogitTile {
+  static constexpr int kHeads = GROUP >= 32 ? GROUP / 16 : 2;
+  static constexpr int kThreads = 16 * (GROUP / kHeads);
+  static constexpr int kQStride = GROUP + 4;  // padded: channel-major query writes hit 8 banks
+};
 
-template <int NC, int HT>
-__global__ void __launch_bounds__(kLogitThreads)
+template <int NC, int GROUP>
+__global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
     TokenLogitsKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
-  constexpr int kGroup = 16 * HT, kQStride = LogitQStride<HT>();
+  constexpr int HT = LogitTile<GROUP>::kHeads, kThreads = LogitTile<GROUP>::kThreads;
+  constexpr int kGroup = GROUP, kQStride = LogitTile<GROUP>::kQStride;
   extern __shared__ float logit_smem[];
   float* q_t = logit_smem;                 // [NC][kQStride]: a thread's HT heads are contiguous
   float* codes_t = q_t + NC * kQStride;    // [NC][64 candidates]
@@ -337,7 +342,7 @@ __global__ void __launch_bounds__(kLogitThreads)
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
-  for (int e = tid; e < kGroup * NC; e += kLogitThreads) {
+  for (int e = tid; e < kGroup * NC; e += kThreads) {
     const int hh = e / NC, c = e % NC;
     const int ch = p.channels[int64_t{g} * NC + c];
     q_t[c * kQStride + hh] = LoadIo(
@@ -351,7 +356,7 @@ __global__ void __launch_bounds__(kLogitThreads)
     const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
     const int64_t tok0 = (row * p.num_kv_heads + g) * kKvBlockSize;
     __syncthreads();  // the previous block's codes are consumed
-    for (int e = tid; e < kLogitCands * (NC / 8); e += kLogitThreads) {
+    for (int e = tid; e < kLogitCands * (NC / 8); e += kThreads) {
       const int j = e % kLogitCands, w = e / kLogitCands;  // consecutive threads: consecutive j
       const uint32_t word =
           reinterpret_cast<const uint32_t*>(p.token_codes + (tok0 + j) * (NC / 2))[w];
@@ -421,7 +426,7 @@ __global__ void __launch_bounds__(kLogitThreads)
 
 template <int NC, int PASS, int HS, bool STORED>
 __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
-    TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, const float* logits) {
+    TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   constexpr int kThreads = TokenTile<HS>::kThreads;
   constexpr int kCands = TokenTile<HS>::kCands;
   // [group, NC] queries, max [group], inv [group], then (HS > 1, pass 2) e [kCands, group + 1]
@@ -494,9 +499,11 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
   for (int hh = sub; hh < group; hh += HS) {
+    // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
+    float* stored = STORED ? logits + (int64_t{bg} * group + hh) * p.max_candidates + j : nullptr;
     float logit = 0.f;
     if (STORED) {
-      if (valid) logit = logits[(int64_t{bg} * group + hh) * p.max_candidates + j];
+      if (valid) logit = *stored;
     } else {
       const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
       logit = valid ? TlsMul(acc, tok_scale) : 0.f;
@@ -506,7 +513,10 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
       if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
     } else {
-      const float e = valid ? TlsExp2((logit - max_s[hh]) * exp_scale) : 0.f;
+      const float e = !valid                    ? 0.f
+                      : STORED && PASS == 2 ? logit
+                                            : TlsExp2((logit - max_s[hh]) * exp_scale);
+      if (STORED && PASS == 1 && valid) *stored = e;
       if (PASS == 1) {
         uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)
         FixedParts(e, &hi, &lo);
@@ -535,7 +545,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
 
 template <int NC, int HS, bool STORED>
 cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stats,
-                                   const float* logits, cudaStream_t stream) {
+                                   float* logits, cudaStream_t stream) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const size_t smem = (size_t(STORED ? 0 : group) * NC + 2 * group) * sizeof(float);
@@ -557,13 +567,14 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
   return cudaGetLastError();
 }
 
-template <int NC, int HT>
+template <int NC, int GROUP>
 cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, float* logits,
                               cudaStream_t stream) {
-  const size_t smem = size_t(NC) * (LogitQStride<HT>() + kLogitCands) * sizeof(float);
+  using Tile = LogitTile<GROUP>;
+  const size_t smem = size_t(NC) * (Tile::kQStride + kLogitCands) * sizeof(float);
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
-        TokenLogitsKernel<NC, HT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        TokenLogitsKernel<NC, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
   // Resident CTAs of the GPU (asked once; every device assumed the same kind).
@@ -572,8 +583,8 @@ cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, fl
     if (cudaGetDevice(&device) == cudaSuccess) {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     }
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, TokenLogitsKernel<NC, HT>,
-                                                      kLogitThreads, smem) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, TokenLogitsKernel<NC, GROUP>,
+                                                      Tile::kThreads, smem) != cudaSuccess) {
       (void)cudaGetLastError();
       per_sm = 1;
     }
@@ -583,26 +594,26 @@ cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, fl
   const int rows = p.batch * p.num_kv_heads, blocks = p.max_candidates / kLogitCands;
   const int per_cta = std::max(1, (rows * blocks + slots - 1) / slots);
   const dim3 grid((blocks + per_cta - 1) / per_cta, rows);
-  TokenLogitsKernel<NC, HT><<<grid, kLogitThreads, smem, stream>>>(p, stats, logits);
+  TokenLogitsKernel<NC, GROUP><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
   return cudaGetLastError();
 }
 
 // Head split for the group size: more threads per candidate once a thread would walk 32 heads.
 constexpr int kTokenHeadSplit = 8;
 
-// The stored path's groups (16, 32, 64, 128) as HT = group / 16.
+// The stored path's groups (16, 32, 64, 128).
 template <int NC>
 cudaError_t LaunchTokenLogitsForGroup(const TlsTokenScoreParams& p, TokenStats stats,
                                       float* logits, cudaStream_t stream) {
   switch (p.num_q_heads / p.num_kv_heads) {
     case 16:
-      return LaunchTokenLogits<NC, 1>(p, stats, logits, stream);
+      return LaunchTokenLogits<NC, 16>(p, stats, logits, stream);
     case 32:
-      return LaunchTokenLogits<NC, 2>(p, stats, logits, stream);
+      return LaunchTokenLogits<NC, 32>(p, stats, logits, stream);
     case 64:
-      return LaunchTokenLogits<NC, 4>(p, stats, logits, stream);
+      return LaunchTokenLogits<NC, 64>(p, stats, logits, stream);
     default:
-      return LaunchTokenLogits<NC, 8>(p, stats, logits, stream);
+      return LaunchTokenLogits<NC, 128>(p, stats, logits, stream);
   }
 }
 
