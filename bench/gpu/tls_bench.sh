@@ -111,8 +111,9 @@ for r in tls["results"]:
         f(fl), f(r["quest_ms"]), f(r["token_only_ms"]), xd, f(xs, 6, 2), xq,
         r["bytes"]["tls"] / 1e6, floor, " ".join(tg)))
 print("\nstage breakdown (ms, each stage graphed alone; TLS runs append+block stages on a second "
-      "stream, overlapping the token branch (token_fused = score + select in one launch, used "
-      "when the shape allows; else token_score + token_select) and attention):")
+      "stream, overlapping the token branch (token_fused = TlsTokenScoreSelect: GQA one launch, "
+      "MLA stored exps + cluster top-k; where it cannot, token_score + token_select) and "
+      "attention):")
 print("%-7s %2s %4s %4s | %s" % ("config", "B", "ctx", "k_t", "  ".join(
     "%12s" % s for s in ("append", "block_score", "block_select", "token_score", "token_select",
                          "token_fused", "attention", "serial_step"))))

@@ -299,4 +299,14 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
 
 inline size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+// ---- stored token exps (tls_select.cu), read by the cluster top-k of tls_token_fused.cu ------
+// Shapes whose token scoring stores per-head logits (channel sets of 64+, groups of 16, 32, 64
+// or 128, rows up to 16,384 candidates: MLA).
+bool UseStoredLogits(const TlsTokenScoreParams& p);
+// Zeroes the statistics, then the logits kernel and pass 1: every valid candidate's per-head
+// exp in StoredExps (p.workspace) and the per-head fixed-point exp sums in TokenExpSums.
+cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream);
+const float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
+const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p);  // [row, head]
+
 }  // namespace asynctls::kernels::cuda::tls_detail

@@ -21,6 +21,7 @@ using tls_detail::Int4WordToFloats;
 using tls_detail::Int4HeadDot;
 using tls_detail::LoadIo;
 using tls_detail::TopKShared;
+using tls_detail::UseStoredLogits;
 
 __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
                                              const int32_t* seq_lens, int b) {
@@ -293,12 +294,6 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
 // context would need rows x group x context floats). Laid out [row, head, candidate].
 constexpr int kStoredMaxCandidates = 16384;
 
-bool UseStoredLogits(const TlsTokenScoreParams& p) {
-  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
-  return p.num_channels >= 64 && (group == 16 || group == 32 || group == 64 || group == 128) &&
-         p.max_candidates <= kStoredMaxCandidates;
-}
-
 size_t StoredLogitsBytes(const TlsTokenScoreParams& p) {
   if (!UseStoredLogits(p)) return 0;
   return AlignUp(size_t(p.batch) * p.num_q_heads * p.max_candidates * sizeof(float), 256);
@@ -543,9 +538,10 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
 }
 
+// with_alpha false: stop after pass 1 (the stored path's exps and sums, for the cluster top-k).
 template <int NC, int HS, bool STORED>
 cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stats,
-                                   float* logits, cudaStream_t stream) {
+                                   float* logits, cudaStream_t stream, bool with_alpha = true) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const size_t smem = (size_t(STORED ? 0 : group) * NC + 2 * group) * sizeof(float);
@@ -563,7 +559,9 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
     TokenScoreKernel<NC, 0, HS, false><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
   }
   TokenScoreKernel<NC, 1, HS, STORED><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
-  TokenScoreKernel<NC, 2, HS, STORED><<<grid, Tile::kThreads, smem2, stream>>>(p, stats, logits);
+  if (with_alpha) {
+    TokenScoreKernel<NC, 2, HS, STORED><<<grid, Tile::kThreads, smem2, stream>>>(p, stats, logits);
+  }
   return cudaGetLastError();
 }
 
@@ -615,6 +613,14 @@ cudaError_t LaunchTokenLogitsForGroup(const TlsTokenScoreParams& p, TokenStats s
     default:
       return LaunchTokenLogits<NC, 128>(p, stats, logits, stream);
   }
+}
+
+template <int NC>
+cudaError_t LaunchTokenScorePass1Stored(const TlsTokenScoreParams& p, TokenStats stats,
+                                        float* logits, cudaStream_t stream) {
+  return p.num_q_heads / p.num_kv_heads >= 32
+             ? LaunchTokenScorePasses<NC, kTokenHeadSplit, true>(p, stats, logits, stream, false)
+             : LaunchTokenScorePasses<NC, 1, true>(p, stats, logits, stream, false);
 }
 
 template <int NC>
@@ -701,6 +707,35 @@ DecodeWorkspace CarveDecodeWorkspace(const TlsDecodeSelectParams& p, void* base)
 }
 
 }  // namespace
+
+namespace tls_detail {
+
+bool UseStoredLogits(const TlsTokenScoreParams& p) {
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  return p.num_channels >= 64 && (group == 16 || group == 32 || group == 64 || group == 128) &&
+         p.max_candidates <= kStoredMaxCandidates;
+}
+
+cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream) {
+  if (!UseStoredLogits(p) || !p.workspace) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenStatsBytes(p), stream);
+  if (err != cudaSuccess) return err;
+  const TokenStats stats = TokenStatsIn(p.workspace, p);
+  float* exps = StoredLogitsIn(p.workspace, p);
+  err = p.num_channels == 64 ? LaunchTokenLogitsForGroup<64>(p, stats, exps, stream)
+                             : LaunchTokenLogitsForGroup<128>(p, stats, exps, stream);
+  if (err != cudaSuccess) return err;
+  return p.num_channels == 64 ? LaunchTokenScorePass1Stored<64>(p, stats, exps, stream)
+                              : LaunchTokenScorePass1Stored<128>(p, stats, exps, stream);
+}
+
+const float* StoredExps(const TlsTokenScoreParams& p) { return StoredLogitsIn(p.workspace, p); }
+
+const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p) {
+  return TokenStatsIn(p.workspace, p).exp_sum;
+}
+
+}  // namespace tls_detail
 
 bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
   const bool channels_ok =

@@ -86,6 +86,165 @@ __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
   return v;
 }
 
+// Item u of thread t is candidate j = (rank * ITEMS + u) * kFusedThreads + t of row bg: its
+// position (-1: none) and, with TOK, its token-index row.
+template <int ITEMS, bool TOK>
+__device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
+                                                   const TlsGeometry& geo, int bg, int rank,
+                                                   int32_t* pos, int64_t* tok) {
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int num_listed =
+      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const int j = (rank * ITEMS + u) * kFusedThreads + static_cast<int>(threadIdx.x);
+    pos[u] = -1;
+    if (TOK) tok[u] = 0;
+    if (j < num_listed * kKvBlockSize) {
+      const int i = j / kKvBlockSize;
+      const int32_t block =
+          p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
+      const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
+      if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) {
+        pos[u] = cpos;
+        if (TOK) {
+          const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+          tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
+        }
+      }
+    }
+  }
+}
+
+// The cluster's top-k of one row from each thread's ITEMS keys (pos < 0: no candidate) and the
+// row's valid count, as BlockTopK with histograms summed over the ranks; writes the row's
+// positions (sink, kept in position order, recent) and their count. Ends with a cluster
+// barrier, so peers may exit after it.
+template <int ITEMS>
+__device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedShared<ITEMS>& sh,
+                                              const int32_t* pos, const uint32_t* key,
+                                              int num_valid, const TlsTokenSelectParams& sel,
+                                              const TlsGeometry& geo, int bg) {
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Cluster-wide radix select of the k-th key (as BlockTopK, histograms summed over the ranks).
+  const int k = sel.k;
+  const bool take_all = num_valid <= k;
+  uint32_t threshold = 0, mask = 0;
+  int need_equal = 0;
+  if (!take_all && k > 0) {
+    uint32_t prefix = 0;
+    int remaining = k;
+    int pass = 0;
+    for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
+      int* hist = sh.hist[pass & 1];
+#pragma unroll
+      for (int u = 0; u < ITEMS; ++u) {
+        const uint32_t digit =
+            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
+        if (__any_sync(0xffffffffu, digit != 256u)) {
+          const unsigned same = __match_any_sync(0xffffffffu, digit);
+          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+        }
+      }
+      cluster.sync();  // every rank's histogram of this pass is complete
+      for (int i = tid; i < 256; i += kFusedThreads) {
+        sh.hist_sum[i] = ClusterSum(cluster, &hist[i], size);
+        sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
+      }
+      __syncthreads();
+      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
+                          &sh.done)) {
+        break;
+      }
+    }
+    threshold = prefix;
+    need_equal = remaining;
+  }
+
+  // Ordered compaction. The rank of a kept item = (items above the threshold before it) +
+  // min(equal items before it, need_equal): prefixes over ranks, then (item, warp) entries,
+  // then lanes.
+  bool above[ITEMS], equal[ITEMS];
+  unsigned above_bits[ITEMS], equal_bits[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const bool valid = pos[u] >= 0 && k > 0;
+    above[u] = valid && (take_all || (key[u] & mask) > threshold);
+    equal[u] = valid && !take_all && (key[u] & mask) == threshold;
+    above_bits[u] = __ballot_sync(0xffffffffu, above[u]);
+    equal_bits[u] = __ballot_sync(0xffffffffu, equal[u]);
+    if (lane == 0) {
+      sh.entry_above[u][warp] = __popc(above_bits[u]);
+      sh.entry_equal[u][warp] = __popc(equal_bits[u]);
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {  // exclusive prefixes over the entries in (item, warp) order, CTA totals
+    int above_carry = 0, equal_carry = 0;
+    for (int u = 0; u < ITEMS; ++u) {
+      const bool entry = lane < kFusedWarps;
+      const int a = entry ? sh.entry_above[u][lane] : 0;
+      const int e = entry ? sh.entry_equal[u][lane] : 0;
+      const int ai = WarpInclusiveSum(a), ei = WarpInclusiveSum(e);
+      if (entry) {
+        sh.entry_above[u][lane] = above_carry + ai - a;
+        sh.entry_equal[u][lane] = equal_carry + ei - e;
+      }
+      above_carry += __shfl_sync(0xffffffffu, ai, 31);
+      equal_carry += __shfl_sync(0xffffffffu, ei, 31);
+    }
+    if (lane == 0) {
+      sh.counts[1] = above_carry;
+      sh.counts[2] = equal_carry;
+    }
+  }
+  cluster.sync();
+  if (tid == 0) {
+    int a[kFusedMaxCluster], e[kFusedMaxCluster];
+#pragma unroll
+    for (int r = 0; r < kFusedMaxCluster; ++r) {
+      a[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
+      e[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
+    }
+    int above_before = 0, equal_before = 0, above_all = 0, equal_all = 0;
+#pragma unroll
+    for (int r = 0; r < kFusedMaxCluster; ++r) {
+      above_before += r < rank ? a[r] : 0;
+      equal_before += r < rank ? e[r] : 0;
+      above_all += a[r];
+      equal_all += e[r];
+    }
+    sh.above_before = above_before;
+    sh.equal_before = equal_before;
+    sh.kept = above_all + min(equal_all, need_equal);
+  }
+  __syncthreads();
+  int32_t* row = sel.positions + int64_t{bg} * sel.max_positions;
+  const unsigned lane_lt = (1u << lane) - 1u;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const int above_before =
+        sh.above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
+    const int equal_before =
+        sh.equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
+    if (above[u] || (equal[u] && equal_before < need_equal)) {
+      row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
+    }
+  }
+  if (rank == 0) {
+    const int kept = sh.kept;
+    for (int i = tid; i < geo.sink_end; i += kFusedThreads) row[i] = i;
+    const int recent_base = geo.sink_end + kept;
+    for (int i = tid; i < geo.len - geo.recent_start; i += kFusedThreads) {
+      row[recent_base + i] = geo.recent_start + i;
+    }
+    if (tid == 0) sel.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
+  }
+  cluster.sync();  // peers may still read this CTA's shared memory
+}
+
 // MAXG: the group size rounded up to 4, 8 or 16 (the logits' register array). ITEMS: candidates
 // per thread; item u of thread t is candidate (rank * ITEMS + u) * kFusedThreads + t, so candidate
 // order is (rank, item, thread) order, which is position order.
@@ -105,31 +264,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int group = p.num_q_heads / p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
-  const int num_listed =
-      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) {
-    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
-    pos[u] = -1;
-    tok[u] = 0;
-    if (j < num_listed * kKvBlockSize) {
-      const int i = j / kKvBlockSize;
-      const int32_t block =
-          p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
-      const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
-      if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) {
-        pos[u] = cpos;
-        const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
-        tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
-      }
-    }
-  }
+  CandidatePositions<ITEMS, true>(p, geo, bg, rank, pos, tok);
   // The queries after the candidates' two dependent loads (block list, index table) are issued.
   for (int e = tid; e < group * NC; e += kFusedThreads) {
     const int hh = e / NC, c = e % NC;
@@ -258,121 +399,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
 
-  // Cluster-wide radix select of the k-th key (as BlockTopK, histograms summed over the ranks).
-  const int k = sel.k;
-  const bool take_all = num_valid <= k;
-  uint32_t threshold = 0, mask = 0;
-  int need_equal = 0;
-  if (!take_all && k > 0) {
-    uint32_t prefix = 0;
-    int remaining = k;
-    int pass = 0;
-    for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
-      int* hist = sh.hist[pass & 1];
-#pragma unroll
-      for (int u = 0; u < ITEMS; ++u) {
-        const uint32_t digit =
-            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
-        if (__any_sync(0xffffffffu, digit != 256u)) {
-          const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
-        }
-      }
-      cluster.sync();  // every rank's histogram of this pass is complete
-      for (int i = tid; i < 256; i += kFusedThreads) {
-        sh.hist_sum[i] = ClusterSum(cluster, &hist[i], size);
-        sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
-      }
-      __syncthreads();
-      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
-                          &sh.done)) {
-        break;
-      }
-    }
-    threshold = prefix;
-    need_equal = remaining;
-  }
-
-  // Ordered compaction. The rank of a kept item = (items above the threshold before it) +
-  // min(equal items before it, need_equal): prefixes over ranks, then (item, warp) entries,
-  // then lanes.
-  bool above[ITEMS], equal[ITEMS];
-  unsigned above_bits[ITEMS], equal_bits[ITEMS];
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) {
-    const bool valid = pos[u] >= 0 && k > 0;
-    above[u] = valid && (take_all || (key[u] & mask) > threshold);
-    equal[u] = valid && !take_all && (key[u] & mask) == threshold;
-    above_bits[u] = __ballot_sync(0xffffffffu, above[u]);
-    equal_bits[u] = __ballot_sync(0xffffffffu, equal[u]);
-    if (lane == 0) {
-      sh.entry_above[u][warp] = __popc(above_bits[u]);
-      sh.entry_equal[u][warp] = __popc(equal_bits[u]);
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {  // exclusive prefixes over the entries in (item, warp) order, CTA totals
-    int above_carry = 0, equal_carry = 0;
-    for (int u = 0; u < ITEMS; ++u) {
-      const bool entry = lane < kFusedWarps;
-      const int a = entry ? sh.entry_above[u][lane] : 0;
-      const int e = entry ? sh.entry_equal[u][lane] : 0;
-      const int ai = WarpInclusiveSum(a), ei = WarpInclusiveSum(e);
-      if (entry) {
-        sh.entry_above[u][lane] = above_carry + ai - a;
-        sh.entry_equal[u][lane] = equal_carry + ei - e;
-      }
-      above_carry += __shfl_sync(0xffffffffu, ai, 31);
-      equal_carry += __shfl_sync(0xffffffffu, ei, 31);
-    }
-    if (lane == 0) {
-      sh.counts[1] = above_carry;
-      sh.counts[2] = equal_carry;
-    }
-  }
-  cluster.sync();
-  if (tid == 0) {
-    int a[kFusedMaxCluster], e[kFusedMaxCluster];
-#pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) {
-      a[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
-      e[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
-    }
-    int above_before = 0, equal_before = 0, above_all = 0, equal_all = 0;
-#pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) {
-      above_before += r < rank ? a[r] : 0;
-      equal_before += r < rank ? e[r] : 0;
-      above_all += a[r];
-      equal_all += e[r];
-    }
-    sh.above_before = above_before;
-    sh.equal_before = equal_before;
-    sh.kept = above_all + min(equal_all, need_equal);
-  }
-  __syncthreads();
-  int32_t* row = sel.positions + int64_t{bg} * sel.max_positions;
-  const unsigned lane_lt = (1u << lane) - 1u;
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) {
-    const int above_before =
-        sh.above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
-    const int equal_before =
-        sh.equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
-    if (above[u] || (equal[u] && equal_before < need_equal)) {
-      row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
-    }
-  }
-  if (rank == 0) {
-    const int kept = sh.kept;
-    for (int i = tid; i < geo.sink_end; i += kFusedThreads) row[i] = i;
-    const int recent_base = geo.sink_end + kept;
-    for (int i = tid; i < geo.len - geo.recent_start; i += kFusedThreads) {
-      row[recent_base + i] = geo.recent_start + i;
-    }
-    if (tid == 0) sel.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
-  }
-  cluster.sync();  // peers may still read this CTA's shared memory
+  ClusterSelect<ITEMS>(cluster, sh, pos, key, num_valid, sel, geo, bg);
 }
 
 // CTAs per row (up to kFusedMaxCluster; any count, clusters need not be powers of two) for
@@ -385,19 +412,16 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
   return size_t(max_group) * items * kFusedThreads * sizeof(float);
 }
 
-// The launch of one row per cluster; also raises the kernel's dynamic shared memory limit
-// (a per-function attribute, set before every launch as the other TLS kernels do).
-template <int NC, int MAXG, int ITEMS>
-cudaError_t FusedConfig(const TlsTokenScoreParams& p, cudaLaunchAttribute* attr,
-                        cudaStream_t stream, cudaLaunchConfig_t* config) {
-  const size_t smem = FusedDynamicSmem(MAXG, ITEMS);
-  const cudaError_t err = cudaFuncSetAttribute(TokenScoreSelectKernel<NC, MAXG, ITEMS>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               int(smem));
+// One row per cluster of `size` CTAs; also raises the kernel's dynamic shared memory limit (a
+// per-function attribute, set before every launch as the other TLS kernels do).
+template <auto KERNEL>
+cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
+                          cudaLaunchAttribute* attr, cudaLaunchConfig_t* config) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  const int size = FusedClusterSize(p.max_candidates, ITEMS);
   *config = cudaLaunchConfig_t{};
-  config->gridDim = dim3(size, p.batch * p.num_kv_heads);
+  config->gridDim = dim3(size, rows);
   config->blockDim = dim3(kFusedThreads);
   config->dynamicSmemBytes = smem;
   config->stream = stream;
@@ -410,22 +434,19 @@ cudaError_t FusedConfig(const TlsTokenScoreParams& p, cudaLaunchAttribute* attr,
   return cudaSuccess;
 }
 
-// How many clusters of this kernel the GPU runs at once. Not the SM count over the cluster
-// size: a cluster must fit inside one GPC, and the H200's GPCs hold different SM counts (it
-// runs 15 clusters of 8 CTAs, not 16). Asked once per (kernel, cluster size); every device is
-// assumed the same kind.
-template <int NC, int MAXG, int ITEMS>
-int MaxActiveClusters(const TlsTokenScoreParams& p) {
+// How many clusters of `size` CTAs of KERNEL the GPU runs at once. Not the SM count over the
+// cluster size: a cluster must fit inside one GPC, and the H200's GPCs hold different SM counts
+// (it runs 15 clusters of 8 CTAs, not 16). Asked once per (kernel, cluster size); every device
+// is assumed the same kind.
+template <auto KERNEL>
+int MaxActiveClusters(int size, size_t smem) {
   static std::atomic<int> cache[kFusedMaxCluster + 1] = {};  // 0 = not asked yet
-  const int size = FusedClusterSize(p.max_candidates, ITEMS);
   int active = cache[size].load(std::memory_order_relaxed);
   if (active == 0) {
     cudaLaunchAttribute attr{};
     cudaLaunchConfig_t config;
-    if (FusedConfig<NC, MAXG, ITEMS>(p, &attr, nullptr, &config) != cudaSuccess ||
-        cudaOccupancyMaxActiveClusters(&active, TokenScoreSelectKernel<NC, MAXG, ITEMS>,
-                                       &config) != cudaSuccess ||
-        active <= 0) {
+    if (ClusterConfig<KERNEL>(size, 1, smem, nullptr, &attr, &config) != cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&active, KERNEL, &config) != cudaSuccess || active <= 0) {
       (void)cudaGetLastError();
       active = 1;
     }
@@ -434,14 +455,27 @@ int MaxActiveClusters(const TlsTokenScoreParams& p) {
   return active;
 }
 
+template <auto KERNEL, typename... Args>
+cudaError_t LaunchClusters(int size, int rows, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t config;
+  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, &attr, &config);
+  if (err != cudaSuccess) return err;
+  return cudaLaunchKernelEx(&config, KERNEL, args...);
+}
+
+template <int NC, int MAXG, int ITEMS>
+int FusedActiveClusters(const TlsTokenScoreParams& p) {
+  return MaxActiveClusters<TokenScoreSelectKernel<NC, MAXG, ITEMS>>(
+      FusedClusterSize(p.max_candidates, ITEMS), FusedDynamicSmem(MAXG, ITEMS));
+}
+
 template <int NC, int MAXG, int ITEMS>
 cudaError_t LaunchFused(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                         cudaStream_t stream) {
-  cudaLaunchAttribute attr{};
-  cudaLaunchConfig_t config;
-  const cudaError_t err = FusedConfig<NC, MAXG, ITEMS>(p, &attr, stream, &config);
-  if (err != cudaSuccess) return err;
-  return cudaLaunchKernelEx(&config, TokenScoreSelectKernel<NC, MAXG, ITEMS>, p, sel);
+  return LaunchClusters<TokenScoreSelectKernel<NC, MAXG, ITEMS>>(
+      FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads,
+      FusedDynamicSmem(MAXG, ITEMS), stream, p, sel);
 }
 
 // Candidates per thread: the fewest that keep every row's cluster resident at once (one wave),
@@ -456,13 +490,13 @@ cudaError_t LaunchForItems(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   constexpr int kTwo = std::min(2, kMaxItems), kThree = std::min(3, kMaxItems);
   constexpr int kFour = std::min(4, kMaxItems);
   const int rows = p.batch * p.num_kv_heads;
-  if (kMaxItems == 1 || rows <= MaxActiveClusters<NC, MAXG, 1>(p)) {
+  if (kMaxItems == 1 || rows <= FusedActiveClusters<NC, MAXG, 1>(p)) {
     return LaunchFused<NC, MAXG, 1>(p, sel, stream);
   }
-  if (kMaxItems == 2 || rows <= MaxActiveClusters<NC, MAXG, kTwo>(p)) {
+  if (kMaxItems == 2 || rows <= FusedActiveClusters<NC, MAXG, kTwo>(p)) {
     return LaunchFused<NC, MAXG, kTwo>(p, sel, stream);
   }
-  if (rows <= MaxActiveClusters<NC, MAXG, kThree>(p)) {
+  if (rows <= FusedActiveClusters<NC, MAXG, kThree>(p)) {
     return LaunchFused<NC, MAXG, kThree>(p, sel, stream);
   }
   return LaunchFused<NC, MAXG, kFour>(p, sel, stream);
@@ -477,15 +511,108 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   return LaunchForItems<NC, kFusedMaxGroup>(p, sel, stream);
 }
 
+// The stored path's top-k (MLA's groups of 16-128 heads on 128 channels): TokenExps leaves
+// every candidate's per-head exp and the per-head sums; here alpha accumulates the heads in
+// order (pass 2 of TlsTokenScore, bit for bit) straight into the cluster top-k, instead of
+// writing alpha for TlsTokenSelect's one CTA per row.
+template <int ITEMS>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    ExpsSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel, const float* exps,
+                     const unsigned long long* exp_sums) {
+  __shared__ FusedShared<ITEMS> sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
+  const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
+  float* inv = sh.q;  // 1 / (G * softmax denominator) per head; no queries are staged here
+  for (int h = tid; h < group; h += kFusedThreads) {
+    inv[h] = TlsInvDenominator(exp_sums[int64_t{bg} * group + h], group);
+  }
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  int32_t pos[ITEMS];
+  CandidatePositions<ITEMS, false>(p, geo, bg, rank, pos, nullptr);
+  int valid_warp = 0;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
+  if (lane == 0) sh.part_valid[warp] = valid_warp;
+  __syncthreads();
+  if (warp == kFusedWarps - 1) {
+    const int v = __reduce_add_sync(0xffffffffu, sh.part_valid[lane]);
+    if (lane == 0) sh.counts[0] = v;
+  }
+  uint32_t key[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
+    float alpha = 0.f;
+    if (pos[u] >= 0) {
+      const float* e = exps + int64_t{bg} * group * p.max_candidates + j;
+#pragma unroll 8
+      for (int hh = 0; hh < group; ++hh) {
+        alpha = TlsFma(e[int64_t{hh} * p.max_candidates], inv[hh], alpha);
+      }
+    }
+    key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
+  }
+  cluster.sync();  // every rank's valid count is written
+  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  __syncthreads();
+  ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+}
+static_assert(kFusedMaxGroup * kTlsMaxChannels >= 128, "inv of 128 heads fits in sh.q");
+
+template <int ITEMS>
+int ExpsActiveClusters(const TlsTokenScoreParams& p) {
+  return MaxActiveClusters<ExpsSelectKernel<ITEMS>>(FusedClusterSize(p.max_candidates, ITEMS), 0);
+}
+
+// Candidates per thread as LaunchForItems (1, 2 or 4; the keys are in registers, no logits).
+cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                             cudaStream_t stream) {
+  cudaError_t err = tls_detail::TokenExps(p, stream);
+  if (err != cudaSuccess) return err;
+  const float* exps = tls_detail::StoredExps(p);
+  const unsigned long long* sums = tls_detail::TokenExpSums(p);
+  const int rows = p.batch * p.num_kv_heads;
+  if (rows <= ExpsActiveClusters<1>(p)) {
+    return LaunchClusters<ExpsSelectKernel<1>>(FusedClusterSize(p.max_candidates, 1), rows, 0,
+                                               stream, p, sel, exps, sums);
+  }
+  if (rows <= ExpsActiveClusters<2>(p)) {
+    return LaunchClusters<ExpsSelectKernel<2>>(FusedClusterSize(p.max_candidates, 2), rows, 0,
+                                               stream, p, sel, exps, sums);
+  }
+  return LaunchClusters<ExpsSelectKernel<4>>(FusedClusterSize(p.max_candidates, 4), rows, 0,
+                                             stream, p, sel, exps, sums);
+}
+
 }  // namespace
 
-bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& p) {
+namespace {
+
+// One launch (the logits in registers / shared memory of a thread cluster per row): GQA.
+bool FusesInOneLaunch(const TlsTokenScoreParams& p) {
   const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
   // group * num_channels bounds the per-thread logit work: MLA's 16 heads x 128 channels on one
-  // KV head is 16x the GQA row's and gets only batch * 8 CTAs, so it runs faster unfused.
+  // KV head is 16x the GQA row's and gets only batch * 8 CTAs; it takes the stored path.
   return group >= 1 && group <= kFusedMaxGroup && group * p.num_channels <= kFusedMaxWork &&
          p.num_q_heads % p.num_kv_heads == 0 &&
          p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
+         TlsSelectCanImplement(p.head_dim, p.num_channels, group);
+}
+
+}  // namespace
+
+bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& p) {
+  if (FusesInOneLaunch(p)) return true;
+  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  return p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0 &&
+         tls_detail::UseStoredLogits(p) && p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
          TlsSelectCanImplement(p.head_dim, p.num_channels, group);
 }
 
@@ -496,6 +623,7 @@ cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSele
       sel.num_kv_heads != p.num_kv_heads) {
     return cudaErrorInvalidValue;
   }
+  if (!FusesInOneLaunch(p)) return LaunchExpsSelect(p, sel, stream);
   switch (p.num_channels) {
     case 16:
       return LaunchForGroup<16>(p, sel, stream);

@@ -32,11 +32,12 @@ size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p);
 cudaError_t TlsTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream);
 cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream);
 cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
-// TlsTokenScore then TlsTokenSelect in one launch (a thread cluster per row, no workspace):
-// same positions; score.alpha, cand_positions and workspace are not used (nothing is staged).
-// Fuses rows of up to 8192 candidates, groups of up to 16 heads and group * num_channels <=
-// 512 (CanFuse: GQA layouts, not MLA's 16+ heads x 128 channels); the two-level decode step
-// uses it whenever it can.
+// TlsTokenScore then TlsTokenSelect, same positions, without writing alpha or candidate ids:
+// rows of up to 8192 candidates (CanFuse). Groups of up to 16 heads with group * num_channels
+// <= 512 (GQA) take one launch, a thread cluster per row, and no workspace. Groups of 16, 32,
+// 64 or 128 heads on 64+ channels (MLA) take the token logits, exps and sums into
+// score.workspace (TlsTokenScoreWorkspaceBytes), then a cluster per row accumulates alpha and
+// selects. The two-level decode step uses it whenever it can.
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);
