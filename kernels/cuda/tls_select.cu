@@ -324,7 +324,7 @@ template <int NC, int GROUP>
 __global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
     TokenLogitsKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   constexpr int HT = LogitTile<GROUP>::kHeads, kThreads = LogitTile<GROUP>::kThreads;
-  constexpr int kGroup = GROUP, kQStride = LogitTile<GROUP>::kQStride;
+  constexpr int kQStride = LogitTile<GROUP>::kQStride;
   extern __shared__ float logit_smem[];
   float* q_t = logit_smem;                 // [NC][kQStride]: a thread's HT heads are contiguous
   float* codes_t = q_t + NC * kQStride;    // [NC][64 candidates]
@@ -337,14 +337,14 @@ __global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
-  for (int e = tid; e < kGroup * NC; e += kThreads) {
+  for (int e = tid; e < GROUP * NC; e += kThreads) {
     const int hh = e / NC, c = e % NC;
     const int ch = p.channels[int64_t{g} * NC + c];
     q_t[c * kQStride + hh] = LoadIo(
-        p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * kGroup + hh) * p.head_dim + ch);
+        p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * GROUP + hh) * p.head_dim + ch);
   }
   const int quad = tid % 16, hs = tid / 16;
-  const int64_t stat = int64_t{bg} * kGroup;
+  const int64_t stat = int64_t{bg} * GROUP;
   for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
     const int32_t block =
         p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
         out[u] = valid ? TlsMul(acc[u][h], scale_s[j]) : 0.f;
         if (valid) key = max(key, TlsOrderedBits(out[u]));
       }
-      float* dst = logits + (int64_t{bg} * kGroup + hh) * p.max_candidates + i * kLogitCands;
+      float* dst = logits + (int64_t{bg} * GROUP + hh) * p.max_candidates + i * kLogitCands;
       *reinterpret_cast<float4*>(dst + 4 * quad) = make_float4(out[0], out[1], out[2], out[3]);
       // The 16 lanes of a half-warp share hs: reduce over them.
 #pragma unroll

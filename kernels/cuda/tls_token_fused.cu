@@ -1,13 +1,19 @@
-// Token scoring and token top-k of the two-level path in one launch (TlsTokenScoreSelect).
+// Token scoring and token top-k of the two-level path without staging alpha
+// (TlsTokenScoreSelect).
 //
 // The separate ops (tls_select.cu) take three scoring passes joined by global atomics, a memset
-// and a top-k kernel: four dependent launches of a few microseconds each for ~100 KB of token
-// index per row, so the token branch was latency-bound. Here a thread cluster of up to 8 CTAs
-// owns one (sequence, KV head) row, one candidate per thread: each thread decodes its INT4 row
-// once and keeps the group's logits in registers; the per-head softmax max and exact fixed-point
-// sums, the radix histograms and the compaction counts cross the cluster through distributed
-// shared memory. The arithmetic is the separate ops' (tls_math.h order), so scores and the
-// selected set equal theirs and the CPU reference's bit for bit.
+// and a top-k kernel with one CTA per row: four dependent launches of a few microseconds each for
+// ~100 KB of token index per row, so the token branch was latency-bound. Here a thread cluster of
+// up to 8 CTAs owns one (sequence, KV head) row, 1-4 candidates per thread.
+//   GQA (TokenScoreSelectKernel, one launch): each thread decodes its INT4 rows once and keeps
+//   the group's logits in shared memory; the per-head softmax max and exact fixed-point sums,
+//   the radix histograms and the compaction counts cross the cluster through distributed shared
+//   memory.
+//   MLA (ExpsSelectKernel): 16-128 heads x 128 channels are too much work per thread, so
+//   tls_select.cu's stored path computes the per-head exps and sums first (TokenExps); the
+//   cluster accumulates alpha from them and runs the same top-k (ClusterSelect).
+// The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
+// theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -36,13 +42,13 @@ constexpr int kFusedWarps = kFusedThreads / 32;  // <= 32: one warp scans per-wa
 // Portable cluster size: rows of up to 8 * 1024 candidates. (512-thread CTAs in clusters of 16
 // measured no faster at batch 1 and 1.5x slower at batch 8 on the H200.)
 constexpr int kFusedMaxCluster = 8;
-constexpr int kFusedMaxGroup = 16;  // logits of the group live in registers
+constexpr int kFusedMaxGroup = 16;  // GQA kernel: the group's queries and statistics in smem
 
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
 template <int ITEMS>
 struct FusedShared {
-  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's queries on the channel set
+  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's queries (ExpsSelectKernel: inv)
   uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
   uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
   uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
