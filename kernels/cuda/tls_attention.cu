@@ -13,6 +13,7 @@ namespace asynctls::kernels::cuda {
 namespace {
 
 using tls_detail::AlignUp;
+using tls_detail::EnsureDynamicSmem;
 using tls_detail::LoadIo;
 using tls_detail::StoreIo;
 
@@ -310,11 +311,8 @@ cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
   const size_t smem = shared_kv ? MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(true).bytes
                                 : MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(false).bytes;
   auto kernel = SparseAttnKernel<HEAD_DIM, V_DIM, HPC>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = EnsureDynamicSmem<SparseAttnKernel<HEAD_DIM, V_DIM, HPC>>(smem);
+  if (err != cudaSuccess) return err;
   float* ws_acc = nullptr;
   float* ws_ml = nullptr;
   if (plan.num_splits > 1) {

@@ -5,12 +5,39 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
+#include <mutex>
 
 #include "asynctls/kernels/tls_math.h"
 #include "asynctls/kernels/tls_params.h"
 
 namespace asynctls::kernels::cuda::tls_detail {
+
+// Lets KERNEL launch with `bytes` of dynamic shared memory on the current device. The limit is a
+// per-function, per-device attribute that persists, so it is raised once per device and size
+// (launch paths run every decode step); it only grows, under a lock, so a smaller request never
+// lowers it under a larger one.
+template <auto KERNEL>
+cudaError_t EnsureDynamicSmem(size_t bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<size_t> raised[kMaxDevices] = {};
+  static std::mutex mu;
+  if (bytes == 0) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices) {
+    return cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  }
+  if (raised[device].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mu);
+  if (raised[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err == cudaSuccess) raised[device].store(bytes, std::memory_order_release);
+  return err;
+}
 
 __device__ __forceinline__ float LoadIo(const void* base, DType dtype, int64_t i) {
   if (dtype == DType::kBF16) {

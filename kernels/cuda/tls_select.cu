@@ -14,6 +14,7 @@ using tls_detail::AlignUp;
 using tls_detail::Bf16BitsToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
+using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
@@ -275,14 +276,19 @@ struct TokenStats {
   unsigned long long* exp_sum;
 };
 
+// Rows x heads: one max and one exp sum each.
+size_t TokenStatsCount(const TlsTokenScoreParams& p) {
+  return size_t(p.batch) * p.num_kv_heads *
+         (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
+}
+
 size_t TokenStatsBytes(const TlsTokenScoreParams& p) {
-  const size_t n =
-      size_t(p.batch) * p.num_kv_heads * (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
+  const size_t n = TokenStatsCount(p);
   return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
 }
 
 TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
-  const size_t n = size_t(p.batch) * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads);
+  const size_t n = TokenStatsCount(p);
   TokenStats s;
   s.exp_sum = static_cast<unsigned long long*>(workspace);
   s.max_bits = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) + AlignUp(n * 8, 256));
@@ -547,14 +553,10 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
   const size_t smem = (size_t(STORED ? 0 : group) * NC + 2 * group) * sizeof(float);
   const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * (group + 1) * sizeof(float) : 0);
   const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
-  cudaError_t err = cudaSuccess;
-  if (smem2 > 48 * 1024) {
-    for (auto* fn : {TokenScoreKernel<NC, 0, HS, STORED>, TokenScoreKernel<NC, 1, HS, STORED>,
-                     TokenScoreKernel<NC, 2, HS, STORED>}) {
-      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem2));
-      if (err != cudaSuccess) return err;
-    }
-  }
+  cudaError_t err = EnsureDynamicSmem<TokenScoreKernel<NC, 0, HS, STORED>>(smem);
+  if (err == cudaSuccess) err = EnsureDynamicSmem<TokenScoreKernel<NC, 1, HS, STORED>>(smem);
+  if (err == cudaSuccess) err = EnsureDynamicSmem<TokenScoreKernel<NC, 2, HS, STORED>>(smem2);
+  if (err != cudaSuccess) return err;
   if (!STORED) {  // pass 0 of the stored path is TokenLogitsKernel
     TokenScoreKernel<NC, 0, HS, false><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
   }
@@ -570,11 +572,8 @@ cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, fl
                               cudaStream_t stream) {
   using Tile = LogitTile<GROUP>;
   const size_t smem = size_t(NC) * (Tile::kQStride + kLogitCands) * sizeof(float);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        TokenLogitsKernel<NC, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = EnsureDynamicSmem<TokenLogitsKernel<NC, GROUP>>(smem);
+  if (err != cudaSuccess) return err;
   // Resident CTAs of the GPU (asked once; every device assumed the same kind).
   static const int slots = [smem] {
     int device = 0, sms = 132, per_sm = 1;
@@ -796,11 +795,8 @@ cudaError_t TlsTokenSelect(const TlsTokenSelectParams& p, cudaStream_t stream) {
   if (p.k < 0) return cudaErrorInvalidValue;
   if (p.max_candidates <= kSelectCacheItems) {
     const size_t smem = size_t(p.max_candidates) * (sizeof(float) + sizeof(int32_t));
-    if (smem + sizeof(TopKShared) > 48 * 1024) {  // static + dynamic above the default limit
-      const cudaError_t err = cudaFuncSetAttribute(
-          TokenSelectKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (err != cudaSuccess) return err;
-    }
+    const cudaError_t err = EnsureDynamicSmem<TokenSelectKernel<true>>(smem);
+    if (err != cudaSuccess) return err;
     TokenSelectKernel<true><<<p.batch * p.num_kv_heads, kTokenSelectThreads, smem, stream>>>(p);
   } else {
     TokenSelectKernel<false><<<p.batch * p.num_kv_heads, kTokenSelectThreads, 0, stream>>>(p);

@@ -28,6 +28,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
+using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
@@ -251,9 +252,9 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
   cluster.sync();  // peers may still read this CTA's shared memory
 }
 
-// MAXG: the group size rounded up to 4, 8 or 16 (the logits' register array). ITEMS: candidates
-// per thread; item u of thread t is candidate (rank * ITEMS + u) * kFusedThreads + t, so candidate
-// order is (rank, item, thread) order, which is position order.
+// MAXG: the group size rounded up to 4, 8 or 16 (the per-head arrays, lg's head stride).
+// ITEMS: candidates per thread; item u of thread t is candidate (rank * ITEMS + u) *
+// kFusedThreads + t, so candidate order is (rank, item, thread) order, which is position order.
 template <int NC, int MAXG, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     TokenScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel) {
@@ -418,13 +419,11 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
   return size_t(max_group) * items * kFusedThreads * sizeof(float);
 }
 
-// One row per cluster of `size` CTAs; also raises the kernel's dynamic shared memory limit (a
-// per-function attribute, set before every launch as the other TLS kernels do).
+// One row per cluster of `size` CTAs; also lets the kernel use `smem` of dynamic shared memory.
 template <auto KERNEL>
 cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
                           cudaLaunchAttribute* attr, cudaLaunchConfig_t* config) {
-  const cudaError_t err =
-      cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
   *config = cudaLaunchConfig_t{};
   config->gridDim = dim3(size, rows);
@@ -601,25 +600,22 @@ cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectP
 
 namespace {
 
-// One launch (the logits in registers / shared memory of a thread cluster per row): GQA.
+// GQA: the group's logits fit one launch (a thread cluster per row, no workspace). group *
+// num_channels bounds the per-thread logit work: MLA's 16+ heads x 128 channels on one KV head
+// take the stored path instead.
 bool FusesInOneLaunch(const TlsTokenScoreParams& p) {
-  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
-  // group * num_channels bounds the per-thread logit work: MLA's 16 heads x 128 channels on one
-  // KV head is 16x the GQA row's and gets only batch * 8 CTAs; it takes the stored path.
-  return group >= 1 && group <= kFusedMaxGroup && group * p.num_channels <= kFusedMaxWork &&
-         p.num_q_heads % p.num_kv_heads == 0 &&
-         p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
-         TlsSelectCanImplement(p.head_dim, p.num_channels, group);
+  const int group = p.num_q_heads / p.num_kv_heads;
+  return group <= kFusedMaxGroup && group * p.num_channels <= kFusedMaxWork;
 }
 
 }  // namespace
 
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& p) {
-  if (FusesInOneLaunch(p)) return true;
-  const int group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
-  return p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0 &&
-         tls_detail::UseStoredLogits(p) && p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
-         TlsSelectCanImplement(p.head_dim, p.num_channels, group);
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) return false;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  return group >= 1 && p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
+         TlsSelectCanImplement(p.head_dim, p.num_channels, group) &&
+         (FusesInOneLaunch(p) || tls_detail::UseStoredLogits(p));
 }
 
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,

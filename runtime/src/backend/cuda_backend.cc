@@ -237,6 +237,8 @@ absl::Status CudaBackend::EnsureWorkspace(Workspace& ws, size_t bytes, const cha
   return absl::OkStatus();
 }
 
+// The split-K workspace depends on batch, heads and context (fewer sequences get more splits),
+// so the reservation takes the largest need over batch sizes up to the maximum.
 absl::Status CudaBackend::ReserveDecodeWorkspace() {
   const CudaBackendOptions& o = options_;
   if (o.max_decode_batch == 0 || o.max_seq_len == 0 || o.num_q_heads == 0 || o.num_kv_heads == 0 ||

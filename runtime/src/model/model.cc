@@ -343,7 +343,7 @@ struct Model::Impl {
     const int num_prefill_tokens = b.cu_q_lens[b.num_prefill];
     const int num_decode = b.num_seqs() - b.num_prefill;
     const bool tls_index = tls && cache.has_tls_index();
-    if (tls && cache.has_tls_index() && cache.tls_channels() != tls_channels) {
+    if (tls_index && cache.tls_channels() != tls_channels) {
       return absl::InvalidArgumentError(absl::StrCat("forward: the KV cache keeps a TLS index of ",
                                                      cache.tls_channels(), " channels, the model's sets have ",
                                                      tls_channels));
