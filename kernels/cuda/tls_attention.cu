@@ -7,11 +7,23 @@
 #include <cmath>
 
 #include "asynctls/kernels/cuda_tls.h"
+#include "paged_attention_common.cuh"
 #include "tls_common.cuh"
 
 namespace asynctls::kernels::cuda {
 namespace {
 
+using attention_detail::Bf16Io;
+using attention_detail::CpAsync16;
+using attention_detail::CpAsyncCommit;
+using attention_detail::CpAsyncWait;
+using attention_detail::F32Io;
+using attention_detail::kLog2e;
+using attention_detail::LdMatrixX4;
+using attention_detail::LdMatrixX4Trans;
+using attention_detail::MmaBf16;
+using attention_detail::SmemAddr;
+using attention_detail::TileOffset;
 using tls_detail::AlignUp;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::LoadIo;
@@ -224,6 +236,260 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
+// ---- MLA on tensor cores -------------------------------------------------------------------
+// MLA's 576-dim latent rows (V = their first 512 dims) are shared by all query heads of a
+// sequence, so a CTA takes 16 heads (one mma row tile) against 64 gathered positions at a time:
+// S = Q K^T and O += P V on mma.sync bf16 m16n8k16 with fp32 accumulators. (32 heads per CTA,
+// each K/V fragment feeding two row tiles, measured slower on the H200: half the CTAs per SM.)
+// Queries enter unscaled (bf16 input is then exact; the scale
+// multiplies the fp32 scores); with fp32 io the queries and the probabilities are each split
+// into bf16 hi + lo parts (twice the mmas), which keeps the fp32 reference's precision.
+namespace mla {
+
+constexpr int kDim = 576, kVDim = 512, kKeys = 64, kRows = 16;
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kChunks = kDim / 8, kVChunks = kVDim / 8;  // 16-byte chunks per row
+constexpr int kKSteps = kDim / 16;
+constexpr int kWarpDims = kVDim / kWarps;  // value dims per warp: 64 (8 mma n-tiles)
+static_assert(kKeys == 8 * kWarps, "one 8-key n-tile of the scores per warp");
+
+struct Layout {
+  uint32_t q_hi, q_lo, k, v, p_hi, p_lo, s, stats, row_off, bytes;
+};
+
+constexpr Layout MakeLayout(bool split, bool shared_kv) {
+  Layout l{};
+  uint32_t off = 0;
+  const uint32_t q_bytes = uint32_t(kRows) * kDim * 2, kv_bytes = uint32_t(kKeys) * kDim * 2;
+  const uint32_t p_bytes = uint32_t(kRows) * kKeys * 2;
+  l.q_hi = off, off += q_bytes;
+  l.q_lo = off, off += split ? q_bytes : 0;
+  l.k = off, off += kv_bytes;
+  l.v = shared_kv ? l.k : off, off += shared_kv ? 0 : kv_bytes;  // V rows keep K's stride
+  l.p_hi = off, off += p_bytes;
+  l.p_lo = off, off += split ? p_bytes : 0;
+  l.s = off, off += 4u * kRows * kKeys;
+  l.stats = off, off += 4u * 3 * kRows;
+  off = (off + 15) / 16 * 16;
+  l.row_off = off, off += 8u * kKeys;
+  l.bytes = off;
+  return l;
+}
+
+// Row `row`, element `col` of a swizzled bf16 tile with D elements per row.
+template <int D>
+__device__ __forceinline__ uint32_t ElemOffset(int row, int col) {
+  return TileOffset<D>(row, col >> 3) + 2 * (col & 7);
+}
+
+__device__ __forceinline__ void SplitBf16(float x, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  *hi = __float2bfloat16_rn(x);
+  *lo = __float2bfloat16_rn(x - __bfloat162float(*hi));
+}
+
+template <typename Io>
+__global__ void __launch_bounds__(kThreads)
+    MlaAttnKernel(TlsSparseAttentionParams p, int split_tokens, int num_splits, float* ws_acc,
+                  float* ws_ml) {
+  constexpr bool kSplit = Io::kDType == DType::kF32;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const bool shared_kv = p.v_cache == p.k_cache;
+  const Layout L = MakeLayout(kSplit, shared_kv);
+  const uint32_t base = SmemAddr(smem);
+  float* s_s = reinterpret_cast<float*>(smem + L.s);  // [kRows][kKeys] log2-domain scores
+  float* m_s = reinterpret_cast<float*>(smem + L.stats);
+  float* l_s = m_s + kRows;
+  float* corr_s = l_s + kRows;
+  int64_t* row_off = reinterpret_cast<int64_t*>(smem + L.row_off);
+
+  const int split = blockIdx.x, bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int h0 = blockIdx.z * kRows;
+  const int heads = min(kRows, group - h0);
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mul = p.scale * kLog2e;
+  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
+
+  const typename Io::T* q = static_cast<const typename Io::T*>(p.q);
+  for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    float v[8] = {};
+    if (r < heads) Io::Load8(q + (q_row0 + r) * kDim + 8 * c, v);
+    __align__(16) __nv_bfloat16 hi[8], lo[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) SplitBf16(v[i], &hi[i], &lo[i]);
+    *reinterpret_cast<uint4*>(smem + L.q_hi + TileOffset<kDim>(r, c)) =
+        *reinterpret_cast<const uint4*>(hi);
+    if constexpr (kSplit) {
+      *reinterpret_cast<uint4*>(smem + L.q_lo + TileOffset<kDim>(r, c)) =
+          *reinterpret_cast<const uint4*>(lo);
+    }
+  }
+  if (tid < kRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  float o[kWarpDims / 8][4] = {};
+
+  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
+  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
+  const __nv_bfloat16* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
+  // Fragment roles of this lane (see ScoreTile / AccumulateValues in paged_attention_common).
+  const int a_row = ((lane >> 3) & 1) * 8 + (lane & 7), a_chunk = lane >> 4;
+  const int k_key = 8 * warp + (lane & 7), k_chunk = lane >> 3;
+  const int c_row = lane >> 2, c_col = 2 * (lane & 3);
+
+  for (int t0 = t_begin; t0 < t_end; t0 += kKeys) {
+    const int cnt = min(kKeys, t_end - t0);
+    if (tid < kKeys) {
+      int64_t off = 0;
+      if (tid < cnt) {
+        const int32_t pos = positions[t0 + tid];
+        const int64_t block = table[pos / kKvBlockSize];
+        off = ((block * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize) * kDim;
+      }
+      row_off[tid] = off;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < kKeys * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      CpAsync16(base + L.k + TileOffset<kDim>(r, c), k_cache + row_off[r] + 8 * c, r < cnt);
+    }
+    if (!shared_kv) {
+      for (int idx = tid; idx < kKeys * kVChunks; idx += kThreads) {
+        const int r = idx / kVChunks, c = idx % kVChunks;
+        CpAsync16(base + L.v + TileOffset<kDim>(r, c), v_cache + row_off[r] + 8 * c, r < cnt);
+      }
+    }
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    __syncthreads();
+
+    // Scores of keys [8 warp, 8 warp + 8); even / odd k-steps in separate accumulators (two
+    // independent mma chains).
+    float sa[4] = {}, sb[4] = {};
+#pragma unroll 2
+    for (int kk = 0; kk < kKSteps; kk += 2) {
+      uint32_t kb[4], qa[4], qb[4];
+      LdMatrixX4(kb, base + L.k + TileOffset<kDim>(k_key, 2 * kk + k_chunk));
+      LdMatrixX4(qa, base + L.q_hi + TileOffset<kDim>(a_row, 2 * kk + a_chunk));
+      LdMatrixX4(qb, base + L.q_hi + TileOffset<kDim>(a_row, 2 * kk + 2 + a_chunk));
+      MmaBf16(sa, qa, kb[0], kb[1]);
+      MmaBf16(sb, qb, kb[2], kb[3]);
+      if constexpr (kSplit) {
+        LdMatrixX4(qa, base + L.q_lo + TileOffset<kDim>(a_row, 2 * kk + a_chunk));
+        LdMatrixX4(qb, base + L.q_lo + TileOffset<kDim>(a_row, 2 * kk + 2 + a_chunk));
+        MmaBf16(sa, qa, kb[0], kb[1]);
+        MmaBf16(sb, qb, kb[2], kb[3]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = c_row + 8 * (i >> 1), key = 8 * warp + c_col + (i & 1);
+      s_s[row * kKeys + key] = key < cnt ? (sa[i] + sb[i]) * mul : -INFINITY;
+    }
+    __syncthreads();
+
+    // Online softmax, one row per warp at a time, two keys per lane; P as bf16 (hi [+ lo]).
+    for (int row = warp; row < kRows; row += kWarps) {
+      const float x0 = s_s[row * kKeys + lane], x1 = s_s[row * kKeys + lane + 32];
+      float mx = fmaxf(x0, x1);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[row];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_base = m_new == -INFINITY ? 0.f : m_new;  // every key masked so far
+      const float e0 = exp2f(x0 - m_base), e1 = exp2f(x1 - m_base);
+      float sum = e0 + e1;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      __nv_bfloat16 h0v, l0v, h1v, l1v;
+      SplitBf16(e0, &h0v, &l0v);
+      SplitBf16(e1, &h1v, &l1v);
+      *reinterpret_cast<__nv_bfloat16*>(smem + L.p_hi + ElemOffset<kKeys>(row, lane)) = h0v;
+      *reinterpret_cast<__nv_bfloat16*>(smem + L.p_hi + ElemOffset<kKeys>(row, lane + 32)) = h1v;
+      if constexpr (kSplit) {
+        *reinterpret_cast<__nv_bfloat16*>(smem + L.p_lo + ElemOffset<kKeys>(row, lane)) = l0v;
+        *reinterpret_cast<__nv_bfloat16*>(smem + L.p_lo + ElemOffset<kKeys>(row, lane + 32)) = l1v;
+      }
+      if (lane == 0) {
+        const float corr = exp2f(m_old - m_base);
+        m_s[row] = m_new;
+        l_s[row] = l_s[row] * corr + sum;
+        corr_s[row] = corr;
+      }
+    }
+    __syncthreads();
+
+    // O[:, 64 warp .. +64) += P V.
+    const float c0 = corr_s[c_row], c1 = corr_s[c_row + 8];
+#pragma unroll
+    for (int j = 0; j < kWarpDims / 8; ++j) {
+      o[j][0] *= c0, o[j][1] *= c0, o[j][2] *= c1, o[j][3] *= c1;
+    }
+    const int v_key = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
+#pragma unroll
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
+      uint32_t pa[4], pl[4];
+      LdMatrixX4(pa, base + L.p_hi + TileOffset<kKeys>(a_row, 2 * ks + a_chunk));
+      if constexpr (kSplit) LdMatrixX4(pl, base + L.p_lo + TileOffset<kKeys>(a_row, 2 * ks + a_chunk));
+#pragma unroll
+      for (int jj = 0; jj < kWarpDims / 16; ++jj) {
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, base + L.v + TileOffset<kDim>(16 * ks + v_key,
+                                                          kWarpDims / 8 * warp + 2 * jj + v_chunk));
+        MmaBf16(o[2 * jj], pa, vb[0], vb[1]);
+        MmaBf16(o[2 * jj + 1], pa, vb[2], vb[3]);
+        if constexpr (kSplit) {
+          MmaBf16(o[2 * jj], pl, vb[0], vb[1]);
+          MmaBf16(o[2 * jj + 1], pl, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  __syncthreads();  // m_s / l_s visible even when this split had no positions
+
+  typename Io::T* out = static_cast<typename Io::T*>(p.out);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = c_row + 8 * half;
+    if (row >= heads) continue;
+    const int64_t qh = q_row0 + row;
+    const float l = l_s[row];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < kWarpDims / 8; ++j) {
+      const int d = kWarpDims * warp + 8 * j + c_col;
+      const float v0 = o[j][2 * half], v1 = o[j][2 * half + 1];
+      if (num_splits == 1) {
+        Io::Store2(out + qh * kVDim + d, v0 * inv, v1 * inv);
+      } else {
+        float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * kVDim + d;
+        *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+      }
+    }
+  }
+  if (tid < heads) {
+    const int64_t qh = q_row0 + tid;
+    const float m = m_s[tid], l = l_s[tid];
+    if (num_splits == 1) {
+      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    } else {
+      float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
+      ml[0] = m;
+      ml[1] = l;
+    }
+  }
+}
+
+}  // namespace mla
+
 constexpr int kMergeThreads = 128;
 constexpr int kMaxSplits = 256;
 
@@ -280,15 +546,20 @@ int NumSms() {
 SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   SplitPlan s;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int cap = p.head_dim == 576 ? 16 : 8;
+  const bool mla = p.head_dim == mla::kDim;
   s.hpc = 1;
-  while (s.hpc < group && s.hpc < cap) s.hpc *= 2;
+  if (mla) {
+    s.hpc = mla::kRows;
+  } else {
+    while (s.hpc < group && s.hpc < 8) s.hpc *= 2;
+  }
+  const int tile = mla ? mla::kKeys : kTile;
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
   // Each CTA walks its tiles one after another (position -> table -> K/V gather, then the
   // math), so a split's time is its tile count times a latency-bound step: aim for one full
   // wave of GQA CTAs (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by
-  // side. MLA CTAs are ~4x larger (3 per SM) and compute-bound: 2 per SM as before.
+  // side. MLA CTAs (tensor cores, ~100-125 KB of shared memory) fit 1-2 per SM: aim for 2.
   const int64_t ctas_per_sm = p.head_dim == 576 ? 2 : 6;
   const int64_t want = std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
@@ -296,7 +567,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20 splits
   // per (sequence, KV head) instead of 5, and each CTA pays the position -> table -> K/V load
   // chain once; the merge reads at most a few KB per query head.
-  tokens = std::max(kTile, (tokens + kTile - 1) / kTile * kTile);
+  tokens = std::max(tile, (tokens + tile - 1) / tile * tile);
   // Keep the split count under the merge kernel's limit.
   tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
   s.split_tokens = tokens;
@@ -331,6 +602,31 @@ cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
   return cudaGetLastError();
 }
 
+template <typename Io>
+cudaError_t LaunchMlaAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                          cudaStream_t stream) {
+  constexpr bool kSplit = Io::kDType == DType::kF32;
+  const size_t smem = mla::MakeLayout(kSplit, p.v_cache == p.k_cache).bytes;
+  const cudaError_t err = EnsureDynamicSmem<mla::MlaAttnKernel<Io>>(smem);
+  if (err != cudaSuccess) return err;
+  float* ws_acc = nullptr;
+  float* ws_ml = nullptr;
+  if (plan.num_splits > 1) {
+    ws_acc = static_cast<float*>(p.workspace);
+    const size_t acc_bytes = AlignUp(
+        size_t(plan.num_splits) * p.batch * p.num_q_heads * mla::kVDim * sizeof(float), 256);
+    ws_ml = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + acc_bytes);
+  }
+  const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
+  mla::MlaAttnKernel<Io><<<grid, mla::kThreads, smem, stream>>>(p, plan.split_tokens,
+                                                                    plan.num_splits, ws_acc, ws_ml);
+  if (plan.num_splits > 1) {
+    MergeSplitsKernel<<<p.batch * p.num_q_heads, kMergeThreads, 0, stream>>>(p, plan.num_splits,
+                                                                             ws_acc, ws_ml);
+  }
+  return cudaGetLastError();
+}
+
 template <int HEAD_DIM, int V_DIM>
 cudaError_t DispatchHeads(const TlsSparseAttentionParams& p, const SplitPlan& plan,
                           cudaStream_t stream) {
@@ -343,9 +639,6 @@ cudaError_t DispatchHeads(const TlsSparseAttentionParams& p, const SplitPlan& pl
       return LaunchAttn<HEAD_DIM, V_DIM, 4>(p, plan, stream);
     case 8:
       return LaunchAttn<HEAD_DIM, V_DIM, 8>(p, plan, stream);
-    case 16:
-      if constexpr (HEAD_DIM == 576) return LaunchAttn<HEAD_DIM, V_DIM, 16>(p, plan, stream);
-      return cudaErrorInvalidValue;
     default:
       return cudaErrorInvalidValue;
   }
@@ -382,8 +675,9 @@ cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t s
       return DispatchHeads<64, 64>(p, plan, stream);
     case 128:
       return DispatchHeads<128, 128>(p, plan, stream);
-    case 576:
-      return DispatchHeads<576, 512>(p, plan, stream);
+    case mla::kDim:
+      return p.io_dtype == DType::kF32 ? LaunchMlaAttn<F32Io>(p, plan, stream)
+                                       : LaunchMlaAttn<Bf16Io>(p, plan, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,6 +1,7 @@
 // GPU compare tests of the TLS sparse attention against the CPU reference: position lists from
 // the reference selection (TLS budgets) and dense lists long enough to use split-K; GQA group
-// sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K) with G = 16 and 32.
+// sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K; tensor-core kernel) with
+// 16 to 128 heads, fp32 and bf16 io, V shared with K or in a pool of its own.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -22,6 +23,7 @@ struct AttnShape {
   std::vector<int32_t> lens;
   int nq, nkv, dim;
   bool mla;
+  bool separate_v = false;  // MLA: V rows from a copy of the K pool (not the same pointer)
 };
 
 void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
@@ -60,6 +62,8 @@ void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
 
   testing::DeviceTlsCase d;
   ASSERT_CUDA(d.Upload(c));
+  DeviceBuffer v_copy;
+  if (s.separate_v) ASSERT_CUDA(v_copy.Upload(c.kv.k));
   DeviceBuffer dpos, dnum, dout(out.size()), dlse(lse.size() * 4);
   ASSERT_CUDA(dpos.Upload(buf.positions));
   ASSERT_CUDA(dnum.Upload(buf.num_positions));
@@ -68,7 +72,7 @@ void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
   TlsSparseAttentionParams g = p;
   g.q = d.q.get();
   g.k_cache = d.k.get();
-  g.v_cache = s.mla ? d.k.get() : d.v.get();
+  g.v_cache = !s.mla ? d.v.get() : s.separate_v ? v_copy.get() : d.k.get();
   g.block_table = d.block_table.as<int32_t>();
   g.positions = dpos.as<int32_t>();
   g.num_positions = dnum.as<int32_t>();
@@ -116,9 +120,14 @@ TEST(TlsSparseAttentionGpuTest, MlaMatchesReference) {
       {{2100, 90}, 16, 1, 576, true},
       {{1300}, 32, 1, 576, true},
       {{200}, 20, 1, 576, true},  // GLM-4.7-Flash head count: a partial head chunk
+      {{700, 64}, 64, 1, 576, true},
+      {{300}, 128, 1, 576, true},
+      {{900, 33}, 32, 1, 576, true, true},
   };
   for (const AttnShape& s : shapes) {
-    for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kDense}) RunCompare(s, DType::kBF16, mode);
+    for (DType dtype : {DType::kBF16, DType::kF32}) {
+      for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kDense}) RunCompare(s, dtype, mode);
+    }
   }
 }
 
