@@ -132,9 +132,36 @@ __device__ __forceinline__ int BlockSum(int v, int* scratch) {
   return total;
 }
 
-// TlsInt4Dot's fma chain (channels in order; the token scale is applied by the caller) of one
-// head's NC queries (16-byte aligned shared memory) with a token's INT4 codes: the decoded
-// `codes` when HOIST, else decoded from the packed `words` per use.
+// Token scoring's query side (tls_math.h, integer token logits): `heads` query heads of `nc`
+// channel-set entries in shared memory (entry (h, c) at q[h * head_stride + c * chan_stride])
+// become int8 codes held as floats, in place, and qscale[h] their scales. Called by every
+// thread of the CTA (it synchronizes); a warp reduces each head's max |q|.
+template <int THREADS>
+__device__ void QuantizeQueries(float* q, int heads, int nc, int head_stride, int chan_stride,
+                                float* qscale) {
+  static_assert(THREADS % 32 == 0, "whole warps");
+  const int lane = threadIdx.x & 31;
+  __syncthreads();
+  for (int h = threadIdx.x / 32; h < heads; h += THREADS / 32) {
+    uint32_t bits = 0u;  // |q| >= 0 orders as its bits
+    for (int c = lane; c < nc; c += 32) {
+      bits = max(bits, __float_as_uint(fabsf(q[h * head_stride + c * chan_stride])));
+    }
+    bits = __reduce_max_sync(0xffffffffu, bits);
+    if (lane == 0) qscale[h] = TlsInt8Scale(__uint_as_float(bits));
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * nc; e += THREADS) {
+    const int h = e / nc, c = e % nc;
+    float* x = q + h * head_stride + c * chan_stride;
+    *x = static_cast<float>(TlsInt8Code(*x, qscale[h]));
+  }
+  __syncthreads();
+}
+
+// TlsInt4Dot (an exact integer sum: any order gives the same value) of one head's NC query
+// codes (16-byte aligned shared memory) with a token's INT4 codes: the decoded `codes` when
+// HOIST, else decoded from the packed `words` per use.
 template <int NC, bool HOIST>
 __device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
                                              const uint32_t* words) {

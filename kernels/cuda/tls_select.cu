@@ -18,8 +18,8 @@ using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
-using tls_detail::Int4WordToFloats;
 using tls_detail::Int4HeadDot;
+using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
@@ -271,28 +271,103 @@ struct TokenTile {
   static constexpr int kCands = HS == 1 ? kTokenThreads : 32;
 };
 
+// Per-row scratch of the token passes: one max and one exp sum per (row, head), zeroed before
+// each call, and the row's quantized queries (QuantizeQueryKernel).
 struct TokenStats {
   uint32_t* max_bits;  // [batch * num_kv_heads * group]
   unsigned long long* exp_sum;
+  float* qcode;   // [batch * num_kv_heads * group, num_channels] int8 codes as floats
+  float* qscale;  // [batch * num_kv_heads * group]
+  int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
 };
 
-// Rows x heads: one max and one exp sum each.
+// Rows x heads.
 size_t TokenStatsCount(const TlsTokenScoreParams& p) {
   return size_t(p.batch) * p.num_kv_heads *
          (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
 }
 
-size_t TokenStatsBytes(const TlsTokenScoreParams& p) {
+size_t TokenCountersBytes(const TlsTokenScoreParams& p) {  // the zeroed part
   const size_t n = TokenStatsCount(p);
   return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
 }
 
+size_t TokenStatsBytes(const TlsTokenScoreParams& p) {
+  const size_t n = TokenStatsCount(p);
+  return TokenCountersBytes(p) + AlignUp(n * std::max(0, p.num_channels) * 4, 256) +
+         2 * AlignUp(n * 4, 256);
+}
+
 TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   const size_t n = TokenStatsCount(p);
+  char* base = static_cast<char*>(workspace);
   TokenStats s;
-  s.exp_sum = static_cast<unsigned long long*>(workspace);
-  s.max_bits = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) + AlignUp(n * 8, 256));
+  s.exp_sum = reinterpret_cast<unsigned long long*>(base);
+  s.max_bits = reinterpret_cast<uint32_t*>(base + AlignUp(n * 8, 256));
+  base += TokenCountersBytes(p);
+  s.qcode = reinterpret_cast<float*>(base);
+  base += AlignUp(n * std::max(0, p.num_channels) * 4, 256);
+  s.qscale = reinterpret_cast<float*>(base);
+  s.qsum = reinterpret_cast<int*>(base + AlignUp(n * 4, 256));
   return s;
+}
+
+// Token scoring's query side (tls_math.h), once per row before the passes: the group's int8
+// query codes on the row's channel set, their scales and code sums. A warp per head, grid
+// (rows, group / 4): a row's heads quantize side by side.
+constexpr int kQuantizeHeads = kTokenThreads / 32;
+
+template <int NC>
+__global__ void __launch_bounds__(kTokenThreads)
+    QuantizeQueryKernel(TlsTokenScoreParams p, TokenStats stats) {
+  const int bg = blockIdx.x, lane = threadIdx.x & 31;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int hh = blockIdx.y * kQuantizeHeads + threadIdx.x / 32;
+  if (hh >= group) return;
+  constexpr int kPerLane = (NC + 31) / 32;
+  float x[kPerLane];
+  uint32_t bits = 0u;  // |q| >= 0 orders as its bits
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    x[i] = 0.f;
+    if (c < NC) {
+      const int ch = p.channels[int64_t{g} * NC + c];
+      x[i] = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+      bits = max(bits, __float_as_uint(fabsf(x[i])));
+    }
+  }
+  const float scale = TlsInt8Scale(__uint_as_float(__reduce_max_sync(0xffffffffu, bits)));
+  const int64_t head = int64_t{bg} * group + hh;
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < NC) {
+      const int code = TlsInt8Code(x[i], scale);
+      stats.qcode[head * NC + c] = static_cast<float>(code);
+      sum += code;
+    }
+  }
+  sum = __reduce_add_sync(0xffffffffu, sum);
+  if (lane == 0) {
+    stats.qscale[head] = scale;
+    stats.qsum[head] = sum;
+  }
+}
+
+// Zeroes the counters and quantizes the queries.
+template <int NC>
+cudaError_t PrepareTokenStats(const TlsTokenScoreParams& p, TokenStats* stats,
+                              cudaStream_t stream) {
+  *stats = TokenStatsIn(p.workspace, p);
+  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenCountersBytes(p), stream);
+  if (err != cudaSuccess) return err;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const dim3 grid(p.batch * p.num_kv_heads, (group + kQuantizeHeads - 1) / kQuantizeHeads);
+  QuantizeQueryKernel<NC><<<grid, kTokenThreads, 0, stream>>>(p, *stats);
+  return cudaGetLastError();
 }
 
 // Stored logits: channel sets of 64+ and groups of 16, 32, 64 or 128 (MLA's heads on 128
@@ -309,33 +384,52 @@ float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
   return reinterpret_cast<float*>(static_cast<char*>(workspace) + TokenStatsBytes(p));
 }
 
-// Pass 0 of the stored path: the logits of listed KV blocks' 64 candidates for every head of
-// the group, as a register-tiled product; a CTA loads the group's queries once and walks blocks
-// blockIdx.x, + gridDim.x, ... Thread t holds candidates 4 (t % 16) .. + 3 and heads
-// HT (t / 16) .. + HT - 1; each of its 4 x HT accumulators runs the channels in order through
-// TlsFma, as TlsInt4Dot does, so the logits equal the per-candidate kernel's bit for bit. Also
-// the per-head max (atomicMax on ordered bits, as pass 0).
+// Pass 0 of the stored path on integer tensor cores: the logits of listed KV blocks' 64
+// candidates for every head of the group. The token logit's integer sum (tls_math.h) is a
+// GROUP x NC by NC x 64 product per block: mma.sync m16n8k32 with the int8 query codes as A
+// (signed) and the INT4 nibbles 0..15 as B (unsigned; the -8 offset is taken off afterwards as
+// 8 * sum of the head's codes), int32 accumulators, so the logits equal TlsInt4Dot's bit for
+// bit. B fragments come straight from the packed words: a word's low nibbles (w & 0x0f0f0f0f)
+// hold its even channels and the high ones its odd channels, so k runs through each word's
+// channels in the order 0 2 4 6 1 3 5 7, and A is built in that order. A CTA loads the group's
+// queries once and walks blocks blockIdx.x, + gridDim.x, ...; also the per-head max (atomicMax
+// on ordered bits, as pass 0).
 constexpr int kLogitCands = kKvBlockSize;
-
-// Heads per thread: group / 16, but at least 2 (a group of 16 on 128 threads: 8 fmas per
-// three shared-memory wavefronts instead of 4); threads: 16 candidate quads x head slices.
-template <int GROUP>
-struct LogitTile {
-  static constexpr int kHeads = GROUP >= 32 ? GROUP / 16 : 2;
-  static constexpr int kThreads = 16 * (GROUP / kHeads);
-  static constexpr int kQStride = GROUP + 4;  // padded: channel-major query writes hit 8 banks
-};
+constexpr int kLogitThreads = 128;  // 4 warps
 
 template <int NC, int GROUP>
-__global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
+struct LogitTile {
+  static constexpr int kMTiles = GROUP / 16;                        // 16-head row tiles
+  static constexpr int kWarpM = kMTiles >= 4 ? kMTiles / 4 : 1;     // row tiles per warp
+  static constexpr int kMGroups = kMTiles / kWarpM;                 // warps along heads
+  static constexpr int kWarpN = 8 / (4 / kMGroups);                 // 8-candidate tiles per warp
+  static constexpr int kSlabs = NC / 32;                            // k steps of 32 channels
+  static constexpr int kCodeStride = NC / 8 + 4;  // words per candidate: conflict-free B loads
+  static constexpr size_t kSmem =
+      sizeof(float) * (size_t(GROUP) * NC + kLogitCands + GROUP) +
+      sizeof(int) * GROUP + sizeof(uint32_t) * kLogitCands * kCodeStride;
+};
+
+__device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int NC, int GROUP>
+__global__ void __launch_bounds__(kLogitThreads)
     TokenLogitsKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
-  constexpr int HT = LogitTile<GROUP>::kHeads, kThreads = LogitTile<GROUP>::kThreads;
-  constexpr int kQStride = LogitTile<GROUP>::kQStride;
+  using Tile = LogitTile<NC, GROUP>;
   extern __shared__ float logit_smem[];
-  float* q_t = logit_smem;                 // [NC][kQStride]: a thread's HT heads are contiguous
-  float* codes_t = q_t + NC * kQStride;    // [NC][64 candidates]
-  __shared__ float scale_s[kLogitCands];
-  const int tid = threadIdx.x;
+  float* q_s = logit_smem;                    // [GROUP][NC] query codes (as floats)
+  float* scale_s = q_s + GROUP * NC;          // [64] token scales of the block
+  float* qscale_s = scale_s + kLogitCands;    // [GROUP]
+  int* qsum_s = reinterpret_cast<int*>(qscale_s + GROUP);                // [GROUP]
+  uint32_t* codes_s = reinterpret_cast<uint32_t*>(qsum_s + GROUP);       // [64][kCodeStride]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const TlsGeometry geo = MakeTlsGeometry(
@@ -343,84 +437,101 @@ __global__ void __launch_bounds__(LogitTile<GROUP>::kThreads)
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
-  for (int e = tid; e < GROUP * NC; e += kThreads) {
-    const int hh = e / NC, c = e % NC;
-    const int ch = p.channels[int64_t{g} * NC + c];
-    q_t[c * kQStride + hh] = LoadIo(
-        p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * GROUP + hh) * p.head_dim + ch);
-  }
-  const int quad = tid % 16, hs = tid / 16;
   const int64_t stat = int64_t{bg} * GROUP;
+  for (int e = tid; e < GROUP * NC; e += kLogitThreads) q_s[e] = stats.qcode[stat * NC + e];
+  for (int hh = tid; hh < GROUP; hh += kLogitThreads) {
+    qscale_s[hh] = stats.qscale[stat + hh];
+    qsum_s[hh] = stats.qsum[stat + hh];
+  }
+  __syncthreads();
+
+  // A fragments (m16n8k32: a0 rows r / k 4t.., a1 rows r + 8, a2 / a3 the same at k + 16).
+  const int r = lane >> 2, t = lane & 3;
+  const int mg = warp % Tile::kMGroups, ng = warp / Tile::kMGroups;
+  uint32_t a[Tile::kWarpM][Tile::kSlabs][4];
+#pragma unroll
+  for (int mi = 0; mi < Tile::kWarpM; ++mi) {
+#pragma unroll
+    for (int sl = 0; sl < Tile::kSlabs; ++sl) {
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * (reg & 1);
+        const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, half (k % 8) / 4
+        const float* qh = q_s + head * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
+        uint32_t packed = 0u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          packed |= (static_cast<uint32_t>(static_cast<int>(qh[2 * i])) & 0xffu) << (8 * i);
+        }
+        a[mi][sl][reg] = packed;
+      }
+    }
+  }
+  uint32_t head_max[Tile::kWarpM][2] = {};
   for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
     const int32_t block =
         p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
     const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
     const int64_t tok0 = (row * p.num_kv_heads + g) * kKvBlockSize;
     __syncthreads();  // the previous block's codes are consumed
-    for (int e = tid; e < kLogitCands * (NC / 8); e += kThreads) {
-      const int j = e % kLogitCands, w = e / kLogitCands;  // consecutive threads: consecutive j
-      const uint32_t word =
-          reinterpret_cast<const uint32_t*>(p.token_codes + (tok0 + j) * (NC / 2))[w];
-      float f[8];
-      Int4WordToFloats(word, f);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) codes_t[(8 * w + k) * kLogitCands + j] = f[k];
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(p.token_codes + tok0 * (NC / 2));
+    for (int e = tid; e < kLogitCands * (NC / 8); e += kLogitThreads) {
+      codes_s[(e / (NC / 8)) * Tile::kCodeStride + e % (NC / 8)] = __ldg(src + e);
     }
     if (tid < kLogitCands) scale_s[tid] = p.token_scales[tok0 + tid];
     __syncthreads();
 
-    float acc[4][HT];
+    int acc[Tile::kWarpM][Tile::kWarpN][4] = {};
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int sl = 0; sl < Tile::kSlabs; ++sl) {
 #pragma unroll
-      for (int h = 0; h < HT; ++h) acc[u][h] = 0.f;
-    }
-#pragma unroll 4
-    for (int c = 0; c < NC; ++c) {
-      const float4 cv = *reinterpret_cast<const float4*>(codes_t + c * kLogitCands + 4 * quad);
-      const float code[4] = {cv.x, cv.y, cv.z, cv.w};
-      float qv[HT];
-      const float* qc = q_t + c * kQStride + hs * HT;
-      if constexpr (HT % 4 == 0) {
+      for (int ni = 0; ni < Tile::kWarpN; ++ni) {
+        const uint32_t* wrow =
+            codes_s + (8 * (ng * Tile::kWarpN + ni) + r) * Tile::kCodeStride + 4 * sl + (t >> 1);
+        const int shift = 4 * (t & 1);  // even t: low nibbles (even channels); odd t: high
+        const uint32_t b0 = (wrow[0] >> shift) & 0x0f0f0f0fu;
+        const uint32_t b1 = (wrow[2] >> shift) & 0x0f0f0f0fu;
 #pragma unroll
-        for (int h = 0; h < HT; h += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(qc + h);
-          qv[h] = v.x;
-          qv[h + 1] = v.y;
-          qv[h + 2] = v.z;
-          qv[h + 3] = v.w;
-        }
-      } else {
-#pragma unroll
-        for (int h = 0; h < HT; ++h) qv[h] = qc[h];
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-#pragma unroll
-        for (int h = 0; h < HT; ++h) acc[u][h] = TlsFma(qv[h], code[u], acc[u][h]);
+        for (int mi = 0; mi < Tile::kWarpM; ++mi) MmaS8U8(acc[mi][ni], a[mi][sl], b0, b1);
       }
     }
 
     const int cbeg = TlsBlockCandBegin(geo, block), cend = TlsBlockCandEnd(geo, block);
 #pragma unroll
-    for (int h = 0; h < HT; ++h) {
-      const int hh = hs * HT + h;
-      float out[4];
-      uint32_t key = 0u;
+    for (int mi = 0; mi < Tile::kWarpM; ++mi) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = 4 * quad + u;
-        const int32_t cpos = block * kKvBlockSize + j;
-        const bool valid = cpos >= cbeg && cpos < cend;
-        out[u] = valid ? TlsMul(acc[u][h], scale_s[j]) : 0.f;
-        if (valid) key = max(key, TlsOrderedBits(out[u]));
+      for (int half = 0; half < 2; ++half) {
+        const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * half;
+        const int offset = 8 * qsum_s[head];
+        const float qscale = qscale_s[head];
+        float* dst = logits + (stat + head) * p.max_candidates + i * kLogitCands;
+#pragma unroll
+        for (int ni = 0; ni < Tile::kWarpN; ++ni) {
+          const int j = 8 * (ng * Tile::kWarpN + ni) + 2 * t;
+          float out[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int32_t cpos = block * kKvBlockSize + j + u;
+            const bool valid = cpos >= cbeg && cpos < cend;
+            const float dot = static_cast<float>(acc[mi][ni][2 * half + u] - offset);
+            out[u] = valid ? TlsTokenLogit(dot, scale_s[j + u], qscale) : 0.f;
+            if (valid) head_max[mi][half] = max(head_max[mi][half], TlsOrderedBits(out[u]));
+          }
+          *reinterpret_cast<float2*>(dst + j) = make_float2(out[0], out[1]);
+        }
       }
-      float* dst = logits + (int64_t{bg} * GROUP + hh) * p.max_candidates + i * kLogitCands;
-      *reinterpret_cast<float4*>(dst + 4 * quad) = make_float4(out[0], out[1], out[2], out[3]);
-      // The 16 lanes of a half-warp share hs: reduce over them.
+    }
+  }
+  // The four lanes of a quad hold one head's candidates.
 #pragma unroll
-      for (int o = 8; o > 0; o >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, o));
-      if (quad == 0 && key != 0u) atomicMax(stats.max_bits + stat + hh, key);
+  for (int mi = 0; mi < Tile::kWarpM; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      uint32_t key = head_max[mi][half];
+      key = max(key, __shfl_xor_sync(0xffffffffu, key, 1));
+      key = max(key, __shfl_xor_sync(0xffffffffu, key, 2));
+      const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * half;
+      if (t == 0 && key != 0u) atomicMax(stats.max_bits + stat + head, key);
     }
   }
 }
@@ -430,7 +541,8 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   constexpr int kThreads = TokenTile<HS>::kThreads;
   constexpr int kCands = TokenTile<HS>::kCands;
-  // [group, NC] queries, max [group], inv [group], then (HS > 1, pass 2) e [kCands, group + 1]
+  // [group, NC] query codes, max [group], inv [group], query scales [group], then (HS > 1,
+  // pass 2) e [kCands, group + 1]
   extern __shared__ float q_s[];
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
@@ -450,14 +562,15 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
   float* max_s = q_s + (STORED ? 0 : group * NC);
   float* inv_s = max_s + group;
-  float* e_s = inv_s + group;
-  for (int e = threadIdx.x; !STORED && e < group * NC; e += kThreads) {
-    const int hh = e / NC, c = e % NC;
-    const int ch = p.channels[int64_t{g} * NC + c];
-    q_s[e] =
-        LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
-  }
+  float* qscale_s = inv_s + group;
+  float* e_s = qscale_s + group;
   const int64_t stat = int64_t{bg} * group;
+  for (int e = threadIdx.x; !STORED && e < group * NC; e += kThreads) {
+    q_s[e] = stats.qcode[stat * NC + e];
+  }
+  for (int hh = threadIdx.x; !STORED && hh < group; hh += kThreads) {
+    qscale_s[hh] = stats.qscale[stat + hh];
+  }
   if (PASS >= 1) {
     for (int hh = threadIdx.x; hh < group; hh += kThreads) {
       max_s[hh] = FromOrderedBits(stats.max_bits[stat + hh]);
@@ -490,7 +603,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     tok_scale = p.token_scales[tok];
   }
   // The codes are the same for every head: decode them once (kHoist) instead of once per head.
-  // The logit is TlsInt4Dot's fma chain (channels in order, then the scale), bit for bit.
+  // The logit is TlsTokenLogit of TlsInt4Dot's exact sum, bit for bit.
   constexpr bool kHoist = NC <= 64 && !STORED;
   float codes[kHoist ? NC : 1];
   if (kHoist) {
@@ -507,7 +620,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       if (valid) logit = *stored;
     } else {
       const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
-      logit = valid ? TlsMul(acc, tok_scale) : 0.f;
+      logit = valid ? TlsTokenLogit(acc, tok_scale, qscale_s[hh]) : 0.f;
     }
     if (PASS == 0) {
       const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
@@ -550,7 +663,7 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
                                    float* logits, cudaStream_t stream, bool with_alpha = true) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t smem = (size_t(STORED ? 0 : group) * NC + 2 * group) * sizeof(float);
+  const size_t smem = (size_t(STORED ? 0 : group) * NC + 3 * group) * sizeof(float);
   const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * (group + 1) * sizeof(float) : 0);
   const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
   cudaError_t err = EnsureDynamicSmem<TokenScoreKernel<NC, 0, HS, STORED>>(smem);
@@ -570,8 +683,7 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
 template <int NC, int GROUP>
 cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, float* logits,
                               cudaStream_t stream) {
-  using Tile = LogitTile<GROUP>;
-  const size_t smem = size_t(NC) * (Tile::kQStride + kLogitCands) * sizeof(float);
+  const size_t smem = LogitTile<NC, GROUP>::kSmem;
   const cudaError_t err = EnsureDynamicSmem<TokenLogitsKernel<NC, GROUP>>(smem);
   if (err != cudaSuccess) return err;
   // Resident CTAs of the GPU (asked once; every device assumed the same kind).
@@ -581,7 +693,7 @@ cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, fl
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     }
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, TokenLogitsKernel<NC, GROUP>,
-                                                      Tile::kThreads, smem) != cudaSuccess) {
+                                                      kLogitThreads, smem) != cudaSuccess) {
       (void)cudaGetLastError();
       per_sm = 1;
     }
@@ -591,7 +703,7 @@ cudaError_t LaunchTokenLogits(const TlsTokenScoreParams& p, TokenStats stats, fl
   const int rows = p.batch * p.num_kv_heads, blocks = p.max_candidates / kLogitCands;
   const int per_cta = std::max(1, (rows * blocks + slots - 1) / slots);
   const dim3 grid((blocks + per_cta - 1) / per_cta, rows);
-  TokenLogitsKernel<NC, GROUP><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
+  TokenLogitsKernel<NC, GROUP><<<grid, kLogitThreads, smem, stream>>>(p, stats, logits);
   return cudaGetLastError();
 }
 
@@ -625,9 +737,9 @@ cudaError_t LaunchTokenScorePass1Stored(const TlsTokenScoreParams& p, TokenStats
 template <int NC>
 cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenStatsBytes(p), stream);
+  TokenStats stats;
+  cudaError_t err = PrepareTokenStats<NC>(p, &stats, stream);
   if (err != cudaSuccess) return err;
-  const TokenStats stats = TokenStatsIn(p.workspace, p);
   if constexpr (NC >= 64) {
     if (UseStoredLogits(p)) {
       float* logits = StoredLogitsIn(p.workspace, p);
@@ -717,9 +829,10 @@ bool UseStoredLogits(const TlsTokenScoreParams& p) {
 
 cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream) {
   if (!UseStoredLogits(p) || !p.workspace) return cudaErrorInvalidValue;
-  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenStatsBytes(p), stream);
+  TokenStats stats;
+  cudaError_t err = p.num_channels == 64 ? PrepareTokenStats<64>(p, &stats, stream)
+                                         : PrepareTokenStats<128>(p, &stats, stream);
   if (err != cudaSuccess) return err;
-  const TokenStats stats = TokenStatsIn(p.workspace, p);
   float* exps = StoredLogitsIn(p.workspace, p);
   err = p.num_channels == 64 ? LaunchTokenLogitsForGroup<64>(p, stats, exps, stream)
                              : LaunchTokenLogitsForGroup<128>(p, stats, exps, stream);

@@ -32,9 +32,10 @@ using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
-using tls_detail::Int4WordToFloats;
 using tls_detail::Int4HeadDot;
+using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
+using tls_detail::QuantizeQueries;
 using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
 
@@ -49,7 +50,8 @@ constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see C
 
 template <int ITEMS>
 struct FusedShared {
-  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's queries (ExpsSelectKernel: inv)
+  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes (ExpsSelectKernel: inv)
+  float qscale[kFusedMaxGroup];                // their scales (TlsInt8Scale)
   uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
   uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
   uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
@@ -285,9 +287,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     sh.q[e] =
         LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
   }
-  __syncthreads();
+  QuantizeQueries<kFusedThreads>(sh.q, group, NC, NC, 1, sh.qscale);
 
-  // Logits: TlsInt4Dot's fma chain (channels in order, then the scale), per head.
+  // Logits: TlsTokenLogit of TlsInt4Dot's exact sum, per head.
   uint32_t head_max[MAXG];
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = 0u;
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int hh = 0; hh < MAXG; ++hh) {
       if (hh < group) {
         const float acc = Int4HeadDot<NC, kHoist>(sh.q + hh * NC, codes, words);
-        const float logit = valid ? TlsMul(acc, tok_scale) : 0.f;
+        const float logit = valid ? TlsTokenLogit(acc, tok_scale, sh.qscale[hh]) : 0.f;
         lg[(hh * ITEMS + u) * kFusedThreads + tid] = logit;
         if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit));
       }

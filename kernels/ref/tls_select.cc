@@ -1,6 +1,7 @@
 // Reference TLS selection ops: block scores, block top-k, token scores, token top-k, block
 // expansion (Quest / dense position lists) and the per-step composition of a TlsPolicy.
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -106,7 +107,8 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int words_per_row = p.num_channels / 8;
   const float exp_scale = p.scale * kTlsLog2E;
-  std::vector<float> qc(int64_t{group} * p.num_channels);
+  std::vector<float> qc(int64_t{group} * p.num_channels);  // int8 query codes (as floats)
+  std::vector<float> qscale(group);
   std::vector<uint32_t> words(words_per_row);
   for (int b = 0; b < p.batch; ++b) {
     const int32_t len = p.seq_lens[b];
@@ -125,11 +127,15 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
       }
       ASYNCTLS_TLS_REF_CHECK(int64_t{num_listed} * kKvBlockSize <= p.max_candidates);
       for (int hh = 0; hh < group; ++hh) {
+        float* qh = qc.data() + int64_t{hh} * p.num_channels;
+        float absmax = 0.f;
         for (int c = 0; c < p.num_channels; ++c) {
           const int ch = p.channels[int64_t{g} * p.num_channels + c];
-          qc[int64_t{hh} * p.num_channels + c] = LoadAs(
-              p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+          qh[c] = LoadAs(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+          absmax = std::max(absmax, std::fabs(qh[c]));
         }
+        qscale[hh] = TlsInt8Scale(absmax);
+        for (int c = 0; c < p.num_channels; ++c) qh[c] = static_cast<float>(TlsInt8Code(qh[c], qscale[hh]));
       }
       int32_t* cand = p.cand_positions + bg * p.max_candidates;
       float* alpha = p.alpha + bg * p.max_candidates;
@@ -153,8 +159,9 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize;
         std::memcpy(words.data(), p.token_codes + tok * (p.num_channels / 2), p.num_channels / 2);
         for (int hh = 0; hh < group; ++hh) {
-          logits[hh * n + v] = TlsInt4Dot(qc.data() + int64_t{hh} * p.num_channels, words.data(),
-                                          p.token_scales[tok], p.num_channels);
+          logits[hh * n + v] =
+              TlsTokenLogit(TlsInt4Dot(qc.data() + int64_t{hh} * p.num_channels, words.data(), p.num_channels),
+                            p.token_scales[tok], qscale[hh]);
         }
       }
       if (n == 0) continue;

@@ -173,9 +173,16 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
       }
       ASSERT_EQ(int(cands.size()), std::max(0, geo.recent_start - 64));
       if (cands.empty()) continue;
-      // Double-precision definition with dequantized keys.
+      // Double-precision definition with dequantized keys and the int8 query codes of each
+      // head's channel set (tls_math.h: integer token logits).
       std::vector<double> alpha(cands.size(), 0.0);
       for (int h = g * G; h < (g + 1) * G; ++h) {
+        const float* qh = c.q.values.data() + (size_t(b) * c.num_q_heads + h) * c.head_dim;
+        float absmax = 0.f;
+        for (int ch = 0; ch < c.num_channels; ++ch) {
+          absmax = std::max(absmax, std::fabs(qh[c.channels[g * c.num_channels + ch]]));
+        }
+        const float qscale = TlsInt8Scale(absmax);
         std::vector<double> logit(cands.size());
         for (size_t v = 0; v < cands.size(); ++v) {
           const int pos = cands[v];
@@ -187,9 +194,8 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
           for (int ch = 0; ch < c.num_channels; ++ch) {
             const uint8_t byte = c.codes[tok * (c.num_channels / 2) + ch / 2];
             const int code = (ch % 2 ? byte >> 4 : byte & 15) - 8;
-            dot += c.q.values[(size_t(b) * c.num_q_heads + h) * c.head_dim +
-                              c.channels[g * c.num_channels + ch]] *
-                   code * c.scales[tok];
+            const int qcode = TlsInt8Code(qh[c.channels[g * c.num_channels + ch]], qscale);
+            dot += double(qcode) * qscale * code * c.scales[tok];
           }
           logit[v] = dot / std::sqrt(double(c.head_dim));
         }

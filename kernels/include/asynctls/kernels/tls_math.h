@@ -126,17 +126,37 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
   return static_cast<int>(c);
 }
 
-// Token-index logit of one head: scale * sum_c q[c] * code[c] (channels in order). `words`
-// holds the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
+// ---- Integer token logits --------------------------------------------------------------------
+// Token scoring quantizes each query head's channel-set entries to int8 codes with a per-head
+// scale max|q_c| / 127 (same rounding as the INT4 keys). A token's logit for that head is
+//   TlsTokenLogit(sum_c qcode[c] * code[c], token scale, query scale),
+// where the sum is an exact integer (|sum| <= 128 * 127 * 7 < 2^24): fp32 fmas in any order,
+// dp4a or integer tensor cores all produce the same value, so the GPU kernels may split and
+// reorder the channel sums freely. (Measured accuracy-neutral: bench/results/tls-accuracy.md.)
+ASYNCTLS_HD float TlsInt8Scale(float absmax) { return TlsDiv(absmax, 127.f); }
+
+ASYNCTLS_HD int TlsInt8Code(float x, float scale) {
+  if (scale == 0.f) return 0;
+  float c = TlsRint(TlsDiv(x, scale));
+  c = c > 127.f ? 127.f : (c < -127.f ? -127.f : c);
+  return static_cast<int>(c);
+}
+
+ASYNCTLS_HD float TlsTokenLogit(float dot, float token_scale, float query_scale) {
+  return TlsMul(TlsMul(dot, token_scale), query_scale);
+}
+
+// sum_c qcode[c] * code[c] of one head (qcode: int8 codes held as floats; exact). `words` holds
+// the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
 // 4 * (c % 8)), i.e. the byte layout of the file comment read as uint32.
-ASYNCTLS_HD float TlsInt4Dot(const float* q, const uint32_t* words, float scale, int num_channels) {
+ASYNCTLS_HD float TlsInt4Dot(const float* qcode, const uint32_t* words, int num_channels) {
   float acc = 0.f;
   ASYNCTLS_TLS_UNROLL
   for (int c = 0; c < num_channels; ++c) {
     const int code = static_cast<int>((words[c >> 3] >> (4 * (c & 7))) & 15u) - 8;
-    acc = TlsFma(q[c], static_cast<float>(code), acc);
+    acc = TlsFma(qcode[c], static_cast<float>(code), acc);
   }
-  return TlsMul(acc, scale);
+  return acc;
 }
 
 // ---- Geometry of the always-kept set (see tls_params.h) -------------------------------------
