@@ -12,7 +12,7 @@
 //                      [--channels 32] [--queries 4] [--needles 16] [--needle-logit 10]
 //                      [--capture FILE --channel-file JSON] [--capture-budgets 128,...,2048]
 //                      [--capture-block-budgets 16,32] [--capture-queries 8] [--query-step 16]
-//                      [--int8-query 1] [--json FILE] [--seed 1]
+//                      [--json FILE] [--seed 1]
 // Prints one markdown table per input (and a per-layer table for the capture) and writes every
 // row as JSON with --json.
 #include <chrono>
@@ -94,8 +94,6 @@ TlsPolicy MakeAccuracyPolicy(const AccuracyMethod& method, int k_b, int k_t) {
   return p;
 }
 
-// --int8-query 1: also the int8-query variants (AccuracyMethod::int8_query).
-bool Int8Query(const Args& a) { return a.Get("int8-query", "0") == "1"; }
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -119,10 +117,10 @@ void RunSynthetic(const Args& a, bool needle, std::vector<Row>* all) {
     std::fprintf(stderr, "[%s %d] input + exact attention %.1f s\n", needle ? "needle" : "gaussian",
                  context, Seconds(t0));
     for (int k_t : ParseInts(a.Get("budgets", "512,1024,2048"))) {
-      for (const AccuracyMethod& method : AccuracyMethods(false, Int8Query(a))) {
+      for (const AccuracyMethod& method : AccuracyMethods(false)) {
         rows.push_back({needle ? "needle" : "gaussian", method.name, context, -1,
                         method.mode == TlsMode::kTwoLevel ? k_b : 0, k_t,
-                        h.Evaluate(MakeAccuracyPolicy(method, k_b, k_t), method.int8_query)});
+                        h.Evaluate(MakeAccuracyPolicy(method, k_b, k_t))});
       }
     }
   }
@@ -163,7 +161,7 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
   }
   const std::vector<int> budgets = ParseInts(a.Get("capture-budgets", "128,256,512,1024,2048"));
   const std::vector<int> block_budgets = ParseInts(a.Get("capture-block-budgets", "16,32"));
-  const std::vector<AccuracyMethod> methods = AccuracyMethods(true, Int8Query(a));
+  const std::vector<AccuracyMethod> methods = AccuracyMethods(true);
   std::map<std::string, Row> total;  // key: k_b/k_t/method
   std::vector<std::string> order;
   std::vector<Row> per_layer;
@@ -183,7 +181,7 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
                 l,
                 k_b,
                 k_t,
-                h.Evaluate(MakeAccuracyPolicy(method, k_b, k_t), method.int8_query)};
+                h.Evaluate(MakeAccuracyPolicy(method, k_b, k_t))};
           per_layer.push_back(r);
           const std::string key =
               std::to_string(k_t) + "/" + method.name + "/" + std::to_string(k_b);

@@ -181,6 +181,55 @@ __device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
   return acc;
 }
 
+// ---- integer token logits on tensor cores -------------------------------------------------
+// The token logit's integer sum (tls_math.h) of 16 heads x 8 candidates per mma.sync
+// m16n8k32: A = the heads' int8 query codes (signed), B = the candidates' INT4 nibbles 0..15
+// (unsigned; the -8 offset comes off afterwards as 8 * the head's code sum). B fragments come
+// straight from the packed words: a word's low nibbles (w & 0x0f0f0f0f) hold its even channels,
+// the high ones its odd channels, so k runs through each word's channels in the order
+// 0 2 4 6 1 3 5 7, and A is built in that order. Exact int32 sums: bit for bit TlsInt4Dot.
+__device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragments of a 16-head tile for every 32-channel slab: `codes` holds the tile's int8 query
+// codes as floats, head stride NC (a0: row lane / 4, k 4 (lane % 4) ..; a1: row + 8; a2, a3:
+// the same at k + 16).
+template <int NC>
+__device__ __forceinline__ void QueryFragments(const float* codes, int lane,
+                                               uint32_t (&a)[NC / 32][4]) {
+  const int r = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int sl = 0; sl < NC / 32; ++sl) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, nibble half (k % 8) / 4
+      const float* q = codes + (r + 8 * (reg & 1)) * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
+      uint32_t packed = 0u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        packed |= (static_cast<uint32_t>(static_cast<int>(q[2 * i])) & 0xffu) << (8 * i);
+      }
+      a[sl][reg] = packed;
+    }
+  }
+}
+
+// B fragments of slab `sl` for this lane (k 4 (lane % 4) .. and + 16) from the code words of
+// candidate lane / 4 of the tile.
+__device__ __forceinline__ void CodeFragments(const uint32_t* words, int sl, int lane,
+                                              uint32_t* b0, uint32_t* b1) {
+  const int t = lane & 3, shift = 4 * (t & 1);  // even t: low nibbles (even channels)
+  const uint32_t* w = words + 4 * sl + (t >> 1);
+  *b0 = (w[0] >> shift) & 0x0f0f0f0fu;
+  *b1 = (w[2] >> shift) & 0x0f0f0f0fu;
+}
+
 // One radix pass's decision, by the 32 lanes of one warp: the digit (descending) of the
 // `remaining`-th largest key in hist[256]. Writes the extended prefix, the rank left inside that
 // digit, and whether the digit's keys are all kept (no later pass needed).
@@ -362,5 +411,14 @@ bool UseStoredLogits(const TlsTokenScoreParams& p);
 cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream);
 const float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
 const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p);  // [row, head]
+// Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
+// the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums.
+struct TokenQueries {
+  const float* codes;
+  const float* scales;
+  const int* sums;
+};
+cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
+TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
 
 }  // namespace asynctls::kernels::cuda::tls_detail

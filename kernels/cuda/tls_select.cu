@@ -12,6 +12,7 @@ namespace {
 
 using tls_detail::AlignUp;
 using tls_detail::Bf16BitsToFloat;
+using tls_detail::CodeFragments;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
 using tls_detail::EnsureDynamicSmem;
@@ -21,6 +22,8 @@ using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
+using tls_detail::MmaS8U8;
+using tls_detail::QueryFragments;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
 
@@ -357,17 +360,23 @@ __global__ void __launch_bounds__(kTokenThreads)
   }
 }
 
+template <int NC>
+cudaError_t LaunchQuantizeQueries(const TlsTokenScoreParams& p, TokenStats stats,
+                                  cudaStream_t stream) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const dim3 grid(p.batch * p.num_kv_heads, (group + kQuantizeHeads - 1) / kQuantizeHeads);
+  QuantizeQueryKernel<NC><<<grid, kTokenThreads, 0, stream>>>(p, stats);
+  return cudaGetLastError();
+}
+
 // Zeroes the counters and quantizes the queries.
 template <int NC>
 cudaError_t PrepareTokenStats(const TlsTokenScoreParams& p, TokenStats* stats,
                               cudaStream_t stream) {
   *stats = TokenStatsIn(p.workspace, p);
-  cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenCountersBytes(p), stream);
+  const cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenCountersBytes(p), stream);
   if (err != cudaSuccess) return err;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const dim3 grid(p.batch * p.num_kv_heads, (group + kQuantizeHeads - 1) / kQuantizeHeads);
-  QuantizeQueryKernel<NC><<<grid, kTokenThreads, 0, stream>>>(p, *stats);
-  return cudaGetLastError();
+  return LaunchQuantizeQueries<NC>(p, *stats, stream);
 }
 
 // Stored logits: channel sets of 64+ and groups of 16, 32, 64 or 128 (MLA's heads on 128
@@ -384,16 +393,10 @@ float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
   return reinterpret_cast<float*>(static_cast<char*>(workspace) + TokenStatsBytes(p));
 }
 
-// Pass 0 of the stored path on integer tensor cores: the logits of listed KV blocks' 64
-// candidates for every head of the group. The token logit's integer sum (tls_math.h) is a
-// GROUP x NC by NC x 64 product per block: mma.sync m16n8k32 with the int8 query codes as A
-// (signed) and the INT4 nibbles 0..15 as B (unsigned; the -8 offset is taken off afterwards as
-// 8 * sum of the head's codes), int32 accumulators, so the logits equal TlsInt4Dot's bit for
-// bit. B fragments come straight from the packed words: a word's low nibbles (w & 0x0f0f0f0f)
-// hold its even channels and the high ones its odd channels, so k runs through each word's
-// channels in the order 0 2 4 6 1 3 5 7, and A is built in that order. A CTA loads the group's
-// queries once and walks blocks blockIdx.x, + gridDim.x, ...; also the per-head max (atomicMax
-// on ordered bits, as pass 0).
+// Pass 0 of the stored path on integer tensor cores (MmaS8U8, tls_common.cuh): the logits of
+// listed KV blocks' 64 candidates for every head of the group, a GROUP x NC by NC x 64 product
+// per block. A CTA loads the group's query codes once and walks blocks blockIdx.x, + gridDim.x,
+// ...; also the per-head max (atomicMax on ordered bits, as pass 0).
 constexpr int kLogitCands = kKvBlockSize;
 constexpr int kLogitThreads = 128;  // 4 warps
 
@@ -409,15 +412,6 @@ struct LogitTile {
       sizeof(float) * (size_t(GROUP) * NC + kLogitCands + GROUP) +
       sizeof(int) * GROUP + sizeof(uint32_t) * kLogitCands * kCodeStride;
 };
-
-__device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 template <int NC, int GROUP>
 __global__ void __launch_bounds__(kLogitThreads)
@@ -445,27 +439,12 @@ __global__ void __launch_bounds__(kLogitThreads)
   }
   __syncthreads();
 
-  // A fragments (m16n8k32: a0 rows r / k 4t.., a1 rows r + 8, a2 / a3 the same at k + 16).
   const int r = lane >> 2, t = lane & 3;
   const int mg = warp % Tile::kMGroups, ng = warp / Tile::kMGroups;
   uint32_t a[Tile::kWarpM][Tile::kSlabs][4];
 #pragma unroll
   for (int mi = 0; mi < Tile::kWarpM; ++mi) {
-#pragma unroll
-    for (int sl = 0; sl < Tile::kSlabs; ++sl) {
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * (reg & 1);
-        const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, half (k % 8) / 4
-        const float* qh = q_s + head * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
-        uint32_t packed = 0u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          packed |= (static_cast<uint32_t>(static_cast<int>(qh[2 * i])) & 0xffu) << (8 * i);
-        }
-        a[mi][sl][reg] = packed;
-      }
-    }
+    QueryFragments<NC>(q_s + 16 * (mg * Tile::kWarpM + mi) * NC, lane, a[mi]);
   }
   uint32_t head_max[Tile::kWarpM][2] = {};
   for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
@@ -486,11 +465,9 @@ __global__ void __launch_bounds__(kLogitThreads)
     for (int sl = 0; sl < Tile::kSlabs; ++sl) {
 #pragma unroll
       for (int ni = 0; ni < Tile::kWarpN; ++ni) {
-        const uint32_t* wrow =
-            codes_s + (8 * (ng * Tile::kWarpN + ni) + r) * Tile::kCodeStride + 4 * sl + (t >> 1);
-        const int shift = 4 * (t & 1);  // even t: low nibbles (even channels); odd t: high
-        const uint32_t b0 = (wrow[0] >> shift) & 0x0f0f0f0fu;
-        const uint32_t b1 = (wrow[2] >> shift) & 0x0f0f0f0fu;
+        uint32_t b0, b1;
+        CodeFragments(codes_s + (8 * (ng * Tile::kWarpN + ni) + r) * Tile::kCodeStride, sl, lane,
+                      &b0, &b1);
 #pragma unroll
         for (int mi = 0; mi < Tile::kWarpM; ++mi) MmaS8U8(acc[mi][ni], a[mi][sl], b0, b1);
       }
@@ -845,6 +822,27 @@ const float* StoredExps(const TlsTokenScoreParams& p) { return StoredLogitsIn(p.
 
 const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p) {
   return TokenStatsIn(p.workspace, p).exp_sum;
+}
+
+cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream) {
+  if (!p.workspace) return cudaErrorInvalidValue;
+  switch (p.num_channels) {
+    case 16:
+      return LaunchQuantizeQueries<16>(p, TokenStatsIn(p.workspace, p), stream);
+    case 32:
+      return LaunchQuantizeQueries<32>(p, TokenStatsIn(p.workspace, p), stream);
+    case 64:
+      return LaunchQuantizeQueries<64>(p, TokenStatsIn(p.workspace, p), stream);
+    case 128:
+      return LaunchQuantizeQueries<128>(p, TokenStatsIn(p.workspace, p), stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p) {
+  const TokenStats s = TokenStatsIn(p.workspace, p);
+  return {s.qcode, s.qscale, s.qsum};
 }
 
 }  // namespace tls_detail

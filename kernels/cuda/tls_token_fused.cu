@@ -28,6 +28,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
+using tls_detail::CodeFragments;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
@@ -35,7 +36,9 @@ using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
+using tls_detail::MmaS8U8;
 using tls_detail::QuantizeQueries;
+using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
 
@@ -578,6 +581,276 @@ int ExpsActiveClusters(const TlsTokenScoreParams& p) {
   return MaxActiveClusters<ExpsSelectKernel<ITEMS>>(FusedClusterSize(p.max_candidates, ITEMS), 0);
 }
 
+// ---- MLA in one launch ----------------------------------------------------------------------
+// A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
+// integer tensor cores (MmaS8U8) compute them so cheaply that each phase recomputes them from
+// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head fixed-point exp sums,
+// (3) the exps of 128 candidates at a time staged in shared memory, from which each candidate's
+// thread accumulates alpha over the heads in order (pass 2's fma chain), then ClusterSelect.
+// Same arithmetic as the stored path and the CPU reference, bit for bit; no workspace traffic
+// beyond the query codes (QuantizeTokenQueries). One candidate per thread: rows of up to 8,192.
+constexpr int kMlaMaxGroup = 128;
+constexpr int kMlaChunk = 128;                              // candidates staged per alpha step
+constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // list entries per CTA
+
+struct MlaShared {
+  uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max logit (ordered bits)
+  unsigned long long exp_sum[kMlaMaxGroup];   // this CTA's per-head fixed-point exp sums
+  float max_f[kMlaMaxGroup];                  // cluster-wide
+  float inv[kMlaMaxGroup];                    // 1 / (G * softmax denominator)
+  float qscale[kMlaMaxGroup];
+  int qsum[kMlaMaxGroup];
+  int32_t block[kMlaBlocks];                  // the CTA's list entries (-1: none)
+  int32_t cand_begin[kMlaBlocks], cand_end[kMlaBlocks];
+};
+
+template <int NC>
+constexpr int MlaCodeStride() {
+  return NC / 8 + 4;  // words per candidate: 16-byte rows, conflict-free B fragment loads
+}
+
+constexpr int kMlaEStride = kMlaChunk + 4;
+
+template <int NC>
+constexpr size_t MlaDynamicSmem(int group) {
+  return sizeof(uint32_t) * kFusedThreads * MlaCodeStride<NC>() +
+         sizeof(float) * (kFusedThreads + size_t(group) * kMlaEStride);
+}
+
+template <int NC, int GROUP>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
+                         tls_detail::TokenQueries queries) {
+  constexpr int kMTiles = GROUP / 16;
+  constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
+  constexpr int kStride = MlaCodeStride<NC>();
+  constexpr int kTiles = kFusedThreads / 8;      // 8-candidate tiles per CTA
+  constexpr int kChunkTiles = kMlaChunk / 8;
+  __shared__ FusedShared<1> sh;
+  __shared__ MlaShared ms;
+  extern __shared__ __align__(16) uint32_t mla_smem[];
+  uint32_t* codes_s = mla_smem;                                                   // [cand][kStride]
+  float* scale_s = reinterpret_cast<float*>(codes_s + kFusedThreads * kStride);  // [cand]
+  float* e_s = scale_s + kFusedThreads;                                          // [head][kMlaEStride]
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
+  const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
+  const int num_listed =
+      p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
+
+  if (tid < kMlaBlocks) {
+    const int i = rank * kMlaBlocks + tid;
+    int32_t block = -1, begin = 0, end = 0;
+    if (i < num_listed) {
+      block = p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
+                             : p.sink_blocks + i;
+      begin = TlsBlockCandBegin(geo, block);
+      end = TlsBlockCandEnd(geo, block);
+    }
+    ms.block[tid] = block;
+    ms.cand_begin[tid] = begin;
+    ms.cand_end[tid] = end;
+  }
+  const int64_t head0 = int64_t{bg} * GROUP;
+  if (tid < GROUP) {
+    ms.max_bits[tid] = 0u;
+    ms.exp_sum[tid] = 0ull;
+    ms.qscale[tid] = queries.scales[head0 + tid];
+    ms.qsum[tid] = queries.sums[head0 + tid];
+  }
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  __syncthreads();
+  {  // Stage this CTA's candidate rows (thread = candidate) and count the valid ones.
+    const int32_t block = ms.block[tid / kKvBlockSize];
+    uint4 words[NC / 32] = {};
+    float scale = 0.f;
+    if (block >= 0) {
+      const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+      const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + tid % kKvBlockSize;
+      const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok * (NC / 2));
+#pragma unroll
+      for (int w = 0; w < NC / 32; ++w) words[w] = __ldg(src + w);
+      scale = __ldg(p.token_scales + tok);
+    }
+#pragma unroll
+    for (int w = 0; w < NC / 32; ++w) {
+      reinterpret_cast<uint4*>(codes_s + tid * kStride)[w] = words[w];
+    }
+    scale_s[tid] = scale;
+  }
+  int32_t pos[1];
+  CandidatePositions<1, false>(p, geo, bg, rank, pos, nullptr);
+  const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
+  if (lane == 0) sh.part_valid[warp] = valid_warp;
+
+  // This warp's 16-head tile and its two heads per lane (C rows lane / 4 and + 8).
+  const int mt = warp % kMTiles, slot = warp / kMTiles;
+  const int r = lane >> 2, t = lane & 3;
+  const int h0 = 16 * mt + r, h1 = h0 + 8;
+  uint32_t a[NC / 32][4];
+  QueryFragments<NC>(queries.codes + (head0 + 16 * mt) * NC, lane, a);
+  __syncthreads();
+  const float qs0 = ms.qscale[h0], qs1 = ms.qscale[h1];
+  const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
+  // Logits of tile `tile` (candidates 8 tile ..): l[u] head h0 and l[2 + u] head h1 for
+  // candidate 8 tile + 2 t + u; valid[u] whether that candidate is one.
+  auto tile_logits = [&](int tile, float (&l)[4], bool (&valid)[2]) {
+    int acc[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int sl = 0; sl < NC / 32; ++sl) {
+      uint32_t b0, b1;
+      CodeFragments(codes_s + (8 * tile + r) * kStride, sl, lane, &b0, &b1);
+      MmaS8U8(acc, a[sl], b0, b1);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int c = 8 * tile + 2 * t + u, e = c / kKvBlockSize;
+      const int32_t cpos = ms.block[e] * kKvBlockSize + c % kKvBlockSize;
+      valid[u] = ms.block[e] >= 0 && cpos >= ms.cand_begin[e] && cpos < ms.cand_end[e];
+      const float ks = scale_s[c];
+      l[u] = TlsTokenLogit(static_cast<float>(acc[u] - off0), ks, qs0);
+      l[2 + u] = TlsTokenLogit(static_cast<float>(acc[2 + u] - off1), ks, qs1);
+    }
+  };
+
+  // (1) Per-head max.
+  uint32_t m0 = 0u, m1 = 0u;
+  for (int tile = slot; tile < kTiles; tile += kSlots) {
+    float l[4];
+    bool valid[2];
+    tile_logits(tile, l, valid);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (valid[u]) {
+        m0 = max(m0, TlsOrderedBits(l[u]));
+        m1 = max(m1, TlsOrderedBits(l[2 + u]));
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    m0 = max(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = max(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  if (t == 0) {
+    if (m0 != 0u) atomicMax(&ms.max_bits[h0], m0);
+    if (m1 != 0u) atomicMax(&ms.max_bits[h1], m1);
+  }
+  cluster.sync();
+  if (tid < GROUP) {
+    uint32_t v[kFusedMaxCluster];
+#pragma unroll
+    for (int rr = 0; rr < kFusedMaxCluster; ++rr) {
+      v[rr] = rr < size ? *cluster.map_shared_rank(&ms.max_bits[tid], rr) : 0u;
+    }
+    uint32_t m = 0u;
+#pragma unroll
+    for (int rr = 0; rr < kFusedMaxCluster; ++rr) m = max(m, v[rr]);
+    ms.max_f[tid] = FromOrderedBits(m);
+  }
+  if (warp == kFusedWarps - 1) {
+    const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
+    if (lane == 0) sh.counts[0] = v;
+  }
+  __syncthreads();
+
+  // (2) Per-head exp sums, exact in fixed point (FixedParts: order-free).
+  const float exp_scale = p.scale * kTlsLog2E;
+  const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
+  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
+  for (int tile = slot; tile < kTiles; tile += kSlots) {
+    float l[4];
+    bool valid[2];
+    tile_logits(tile, l, valid);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      FixedParts(valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f, &hi0, &lo0);
+      FixedParts(valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f, &hi1, &lo1);
+    }
+  }
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
+    lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
+    hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
+    lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
+  }
+  if (t == 0) {
+    atomicAdd(&ms.exp_sum[h0], (static_cast<unsigned long long>(hi0) << 20) + lo0);
+    atomicAdd(&ms.exp_sum[h1], (static_cast<unsigned long long>(hi1) << 20) + lo1);
+  }
+  cluster.sync();
+  if (tid < GROUP) ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
+  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  __syncthreads();
+
+  // (3) alpha: the exps of each chunk staged by head, then one thread per candidate sums the
+  // heads in order.
+  float alpha = 0.f;
+  for (int chunk = 0; chunk < kFusedThreads / kMlaChunk; ++chunk) {
+    for (int ct = slot; ct < kChunkTiles; ct += kSlots) {
+      float l[4];
+      bool valid[2];
+      tile_logits(chunk * kChunkTiles + ct, l, valid);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int c = 8 * ct + 2 * t + u;
+        e_s[h0 * kMlaEStride + c] = valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f;
+        e_s[h1 * kMlaEStride + c] = valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f;
+      }
+    }
+    __syncthreads();
+    if (tid / kMlaChunk == chunk) {
+      const float* e = e_s + tid % kMlaChunk;
+#pragma unroll 8
+      for (int hh = 0; hh < GROUP; ++hh) alpha = TlsFma(e[hh * kMlaEStride], ms.inv[hh], alpha);
+    }
+    __syncthreads();
+  }
+  uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
+  ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+}
+
+template <int NC, int GROUP>
+cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                                 bool* launched, cudaStream_t stream) {
+  constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
+  const int size = FusedClusterSize(p.max_candidates, 1);
+  const size_t smem = MlaDynamicSmem<NC>(GROUP);
+  *launched = false;
+  if (p.batch * p.num_kv_heads > MaxActiveClusters<kKernel>(size, smem)) return cudaSuccess;
+  *launched = true;
+  const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
+  if (err != cudaSuccess) return err;
+  return LaunchClusters<kKernel>(size, p.batch * p.num_kv_heads, smem, stream, p, sel,
+                                 tls_detail::TokenQueriesIn(p));
+}
+
+// The one-launch MLA kernel when every row's cluster is resident at once; *launched false
+// otherwise (more rows: the stored path, which streams any number of rows).
+template <int NC>
+cudaError_t LaunchMlaForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                              bool* launched, cudaStream_t stream) {
+  switch (p.num_q_heads / p.num_kv_heads) {
+    case 16:
+      return LaunchMlaScoreSelect<NC, 16>(p, sel, launched, stream);
+    case 32:
+      return LaunchMlaScoreSelect<NC, 32>(p, sel, launched, stream);
+    case 64:
+      return LaunchMlaScoreSelect<NC, 64>(p, sel, launched, stream);
+    case 128:
+      return LaunchMlaScoreSelect<NC, 128>(p, sel, launched, stream);
+    default:
+      *launched = false;
+      return cudaSuccess;
+  }
+}
+
 // Candidates per thread as LaunchForItems (1, 2 or 4; the keys are in registers, no logits).
 cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                              cudaStream_t stream) {
@@ -627,7 +900,14 @@ cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSele
       sel.num_kv_heads != p.num_kv_heads) {
     return cudaErrorInvalidValue;
   }
-  if (!FusesInOneLaunch(p)) return LaunchExpsSelect(p, sel, stream);
+  if (!FusesInOneLaunch(p)) {
+    bool launched = false;
+    cudaError_t err = cudaSuccess;
+    if (p.num_channels == 64) err = LaunchMlaForGroup<64>(p, sel, &launched, stream);
+    if (p.num_channels == 128) err = LaunchMlaForGroup<128>(p, sel, &launched, stream);
+    if (err != cudaSuccess || launched) return err;
+    return LaunchExpsSelect(p, sel, stream);
+  }
   switch (p.num_channels) {
     case 16:
       return LaunchForGroup<16>(p, sel, stream);

@@ -45,22 +45,6 @@ TEST(TlsAccuracy, FullBudgetKeepsEverything) {
   }
 }
 
-// int8 queries for token scoring (AccuracyMethod::int8_query) barely move the metrics, and the
-// two-level variant keeps the exact queries' block stage (the same blocks, so with exact
-// queries on both paths the result would be the same-step one).
-TEST(TlsAccuracy, Int8QueryTokenScoringKeepsAccuracy) {
-  const AccuracyInput in = MakeNeedleInput(4096, 2, 8, 2, 64, 32, 8, 10.f, 5);
-  const AccuracyHarness h(in);
-  for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kTokenOnly}) {
-    const TlsPolicy pol = Policy(mode, TlsLag::kSameStep, 16, 256);
-    const AccuracyMetrics exact = h.Evaluate(pol), q8 = h.Evaluate(pol, true);
-    EXPECT_NEAR(q8.mass_recall, exact.mass_recall, 0.02) << static_cast<int>(mode);
-    EXPECT_NEAR(q8.topk_recall, exact.topk_recall, 0.05);
-    EXPECT_DOUBLE_EQ(q8.needle_recall, exact.needle_recall);
-    EXPECT_DOUBLE_EQ(q8.selected, exact.selected);
-  }
-}
-
 TEST(TlsAccuracy, ExactTopKScoresOne) {
   const AccuracyInput in = MakeGaussianInput(640, 2, 4, 2, 64, 32, 3);
   const AccuracyHarness h(in);

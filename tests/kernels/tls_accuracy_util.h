@@ -82,23 +82,14 @@ struct AccuracyMethod {
   const char* name;
   TlsMode mode;
   TlsLag lag;
-  // Selection sees the queries' channel-set entries rounded to int8 per query head (scale
-  // max |q_c| / 127): the accuracy of an exact-integer token scoring (int8 q x INT4 codes), a
-  // candidate formulation for tensor cores. Attention still uses the exact queries.
-  bool int8_query = false;
 };
 
-// The methods compared at equal k_t (the lag variant needs AccuracyInput::q_prev; with
-// int8_query also the int8-query variants of tls and token-only).
-inline std::vector<AccuracyMethod> AccuracyMethods(bool with_lag, bool with_int8_query = false) {
+// The methods compared at equal k_t (the lag variant needs AccuracyInput::q_prev).
+inline std::vector<AccuracyMethod> AccuracyMethods(bool with_lag) {
   std::vector<AccuracyMethod> m = {{"tls", TlsMode::kTwoLevel, TlsLag::kSameStep}};
   if (with_lag) m.push_back({"tls-lag", TlsMode::kTwoLevel, TlsLag::kOneStep});
   m.push_back({"token-only", TlsMode::kTokenOnly, TlsLag::kSameStep});
   m.push_back({"quest", TlsMode::kBlockOnly, TlsLag::kSameStep});
-  if (with_int8_query) {
-    m.push_back({"tls-q8", TlsMode::kTwoLevel, TlsLag::kSameStep, true});
-    m.push_back({"token-only-q8", TlsMode::kTokenOnly, TlsLag::kSameStep, true});
-  }
   return m;
 }
 
@@ -119,8 +110,7 @@ class AccuracyHarness {
   const AccuracyInput& input() const { return in_; }
 
   // Selection for `policy` over every query, then sparse attention and the metrics.
-  // int8_query: selection sees Int8ChannelQueries (see AccuracyMethod), attention the exact q.
-  AccuracyMetrics Evaluate(const TlsPolicy& policy, bool int8_query = false) const {
+  AccuracyMetrics Evaluate(const TlsPolicy& policy) const {
     const int B = in_.num_queries(), KV = in_.num_kv_heads, H = in_.num_q_heads;
     const int hd = in_.head_dim;
     const int max_kept = std::max(1, TlsKeptBlocks(policy));
@@ -138,35 +128,15 @@ class AccuracyHarness {
       prev_blocks.resize(blocks.size());
       prev_num_blocks.resize(num_blocks.size());
       std::vector<int32_t> scratch(positions.size()), scratch_n(num_positions.size());
-      const std::vector<float> q_prev = int8_query ? Int8ChannelQueries(in_.q_prev) : in_.q_prev;
       TlsDecodeSelectParams p =
-          SelectParams(prev, q_prev.data(), prev_lens.data(), max_kept, max_pos);
+          SelectParams(prev, in_.q_prev.data(), prev_lens.data(), max_kept, max_pos);
       p.blocks = prev_blocks.data();
       p.num_blocks = prev_num_blocks.data();
       p.positions = scratch.data();
       p.num_positions = scratch_n.data();
       ref::TlsDecodeSelect(p);
     }
-    const std::vector<float> q_select = int8_query ? Int8ChannelQueries(in_.q) : std::vector<float>{};
-    TlsPolicy select_policy = policy;
-    if (int8_query && policy.mode == TlsMode::kTwoLevel && policy.lag == TlsLag::kSameStep) {
-      // Only token scoring would change: the block stage runs on the exact queries (a same-step
-      // selection), the token stage on the int8 ones over those blocks (the lag path, handed
-      // this step's blocks and length).
-      prev_blocks.resize(blocks.size());
-      prev_num_blocks.resize(num_blocks.size());
-      prev_lens = in_.lens;
-      std::vector<int32_t> scratch(positions.size()), scratch_n(num_positions.size());
-      TlsDecodeSelectParams b = SelectParams(policy, in_.q.data(), in_.lens.data(), max_kept, max_pos);
-      b.blocks = prev_blocks.data();
-      b.num_blocks = prev_num_blocks.data();
-      b.positions = scratch.data();
-      b.num_positions = scratch_n.data();
-      ref::TlsDecodeSelect(b);
-      select_policy.lag = TlsLag::kOneStep;
-    }
-    TlsDecodeSelectParams p = SelectParams(select_policy, int8_query ? q_select.data() : in_.q.data(),
-                                           in_.lens.data(), max_kept, max_pos);
+    TlsDecodeSelectParams p = SelectParams(policy, in_.q.data(), in_.lens.data(), max_kept, max_pos);
     p.prev_blocks = prev_blocks.empty() ? nullptr : prev_blocks.data();
     p.prev_num_blocks = prev_blocks.empty() ? nullptr : prev_num_blocks.data();
     p.prev_select_lens = prev_blocks.empty() ? nullptr : prev_lens.data();
@@ -196,24 +166,6 @@ class AccuracyHarness {
     a.scale = Scale();
     ref::TlsSparseAttention(a);
     return Score(policy.token_budget, positions, num_positions, max_pos, out);
-  }
-
-  // `q` ([queries, q heads, head_dim]) with each head's channel-set entries rounded to int8
-  // steps of max |q_c| / 127 (other dimensions unchanged).
-  std::vector<float> Int8ChannelQueries(const std::vector<float>& q) const {
-    std::vector<float> out = q;
-    const int H = in_.num_q_heads, hd = in_.head_dim, nc = in_.num_channels, G = in_.group();
-    for (size_t row = 0; row < q.size() / hd; ++row) {
-      const int h = static_cast<int>(row % H);
-      const int32_t* ch = in_.channels.data() + size_t(h / G) * nc;
-      float* x = out.data() + row * hd;
-      float amax = 0.f;
-      for (int c = 0; c < nc; ++c) amax = std::max(amax, std::fabs(x[ch[c]]));
-      if (amax == 0.f) continue;
-      const float step = amax / 127.f;
-      for (int c = 0; c < nc; ++c) x[ch[c]] = std::nearbyint(x[ch[c]] / step) * step;
-    }
-    return out;
   }
 
   // Metrics of explicit position lists ([queries, kv heads, max_pos]) and outputs.
