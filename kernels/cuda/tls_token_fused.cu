@@ -9,9 +9,12 @@
 //   the group's logits in shared memory; the per-head softmax max and exact fixed-point sums,
 //   the radix histograms and the compaction counts cross the cluster through distributed shared
 //   memory.
-//   MLA (ExpsSelectKernel): 16-128 heads x 128 channels are too much work per thread, so
-//   tls_select.cu's stored path computes the per-head exps and sums first (TokenExps); the
-//   cluster accumulates alpha from them and runs the same top-k (ClusterSelect).
+//   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
+//   channels are too many logits to keep, so integer tensor cores recompute them per phase
+//   (max, exp sums, alpha) from the CTA's staged INT4 rows. With more rows than one wave of
+//   clusters, tls_select.cu's stored path computes the per-head exps and sums first
+//   (TokenExps) and ExpsSelectKernel accumulates alpha from them into the same top-k
+//   (ClusterSelect).
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>

@@ -35,9 +35,10 @@ cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 // TlsTokenScore then TlsTokenSelect, same positions, without writing alpha or candidate ids:
 // rows of up to 8192 candidates (CanFuse). Groups of up to 16 heads with group * num_channels
 // <= 512 (GQA) take one launch, a thread cluster per row, and no workspace. Groups of 16, 32,
-// 64 or 128 heads on 64+ channels (MLA) take the token logits, exps and sums into
-// score.workspace (TlsTokenScoreWorkspaceBytes), then a cluster per row accumulates alpha and
-// selects. The two-level decode step uses it whenever it can.
+// 64 or 128 heads on 64+ channels (MLA) need score.workspace (TlsTokenScoreWorkspaceBytes):
+// the int8 query codes, then a cluster per row scores on integer tensor cores and selects (or,
+// beyond one wave of clusters, the logits, exps and sums go through the workspace first). The
+// two-level decode step uses it whenever it can.
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);

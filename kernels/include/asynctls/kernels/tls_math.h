@@ -3,6 +3,7 @@
 // sides follow, so that the GPU reproduces the CPU's scores bit for bit:
 //   - products enter sums only through TlsFma (std::fma / __fmaf_rn, both correctly rounded);
 //     no expression of the form a * b + c is left to the compiler's contraction choice;
+//   - token logits are exact integer sums (int8 query codes x INT4 key codes) times scales;
 //   - exp is TlsExp2, a polynomial of fmas (libm's and CUDA's expf differ in the last ulp);
 //   - softmax denominators are sums of exp values truncated to multiples of 2^-40 in uint64,
 //     which are exact and therefore independent of the summation order (atomics on the GPU);

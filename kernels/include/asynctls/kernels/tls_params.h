@@ -5,7 +5,7 @@
 // Decode step per layer and KV group (DESIGN.md §1, PAPER.md §2-3):
 //   1. block scores    s_i = sum_h max(q_h,0)·kmax_i + min(q_h,0)·kmin_i        TlsBlockScore
 //   2. block top-k_b   M = the k_b best eligible blocks                        TlsBlockSelect
-//   3. token scores    alpha_j = mean_h softmax_j(q_h[C] · dequant(k~_j) * scale) TlsTokenScore
+//   3. token scores    alpha_j = mean_h softmax_j(q~_h[C] · dequant(k~_j) * scale) TlsTokenScore
 //   4. token top-k_t   S = always ∪ the k_t best candidates                     TlsTokenSelect
 //   5. exact attention of every query head over S (paged K/V, split-K, LSE)     TlsSparseAttention
 // TlsDecodeSelect runs 1-4 for one TlsPolicy (TLS same-step or one-step-lag, Quest, token-only,
@@ -41,6 +41,11 @@
 //       stored as the nibble code + 8; byte i holds channel 2i in its low and 2i+1 in its high
 //       nibble. Dequantized value = code * scale. 4 + 32/num_channels bits per channel.
 //       num_channels is a multiple of 8 in [8, kTlsMaxChannels] (rows are whole 32-bit words).
+//     Query side (q~ above): per query head, symmetric absmax over its group's C channels:
+//       qscale = absmax / 127, qcode = rint(q[C_c] / qscale) in [-127, 127]; the token logit is
+//       (sum_c qcode_c * code_c) * scale * qscale, the sum an exact integer (tls_math.h), so
+//       integer tensor cores, dp4a or fp32 fmas in any order give the same logit. (Measured
+//       accuracy-neutral against fp32 queries: bench/results/tls-accuracy.md (d).)
 //
 // ---- MLA ------------------------------------------------------------------------------------
 // One KV head of head_dim 576 (512 latent + 64 rope), G = all query heads (absorbed queries of
@@ -49,9 +54,9 @@
 //
 // ---- Determinism (CPU and GPU select the same sets; tests compare them exactly) ---------------
 // Selection scores use only IEEE operations in one defined order on both sides (explicit fma,
-// sequential sums, an exp2 built from fma, exact integer sums for softmax denominators), so the
-// CUDA kernels reproduce the CPU's scores bit for bit; top-k orders by (score desc, id asc)
-// through TlsSelectKey. See tls_math.h.
+// sequential sums, an exp2 built from fma, exact integer sums for token logits and softmax
+// denominators), so the CUDA kernels reproduce the CPU's scores bit for bit; top-k orders by
+// (score desc, id asc) through TlsSelectKey. See tls_math.h.
 #pragma once
 
 #include <cstddef>
