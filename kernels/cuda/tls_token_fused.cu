@@ -825,17 +825,20 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
   const int size = FusedClusterSize(p.max_candidates, 1);
   const size_t smem = MlaDynamicSmem<NC>(GROUP);
+  const int rows = p.batch * p.num_kv_heads, active = MaxActiveClusters<kKernel>(size, smem);
   *launched = false;
-  if (p.batch * p.num_kv_heads > MaxActiveClusters<kKernel>(size, smem)) return cudaSuccess;
+  // A row's cluster computes every logit three times on its own SMs: it wins once the rows
+  // fill at least half the GPU (H200, 128 heads: 123 vs 131 us at 8 rows of 8 CTAs) and loses
+  // below (120 vs ~55 us for one row), where the stored path spreads each row over every SM.
+  if (rows > active || 2 * rows < active) return cudaSuccess;
   *launched = true;
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  return LaunchClusters<kKernel>(size, p.batch * p.num_kv_heads, smem, stream, p, sel,
-                                 tls_detail::TokenQueriesIn(p));
+  return LaunchClusters<kKernel>(size, rows, smem, stream, p, sel, tls_detail::TokenQueriesIn(p));
 }
 
-// The one-launch MLA kernel when every row's cluster is resident at once; *launched false
-// otherwise (more rows: the stored path, which streams any number of rows).
+// The one-launch MLA kernel when the rows' clusters fill between half and all of one wave;
+// *launched false otherwise (the stored path: any number of rows, each over every SM).
 template <int NC>
 cudaError_t LaunchMlaForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                               bool* launched, cudaStream_t stream) {
