@@ -604,7 +604,7 @@ struct MlaShared {
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaBlocks];                  // the CTA's list entries (-1: none)
-  int32_t cand_begin[kMlaBlocks], cand_end[kMlaBlocks];
+  uint8_t valid[kFusedThreads];               // whether each of the CTA's slots is a candidate
 };
 
 template <int NC>
@@ -648,16 +648,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   if (tid < kMlaBlocks) {
     const int i = rank * kMlaBlocks + tid;
-    int32_t block = -1, begin = 0, end = 0;
-    if (i < num_listed) {
-      block = p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
-                             : p.sink_blocks + i;
-      begin = TlsBlockCandBegin(geo, block);
-      end = TlsBlockCandEnd(geo, block);
-    }
-    ms.block[tid] = block;
-    ms.cand_begin[tid] = begin;
-    ms.cand_end[tid] = end;
+    ms.block[tid] = i >= num_listed ? -1
+                    : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
+                                     : p.sink_blocks + i;
   }
   const int64_t head0 = int64_t{bg} * GROUP;
   if (tid < GROUP) {
@@ -688,6 +681,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   int32_t pos[1];
   CandidatePositions<1, false>(p, geo, bg, rank, pos, nullptr);
+  ms.valid[tid] = pos[0] >= 0;
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
 
@@ -712,9 +706,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const int c = 8 * tile + 2 * t + u, e = c / kKvBlockSize;
-      const int32_t cpos = ms.block[e] * kKvBlockSize + c % kKvBlockSize;
-      valid[u] = ms.block[e] >= 0 && cpos >= ms.cand_begin[e] && cpos < ms.cand_end[e];
+      const int c = 8 * tile + 2 * t + u;
+      valid[u] = ms.valid[c];
       const float ks = scale_s[c];
       l[u] = TlsTokenLogit(static_cast<float>(acc[u] - off0), ks, qs0);
       l[2 + u] = TlsTokenLogit(static_cast<float>(acc[2 + u] - off1), ks, qs1);
