@@ -132,31 +132,41 @@ __device__ __forceinline__ int BlockSum(int v, int* scratch) {
   return total;
 }
 
-// Token scoring's query side (tls_math.h, integer token logits): `heads` query heads of `nc`
-// channel-set entries in shared memory (entry (h, c) at q[h * head_stride + c * chan_stride])
-// become int8 codes held as floats, in place, and qscale[h] their scales. Called by every
-// thread of the CTA (it synchronizes); a warp reduces each head's max |q|.
-template <int THREADS>
-__device__ void QuantizeQueries(float* q, int heads, int nc, int head_stride, int chan_stride,
-                                float* qscale) {
-  static_assert(THREADS % 32 == 0, "whole warps");
+// Token scoring's query side (tls_math.h, integer token logits) of query head `hh` of row
+// (b, g), by one warp: the head's NC channel-set entries become int8 codes (held as floats,
+// codes[c]) with scale *qscale; returns the sum of the codes (every lane).
+template <int NC>
+__device__ __forceinline__ int QuantizeHeadWarp(const TlsTokenScoreParams& p, int b, int g,
+                                                int hh, float* codes, float* qscale) {
   const int lane = threadIdx.x & 31;
-  __syncthreads();
-  for (int h = threadIdx.x / 32; h < heads; h += THREADS / 32) {
-    uint32_t bits = 0u;  // |q| >= 0 orders as its bits
-    for (int c = lane; c < nc; c += 32) {
-      bits = max(bits, __float_as_uint(fabsf(q[h * head_stride + c * chan_stride])));
+  const int group = p.num_q_heads / p.num_kv_heads;
+  constexpr int kPerLane = (NC + 31) / 32;
+  float x[kPerLane];
+  uint32_t bits = 0u;  // |q| >= 0 orders as its bits
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    x[i] = 0.f;
+    if (c < NC) {
+      const int ch = p.channels[int64_t{g} * NC + c];
+      x[i] = LoadIo(p.q, p.io_dtype,
+                    (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
+      bits = max(bits, __float_as_uint(fabsf(x[i])));
     }
-    bits = __reduce_max_sync(0xffffffffu, bits);
-    if (lane == 0) qscale[h] = TlsInt8Scale(__uint_as_float(bits));
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < heads * nc; e += THREADS) {
-    const int h = e / nc, c = e % nc;
-    float* x = q + h * head_stride + c * chan_stride;
-    *x = static_cast<float>(TlsInt8Code(*x, qscale[h]));
+  const float scale = TlsInt8Scale(__uint_as_float(__reduce_max_sync(0xffffffffu, bits)));
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < NC) {
+      const int code = TlsInt8Code(x[i], scale);
+      codes[c] = static_cast<float>(code);
+      sum += code;
+    }
   }
-  __syncthreads();
+  if (lane == 0) *qscale = scale;
+  return __reduce_add_sync(0xffffffffu, sum);
 }
 
 // TlsInt4Dot (an exact integer sum: any order gives the same value) of one head's NC query

@@ -23,6 +23,7 @@ using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
+using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
@@ -323,41 +324,14 @@ constexpr int kQuantizeHeads = kTokenThreads / 32;
 template <int NC>
 __global__ void __launch_bounds__(kTokenThreads)
     QuantizeQueryKernel(TlsTokenScoreParams p, TokenStats stats) {
-  const int bg = blockIdx.x, lane = threadIdx.x & 31;
-  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int bg = blockIdx.x;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int hh = blockIdx.y * kQuantizeHeads + threadIdx.x / 32;
   if (hh >= group) return;
-  constexpr int kPerLane = (NC + 31) / 32;
-  float x[kPerLane];
-  uint32_t bits = 0u;  // |q| >= 0 orders as its bits
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int c = lane + 32 * i;
-    x[i] = 0.f;
-    if (c < NC) {
-      const int ch = p.channels[int64_t{g} * NC + c];
-      x[i] = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
-      bits = max(bits, __float_as_uint(fabsf(x[i])));
-    }
-  }
-  const float scale = TlsInt8Scale(__uint_as_float(__reduce_max_sync(0xffffffffu, bits)));
   const int64_t head = int64_t{bg} * group + hh;
-  int sum = 0;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int c = lane + 32 * i;
-    if (c < NC) {
-      const int code = TlsInt8Code(x[i], scale);
-      stats.qcode[head * NC + c] = static_cast<float>(code);
-      sum += code;
-    }
-  }
-  sum = __reduce_add_sync(0xffffffffu, sum);
-  if (lane == 0) {
-    stats.qscale[head] = scale;
-    stats.qsum[head] = sum;
-  }
+  const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
+                                       stats.qcode + head * NC, stats.qscale + head);
+  if ((threadIdx.x & 31) == 0) stats.qsum[head] = sum;
 }
 
 template <int NC>

@@ -40,7 +40,7 @@ using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
-using tls_detail::QuantizeQueries;
+using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
@@ -286,14 +286,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
   CandidatePositions<ITEMS, true>(p, geo, bg, rank, pos, tok);
-  // The queries after the candidates' two dependent loads (block list, index table) are issued.
-  for (int e = tid; e < group * NC; e += kFusedThreads) {
-    const int hh = e / NC, c = e % NC;
-    const int ch = p.channels[int64_t{g} * NC + c];
-    sh.q[e] =
-        LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + g * group + hh) * p.head_dim + ch);
-  }
-  QuantizeQueries<kFusedThreads>(sh.q, group, NC, NC, 1, sh.qscale);
+  // The query codes (a warp per head) after the candidates' two dependent loads (block list,
+  // index table) are issued.
+  if (warp < group) QuantizeHeadWarp<NC>(p, b, g, warp, sh.q + warp * NC, &sh.qscale[warp]);
+  __syncthreads();
 
   // Logits: TlsTokenLogit of TlsInt4Dot's exact sum, per head.
   uint32_t head_max[MAXG];
