@@ -35,6 +35,23 @@ constexpr int kTile = 32;   // positions per tile: one per lane in the softmax u
 constexpr int kRowPad = 8;  // bf16 elements of padding per smem row (conflict-free 16 B reads)
 constexpr float kLn2 = 0.69314718055994531f;
 
+// Element offsets in the paged pool of the rows of tile positions [t0, t0 + cnt), one per
+// thread below `tile` (0 past cnt: those rows are zero-filled or never read).
+__device__ __forceinline__ void TileRowOffsets(const TlsSparseAttentionParams& p,
+                                               const int32_t* positions, const int32_t* table,
+                                               int g, int t0, int cnt, int tile, int row_elems,
+                                               int64_t* row_off) {
+  const int tid = threadIdx.x;
+  if (tid >= tile) return;
+  int64_t off = 0;
+  if (tid < cnt) {
+    const int32_t pos = positions[t0 + tid];
+    const int64_t block = table[pos / kKvBlockSize];
+    off = ((block * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize) * row_elems;
+  }
+  row_off[tid] = off;
+}
+
 struct AttnLayout {
   size_t q, p, stats, row_off, k, v, bytes;
 };
@@ -118,15 +135,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
     const int cnt = min(kTile, t_end - t0);
-    if (tid < kTile) {
-      int64_t off = 0;
-      if (tid < cnt) {
-        const int32_t pos = positions[t0 + tid];
-        const int64_t block = table[pos / kKvBlockSize];
-        off = ((block * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize) * HEAD_DIM;
-      }
-      row_off[tid] = off;
-    }
+    TileRowOffsets(p, positions, table, g, t0, cnt, kTile, HEAD_DIM, row_off);
     __syncthreads();
     for (int e = tid; e < kTile * kVecs; e += kAttnThreads) {
       const int r = e / kVecs, c = e % kVecs;
@@ -346,15 +355,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int t0 = t_begin; t0 < t_end; t0 += kKeys) {
     const int cnt = min(kKeys, t_end - t0);
-    if (tid < kKeys) {
-      int64_t off = 0;
-      if (tid < cnt) {
-        const int32_t pos = positions[t0 + tid];
-        const int64_t block = table[pos / kKvBlockSize];
-        off = ((block * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize) * kDim;
-      }
-      row_off[tid] = off;
-    }
+    TileRowOffsets(p, positions, table, g, t0, cnt, kKeys, kDim, row_off);
     __syncthreads();
     for (int idx = tid; idx < kKeys * kChunks; idx += kThreads) {
       const int r = idx / kChunks, c = idx % kChunks;

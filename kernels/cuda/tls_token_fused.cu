@@ -94,6 +94,20 @@ __device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, in
   return s;
 }
 
+// Max of `field` over the cluster's `size` CTAs (remote loads in flight together).
+__device__ __forceinline__ uint32_t ClusterMax(cg::cluster_group& cluster, uint32_t* field,
+                                               int size) {
+  uint32_t v[kFusedMaxCluster];
+#pragma unroll
+  for (int r = 0; r < kFusedMaxCluster; ++r) {
+    v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0u;
+  }
+  uint32_t m = 0u;
+#pragma unroll
+  for (int r = 0; r < kFusedMaxCluster; ++r) m = max(m, v[r]);
+  return m;
+}
+
 // 64-bit sum over the warp's lanes.
 __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
 #pragma unroll
@@ -344,17 +358,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   cluster.sync();
-  if (tid < group) {
-    uint32_t v[kFusedMaxCluster];
-#pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) {
-      v[r] = r < size ? *cluster.map_shared_rank(&sh.max_bits[tid], r) : 0u;
-    }
-    uint32_t m = 0u;
-#pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) m = max(m, v[r]);
-    sh.max_f[tid] = FromOrderedBits(m);
-  }
+  if (tid < group) sh.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &sh.max_bits[tid], size));
   __syncthreads();
 
   // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics):
@@ -734,17 +738,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (m1 != 0u) atomicMax(&ms.max_bits[h1], m1);
   }
   cluster.sync();
-  if (tid < GROUP) {
-    uint32_t v[kFusedMaxCluster];
-#pragma unroll
-    for (int rr = 0; rr < kFusedMaxCluster; ++rr) {
-      v[rr] = rr < size ? *cluster.map_shared_rank(&ms.max_bits[tid], rr) : 0u;
-    }
-    uint32_t m = 0u;
-#pragma unroll
-    for (int rr = 0; rr < kFusedMaxCluster; ++rr) m = max(m, v[rr]);
-    ms.max_f[tid] = FromOrderedBits(m);
-  }
+  if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;

@@ -119,13 +119,17 @@ ASYNCTLS_HD uint64_t TlsSelectKey(float score, int32_t id) {
 
 ASYNCTLS_HD float TlsInt4Scale(float absmax) { return TlsDiv(absmax, 7.f); }
 
-// Code in [-7, 7] of x with `scale` (the stored scale). Nibble = code + 8.
-ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
+// Symmetric code of x with `scale`: rint(x / scale) clamped to [-max_code, max_code] (0 when
+// scale is 0).
+ASYNCTLS_HD int TlsSymmetricCode(float x, float scale, float max_code) {
   if (scale == 0.f) return 0;
   float c = TlsRint(TlsDiv(x, scale));
-  c = c > 7.f ? 7.f : (c < -7.f ? -7.f : c);
+  c = c > max_code ? max_code : (c < -max_code ? -max_code : c);
   return static_cast<int>(c);
 }
+
+// Code in [-7, 7] of x with `scale` (the stored scale). Nibble = code + 8.
+ASYNCTLS_HD int TlsInt4Code(float x, float scale) { return TlsSymmetricCode(x, scale, 7.f); }
 
 // ---- Integer token logits --------------------------------------------------------------------
 // Token scoring quantizes each query head's channel-set entries to int8 codes with a per-head
@@ -136,12 +140,7 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) {
 // reorder the channel sums freely. (Measured accuracy-neutral: bench/results/tls-accuracy.md.)
 ASYNCTLS_HD float TlsInt8Scale(float absmax) { return TlsDiv(absmax, 127.f); }
 
-ASYNCTLS_HD int TlsInt8Code(float x, float scale) {
-  if (scale == 0.f) return 0;
-  float c = TlsRint(TlsDiv(x, scale));
-  c = c > 127.f ? 127.f : (c < -127.f ? -127.f : c);
-  return static_cast<int>(c);
-}
+ASYNCTLS_HD int TlsInt8Code(float x, float scale) { return TlsSymmetricCode(x, scale, 127.f); }
 
 ASYNCTLS_HD float TlsTokenLogit(float dot, float token_scale, float query_scale) {
   return TlsMul(TlsMul(dot, token_scale), query_scale);
