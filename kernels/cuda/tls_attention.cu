@@ -1,7 +1,9 @@
 // CUDA sparse decode attention over selected positions of the paged bf16 KV cache: split-K
 // over the positions, one block per (split, sequence, KV head, chunk of the group's heads), so
 // each gathered K/V row is read once for up to HPC query heads; fp32 online softmax in the
-// log2 domain; a merge kernel combines the splits and writes the log-sum-exp.
+// log2 domain; a merge kernel combines the splits and writes the log-sum-exp. GQA head dims
+// (64, 128; groups of 1-16) use fp32 CUDA-core math (SparseAttnKernel); MLA (576 / 512, 16+
+// heads on one latent row) uses tensor cores (mla::MlaAttnKernel).
 #include <cuda_bf16.h>
 
 #include <cmath>
