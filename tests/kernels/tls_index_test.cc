@@ -214,5 +214,41 @@ TEST(TlsMathTest, Int4CodeRoundTrip) {
   EXPECT_EQ(TlsInt4Code(1.f, 0.f), 0);
 }
 
+TEST(TlsMathTest, Int8QueryCodes) {
+  const float scale = TlsInt8Scale(127.f);  // exactly 1
+  EXPECT_EQ(scale, 1.f);
+  EXPECT_EQ(TlsInt8Code(127.f, scale), 127);
+  EXPECT_EQ(TlsInt8Code(-127.f, scale), -127);
+  EXPECT_EQ(TlsInt8Code(1000.f, scale), 127);  // clamped
+  EXPECT_EQ(TlsInt8Code(0.5f, scale), 0);       // half to even
+  EXPECT_EQ(TlsInt8Code(1.5f, scale), 2);
+  EXPECT_EQ(TlsInt8Code(-2.5f, scale), -2);
+  EXPECT_EQ(TlsInt8Code(1.f, 0.f), 0);
+}
+
+// The token logit's sum is an exact integer, so the GPU may add the channel products in any
+// order (tensor cores, split warps): the extreme codes of 128 channels, summed forwards and
+// backwards, give TlsInt4Dot's value exactly.
+TEST(TlsMathTest, Int4DotIsExactInAnyOrder) {
+  constexpr int kChannels = 128;
+  std::vector<float> q(kChannels);
+  std::vector<uint32_t> words(kChannels / 8, 0u);
+  int64_t want = 0;
+  for (int c = 0; c < kChannels; ++c) {
+    q[c] = (c % 3 == 0) ? -127.f : 127.f - float(c % 5);
+    const int code = (c % 2 == 0) ? 7 : -7 + (c % 4 == 1);  // nibble = code + 8
+    words[c / 8] |= uint32_t(code + 8) << (4 * (c % 8));
+    want += int64_t(q[c]) * code;
+  }
+  EXPECT_EQ(TlsInt4Dot(q.data(), words.data(), kChannels), float(want));
+  float backwards = 0.f;
+  for (int c = kChannels - 1; c >= 0; --c) {
+    const int code = int((words[c / 8] >> (4 * (c % 8))) & 15u) - 8;
+    backwards = TlsFma(q[c], float(code), backwards);
+  }
+  EXPECT_EQ(backwards, float(want));
+  EXPECT_EQ(TlsTokenLogit(float(want), 0.5f, 0.25f), float(want) * 0.125f);
+}
+
 }  // namespace
 }  // namespace asynctls::kernels
