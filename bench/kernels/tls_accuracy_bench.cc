@@ -94,7 +94,6 @@ TlsPolicy MakeAccuracyPolicy(const AccuracyMethod& method, int k_b, int k_t) {
   return p;
 }
 
-
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }

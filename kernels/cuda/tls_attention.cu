@@ -252,9 +252,9 @@ __global__ void __launch_bounds__(kAttnThreads)
 // sequence, so a CTA takes 16 heads (one mma row tile) against 64 gathered positions at a time:
 // S = Q K^T and O += P V on mma.sync bf16 m16n8k16 with fp32 accumulators. (32 heads per CTA,
 // each K/V fragment feeding two row tiles, measured slower on the H200: half the CTAs per SM.)
-// Queries enter unscaled (bf16 input is then exact; the scale
-// multiplies the fp32 scores); with fp32 io the queries and the probabilities are each split
-// into bf16 hi + lo parts (twice the mmas), which keeps the fp32 reference's precision.
+// Queries enter unscaled (bf16 input is then exact; the scale multiplies the fp32 scores); with
+// fp32 io the queries and the probabilities are each split into bf16 hi + lo parts (twice the
+// mmas), which keeps the fp32 reference's precision.
 namespace mla {
 
 constexpr int kDim = 576, kVDim = 512, kKeys = 64, kRows = 16;
@@ -563,7 +563,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   // math), so a split's time is its tile count times a latency-bound step: aim for one full
   // wave of GQA CTAs (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by
   // side. MLA CTAs (tensor cores, ~100-125 KB of shared memory) fit 1-2 per SM: aim for 2.
-  const int64_t ctas_per_sm = p.head_dim == 576 ? 2 : 6;
+  const int64_t ctas_per_sm = mla ? 2 : 6;
   const int64_t want = std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
@@ -578,26 +578,24 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   return s;
 }
 
-template <int HEAD_DIM, int V_DIM, int HPC>
-cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
-                       cudaStream_t stream) {
-  const bool shared_kv = p.v_cache == p.k_cache;
-  const size_t smem = shared_kv ? MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(true).bytes
-                                : MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(false).bytes;
-  auto kernel = SparseAttnKernel<HEAD_DIM, V_DIM, HPC>;
-  const cudaError_t err = EnsureDynamicSmem<SparseAttnKernel<HEAD_DIM, V_DIM, HPC>>(smem);
+// Launches an attention KERNEL over the plan's grid with its split-K partials in p.workspace
+// (TlsSparseAttentionWorkspaceBytes: [split, batch * q heads, v_head_dim], then (m, l) pairs),
+// then the merge when the positions are split.
+template <auto KERNEL>
+cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& plan, int threads,
+                         size_t smem, cudaStream_t stream) {
+  const cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
   float* ws_acc = nullptr;
   float* ws_ml = nullptr;
   if (plan.num_splits > 1) {
     ws_acc = static_cast<float*>(p.workspace);
-    const size_t acc_bytes =
-        AlignUp(size_t(plan.num_splits) * p.batch * p.num_q_heads * V_DIM * sizeof(float), 256);
+    const size_t acc_bytes = AlignUp(
+        size_t(plan.num_splits) * p.batch * p.num_q_heads * p.v_head_dim * sizeof(float), 256);
     ws_ml = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + acc_bytes);
   }
   const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p, plan.split_tokens, plan.num_splits, ws_acc,
-                                               ws_ml);
+  KERNEL<<<grid, threads, smem, stream>>>(p, plan.split_tokens, plan.num_splits, ws_acc, ws_ml);
   if (plan.num_splits > 1) {
     MergeSplitsKernel<<<p.batch * p.num_q_heads, kMergeThreads, 0, stream>>>(p, plan.num_splits,
                                                                              ws_acc, ws_ml);
@@ -605,29 +603,18 @@ cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
   return cudaGetLastError();
 }
 
+template <int HEAD_DIM, int V_DIM, int HPC>
+cudaError_t LaunchAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                       cudaStream_t stream) {
+  const size_t smem = MakeAttnLayout<HEAD_DIM, V_DIM, HPC>(p.v_cache == p.k_cache).bytes;
+  return LaunchSplitK<SparseAttnKernel<HEAD_DIM, V_DIM, HPC>>(p, plan, kAttnThreads, smem, stream);
+}
+
 template <typename Io>
 cudaError_t LaunchMlaAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
                           cudaStream_t stream) {
-  constexpr bool kSplit = Io::kDType == DType::kF32;
-  const size_t smem = mla::MakeLayout(kSplit, p.v_cache == p.k_cache).bytes;
-  const cudaError_t err = EnsureDynamicSmem<mla::MlaAttnKernel<Io>>(smem);
-  if (err != cudaSuccess) return err;
-  float* ws_acc = nullptr;
-  float* ws_ml = nullptr;
-  if (plan.num_splits > 1) {
-    ws_acc = static_cast<float*>(p.workspace);
-    const size_t acc_bytes = AlignUp(
-        size_t(plan.num_splits) * p.batch * p.num_q_heads * mla::kVDim * sizeof(float), 256);
-    ws_ml = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + acc_bytes);
-  }
-  const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
-  mla::MlaAttnKernel<Io><<<grid, mla::kThreads, smem, stream>>>(p, plan.split_tokens,
-                                                                    plan.num_splits, ws_acc, ws_ml);
-  if (plan.num_splits > 1) {
-    MergeSplitsKernel<<<p.batch * p.num_q_heads, kMergeThreads, 0, stream>>>(p, plan.num_splits,
-                                                                             ws_acc, ws_ml);
-  }
-  return cudaGetLastError();
+  const size_t smem = mla::MakeLayout(Io::kDType == DType::kF32, p.v_cache == p.k_cache).bytes;
+  return LaunchSplitK<mla::MlaAttnKernel<Io>>(p, plan, mla::kThreads, smem, stream);
 }
 
 template <int HEAD_DIM, int V_DIM>

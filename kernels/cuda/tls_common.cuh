@@ -230,6 +230,14 @@ __device__ __forceinline__ void QueryFragments(const float* codes, int lane,
   }
 }
 
+// Words per candidate when INT4 rows of NC channels are staged in shared memory for
+// CodeFragments: 16-byte rows, and the 8 candidates x 2 words of one fragment load hit
+// distinct banks.
+template <int NC>
+constexpr int TokenCodeStride() {
+  return NC / 8 + 4;
+}
+
 // B fragments of slab `sl` for this lane (k 4 (lane % 4) .. and + 16) from the code words of
 // candidate lane / 4 of the tile.
 __device__ __forceinline__ void CodeFragments(const uint32_t* words, int sl, int lane,

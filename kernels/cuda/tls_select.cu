@@ -12,9 +12,9 @@ namespace {
 
 using tls_detail::AlignUp;
 using tls_detail::Bf16BitsToFloat;
-using tls_detail::CodeFragments;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
+using tls_detail::CodeFragments;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
@@ -25,6 +25,7 @@ using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
+using tls_detail::TokenCodeStride;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
 
@@ -291,28 +292,34 @@ size_t TokenStatsCount(const TlsTokenScoreParams& p) {
          (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
 }
 
-size_t TokenCountersBytes(const TlsTokenScoreParams& p) {  // the zeroed part
+// Byte offsets in the workspace: exp sums and max bits (the zeroed counters), then the query
+// codes, scales and code sums; `bytes` the total.
+struct TokenStatsLayout {
+  size_t max_bits, qcode, qscale, qsum, bytes;
+};
+
+TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
   const size_t n = TokenStatsCount(p);
-  return AlignUp(n * 8, 256) + AlignUp(n * 4, 256);
+  TokenStatsLayout l;
+  l.max_bits = AlignUp(n * 8, 256);
+  l.qcode = l.max_bits + AlignUp(n * 4, 256);
+  l.qscale = l.qcode + AlignUp(n * std::max(0, p.num_channels) * 4, 256);
+  l.qsum = l.qscale + AlignUp(n * 4, 256);
+  l.bytes = l.qsum + AlignUp(n * 4, 256);
+  return l;
 }
 
-size_t TokenStatsBytes(const TlsTokenScoreParams& p) {
-  const size_t n = TokenStatsCount(p);
-  return TokenCountersBytes(p) + AlignUp(n * std::max(0, p.num_channels) * 4, 256) +
-         2 * AlignUp(n * 4, 256);
-}
+size_t TokenStatsBytes(const TlsTokenScoreParams& p) { return MakeTokenStatsLayout(p).bytes; }
 
 TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
-  const size_t n = TokenStatsCount(p);
+  const TokenStatsLayout l = MakeTokenStatsLayout(p);
   char* base = static_cast<char*>(workspace);
   TokenStats s;
   s.exp_sum = reinterpret_cast<unsigned long long*>(base);
-  s.max_bits = reinterpret_cast<uint32_t*>(base + AlignUp(n * 8, 256));
-  base += TokenCountersBytes(p);
-  s.qcode = reinterpret_cast<float*>(base);
-  base += AlignUp(n * std::max(0, p.num_channels) * 4, 256);
-  s.qscale = reinterpret_cast<float*>(base);
-  s.qsum = reinterpret_cast<int*>(base + AlignUp(n * 4, 256));
+  s.max_bits = reinterpret_cast<uint32_t*>(base + l.max_bits);
+  s.qcode = reinterpret_cast<float*>(base + l.qcode);
+  s.qscale = reinterpret_cast<float*>(base + l.qscale);
+  s.qsum = reinterpret_cast<int*>(base + l.qsum);
   return s;
 }
 
@@ -348,7 +355,8 @@ template <int NC>
 cudaError_t PrepareTokenStats(const TlsTokenScoreParams& p, TokenStats* stats,
                               cudaStream_t stream) {
   *stats = TokenStatsIn(p.workspace, p);
-  const cudaError_t err = cudaMemsetAsync(p.workspace, 0, TokenCountersBytes(p), stream);
+  const cudaError_t err =
+      cudaMemsetAsync(p.workspace, 0, MakeTokenStatsLayout(p).qcode, stream);  // the counters
   if (err != cudaSuccess) return err;
   return LaunchQuantizeQueries<NC>(p, *stats, stream);
 }
@@ -381,7 +389,7 @@ struct LogitTile {
   static constexpr int kMGroups = kMTiles / kWarpM;                 // warps along heads
   static constexpr int kWarpN = 8 / (4 / kMGroups);                 // 8-candidate tiles per warp
   static constexpr int kSlabs = NC / 32;                            // k steps of 32 channels
-  static constexpr int kCodeStride = NC / 8 + 4;  // words per candidate: conflict-free B loads
+  static constexpr int kCodeStride = TokenCodeStride<NC>();
   static constexpr size_t kSmem =
       sizeof(float) * (size_t(GROUP) * NC + kLogitCands + GROUP) +
       sizeof(int) * GROUP + sizeof(uint32_t) * kLogitCands * kCodeStride;
@@ -800,15 +808,16 @@ const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p) {
 
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream) {
   if (!p.workspace) return cudaErrorInvalidValue;
+  const TokenStats stats = TokenStatsIn(p.workspace, p);
   switch (p.num_channels) {
     case 16:
-      return LaunchQuantizeQueries<16>(p, TokenStatsIn(p.workspace, p), stream);
+      return LaunchQuantizeQueries<16>(p, stats, stream);
     case 32:
-      return LaunchQuantizeQueries<32>(p, TokenStatsIn(p.workspace, p), stream);
+      return LaunchQuantizeQueries<32>(p, stats, stream);
     case 64:
-      return LaunchQuantizeQueries<64>(p, TokenStatsIn(p.workspace, p), stream);
+      return LaunchQuantizeQueries<64>(p, stats, stream);
     case 128:
-      return LaunchQuantizeQueries<128>(p, TokenStatsIn(p.workspace, p), stream);
+      return LaunchQuantizeQueries<128>(p, stats, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -11,10 +11,10 @@
 //   memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores recompute them per phase
-//   (max, exp sums, alpha) from the CTA's staged INT4 rows. With more rows than one wave of
-//   clusters, tls_select.cu's stored path computes the per-head exps and sums first
-//   (TokenExps) and ExpsSelectKernel accumulates alpha from them into the same top-k
-//   (ClusterSelect).
+//   (max, exp sums, alpha) from the CTA's staged INT4 rows. When the rows fill less than half
+//   or more than one wave of clusters, tls_select.cu's stored path computes the per-head exps
+//   and sums first (TokenExps) and ExpsSelectKernel accumulates alpha from them into the same
+//   top-k (ClusterSelect).
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -43,6 +43,7 @@ using tls_detail::MmaS8U8;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
+using tls_detail::TokenCodeStride;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -584,6 +585,26 @@ int ExpsActiveClusters(const TlsTokenScoreParams& p) {
   return MaxActiveClusters<ExpsSelectKernel<ITEMS>>(FusedClusterSize(p.max_candidates, ITEMS), 0);
 }
 
+// Candidates per thread as LaunchForItems (1, 2 or 4; the keys are in registers, no logits).
+cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                             cudaStream_t stream) {
+  cudaError_t err = tls_detail::TokenExps(p, stream);
+  if (err != cudaSuccess) return err;
+  const float* exps = tls_detail::StoredExps(p);
+  const unsigned long long* sums = tls_detail::TokenExpSums(p);
+  const int rows = p.batch * p.num_kv_heads;
+  if (rows <= ExpsActiveClusters<1>(p)) {
+    return LaunchClusters<ExpsSelectKernel<1>>(FusedClusterSize(p.max_candidates, 1), rows, 0,
+                                               stream, p, sel, exps, sums);
+  }
+  if (rows <= ExpsActiveClusters<2>(p)) {
+    return LaunchClusters<ExpsSelectKernel<2>>(FusedClusterSize(p.max_candidates, 2), rows, 0,
+                                               stream, p, sel, exps, sums);
+  }
+  return LaunchClusters<ExpsSelectKernel<4>>(FusedClusterSize(p.max_candidates, 4), rows, 0,
+                                             stream, p, sel, exps, sums);
+}
+
 // ---- MLA in one launch ----------------------------------------------------------------------
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
 // integer tensor cores (MmaS8U8) compute them so cheaply that each phase recomputes them from
@@ -607,16 +628,11 @@ struct MlaShared {
   uint8_t valid[kFusedThreads];               // whether each of the CTA's slots is a candidate
 };
 
-template <int NC>
-constexpr int MlaCodeStride() {
-  return NC / 8 + 4;  // words per candidate: 16-byte rows, conflict-free B fragment loads
-}
-
 constexpr int kMlaEStride = kMlaChunk + 4;
 
 template <int NC>
 constexpr size_t MlaDynamicSmem(int group) {
-  return sizeof(uint32_t) * kFusedThreads * MlaCodeStride<NC>() +
+  return sizeof(uint32_t) * kFusedThreads * TokenCodeStride<NC>() +
          sizeof(float) * (kFusedThreads + size_t(group) * kMlaEStride);
 }
 
@@ -626,7 +642,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
                          tls_detail::TokenQueries queries) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
-  constexpr int kStride = MlaCodeStride<NC>();
+  constexpr int kStride = TokenCodeStride<NC>();
   constexpr int kTiles = kFusedThreads / 8;      // 8-candidate tiles per CTA
   constexpr int kChunkTiles = kMlaChunk / 8;
   __shared__ FusedShared<1> sh;
@@ -802,62 +818,37 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
+// The one-launch MLA kernel when the rows' clusters fill between half and all of one wave, else
+// the stored path (LaunchExpsSelect: any number of rows, each spread over every SM).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
-                                 bool* launched, cudaStream_t stream) {
+                                 cudaStream_t stream) {
   constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
   const int size = FusedClusterSize(p.max_candidates, 1);
   const size_t smem = MlaDynamicSmem<NC>(GROUP);
   const int rows = p.batch * p.num_kv_heads, active = MaxActiveClusters<kKernel>(size, smem);
-  *launched = false;
   // A row's cluster computes every logit three times on its own SMs: it wins once the rows
-  // fill at least half the GPU (H200, 128 heads: 123 vs 131 us at 8 rows of 8 CTAs) and loses
-  // below (120 vs ~55 us for one row), where the stored path spreads each row over every SM.
-  if (rows > active || 2 * rows < active) return cudaSuccess;
-  *launched = true;
+  // fill at least half the GPU (H200, 128 heads: 112 vs 131 us at 8 rows of 8 CTAs) and loses
+  // below (120 vs ~52 us for one row).
+  if (rows > active || 2 * rows < active) return LaunchExpsSelect(p, sel, stream);
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchClusters<kKernel>(size, rows, smem, stream, p, sel, tls_detail::TokenQueriesIn(p));
 }
 
-// The one-launch MLA kernel when the rows' clusters fill between half and all of one wave;
-// *launched false otherwise (the stored path: any number of rows, each over every SM).
 template <int NC>
 cudaError_t LaunchMlaForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
-                              bool* launched, cudaStream_t stream) {
-  switch (p.num_q_heads / p.num_kv_heads) {
+                              cudaStream_t stream) {
+  switch (p.num_q_heads / p.num_kv_heads) {  // UseStoredLogits: 16, 32, 64 or 128
     case 16:
-      return LaunchMlaScoreSelect<NC, 16>(p, sel, launched, stream);
+      return LaunchMlaScoreSelect<NC, 16>(p, sel, stream);
     case 32:
-      return LaunchMlaScoreSelect<NC, 32>(p, sel, launched, stream);
+      return LaunchMlaScoreSelect<NC, 32>(p, sel, stream);
     case 64:
-      return LaunchMlaScoreSelect<NC, 64>(p, sel, launched, stream);
-    case 128:
-      return LaunchMlaScoreSelect<NC, 128>(p, sel, launched, stream);
+      return LaunchMlaScoreSelect<NC, 64>(p, sel, stream);
     default:
-      *launched = false;
-      return cudaSuccess;
+      return LaunchMlaScoreSelect<NC, 128>(p, sel, stream);
   }
-}
-
-// Candidates per thread as LaunchForItems (1, 2 or 4; the keys are in registers, no logits).
-cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
-                             cudaStream_t stream) {
-  cudaError_t err = tls_detail::TokenExps(p, stream);
-  if (err != cudaSuccess) return err;
-  const float* exps = tls_detail::StoredExps(p);
-  const unsigned long long* sums = tls_detail::TokenExpSums(p);
-  const int rows = p.batch * p.num_kv_heads;
-  if (rows <= ExpsActiveClusters<1>(p)) {
-    return LaunchClusters<ExpsSelectKernel<1>>(FusedClusterSize(p.max_candidates, 1), rows, 0,
-                                               stream, p, sel, exps, sums);
-  }
-  if (rows <= ExpsActiveClusters<2>(p)) {
-    return LaunchClusters<ExpsSelectKernel<2>>(FusedClusterSize(p.max_candidates, 2), rows, 0,
-                                               stream, p, sel, exps, sums);
-  }
-  return LaunchClusters<ExpsSelectKernel<4>>(FusedClusterSize(p.max_candidates, 4), rows, 0,
-                                             stream, p, sel, exps, sums);
 }
 
 }  // namespace
@@ -889,13 +880,9 @@ cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSele
       sel.num_kv_heads != p.num_kv_heads) {
     return cudaErrorInvalidValue;
   }
-  if (!FusesInOneLaunch(p)) {
-    bool launched = false;
-    cudaError_t err = cudaSuccess;
-    if (p.num_channels == 64) err = LaunchMlaForGroup<64>(p, sel, &launched, stream);
-    if (p.num_channels == 128) err = LaunchMlaForGroup<128>(p, sel, &launched, stream);
-    if (err != cudaSuccess || launched) return err;
-    return LaunchExpsSelect(p, sel, stream);
+  if (!FusesInOneLaunch(p)) {  // MLA (UseStoredLogits): 64 or 128 channels
+    return p.num_channels == 64 ? LaunchMlaForGroup<64>(p, sel, stream)
+                                : LaunchMlaForGroup<128>(p, sel, stream);
   }
   switch (p.num_channels) {
     case 16:
