@@ -35,19 +35,52 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 }
 
 // ---- block scores -------------------------------------------------------------------------
-// grid (ceil(max_blocks / kScoreBlocks), batch * num_kv_heads). The group's query is summed
-// into qpos / qneg (heads in order), then thread t < kScoreBlocks owns one block and walks the
-// dims in order through shared-memory chunks of kScoreChunk dims (coalesced loads).
-constexpr int kScoreThreads = 128;
+// grid (ceil(max_blocks / kScoreBlocks), batch * num_kv_heads). The group's query is summed into
+// qpos / qneg (heads in order) in shared memory, stored slice-major (entry j * 8 + c holds dim
+// c * width + j) so that the 8 lanes of a team read 8 consecutive floats. Each team of
+// kTlsBlockScoreSlices lanes then scores blocks: lane c loads slice c of the block's kmax / kmin
+// straight from global memory, chains it in dim order, and an xor butterfly over the team adds
+// the 8 slice sums in TlsSumBlockSlices's order. WIDTH: dims per slice known at compile time (all
+// loads of a block in flight at once), or 0 for any width (scalar loads).
+constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
-constexpr int kScoreChunk = 64;
-constexpr int kScoreRowWords = kScoreChunk / 2 + 1;  // padded: conflict-free column reads
+constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
 
+template <int WIDTH>
+__device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
+                                                 const uint16_t* kmax, const uint16_t* kmin,
+                                                 int width, int c) {
+  float s = 0.f;
+  if constexpr (WIDTH == 0) {
+    for (int j = 0; j < width; ++j) {
+      const int at = j * kTlsBlockScoreSlices + c;
+      s = TlsFma(qpos[at], Bf16BitsToFloat(kmax[j]), s);
+      s = TlsFma(qneg[at], Bf16BitsToFloat(kmin[j]), s);
+    }
+  } else {
+    static_assert(WIDTH % 8 == 0, "slices load whole uint4 vectors");
+    constexpr int kVecs = WIDTH / 8;
+    uint4 a[kVecs], n[kVecs];
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      a[v] = reinterpret_cast<const uint4*>(kmax)[v];
+      n[v] = reinterpret_cast<const uint4*>(kmin)[v];
+    }
+#pragma unroll
+    for (int j = 0; j < WIDTH; ++j) {
+      const uint16_t* av = reinterpret_cast<const uint16_t*>(&a[j / 8]);
+      const uint16_t* nv = reinterpret_cast<const uint16_t*>(&n[j / 8]);
+      const int at = j * kTlsBlockScoreSlices + c;
+      s = TlsFma(qpos[at], Bf16BitsToFloat(av[j % 8]), s);
+      s = TlsFma(qneg[at], Bf16BitsToFloat(nv[j % 8]), s);
+    }
+  }
+  return s;
+}
+
+template <int WIDTH>
 __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
-  extern __shared__ float q_sum[];  // qpos [head_dim], qneg [head_dim]
-  __shared__ uint32_t kmax_s[kScoreBlocks * kScoreRowWords];
-  __shared__ uint32_t kmin_s[kScoreBlocks * kScoreRowWords];
-  __shared__ int64_t row_off[kScoreBlocks];
+  extern __shared__ float q_sum[];  // qpos [head_dim], qneg [head_dim], slice-major
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -55,57 +88,39 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const int first = blockIdx.x * kScoreBlocks;
   if (first >= num_blocks) return;
   const int count = min(kScoreBlocks, num_blocks - first);
+  const int width = WIDTH > 0 ? WIDTH : p.head_dim / kTlsBlockScoreSlices;
   float* qpos = q_sum;
   float* qneg = q_sum + p.head_dim;
+  const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
   for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
     float pos = 0.f, neg = 0.f;
-    for (int h = g * group; h < (g + 1) * group; ++h) {
-      const float v = LoadIo(p.q, p.io_dtype, (int64_t{b} * p.num_q_heads + h) * p.head_dim + d);
+#pragma unroll 8
+    for (int h = 0; h < group; ++h) {
+      const float v = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim + d);
       pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
       neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
     }
-    qpos[d] = pos;
-    qneg[d] = neg;
-  }
-  for (int i = threadIdx.x; i < count; i += kScoreThreads) {
-    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + first + i];
-    row_off[i] = (row * p.num_kv_heads + g) * p.head_dim;
+    const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+    qpos[at] = pos;
+    qneg[at] = neg;
   }
   __syncthreads();
+  const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
+  const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
   const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
-  float s = 0.f;
-  for (int d0 = 0; d0 < p.head_dim; d0 += kScoreChunk) {
-    const int width = min(kScoreChunk, p.head_dim - d0);  // multiple of 8
-    const int vecs = width / 8;
-    for (int e = threadIdx.x; e < count * vecs; e += kScoreThreads) {
-      const int i = e / vecs, v = e % vecs;
-      const uint4 a = *reinterpret_cast<const uint4*>(kmax + row_off[i] + d0 + 8 * v);
-      const uint4 c = *reinterpret_cast<const uint4*>(kmin + row_off[i] + d0 + 8 * v);
-      uint32_t* da = kmax_s + i * kScoreRowWords + 4 * v;
-      uint32_t* dc = kmin_s + i * kScoreRowWords + 4 * v;
-      da[0] = a.x;
-      da[1] = a.y;
-      da[2] = a.z;
-      da[3] = a.w;
-      dc[0] = c.x;
-      dc[1] = c.y;
-      dc[2] = c.z;
-      dc[3] = c.w;
+  const int32_t* rows = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
+  float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
+  for (int i = team; i < count; i += kScoreTeams) {
+    const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim + c * width;
+    float s = BlockSliceScore<WIDTH>(qpos, qneg, kmax + off, kmin + off, width, c);
+    // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
+    // halves add the same two values (commuted), so the team ends with one bit pattern.
+#pragma unroll
+    for (int step = 1; step < kTlsBlockScoreSlices; step *= 2) {
+      s = __fadd_rn(s, __shfl_xor_sync(team_mask, s, step));
     }
-    __syncthreads();
-    if (threadIdx.x < count) {
-      const uint16_t* ra = reinterpret_cast<const uint16_t*>(kmax_s + threadIdx.x * kScoreRowWords);
-      const uint16_t* rc = reinterpret_cast<const uint16_t*>(kmin_s + threadIdx.x * kScoreRowWords);
-      for (int d = 0; d < width; ++d) {
-        s = TlsFma(qpos[d0 + d], Bf16BitsToFloat(ra[d]), s);
-        s = TlsFma(qneg[d0 + d], Bf16BitsToFloat(rc[d]), s);
-      }
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x < count) {
-    p.scores[int64_t{bg} * p.max_blocks_per_seq + first + threadIdx.x] = s;
+    if (c == 0) scores[i] = s;
   }
 }
 
@@ -839,12 +854,26 @@ bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
 
 cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
   if (p.batch <= 0) return cudaSuccess;
-  if (p.head_dim % 8 != 0 || p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) {
+  if (p.head_dim % kTlsBlockScoreSlices != 0 || p.num_kv_heads <= 0 ||
+      p.num_q_heads % p.num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
   const dim3 grid((p.max_blocks_per_seq + kScoreBlocks - 1) / kScoreBlocks,
                   p.batch * p.num_kv_heads);
-  BlockScoreKernel<<<grid, kScoreThreads, 2 * p.head_dim * sizeof(float), stream>>>(p);
+  const size_t smem = 2 * p.head_dim * sizeof(float);
+  switch (p.head_dim / kTlsBlockScoreSlices) {
+    case 8:  // head_dim 64
+      BlockScoreKernel<8><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
+    case 16:  // head_dim 128
+      BlockScoreKernel<16><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
+    case 72:  // MLA, 576
+      BlockScoreKernel<72><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
+    default:
+      BlockScoreKernel<0><<<grid, kScoreThreads, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

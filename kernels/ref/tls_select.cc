@@ -48,7 +48,9 @@ int32_t Compose(const TlsGeometry& geo, const std::vector<int>& middle, int32_t*
 
 void TlsBlockScore(const TlsBlockScoreParams& p) {
   ASYNCTLS_TLS_REF_CHECK(p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0);
+  ASYNCTLS_TLS_REF_CHECK(p.head_dim % kTlsBlockScoreSlices == 0);
   const int group = p.num_q_heads / p.num_kv_heads;
+  const int width = p.head_dim / kTlsBlockScoreSlices;  // dims per slice
   const Bf16* kmax = static_cast<const Bf16*>(p.block_kmax);
   const Bf16* kmin = static_cast<const Bf16*>(p.block_kmin);
   std::vector<float> qpos(p.head_dim), qneg(p.head_dim);
@@ -70,12 +72,17 @@ void TlsBlockScore(const TlsBlockScoreParams& p) {
       for (int i = 0; i < num_blocks; ++i) {
         const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + i];
         const int64_t off = (row * p.num_kv_heads + g) * p.head_dim;
-        float s = 0.f;
-        for (int d = 0; d < p.head_dim; ++d) {
-          s = TlsFma(qpos[d], Bf16ToFloat(kmax[off + d]), s);
-          s = TlsFma(qneg[d], Bf16ToFloat(kmin[off + d]), s);
+        float slice[kTlsBlockScoreSlices];
+        for (int c = 0; c < kTlsBlockScoreSlices; ++c) {
+          float s = 0.f;
+          for (int d = c * width; d < (c + 1) * width; ++d) {
+            s = TlsFma(qpos[d], Bf16ToFloat(kmax[off + d]), s);
+            s = TlsFma(qneg[d], Bf16ToFloat(kmin[off + d]), s);
+          }
+          slice[c] = s;
         }
-        p.scores[(int64_t{b} * p.num_kv_heads + g) * p.max_blocks_per_seq + i] = s;
+        p.scores[(int64_t{b} * p.num_kv_heads + g) * p.max_blocks_per_seq + i] =
+            TlsSumBlockSlices(slice);
       }
     }
   }

@@ -31,6 +31,7 @@ std::vector<SelectShape> Shapes() {
       {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},  // SmolLM2-like, G = 3
       {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
       {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
+      {{900, 130}, 6, 2, 96, 32, DType::kF32, false},  // head_dim 96: generic block-score slices
       {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},              // MLA, G = 16
       {{1800}, 32, 1, 576, 128, DType::kBF16, true},                   // MLA, G = 32
       {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},              // MLA, G = 64

@@ -34,12 +34,20 @@ ASYNCTLS_HD float TlsFma(float a, float b, float c) {
 #endif
 }
 
-// Correctly rounded division and product, also under --use_fast_math.
+// Correctly rounded division, sum and product, also under --use_fast_math.
 ASYNCTLS_HD float TlsDiv(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
 #else
   return a / b;
+#endif
+}
+
+ASYNCTLS_HD float TlsAdd(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
 #endif
 }
 
@@ -113,6 +121,20 @@ ASYNCTLS_HD uint32_t TlsOrderedBits(float f) {
 ASYNCTLS_HD uint64_t TlsSelectKey(float score, int32_t id) {
   return (static_cast<uint64_t>(TlsOrderedBits(score)) << 32) |
          static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(id));
+}
+
+// ---- Block scores ----------------------------------------------------------------------------
+// A block's score sum_d qpos[d] * kmax[d] + qneg[d] * kmin[d] (qpos / qneg: the group's query
+// heads summed in head order) is cut into kTlsBlockScoreSlices slices of head_dim / 8
+// consecutive dims. Each slice is an ordered TlsFma chain from 0 (kmax term, then kmin term, per
+// dim); the slice sums are added as the fixed tree TlsSumBlockSlices, which is what a warp's
+// xor butterfly over 8 lanes computes (float addition commutes bit for bit). Eight short chains
+// instead of one 2 * head_dim long chain let the GPU spend 8 lanes per block.
+inline constexpr int kTlsBlockScoreSlices = 8;
+
+ASYNCTLS_HD float TlsSumBlockSlices(const float* s) {
+  return TlsAdd(TlsAdd(TlsAdd(s[0], s[1]), TlsAdd(s[2], s[3])),
+                TlsAdd(TlsAdd(s[4], s[5]), TlsAdd(s[6], s[7])));
 }
 
 // ---- INT4 token index ----------------------------------------------------------------------
