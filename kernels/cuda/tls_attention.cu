@@ -29,6 +29,7 @@ using attention_detail::TileOffset;
 using tls_detail::AlignUp;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::LoadIo;
+using tls_detail::NumSms;
 using tls_detail::StoreIo;
 
 constexpr int kAttnThreads = 256;
@@ -537,14 +538,6 @@ __global__ void __launch_bounds__(kMergeThreads)
 struct SplitPlan {
   int hpc = 0, head_chunks = 0, split_tokens = 0, num_splits = 0;
 };
-
-int NumSms() {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  return sms > 0 ? sms : 132;
-}
 
 SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
   SplitPlan s;

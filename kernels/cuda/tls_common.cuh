@@ -420,6 +420,15 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
 
 inline size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+// SMs of the current device (132 when it cannot be asked).
+inline int NumSms() {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  return sms > 0 ? sms : 132;
+}
+
 // ---- stored token exps (tls_select.cu), read by the cluster top-k of tls_token_fused.cu ------
 // Shapes whose token scoring stores per-head logits (channel sets of 64+, groups of 16, 32, 64
 // or 128, rows up to 16,384 candidates: MLA).

@@ -40,6 +40,7 @@ using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
+using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
@@ -51,6 +52,9 @@ constexpr int kFusedWarps = kFusedThreads / 32;  // <= 32: one warp scans per-wa
 // Portable cluster size: rows of up to 8 * 1024 candidates. (512-thread CTAs in clusters of 16
 // measured no faster at batch 1 and 1.5x slower at batch 8 on the H200.)
 constexpr int kFusedMaxCluster = 8;
+// The MLA one-launch kernel spreads a row over up to 16 CTAs (a non-portable cluster size, which
+// Hopper allows): the cluster helpers below unroll over this many ranks.
+constexpr int kClusterMaxRanks = 16;
 constexpr int kFusedMaxGroup = 16;  // GQA kernel: the group's queries and statistics in smem
 
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
@@ -84,28 +88,28 @@ struct FusedShared {
 // the largest cluster), so they are in flight together: one distributed-shared-memory latency.
 template <typename T>
 __device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, int size) {
-  T v[kFusedMaxCluster];
+  T v[kClusterMaxRanks];
 #pragma unroll
-  for (int r = 0; r < kFusedMaxCluster; ++r) {
+  for (int r = 0; r < kClusterMaxRanks; ++r) {
     v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0;
   }
   T s = 0;
 #pragma unroll
-  for (int r = 0; r < kFusedMaxCluster; ++r) s += v[r];
+  for (int r = 0; r < kClusterMaxRanks; ++r) s += v[r];
   return s;
 }
 
 // Max of `field` over the cluster's `size` CTAs (remote loads in flight together).
 __device__ __forceinline__ uint32_t ClusterMax(cg::cluster_group& cluster, uint32_t* field,
                                                int size) {
-  uint32_t v[kFusedMaxCluster];
+  uint32_t v[kClusterMaxRanks];
 #pragma unroll
-  for (int r = 0; r < kFusedMaxCluster; ++r) {
+  for (int r = 0; r < kClusterMaxRanks; ++r) {
     v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0u;
   }
   uint32_t m = 0u;
 #pragma unroll
-  for (int r = 0; r < kFusedMaxCluster; ++r) m = max(m, v[r]);
+  for (int r = 0; r < kClusterMaxRanks; ++r) m = max(m, v[r]);
   return m;
 }
 
@@ -116,21 +120,23 @@ __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
   return v;
 }
 
-// Item u of thread t is candidate j = (rank * ITEMS + u) * kFusedThreads + t of row bg: its
-// position (-1: none) and, with TOK, its token-index row.
+// Each rank owns `span` consecutive candidates of row bg (at most ITEMS * kFusedThreads): item u
+// of thread t is candidate j = rank * span + u * kFusedThreads + t when u * kFusedThreads + t <
+// span. Gives its position (-1: none) and, with TOK, its token-index row.
 template <int ITEMS, bool TOK>
 __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
                                                    const TlsGeometry& geo, int bg, int rank,
-                                                   int32_t* pos, int64_t* tok) {
+                                                   int span, int32_t* pos, int64_t* tok) {
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    const int j = (rank * ITEMS + u) * kFusedThreads + static_cast<int>(threadIdx.x);
+    const int local = u * kFusedThreads + static_cast<int>(threadIdx.x);
+    const int j = rank * span + local;
     pos[u] = -1;
     if (TOK) tok[u] = 0;
-    if (j < num_listed * kKvBlockSize) {
+    if (local < span && j < num_listed * kKvBlockSize) {
       const int i = j / kKvBlockSize;
       const int32_t block =
           p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
@@ -232,15 +238,15 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
   }
   cluster.sync();
   if (tid == 0) {
-    int a[kFusedMaxCluster], e[kFusedMaxCluster];
+    int a[kClusterMaxRanks], e[kClusterMaxRanks];
 #pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) {
+    for (int r = 0; r < kClusterMaxRanks; ++r) {
       a[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
       e[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
     }
     int above_before = 0, equal_before = 0, above_all = 0, equal_all = 0;
 #pragma unroll
-    for (int r = 0; r < kFusedMaxCluster; ++r) {
+    for (int r = 0; r < kClusterMaxRanks; ++r) {
       above_before += r < rank ? a[r] : 0;
       equal_before += r < rank ? e[r] : 0;
       above_all += a[r];
@@ -300,7 +306,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
-  CandidatePositions<ITEMS, true>(p, geo, bg, rank, pos, tok);
+  CandidatePositions<ITEMS, true>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, tok);
   // The query codes (a warp per head) after the candidates' two dependent loads (block list,
   // index table) are issued.
   if (warp < group) QuantizeHeadWarp<NC>(p, b, g, warp, sh.q + warp * NC, &sh.qscale[warp]);
@@ -432,8 +438,12 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
 template <auto KERNEL>
 cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
                           cudaLaunchAttribute* attr, cudaLaunchConfig_t* config) {
-  const cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
+  cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
+  if (size > kFusedMaxCluster) {  // per device, so asked on every launch (a host-side call)
+    err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+  }
   *config = cudaLaunchConfig_t{};
   config->gridDim = dim3(size, rows);
   config->blockDim = dim3(kFusedThreads);
@@ -454,7 +464,7 @@ cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
 // is assumed the same kind.
 template <auto KERNEL>
 int MaxActiveClusters(int size, size_t smem) {
-  static std::atomic<int> cache[kFusedMaxCluster + 1] = {};  // 0 = not asked yet
+  static std::atomic<int> cache[kClusterMaxRanks + 1] = {};  // 0 = not asked yet
   int active = cache[size].load(std::memory_order_relaxed);
   if (active == 0) {
     cudaLaunchAttribute attr{};
@@ -549,7 +559,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[ITEMS];
-  CandidatePositions<ITEMS, false>(p, geo, bg, rank, pos, nullptr);
+  CandidatePositions<ITEMS, false>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, nullptr);
   int valid_warp = 0;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
@@ -612,10 +622,13 @@ cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectP
 // (3) the exps of 128 candidates at a time staged in shared memory, from which each candidate's
 // thread accumulates alpha over the heads in order (pass 2's fma chain), then ClusterSelect.
 // Same arithmetic as the stored path and the CPU reference, bit for bit; no workspace traffic
-// beyond the query codes (QuantizeTokenQueries). One candidate per thread: rows of up to 8,192.
+// beyond the query codes (QuantizeTokenQueries). One candidate per thread, `blocks_per_cta`
+// whole list entries per CTA (at most 16 = 1,024 candidates), up to 16 CTAs per row: the
+// compute scales with the candidates per SM, so a row takes as many SMs as still let every
+// row's cluster run at once (MlaClusterSize).
 constexpr int kMlaMaxGroup = 128;
 constexpr int kMlaChunk = 128;                              // candidates staged per alpha step
-constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // list entries per CTA
+constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // most list entries per CTA
 
 struct MlaShared {
   uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max logit (ordered bits)
@@ -639,11 +652,10 @@ constexpr size_t MlaDynamicSmem(int group) {
 template <int NC, int GROUP>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
-                         tls_detail::TokenQueries queries) {
+                         tls_detail::TokenQueries queries, int blocks_per_cta) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
   constexpr int kStride = TokenCodeStride<NC>();
-  constexpr int kTiles = kFusedThreads / 8;      // 8-candidate tiles per CTA
   constexpr int kChunkTiles = kMlaChunk / 8;
   __shared__ FusedShared<1> sh;
   __shared__ MlaShared ms;
@@ -662,9 +674,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
 
+  const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
+  const int tiles = span / 8;                        // 8-candidate tiles
   if (tid < kMlaBlocks) {
-    const int i = rank * kMlaBlocks + tid;
-    ms.block[tid] = i >= num_listed ? -1
+    const int i = rank * blocks_per_cta + tid;
+    ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1
                     : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
                                      : p.sink_blocks + i;
   }
@@ -696,7 +710,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     scale_s[tid] = scale;
   }
   int32_t pos[1];
-  CandidatePositions<1, false>(p, geo, bg, rank, pos, nullptr);
+  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
   ms.valid[tid] = pos[0] >= 0;
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
@@ -732,7 +746,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // (1) Per-head max.
   uint32_t m0 = 0u, m1 = 0u;
-  for (int tile = slot; tile < kTiles; tile += kSlots) {
+  for (int tile = slot; tile < tiles; tile += kSlots) {
     float l[4];
     bool valid[2];
     tile_logits(tile, l, valid);
@@ -765,7 +779,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const float exp_scale = p.scale * kTlsLog2E;
   const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
   uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
-  for (int tile = slot; tile < kTiles; tile += kSlots) {
+  for (int tile = slot; tile < tiles; tile += kSlots) {
     float l[4];
     bool valid[2];
     tile_logits(tile, l, valid);
@@ -794,7 +808,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // (3) alpha: the exps of each chunk staged by head, then one thread per candidate sums the
   // heads in order.
   float alpha = 0.f;
-  for (int chunk = 0; chunk < kFusedThreads / kMlaChunk; ++chunk) {
+  for (int chunk = 0; chunk * kMlaChunk < span; ++chunk) {
     for (int ct = slot; ct < kChunkTiles; ct += kSlots) {
       float l[4];
       bool valid[2];
@@ -818,22 +832,45 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
-// The one-launch MLA kernel when the rows' clusters fill between half and all of one wave, else
-// the stored path (LaunchExpsSelect: any number of rows, each spread over every SM).
+// CTAs per row for the one-launch MLA kernel: the most (up to kClusterMaxRanks, each holding
+// whole list entries: at least kMlaMinBlocks, so cluster barriers stay a small share, at most
+// kMlaBlocks) for which every row's cluster is resident at once, and the list entries each CTA
+// holds; size 0 when even 1,024 candidates per CTA take two waves.
+constexpr int kMlaMinBlocks = 4;
+
+struct MlaSplit {
+  int size = 0, blocks_per_cta = 0;
+};
+
+template <auto KERNEL>
+MlaSplit MlaClusterSize(int rows, int max_candidates, size_t smem) {
+  const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
+  const int largest = std::clamp(blocks / kMlaMinBlocks, 1, kClusterMaxRanks);
+  for (int size = largest; size >= 1 && size * kMlaBlocks >= blocks; --size) {
+    const int per = (blocks + size - 1) / size;
+    if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty: a smaller size
+    if (rows <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
+  }
+  return {};
+}
+
+// The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
+// GPU, else the stored path (LaunchExpsSelect: any number of rows, each spread over every SM).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
   constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
-  const int size = FusedClusterSize(p.max_candidates, 1);
   const size_t smem = MlaDynamicSmem<NC>(GROUP);
-  const int rows = p.batch * p.num_kv_heads, active = MaxActiveClusters<kKernel>(size, smem);
+  const int rows = p.batch * p.num_kv_heads;
+  const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
   // A row's cluster computes every logit three times on its own SMs: it wins once the rows
   // fill at least half the GPU (H200, 128 heads: 112 vs 131 us at 8 rows of 8 CTAs) and loses
   // below (120 vs ~52 us for one row).
-  if (rows > active || 2 * rows < active) return LaunchExpsSelect(p, sel, stream);
+  if (split.size == 0 || 2 * rows * split.size < NumSms()) return LaunchExpsSelect(p, sel, stream);
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  return LaunchClusters<kKernel>(size, rows, smem, stream, p, sel, tls_detail::TokenQueriesIn(p));
+  return LaunchClusters<kKernel>(split.size, rows, smem, stream, p, sel,
+                                 tls_detail::TokenQueriesIn(p), split.blocks_per_cta);
 }
 
 template <int NC>
