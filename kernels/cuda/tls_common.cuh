@@ -436,7 +436,7 @@ bool UseStoredLogits(const TlsTokenScoreParams& p);
 // Zeroes the statistics, then the logits kernel and pass 1: every valid candidate's per-head
 // exp in StoredExps (p.workspace) and the per-head fixed-point exp sums in TokenExpSums.
 cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream);
-const float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
+float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
 const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p);  // [row, head]
 // Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
 // the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums.

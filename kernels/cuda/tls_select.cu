@@ -815,7 +815,7 @@ cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream) {
                               : LaunchTokenScorePass1Stored<128>(p, stats, exps, stream);
 }
 
-const float* StoredExps(const TlsTokenScoreParams& p) { return StoredLogitsIn(p.workspace, p); }
+float* StoredExps(const TlsTokenScoreParams& p) { return StoredLogitsIn(p.workspace, p); }
 
 const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p) {
   return TokenStatsIn(p.workspace, p).exp_sum;

@@ -10,9 +10,10 @@
 //   the radix histograms and the compaction counts cross the cluster through distributed shared
 //   memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
-//   channels are too many logits to keep, so integer tensor cores recompute them per phase
-//   (max, exp sums, alpha) from the CTA's staged INT4 rows. When the rows fill less than half
-//   or more than one wave of clusters, tls_select.cu's stored path computes the per-head exps
+//   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
+//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
+//   alpha sums. When the rows fill less than half or more than one wave of clusters,
+//   tls_select.cu's stored path computes the per-head exps
 //   and sums first (TokenExps) and ExpsSelectKernel accumulates alpha from them into the same
 //   top-k (ClusterSelect).
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
@@ -617,17 +618,16 @@ cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectP
 
 // ---- MLA in one launch ----------------------------------------------------------------------
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
-// integer tensor cores (MmaS8U8) compute them so cheaply that each phase recomputes them from
-// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head fixed-point exp sums,
-// (3) the exps of 128 candidates at a time staged in shared memory, from which each candidate's
-// thread accumulates alpha over the heads in order (pass 2's fma chain), then ClusterSelect.
-// Same arithmetic as the stored path and the CPU reference, bit for bit; no workspace traffic
-// beyond the query codes (QuantizeTokenQueries). One candidate per thread, `blocks_per_cta`
+// integer tensor cores (MmaS8U8) compute them so cheaply that two phases recompute them from
+// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head exps, written to the
+// stored path's exp scratch (StoredExps, L2-resident), and their fixed-point sums; then (3)
+// each candidate's thread reads its exps back and accumulates alpha over the heads in order
+// (pass 2's fma chain), and ClusterSelect. Same arithmetic as the stored path and the CPU
+// reference, bit for bit. One candidate per thread, `blocks_per_cta`
 // whole list entries per CTA (at most 16 = 1,024 candidates), up to 16 CTAs per row: the
 // compute scales with the candidates per SM, so a row takes as many SMs as still let every
 // row's cluster run at once (MlaClusterSize).
 constexpr int kMlaMaxGroup = 128;
-constexpr int kMlaChunk = 128;                              // candidates staged per alpha step
 constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // most list entries per CTA
 
 struct MlaShared {
@@ -641,28 +641,23 @@ struct MlaShared {
   uint8_t valid[kFusedThreads];               // whether each of the CTA's slots is a candidate
 };
 
-constexpr int kMlaEStride = kMlaChunk + 4;
-
 template <int NC>
-constexpr size_t MlaDynamicSmem(int group) {
-  return sizeof(uint32_t) * kFusedThreads * TokenCodeStride<NC>() +
-         sizeof(float) * (kFusedThreads + size_t(group) * kMlaEStride);
+constexpr size_t MlaDynamicSmem() {
+  return sizeof(uint32_t) * kFusedThreads * TokenCodeStride<NC>() + sizeof(float) * kFusedThreads;
 }
 
 template <int NC, int GROUP>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
-                         tls_detail::TokenQueries queries, int blocks_per_cta) {
+                         tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
   constexpr int kStride = TokenCodeStride<NC>();
-  constexpr int kChunkTiles = kMlaChunk / 8;
   __shared__ FusedShared<1> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   uint32_t* codes_s = mla_smem;                                                   // [cand][kStride]
   float* scale_s = reinterpret_cast<float*>(codes_s + kFusedThreads * kStride);  // [cand]
-  float* e_s = scale_s + kFusedThreads;                                          // [head][kMlaEStride]
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -775,9 +770,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Per-head exp sums, exact in fixed point (FixedParts: order-free).
+  // (2) Per-head exps, kept in the L2-resident scratch for (3), and their sums, exact in fixed
+  // point (FixedParts: order-free).
   const float exp_scale = p.scale * kTlsLog2E;
   const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
+  float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates;
+  float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates;
   uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
   for (int tile = slot; tile < tiles; tile += kSlots) {
     float l[4];
@@ -785,8 +784,15 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     tile_logits(tile, l, valid);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      FixedParts(valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f, &hi0, &lo0);
-      FixedParts(valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f, &hi1, &lo1);
+      const float e0 = valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f;
+      const float e1 = valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f;
+      FixedParts(e0, &hi0, &lo0);
+      FixedParts(e1, &hi1, &lo1);
+      if (valid[u]) {  // a candidate lies inside its row's max_candidates
+        const int c = 8 * tile + 2 * t + u;
+        exps0[c] = e0;
+        exps1[c] = e1;
+      }
     }
   }
 #pragma unroll
@@ -805,28 +811,15 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
   __syncthreads();
 
-  // (3) alpha: the exps of each chunk staged by head, then one thread per candidate sums the
-  // heads in order.
+  // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
+  // barriers above; plain loads, not the read-only path) and sums the heads in order.
   float alpha = 0.f;
-  for (int chunk = 0; chunk * kMlaChunk < span; ++chunk) {
-    for (int ct = slot; ct < kChunkTiles; ct += kSlots) {
-      float l[4];
-      bool valid[2];
-      tile_logits(chunk * kChunkTiles + ct, l, valid);
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int c = 8 * ct + 2 * t + u;
-        e_s[h0 * kMlaEStride + c] = valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f;
-        e_s[h1 * kMlaEStride + c] = valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f;
-      }
+  if (pos[0] >= 0) {
+    const float* e = cta_exps + tid;
+#pragma unroll 16
+    for (int hh = 0; hh < GROUP; ++hh) {
+      alpha = TlsFma(e[int64_t{hh} * p.max_candidates], ms.inv[hh], alpha);
     }
-    __syncthreads();
-    if (tid / kMlaChunk == chunk) {
-      const float* e = e_s + tid % kMlaChunk;
-#pragma unroll 8
-      for (int hh = 0; hh < GROUP; ++hh) alpha = TlsFma(e[hh * kMlaEStride], ms.inv[hh], alpha);
-    }
-    __syncthreads();
   }
   uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
   ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
@@ -860,7 +853,7 @@ template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
   constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
-  const size_t smem = MlaDynamicSmem<NC>(GROUP);
+  const size_t smem = MlaDynamicSmem<NC>();
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
   // A row's cluster computes every logit three times on its own SMs: it wins once the rows
@@ -870,7 +863,8 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchClusters<kKernel>(split.size, rows, smem, stream, p, sel,
-                                 tls_detail::TokenQueriesIn(p), split.blocks_per_cta);
+                                 tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p),
+                                 split.blocks_per_cta);
 }
 
 template <int NC>
