@@ -191,6 +191,41 @@ __device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
   return acc;
 }
 
+// ---- integer token logits with dp4a ---------------------------------------------------------
+// The token logit's integer sum (tls_math.h) as dp4a: a head's int8 query codes are packed four
+// to a word in nibble order (word 2w: channels 8w, 8w+2, 8w+4, 8w+6, the low nibbles of INT4
+// word w; word 2w+1: the odd channels, its high nibbles), so each INT4 word takes two dp4a on its
+// masked nibbles (0..15 = code + 8, non-negative as int8). Int4PackedDot returns
+// sum_c qcode[c] * nibble[c]; the logit's sum is that minus 8 * the head's code sum.
+
+// Packs one head's NC codes (floats in shared memory, written by QuantizeHeadWarp) into NC / 4
+// words; called by the whole warp after a __syncwarp.
+template <int NC>
+__device__ __forceinline__ void PackQueryCodesWarp(const float* codes, int* packed) {
+  const int lane = threadIdx.x & 31;
+  for (int i = lane; i < NC / 4; i += 32) {
+    const int w = i / 2, parity = i % 2;
+    uint32_t word = 0u;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int code = static_cast<int>(codes[8 * w + 2 * k + parity]);
+      word |= (static_cast<uint32_t>(code) & 0xffu) << (8 * k);
+    }
+    packed[i] = static_cast<int>(word);
+  }
+}
+
+template <int NC>
+__device__ __forceinline__ int Int4PackedDot(const int* packed, const uint32_t* words) {
+  int acc = 0;
+#pragma unroll
+  for (int w = 0; w < NC / 8; ++w) {
+    acc = __dp4a(static_cast<int>(words[w] & 0x0F0F0F0Fu), packed[2 * w], acc);
+    acc = __dp4a(static_cast<int>((words[w] >> 4) & 0x0F0F0F0Fu), packed[2 * w + 1], acc);
+  }
+  return acc;
+}
+
 // ---- integer token logits on tensor cores -------------------------------------------------
 // The token logit's integer sum (tls_math.h) of 16 heads x 8 candidates per mma.sync
 // m16n8k32: A = the heads' int8 query codes (signed), B = the candidates' INT4 nibbles 0..15

@@ -5,8 +5,8 @@
 // and a top-k kernel with one CTA per row: four dependent launches of a few microseconds each for
 // ~100 KB of token index per row, so the token branch was latency-bound. Here a thread cluster of
 // up to 8 CTAs owns one (sequence, KV head) row, 1-4 candidates per thread.
-//   GQA (TokenScoreSelectKernel, one launch): each thread decodes its INT4 rows once and keeps
-//   the group's logits in shared memory; the per-head softmax max and exact fixed-point sums,
+//   GQA (TokenScoreSelectKernel, one launch): each thread takes its INT4 rows through dp4a
+//   (Int4PackedDot) for every head of the group and keeps the logits in shared memory; the per-head softmax max and exact fixed-point sums,
 //   the radix histograms and the compaction counts cross the cluster through distributed shared
 //   memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
@@ -36,11 +36,10 @@ using tls_detail::CodeFragments;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
-using tls_detail::Int4CodeToFloat;
-using tls_detail::Int4HeadDot;
-using tls_detail::Int4WordToFloats;
+using tls_detail::Int4PackedDot;
 using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
+using tls_detail::PackQueryCodesWarp;
 using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
@@ -63,6 +62,8 @@ constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see C
 template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes (ExpsSelectKernel: inv)
+  int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
+  int qoffset[kFusedMaxGroup];                 // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                // their scales (TlsInt8Scale)
   uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
   uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
@@ -310,7 +311,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   CandidatePositions<ITEMS, true>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, tok);
   // The query codes (a warp per head) after the candidates' two dependent loads (block list,
   // index table) are issued.
-  if (warp < group) QuantizeHeadWarp<NC>(p, b, g, warp, sh.q + warp * NC, &sh.qscale[warp]);
+  if (warp < group) {
+    const int sum = QuantizeHeadWarp<NC>(p, b, g, warp, sh.q + warp * NC, &sh.qscale[warp]);
+    __syncwarp();
+    PackQueryCodesWarp<NC>(sh.q + warp * NC, sh.qpacked + warp * (NC / 4));
+    if (lane == 0) sh.qoffset[warp] = 8 * sum;
+  }
   __syncthreads();
 
   // Logits: TlsTokenLogit of TlsInt4Dot's exact sum, per head.
@@ -342,17 +348,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
       tok_scale = __ldg(p.token_scales + tok[u]);
     }
-    constexpr bool kHoist = NC <= 32;
-    float codes[kHoist ? NC : 1];
-    if (kHoist) {
-#pragma unroll
-      for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
-    }
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
       if (hh < group) {
-        const float acc = Int4HeadDot<NC, kHoist>(sh.q + hh * NC, codes, words);
-        const float logit = valid ? TlsTokenLogit(acc, tok_scale, sh.qscale[hh]) : 0.f;
+        const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), words) - sh.qoffset[hh];
+        const float logit =
+            valid ? TlsTokenLogit(static_cast<float>(dot), tok_scale, sh.qscale[hh]) : 0.f;
         lg[(hh * ITEMS + u) * kFusedThreads + tid] = logit;
         if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit));
       }
