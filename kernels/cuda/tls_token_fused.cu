@@ -4,18 +4,17 @@
 // The separate ops (tls_select.cu) take three scoring passes joined by global atomics, a memset
 // and a top-k kernel with one CTA per row: four dependent launches of a few microseconds each for
 // ~100 KB of token index per row, so the token branch was latency-bound. Here a thread cluster of
-// up to 8 CTAs owns one (sequence, KV head) row, 1-4 candidates per thread.
+// up to 8 CTAs (MLA: 16) owns one (sequence, KV head) row, 1-4 candidates per thread.
 //   GQA (TokenScoreSelectKernel, one launch): each thread takes its INT4 rows through dp4a
-//   (Int4PackedDot) for every head of the group and keeps the logits in shared memory; the per-head softmax max and exact fixed-point sums,
-//   the radix histograms and the compaction counts cross the cluster through distributed shared
-//   memory.
+//   (Int4PackedDot) for every head of the group and keeps the logits in shared memory; the
+//   per-head softmax max and exact fixed-point sums, the radix histograms and the compaction
+//   counts cross the cluster through distributed shared memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums. When the rows fill less than half or more than one wave of clusters,
-//   tls_select.cu's stored path computes the per-head exps
-//   and sums first (TokenExps) and ExpsSelectKernel accumulates alpha from them into the same
-//   top-k (ClusterSelect).
+//   alpha sums. When the rows fill less than half the GPU or more than one wave of clusters,
+//   tls_select.cu's stored path computes the per-head exps and sums first (TokenExps) and
+//   ExpsSelectKernel accumulates alpha from them into the same top-k (ClusterSelect).
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -39,8 +38,8 @@ using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
 using tls_detail::LoadIo;
 using tls_detail::MmaS8U8;
-using tls_detail::PackQueryCodesWarp;
 using tls_detail::NumSms;
+using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
