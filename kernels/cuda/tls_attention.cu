@@ -494,24 +494,16 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace mla
 
+constexpr int kMergeThreads = 128;
 constexpr int kMaxSplits = 256;
-// Merge grid: (batch * query heads, ceil(v_head_dim / kMergeDims)). Each CTA's kMergeParts
-// thread groups sum every kMergeParts-th split of kMergeDims dims with their loads in flight
-// together, then add up in shared memory. (One thread walking every split of its dims in turn
-// was a chain of dependent L2 round trips: 0.3 ms for 256 splits of 16 heads.)
-constexpr int kMergeDims = 64;
-constexpr int kMergeParts = 4;
-constexpr int kMergeThreads = kMergeDims * kMergeParts;
 
-__global__ void __launch_bounds__(kMergeThreads)
-    MergeSplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
-                      const float* ws_ml) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float total[1];
-  __shared__ float part_sum[kMergeParts - 1][kMergeDims];
-  const int64_t qh = blockIdx.x;
+// Warp 0 of a merge CTA of query head qh: each split's weight exp2(m_s - m) into weight[], the
+// total l into *total, and the head's log-sum-exp (by the first CTA of the head); then a barrier.
+__device__ __forceinline__ void SplitWeights(const TlsSparseAttentionParams& p, int num_splits,
+                                             const float* ws_ml, int64_t qh, float* weight,
+                                             float* total) {
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
-  if (threadIdx.x < 32) {  // the splits' weights exp2(m_s - m) and the total l
+  if (threadIdx.x < 32) {
     float m = -INFINITY;
     for (int s = threadIdx.x; s < num_splits; s += 32) m = fmaxf(m, ws_ml[(s * rows + qh) * 2]);
 #pragma unroll
@@ -526,13 +518,55 @@ __global__ void __launch_bounds__(kMergeThreads)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
     if (threadIdx.x == 0) {
-      total[0] = l;
+      *total = l;
       if (p.maybe_lse && blockIdx.y == 0) {
         p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
       }
     }
   }
   __syncthreads();
+}
+
+// The merge of few splits: one block per (sequence, query head), a thread per dim walking the
+// splits in turn.
+__global__ void __launch_bounds__(kMergeThreads)
+    MergeSplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
+                      const float* ws_ml) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total[1];
+  const int64_t qh = blockIdx.x;
+  const int64_t rows = int64_t{p.batch} * p.num_q_heads;
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
+  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
+  for (int d = threadIdx.x; d < p.v_head_dim; d += kMergeThreads) {
+    float o = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      if (weight[s] != 0.f) o += weight[s] * ws_acc[(s * rows + qh) * p.v_head_dim + d];
+    }
+    StoreIo(p.out, p.io_dtype, qh * p.v_head_dim + d, o * inv);
+  }
+}
+
+// The merge of many splits (at least kManySplits), grid (batch * query heads, ceil(v_head_dim /
+// kMergeDims)): each CTA's kMergeParts thread groups sum every kMergeParts-th split of
+// kMergeDims dims with their loads in flight together, then add up in shared memory. With one
+// thread walking every split of its dims in turn (MergeSplitsKernel) 256 splits of 16 heads were
+// a 0.3 ms chain of dependent L2 round trips; with few splits that kernel's fewer, fuller CTAs
+// win (MLA, 128 heads, batch 8: 52 vs 61 us for the attention stage).
+constexpr int kManySplits = 16;
+constexpr int kMergeDims = 64;
+constexpr int kMergeParts = 4;
+constexpr int kManyMergeThreads = kMergeDims * kMergeParts;
+
+__global__ void __launch_bounds__(kManyMergeThreads)
+    MergeManySplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
+                          const float* ws_ml) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total[1];
+  __shared__ float part_sum[kMergeParts - 1][kMergeDims];
+  const int64_t qh = blockIdx.x;
+  const int64_t rows = int64_t{p.batch} * p.num_q_heads;
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   const int col = threadIdx.x % kMergeDims, part = threadIdx.x / kMergeDims;
   const int d = blockIdx.y * kMergeDims + col;
   float o = 0.f;
@@ -610,9 +644,14 @@ cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& pla
   const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
   KERNEL<<<grid, threads, smem, stream>>>(p, plan.split_tokens, plan.num_splits, ws_acc, ws_ml);
   if (plan.num_splits > 1) {
-    const dim3 merge_grid(p.batch * p.num_q_heads, (p.v_head_dim + kMergeDims - 1) / kMergeDims);
-    MergeSplitsKernel<<<merge_grid, kMergeThreads, 0, stream>>>(p, plan.num_splits, ws_acc,
-                                                                 ws_ml);
+    const int rows = p.batch * p.num_q_heads;
+    if (plan.num_splits >= kManySplits) {
+      const dim3 merge_grid(rows, (p.v_head_dim + kMergeDims - 1) / kMergeDims);
+      MergeManySplitsKernel<<<merge_grid, kManyMergeThreads, 0, stream>>>(p, plan.num_splits,
+                                                                           ws_acc, ws_ml);
+    } else {
+      MergeSplitsKernel<<<rows, kMergeThreads, 0, stream>>>(p, plan.num_splits, ws_acc, ws_ml);
+    }
   }
   return cudaGetLastError();
 }
