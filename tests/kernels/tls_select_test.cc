@@ -67,6 +67,50 @@ TEST(TlsBlockScoreTest, EqualsQuestBoundAndBoundsTrueScores) {
   }
 }
 
+// The spec's order (tls_math.h): the group's heads summed in order into qpos / qneg, eight
+// slice chains of head_dim / 8 dims (kmax term, then kmin term, per dim), slices added as the
+// fixed tree. The GPU kernels reproduce exactly this; any other order differs in the last bits.
+TEST(TlsBlockScoreTest, SlicedChainsInTheSpecOrderBitForBit) {
+  testing::Reseed(22);
+  for (const int head_dim : {64, 96, 576}) {
+    const int nq = head_dim == 576 ? 16 : 8, nkv = head_dim == 576 ? 1 : 2;
+    const TlsCase c = MakeTlsCase({200, 700}, nq, nkv, head_dim, 32, DType::kF32);
+    const std::vector<float> scores = BlockScores(c);
+    const int G = c.group(), width = head_dim / kTlsBlockScoreSlices;
+    for (int b = 0; b < c.batch; ++b) {
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        std::vector<float> qpos(head_dim, 0.f), qneg(head_dim, 0.f);
+        for (int h = g * G; h < (g + 1) * G; ++h) {
+          for (int d = 0; d < head_dim; ++d) {
+            const float v = c.q.values[(size_t(b) * c.num_q_heads + h) * head_dim + d];
+            qpos[d] += v > 0.f ? v : 0.f;
+            qneg[d] += v < 0.f ? v : 0.f;
+          }
+        }
+        for (int blk = 0; blk * 64 < c.seq_lens()[b]; ++blk) {
+          const size_t off =
+              (size_t(c.index_table[b * c.max_blocks_per_seq() + blk]) * c.num_kv_heads + g) *
+              head_dim;
+          float slice[kTlsBlockScoreSlices];
+          for (int k = 0; k < kTlsBlockScoreSlices; ++k) {
+            float acc = 0.f;
+            for (int d = k * width; d < (k + 1) * width; ++d) {
+              acc = std::fma(qpos[d], Bf16ToFloat(c.kmax[off + d]), acc);
+              acc = std::fma(qneg[d], Bf16ToFloat(c.kmin[off + d]), acc);
+            }
+            slice[k] = acc;
+          }
+          const float want = ((slice[0] + slice[1]) + (slice[2] + slice[3])) +
+                             ((slice[4] + slice[5]) + (slice[6] + slice[7]));
+          const float got = scores[(size_t(b) * c.num_kv_heads + g) * c.max_blocks_per_seq() + blk];
+          ASSERT_EQ(FloatToBits(got), FloatToBits(want))
+              << "head_dim " << head_dim << " b " << b << " g " << g << " blk " << blk;
+        }
+      }
+    }
+  }
+}
+
 TEST(TlsBlockSelectTest, TopKWithTiesSinkAndOpenBlockExcluded) {
   // One sequence of 10 blocks (len 601: last block 9 is open), 1 kv head.
   const int mbps = 12;
