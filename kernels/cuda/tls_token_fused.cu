@@ -856,9 +856,9 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const size_t smem = MlaDynamicSmem<NC>();
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
-  // A row's cluster computes every logit three times on its own SMs: it wins once the rows
-  // fill at least half the GPU (H200, 128 heads: 112 vs 131 us at 8 rows of 8 CTAs) and loses
-  // below (120 vs ~52 us for one row).
+  // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
+  // least half the GPU and loses below (H200, 128 heads, measured with three passes: 112 vs 131
+  // us at 8 rows of 8 CTAs, 120 vs ~52 us for one row).
   if (split.size == 0 || 2 * rows * split.size < NumSms()) return LaunchExpsSelect(p, sel, stream);
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;

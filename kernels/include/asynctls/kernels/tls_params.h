@@ -54,9 +54,9 @@
 //
 // ---- Determinism (CPU and GPU select the same sets; tests compare them exactly) ---------------
 // Selection scores use only IEEE operations in one defined order on both sides (explicit fma,
-// sequential sums or fixed trees of them, an exp2 built from fma, exact integer sums for token logits and softmax
-// denominators), so the CUDA kernels reproduce the CPU's scores bit for bit; top-k orders by
-// (score desc, id asc) through TlsSelectKey. See tls_math.h.
+// sequential sums or fixed trees of them, an exp2 built from fma, exact integer sums for token
+// logits and softmax denominators), so the CUDA kernels reproduce the CPU's scores bit for bit;
+// top-k orders by (score desc, id asc) through TlsSelectKey. See tls_math.h.
 #pragma once
 
 #include <cstddef>
