@@ -77,15 +77,16 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
   }
 }
 
-// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, from exact float
-// steps (x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23): the parts sum in
-// 32 bits with one redux per warp instead of 64-bit shuffles.
+// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, for e in [0, 1],
+// from four exact float steps: 8 + e rounded toward zero keeps e's whole 2^-20 units (the ulp
+// of [8, 16)), the rest is exact, and 2^-17 + rest rounded toward zero keeps its whole 2^-40
+// units. The parts sum in 32 bits with one redux per warp instead of 64-bit shuffles.
 __device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) {
-  constexpr float kTwo23 = 8388608.f, kTwo20 = 1048576.f;
-  const float h = __fadd_rz(__fmul_rn(e, kTwo20), kTwo23);
-  const float rest = __fmaf_rn(-__fsub_rn(h, kTwo23), kTwo20, __fmul_rn(e, kTlsExpFixedScale));
-  *hi += __float_as_uint(h) - 0x4B000000u;
-  *lo += __float_as_uint(__fadd_rz(rest, kTwo23)) - 0x4B000000u;
+  constexpr float kHiAnchor = 8.f, kLoAnchor = 7.62939453125e-06f;  // 2^-17
+  const float h = __fadd_rz(e, kHiAnchor);
+  const float rest = __fsub_rn(e, __fsub_rn(h, kHiAnchor));
+  *hi += __float_as_uint(h) - 0x41000000u;                             // bits of 8
+  *lo += __float_as_uint(__fadd_rz(rest, kLoAnchor)) - 0x37000000u;    // bits of 2^-17
 }
 
 // Inverse of TlsOrderedBits for non-NaN keys.

@@ -31,7 +31,6 @@ namespace {
 
 namespace cg = cooperative_groups;
 using tls_detail::BlockExclusiveScan;
-using tls_detail::CodeFragments;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
@@ -43,7 +42,6 @@ using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
-using tls_detail::TokenCodeStride;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -641,9 +639,46 @@ struct MlaShared {
   uint8_t valid[kFusedThreads];               // whether each of the CTA's slots is a candidate
 };
 
+// Staged candidate rows, unpacked to one byte per channel (code + 8) in the order the IMMA B
+// fragments read them: word t * NC / 16 + 2 * sl + half of a row is lane t's b0 (half 0) / b1
+// of channel slice sl, so a lane loads all its fragments of a candidate with NC / 64 16-byte
+// loads and no shifts (the INT4 nibbles are unpacked once at staging, not once per 16-head tile
+// and pass). Row strides of 36 words (NC 128) and 16 (NC 64) keep a quarter warp's 16-byte
+// loads (two candidates x four t) on distinct banks.
+template <int NC>
+constexpr int MlaCodeStride() {
+  return NC == 128 ? 36 : 16;
+}
+
 template <int NC>
 constexpr size_t MlaDynamicSmem() {
-  return sizeof(uint32_t) * kFusedThreads * TokenCodeStride<NC>() + sizeof(float) * kFusedThreads;
+  return sizeof(uint32_t) * kFusedThreads * MlaCodeStride<NC>() + sizeof(float) * kFusedThreads;
+}
+
+// One candidate row's INT4 words (channel c in word c / 8, nibble c % 8) to the staged layout.
+template <int NC>
+__device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], uint32_t* row) {
+  constexpr int kPerLane = NC / 16;  // words per t
+  auto w = [&](int i) {
+    const uint4& v = w4[i / 4];
+    return i % 4 == 0 ? v.x : i % 4 == 1 ? v.y : i % 4 == 2 ? v.z : v.w;
+  };
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    uint32_t v[kPerLane];
+#pragma unroll
+    for (int sl = 0; sl < NC / 32; ++sl) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        v[2 * sl + half] = (w(4 * sl + 2 * half + (t >> 1)) >> (4 * (t & 1))) & 0x0f0f0f0fu;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kPerLane / 4; ++q) {
+      reinterpret_cast<uint4*>(row + t * kPerLane)[q] =
+          make_uint4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    }
+  }
 }
 
 template <int NC, int GROUP>
@@ -652,7 +687,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
-  constexpr int kStride = TokenCodeStride<NC>();
+  constexpr int kStride = MlaCodeStride<NC>();
   __shared__ FusedShared<1> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
@@ -685,30 +720,28 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     ms.qsum[tid] = queries.sums[head0 + tid];
   }
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  int32_t pos[1];
+  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
+  ms.valid[tid] = pos[0] >= 0;
+  const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
+  if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
-  {  // Stage this CTA's candidate rows (thread = candidate) and count the valid ones.
+  {  // Stage this CTA's candidate rows (thread = candidate). A slot that is no candidate gets
+     // scale NaN: its logits are NaN, which the max skips and TlsExp2 maps to 0.
     const int32_t block = ms.block[tid / kKvBlockSize];
     uint4 words[NC / 32] = {};
-    float scale = 0.f;
+    float scale = __int_as_float(0x7fc00000);
     if (block >= 0) {
       const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
       const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + tid % kKvBlockSize;
       const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok * (NC / 2));
 #pragma unroll
       for (int w = 0; w < NC / 32; ++w) words[w] = __ldg(src + w);
-      scale = __ldg(p.token_scales + tok);
+      if (pos[0] >= 0) scale = __ldg(p.token_scales + tok);
     }
-#pragma unroll
-    for (int w = 0; w < NC / 32; ++w) {
-      reinterpret_cast<uint4*>(codes_s + tid * kStride)[w] = words[w];
-    }
+    StageUnpackedCodes<NC>(words, codes_s + tid * kStride);
     scale_s[tid] = scale;
   }
-  int32_t pos[1];
-  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
-  ms.valid[tid] = pos[0] >= 0;
-  const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
-  if (lane == 0) sh.part_valid[warp] = valid_warp;
 
   // This warp's 16-head tile and its two heads per lane (C rows lane / 4 and + 8).
   const int mt = warp % kMTiles, slot = warp / kMTiles;
@@ -719,48 +752,43 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
   const float qs0 = ms.qscale[h0], qs1 = ms.qscale[h1];
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
-  // Logits of tile `tile` (candidates 8 tile ..): l[u] head h0 and l[2 + u] head h1 for
-  // candidate 8 tile + 2 t + u; valid[u] whether that candidate is one.
-  auto tile_logits = [&](int tile, float (&l)[4], bool (&valid)[2]) {
-    int acc[4] = {0, 0, 0, 0};
+  // Integer dots of tile `tile` (candidates 8 tile ..): d[u] head h0 and d[2 + u] head h1 for
+  // candidate 8 tile + 2 t + u. The accumulators start at minus the query's code offset, so the
+  // IMMA yields sum_c qcode[c] * code[c] directly.
+  auto tile_dots = [&](int tile, int (&d)[4]) {
+    d[0] = d[1] = -off0;
+    d[2] = d[3] = -off1;
+    const uint4* frag = reinterpret_cast<const uint4*>(codes_s + (8 * tile + r) * kStride) +
+                        t * (NC / 64);
 #pragma unroll
-    for (int sl = 0; sl < NC / 32; ++sl) {
-      uint32_t b0, b1;
-      CodeFragments(codes_s + (8 * tile + r) * kStride, sl, lane, &b0, &b1);
-      MmaS8U8(acc, a[sl], b0, b1);
-    }
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int c = 8 * tile + 2 * t + u;
-      valid[u] = ms.valid[c];
-      const float ks = scale_s[c];
-      l[u] = TlsTokenLogit(static_cast<float>(acc[u] - off0), ks, qs0);
-      l[2 + u] = TlsTokenLogit(static_cast<float>(acc[2 + u] - off1), ks, qs1);
+    for (int q = 0; q < NC / 64; ++q) {
+      const uint4 f = frag[q];
+      MmaS8U8(d, a[2 * q], f.x, f.y);
+      MmaS8U8(d, a[2 * q + 1], f.z, f.w);
     }
   };
 
-  // (1) Per-head max.
-  uint32_t m0 = 0u, m1 = 0u;
+  // (1) Per-head max. The query scale is positive and rounding is monotone, so the max of
+  // dot * token scale times the query scale is the max logit (one multiply per head, not per
+  // candidate).
+  float m0 = -INFINITY, m1 = -INFINITY;
   for (int tile = slot; tile < tiles; tile += kSlots) {
-    float l[4];
-    bool valid[2];
-    tile_logits(tile, l, valid);
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      if (valid[u]) {
-        m0 = max(m0, TlsOrderedBits(l[u]));
-        m1 = max(m1, TlsOrderedBits(l[2 + u]));
-      }
-    }
+    int d[4];
+    tile_dots(tile, d);
+    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
+    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
+                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
+    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
+                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
   }
 #pragma unroll
   for (int o = 1; o <= 2; o <<= 1) {
-    m0 = max(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = max(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
   }
-  if (t == 0) {
-    if (m0 != 0u) atomicMax(&ms.max_bits[h0], m0);
-    if (m1 != 0u) atomicMax(&ms.max_bits[h1], m1);
+  if (t == 0) {  // -inf: no candidate in these lanes (ordered bits 0 mean none)
+    if (m0 > -INFINITY) atomicMax(&ms.max_bits[h0], TlsOrderedBits(TlsMul(m0, qs0)));
+    if (m1 > -INFINITY) atomicMax(&ms.max_bits[h1], TlsOrderedBits(TlsMul(m1, qs1)));
   }
   cluster.sync();
   if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
@@ -775,24 +803,33 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const float exp_scale = p.scale * kTlsLog2E;
   const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
-  float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates;
-  float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates;
+  float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
+  float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
+  const uint16_t* const valid_pairs = reinterpret_cast<const uint16_t*>(ms.valid) + t;
   uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
   for (int tile = slot; tile < tiles; tile += kSlots) {
-    float l[4];
-    bool valid[2];
-    tile_logits(tile, l, valid);
+    int d[4];
+    tile_dots(tile, d);
+    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
+    const uint32_t valid = valid_pairs[4 * tile];  // candidates 8 tile + 2 t (+ 1), a byte each
+    float e[4];
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const float e0 = valid[u] ? TlsExp2((l[u] - max0) * exp_scale) : 0.f;
-      const float e1 = valid[u] ? TlsExp2((l[2 + u] - max1) * exp_scale) : 0.f;
-      FixedParts(e0, &hi0, &lo0);
-      FixedParts(e1, &hi1, &lo1);
-      if (valid[u]) {  // a candidate lies inside its row's max_candidates
-        const int c = 8 * tile + 2 * t + u;
-        exps0[c] = e0;
-        exps1[c] = e1;
-      }
+      const float k = u == 0 ? ks.x : ks.y;
+      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
+      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
+      FixedParts(e[u], &hi0, &lo0);
+      FixedParts(e[2 + u], &hi1, &lo1);
+    }
+    // Slots past the row's candidates may lie past its scratch row: only candidates store.
+    const int c = 8 * tile;
+    if (valid & 0xffu) {
+      exps0[c] = e[0];
+      exps1[c] = e[2];
+    }
+    if (valid & 0xff00u) {
+      exps0[c + 1] = e[1];
+      exps1[c + 1] = e[3];
     }
   }
 #pragma unroll
@@ -818,7 +855,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     const float* e = cta_exps + tid;
 #pragma unroll 16
     for (int hh = 0; hh < GROUP; ++hh) {
-      alpha = TlsFma(e[int64_t{hh} * p.max_candidates], ms.inv[hh], alpha);
+      alpha = TlsFma(e[hh * p.max_candidates], ms.inv[hh], alpha);
     }
   }
   uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};

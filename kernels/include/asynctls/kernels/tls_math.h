@@ -76,12 +76,16 @@ ASYNCTLS_HD float TlsRint(float x) {
 }
 
 // 2^x for x <= 0 (selection only needs x in [-inf, 0]); relative error below 2e-7. Returns 0
-// below 2^-126 and for -inf / NaN.
+// below 2^-126 and for -inf / NaN. Branch-free and without float-to-int conversions, because the
+// token kernels spend most of their instructions here (one call per candidate and query head):
+// adding 1.5 * 2^23 rounds x to the nearest integer n (ties to even) in t's low mantissa bits,
+// and t's bits shifted into the exponent field give 2^n.
 ASYNCTLS_HD float TlsExp2(float x) {
-  if (!(x >= -126.f)) return 0.f;
-  if (x > 0.f) x = 0.f;
-  const float n = TlsFloor(x + 0.5f);  // x = n + r, r in [-0.5, 0.5]
-  const float r = x - n;               // exact (Sterbenz)
+  constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
+  const bool underflow = !(x >= -126.f);      // also -inf and NaN
+  const float xc = underflow ? -126.f : (x > 0.f ? 0.f : x);
+  const float t = TlsAdd(xc, kRoundMagic);
+  const float r = TlsAdd(xc, -TlsAdd(t, -kRoundMagic));  // x = n + r, r in [-0.5, 0.5], exact
   // 2^r = e^(r ln2): Taylor coefficients ln2^k / k!, k = 0..7 (error < 3e-9 on [-0.5, 0.5]).
   float p = 1.5252733804059840e-05f;
   p = TlsFma(p, r, 1.5403530393381609e-04f);
@@ -91,8 +95,11 @@ ASYNCTLS_HD float TlsExp2(float x) {
   p = TlsFma(p, r, 2.4022650695910071e-01f);
   p = TlsFma(p, r, 6.9314718055994531e-01f);
   p = TlsFma(p, r, 1.0f);
-  const int e = static_cast<int>(n) + 127;  // n in [-126, 0]
-  return TlsMul(p, BitsToFloat(static_cast<uint32_t>(e) << 23));
+  // t's bits are those of 1.5 * 2^23 plus n; shifted left by 23 only n << 23 remains (mod 2^32),
+  // and + 127 << 23 makes the biased exponent of 2^n (n in [-126, 0]: a normal number).
+  const float scale = BitsToFloat((FloatToBits(t) << 23) + 0x3F800000u);
+  const float v = TlsMul(p, scale);
+  return underflow ? 0.f : v;
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
