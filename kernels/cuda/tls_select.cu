@@ -405,9 +405,8 @@ struct LogitTile {
   static constexpr int kWarpN = 8 / (4 / kMGroups);                 // 8-candidate tiles per warp
   static constexpr int kSlabs = NC / 32;                            // k steps of 32 channels
   static constexpr int kCodeStride = TokenCodeStride<NC>();
-  static constexpr size_t kSmem =
-      sizeof(float) * (size_t(GROUP) * NC + kLogitCands + GROUP) +
-      sizeof(int) * GROUP + sizeof(uint32_t) * kLogitCands * kCodeStride;
+  static constexpr size_t kSmem = sizeof(float) * (kLogitCands + GROUP) + sizeof(int) * GROUP +
+                                  sizeof(uint32_t) * kLogitCands * kCodeStride;
 };
 
 template <int NC, int GROUP>
@@ -415,8 +414,7 @@ __global__ void __launch_bounds__(kLogitThreads)
     TokenLogitsKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   using Tile = LogitTile<NC, GROUP>;
   extern __shared__ float logit_smem[];
-  float* q_s = logit_smem;                    // [GROUP][NC] query codes (as floats)
-  float* scale_s = q_s + GROUP * NC;          // [64] token scales of the block
+  float* scale_s = logit_smem;                // [64] token scales of the block
   float* qscale_s = scale_s + kLogitCands;    // [GROUP]
   int* qsum_s = reinterpret_cast<int*>(qscale_s + GROUP);                // [GROUP]
   uint32_t* codes_s = reinterpret_cast<uint32_t*>(qsum_s + GROUP);       // [64][kCodeStride]
@@ -429,7 +427,6 @@ __global__ void __launch_bounds__(kLogitThreads)
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
   const int64_t stat = int64_t{bg} * GROUP;
-  for (int e = tid; e < GROUP * NC; e += kLogitThreads) q_s[e] = stats.qcode[stat * NC + e];
   for (int hh = tid; hh < GROUP; hh += kLogitThreads) {
     qscale_s[hh] = stats.qscale[stat + hh];
     qsum_s[hh] = stats.qsum[stat + hh];
@@ -438,10 +435,12 @@ __global__ void __launch_bounds__(kLogitThreads)
 
   const int r = lane >> 2, t = lane & 3;
   const int mg = warp % Tile::kMGroups, ng = warp / Tile::kMGroups;
+  // The query fragments straight from global memory: unrolled, all loads in flight (a loop
+  // staging the group's codes in shared memory first was a chain of L2 round trips).
   uint32_t a[Tile::kWarpM][Tile::kSlabs][4];
 #pragma unroll
   for (int mi = 0; mi < Tile::kWarpM; ++mi) {
-    QueryFragments<NC>(q_s + 16 * (mg * Tile::kWarpM + mi) * NC, lane, a[mi]);
+    QueryFragments<NC>(stats.qcode + (stat + 16 * (mg * Tile::kWarpM + mi)) * NC, lane, a[mi]);
   }
   uint32_t head_max[Tile::kWarpM][2] = {};
   for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
@@ -586,36 +585,52 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
   }
   const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f;
-  for (int hh = sub; hh < group; hh += HS) {
-    // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
-    float* stored = STORED ? logits + (int64_t{bg} * group + hh) * p.max_candidates + j : nullptr;
-    float logit = 0.f;
-    if (STORED) {
-      if (valid) logit = *stored;
-    } else {
-      const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
-      logit = valid ? TlsTokenLogit(acc, tok_scale, qscale_s[hh]) : 0.f;
+  // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
+  // Each is an L2 round trip, so a chunk of heads' loads go out together before the math (a
+  // plain loop waited for each in turn: the stored passes were latency-bound).
+  constexpr int kChunk = STORED ? 4 : 1;
+  for (int hh0 = sub; hh0 < group; hh0 += kChunk * HS) {
+    float pre[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const int hh = hh0 + k * HS;
+      pre[k] = STORED && valid && hh < group
+                   ? logits[(int64_t{bg} * group + hh) * p.max_candidates + j]
+                   : 0.f;
     }
-    if (PASS == 0) {
-      const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
-      const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
-      if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
-    } else {
-      const float e = !valid                    ? 0.f
-                      : STORED && PASS == 2 ? logit
-                                            : TlsExp2((logit - max_s[hh]) * exp_scale);
-      if (STORED && PASS == 1 && valid) *stored = e;
-      if (PASS == 1) {
-        uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)
-        FixedParts(e, &hi, &lo);
-        const unsigned long long fixed =
-            (static_cast<unsigned long long>(__reduce_add_sync(0xffffffffu, hi)) << 20) +
-            __reduce_add_sync(0xffffffffu, lo);
-        if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
-      } else if (HS == 1) {
-        alpha = TlsFma(e, inv_s[hh], alpha);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const int hh = hh0 + k * HS;
+      if (hh >= group) break;
+      float* stored = STORED ? logits + (int64_t{bg} * group + hh) * p.max_candidates + j : nullptr;
+      float logit = 0.f;
+      if (STORED) {
+        logit = pre[k];
       } else {
-        e_s[local * (group + 1) + hh] = e;  // padded row: the serial reads below hit 32 banks
+        const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
+        logit = valid ? TlsTokenLogit(acc, tok_scale, qscale_s[hh]) : 0.f;
+      }
+      if (PASS == 0) {
+        const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
+        const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
+        if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
+      } else {
+        const float e = !valid                ? 0.f
+                        : STORED && PASS == 2 ? logit
+                                              : TlsExp2((logit - max_s[hh]) * exp_scale);
+        if (STORED && PASS == 1 && valid) *stored = e;
+        if (PASS == 1) {
+          uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)
+          FixedParts(e, &hi, &lo);
+          const unsigned long long fixed =
+              (static_cast<unsigned long long>(__reduce_add_sync(0xffffffffu, hi)) << 20) +
+              __reduce_add_sync(0xffffffffu, lo);
+          if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
+        } else if (HS == 1) {
+          alpha = TlsFma(e, inv_s[hh], alpha);
+        } else {
+          e_s[local * (group + 1) + hh] = e;  // padded row: the serial reads below hit 32 banks
+        }
       }
     }
   }
