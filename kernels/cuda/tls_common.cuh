@@ -243,26 +243,39 @@ __device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragments of a 16-head tile for every 32-channel slab: `codes` holds the tile's int8 query
+// A fragments of a 16-head tile for 32-channel slab `sl`: `codes` holds the tile's int8 query
 // codes as floats, head stride NC (a0: row lane / 4, k 4 (lane % 4) ..; a1: row + 8; a2, a3:
 // the same at k + 16).
 template <int NC>
-__device__ __forceinline__ void QueryFragments(const float* codes, int lane,
-                                               uint32_t (&a)[NC / 32][4]) {
+__device__ __forceinline__ void QueryFragmentSlice(const float* codes, int sl, int lane,
+                                                   uint32_t (&a)[4]) {
   const int r = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int sl = 0; sl < NC / 32; ++sl) {
+  for (int reg = 0; reg < 4; ++reg) {
+    const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, nibble half (k % 8) / 4
+    const float* q = codes + (r + 8 * (reg & 1)) * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
+    uint32_t packed = 0u;
 #pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {
-      const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, nibble half (k % 8) / 4
-      const float* q = codes + (r + 8 * (reg & 1)) * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
-      uint32_t packed = 0u;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        packed |= (static_cast<uint32_t>(static_cast<int>(q[2 * i])) & 0xffu) << (8 * i);
-      }
-      a[sl][reg] = packed;
+    for (int i = 0; i < 4; ++i) {
+      packed |= (static_cast<uint32_t>(static_cast<int>(q[2 * i])) & 0xffu) << (8 * i);
     }
+    a[reg] = packed;
+  }
+}
+
+// The fragments of every slab, prepacked by QuantizeQueryKernel (groups of 16s): tile `tile` (16
+// consecutive heads of the workspace) as [tile][slab][lane] uint4, one 16-byte load per slab.
+template <int NC>
+__device__ __forceinline__ void LoadQueryFragments(const uint32_t* frags, int64_t tile, int lane,
+                                                   uint32_t (&a)[NC / 32][4]) {
+  const uint4* src = reinterpret_cast<const uint4*>(frags) + tile * (NC / 32) * 32 + lane;
+#pragma unroll
+  for (int sl = 0; sl < NC / 32; ++sl) {
+    const uint4 v = src[sl * 32];
+    a[sl][0] = v.x;
+    a[sl][1] = v.y;
+    a[sl][2] = v.z;
+    a[sl][3] = v.w;
   }
 }
 
@@ -475,11 +488,13 @@ cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream);
 float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
 const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p);  // [row, head]
 // Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
-// the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums.
+// the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums, and
+// for groups of 16s the IMMA A fragments of each 16-head tile.
 struct TokenQueries {
   const float* codes;
   const float* scales;
   const int* sums;
+  const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
 };
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);

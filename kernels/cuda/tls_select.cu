@@ -22,9 +22,10 @@ using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
 using tls_detail::LoadIo;
+using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::QueryFragments;
+using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
@@ -299,6 +300,7 @@ struct TokenStats {
   float* qcode;   // [batch * num_kv_heads * group, num_channels] int8 codes as floats
   float* qscale;  // [batch * num_kv_heads * group]
   int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
+  uint32_t* qfrag;  // groups of 16s: IMMA A fragments per 16-head tile (LoadQueryFragments)
 };
 
 // Rows x heads.
@@ -310,7 +312,7 @@ size_t TokenStatsCount(const TlsTokenScoreParams& p) {
 // Byte offsets in the workspace: exp sums and max bits (the zeroed counters), then the query
 // codes, scales and code sums; `bytes` the total.
 struct TokenStatsLayout {
-  size_t max_bits, qcode, qscale, qsum, bytes;
+  size_t max_bits, qcode, qscale, qsum, qfrag, bytes;
 };
 
 TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
@@ -320,7 +322,8 @@ TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
   l.qcode = l.max_bits + AlignUp(n * 4, 256);
   l.qscale = l.qcode + AlignUp(n * std::max(0, p.num_channels) * 4, 256);
   l.qsum = l.qscale + AlignUp(n * 4, 256);
-  l.bytes = l.qsum + AlignUp(n * 4, 256);
+  l.qfrag = l.qsum + AlignUp(n * 4, 256);
+  l.bytes = l.qfrag + AlignUp(n * std::max(0, p.num_channels), 256);  // one byte per code
   return l;
 }
 
@@ -335,33 +338,51 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   s.qcode = reinterpret_cast<float*>(base + l.qcode);
   s.qscale = reinterpret_cast<float*>(base + l.qscale);
   s.qsum = reinterpret_cast<int*>(base + l.qsum);
+  s.qfrag = reinterpret_cast<uint32_t*>(base + l.qfrag);
   return s;
 }
 
 // Token scoring's query side (tls_math.h), once per row before the passes: the group's int8
-// query codes on the row's channel set, their scales and code sums. A warp per head, grid
-// (rows, group / 4): a row's heads quantize side by side.
+// query codes on the row's channel set, their scales and code sums. A warp per head, blockDim
+// / 32 heads per CTA, grid (rows, group / heads): a row's heads quantize side by side. For
+// groups of 16s a CTA holds 16 heads and also packs their IMMA A fragments (qfrag), so the
+// tensor-core kernels load them with one 16-byte load per slice instead of 4 * NC / 8 scalar
+// loads per lane.
 constexpr int kQuantizeHeads = kTokenThreads / 32;
+constexpr int kQuantizeTileHeads = 16;
 
 template <int NC>
-__global__ void __launch_bounds__(kTokenThreads)
+__global__ void __launch_bounds__(kQuantizeTileHeads * 32)
     QuantizeQueryKernel(TlsTokenScoreParams p, TokenStats stats) {
   const int bg = blockIdx.x;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int hh = blockIdx.y * kQuantizeHeads + threadIdx.x / 32;
-  if (hh >= group) return;
+  const int heads = static_cast<int>(blockDim.x) / 32;
+  const int hh = blockIdx.y * heads + threadIdx.x / 32;
   const int64_t head = int64_t{bg} * group + hh;
-  const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
-                                       stats.qcode + head * NC, stats.qscale + head);
-  if ((threadIdx.x & 31) == 0) stats.qsum[head] = sum;
+  if (hh < group) {
+    const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
+                                         stats.qcode + head * NC, stats.qscale + head);
+    if ((threadIdx.x & 31) == 0) stats.qsum[head] = sum;
+  }
+  if (heads != kQuantizeTileHeads) return;
+  __syncthreads();  // the tile's codes (global, written by this CTA) are complete
+  const int sl = threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (sl < NC / 32) {
+    const int64_t tile = (int64_t{bg} * group + blockIdx.y * heads) / kQuantizeTileHeads;
+    uint32_t a[4];
+    QueryFragmentSlice<NC>(stats.qcode + tile * kQuantizeTileHeads * NC, sl, lane, a);
+    reinterpret_cast<uint4*>(stats.qfrag)[(tile * (NC / 32) + sl) * 32 + lane] =
+        make_uint4(a[0], a[1], a[2], a[3]);
+  }
 }
 
 template <int NC>
 cudaError_t LaunchQuantizeQueries(const TlsTokenScoreParams& p, TokenStats stats,
                                   cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const dim3 grid(p.batch * p.num_kv_heads, (group + kQuantizeHeads - 1) / kQuantizeHeads);
-  QuantizeQueryKernel<NC><<<grid, kTokenThreads, 0, stream>>>(p, stats);
+  const int heads = group % kQuantizeTileHeads == 0 ? kQuantizeTileHeads : kQuantizeHeads;
+  const dim3 grid(p.batch * p.num_kv_heads, (group + heads - 1) / heads);
+  QuantizeQueryKernel<NC><<<grid, heads * 32, 0, stream>>>(p, stats);
   return cudaGetLastError();
 }
 
@@ -435,12 +456,12 @@ __global__ void __launch_bounds__(kLogitThreads)
 
   const int r = lane >> 2, t = lane & 3;
   const int mg = warp % Tile::kMGroups, ng = warp / Tile::kMGroups;
-  // The query fragments straight from global memory: unrolled, all loads in flight (a loop
-  // staging the group's codes in shared memory first was a chain of L2 round trips).
+  // The query fragments, prepacked by QuantizeQueryKernel (a loop staging the group's codes in
+  // shared memory first was a chain of L2 round trips).
   uint32_t a[Tile::kWarpM][Tile::kSlabs][4];
 #pragma unroll
   for (int mi = 0; mi < Tile::kWarpM; ++mi) {
-    QueryFragments<NC>(stats.qcode + (stat + 16 * (mg * Tile::kWarpM + mi)) * NC, lane, a[mi]);
+    LoadQueryFragments<NC>(stats.qfrag, (stat + 16 * (mg * Tile::kWarpM + mi)) / 16, lane, a[mi]);
   }
   uint32_t head_max[Tile::kWarpM][2] = {};
   for (int i = blockIdx.x; i < num_listed; i += gridDim.x) {
@@ -855,7 +876,7 @@ cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stre
 
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p) {
   const TokenStats s = TokenStatsIn(p.workspace, p);
-  return {s.qcode, s.qscale, s.qsum};
+  return {s.qcode, s.qscale, s.qsum, s.qfrag};
 }
 
 }  // namespace tls_detail

@@ -36,11 +36,11 @@ using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
 using tls_detail::LoadIo;
+using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::QueryFragments;
 using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
 
@@ -636,7 +636,6 @@ struct MlaShared {
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaBlocks];                  // the CTA's list entries (-1: none)
-  uint8_t valid[kFusedThreads];               // whether each of the CTA's slots is a candidate
 };
 
 // Staged candidate rows, unpacked to one byte per channel (code + 8) in the order the IMMA B
@@ -722,7 +721,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[1];
   CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
-  ms.valid[tid] = pos[0] >= 0;
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
@@ -748,7 +746,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int r = lane >> 2, t = lane & 3;
   const int h0 = 16 * mt + r, h1 = h0 + 8;
   uint32_t a[NC / 32][4];
-  QueryFragments<NC>(queries.codes + (head0 + 16 * mt) * NC, lane, a);
+  LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
   __syncthreads();
   const float qs0 = ms.qscale[h0], qs1 = ms.qscale[h1];
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
@@ -805,13 +803,15 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
-  const uint16_t* const valid_pairs = reinterpret_cast<const uint16_t*>(ms.valid) + t;
+  // Slots at or past store_end lie past the row's scratch; the others store (0 when no
+  // candidate; pass 3 reads candidates only).
+  const int store_end = p.max_candidates - rank * span - 2 * t;
   uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
+#pragma unroll 2
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
     tile_dots(tile, d);
     const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
-    const uint32_t valid = valid_pairs[4 * tile];  // candidates 8 tile + 2 t (+ 1), a byte each
     float e[4];
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
@@ -821,13 +821,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       FixedParts(e[u], &hi0, &lo0);
       FixedParts(e[2 + u], &hi1, &lo1);
     }
-    // Slots past the row's candidates may lie past its scratch row: only candidates store.
     const int c = 8 * tile;
-    if (valid & 0xffu) {
+    if (c < store_end) {
       exps0[c] = e[0];
       exps1[c] = e[2];
     }
-    if (valid & 0xff00u) {
+    if (c + 1 < store_end) {
       exps0[c + 1] = e[1];
       exps1[c + 1] = e[3];
     }
