@@ -89,6 +89,25 @@ __device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) 
   *lo += __float_as_uint(__fadd_rz(rest, kLoAnchor)) - 0x37000000u;    // bits of 2^-17
 }
 
+// A candidate's alpha from its per-head exps e[hh * stride] and inv[hh] (tls_math.h order:
+// kTlsAlphaHeadTile-head fma chains added in tile order). GROUP > 0: the group size at compile
+// time (fully unrolled tiles); 0: `group` at run time.
+template <int GROUP = 0>
+__device__ __forceinline__ float AlphaFromExps(const float* e, int64_t stride, const float* inv,
+                                               int group = GROUP) {
+  float alpha = 0.f;
+  for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
+    const int h1 = min(group, h0 + kTlsAlphaHeadTile);
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTlsAlphaHeadTile; ++i) {
+      if (GROUP > 0 || h0 + i < h1) part = TlsFma(e[(h0 + i) * stride], inv[h0 + i], part);
+    }
+    alpha = h0 == 0 ? part : TlsAdd(alpha, part);
+  }
+  return alpha;
+}
+
 // Inverse of TlsOrderedBits for non-NaN keys.
 __device__ __forceinline__ float FromOrderedBits(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
@@ -478,15 +497,11 @@ inline int NumSms() {
   return sms > 0 ? sms : 132;
 }
 
-// ---- stored token exps (tls_select.cu), read by the cluster top-k of tls_token_fused.cu ------
+// ---- stored token logits / exps (tls_select.cu's scratch, also tls_token_fused.cu's) --------
 // Shapes whose token scoring stores per-head logits (channel sets of 64+, groups of 16, 32, 64
 // or 128, rows up to 16,384 candidates: MLA).
 bool UseStoredLogits(const TlsTokenScoreParams& p);
-// Zeroes the statistics, then the logits kernel and pass 1: every valid candidate's per-head
-// exp in StoredExps (p.workspace) and the per-head fixed-point exp sums in TokenExpSums.
-cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream);
-float* StoredExps(const TlsTokenScoreParams& p);                // [row, head, candidate]
-const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p);  // [row, head]
+float* StoredExps(const TlsTokenScoreParams& p);  // [row, head, candidate] in p.workspace
 // Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
 // the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums, and
 // for groups of 16s the IMMA A fragments of each 16-head tile.
@@ -495,6 +510,7 @@ struct TokenQueries {
   const float* scales;
   const int* sums;
   const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
+  int* row_done;          // per row, zeroed: head tiles done (MlaTileSelectKernel's last-arriver)
 };
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);

@@ -11,6 +11,7 @@ namespace asynctls::kernels::cuda {
 namespace {
 
 using tls_detail::AlignUp;
+using tls_detail::AlphaFromExps;
 using tls_detail::Bf16BitsToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
@@ -301,6 +302,7 @@ struct TokenStats {
   float* qscale;  // [batch * num_kv_heads * group]
   int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
   uint32_t* qfrag;  // groups of 16s: IMMA A fragments per 16-head tile (LoadQueryFragments)
+  int* row_done;    // [batch * num_kv_heads] head tiles finished (MlaTileSelectKernel)
 };
 
 // Rows x heads.
@@ -312,7 +314,7 @@ size_t TokenStatsCount(const TlsTokenScoreParams& p) {
 // Byte offsets in the workspace: exp sums and max bits (the zeroed counters), then the query
 // codes, scales and code sums; `bytes` the total.
 struct TokenStatsLayout {
-  size_t max_bits, qcode, qscale, qsum, qfrag, bytes;
+  size_t max_bits, qcode, qscale, qsum, qfrag, row_done, bytes;
 };
 
 TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
@@ -323,7 +325,8 @@ TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
   l.qscale = l.qcode + AlignUp(n * std::max(0, p.num_channels) * 4, 256);
   l.qsum = l.qscale + AlignUp(n * 4, 256);
   l.qfrag = l.qsum + AlignUp(n * 4, 256);
-  l.bytes = l.qfrag + AlignUp(n * std::max(0, p.num_channels), 256);  // one byte per code
+  l.row_done = l.qfrag + AlignUp(n * std::max(0, p.num_channels), 256);  // a byte per code
+  l.bytes = l.row_done + AlignUp(size_t(p.batch) * std::max(0, p.num_kv_heads) * 4, 256);
   return l;
 }
 
@@ -339,6 +342,7 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   s.qscale = reinterpret_cast<float*>(base + l.qscale);
   s.qsum = reinterpret_cast<int*>(base + l.qsum);
   s.qfrag = reinterpret_cast<uint32_t*>(base + l.qfrag);
+  s.row_done = reinterpret_cast<int*>(base + l.row_done);
   return s;
 }
 
@@ -359,6 +363,7 @@ __global__ void __launch_bounds__(kQuantizeTileHeads * 32)
   const int heads = static_cast<int>(blockDim.x) / 32;
   const int hh = blockIdx.y * heads + threadIdx.x / 32;
   const int64_t head = int64_t{bg} * group + hh;
+  if (blockIdx.y == 0 && threadIdx.x == 0) stats.row_done[bg] = 0;  // before the token kernel
   if (hh < group) {
     const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
                                          stats.qcode + head * NC, stats.qscale + head);
@@ -605,7 +610,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
   }
   const float exp_scale = p.scale * kTlsLog2E;
-  float alpha = 0.f;
+  float alpha = 0.f, part = 0.f;
   // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
   // Each is an L2 round trip, so a chunk of heads' loads go out together before the math (a
   // plain loop waited for each in turn: the stored passes were latency-bound).
@@ -647,8 +652,12 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
               (static_cast<unsigned long long>(__reduce_add_sync(0xffffffffu, hi)) << 20) +
               __reduce_add_sync(0xffffffffu, lo);
           if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
-        } else if (HS == 1) {
-          alpha = TlsFma(e, inv_s[hh], alpha);
+        } else if (HS == 1) {  // heads in order: close each kTlsAlphaHeadTile-head chain
+          part = TlsFma(e, inv_s[hh], part);
+          if (hh % kTlsAlphaHeadTile == kTlsAlphaHeadTile - 1 || hh == group - 1) {
+            alpha = hh < kTlsAlphaHeadTile ? part : TlsAdd(alpha, part);
+            part = 0.f;
+          }
         } else {
           e_s[local * (group + 1) + hh] = e;  // padded row: the serial reads below hit 32 banks
         }
@@ -659,18 +668,15 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     if (HS > 1) {
       __syncthreads();
       if (sub != 0) return;
-      for (int hh = 0; hh < group; ++hh) {
-        alpha = TlsFma(e_s[local * (group + 1) + hh], inv_s[hh], alpha);
-      }
+      alpha = AlphaFromExps(e_s + local * (group + 1), 1, inv_s, group);
     }
     if (valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
   }
 }
 
-// with_alpha false: stop after pass 1 (the stored path's exps and sums, for the cluster top-k).
 template <int NC, int HS, bool STORED>
 cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stats,
-                                   float* logits, cudaStream_t stream, bool with_alpha = true) {
+                                   float* logits, cudaStream_t stream) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const size_t smem = (size_t(STORED ? 0 : group) * NC + 3 * group) * sizeof(float);
@@ -684,9 +690,7 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
     TokenScoreKernel<NC, 0, HS, false><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
   }
   TokenScoreKernel<NC, 1, HS, STORED><<<grid, Tile::kThreads, smem, stream>>>(p, stats, logits);
-  if (with_alpha) {
-    TokenScoreKernel<NC, 2, HS, STORED><<<grid, Tile::kThreads, smem2, stream>>>(p, stats, logits);
-  }
+  TokenScoreKernel<NC, 2, HS, STORED><<<grid, Tile::kThreads, smem2, stream>>>(p, stats, logits);
   return cudaGetLastError();
 }
 
@@ -734,14 +738,6 @@ cudaError_t LaunchTokenLogitsForGroup(const TlsTokenScoreParams& p, TokenStats s
     default:
       return LaunchTokenLogits<NC, 128>(p, stats, logits, stream);
   }
-}
-
-template <int NC>
-cudaError_t LaunchTokenScorePass1Stored(const TlsTokenScoreParams& p, TokenStats stats,
-                                        float* logits, cudaStream_t stream) {
-  return p.num_q_heads / p.num_kv_heads >= 32
-             ? LaunchTokenScorePasses<NC, kTokenHeadSplit, true>(p, stats, logits, stream, false)
-             : LaunchTokenScorePasses<NC, 1, true>(p, stats, logits, stream, false);
 }
 
 template <int NC>
@@ -837,25 +833,7 @@ bool UseStoredLogits(const TlsTokenScoreParams& p) {
          p.max_candidates <= kStoredMaxCandidates;
 }
 
-cudaError_t TokenExps(const TlsTokenScoreParams& p, cudaStream_t stream) {
-  if (!UseStoredLogits(p) || !p.workspace) return cudaErrorInvalidValue;
-  TokenStats stats;
-  cudaError_t err = p.num_channels == 64 ? PrepareTokenStats<64>(p, &stats, stream)
-                                         : PrepareTokenStats<128>(p, &stats, stream);
-  if (err != cudaSuccess) return err;
-  float* exps = StoredLogitsIn(p.workspace, p);
-  err = p.num_channels == 64 ? LaunchTokenLogitsForGroup<64>(p, stats, exps, stream)
-                             : LaunchTokenLogitsForGroup<128>(p, stats, exps, stream);
-  if (err != cudaSuccess) return err;
-  return p.num_channels == 64 ? LaunchTokenScorePass1Stored<64>(p, stats, exps, stream)
-                              : LaunchTokenScorePass1Stored<128>(p, stats, exps, stream);
-}
-
 float* StoredExps(const TlsTokenScoreParams& p) { return StoredLogitsIn(p.workspace, p); }
-
-const unsigned long long* TokenExpSums(const TlsTokenScoreParams& p) {
-  return TokenStatsIn(p.workspace, p).exp_sum;
-}
 
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream) {
   if (!p.workspace) return cudaErrorInvalidValue;
@@ -876,7 +854,7 @@ cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stre
 
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p) {
   const TokenStats s = TokenStatsIn(p.workspace, p);
-  return {s.qcode, s.qscale, s.qsum, s.qfrag};
+  return {s.qcode, s.qscale, s.qsum, s.qfrag, s.row_done};
 }
 
 }  // namespace tls_detail

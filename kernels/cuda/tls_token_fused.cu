@@ -13,8 +13,8 @@
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
 //   alpha sums. When the rows fill less than half the GPU or more than one wave of clusters,
-//   tls_select.cu's stored path computes the per-head exps and sums first (TokenExps) and
-//   ExpsSelectKernel accumulates alpha from them into the same top-k (ClusterSelect).
+//   MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead: the row's last
+//   cluster to finish adds the tiles' partial alpha chains and runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -30,6 +30,7 @@ namespace asynctls::kernels::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+using tls_detail::AlphaFromExps;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
@@ -58,7 +59,7 @@ constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see C
 
 template <int ITEMS>
 struct FusedShared {
-  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes (ExpsSelectKernel: inv)
+  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes
   int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
   int qoffset[kFusedMaxGroup];                 // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                // their scales (TlsInt8Scale)
@@ -534,86 +535,6 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   return LaunchForItems<NC, kFusedMaxGroup>(p, sel, stream);
 }
 
-// The stored path's top-k (MLA's groups of 16-128 heads on 128 channels): TokenExps leaves
-// every candidate's per-head exp and the per-head sums; here alpha accumulates the heads in
-// order (pass 2 of TlsTokenScore, bit for bit) straight into the cluster top-k, instead of
-// writing alpha for TlsTokenSelect's one CTA per row.
-template <int ITEMS>
-__global__ void __launch_bounds__(kFusedThreads, 1)
-    ExpsSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel, const float* exps,
-                     const unsigned long long* exp_sums) {
-  __shared__ FusedShared<ITEMS> sh;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int size = static_cast<int>(cluster.num_blocks());
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bg = blockIdx.y;
-  const int b = bg / p.num_kv_heads;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
-  const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
-  float* inv = sh.q;  // 1 / (G * softmax denominator) per head; no queries are staged here
-  for (int h = tid; h < group; h += kFusedThreads) {
-    inv[h] = TlsInvDenominator(exp_sums[int64_t{bg} * group + h], group);
-  }
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
-  int32_t pos[ITEMS];
-  CandidatePositions<ITEMS, false>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, nullptr);
-  int valid_warp = 0;
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
-  if (lane == 0) sh.part_valid[warp] = valid_warp;
-  __syncthreads();
-  if (warp == kFusedWarps - 1) {
-    const int v = __reduce_add_sync(0xffffffffu, sh.part_valid[lane]);
-    if (lane == 0) sh.counts[0] = v;
-  }
-  uint32_t key[ITEMS];
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) {
-    const int j = (rank * ITEMS + u) * kFusedThreads + tid;
-    float alpha = 0.f;
-    if (pos[u] >= 0) {
-      const float* e = exps + int64_t{bg} * group * p.max_candidates + j;
-#pragma unroll 8
-      for (int hh = 0; hh < group; ++hh) {
-        alpha = TlsFma(e[int64_t{hh} * p.max_candidates], inv[hh], alpha);
-      }
-    }
-    key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
-  }
-  cluster.sync();  // every rank's valid count is written
-  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
-  __syncthreads();
-  ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
-}
-static_assert(kFusedMaxGroup * kTlsMaxChannels >= 128, "inv of 128 heads fits in sh.q");
-
-template <int ITEMS>
-int ExpsActiveClusters(const TlsTokenScoreParams& p) {
-  return MaxActiveClusters<ExpsSelectKernel<ITEMS>>(FusedClusterSize(p.max_candidates, ITEMS), 0);
-}
-
-// Candidates per thread as LaunchForItems (1, 2 or 4; the keys are in registers, no logits).
-cudaError_t LaunchExpsSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
-                             cudaStream_t stream) {
-  cudaError_t err = tls_detail::TokenExps(p, stream);
-  if (err != cudaSuccess) return err;
-  const float* exps = tls_detail::StoredExps(p);
-  const unsigned long long* sums = tls_detail::TokenExpSums(p);
-  const int rows = p.batch * p.num_kv_heads;
-  if (rows <= ExpsActiveClusters<1>(p)) {
-    return LaunchClusters<ExpsSelectKernel<1>>(FusedClusterSize(p.max_candidates, 1), rows, 0,
-                                               stream, p, sel, exps, sums);
-  }
-  if (rows <= ExpsActiveClusters<2>(p)) {
-    return LaunchClusters<ExpsSelectKernel<2>>(FusedClusterSize(p.max_candidates, 2), rows, 0,
-                                               stream, p, sel, exps, sums);
-  }
-  return LaunchClusters<ExpsSelectKernel<4>>(FusedClusterSize(p.max_candidates, 4), rows, 0,
-                                             stream, p, sel, exps, sums);
-}
-
 // ---- MLA in one launch ----------------------------------------------------------------------
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
 // integer tensor cores (MmaS8U8) compute them so cheaply that two phases recompute them from
@@ -848,17 +769,235 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
-  // barriers above; plain loads, not the read-only path) and sums the heads in order.
-  float alpha = 0.f;
-  if (pos[0] >= 0) {
-    const float* e = cta_exps + tid;
-#pragma unroll 16
-    for (int hh = 0; hh < GROUP; ++hh) {
-      alpha = TlsFma(e[hh * p.max_candidates], ms.inv[hh], alpha);
-    }
-  }
+  // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
+  const float alpha =
+      pos[0] >= 0 ? AlphaFromExps<GROUP>(cta_exps + tid, p.max_candidates, ms.inv) : 0.f;
   uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
   ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+}
+
+// ---- MLA by head tiles ----------------------------------------------------------------------
+// One cluster per (row, 16-head tile) instead of per row: a row's 16-128 heads spread over
+// G / 16 clusters, so 8 rows of 128 heads fill the GPU (64 clusters of 2 CTAs) where a cluster
+// per row got 72 of 132 SMs. The per-head max and exp sums stay inside the cluster; each
+// cluster leaves its tile's partial alpha chain (tls_math.h: 16-head chains added in tile order)
+// in the exp scratch row of the tile's first head, and the row's last cluster to finish (a
+// counter in the workspace, no waiting on other clusters) adds the partials in tile order and
+// runs the top-k. A cluster of `size` CTAs holds ITEMS candidates per thread (the candidate
+// order of ClusterSelect); the INT4 rows are read per 8-candidate tile from L1/L2, with no
+// staging (one 16-head tile uses each row once per pass).
+template <int NC, int ITEMS>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    MlaTileSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
+                        tls_detail::TokenQueries queries, float* exps) {
+  constexpr int kSpan = ITEMS * kFusedThreads;  // candidate slots per CTA
+  constexpr int kHeads = kTlsAlphaHeadTile;
+  __shared__ FusedShared<ITEMS> sh;
+  __shared__ uint32_t max_bits[kHeads];
+  __shared__ unsigned long long exp_sum[kHeads];
+  __shared__ float max_f[kHeads], inv[kHeads];
+  __shared__ int last_flag;
+  extern __shared__ __align__(16) int64_t tile_smem[];
+  int64_t* tok_s = tile_smem;                                 // [slot] token row (-1: none)
+  float* scale_s = reinterpret_cast<float*>(tok_s + kSpan);  // [slot] token scale (NaN: none)
+  int32_t* pos_s = reinterpret_cast<int32_t*>(scale_s + kSpan);  // [slot] position (-1: none)
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = p.num_q_heads / p.num_kv_heads, tiles = group / kHeads;
+  const int bg = blockIdx.y / tiles, head_tile = blockIdx.y % tiles;
+  const int b = bg / p.num_kv_heads;
+  const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
+  const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
+  const int64_t head0 = int64_t{bg} * group + head_tile * kHeads;
+
+  if (tid < kHeads) {
+    max_bits[tid] = 0u;
+    exp_sum[tid] = 0ull;
+  }
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  int valid_warp = 0;
+  {  // positions, rows and scales to shared memory: registers are short in the passes
+    int32_t pos[ITEMS];
+    int64_t tok[ITEMS];
+    CandidatePositions<ITEMS, true>(p, geo, bg, rank, kSpan, pos, tok);
+#pragma unroll
+    for (int u = 0; u < ITEMS; ++u) {
+      const int slot = u * kFusedThreads + tid;
+      pos_s[slot] = pos[u];
+      tok_s[slot] = pos[u] >= 0 ? tok[u] : -1;
+      scale_s[slot] = pos[u] >= 0 ? __ldg(p.token_scales + tok[u]) : __int_as_float(0x7fc00000);
+      valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
+    }
+  }
+  if (lane == 0) sh.part_valid[warp] = valid_warp;
+  const int r = lane >> 2, t = lane & 3;
+  uint32_t a[NC / 32][4];
+  LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
+  const float qs0 = queries.scales[head0 + r], qs1 = queries.scales[head0 + r + 8];
+  const int off0 = 8 * queries.sums[head0 + r], off1 = 8 * queries.sums[head0 + r + 8];
+  __syncthreads();
+
+  // Integer dots of candidate tile `ct` (slots 8 ct ..): d[u] head r and d[2 + u] head r + 8
+  // for slot 8 ct + 2 t + u. Lane (r, t) reads candidate 8 ct + r's row: the words of its
+  // nibble half (t % 2) and word parity (t / 2), unpacked to the B fragments' bytes.
+  auto tile_dots = [&](int ct, int (&d)[4]) {
+    d[0] = d[1] = -off0;
+    d[2] = d[3] = -off1;
+    const int64_t row = tok_s[8 * ct + r];
+    const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + max(row, int64_t{0}) * (NC / 2));
+    const int shift = 4 * (t & 1);
+#pragma unroll
+    for (int sl = 0; sl < NC / 32; ++sl) {
+      const uint4 w = row >= 0 ? __ldg(src + sl) : make_uint4(0u, 0u, 0u, 0u);
+      const uint32_t b0 = ((t >> 1) ? w.y : w.x) >> shift & 0x0f0f0f0fu;
+      const uint32_t b1 = ((t >> 1) ? w.w : w.z) >> shift & 0x0f0f0f0fu;
+      MmaS8U8(d, a[sl], b0, b1);
+    }
+  };
+  constexpr int kTiles = kSpan / 8;
+
+  // (1) Per-head max over dot * token scale (see MlaScoreSelectKernel).
+  float m0 = -INFINITY, m1 = -INFINITY;
+  for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
+    int d[4];
+    tile_dots(ct, d);
+    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
+    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
+                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
+    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
+                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
+  }
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  if (t == 0) {
+    if (m0 > -INFINITY) atomicMax(&max_bits[r], TlsOrderedBits(TlsMul(m0, qs0)));
+    if (m1 > -INFINITY) atomicMax(&max_bits[r + 8], TlsOrderedBits(TlsMul(m1, qs1)));
+  }
+  cluster.sync();
+  if (tid < kHeads) max_f[tid] = FromOrderedBits(ClusterMax(cluster, &max_bits[tid], size));
+  if (warp == kFusedWarps - 1) {
+    const int v = __reduce_add_sync(0xffffffffu, sh.part_valid[lane]);
+    if (lane == 0) sh.counts[0] = v;
+  }
+  __syncthreads();
+
+  // (2) Exps into the scratch rows of the tile's heads, and their fixed-point sums.
+  const float exp_scale = p.scale * kTlsLog2E;
+  const float max0 = max_f[r], max1 = max_f[r + 8];
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;  // [head][slot]
+  float* const exps0 = cta_exps + int64_t{r} * p.max_candidates + 2 * t;
+  float* const exps1 = exps0 + int64_t{8} * p.max_candidates;
+  const int store_end = p.max_candidates - rank * kSpan - 2 * t;
+  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
+  for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
+    int d[4];
+    tile_dots(ct, d);
+    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
+    float e[4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const float k = u == 0 ? ks.x : ks.y;
+      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
+      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
+      FixedParts(e[u], &hi0, &lo0);
+      FixedParts(e[2 + u], &hi1, &lo1);
+    }
+    const int c = 8 * ct;
+    if (c < store_end) {
+      exps0[c] = e[0];
+      exps1[c] = e[2];
+    }
+    if (c + 1 < store_end) {
+      exps0[c + 1] = e[1];
+      exps1[c + 1] = e[3];
+    }
+  }
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
+    lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
+    hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
+    lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
+  }
+  if (t == 0) {
+    atomicAdd(&exp_sum[r], (static_cast<unsigned long long>(hi0) << 20) + lo0);
+    atomicAdd(&exp_sum[r + 8], (static_cast<unsigned long long>(hi1) << 20) + lo1);
+  }
+  cluster.sync();
+  if (tid < kHeads) inv[tid] = TlsInvDenominator(ClusterSum(cluster, &exp_sum[tid], size), group);
+  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  __syncthreads();
+
+  // (3) The tile's partial alpha chain per candidate, into the scratch row of head 0 of the
+  // tile (this thread has just read that slot: no other thread touches it).
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    if (pos_s[u * kFusedThreads + tid] >= 0) {
+      float* e = cta_exps + u * kFusedThreads + tid;
+      *e = AlphaFromExps<kHeads>(e, p.max_candidates, inv);
+    }
+  }
+  if (tiles > 1) {  // the row's last cluster to get here selects; the others leave
+    __threadfence();
+    cluster.sync();  // every CTA's partials are written and fenced
+    if (rank == 0 && tid == 0) {
+      const int done = atomicAdd(queries.row_done + bg, 1) + 1;
+      last_flag = done == tiles;
+      if (done == tiles) queries.row_done[bg] = 0;  // ready for the next launch
+    }
+    cluster.sync();
+    const bool last = *cluster.map_shared_rank(&last_flag, 0) != 0;
+    cluster.sync();  // rank 0's flag is read before any CTA leaves
+    if (!last) return;
+    __threadfence();
+  }
+  int32_t pos[ITEMS];
+  uint32_t key[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    pos[u] = pos_s[u * kFusedThreads + tid];
+    float alpha = 0.f;
+    if (pos[u] >= 0) {  // the partials in tile order (L2 loads: other clusters wrote them)
+      const float* part = exps + int64_t{bg} * group * p.max_candidates + rank * kSpan +
+                          u * kFusedThreads + tid;
+      alpha = __ldcg(part);
+      for (int k = 1; k < tiles; ++k) {
+        alpha = TlsAdd(alpha, __ldcg(part + int64_t{k} * kHeads * p.max_candidates));
+      }
+    }
+    key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
+  }
+  ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+}
+
+template <int NC, int ITEMS>
+cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                           cudaStream_t stream) {
+  const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
+  if (err != cudaSuccess) return err;
+  const int tiles = p.num_q_heads / p.num_kv_heads / kTlsAlphaHeadTile;
+  const size_t smem = size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + 2 * sizeof(float));
+  return LaunchClusters<MlaTileSelectKernel<NC, ITEMS>>(
+      FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads * tiles, smem, stream,
+      p, sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));
+}
+
+// One candidate per thread when every (row, head tile) cluster fits one wave of one CTA per SM,
+// else two (clusters of half the size; waves beyond the first are correct, only slower).
+template <int NC>
+cudaError_t LaunchMlaTilesForItems(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                                   cudaStream_t stream) {
+  const int clusters = p.batch * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads) /
+                       kTlsAlphaHeadTile;
+  if (clusters * FusedClusterSize(p.max_candidates, 1) <= NumSms()) {
+    return LaunchMlaTiles<NC, 1>(p, sel, stream);
+  }
+  return LaunchMlaTiles<NC, 2>(p, sel, stream);
 }
 
 // CTAs per row for the one-launch MLA kernel: the most (up to kClusterMaxRanks, each holding
@@ -884,7 +1023,7 @@ MlaSplit MlaClusterSize(int rows, int max_candidates, size_t smem) {
 }
 
 // The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
-// GPU, else the stored path (LaunchExpsSelect: any number of rows, each spread over every SM).
+// GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU from one row).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
@@ -893,9 +1032,11 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
-  // least half the GPU and loses below (H200, 128 heads, measured with three passes: 112 vs 131
-  // us at 8 rows of 8 CTAs, 120 vs ~52 us for one row).
-  if (split.size == 0 || 2 * rows * split.size < NumSms()) return LaunchExpsSelect(p, sel, stream);
+  // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
+  // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
+  if (split.size == 0 || 2 * rows * split.size < NumSms()) {
+    return LaunchMlaTilesForItems<NC>(p, sel, stream);
+  }
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchClusters<kKernel>(split.size, rows, smem, stream, p, sel,

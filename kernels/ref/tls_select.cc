@@ -183,9 +183,13 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         inv[hh] = TlsInvDenominator(z, group);
       }
       for (size_t v = 0; v < n; ++v) {
-        float a = 0.f;
-        for (int hh = 0; hh < group; ++hh) {
-          a = TlsFma(TlsExp2((logits[hh * n + v] - max_logit[hh]) * exp_scale), inv[hh], a);
+        float a = 0.f;  // kTlsAlphaHeadTile-head partial chains, added in tile order
+        for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
+          float part = 0.f;
+          for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
+            part = TlsFma(TlsExp2((logits[hh * n + v] - max_logit[hh]) * exp_scale), inv[hh], part);
+          }
+          a = h0 == 0 ? part : TlsAdd(a, part);
         }
         alpha[valid[v]] = a;
       }

@@ -42,11 +42,15 @@ std::vector<SelectShape> Shapes() {
       {{6500, 6400, 700, 6300, 64, 6200, 6100, 3000, 6150}, 32, 8, 128, 32, DType::kBF16, false},
       {{6600, 3000, 6200, 5000, 100, 6300}, 64, 8, 128, 32, DType::kBF16, false},
       // MLA, 16 rows of 6,144 candidates at k_b 96: TlsTokenScoreSelect takes the one-launch
-      // MLA kernel with clusters of 6-7 CTAs on the H200; 8 rows: clusters of 14 (a
-      // non-portable size, CTAs of 7 list entries, the last alpha chunk half full).
+      // row kernel (MlaScoreSelectKernel) with clusters of 6 CTAs on the H200; 8 rows: clusters
+      // of 9 (a non-portable size, CTAs of 11 list entries, the last one partly empty).
       {{6600, 300, 2000, 6100, 900, 5000, 1200, 64, 3000, 700, 6000, 150, 2500, 3500, 800, 6400},
        32, 1, 576, 128, DType::kBF16, true},
       {{6600, 6500, 300, 6100, 2000, 6400, 900, 6300}, 16, 1, 576, 128, DType::kBF16, true},
+      // MLA, 4 rows x 128 heads of 6,144 candidates: on the H200 a cluster per (row, 16-head
+      // tile), 32 clusters of 3 CTAs with 2 candidates per thread (MlaTileSelectKernel; the
+      // row's last cluster adds the tiles' partials and selects).
+      {{6600, 300, 6100, 2000}, 128, 1, 576, 128, DType::kBF16, true},
   };
 }
 

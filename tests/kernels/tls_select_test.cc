@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <set>
 #include <vector>
@@ -255,6 +256,65 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
         sum += a;
       }
       EXPECT_NEAR(sum, 1.0, 1e-5);
+    }
+  }
+}
+
+// The spec's summation order of alpha (tls_math.h): 16-head fma chains, added in tile order.
+// G = 40 gives tiles of 16, 16 and 8 heads; the logits, max and fixed-point sums are rebuilt
+// from the same primitives, so only the order of the head sum can differ.
+TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
+  testing::Reseed(33);
+  const TlsCase c = MakeTlsCase({300, 1000}, 40, 1, 64, 32, DType::kF32);
+  const int window = 64;
+  const TokenScoreOut o = TokenScores(c, nullptr, nullptr, 0, nullptr, window);
+  const int G = c.group(), nc = c.num_channels;
+  const float exp_scale = (1.f / std::sqrt(float(c.head_dim))) * kTlsLog2E;
+  for (int b = 0; b < c.batch; ++b) {
+    std::vector<float> qcode(size_t(G) * nc), qscale(G);
+    for (int h = 0; h < G; ++h) {
+      const float* qh = c.q.values.data() + (size_t(b) * c.num_q_heads + h) * c.head_dim;
+      float absmax = 0.f;
+      for (int ch = 0; ch < nc; ++ch) absmax = std::max(absmax, std::fabs(qh[c.channels[ch]]));
+      qscale[h] = TlsInt8Scale(absmax);
+      for (int ch = 0; ch < nc; ++ch) {
+        qcode[size_t(h) * nc + ch] = float(TlsInt8Code(qh[c.channels[ch]], qscale[h]));
+      }
+    }
+    const size_t row = size_t(b) * o.max_candidates;
+    std::vector<int> slots;
+    for (int j = 0; j < o.max_candidates; ++j) {
+      if (o.cand[row + j] >= 0) slots.push_back(j);
+    }
+    ASSERT_FALSE(slots.empty());
+    std::vector<float> logit(size_t(G) * slots.size());
+    for (size_t v = 0; v < slots.size(); ++v) {
+      const int pos = o.cand[row + slots[v]];
+      const size_t tok = size_t(c.index_table[b * c.max_blocks_per_seq() + pos / 64]) * 64 + pos % 64;
+      std::vector<uint32_t> words(nc / 8);
+      std::memcpy(words.data(), c.codes.data() + tok * (nc / 2), nc / 2);
+      for (int h = 0; h < G; ++h) {
+        logit[h * slots.size() + v] =
+            TlsTokenLogit(TlsInt4Dot(qcode.data() + size_t(h) * nc, words.data(), nc),
+                          c.scales[tok], qscale[h]);
+      }
+    }
+    std::vector<float> m(G), inv(G);
+    for (int h = 0; h < G; ++h) {
+      const float* l = logit.data() + h * slots.size();
+      m[h] = *std::max_element(l, l + slots.size());
+      uint64_t z = 0;
+      for (size_t v = 0; v < slots.size(); ++v) z += TlsExpToFixed(TlsExp2((l[v] - m[h]) * exp_scale));
+      inv[h] = TlsInvDenominator(z, G);
+    }
+    for (size_t v = 0; v < slots.size(); ++v) {
+      float tile[3] = {0.f, 0.f, 0.f};
+      for (int h = 0; h < G; ++h) {
+        const float e = TlsExp2((logit[h * slots.size() + v] - m[h]) * exp_scale);
+        tile[h / 16] = std::fma(e, inv[h], tile[h / 16]);
+      }
+      const float want = (tile[0] + tile[1]) + tile[2];
+      ASSERT_EQ(FloatToBits(o.alpha[row + slots[v]]), FloatToBits(want)) << "b " << b << " v " << v;
     }
   }
 }

@@ -144,6 +144,14 @@ ASYNCTLS_HD float TlsSumBlockSlices(const float* s) {
                 TlsAdd(TlsAdd(s[4], s[5]), TlsAdd(s[6], s[7])));
 }
 
+// ---- Token scores over the group's heads -------------------------------------------------
+// alpha = sum over the group's heads h of e_h * inv_h (e_h: the candidate's exp for head h,
+// inv_h: TlsInvDenominator), summed as kTlsAlphaHeadTile-head partials: each an ordered TlsFma
+// chain from 0 over its heads, the partials added with TlsAdd in tile order (the first taken
+// as is, so groups of up to 16 heads are a single chain). GPU kernels may then spread a group's
+// heads over CTAs or clusters tile by tile and still match the CPU bit for bit.
+inline constexpr int kTlsAlphaHeadTile = 16;
+
 // ---- INT4 token index ----------------------------------------------------------------------
 
 ASYNCTLS_HD float TlsInt4Scale(float absmax) { return TlsDiv(absmax, 7.f); }
