@@ -559,6 +559,77 @@ struct MlaShared {
   int32_t block[kMlaBlocks];                  // the CTA's list entries (-1: none)
 };
 
+// One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
+// h1 = h0 + 8 of a 16-head tile, slots 2 (lane % 4) and + 1 of each 8-candidate tile (d[u]:
+// head h0, slot u; d[2 + u]: head h1). Pass 1 keeps the max of dot * token scale (the query
+// scale is positive and rounding monotone, so one multiply per head gives the max logit); pass
+// 2 the exps' exact fixed-point sums. The quad's four lanes hold one head pair's slots.
+struct LaneHeadPair {
+  float qs0, qs1;  // the heads' query scales
+  float m0 = -INFINITY, m1 = -INFINITY;
+  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
+
+  __device__ __forceinline__ void AddMax(const int (&d)[4], float2 ks) {
+    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
+                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
+    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
+                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
+  }
+  // The quad's max logits into the per-head ordered-bit maxima (-inf: no candidate here).
+  __device__ __forceinline__ void CommitMax(uint32_t* bits0, uint32_t* bits1, int t) {
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    }
+    if (t == 0) {
+      if (m0 > -INFINITY) atomicMax(bits0, TlsOrderedBits(TlsMul(m0, qs0)));
+      if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(TlsMul(m1, qs1)));
+    }
+  }
+  // A slot's token scale is NaN when it holds no candidate: its exps are 0.
+  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float max0, float max1,
+                                       float exp_scale, float (&e)[4]) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const float k = u == 0 ? ks.x : ks.y;
+      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
+      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
+      FixedParts(e[u], &hi0, &lo0);
+      FixedParts(e[2 + u], &hi1, &lo1);
+    }
+  }
+  __device__ __forceinline__ void CommitSums(unsigned long long* sum0, unsigned long long* sum1,
+                                             int t) {
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
+      lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
+      hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
+      lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
+    }
+    if (t == 0) {
+      atomicAdd(sum0, (static_cast<unsigned long long>(hi0) << 20) + lo0);
+      atomicAdd(sum1, (static_cast<unsigned long long>(hi1) << 20) + lo1);
+    }
+  }
+};
+
+// Tile exps to the scratch rows of heads h0 / h1 (exps0 / exps1 at this lane's slot 2 t):
+// slots at or past store_end lie past the row's scratch; the others store (0 when no
+// candidate: alpha reads candidates only).
+__device__ __forceinline__ void StoreTileExps(float* exps0, float* exps1, int c, int store_end,
+                                              const float (&e)[4]) {
+  if (c < store_end) {
+    exps0[c] = e[0];
+    exps1[c] = e[2];
+  }
+  if (c + 1 < store_end) {
+    exps0[c + 1] = e[1];
+    exps1[c + 1] = e[3];
+  }
+}
+
 // Staged candidate rows, unpacked to one byte per channel (code + 8) in the order the IMMA B
 // fragments read them: word t * NC / 16 + 2 * sl + half of a row is lane t's b0 (half 0) / b1
 // of channel slice sl, so a lane loads all its fragments of a candidate with NC / 64 16-byte
@@ -669,11 +740,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
   __syncthreads();
-  const float qs0 = ms.qscale[h0], qs1 = ms.qscale[h1];
+  LaneHeadPair lhp;
+  lhp.qs0 = ms.qscale[h0];
+  lhp.qs1 = ms.qscale[h1];
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
-  // Integer dots of tile `tile` (candidates 8 tile ..): d[u] head h0 and d[2 + u] head h1 for
-  // candidate 8 tile + 2 t + u. The accumulators start at minus the query's code offset, so the
-  // IMMA yields sum_c qcode[c] * code[c] directly.
+  // Integer dots of tile `tile` (candidates 8 tile ..), LaneHeadPair's layout. The accumulators
+  // start at minus the query's code offset, so the IMMA yields sum_c qcode[c] * code[c].
   auto tile_dots = [&](int tile, int (&d)[4]) {
     d[0] = d[1] = -off0;
     d[2] = d[3] = -off1;
@@ -686,29 +758,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       MmaS8U8(d, a[2 * q + 1], f.z, f.w);
     }
   };
+  auto tile_scales = [&](int tile) {
+    return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
+  };
 
-  // (1) Per-head max. The query scale is positive and rounding is monotone, so the max of
-  // dot * token scale times the query scale is the max logit (one multiply per head, not per
-  // candidate).
-  float m0 = -INFINITY, m1 = -INFINITY;
+  // (1) Per-head max.
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
     tile_dots(tile, d);
-    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
-    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
-                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
-    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
-                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
+    lhp.AddMax(d, tile_scales(tile));
   }
-#pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-  }
-  if (t == 0) {  // -inf: no candidate in these lanes (ordered bits 0 mean none)
-    if (m0 > -INFINITY) atomicMax(&ms.max_bits[h0], TlsOrderedBits(TlsMul(m0, qs0)));
-    if (m1 > -INFINITY) atomicMax(&ms.max_bits[h1], TlsOrderedBits(TlsMul(m1, qs1)));
-  }
+  lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   cluster.sync();
   if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
   if (warp == kFusedWarps - 1) {
@@ -724,45 +784,16 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
-  // Slots at or past store_end lie past the row's scratch; the others store (0 when no
-  // candidate; pass 3 reads candidates only).
   const int store_end = p.max_candidates - rank * span - 2 * t;
-  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
 #pragma unroll 2
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
     tile_dots(tile, d);
-    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
     float e[4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const float k = u == 0 ? ks.x : ks.y;
-      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
-      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
-      FixedParts(e[u], &hi0, &lo0);
-      FixedParts(e[2 + u], &hi1, &lo1);
-    }
-    const int c = 8 * tile;
-    if (c < store_end) {
-      exps0[c] = e[0];
-      exps1[c] = e[2];
-    }
-    if (c + 1 < store_end) {
-      exps0[c + 1] = e[1];
-      exps1[c + 1] = e[3];
-    }
+    lhp.Exps(d, tile_scales(tile), max0, max1, exp_scale, e);
+    StoreTileExps(exps0, exps1, 8 * tile, store_end, e);
   }
-#pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
-    lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
-    hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
-    lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
-  }
-  if (t == 0) {
-    atomicAdd(&ms.exp_sum[h0], (static_cast<unsigned long long>(hi0) << 20) + lo0);
-    atomicAdd(&ms.exp_sum[h1], (static_cast<unsigned long long>(hi1) << 20) + lo1);
-  }
+  lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   cluster.sync();
   if (tid < GROUP) ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
   if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
@@ -835,18 +866,21 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int r = lane >> 2, t = lane & 3;
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
-  const float qs0 = queries.scales[head0 + r], qs1 = queries.scales[head0 + r + 8];
+  LaneHeadPair lhp;
+  lhp.qs0 = queries.scales[head0 + r];
+  lhp.qs1 = queries.scales[head0 + r + 8];
   const int off0 = 8 * queries.sums[head0 + r], off1 = 8 * queries.sums[head0 + r + 8];
   __syncthreads();
 
-  // Integer dots of candidate tile `ct` (slots 8 ct ..): d[u] head r and d[2 + u] head r + 8
-  // for slot 8 ct + 2 t + u. Lane (r, t) reads candidate 8 ct + r's row: the words of its
-  // nibble half (t % 2) and word parity (t / 2), unpacked to the B fragments' bytes.
+  // Integer dots of candidate tile `ct` (slots 8 ct ..), LaneHeadPair's layout. Lane (r, t)
+  // reads candidate 8 ct + r's row: the words of its nibble half (t % 2) and word parity
+  // (t / 2), unpacked to the B fragments' bytes.
   auto tile_dots = [&](int ct, int (&d)[4]) {
     d[0] = d[1] = -off0;
     d[2] = d[3] = -off1;
     const int64_t row = tok_s[8 * ct + r];
-    const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + max(row, int64_t{0}) * (NC / 2));
+    const uint4* src =
+        reinterpret_cast<const uint4*>(p.token_codes + max(row, int64_t{0}) * (NC / 2));
     const int shift = 4 * (t & 1);
 #pragma unroll
     for (int sl = 0; sl < NC / 32; ++sl) {
@@ -856,28 +890,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       MmaS8U8(d, a[sl], b0, b1);
     }
   };
+  auto tile_scales = [&](int ct) {
+    return *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
+  };
   constexpr int kTiles = kSpan / 8;
 
-  // (1) Per-head max over dot * token scale (see MlaScoreSelectKernel).
-  float m0 = -INFINITY, m1 = -INFINITY;
+  // (1) Per-head max.
   for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
     int d[4];
     tile_dots(ct, d);
-    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
-    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
-                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
-    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
-                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
+    lhp.AddMax(d, tile_scales(ct));
   }
-#pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-  }
-  if (t == 0) {
-    if (m0 > -INFINITY) atomicMax(&max_bits[r], TlsOrderedBits(TlsMul(m0, qs0)));
-    if (m1 > -INFINITY) atomicMax(&max_bits[r + 8], TlsOrderedBits(TlsMul(m1, qs1)));
-  }
+  lhp.CommitMax(&max_bits[r], &max_bits[r + 8], t);
   cluster.sync();
   if (tid < kHeads) max_f[tid] = FromOrderedBits(ClusterMax(cluster, &max_bits[tid], size));
   if (warp == kFusedWarps - 1) {
@@ -893,41 +917,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const exps0 = cta_exps + int64_t{r} * p.max_candidates + 2 * t;
   float* const exps1 = exps0 + int64_t{8} * p.max_candidates;
   const int store_end = p.max_candidates - rank * kSpan - 2 * t;
-  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
   for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
     int d[4];
     tile_dots(ct, d);
-    const float2 ks = *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
     float e[4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const float k = u == 0 ? ks.x : ks.y;
-      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
-      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
-      FixedParts(e[u], &hi0, &lo0);
-      FixedParts(e[2 + u], &hi1, &lo1);
-    }
-    const int c = 8 * ct;
-    if (c < store_end) {
-      exps0[c] = e[0];
-      exps1[c] = e[2];
-    }
-    if (c + 1 < store_end) {
-      exps0[c + 1] = e[1];
-      exps1[c + 1] = e[3];
-    }
+    lhp.Exps(d, tile_scales(ct), max0, max1, exp_scale, e);
+    StoreTileExps(exps0, exps1, 8 * ct, store_end, e);
   }
-#pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
-    lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
-    hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
-    lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
-  }
-  if (t == 0) {
-    atomicAdd(&exp_sum[r], (static_cast<unsigned long long>(hi0) << 20) + lo0);
-    atomicAdd(&exp_sum[r + 8], (static_cast<unsigned long long>(hi1) << 20) + lo1);
-  }
+  lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   cluster.sync();
   if (tid < kHeads) inv[tid] = TlsInvDenominator(ClusterSum(cluster, &exp_sum[tid], size), group);
   if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
