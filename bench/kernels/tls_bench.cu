@@ -191,11 +191,11 @@ Bytes StepBytes(const Config& c, int batch, int context, int k_t) {
   const double attn = bkv * (k_t + always) * (row_kv + 4) + q_out;  // rows + positions
   const double kept_tokens = double(kBlockBudget) * kKvBlockSize;
   // token stage: token index of the kept blocks; GQA's one-launch score + select moves nothing
-  // else; MLA's stored path writes each per-head logit, reads it and writes its exp back, and
-  // the cluster top-k reads the exps (4 x 4 bytes per candidate and head, mostly in L2)
+  // else; the MLA kernels write each per-head exp and read it back (2 x 4 bytes per candidate
+  // and head, mostly in L2; before session 6's kernels the stored path moved 4 x 4)
   const int group = c.q_heads / c.kv_heads;
   const bool one_launch = group * c.channels <= 512;  // TlsTokenScoreSelect's GQA kernel
-  const double token_stage = bkv * kept_tokens * (tok_row + (one_launch ? 0 : 16.0 * group));
+  const double token_stage = bkv * kept_tokens * (tok_row + (one_launch ? 0 : 8.0 * group));
   Bytes b;
   b.tls = append + block_index + block_scores + token_stage + attn;
   b.quest = append + block_index + block_scores + attn;
@@ -389,7 +389,8 @@ class Bench {
   }
 
   // Token score + token top-k_t over M_{t-1}: TlsTokenScoreSelect when the shape allows (as
-  // TlsDecodeSelect does: GQA one launch, MLA stored exps + cluster top-k), else the two ops.
+  // TlsDecodeSelect does: GQA one launch, MLA a cluster per row or per (row, 16-head tile)),
+  // else the two ops.
   cudaError_t TokenBranch(int i, int k_t, cudaStream_t s) {
     const asynctls::kernels::TlsTokenScoreParams ts = TokenScoreParams(i);
     if (cuda::TlsTokenScoreSelectCanFuse(ts)) {

@@ -539,10 +539,10 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
 // integer tensor cores (MmaS8U8) compute them so cheaply that two phases recompute them from
 // the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head exps, written to the
-// stored path's exp scratch (StoredExps, L2-resident), and their fixed-point sums; then (3)
-// each candidate's thread reads its exps back and accumulates alpha over the heads in order
-// (pass 2's fma chain), and ClusterSelect. Same arithmetic as the stored path and the CPU
-// reference, bit for bit. One candidate per thread, `blocks_per_cta`
+// workspace's exp scratch (StoredExps, L2-resident), and their fixed-point sums; then (3)
+// each candidate's thread reads its exps back and sums alpha over the heads (tls_math.h
+// order), and ClusterSelect. Same arithmetic as the separate ops and the CPU reference, bit
+// for bit. One candidate per thread, `blocks_per_cta`
 // whole list entries per CTA (at most 16 = 1,024 candidates), up to 16 CTAs per row: the
 // compute scales with the candidates per SM, so a row takes as many SMs as still let every
 // row's cluster run at once (MlaClusterSize).
@@ -1062,7 +1062,7 @@ namespace {
 
 // GQA: the group's logits fit one launch (a thread cluster per row, no workspace). group *
 // num_channels bounds the per-thread logit work: MLA's 16+ heads x 128 channels on one KV head
-// take the stored path instead.
+// take the MLA kernels instead.
 bool FusesInOneLaunch(const TlsTokenScoreParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   return group <= kFusedMaxGroup && group * p.num_channels <= kFusedMaxWork;
