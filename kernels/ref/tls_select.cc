@@ -187,7 +187,8 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
           float part = 0.f;
           for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
-            part = TlsFma(TlsExp2((logits[hh * n + v] - max_logit[hh]) * exp_scale), inv[hh], part);
+            const float e = TlsExp2((logits[hh * n + v] - max_logit[hh]) * exp_scale);
+            part = TlsFma(e, inv[hh], part);
           }
           a = h0 == 0 ? part : TlsAdd(a, part);
         }

@@ -290,7 +290,8 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
     std::vector<float> logit(size_t(G) * slots.size());
     for (size_t v = 0; v < slots.size(); ++v) {
       const int pos = o.cand[row + slots[v]];
-      const size_t tok = size_t(c.index_table[b * c.max_blocks_per_seq() + pos / 64]) * 64 + pos % 64;
+      const size_t tok =
+          size_t(c.index_table[b * c.max_blocks_per_seq() + pos / 64]) * 64 + pos % 64;
       std::vector<uint32_t> words(nc / 8);
       std::memcpy(words.data(), c.codes.data() + tok * (nc / 2), nc / 2);
       for (int h = 0; h < G; ++h) {
@@ -304,7 +305,9 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
       const float* l = logit.data() + h * slots.size();
       m[h] = *std::max_element(l, l + slots.size());
       uint64_t z = 0;
-      for (size_t v = 0; v < slots.size(); ++v) z += TlsExpToFixed(TlsExp2((l[v] - m[h]) * exp_scale));
+      for (size_t v = 0; v < slots.size(); ++v) {
+        z += TlsExpToFixed(TlsExp2((l[v] - m[h]) * exp_scale));
+      }
       inv[h] = TlsInvDenominator(z, G);
     }
     for (size_t v = 0; v < slots.size(); ++v) {
