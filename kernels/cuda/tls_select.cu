@@ -312,7 +312,8 @@ size_t TokenStatsCount(const TlsTokenScoreParams& p) {
 }
 
 // Byte offsets in the workspace: exp sums and max bits (the zeroed counters), then the query
-// codes, scales and code sums; `bytes` the total.
+// codes, scales, code sums and A fragments, and the head-tile counters (zeroed by
+// QuantizeQueryKernel); `bytes` the total.
 struct TokenStatsLayout {
   size_t max_bits, qcode, qscale, qsum, qfrag, row_done, bytes;
 };

@@ -811,14 +811,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
 // One cluster per (row, 16-head tile) instead of per row: a row's 16-128 heads spread over
-// G / 16 clusters, so 8 rows of 128 heads fill the GPU (64 clusters of 2 CTAs) where a cluster
-// per row got 72 of 132 SMs. The per-head max and exp sums stay inside the cluster; each
-// cluster leaves its tile's partial alpha chain (tls_math.h: 16-head chains added in tile order)
-// in the exp scratch row of the tile's first head, and the row's last cluster to finish (a
-// counter in the workspace, no waiting on other clusters) adds the partials in tile order and
-// runs the top-k. A cluster of `size` CTAs holds ITEMS candidates per thread (the candidate
-// order of ClusterSelect); the INT4 rows are read per 8-candidate tile from L1/L2, with no
-// staging (one 16-head tile uses each row once per pass).
+// G / 16 clusters, so one row of 128 heads runs on 64 SMs (8 clusters of 8 CTAs) where a
+// cluster per row got 16. The per-head max and exp sums stay inside the cluster; each cluster
+// leaves its tile's partial alpha chain (tls_math.h: 16-head chains added in tile order) in the
+// exp scratch row of the tile's first head, and the row's last cluster to finish (a counter
+// that QuantizeQueryKernel zeroes; no waiting on other clusters) adds the partials in tile
+// order and runs the top-k. A cluster of `size` CTAs holds ITEMS candidates per thread (the
+// candidate order of ClusterSelect); the INT4 rows are read per 8-candidate tile from L1/L2,
+// with no staging (one 16-head tile uses each row once per pass).
 template <int NC, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaTileSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
@@ -945,9 +945,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     __threadfence();
     cluster.sync();  // every CTA's partials are written and fenced
     if (rank == 0 && tid == 0) {
-      const int done = atomicAdd(queries.row_done + bg, 1) + 1;
-      last_flag = done == tiles;
-      if (done == tiles) queries.row_done[bg] = 0;  // ready for the next launch
+      last_flag = atomicAdd(queries.row_done + bg, 1) + 1 == tiles;
     }
     cluster.sync();
     const bool last = *cluster.map_shared_rank(&last_flag, 0) != 0;
@@ -980,7 +978,8 @@ cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
   const int tiles = p.num_q_heads / p.num_kv_heads / kTlsAlphaHeadTile;
-  const size_t smem = size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + 2 * sizeof(float));
+  const size_t smem =  // tok_s, scale_s, pos_s
+      size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
   return LaunchClusters<MlaTileSelectKernel<NC, ITEMS>>(
       FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads * tiles, smem, stream,
       p, sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));

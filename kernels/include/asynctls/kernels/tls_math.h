@@ -59,14 +59,6 @@ ASYNCTLS_HD float TlsMul(float a, float b) {
 #endif
 }
 
-ASYNCTLS_HD float TlsFloor(float x) {
-#if defined(__CUDA_ARCH__)
-  return floorf(x);
-#else
-  return std::floor(x);
-#endif
-}
-
 ASYNCTLS_HD float TlsRint(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
