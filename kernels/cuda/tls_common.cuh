@@ -512,7 +512,14 @@ struct TokenQueries {
   const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
   int* row_done;          // per row, zeroed: head tiles done (MlaTileSelectKernel's last-arriver)
 };
+// Launches QuantizeQueryKernel, which lets the next kernel on the stream start early: a token
+// kernel launched with programmatic stream serialization (MLA) stages its candidates while the
+// queries are quantized and calls WaitForQueries before it reads TokenQueries.
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
+
+// Programmatic dependent launch (sm_90): the dependent kernel waits here until the kernel before
+// it on the stream has finished and its writes are visible (a no-op when launched normally).
+__device__ __forceinline__ void WaitForQueries() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 }  // namespace asynctls::kernels::cuda::tls_detail

@@ -42,7 +42,7 @@ using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::RadixPassDecide;
+using tls_detail::WaitForQueries;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -57,6 +57,17 @@ constexpr int kFusedMaxGroup = 16;  // GQA kernel: the group's queries and stati
 
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
+// The cluster top-k's radix passes: digits of 11, 11 and 10 bits (most significant first), so
+// three passes settle a 32-bit key where 8-bit digits took four. Each pass costs a cluster
+// barrier, a distributed-shared-memory round trip and two block barriers whatever its width;
+// 2,048 bins are two per thread.
+constexpr int kRadixPasses = 3;
+constexpr int RadixBits(int pass) { return pass < 2 ? 11 : 10; }
+constexpr int RadixShift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+constexpr int kRadixBins = 1 << 11;
+constexpr uint32_t kNoDigit = ~0u;  // a key outside the pass's prefix
+static_assert(kRadixBins == 2 * kFusedThreads, "two bins per thread in the widest pass");
+
 template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes
@@ -70,8 +81,7 @@ struct FusedShared {
   unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
   float max_f[kFusedMaxGroup];                 // cluster-wide max per head
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
-  int hist[2][256];                            // radix pass p uses hist[p & 1]
-  int hist_sum[256];                           // cluster-wide histogram of the pass
+  int hist[2][kRadixBins];                     // radix pass p uses hist[p & 1]
   int counts[3];                               // this CTA's valid, above, equal counts
   int num_valid;                               // cluster-wide valid candidates
   int above_before, equal_before, kept;        // ranks before this CTA; cluster-wide kept
@@ -152,6 +162,48 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
   }
 }
 
+// One cluster radix pass's decision, by every thread once `hist` is complete on every rank:
+// thread t owns the bins' digits from the top down (two per thread at 11 bits, one at 10),
+// sums them over the ranks, and the thread whose digits hold the `remaining`-th largest key
+// (counting from the top: a warp scan, then the warp totals) extends the prefix and the rank
+// left. Also zeroes the other histogram buffer for the next pass (its peers' reads ended before
+// this pass's cluster barrier). Returns whether the digit's keys are all kept (no later pass).
+template <int ITEMS>
+__device__ __forceinline__ bool ClusterRadixDecide(cg::cluster_group& cluster,
+                                                   FusedShared<ITEMS>& sh, int* hist, int pass,
+                                                   uint32_t* prefix, int* remaining) {
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (1 << RadixBits(pass)) / kFusedThreads;  // 2 or 1
+  const int top = (1 << RadixBits(pass)) - 1 - per * tid;  // this thread's first digit
+  const int c0 = ClusterSum(cluster, &hist[top], size);
+  const int c1 = per == 2 ? ClusterSum(cluster, &hist[top - 1], size) : 0;
+  int* next = sh.hist[(pass + 1) & 1];
+  next[2 * tid] = 0;
+  next[2 * tid + 1] = 0;
+  const int local = c0 + c1;
+  const int incl = WarpInclusiveSum(local);
+  if (lane == 31) sh.scan[warp] = incl;
+  __syncthreads();
+  const int total = lane < kFusedWarps ? sh.scan[lane] : 0;
+  const int warp_before = __shfl_sync(0xffffffffu, WarpInclusiveSum(total) - total, warp);
+  const int above = warp_before + incl - local;  // keys in higher digits than `top`
+  const int want = *remaining;
+  if (above < want && want <= above + local) {
+    const bool first = want <= above + c0;
+    const int before = first ? above : above + c0;
+    const int count = first ? c0 : c1;
+    const int shift = RadixShift(pass);
+    sh.prefix = *prefix | (static_cast<uint32_t>(first ? top : top - 1) << shift);
+    sh.remaining = want - before;
+    sh.done = want - before == count ? 1 : 0;
+  }
+  __syncthreads();
+  *prefix = sh.prefix;
+  *remaining = sh.remaining;
+  return sh.done != 0;
+}
+
 // The cluster's top-k of one row from each thread's ITEMS keys (pos < 0: no candidate) and the
 // row's valid count, as BlockTopK with histograms summed over the ranks; writes the row's
 // positions (sink, kept in position order, recent) and their count. Ends with a cluster
@@ -172,28 +224,23 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
   if (!take_all && k > 0) {
     uint32_t prefix = 0;
     int remaining = k;
-    int pass = 0;
-    for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
+      const int shift = RadixShift(pass);
+      const uint32_t digit_mask = (1u << RadixBits(pass)) - 1u;
       int* hist = sh.hist[pass & 1];
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
-        const uint32_t digit =
-            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
-        if (__any_sync(0xffffffffu, digit != 256u)) {
+        const uint32_t digit = pos[u] >= 0 && (key[u] & mask) == prefix
+                                   ? (key[u] >> shift) & digit_mask : kNoDigit;
+        if (__any_sync(0xffffffffu, digit != kNoDigit)) {
           const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+          if (digit != kNoDigit && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
         }
       }
       cluster.sync();  // every rank's histogram of this pass is complete
-      for (int i = tid; i < 256; i += kFusedThreads) {
-        sh.hist_sum[i] = ClusterSum(cluster, &hist[i], size);
-        sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
-      }
-      __syncthreads();
-      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
-                          &sh.done)) {
-        break;
-      }
+      const bool settled = ClusterRadixDecide(cluster, sh, hist, pass, &prefix, &remaining);
+      mask |= digit_mask << shift;
+      if (settled) break;
     }
     threshold = prefix;
     need_equal = remaining;
@@ -302,7 +349,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
@@ -435,9 +482,12 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
 }
 
 // One row per cluster of `size` CTAs; also lets the kernel use `smem` of dynamic shared memory.
+// With `after_queries` the launch may overlap QuantizeQueryKernel before it on the stream
+// (programmatic stream serialization; the kernel calls WaitForQueries). `attr` holds two.
 template <auto KERNEL>
 cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
-                          cudaLaunchAttribute* attr, cudaLaunchConfig_t* config) {
+                          cudaLaunchAttribute* attr, cudaLaunchConfig_t* config,
+                          bool after_queries = false) {
   cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
   if (size > kFusedMaxCluster) {  // per device, so asked on every launch (a host-side call)
@@ -453,8 +503,10 @@ cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
   attr->val.clusterDim.x = size;
   attr->val.clusterDim.y = 1;
   attr->val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   config->attrs = attr;
-  config->numAttrs = 1;
+  config->numAttrs = after_queries ? 2 : 1;
   return cudaSuccess;
 }
 
@@ -467,9 +519,9 @@ int MaxActiveClusters(int size, size_t smem) {
   static std::atomic<int> cache[kClusterMaxRanks + 1] = {};  // 0 = not asked yet
   int active = cache[size].load(std::memory_order_relaxed);
   if (active == 0) {
-    cudaLaunchAttribute attr{};
+    cudaLaunchAttribute attr[2] = {};
     cudaLaunchConfig_t config;
-    if (ClusterConfig<KERNEL>(size, 1, smem, nullptr, &attr, &config) != cudaSuccess ||
+    if (ClusterConfig<KERNEL>(size, 1, smem, nullptr, attr, &config) != cudaSuccess ||
         cudaOccupancyMaxActiveClusters(&active, KERNEL, &config) != cudaSuccess || active <= 0) {
       (void)cudaGetLastError();
       active = 1;
@@ -481,9 +533,20 @@ int MaxActiveClusters(int size, size_t smem) {
 
 template <auto KERNEL, typename... Args>
 cudaError_t LaunchClusters(int size, int rows, size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr{};
+  cudaLaunchAttribute attr[2] = {};
   cudaLaunchConfig_t config;
-  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, &attr, &config);
+  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, attr, &config);
+  if (err != cudaSuccess) return err;
+  return cudaLaunchKernelEx(&config, KERNEL, args...);
+}
+
+// LaunchClusters right after QuantizeTokenQueries, overlapping it (see ClusterConfig).
+template <auto KERNEL, typename... Args>
+cudaError_t LaunchClustersAfterQueries(int size, int rows, size_t smem, cudaStream_t stream,
+                                       Args... args) {
+  cudaLaunchAttribute attr[2] = {};
+  cudaLaunchConfig_t config;
+  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, attr, &config, true);
   if (err != cudaSuccess) return err;
   return cudaLaunchKernelEx(&config, KERNEL, args...);
 }
@@ -707,10 +770,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (tid < GROUP) {
     ms.max_bits[tid] = 0u;
     ms.exp_sum[tid] = 0ull;
-    ms.qscale[tid] = queries.scales[head0 + tid];
-    ms.qsum[tid] = queries.sums[head0 + tid];
   }
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[1];
   CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
@@ -731,6 +792,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
     StageUnpackedCodes<NC>(words, codes_s + tid * kStride);
     scale_s[tid] = scale;
+  }
+  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
+  if (tid < GROUP) {
+    ms.qscale[tid] = queries.scales[head0 + tid];
+    ms.qsum[tid] = queries.sums[head0 + tid];
   }
 
   // This warp's 16-head tile and its two heads per lane (C rows lane / 4 and + 8).
@@ -849,7 +915,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     max_bits[tid] = 0u;
     exp_sum[tid] = 0ull;
   }
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
@@ -866,6 +932,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   const int r = lane >> 2, t = lane & 3;
+  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
   LaneHeadPair lhp;
@@ -980,7 +1047,7 @@ cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   const int tiles = p.num_q_heads / p.num_kv_heads / kTlsAlphaHeadTile;
   const size_t smem =  // tok_s, scale_s, pos_s
       size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
-  return LaunchClusters<MlaTileSelectKernel<NC, ITEMS>>(
+  return LaunchClustersAfterQueries<MlaTileSelectKernel<NC, ITEMS>>(
       FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads * tiles, smem, stream,
       p, sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));
 }
@@ -1037,7 +1104,7 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   }
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  return LaunchClusters<kKernel>(split.size, rows, smem, stream, p, sel,
+  return LaunchClustersAfterQueries<kKernel>(split.size, rows, smem, stream, p, sel,
                                  tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p),
                                  split.blocks_per_cta);
 }

@@ -274,6 +274,78 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
   }
 }
 
+// The token top-k's radix passes (cluster-wide, 11/11/10-bit digits) on rows full of exact
+// ties: every token of a row repeats one of `patterns` token-index rows, so the alphas take a
+// few values and the k-th is settled inside a tie (equal keys taken in position order), at
+// each pass depending on the budget. Same-step two-level and token-only, GQA and MLA rows of
+// up to 8,192 candidates; the set must equal the CPU's.
+TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(204);
+  const std::vector<SelectShape> shapes = {
+      {{8150, 6500, 3000}, 32, 8, 128, 32, DType::kBF16, false},
+      {{8150, 700}, 128, 1, 576, 128, DType::kBF16, true},
+      {{8150, 6400, 5000, 2000, 8100, 64, 7000, 4000}, 64, 1, 576, 128, DType::kBF16, true},
+  };
+  for (const SelectShape& s : shapes) {
+    testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    const size_t code_bytes = size_t(s.nc) / 2;
+    for (const int patterns : {1, 3}) {
+      // Token t of every index row and KV head copies token t % patterns of index row 0.
+      for (int r = 0; r < c.num_index_rows; ++r) {
+        for (int h = 0; h < c.num_kv_heads; ++h) {
+          for (int t = 0; t < kKvBlockSize; ++t) {
+            const size_t dst = (size_t(r) * c.num_kv_heads + h) * kKvBlockSize + t;
+            const size_t src = size_t(h) * kKvBlockSize + t % patterns;
+            c.scales[dst] = c.scales[src];
+            std::memcpy(&c.codes[dst * code_bytes], &c.codes[src * code_bytes], code_bytes);
+          }
+        }
+      }
+      testing::DeviceTlsCase d;
+      ASSERT_CUDA(d.Upload(c));
+      const int rows = c.batch * c.num_kv_heads;
+      for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kTokenOnly}) {
+        for (const int k_t : {1, 100, 1000, 2047}) {
+          SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " patterns " << patterns
+                                            << " mode " << int(mode) << " k_t " << k_t);
+          const TlsPolicy pol = testing::MakePolicy(mode, TlsLag::kSameStep, 128, k_t, 1, 64);
+          testing::TlsSelectBuffers buf;
+          TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+          ref::TlsDecodeSelect(p);
+          DeviceBuffer db, dn, dp, dpn;
+          ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
+          ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
+          ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
+          ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
+          TlsDecodeSelectParams g = p;
+          g.q = d.q.get();
+          g.seq_lens = d.seq_lens.as<int32_t>();
+          g.index_table = d.index_table.as<int32_t>();
+          g.block_kmax = d.kmax.get();
+          g.block_kmin = d.kmin.get();
+          g.channels = d.channels.as<int32_t>();
+          g.token_codes = d.codes.as<uint8_t>();
+          g.token_scales = d.scales.as<float>();
+          g.blocks = db.as<int32_t>();
+          g.num_blocks = dn.as<int32_t>();
+          g.positions = dp.as<int32_t>();
+          g.num_positions = dpn.as<int32_t>();
+          DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
+          g.workspace = ws.get();
+          ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
+          ASSERT_CUDA(cudaDeviceSynchronize());
+          const auto gpn = Download<int32_t>(dpn, rows);
+          ASSERT_EQ(gpn, buf.num_positions);
+          EXPECT_EQ(
+              testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+              testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace asynctls::kernels
 
