@@ -510,7 +510,14 @@ struct TokenQueries {
   const float* scales;
   const int* sums;
   const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
-  int* row_done;          // per row, zeroed: head tiles done (MlaTileSelectKernel's last-arriver)
+  // Zeroed per row by QuantizeQueryKernel, for the MLA kernels that span several clusters per
+  // row: an arrival counter (MlaTileSelectKernel's head tiles; MlaScoreSelectKernel's barriers
+  // and last arriver), the valid candidates, and per (row, head) the max logit (ordered bits)
+  // and the fixed-point exp sum.
+  int* row_done;
+  int* row_valid;
+  uint32_t* max_bits;
+  unsigned long long* exp_sum;
 };
 // Launches QuantizeQueryKernel, which lets the next kernel on the stream start early: a token
 // kernel launched with programmatic stream serialization (MLA) stages its candidates while the

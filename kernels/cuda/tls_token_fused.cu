@@ -735,14 +735,50 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
   }
 }
 
-template <int NC, int GROUP>
+// Barrier of the CTAs of one row spread over several clusters (all resident at once: the launch
+// checks one wave): each arrives on the row's counter, then waits until `target` arrivals.
+__device__ __forceinline__ void RowBarrier(int* counter, int target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this CTA's global atomics before its arrival
+    atomicAdd(counter, 1);
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
+  }
+  __syncthreads();
+}
+
+// Whether this cluster is the last of the row's clusters to get here (`arrived` CTA arrivals
+// before, `row_ctas` CTAs in all): each cluster's writes are fenced, rank 0 adds the cluster's
+// size to the counter, and every CTA reads the verdict through distributed shared memory.
+__device__ __forceinline__ bool LastClusterOfRow(cg::cluster_group& cluster, int* counter,
+                                                 int arrived, int row_ctas, int* flag) {
+  const int size = static_cast<int>(cluster.num_blocks());
+  __threadfence();
+  cluster.sync();  // every CTA's writes are fenced
+  if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+    *flag = atomicAdd(counter, size) + size == arrived + row_ctas;
+  }
+  cluster.sync();
+  const bool last = *cluster.map_shared_rank(flag, 0) != 0;
+  cluster.sync();  // rank 0's flag is read before any CTA leaves
+  if (last) __threadfence();
+  return last;
+}
+
+template <int NC, int GROUP, int SEL_ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
-                         tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
+                         tls_detail::TokenQueries queries, float* exps, int blocks_per_cta,
+                         int parts) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
   constexpr int kStride = MlaCodeStride<NC>();
-  __shared__ FusedShared<1> sh;
+  constexpr bool kParts = SEL_ITEMS > 1;  // several clusters per row
+  __shared__ FusedShared<SEL_ITEMS> sh;
+  __shared__ int last_flag;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   uint32_t* codes_s = mla_smem;                                                   // [cand][kStride]
@@ -751,7 +787,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bg = blockIdx.y;
+  const int bg = blockIdx.y / parts;
+  const int cta = blockIdx.y % parts * size + rank;  // this CTA's share of the row
+  const int row_ctas = parts * size;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
@@ -761,7 +799,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   const int tiles = span / 8;                        // 8-candidate tiles
   if (tid < kMlaBlocks) {
-    const int i = rank * blocks_per_cta + tid;
+    const int i = cta * blocks_per_cta + tid;
     ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1
                     : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
                                      : p.sink_blocks + i;
@@ -773,7 +811,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[1];
-  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
+  CandidatePositions<1, false>(p, geo, bg, cta, span, pos, nullptr);
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
@@ -835,8 +873,15 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     lhp.AddMax(d, tile_scales(tile));
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
-  cluster.sync();
-  if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
+  if constexpr (!kParts) {
+    cluster.sync();
+    if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
+  } else {  // the row's CTAs meet in global memory
+    __syncthreads();
+    if (tid < GROUP && ms.max_bits[tid] != 0u) atomicMax(queries.max_bits + head0 + tid, ms.max_bits[tid]);
+    RowBarrier(queries.row_done + bg, row_ctas);
+    if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(__ldcg(queries.max_bits + head0 + tid));
+  }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;
@@ -847,10 +892,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // point (FixedParts: order-free).
   const float exp_scale = p.scale * kTlsLog2E;
   const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
-  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
+  float* const cta_exps = exps + head0 * p.max_candidates + cta * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
-  const int store_end = p.max_candidates - rank * span - 2 * t;
+  const int store_end = p.max_candidates - cta * span - 2 * t;
 #pragma unroll 2
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
@@ -860,19 +905,45 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     StoreTileExps(exps0, exps1, 8 * tile, store_end, e);
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
-  cluster.sync();
-  if (tid < GROUP) {
-    ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
+  if constexpr (!kParts) {
+    cluster.sync();
+    if (tid < GROUP) {
+      ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
+    }
+    if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  } else {
+    __syncthreads();
+    if (tid < GROUP && ms.exp_sum[tid] != 0ull) atomicAdd(queries.exp_sum + head0 + tid, ms.exp_sum[tid]);
+    if (tid == kFusedThreads - 1 && sh.counts[0] != 0) atomicAdd(queries.row_valid + bg, sh.counts[0]);
+    RowBarrier(queries.row_done + bg, 2 * row_ctas);
+    if (tid < GROUP) ms.inv[tid] = TlsInvDenominator(__ldcg(queries.exp_sum + head0 + tid), GROUP);
+    if (tid == kFusedThreads - 1) sh.num_valid = __ldcg(queries.row_valid + bg);
   }
-  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
   __syncthreads();
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
   // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
   const float alpha =
       pos[0] >= 0 ? AlphaFromExps<GROUP>(cta_exps + tid, p.max_candidates, ms.inv) : 0.f;
-  uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
-  ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+  if constexpr (!kParts) {
+    uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
+    ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+    return;
+  }
+  // Several clusters per row: alpha into the scratch row of head 0 (only this thread reads that
+  // slot), and the row's last cluster to get here selects over every candidate of the row.
+  if (pos[0] >= 0) cta_exps[tid] = alpha;
+  if (!LastClusterOfRow(cluster, queries.row_done + bg, 2 * row_ctas, row_ctas, &last_flag)) return;
+  int32_t all_pos[SEL_ITEMS];
+  uint32_t key[SEL_ITEMS];
+  CandidatePositions<SEL_ITEMS, false>(p, geo, bg, rank, SEL_ITEMS * kFusedThreads, all_pos, nullptr);
+  const float* row_alpha = exps + head0 * p.max_candidates;
+#pragma unroll
+  for (int u = 0; u < SEL_ITEMS; ++u) {
+    const int j = (rank * SEL_ITEMS + u) * kFusedThreads + tid;
+    key[u] = all_pos[u] >= 0 ? TlsOrderedBits(__ldcg(row_alpha + j)) : 0u;
+  }
+  ClusterSelect<SEL_ITEMS>(cluster, sh, all_pos, key, sh.num_valid, sel, geo, bg);
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
@@ -1087,15 +1158,43 @@ MlaSplit MlaClusterSize(int rows, int max_candidates, size_t smem) {
   return {};
 }
 
+// Several clusters per row (MlaScoreSelectKernel with SEL_ITEMS kMlaPartsItems): clusters of
+// kMlaPartsCluster CTAs, the most `parts` per row for which every cluster of the launch is
+// resident at once (the row barriers wait on each other) and each CTA holds kMlaMinBlocks to
+// kMlaBlocks list entries; the last cluster selects over the whole row, so rows of up to
+// kMlaPartsCluster * kMlaPartsItems * kFusedThreads candidates. {parts, list entries per CTA},
+// or parts 0.
+constexpr int kMlaPartsCluster = 2;
+constexpr int kMlaPartsItems = 4;
+
+template <auto KERNEL>
+MlaSplit MlaRowParts(int rows, int max_candidates, size_t smem) {
+  if (max_candidates > kMlaPartsCluster * kMlaPartsItems * kFusedThreads) return {};
+  const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
+  for (int parts = MaxActiveClusters<KERNEL>(kMlaPartsCluster, smem) / rows; parts >= 2;
+       --parts) {
+    const int ctas = parts * kMlaPartsCluster;
+    const int per = (blocks + ctas - 1) / ctas;
+    if (per > kMlaBlocks || per < kMlaMinBlocks) continue;
+    if ((blocks + per - 1) / per < ctas) continue;  // a CTA would be empty: fewer parts
+    return {parts, per};
+  }
+  return {};
+}
+
 // The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
 // GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU from one row).
+// The one-launch kernel takes a cluster per row, or several clusters per row joined by global
+// barriers when that spreads the rows over more SMs (8 rows of 8,192 candidates: a cluster per
+// row holds at most 9 CTAs resident for all 8 rows, 72 SMs; 8 clusters of 2 per row, 128).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
-  constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
+  constexpr auto kRowKernel = MlaScoreSelectKernel<NC, GROUP, 1>;
+  constexpr auto kPartsKernel = MlaScoreSelectKernel<NC, GROUP, kMlaPartsItems>;
   const size_t smem = MlaDynamicSmem<NC>();
   const int rows = p.batch * p.num_kv_heads;
-  const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
+  const MlaSplit split = MlaClusterSize<kRowKernel>(rows, p.max_candidates, smem);
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
   // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
   // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
@@ -1104,9 +1203,16 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   }
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  return LaunchClustersAfterQueries<kKernel>(split.size, rows, smem, stream, p, sel,
-                                 tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p),
-                                 split.blocks_per_cta);
+  const tls_detail::TokenQueries queries = tls_detail::TokenQueriesIn(p);
+  float* const exps = tls_detail::StoredExps(p);
+  const MlaSplit parts = MlaRowParts<kPartsKernel>(rows, p.max_candidates, smem);
+  if (parts.size >= 2 && parts.size * kMlaPartsCluster > split.size) {
+    return LaunchClustersAfterQueries<kPartsKernel>(kMlaPartsCluster, rows * parts.size, smem,
+                                                    stream, p, sel, queries, exps,
+                                                    parts.blocks_per_cta, parts.size);
+  }
+  return LaunchClustersAfterQueries<kRowKernel>(split.size, rows, smem, stream, p, sel, queries,
+                                                exps, split.blocks_per_cta, 1);
 }
 
 template <int NC>
