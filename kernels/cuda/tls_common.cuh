@@ -510,23 +510,9 @@ struct TokenQueries {
   const float* scales;
   const int* sums;
   const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
-  // Zeroed per row by QuantizeQueryKernel, for the MLA kernels that span several clusters per
-  // row: an arrival counter (MlaTileSelectKernel's head tiles; MlaScoreSelectKernel's barriers
-  // and last arriver), the valid candidates, and per (row, head) the max logit (ordered bits)
-  // and the fixed-point exp sum.
-  int* row_done;
-  int* row_valid;
-  uint32_t* max_bits;
-  unsigned long long* exp_sum;
+  int* row_done;          // per row, zeroed: head tiles done (MlaTileSelectKernel's last-arriver)
 };
-// Launches QuantizeQueryKernel, which lets the next kernel on the stream start early: a token
-// kernel launched with programmatic stream serialization (MLA) stages its candidates while the
-// queries are quantized and calls WaitForQueries before it reads TokenQueries.
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
-
-// Programmatic dependent launch (sm_90): the dependent kernel waits here until the kernel before
-// it on the stream has finished and its writes are visible (a no-op when launched normally).
-__device__ __forceinline__ void WaitForQueries() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 }  // namespace asynctls::kernels::cuda::tls_detail

@@ -302,8 +302,7 @@ struct TokenStats {
   float* qscale;  // [batch * num_kv_heads * group]
   int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
   uint32_t* qfrag;  // groups of 16s: IMMA A fragments per 16-head tile (LoadQueryFragments)
-  int* row_done;    // [batch * num_kv_heads] arrivals (TokenQueries), zeroed by the quantize
-  int* row_valid;   // [batch * num_kv_heads] valid candidates (TokenQueries), zeroed likewise
+  int* row_done;    // [batch * num_kv_heads] head tiles finished (MlaTileSelectKernel)
 };
 
 // Rows x heads.
@@ -328,7 +327,7 @@ TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
   l.qsum = l.qscale + AlignUp(n * 4, 256);
   l.qfrag = l.qsum + AlignUp(n * 4, 256);
   l.row_done = l.qfrag + AlignUp(n * std::max(0, p.num_channels), 256);  // a byte per code
-  l.bytes = l.row_done + AlignUp(size_t(p.batch) * std::max(0, p.num_kv_heads) * 8, 256);
+  l.bytes = l.row_done + AlignUp(size_t(p.batch) * std::max(0, p.num_kv_heads) * 4, 256);
   return l;
 }
 
@@ -345,7 +344,6 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   s.qsum = reinterpret_cast<int*>(base + l.qsum);
   s.qfrag = reinterpret_cast<uint32_t*>(base + l.qfrag);
   s.row_done = reinterpret_cast<int*>(base + l.row_done);
-  s.row_valid = s.row_done + size_t(p.batch) * p.num_kv_heads;
   return s;
 }
 
@@ -366,21 +364,11 @@ __global__ void __launch_bounds__(kQuantizeTileHeads * 32)
   const int heads = static_cast<int>(blockDim.x) / 32;
   const int hh = blockIdx.y * heads + threadIdx.x / 32;
   const int64_t head = int64_t{bg} * group + hh;
-  // The token kernel after this one may start launching now (programmatic dependent launch):
-  // it reads these results only after its griddepcontrol.wait, which waits for this grid.
-  asm volatile("griddepcontrol.launch_dependents;");
-  if (blockIdx.y == 0 && threadIdx.x == 0) {  // before the token kernel (TokenQueries)
-    stats.row_done[bg] = 0;
-    stats.row_valid[bg] = 0;
-  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) stats.row_done[bg] = 0;  // before the token kernel
   if (hh < group) {
     const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
                                          stats.qcode + head * NC, stats.qscale + head);
-    if ((threadIdx.x & 31) == 0) {
-      stats.qsum[head] = sum;
-      stats.max_bits[head] = 0u;
-      stats.exp_sum[head] = 0ull;
-    }
+    if ((threadIdx.x & 31) == 0) stats.qsum[head] = sum;
   }
   if (heads != kQuantizeTileHeads) return;
   __syncthreads();  // the tile's codes (global, written by this CTA) are complete
@@ -867,7 +855,7 @@ cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stre
 
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p) {
   const TokenStats s = TokenStatsIn(p.workspace, p);
-  return {s.qcode, s.qscale, s.qsum, s.qfrag, s.row_done, s.row_valid, s.max_bits, s.exp_sum};
+  return {s.qcode, s.qscale, s.qsum, s.qfrag, s.row_done};
 }
 
 }  // namespace tls_detail

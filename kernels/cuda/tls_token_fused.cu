@@ -42,7 +42,7 @@ using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::WaitForQueries;
+using tls_detail::RadixPassDecide;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -57,17 +57,6 @@ constexpr int kFusedMaxGroup = 16;  // GQA kernel: the group's queries and stati
 
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
-// The cluster top-k's radix passes: digits of 11, 11 and 10 bits (most significant first), so
-// three passes settle a 32-bit key where 8-bit digits took four. Each pass costs a cluster
-// barrier, a distributed-shared-memory round trip and two block barriers whatever its width;
-// 2,048 bins are two per thread.
-constexpr int kRadixPasses = 3;
-constexpr int RadixBits(int pass) { return pass < 2 ? 11 : 10; }
-constexpr int RadixShift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
-constexpr int kRadixBins = 1 << 11;
-constexpr uint32_t kNoDigit = ~0u;  // a key outside the pass's prefix
-static_assert(kRadixBins == 2 * kFusedThreads, "two bins per thread in the widest pass");
-
 template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes
@@ -81,7 +70,8 @@ struct FusedShared {
   unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
   float max_f[kFusedMaxGroup];                 // cluster-wide max per head
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
-  int hist[2][kRadixBins];                     // radix pass p uses hist[p & 1]
+  int hist[2][256];                            // radix pass p uses hist[p & 1]
+  int hist_sum[256];                           // cluster-wide histogram of the pass
   int counts[3];                               // this CTA's valid, above, equal counts
   int num_valid;                               // cluster-wide valid candidates
   int above_before, equal_before, kept;        // ranks before this CTA; cluster-wide kept
@@ -162,48 +152,6 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
   }
 }
 
-// One cluster radix pass's decision, by every thread once `hist` is complete on every rank:
-// thread t owns the bins' digits from the top down (two per thread at 11 bits, one at 10),
-// sums them over the ranks, and the thread whose digits hold the `remaining`-th largest key
-// (counting from the top: a warp scan, then the warp totals) extends the prefix and the rank
-// left. Also zeroes the other histogram buffer for the next pass (its peers' reads ended before
-// this pass's cluster barrier). Returns whether the digit's keys are all kept (no later pass).
-template <int ITEMS>
-__device__ __forceinline__ bool ClusterRadixDecide(cg::cluster_group& cluster,
-                                                   FusedShared<ITEMS>& sh, int* hist, int pass,
-                                                   uint32_t* prefix, int* remaining) {
-  const int size = static_cast<int>(cluster.num_blocks());
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = (1 << RadixBits(pass)) / kFusedThreads;  // 2 or 1
-  const int top = (1 << RadixBits(pass)) - 1 - per * tid;  // this thread's first digit
-  const int c0 = ClusterSum(cluster, &hist[top], size);
-  const int c1 = per == 2 ? ClusterSum(cluster, &hist[top - 1], size) : 0;
-  int* next = sh.hist[(pass + 1) & 1];
-  next[2 * tid] = 0;
-  next[2 * tid + 1] = 0;
-  const int local = c0 + c1;
-  const int incl = WarpInclusiveSum(local);
-  if (lane == 31) sh.scan[warp] = incl;
-  __syncthreads();
-  const int total = lane < kFusedWarps ? sh.scan[lane] : 0;
-  const int warp_before = __shfl_sync(0xffffffffu, WarpInclusiveSum(total) - total, warp);
-  const int above = warp_before + incl - local;  // keys in higher digits than `top`
-  const int want = *remaining;
-  if (above < want && want <= above + local) {
-    const bool first = want <= above + c0;
-    const int before = first ? above : above + c0;
-    const int count = first ? c0 : c1;
-    const int shift = RadixShift(pass);
-    sh.prefix = *prefix | (static_cast<uint32_t>(first ? top : top - 1) << shift);
-    sh.remaining = want - before;
-    sh.done = want - before == count ? 1 : 0;
-  }
-  __syncthreads();
-  *prefix = sh.prefix;
-  *remaining = sh.remaining;
-  return sh.done != 0;
-}
-
 // The cluster's top-k of one row from each thread's ITEMS keys (pos < 0: no candidate) and the
 // row's valid count, as BlockTopK with histograms summed over the ranks; writes the row's
 // positions (sink, kept in position order, recent) and their count. Ends with a cluster
@@ -224,23 +172,28 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
   if (!take_all && k > 0) {
     uint32_t prefix = 0;
     int remaining = k;
-    for (int pass = 0; pass < kRadixPasses; ++pass) {
-      const int shift = RadixShift(pass);
-      const uint32_t digit_mask = (1u << RadixBits(pass)) - 1u;
+    int pass = 0;
+    for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
       int* hist = sh.hist[pass & 1];
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
-        const uint32_t digit = pos[u] >= 0 && (key[u] & mask) == prefix
-                                   ? (key[u] >> shift) & digit_mask : kNoDigit;
-        if (__any_sync(0xffffffffu, digit != kNoDigit)) {
+        const uint32_t digit =
+            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
+        if (__any_sync(0xffffffffu, digit != 256u)) {
           const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != kNoDigit && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
         }
       }
       cluster.sync();  // every rank's histogram of this pass is complete
-      const bool settled = ClusterRadixDecide(cluster, sh, hist, pass, &prefix, &remaining);
-      mask |= digit_mask << shift;
-      if (settled) break;
+      for (int i = tid; i < 256; i += kFusedThreads) {
+        sh.hist_sum[i] = ClusterSum(cluster, &hist[i], size);
+        sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
+      }
+      __syncthreads();
+      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
+                          &sh.done)) {
+        break;
+      }
     }
     threshold = prefix;
     need_equal = remaining;
@@ -349,7 +302,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
-  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
@@ -482,12 +435,9 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
 }
 
 // One row per cluster of `size` CTAs; also lets the kernel use `smem` of dynamic shared memory.
-// With `after_queries` the launch may overlap QuantizeQueryKernel before it on the stream
-// (programmatic stream serialization; the kernel calls WaitForQueries). `attr` holds two.
 template <auto KERNEL>
 cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
-                          cudaLaunchAttribute* attr, cudaLaunchConfig_t* config,
-                          bool after_queries = false) {
+                          cudaLaunchAttribute* attr, cudaLaunchConfig_t* config) {
   cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
   if (size > kFusedMaxCluster) {  // per device, so asked on every launch (a host-side call)
@@ -503,10 +453,8 @@ cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
   attr->val.clusterDim.x = size;
   attr->val.clusterDim.y = 1;
   attr->val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
   config->attrs = attr;
-  config->numAttrs = after_queries ? 2 : 1;
+  config->numAttrs = 1;
   return cudaSuccess;
 }
 
@@ -519,9 +467,9 @@ int MaxActiveClusters(int size, size_t smem) {
   static std::atomic<int> cache[kClusterMaxRanks + 1] = {};  // 0 = not asked yet
   int active = cache[size].load(std::memory_order_relaxed);
   if (active == 0) {
-    cudaLaunchAttribute attr[2] = {};
+    cudaLaunchAttribute attr{};
     cudaLaunchConfig_t config;
-    if (ClusterConfig<KERNEL>(size, 1, smem, nullptr, attr, &config) != cudaSuccess ||
+    if (ClusterConfig<KERNEL>(size, 1, smem, nullptr, &attr, &config) != cudaSuccess ||
         cudaOccupancyMaxActiveClusters(&active, KERNEL, &config) != cudaSuccess || active <= 0) {
       (void)cudaGetLastError();
       active = 1;
@@ -533,20 +481,9 @@ int MaxActiveClusters(int size, size_t smem) {
 
 template <auto KERNEL, typename... Args>
 cudaError_t LaunchClusters(int size, int rows, size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr[2] = {};
+  cudaLaunchAttribute attr{};
   cudaLaunchConfig_t config;
-  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, attr, &config);
-  if (err != cudaSuccess) return err;
-  return cudaLaunchKernelEx(&config, KERNEL, args...);
-}
-
-// LaunchClusters right after QuantizeTokenQueries, overlapping it (see ClusterConfig).
-template <auto KERNEL, typename... Args>
-cudaError_t LaunchClustersAfterQueries(int size, int rows, size_t smem, cudaStream_t stream,
-                                       Args... args) {
-  cudaLaunchAttribute attr[2] = {};
-  cudaLaunchConfig_t config;
-  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, attr, &config, true);
+  const cudaError_t err = ClusterConfig<KERNEL>(size, rows, smem, stream, &attr, &config);
   if (err != cudaSuccess) return err;
   return cudaLaunchKernelEx(&config, KERNEL, args...);
 }
@@ -735,50 +672,14 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
   }
 }
 
-// Barrier of the CTAs of one row spread over several clusters (all resident at once: the launch
-// checks one wave): each arrives on the row's counter, then waits until `target` arrivals.
-__device__ __forceinline__ void RowBarrier(int* counter, int target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this CTA's global atomics before its arrival
-    atomicAdd(counter, 1);
-    int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
-    } while (seen < target);
-  }
-  __syncthreads();
-}
-
-// Whether this cluster is the last of the row's clusters to get here (`arrived` CTA arrivals
-// before, `row_ctas` CTAs in all): each cluster's writes are fenced, rank 0 adds the cluster's
-// size to the counter, and every CTA reads the verdict through distributed shared memory.
-__device__ __forceinline__ bool LastClusterOfRow(cg::cluster_group& cluster, int* counter,
-                                                 int arrived, int row_ctas, int* flag) {
-  const int size = static_cast<int>(cluster.num_blocks());
-  __threadfence();
-  cluster.sync();  // every CTA's writes are fenced
-  if (cluster.block_rank() == 0 && threadIdx.x == 0) {
-    *flag = atomicAdd(counter, size) + size == arrived + row_ctas;
-  }
-  cluster.sync();
-  const bool last = *cluster.map_shared_rank(flag, 0) != 0;
-  cluster.sync();  // rank 0's flag is read before any CTA leaves
-  if (last) __threadfence();
-  return last;
-}
-
-template <int NC, int GROUP, int SEL_ITEMS>
+template <int NC, int GROUP>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
-                         tls_detail::TokenQueries queries, float* exps, int blocks_per_cta,
-                         int parts) {
+                         tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   constexpr int kMTiles = GROUP / 16;
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
   constexpr int kStride = MlaCodeStride<NC>();
-  constexpr bool kParts = SEL_ITEMS > 1;  // several clusters per row
-  __shared__ FusedShared<SEL_ITEMS> sh;
-  __shared__ int last_flag;
+  __shared__ FusedShared<1> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   uint32_t* codes_s = mla_smem;                                                   // [cand][kStride]
@@ -787,9 +688,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bg = blockIdx.y / parts;
-  const int cta = blockIdx.y % parts * size + rank;  // this CTA's share of the row
-  const int row_ctas = parts * size;
+  const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
@@ -799,7 +698,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   const int tiles = span / 8;                        // 8-candidate tiles
   if (tid < kMlaBlocks) {
-    const int i = cta * blocks_per_cta + tid;
+    const int i = rank * blocks_per_cta + tid;
     ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1
                     : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
                                      : p.sink_blocks + i;
@@ -808,10 +707,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (tid < GROUP) {
     ms.max_bits[tid] = 0u;
     ms.exp_sum[tid] = 0ull;
+    ms.qscale[tid] = queries.scales[head0 + tid];
+    ms.qsum[tid] = queries.sums[head0 + tid];
   }
-  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[1];
-  CandidatePositions<1, false>(p, geo, bg, cta, span, pos, nullptr);
+  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
@@ -830,11 +731,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
     StageUnpackedCodes<NC>(words, codes_s + tid * kStride);
     scale_s[tid] = scale;
-  }
-  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
-  if (tid < GROUP) {
-    ms.qscale[tid] = queries.scales[head0 + tid];
-    ms.qsum[tid] = queries.sums[head0 + tid];
   }
 
   // This warp's 16-head tile and its two heads per lane (C rows lane / 4 and + 8).
@@ -873,15 +769,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     lhp.AddMax(d, tile_scales(tile));
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
-  if constexpr (!kParts) {
-    cluster.sync();
-    if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
-  } else {  // the row's CTAs meet in global memory
-    __syncthreads();
-    if (tid < GROUP && ms.max_bits[tid] != 0u) atomicMax(queries.max_bits + head0 + tid, ms.max_bits[tid]);
-    RowBarrier(queries.row_done + bg, row_ctas);
-    if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(__ldcg(queries.max_bits + head0 + tid));
-  }
+  cluster.sync();
+  if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;
@@ -892,10 +781,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // point (FixedParts: order-free).
   const float exp_scale = p.scale * kTlsLog2E;
   const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
-  float* const cta_exps = exps + head0 * p.max_candidates + cta * span;  // [head][slot]
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
-  const int store_end = p.max_candidates - cta * span - 2 * t;
+  const int store_end = p.max_candidates - rank * span - 2 * t;
 #pragma unroll 2
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
@@ -905,45 +794,19 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     StoreTileExps(exps0, exps1, 8 * tile, store_end, e);
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
-  if constexpr (!kParts) {
-    cluster.sync();
-    if (tid < GROUP) {
-      ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
-    }
-    if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
-  } else {
-    __syncthreads();
-    if (tid < GROUP && ms.exp_sum[tid] != 0ull) atomicAdd(queries.exp_sum + head0 + tid, ms.exp_sum[tid]);
-    if (tid == kFusedThreads - 1 && sh.counts[0] != 0) atomicAdd(queries.row_valid + bg, sh.counts[0]);
-    RowBarrier(queries.row_done + bg, 2 * row_ctas);
-    if (tid < GROUP) ms.inv[tid] = TlsInvDenominator(__ldcg(queries.exp_sum + head0 + tid), GROUP);
-    if (tid == kFusedThreads - 1) sh.num_valid = __ldcg(queries.row_valid + bg);
+  cluster.sync();
+  if (tid < GROUP) {
+    ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
   }
+  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
   __syncthreads();
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
   // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
   const float alpha =
       pos[0] >= 0 ? AlphaFromExps<GROUP>(cta_exps + tid, p.max_candidates, ms.inv) : 0.f;
-  if constexpr (!kParts) {
-    uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
-    ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
-    return;
-  }
-  // Several clusters per row: alpha into the scratch row of head 0 (only this thread reads that
-  // slot), and the row's last cluster to get here selects over every candidate of the row.
-  if (pos[0] >= 0) cta_exps[tid] = alpha;
-  if (!LastClusterOfRow(cluster, queries.row_done + bg, 2 * row_ctas, row_ctas, &last_flag)) return;
-  int32_t all_pos[SEL_ITEMS];
-  uint32_t key[SEL_ITEMS];
-  CandidatePositions<SEL_ITEMS, false>(p, geo, bg, rank, SEL_ITEMS * kFusedThreads, all_pos, nullptr);
-  const float* row_alpha = exps + head0 * p.max_candidates;
-#pragma unroll
-  for (int u = 0; u < SEL_ITEMS; ++u) {
-    const int j = (rank * SEL_ITEMS + u) * kFusedThreads + tid;
-    key[u] = all_pos[u] >= 0 ? TlsOrderedBits(__ldcg(row_alpha + j)) : 0u;
-  }
-  ClusterSelect<SEL_ITEMS>(cluster, sh, all_pos, key, sh.num_valid, sel, geo, bg);
+  uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
+  ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
@@ -986,7 +849,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     max_bits[tid] = 0u;
     exp_sum[tid] = 0ull;
   }
-  for (int i = tid; i < kRadixBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
@@ -1003,7 +866,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   const int r = lane >> 2, t = lane & 3;
-  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
   LaneHeadPair lhp;
@@ -1118,7 +980,7 @@ cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectPar
   const int tiles = p.num_q_heads / p.num_kv_heads / kTlsAlphaHeadTile;
   const size_t smem =  // tok_s, scale_s, pos_s
       size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
-  return LaunchClustersAfterQueries<MlaTileSelectKernel<NC, ITEMS>>(
+  return LaunchClusters<MlaTileSelectKernel<NC, ITEMS>>(
       FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads * tiles, smem, stream,
       p, sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));
 }
@@ -1158,43 +1020,15 @@ MlaSplit MlaClusterSize(int rows, int max_candidates, size_t smem) {
   return {};
 }
 
-// Several clusters per row (MlaScoreSelectKernel with SEL_ITEMS kMlaPartsItems): clusters of
-// kMlaPartsCluster CTAs, the most `parts` per row for which every cluster of the launch is
-// resident at once (the row barriers wait on each other) and each CTA holds kMlaMinBlocks to
-// kMlaBlocks list entries; the last cluster selects over the whole row, so rows of up to
-// kMlaPartsCluster * kMlaPartsItems * kFusedThreads candidates. {parts, list entries per CTA},
-// or parts 0.
-constexpr int kMlaPartsCluster = 2;
-constexpr int kMlaPartsItems = 4;
-
-template <auto KERNEL>
-MlaSplit MlaRowParts(int rows, int max_candidates, size_t smem) {
-  if (max_candidates > kMlaPartsCluster * kMlaPartsItems * kFusedThreads) return {};
-  const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
-  for (int parts = MaxActiveClusters<KERNEL>(kMlaPartsCluster, smem) / rows; parts >= 2;
-       --parts) {
-    const int ctas = parts * kMlaPartsCluster;
-    const int per = (blocks + ctas - 1) / ctas;
-    if (per > kMlaBlocks || per < kMlaMinBlocks) continue;
-    if ((blocks + per - 1) / per < ctas) continue;  // a CTA would be empty: fewer parts
-    return {parts, per};
-  }
-  return {};
-}
-
 // The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
 // GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU from one row).
-// The one-launch kernel takes a cluster per row, or several clusters per row joined by global
-// barriers when that spreads the rows over more SMs (8 rows of 8,192 candidates: a cluster per
-// row holds at most 9 CTAs resident for all 8 rows, 72 SMs; 8 clusters of 2 per row, 128).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
-  constexpr auto kRowKernel = MlaScoreSelectKernel<NC, GROUP, 1>;
-  constexpr auto kPartsKernel = MlaScoreSelectKernel<NC, GROUP, kMlaPartsItems>;
+  constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
   const size_t smem = MlaDynamicSmem<NC>();
   const int rows = p.batch * p.num_kv_heads;
-  const MlaSplit split = MlaClusterSize<kRowKernel>(rows, p.max_candidates, smem);
+  const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
   // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
   // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
@@ -1203,16 +1037,9 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   }
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  const tls_detail::TokenQueries queries = tls_detail::TokenQueriesIn(p);
-  float* const exps = tls_detail::StoredExps(p);
-  const MlaSplit parts = MlaRowParts<kPartsKernel>(rows, p.max_candidates, smem);
-  if (parts.size >= 2 && parts.size * kMlaPartsCluster > split.size) {
-    return LaunchClustersAfterQueries<kPartsKernel>(kMlaPartsCluster, rows * parts.size, smem,
-                                                    stream, p, sel, queries, exps,
-                                                    parts.blocks_per_cta, parts.size);
-  }
-  return LaunchClustersAfterQueries<kRowKernel>(split.size, rows, smem, stream, p, sel, queries,
-                                                exps, split.blocks_per_cta, 1);
+  return LaunchClusters<kKernel>(split.size, rows, smem, stream, p, sel,
+                                 tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p),
+                                 split.blocks_per_cta);
 }
 
 template <int NC>
