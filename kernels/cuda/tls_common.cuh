@@ -514,5 +514,12 @@ struct TokenQueries {
 };
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
+// QuantizeQueryKernel lets the next kernel on the stream launch early (programmatic dependent
+// launch, sm_90): the MLA token kernels stage their candidates meanwhile and call WaitForQueries
+// before they read TokenQueries: it returns once the quantize grid has finished and its writes
+// are visible (at once when the kernel was launched normally).
+__device__ __forceinline__ void WaitForQueries() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
 
 }  // namespace asynctls::kernels::cuda::tls_detail

@@ -364,6 +364,9 @@ __global__ void __launch_bounds__(kQuantizeTileHeads * 32)
   const int heads = static_cast<int>(blockDim.x) / 32;
   const int hh = blockIdx.y * heads + threadIdx.x / 32;
   const int64_t head = int64_t{bg} * group + hh;
+  // A token kernel launched after this one with programmatic stream serialization may start
+  // now: it reads what this grid writes only after WaitForQueries.
+  asm volatile("griddepcontrol.launch_dependents;");
   if (blockIdx.y == 0 && threadIdx.x == 0) stats.row_done[bg] = 0;  // before the token kernel
   if (hh < group) {
     const int sum = QuantizeHeadWarp<NC>(p, bg / p.num_kv_heads, bg % p.num_kv_heads, hh,
