@@ -54,6 +54,53 @@ std::vector<SelectShape> Shapes() {
   };
 }
 
+// The device run of decode-select `p` whose reference run filled `buf` (inputs from `d`,
+// outputs poisoned first): the same positions and counts, and the same blocks for the modes
+// that keep blocks.
+void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
+                               const testing::TlsSelectBuffers& buf, int rows, TlsMode mode) {
+  DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
+  ASSERT_CUDA(pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
+  ASSERT_CUDA(
+      pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
+  ASSERT_CUDA(
+      pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0} : buf.prev_select_lens));
+  ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
+  ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
+  ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
+  ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
+  TlsDecodeSelectParams g = p;
+  g.q = d.q.get();
+  g.seq_lens = d.seq_lens.as<int32_t>();
+  g.index_table = d.index_table.as<int32_t>();
+  g.block_kmax = d.kmax.get();
+  g.block_kmin = d.kmin.get();
+  g.channels = d.channels.as<int32_t>();
+  g.token_codes = d.codes.as<uint8_t>();
+  g.token_scales = d.scales.as<float>();
+  g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
+  g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
+  g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
+  g.blocks = db.as<int32_t>();
+  g.num_blocks = dn.as<int32_t>();
+  g.positions = dp.as<int32_t>();
+  g.num_positions = dpn.as<int32_t>();
+  DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
+  g.workspace = ws.get();
+  ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto gpn = Download<int32_t>(dpn, rows);
+  ASSERT_EQ(gpn, buf.num_positions);
+  EXPECT_EQ(testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+            testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+  if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
+    const auto gn = Download<int32_t>(dn, rows);
+    ASSERT_EQ(gn, buf.num_blocks);
+    EXPECT_EQ(testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
+              testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+  }
+}
+
 TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(201);
@@ -225,60 +272,19 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
           TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
           ref::TlsDecodeSelect(p);
 
-          DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
-          ASSERT_CUDA(
-              pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
-          ASSERT_CUDA(pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0}
-                                                            : buf.prev_num_blocks));
-          ASSERT_CUDA(pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0}
-                                                             : buf.prev_select_lens));
-          ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
-          ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
-          ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
-          ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
-          TlsDecodeSelectParams g = p;
-          g.q = d.q.get();
-          g.seq_lens = d.seq_lens.as<int32_t>();
-          g.index_table = d.index_table.as<int32_t>();
-          g.block_kmax = d.kmax.get();
-          g.block_kmin = d.kmin.get();
-          g.channels = d.channels.as<int32_t>();
-          g.token_codes = d.codes.as<uint8_t>();
-          g.token_scales = d.scales.as<float>();
-          g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
-          g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
-          g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
-          g.blocks = db.as<int32_t>();
-          g.num_blocks = dn.as<int32_t>();
-          g.positions = dp.as<int32_t>();
-          g.num_positions = dpn.as<int32_t>();
-          DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
-          g.workspace = ws.get();
-          ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
-          ASSERT_CUDA(cudaDeviceSynchronize());
-          const auto gpn = Download<int32_t>(dpn, rows);
-          ASSERT_EQ(gpn, buf.num_positions);
-          EXPECT_EQ(
-              testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
-              testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
-          if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
-            const auto gn = Download<int32_t>(dn, rows);
-            ASSERT_EQ(gn, buf.num_blocks);
-            EXPECT_EQ(
-                testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
-                testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
-          }
+          ExpectDeviceSelectMatches(p, d, buf, rows, mode);
         }
       }
     }
   }
 }
 
-// The token top-k's radix passes (cluster-wide, 11/11/10-bit digits) on rows full of exact
-// ties: every token of a row repeats one of `patterns` token-index rows, so the alphas take a
-// few values and the k-th is settled inside a tie (equal keys taken in position order), at
-// each pass depending on the budget. Same-step two-level and token-only, GQA and MLA rows of
-// up to 8,192 candidates; the set must equal the CPU's.
+// The token top-k's cluster-wide radix passes on rows full of exact ties: every token of a row
+// repeats one of `patterns` token-index rows, so the alphas take a few values and the k-th is
+// settled inside a tie (equal keys taken in position order), at a pass that depends on the
+// budget. Same-step two-level and token-only, GQA and MLA rows of up to 8,192 candidates (on
+// the H200: the GQA kernel, the MLA head-tile kernel at 2 rows, the MLA row kernel at 8); the
+// sets must equal the CPU's.
 TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(204);
@@ -313,33 +319,7 @@ TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
           testing::TlsSelectBuffers buf;
           TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
           ref::TlsDecodeSelect(p);
-          DeviceBuffer db, dn, dp, dpn;
-          ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
-          ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
-          ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
-          ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
-          TlsDecodeSelectParams g = p;
-          g.q = d.q.get();
-          g.seq_lens = d.seq_lens.as<int32_t>();
-          g.index_table = d.index_table.as<int32_t>();
-          g.block_kmax = d.kmax.get();
-          g.block_kmin = d.kmin.get();
-          g.channels = d.channels.as<int32_t>();
-          g.token_codes = d.codes.as<uint8_t>();
-          g.token_scales = d.scales.as<float>();
-          g.blocks = db.as<int32_t>();
-          g.num_blocks = dn.as<int32_t>();
-          g.positions = dp.as<int32_t>();
-          g.num_positions = dpn.as<int32_t>();
-          DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
-          g.workspace = ws.get();
-          ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
-          ASSERT_CUDA(cudaDeviceSynchronize());
-          const auto gpn = Download<int32_t>(dpn, rows);
-          ASSERT_EQ(gpn, buf.num_positions);
-          EXPECT_EQ(
-              testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
-              testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+          ExpectDeviceSelectMatches(p, d, buf, rows, mode);
         }
       }
     }
