@@ -20,7 +20,7 @@ QUICK_FLAG=""
 status=0
 log() { echo "== $*" | tee -a "$OUT/attention.log"; }
 
-log "$(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+log "$(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$OUT/attention.log"
 
 # Register / spill report of the attention kernels, in the background while the build runs.

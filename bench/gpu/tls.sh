@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 status=0
 log() { echo "== $*" | tee -a "$OUT/tls.log"; }
 
-log "$(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+log "$(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,driver_version --format=csv 2>&1 | tee -a "$OUT/tls.log"
 
 ( for f in kernels/cuda/tls_*.cu; do

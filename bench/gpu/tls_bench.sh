@@ -10,7 +10,8 @@
 #
 # Env: OUT (default ./tls-bench-out), BUILD_DIR (default build), QUICK=1 (batch 1/8, 32K/128K,
 # k_t 1024 only), ONLY=gqa|mla (one layout; mla skips SDPA), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES
-# (default 15). Needs cmake, ninja, nvcc
+# (default 15), COMMIT (the commit the header names; a copied tree's git metadata may be stale,
+# so pass COMMIT=<hash> from the caller). Needs cmake, ninja, nvcc
 # (CUDA 13), python3 with torch for the SDPA baseline, GoogleTest sources in .deps/googletest.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
@@ -27,7 +28,7 @@ status=0
 log() { echo "== $*" | tee -a "$OUT/tls_bench.log"; }
 t0=$(date +%s)
 
-log "$(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+log "$(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
   "$(git status --porcelain 2>/dev/null | grep -q . && echo '(dirty tree)')"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 |
   tee -a "$OUT/tls_bench.log"
