@@ -28,9 +28,12 @@ using attention_detail::SmemAddr;
 using attention_detail::TileOffset;
 using tls_detail::AlignUp;
 using tls_detail::EnsureDynamicSmem;
+using tls_detail::LaunchAfterPrevious;
+using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::NumSms;
 using tls_detail::StoreIo;
+using tls_detail::WaitForPreviousGrid;
 
 constexpr int kAttnThreads = 256;
 constexpr int kAttnWarps = kAttnThreads / 32;
@@ -104,6 +107,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h0 = blockIdx.z * HPC;
   const int heads = min(HPC, group - h0);
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
   const int n = p.num_positions[bg];
   const int t_begin = split * split_tokens;
   const int t_end = min(n, t_begin + split_tokens);
@@ -216,6 +220,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     __syncthreads();
   }
   __syncthreads();  // m_s / l_s visible even when this split had no positions
+  LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) {
@@ -319,6 +324,7 @@ __global__ void __launch_bounds__(kThreads)
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h0 = blockIdx.z * kRows;
   const int heads = min(kRows, group - h0);
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
   const int n = p.num_positions[bg];
   const int t_begin = split * split_tokens;
   const int t_end = min(n, t_begin + split_tokens);
@@ -458,6 +464,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   __syncthreads();  // m_s / l_s visible even when this split had no positions
+  LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
   typename Io::T* out = static_cast<typename Io::T*>(p.out);
 #pragma unroll
@@ -534,6 +541,7 @@ __global__ void __launch_bounds__(kMergeThreads)
                       const float* ws_ml) {
   __shared__ float weight[kMaxSplits];
   __shared__ float total[1];
+  WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
   SplitWeights(p, num_splits, ws_ml, qh, weight, total);
@@ -564,6 +572,7 @@ __global__ void __launch_bounds__(kManyMergeThreads)
   __shared__ float weight[kMaxSplits];
   __shared__ float total[1];
   __shared__ float part_sum[kMergeParts - 1][kMergeDims];
+  WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
   SplitWeights(p, num_splits, ws_ml, qh, weight, total);
@@ -631,7 +640,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
 template <auto KERNEL>
 cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& plan, int threads,
                          size_t smem, cudaStream_t stream) {
-  const cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
+  cudaError_t err = EnsureDynamicSmem<KERNEL>(smem);
   if (err != cudaSuccess) return err;
   float* ws_acc = nullptr;
   float* ws_ml = nullptr;
@@ -641,19 +650,19 @@ cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& pla
         size_t(plan.num_splits) * p.batch * p.num_q_heads * p.v_head_dim * sizeof(float), 256);
     ws_ml = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + acc_bytes);
   }
+  // Both launches may start before the kernel ahead of them ends (see LaunchAfterPrevious).
   const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
-  KERNEL<<<grid, threads, smem, stream>>>(p, plan.split_tokens, plan.num_splits, ws_acc, ws_ml);
-  if (plan.num_splits > 1) {
-    const int rows = p.batch * p.num_q_heads;
-    if (plan.num_splits >= kManySplits) {
-      const dim3 merge_grid(rows, (p.v_head_dim + kMergeDims - 1) / kMergeDims);
-      MergeManySplitsKernel<<<merge_grid, kManyMergeThreads, 0, stream>>>(p, plan.num_splits,
-                                                                           ws_acc, ws_ml);
-    } else {
-      MergeSplitsKernel<<<rows, kMergeThreads, 0, stream>>>(p, plan.num_splits, ws_acc, ws_ml);
-    }
+  err = LaunchAfterPrevious<KERNEL>(grid, threads, smem, stream, p, plan.split_tokens,
+                                                plan.num_splits, ws_acc, ws_ml);
+  if (err != cudaSuccess || plan.num_splits <= 1) return err;
+  const int rows = p.batch * p.num_q_heads;
+  if (plan.num_splits >= kManySplits) {
+    const dim3 merge_grid(rows, (p.v_head_dim + kMergeDims - 1) / kMergeDims);
+    return LaunchAfterPrevious<MergeManySplitsKernel>(merge_grid, kManyMergeThreads, 0, stream, p,
+                                                      plan.num_splits, ws_acc, ws_ml);
   }
-  return cudaGetLastError();
+  return LaunchAfterPrevious<MergeSplitsKernel>(dim3(rows), kMergeThreads, 0, stream, p,
+                                                plan.num_splits, ws_acc, ws_ml);
 }
 
 template <int HEAD_DIM, int V_DIM, int HPC>

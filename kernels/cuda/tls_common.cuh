@@ -514,12 +514,36 @@ struct TokenQueries {
 };
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
-// QuantizeQueryKernel lets the next kernel on the stream launch early (programmatic dependent
-// launch, sm_90): the MLA token kernels stage their candidates meanwhile and call WaitForQueries
-// before they read TokenQueries: it returns once the quantize grid has finished and its writes
-// are visible (at once when the kernel was launched normally).
-__device__ __forceinline__ void WaitForQueries() {
+// Programmatic dependent launch (sm_90) between the kernels of a decode step. A kernel launched
+// by LaunchAfterPrevious may start while the kernel before it on the stream still runs, once
+// every CTA of that one has called LetNextGridLaunch (or exited); it must call
+// WaitForPreviousGrid before it reads anything the previous grid writes. That returns once the
+// previous grid has finished and its writes are visible (at once after a normal launch).
+// Kernels call LetNextGridLaunch only after their own WaitForPreviousGrid (if any), so the grid
+// two launches back has finished by the time a dependent starts: only the previous grid's
+// outputs need the wait. QuantizeQueryKernel lets the MLA token kernels stage their candidates
+// meanwhile; the token top-k lets the sparse attention launch during its compaction.
+__device__ __forceinline__ void WaitForPreviousGrid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+__device__ __forceinline__ void LetNextGridLaunch() {
+  asm volatile("griddepcontrol.launch_dependents;");
+}
+
+template <auto KERNEL, typename... Args>
+cudaError_t LaunchAfterPrevious(dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                                Args... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, KERNEL, args...);
 }
 
 }  // namespace asynctls::kernels::cuda::tls_detail

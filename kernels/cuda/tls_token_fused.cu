@@ -36,6 +36,7 @@ using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
+using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
@@ -43,7 +44,7 @@ using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::RadixPassDecide;
-using tls_detail::WaitForQueries;
+using tls_detail::WaitForPreviousGrid;
 using tls_detail::WarpInclusiveSum;
 
 constexpr int kFusedThreads = 1024;              // threads per CTA (one CTA per SM at 64 registers)
@@ -200,6 +201,8 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
     need_equal = remaining;
   }
 
+  // The sparse attention after this kernel may launch now (it waits for the positions below).
+  LetNextGridLaunch();
   // Ordered compaction. The rank of a kept item = (items above the threshold before it) +
   // min(equal items before it, need_equal): prefixes over ranks, then (item, warp) entries,
   // then lanes.
@@ -437,7 +440,7 @@ constexpr size_t FusedDynamicSmem(int max_group, int items) {
 
 // One row per cluster of `size` CTAs; also lets the kernel use `smem` of dynamic shared memory.
 // With `after_queries` the launch may overlap QuantizeQueryKernel before it on the stream
-// (programmatic stream serialization; the kernel calls WaitForQueries). `attr` holds two.
+// (programmatic stream serialization; the kernel calls WaitForPreviousGrid). `attr` holds two.
 template <auto KERNEL>
 cudaError_t ClusterConfig(int size, int rows, size_t smem, cudaStream_t stream,
                           cudaLaunchAttribute* attr, cudaLaunchConfig_t* config,
@@ -748,7 +751,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     StageUnpackedCodes<NC>(words, codes_s + tid * kStride);
     scale_s[tid] = scale;
   }
-  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
+  WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   if (tid < GROUP) {
     ms.qscale[tid] = queries.scales[head0 + tid];
     ms.qsum[tid] = queries.sums[head0 + tid];
@@ -887,7 +890,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   const int r = lane >> 2, t = lane & 3;
-  WaitForQueries();  // the staging above overlapped QuantizeQueryKernel
+  WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
   LaneHeadPair lhp;

@@ -1,7 +1,8 @@
 // GPU compare tests of the TLS sparse attention against the CPU reference: position lists from
 // the reference selection (TLS budgets) and dense lists long enough to use split-K; GQA group
 // sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K; tensor-core kernel) with
-// 16 to 128 heads, fp32 and bf16 io, V shared with K or in a pool of its own.
+// 16 to 128 heads, fp32 and bf16 io, V shared with K or in a pool of its own; and the device
+// selection followed by the attention on one stream (the programmatic launch between them).
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -26,14 +27,20 @@ struct AttnShape {
   bool separate_v = false;  // MLA: V rows from a copy of the K pool (not the same pointer)
 };
 
-void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
+// The device attention over the reference's position lists against the reference attention.
+// With `select_on_device` the lists come from cuda::TlsDecodeSelect into poisoned buffers on
+// the same stream right before the attention, which may launch before the selection ends
+// (programmatic dependent launch) and must still read its lists.
+void RunCompare(const AttnShape& s, DType dtype, TlsMode mode, bool select_on_device = false) {
   SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv << " dtype "
-                                    << int(dtype) << " mode " << int(mode));
+                                    << int(dtype) << " mode " << int(mode) << " select on device "
+                                    << select_on_device);
   const int nc = s.mla ? 128 : 32;
   const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, nc, dtype, s.mla);
   testing::TlsSelectBuffers buf;
   const TlsPolicy pol = testing::MakePolicy(mode, TlsLag::kSameStep, 32, 1024, 1, 64);
-  ref::TlsDecodeSelect(testing::MakeDecodeSelectParams(c, pol, buf));
+  const TlsDecodeSelectParams select = testing::MakeDecodeSelectParams(c, pol, buf);
+  ref::TlsDecodeSelect(select);
 
   const int v_dim = c.v_head_dim;
   const size_t out_elems = size_t(c.batch) * c.num_q_heads * v_dim;
@@ -81,8 +88,18 @@ void RunCompare(const AttnShape& s, DType dtype, TlsMode mode) {
   DeviceBuffer ws(std::max<size_t>(1, cuda::TlsSparseAttentionWorkspaceBytes(g)));
   g.workspace = ws.get();
   ASSERT_TRUE(cuda::TlsSparseAttentionCanImplement(g.head_dim, g.v_head_dim, s.nq / s.nkv, dtype));
-  ASSERT_CUDA(cuda::TlsSparseAttention(g, nullptr));
-  ASSERT_CUDA(cudaDeviceSynchronize());
+  testing::DeviceSelectRun run;
+  cudaStream_t stream = nullptr;
+  if (select_on_device) {
+    ASSERT_CUDA(run.Prepare(select, d, buf, c.batch * c.num_kv_heads));
+    ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    g.positions = run.positions.as<int32_t>();
+    g.num_positions = run.num_positions.as<int32_t>();
+    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, stream));
+  }
+  ASSERT_CUDA(cuda::TlsSparseAttention(g, stream));
+  ASSERT_CUDA(cudaStreamSynchronize(stream));
+  if (stream) ASSERT_CUDA(cudaStreamDestroy(stream));
   std::vector<uint8_t> gout(out.size());
   ASSERT_CUDA(dout.Download(gout.data(), gout.size()));
   const auto got = testing::ReadTyped(gout.data(), dtype, out_elems);
@@ -135,5 +152,20 @@ TEST(TlsSparseAttentionGpuTest, MlaMatchesReference) {
 }  // namespace asynctls::kernels
 
 #else
+TEST(TlsSparseAttentionGpuTest, SelectThenAttendOnOneStream) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(303);
+  const std::vector<AttnShape> shapes = {
+      {{6000, 333, 4100}, 32, 8, 128, false},  // G = 4: the fused token kernel, split-K
+      {{5000}, 32, 4, 128, false},             // G = 8
+      {{6100, 2000}, 128, 1, 576, true},       // MLA token kernels, split-K
+  };
+  for (const AttnShape& s : shapes) {
+    for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kBlockOnly}) {
+      RunCompare(s, DType::kBF16, mode, true);
+    }
+  }
+}
+
 TEST(TlsSparseAttentionGpuTest, NoCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
 #endif  // ASYNCTLS_HAVE_CUDA

@@ -59,44 +59,20 @@ std::vector<SelectShape> Shapes() {
 // that keep blocks.
 void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
                                const testing::TlsSelectBuffers& buf, int rows, TlsMode mode) {
-  DeviceBuffer pb, pn, pl, db, dn, dp, dpn;
-  ASSERT_CUDA(pb.Upload(buf.prev_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_blocks));
-  ASSERT_CUDA(
-      pn.Upload(buf.prev_num_blocks.empty() ? std::vector<int32_t>{0} : buf.prev_num_blocks));
-  ASSERT_CUDA(
-      pl.Upload(buf.prev_select_lens.empty() ? std::vector<int32_t>{0} : buf.prev_select_lens));
-  ASSERT_CUDA(db.Upload(std::vector<int32_t>(buf.blocks.size(), -7)));
-  ASSERT_CUDA(dn.Upload(std::vector<int32_t>(rows, -7)));
-  ASSERT_CUDA(dp.Upload(std::vector<int32_t>(buf.positions.size(), -7)));
-  ASSERT_CUDA(dpn.Upload(std::vector<int32_t>(rows, -7)));
-  TlsDecodeSelectParams g = p;
-  g.q = d.q.get();
-  g.seq_lens = d.seq_lens.as<int32_t>();
-  g.index_table = d.index_table.as<int32_t>();
-  g.block_kmax = d.kmax.get();
-  g.block_kmin = d.kmin.get();
-  g.channels = d.channels.as<int32_t>();
-  g.token_codes = d.codes.as<uint8_t>();
-  g.token_scales = d.scales.as<float>();
-  g.prev_blocks = p.prev_blocks ? pb.as<int32_t>() : nullptr;
-  g.prev_num_blocks = p.prev_num_blocks ? pn.as<int32_t>() : nullptr;
-  g.prev_select_lens = p.prev_select_lens ? pl.as<int32_t>() : nullptr;
-  g.blocks = db.as<int32_t>();
-  g.num_blocks = dn.as<int32_t>();
-  g.positions = dp.as<int32_t>();
-  g.num_positions = dpn.as<int32_t>();
-  DeviceBuffer ws(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(g)));
-  g.workspace = ws.get();
-  ASSERT_CUDA(cuda::TlsDecodeSelect(g, nullptr));
+  testing::DeviceSelectRun run;
+  ASSERT_CUDA(run.Prepare(p, d, buf, rows));
+  ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
-  const auto gpn = Download<int32_t>(dpn, rows);
+  const auto gpn = Download<int32_t>(run.num_positions, rows);
   ASSERT_EQ(gpn, buf.num_positions);
-  EXPECT_EQ(testing::Rows(Download<int32_t>(dp, buf.positions.size()), gpn, buf.max_positions),
+  EXPECT_EQ(testing::Rows(Download<int32_t>(run.positions, buf.positions.size()), gpn,
+                          buf.max_positions),
             testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
   if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
-    const auto gn = Download<int32_t>(dn, rows);
+    const auto gn = Download<int32_t>(run.num_blocks, rows);
     ASSERT_EQ(gn, buf.num_blocks);
-    EXPECT_EQ(testing::Rows(Download<int32_t>(db, buf.blocks.size()), gn, buf.max_kept_blocks),
+    EXPECT_EQ(testing::Rows(Download<int32_t>(run.blocks, buf.blocks.size()), gn,
+                            buf.max_kept_blocks),
               testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
   }
 }

@@ -177,6 +177,8 @@ inline TlsDecodeSelectParams MakeDecodeSelectParams(const TlsCase& c, const TlsP
 }  // namespace asynctls::kernels::testing
 
 #if ASYNCTLS_HAVE_CUDA
+#include "asynctls/kernels/cuda_tls.h"
+
 namespace asynctls::kernels::testing {
 
 // Device copies of a TlsCase (index pools included, as built by the reference).
@@ -196,6 +198,50 @@ struct DeviceTlsCase {
     if ((e = codes.Upload(c.codes)) != cudaSuccess) return e;
     if ((e = scales.Upload(c.scales)) != cudaSuccess) return e;
     return q.Upload(c.q.bytes);
+  }
+};
+
+// A device run of decode-select `p` (its reference run sized `buf`): the inputs from `d`, the
+// previous step's lists from `buf`, outputs poisoned (-7) so a kernel that skips a slot shows.
+struct DeviceSelectRun {
+  DeviceBuffer prev_blocks, prev_num_blocks, prev_select_lens, blocks, num_blocks, positions,
+      num_positions, workspace;
+  TlsDecodeSelectParams params{};
+
+  cudaError_t Prepare(const TlsDecodeSelectParams& p, const DeviceTlsCase& d,
+                      const TlsSelectBuffers& buf, int rows) {
+    auto or_zero = [](const std::vector<int32_t>& v) {
+      return v.empty() ? std::vector<int32_t>{0} : v;
+    };
+    cudaError_t e;
+    if ((e = prev_blocks.Upload(or_zero(buf.prev_blocks))) != cudaSuccess) return e;
+    if ((e = prev_num_blocks.Upload(or_zero(buf.prev_num_blocks))) != cudaSuccess) return e;
+    if ((e = prev_select_lens.Upload(or_zero(buf.prev_select_lens))) != cudaSuccess) return e;
+    if ((e = blocks.Upload(std::vector<int32_t>(buf.blocks.size(), -7))) != cudaSuccess) return e;
+    if ((e = num_blocks.Upload(std::vector<int32_t>(rows, -7))) != cudaSuccess) return e;
+    if ((e = positions.Upload(std::vector<int32_t>(buf.positions.size(), -7))) != cudaSuccess) {
+      return e;
+    }
+    if ((e = num_positions.Upload(std::vector<int32_t>(rows, -7))) != cudaSuccess) return e;
+    params = p;
+    params.q = d.q.get();
+    params.seq_lens = d.seq_lens.as<int32_t>();
+    params.index_table = d.index_table.as<int32_t>();
+    params.block_kmax = d.kmax.get();
+    params.block_kmin = d.kmin.get();
+    params.channels = d.channels.as<int32_t>();
+    params.token_codes = d.codes.as<uint8_t>();
+    params.token_scales = d.scales.as<float>();
+    params.prev_blocks = p.prev_blocks ? prev_blocks.as<int32_t>() : nullptr;
+    params.prev_num_blocks = p.prev_num_blocks ? prev_num_blocks.as<int32_t>() : nullptr;
+    params.prev_select_lens = p.prev_select_lens ? prev_select_lens.as<int32_t>() : nullptr;
+    params.blocks = blocks.as<int32_t>();
+    params.num_blocks = num_blocks.as<int32_t>();
+    params.positions = positions.as<int32_t>();
+    params.num_positions = num_positions.as<int32_t>();
+    e = workspace.Resize(std::max<size_t>(1, cuda::TlsDecodeSelectWorkspaceBytes(params)));
+    params.workspace = workspace.get();
+    return e;
   }
 };
 
