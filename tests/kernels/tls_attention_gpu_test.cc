@@ -148,10 +148,6 @@ TEST(TlsSparseAttentionGpuTest, MlaMatchesReference) {
   }
 }
 
-}  // namespace
-}  // namespace asynctls::kernels
-
-#else
 TEST(TlsSparseAttentionGpuTest, SelectThenAttendOnOneStream) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(303);
@@ -167,5 +163,9 @@ TEST(TlsSparseAttentionGpuTest, SelectThenAttendOnOneStream) {
   }
 }
 
+}  // namespace
+}  // namespace asynctls::kernels
+
+#else
 TEST(TlsSparseAttentionGpuTest, NoCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
 #endif  // ASYNCTLS_HAVE_CUDA
