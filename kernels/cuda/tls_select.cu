@@ -5,16 +5,11 @@
 #include <algorithm>
 
 #include "asynctls/kernels/cuda_tls.h"
-#include "paged_attention_common.cuh"
 #include "tls_common.cuh"
 
 namespace asynctls::kernels::cuda {
 namespace {
 
-using attention_detail::CpAsync16;
-using attention_detail::CpAsyncCommit;
-using attention_detail::CpAsyncWait;
-using attention_detail::SmemAddr;
 using tls_detail::AlignUp;
 using tls_detail::AlphaFromExps;
 using tls_detail::Bf16BitsToFloat;
@@ -45,10 +40,7 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 // ---- block scores -------------------------------------------------------------------------
 // grid (ceil(max_blocks / kScoreBlocks), batch * num_kv_heads). The group's query is summed into
 // qpos / qneg (heads in order) in shared memory, stored slice-major (entry j * 8 + c holds dim
-// c * width + j) so that the 8 lanes of a team read 8 consecutive floats. The group's query
-// rows are first copied to shared memory, up to kScoreStageBytes at a time, with every load in
-// flight at once: summing straight from global memory put one L2 round trip per 8 heads on each
-// dim's chain (20+ us of the MLA step at 128 heads). Each team of
+// c * width + j) so that the 8 lanes of a team read 8 consecutive floats. Each team of
 // kTlsBlockScoreSlices lanes then scores blocks: lane c loads slice c of the block's kmax / kmin
 // straight from global memory, chains it in dim order, and an xor butterfly over the team adds
 // the 8 slice sums in TlsSumBlockSlices's order. WIDTH: dims per slice known at compile time (all
@@ -56,8 +48,6 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
-constexpr int kScoreStageBytes = 64 << 10;  // query rows staged at once (MLA: 56 of 128 heads)
-constexpr int kScoreDimsPerThread = 4;      // dims summed together (independent chains)
 
 template <int WIDTH>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
@@ -91,73 +81,9 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   return s;
 }
 
-// Heads per staging round of the group's query rows (at least one).
-__host__ __device__ __forceinline__ int ScoreStageHeads(int head_dim, DType dtype, int group) {
-  const int row_bytes = head_dim * (dtype == DType::kBF16 ? 2 : 4);
-  return max(1, min(group, kScoreStageBytes / row_bytes));
-}
-
-// qpos / qneg (slice-major, see above) of the `group` query rows from row q_row0: the rows are
-// staged to `stage` a round of ScoreStageHeads at a time (16-byte cp.async; head_dim % 8 == 0
-// makes every row 16-byte aligned when the tensor is), and each thread chains up to
-// kScoreDimsPerThread dims at once, heads in order. Ends with a block barrier.
-__device__ __forceinline__ void SumGroupQuery(const TlsBlockScoreParams& p, int64_t q_row0,
-                                              int group, int width, float* qpos, float* qneg,
-                                              float* stage) {
-  const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
-  const int row_bytes = p.head_dim * elem;
-  const int round_heads = ScoreStageHeads(p.head_dim, p.io_dtype, group);
-  const uint8_t* q = static_cast<const uint8_t*>(p.q) + q_row0 * row_bytes;
-  const bool vec = reinterpret_cast<uintptr_t>(q) % 16 == 0;
-  uint8_t* staged = reinterpret_cast<uint8_t*>(stage);
-  for (int d0 = 0; d0 < p.head_dim; d0 += kScoreDimsPerThread * kScoreThreads) {
-    float pos[kScoreDimsPerThread] = {}, neg[kScoreDimsPerThread] = {};
-    for (int h0 = 0; h0 < group; h0 += round_heads) {
-      const int heads = min(round_heads, group - h0);
-      const int bytes = heads * row_bytes;
-      const uint8_t* src = q + int64_t{h0} * row_bytes;
-      __syncthreads();  // the previous round's rows are summed
-      if (vec) {  // cp.async: every 16-byte load of the round in flight, no registers held
-        for (int i = threadIdx.x; i < bytes / 16; i += kScoreThreads) {
-          CpAsync16(SmemAddr(staged + 16 * i), src + 16 * i, true);
-        }
-        CpAsyncCommit();
-        CpAsyncWait<0>();
-      } else {
-        for (int i = threadIdx.x; i < bytes / 2; i += kScoreThreads) {
-          reinterpret_cast<uint16_t*>(staged)[i] = reinterpret_cast<const uint16_t*>(src)[i];
-        }
-      }
-      __syncthreads();
-      for (int h = 0; h < heads; ++h) {
-#pragma unroll
-        for (int i = 0; i < kScoreDimsPerThread; ++i) {
-          const int d = d0 + i * kScoreThreads + threadIdx.x;
-          if (d < p.head_dim) {
-            const float v = LoadIo(staged, p.io_dtype, int64_t{h} * p.head_dim + d);
-            pos[i] = __fadd_rn(pos[i], v > 0.f ? v : 0.f);
-            neg[i] = __fadd_rn(neg[i], v < 0.f ? v : 0.f);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kScoreDimsPerThread; ++i) {
-      const int d = d0 + i * kScoreThreads + threadIdx.x;
-      if (d < p.head_dim) {
-        const int at = (d % width) * kTlsBlockScoreSlices + d / width;
-        qpos[at] = pos[i];
-        qneg[at] = neg[i];
-      }
-    }
-  }
-  __syncthreads();
-}
-
 template <int WIDTH>
 __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
-  // qpos [head_dim], qneg [head_dim] (slice-major), then the staged query rows.
-  extern __shared__ __align__(16) float q_sum[];
+  extern __shared__ float q_sum[];  // qpos [head_dim], qneg [head_dim], slice-major
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -168,8 +94,20 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const int width = WIDTH > 0 ? WIDTH : p.head_dim / kTlsBlockScoreSlices;
   float* qpos = q_sum;
   float* qneg = q_sum + p.head_dim;
-  SumGroupQuery(p, int64_t{b} * p.num_q_heads + int64_t{g} * group, group, width, qpos, qneg,
-                q_sum + 2 * p.head_dim);
+  const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+    float pos = 0.f, neg = 0.f;
+#pragma unroll 8
+    for (int h = 0; h < group; ++h) {
+      const float v = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim + d);
+      pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+      neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+    }
+    const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+    qpos[at] = pos;
+    qneg[at] = neg;
+  }
+  __syncthreads();
   const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
@@ -187,15 +125,6 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     }
     if (c == 0) scores[i] = s;
   }
-}
-
-template <int WIDTH>
-cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, size_t smem,
-                             cudaStream_t stream) {
-  const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH>>(smem);
-  if (err != cudaSuccess) return err;
-  BlockScoreKernel<WIDTH><<<grid, kScoreThreads, smem, stream>>>(p);
-  return cudaGetLastError();
 }
 
 // ---- top-k kernels ------------------------------------------------------------------------
@@ -952,20 +881,21 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
   }
   const dim3 grid((p.max_blocks_per_seq + kScoreBlocks - 1) / kScoreBlocks,
                   p.batch * p.num_kv_heads);
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t smem = 2 * p.head_dim * sizeof(float) +
-                      size_t{ScoreStageHeads(p.head_dim, p.io_dtype, group)} * p.head_dim *
-                          (p.io_dtype == DType::kBF16 ? 2 : 4);
+  const size_t smem = 2 * p.head_dim * sizeof(float);
   switch (p.head_dim / kTlsBlockScoreSlices) {
     case 8:  // head_dim 64
-      return LaunchBlockScore<8>(p, grid, smem, stream);
+      BlockScoreKernel<8><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
     case 16:  // head_dim 128
-      return LaunchBlockScore<16>(p, grid, smem, stream);
+      BlockScoreKernel<16><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
     case 72:  // MLA, 576
-      return LaunchBlockScore<72>(p, grid, smem, stream);
+      BlockScoreKernel<72><<<grid, kScoreThreads, smem, stream>>>(p);
+      break;
     default:
-      return LaunchBlockScore<0>(p, grid, smem, stream);
+      BlockScoreKernel<0><<<grid, kScoreThreads, smem, stream>>>(p);
   }
+  return cudaGetLastError();
 }
 
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
