@@ -653,7 +653,7 @@ cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& pla
   // Both launches may start before the kernel ahead of them ends (see LaunchAfterPrevious).
   const dim3 grid(plan.num_splits, p.batch * p.num_kv_heads, plan.head_chunks);
   err = LaunchAfterPrevious<KERNEL>(grid, threads, smem, stream, p, plan.split_tokens,
-                                                plan.num_splits, ws_acc, ws_ml);
+                                    plan.num_splits, ws_acc, ws_ml);
   if (err != cudaSuccess || plan.num_splits <= 1) return err;
   const int rows = p.batch * p.num_q_heads;
   if (plan.num_splits >= kManySplits) {

@@ -32,9 +32,9 @@ struct AttnShape {
 // the same stream right before the attention, which may launch before the selection ends
 // (programmatic dependent launch) and must still read its lists.
 void RunCompare(const AttnShape& s, DType dtype, TlsMode mode, bool select_on_device = false) {
-  SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv << " dtype "
-                                    << int(dtype) << " mode " << int(mode) << " select on device "
-                                    << select_on_device);
+  SCOPED_TRACE(::testing::Message()
+               << "dim " << s.dim << " G " << s.nq / s.nkv << " dtype " << int(dtype) << " mode "
+               << int(mode) << " select on device " << select_on_device);
   const int nc = s.mla ? 128 : 32;
   const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, nc, dtype, s.mla);
   testing::TlsSelectBuffers buf;

@@ -65,15 +65,15 @@ void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::De
   ASSERT_CUDA(cudaDeviceSynchronize());
   const auto gpn = Download<int32_t>(run.num_positions, rows);
   ASSERT_EQ(gpn, buf.num_positions);
-  EXPECT_EQ(testing::Rows(Download<int32_t>(run.positions, buf.positions.size()), gpn,
-                          buf.max_positions),
-            testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+  EXPECT_EQ(
+      testing::Rows(Download<int32_t>(run.positions, buf.positions.size()), gpn, buf.max_positions),
+      testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
   if (mode == TlsMode::kBlockOnly || mode == TlsMode::kTwoLevel) {
     const auto gn = Download<int32_t>(run.num_blocks, rows);
     ASSERT_EQ(gn, buf.num_blocks);
-    EXPECT_EQ(testing::Rows(Download<int32_t>(run.blocks, buf.blocks.size()), gn,
-                            buf.max_kept_blocks),
-              testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+    EXPECT_EQ(
+        testing::Rows(Download<int32_t>(run.blocks, buf.blocks.size()), gn, buf.max_kept_blocks),
+        testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
   }
 }
 
