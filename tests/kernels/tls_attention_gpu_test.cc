@@ -91,7 +91,7 @@ void RunCompare(const AttnShape& s, DType dtype, TlsMode mode, bool select_on_de
   testing::DeviceSelectRun run;
   cudaStream_t stream = nullptr;
   if (select_on_device) {
-    ASSERT_CUDA(run.Prepare(select, d, buf, c.batch * c.num_kv_heads));
+    ASSERT_CUDA(run.Prepare(select, d, buf));
     ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     g.positions = run.positions.as<int32_t>();
     g.num_positions = run.num_positions.as<int32_t>();

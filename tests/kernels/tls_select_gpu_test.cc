@@ -60,7 +60,7 @@ std::vector<SelectShape> Shapes() {
 void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
                                const testing::TlsSelectBuffers& buf, int rows, TlsMode mode) {
   testing::DeviceSelectRun run;
-  ASSERT_CUDA(run.Prepare(p, d, buf, rows));
+  ASSERT_CUDA(run.Prepare(p, d, buf));
   ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   const auto gpn = Download<int32_t>(run.num_positions, rows);

@@ -209,20 +209,21 @@ struct DeviceSelectRun {
   TlsDecodeSelectParams params{};
 
   cudaError_t Prepare(const TlsDecodeSelectParams& p, const DeviceTlsCase& d,
-                      const TlsSelectBuffers& buf, int rows) {
+                      const TlsSelectBuffers& buf) {
     auto or_zero = [](const std::vector<int32_t>& v) {
       return v.empty() ? std::vector<int32_t>{0} : v;
+    };
+    auto poisoned = [](const std::vector<int32_t>& v) {
+      return std::vector<int32_t>(v.size(), -7);
     };
     cudaError_t e;
     if ((e = prev_blocks.Upload(or_zero(buf.prev_blocks))) != cudaSuccess) return e;
     if ((e = prev_num_blocks.Upload(or_zero(buf.prev_num_blocks))) != cudaSuccess) return e;
     if ((e = prev_select_lens.Upload(or_zero(buf.prev_select_lens))) != cudaSuccess) return e;
-    if ((e = blocks.Upload(std::vector<int32_t>(buf.blocks.size(), -7))) != cudaSuccess) return e;
-    if ((e = num_blocks.Upload(std::vector<int32_t>(rows, -7))) != cudaSuccess) return e;
-    if ((e = positions.Upload(std::vector<int32_t>(buf.positions.size(), -7))) != cudaSuccess) {
-      return e;
-    }
-    if ((e = num_positions.Upload(std::vector<int32_t>(rows, -7))) != cudaSuccess) return e;
+    if ((e = blocks.Upload(poisoned(buf.blocks))) != cudaSuccess) return e;
+    if ((e = num_blocks.Upload(poisoned(buf.num_blocks))) != cudaSuccess) return e;
+    if ((e = positions.Upload(poisoned(buf.positions))) != cudaSuccess) return e;
+    if ((e = num_positions.Upload(poisoned(buf.num_positions))) != cudaSuccess) return e;
     params = p;
     params.q = d.q.get();
     params.seq_lens = d.seq_lens.as<int32_t>();
