@@ -112,19 +112,18 @@ for r in tls["results"]:
         f(fl), f(r["quest_ms"]), f(r["token_only_ms"]), xd, f(xs, 6, 2), xq,
         r["bytes"]["tls"] / 1e6, floor, " ".join(tg)))
 print("\nstage breakdown (ms, each stage graphed alone; TLS runs append+block stages on a second "
-      "stream, overlapping the token branch (token_fused = TlsTokenScoreSelect: GQA one launch, "
+      "stream, overlapping the token branch (token_branch = TlsTokenScoreSelect: GQA one launch, "
       "MLA a cluster per row or per (row, 16-head tile); where it cannot, token_score + "
-      "token_select) and "
-      "attention):")
+      "token_select) and attention):")
 print("%-7s %2s %4s %4s | %s" % ("config", "B", "ctx", "k_t", "  ".join(
     "%12s" % s for s in ("append", "block_score", "block_select", "token_score", "token_select",
-                         "token_fused", "attention", "serial_step"))))
+                         "token_branch", "attention", "serial_step"))))
 for r in tls["results"]:
     s = r["stages_ms"]
     print("%-7s %2d %3dK %4d | %s" % (r["config"], r["batch"], r["context"] // 1024, r["k_t"],
         "  ".join("%12.4f" % v for v in (s.get("append", 0), s.get("block_score", 0),
             s.get("block_select", 0), s.get("token_score", 0), s.get("token_select", 0),
-            s.get("token_fused", 0), s.get("attention", 0), r["tls_serial_ms"]))))
+            s.get("token_branch", 0), s.get("attention", 0), r["tls_serial_ms"]))))
 PY
 log "done in $(( $(date +%s) - t0 )) s, status $status; files in $OUT"
 exit $status
