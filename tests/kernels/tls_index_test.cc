@@ -192,9 +192,14 @@ TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
   EXPECT_EQ(TlsExp2(0.f), 1.f);
   EXPECT_EQ(TlsExp2(-200.f), 0.f);
   EXPECT_EQ(TlsExp2(-INFINITY), 0.f);
+  EXPECT_EQ(TlsExp2(NAN), 0.f);
+  EXPECT_EQ(TlsExp2(3.f), 1.f);  // clamped to 0
   for (float x = -125.f; x <= 0.f; x += 0.37f) {
     const double want = std::exp2(double{x});
-    EXPECT_NEAR(TlsExp2(x) / want, 1.0, 3e-7) << x;
+    EXPECT_NEAR(TlsExp2(x) / want, 1.0, 5e-7) << x;
+  }
+  for (float x = -1.f; x <= 0.f; x += 1.f / 4096) {  // every fraction the polynomial sees
+    EXPECT_NEAR(TlsExp2(x) / std::exp2(double{x}), 1.0, 5e-7) << x;
   }
 }
 
