@@ -43,7 +43,6 @@ using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::RadixPassDecide;
 using tls_detail::WaitForPreviousGrid;
 using tls_detail::WarpInclusiveSum;
 
@@ -59,6 +58,17 @@ constexpr int kFusedMaxGroup = 16;  // GQA kernel: the group's queries and stati
 
 constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see CanFuse)
 
+// The cluster top-k's radix digits: 11, 11 and 10 bits (bits [21, 32), [10, 21), [0, 10)), three
+// passes instead of four 8-bit ones: every pass costs a cluster barrier and a histogram of the
+// row's candidates. The ranks' 2,048 bins are never summed whole: one warp sums the 32 group
+// totals over the ranks, then the 64 bins of the group that holds the k-th key (fewer remote
+// loads than the 256 bins of an 8-bit pass).
+constexpr int kClusterSelectBins = 2048;
+static_assert(kClusterSelectBins == 2 * kFusedThreads && kFusedWarps * 64 == kClusterSelectBins,
+              "a thread zeroes two bins, a warp totals one 64-bin group");
+__device__ __forceinline__ int ClusterSelectShift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) { return pass == 2 ? 1023u : 2047u; }
+
 template <int ITEMS>
 struct FusedShared {
   float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes
@@ -72,8 +82,8 @@ struct FusedShared {
   unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
   float max_f[kFusedMaxGroup];                 // cluster-wide max per head
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
-  int hist[2][256];                            // radix pass p uses hist[p & 1]
-  int hist_sum[256];                           // cluster-wide histogram of the pass
+  int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
+  int group_sum[2][kFusedWarps];               // and its 64-bin group totals (warp w: group w)
   int counts[3];                               // this CTA's valid, above, equal counts
   int num_valid;                               // cluster-wide valid candidates
   int above_before, equal_before, kept;        // ranks before this CTA; cluster-wide kept
@@ -154,6 +164,39 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
   }
 }
 
+// One cluster radix pass's decision, by the 32 lanes of one warp of each rank (all ranks decide
+// the same): the digit (descending) of the `remaining`-th largest key, found through the 32
+// group totals summed over the ranks, then the ranks' bins of the one group it falls in.
+// Writes the extended prefix, the rank left inside that digit, and whether the digit's keys
+// are all kept (no later pass needed).
+__device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluster, int size,
+                                                       int* hist, int* group_sum, uint32_t prefix,
+                                                       int shift, int remaining,
+                                                       uint32_t* out_prefix, int* out_remaining,
+                                                       int* out_done) {
+  const int lane = threadIdx.x & 31;
+  const int g_count = ClusterSum(cluster, &group_sum[31 - lane], size);  // lane l: group 31 - l
+  const int g_incl = WarpInclusiveSum(g_count);
+  const unsigned hit =
+      __ballot_sync(0xffffffffu, g_incl - g_count < remaining && remaining <= g_incl);
+  const int g_lane = __ffs(hit) - 1;  // exactly one lane: remaining <= the total
+  const int group = 31 - g_lane;
+  const int group_above = __shfl_sync(0xffffffffu, g_incl - g_count, g_lane);
+  const int hi = 64 * group + 63 - 2 * lane;  // lane l: digits hi and hi - 1
+  const int c0 = ClusterSum(cluster, &hist[hi], size);
+  const int c1 = ClusterSum(cluster, &hist[hi - 1], size);
+  const int incl = WarpInclusiveSum(c0 + c1);
+  const int above = group_above + incl - (c0 + c1);
+  if (above < remaining && remaining <= above + c0 + c1) {
+    const bool first = remaining <= above + c0;
+    const int digit = first ? hi : hi - 1;
+    const int left = first ? remaining - above : remaining - above - c0;
+    *out_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+    *out_remaining = left;
+    *out_done = left == (first ? c0 : c1) ? 1 : 0;
+  }
+}
+
 // The cluster's top-k of one row from each thread's ITEMS keys (pos < 0: no candidate) and the
 // row's valid count, as BlockTopK with histograms summed over the ranks; writes the row's
 // positions (sink, kept in position order, recent) and their count. Ends with a cluster
@@ -174,28 +217,41 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
   if (!take_all && k > 0) {
     uint32_t prefix = 0;
     int remaining = k;
-    int pass = 0;
-    for (int shift = 24; shift >= 0; shift -= 8, ++pass) {
+    for (int pass = 0; pass < 3; ++pass) {
+      const int shift = ClusterSelectShift(pass);
+      const uint32_t digit_mask = ClusterSelectDigitMask(pass);
       int* hist = sh.hist[pass & 1];
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
-        const uint32_t digit =
-            pos[u] >= 0 && (key[u] & mask) == prefix ? (key[u] >> shift) & 255u : 256u;
-        if (__any_sync(0xffffffffu, digit != 256u)) {
+        const uint32_t digit = pos[u] >= 0 && (key[u] & mask) == prefix
+                                   ? (key[u] >> shift) & digit_mask
+                                   : uint32_t{kClusterSelectBins};
+        if (__any_sync(0xffffffffu, digit != kClusterSelectBins)) {
           const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != 256u && lane == __ffs(same) - 1) atomicAdd(&hist[digit], __popc(same));
+          if (digit != kClusterSelectBins && lane == __ffs(same) - 1) {
+            atomicAdd(&hist[digit], __popc(same));
+          }
         }
       }
-      cluster.sync();  // every rank's histogram of this pass is complete
-      for (int i = tid; i < 256; i += kFusedThreads) {
-        sh.hist_sum[i] = ClusterSum(cluster, &hist[i], size);
-        sh.hist[(pass + 1) & 1][i] = 0;  // read by the peers one pass ago, before this sync
+      __syncthreads();  // this CTA's histogram is complete
+      {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
+        const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
+        const int total = __reduce_add_sync(0xffffffffu, c);
+        if (lane == 0) sh.group_sum[pass & 1][warp] = total;
+      }
+      cluster.sync();  // every rank's histogram and group totals of this pass are complete
+      if (warp == 0) {
+        FindClusterSelectDigit(cluster, size, hist, sh.group_sum[pass & 1], prefix, shift,
+                               remaining, &sh.prefix, &sh.remaining, &sh.done);
+      } else {  // the next pass's bins, last read by the peers before this cluster barrier
+        int* next = sh.hist[(pass + 1) & 1];
+        for (int i = tid - 32; i < kClusterSelectBins; i += kFusedThreads - 32) next[i] = 0;
       }
       __syncthreads();
-      if (RadixPassDecide(sh.hist_sum, shift, &prefix, &remaining, &mask, &sh.prefix, &sh.remaining,
-                          &sh.done)) {
-        break;
-      }
+      prefix = sh.prefix;
+      remaining = sh.remaining;
+      mask |= digit_mask << shift;
+      if (sh.done) break;  // the slots are next written after two more barriers
     }
     threshold = prefix;
     need_equal = remaining;
@@ -306,7 +362,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
@@ -636,18 +692,17 @@ struct LaneHeadPair {
   }
 };
 
-// Tile exps to the scratch rows of heads h0 / h1 (exps0 / exps1 at this lane's slot 2 t):
-// slots at or past store_end lie past the row's scratch; the others store (0 when no
-// candidate: alpha reads candidates only).
+// Tile exps to the scratch rows of heads h0 / h1 (exps0 / exps1 at this lane's slot 2 t), a
+// pair of slots per 8-byte store (half the store instructions, whole 32-byte sectors per
+// quad): slots at or past store_end lie past the row's scratch; the others store (0 when no
+// candidate: alpha reads candidates only). c, store_end and the row stride (max_candidates,
+// even: TlsTokenScoreSelectCanFuse) are even, so a pair is stored whole or not at all.
 __device__ __forceinline__ void StoreTileExps(float* exps0, float* exps1, int c, int store_end,
                                               const float (&e)[4]) {
   if (c < store_end) {
-    exps0[c] = e[0];
-    exps1[c] = e[2];
-  }
-  if (c + 1 < store_end) {
-    exps0[c + 1] = e[1];
-    exps1[c + 1] = e[3];
+    // __stcg: a plain float2 assignment came out as two 4-byte stores (nvcc 13.0).
+    __stcg(reinterpret_cast<float2*>(exps0 + c), make_float2(e[0], e[1]));
+    __stcg(reinterpret_cast<float2*>(exps1 + c), make_float2(e[2], e[3]));
   }
 }
 
@@ -729,7 +784,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     ms.max_bits[tid] = 0u;
     ms.exp_sum[tid] = 0ull;
   }
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   int32_t pos[1];
   CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
   const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
@@ -873,7 +928,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     max_bits[tid] = 0u;
     exp_sum[tid] = 0ull;
   }
-  for (int i = tid; i < 256; i += kFusedThreads) sh.hist[0][i] = 0;
+  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
@@ -1101,7 +1156,8 @@ bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   return group >= 1 && p.max_candidates <= kFusedMaxCluster * kFusedThreads &&
          TlsSelectCanImplement(p.head_dim, p.num_channels, group) &&
-         (FusesInOneLaunch(p) || tls_detail::UseStoredLogits(p));
+         (FusesInOneLaunch(p) ||
+          (tls_detail::UseStoredLogits(p) && p.max_candidates % 2 == 0));  // exps in pairs
 }
 
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
