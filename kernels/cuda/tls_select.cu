@@ -423,7 +423,7 @@ float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
   return reinterpret_cast<float*>(static_cast<char*>(workspace) + TokenStatsBytes(p));
 }
 
-// Pass 0 of the stored path on integer tensor cores (MmaS8U8, tls_common.cuh): the logits of
+// Pass 0 of the stored path on integer tensor cores (MmaS8U8, tls_common.cuh): the scaled dots of
 // listed KV blocks' 64 candidates for every head of the group, a GROUP x NC by NC x 64 product
 // per block. A CTA loads the group's query codes once and walks blocks blockIdx.x, + gridDim.x,
 // ...; also the per-head max (atomicMax on ordered bits, as pass 0).
@@ -438,7 +438,7 @@ struct LogitTile {
   static constexpr int kWarpN = 8 / (4 / kMGroups);                 // 8-candidate tiles per warp
   static constexpr int kSlabs = NC / 32;                            // k steps of 32 channels
   static constexpr int kCodeStride = TokenCodeStride<NC>();
-  static constexpr size_t kSmem = sizeof(float) * (kLogitCands + GROUP) + sizeof(int) * GROUP +
+  static constexpr size_t kSmem = sizeof(float) * kLogitCands + sizeof(int) * GROUP +
                                   sizeof(uint32_t) * kLogitCands * kCodeStride;
 };
 
@@ -448,8 +448,7 @@ __global__ void __launch_bounds__(kLogitThreads)
   using Tile = LogitTile<NC, GROUP>;
   extern __shared__ float logit_smem[];
   float* scale_s = logit_smem;                // [64] token scales of the block
-  float* qscale_s = scale_s + kLogitCands;    // [GROUP]
-  int* qsum_s = reinterpret_cast<int*>(qscale_s + GROUP);                // [GROUP]
+  int* qsum_s = reinterpret_cast<int*>(scale_s + kLogitCands);           // [GROUP]
   uint32_t* codes_s = reinterpret_cast<uint32_t*>(qsum_s + GROUP);       // [64][kCodeStride]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y;
@@ -461,7 +460,6 @@ __global__ void __launch_bounds__(kLogitThreads)
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
   const int64_t stat = int64_t{bg} * GROUP;
   for (int hh = tid; hh < GROUP; hh += kLogitThreads) {
-    qscale_s[hh] = stats.qscale[stat + hh];
     qsum_s[hh] = stats.qsum[stat + hh];
   }
   __syncthreads();
@@ -509,7 +507,6 @@ __global__ void __launch_bounds__(kLogitThreads)
       for (int half = 0; half < 2; ++half) {
         const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * half;
         const int offset = 8 * qsum_s[head];
-        const float qscale = qscale_s[head];
         float* dst = logits + (stat + head) * p.max_candidates + i * kLogitCands;
 #pragma unroll
         for (int ni = 0; ni < Tile::kWarpN; ++ni) {
@@ -520,7 +517,7 @@ __global__ void __launch_bounds__(kLogitThreads)
             const int32_t cpos = block * kKvBlockSize + j + u;
             const bool valid = cpos >= cbeg && cpos < cend;
             const float dot = static_cast<float>(acc[mi][ni][2 * half + u] - offset);
-            out[u] = valid ? TlsTokenLogit(dot, scale_s[j + u], qscale) : 0.f;
+            out[u] = valid ? TlsTokenScaledDot(dot, scale_s[j + u]) : 0.f;
             if (valid) head_max[mi][half] = max(head_max[mi][half], TlsOrderedBits(out[u]));
           }
           *reinterpret_cast<float2*>(dst + j) = make_float2(out[0], out[1]);
@@ -547,7 +544,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   constexpr int kThreads = TokenTile<HS>::kThreads;
   constexpr int kCands = TokenTile<HS>::kCands;
-  // [group, NC] query codes, max [group], inv [group], query scales [group], then (HS > 1,
+  // [group, NC] query codes, then per head the exp shift's a, inv, the shift's b, then (HS > 1,
   // pass 2) e [kCands, group + 1]
   extern __shared__ float q_s[];
   const int bg = blockIdx.y;
@@ -566,20 +563,21 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       p.cand_positions[int64_t{bg} * p.max_candidates + j] = -1;
     return;
   }
-  float* max_s = q_s + (STORED ? 0 : group * NC);
-  float* inv_s = max_s + group;
-  float* qscale_s = inv_s + group;
-  float* e_s = qscale_s + group;
+  float* shift_a = q_s + (STORED ? 0 : group * NC);
+  float* inv_s = shift_a + group;
+  float* shift_b = inv_s + group;
+  float* e_s = shift_b + group;
   const int64_t stat = int64_t{bg} * group;
   for (int e = threadIdx.x; !STORED && e < group * NC; e += kThreads) {
     q_s[e] = stats.qcode[stat * NC + e];
   }
-  for (int hh = threadIdx.x; !STORED && hh < group; hh += kThreads) {
-    qscale_s[hh] = stats.qscale[stat + hh];
-  }
+  const float exp_scale = p.scale * kTlsLog2E;
   if (PASS >= 1) {
     for (int hh = threadIdx.x; hh < group; hh += kThreads) {
-      max_s[hh] = FromOrderedBits(stats.max_bits[stat + hh]);
+      const TlsExpShift s = TlsTokenExpShift(FromOrderedBits(stats.max_bits[stat + hh]),
+                                             stats.qscale[stat + hh], exp_scale);
+      shift_a[hh] = s.a;
+      shift_b[hh] = s.b;
       if (PASS == 2) inv_s[hh] = TlsInvDenominator(stats.exp_sum[stat + hh], group);
     }
   }
@@ -609,14 +607,13 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     tok_scale = p.token_scales[tok];
   }
   // The codes are the same for every head: decode them once (kHoist) instead of once per head.
-  // The logit is TlsTokenLogit of TlsInt4Dot's exact sum, bit for bit.
+  // The scaled dot is TlsTokenScaledDot of TlsInt4Dot's exact sum, bit for bit.
   constexpr bool kHoist = NC <= 64 && !STORED;
   float codes[kHoist ? NC : 1];
   if (kHoist) {
 #pragma unroll
     for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
   }
-  const float exp_scale = p.scale * kTlsLog2E;
   float alpha = 0.f, part = 0.f;
   // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
   // Each is an L2 round trip, so a chunk of heads' loads go out together before the math (a
@@ -641,16 +638,17 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
         logit = pre[k];
       } else {
         const float acc = Int4HeadDot<NC, kHoist>(q_s + hh * NC, codes, words);  // NC % 16 == 0
-        logit = valid ? TlsTokenLogit(acc, tok_scale, qscale_s[hh]) : 0.f;
+        logit = valid ? TlsTokenScaledDot(acc, tok_scale) : 0.f;
       }
       if (PASS == 0) {
         const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
         const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
         if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
       } else {
-        const float e = !valid                ? 0.f
-                        : STORED && PASS == 2 ? logit
-                                              : TlsExp2((logit - max_s[hh]) * exp_scale);
+        const float e = !valid ? 0.f
+                        : STORED && PASS == 2
+                            ? logit
+                            : TlsExp2(TlsTokenExpArg(logit, {shift_a[hh], shift_b[hh]}));
         if (STORED && PASS == 1 && valid) *stored = e;
         if (PASS == 1) {
           uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)

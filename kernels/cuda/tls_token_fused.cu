@@ -80,7 +80,7 @@ struct FusedShared {
   uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
   int part_valid[kFusedWarps];                 // per-warp valid candidates
   unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
-  float max_f[kFusedMaxGroup];                 // cluster-wide max per head
+  TlsExpShift shift[kFusedMaxGroup];           // per head, from the cluster-wide max
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
   int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
   int group_sum[2][kFusedWarps];               // and its 64-bin group totals (warp w: group w)
@@ -348,8 +348,8 @@ template <int NC, int MAXG, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     TokenScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel) {
   __shared__ FusedShared<ITEMS> sh;
-  // Item u's logit, then exp, for head hh at lg[(hh * ITEMS + u) * kFusedThreads + tid]: shared
-  // memory instead of registers, so up to 4 items x 8 heads per thread fit without spilling.
+  // Item u's scaled dot, then exp, for head hh at lg[(hh * ITEMS + u) * kFusedThreads + tid]:
+  // shared memory instead of registers, so up to 4 items x 8 heads per thread fit without spilling.
   extern __shared__ float lg[];
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
@@ -377,10 +377,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // Logits: TlsTokenLogit of TlsInt4Dot's exact sum, per head.
-  uint32_t head_max[MAXG];
+  // Scaled dots (TlsTokenScaledDot of TlsInt4Dot's exact sum) per head, and their max.
+  float head_max[MAXG];
 #pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = 0u;
+  for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = -INFINITY;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const bool valid = pos[u] >= 0;
@@ -410,27 +410,30 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int hh = 0; hh < MAXG; ++hh) {
       if (hh < group) {
         const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), words) - sh.qoffset[hh];
-        const float logit =
-            valid ? TlsTokenLogit(static_cast<float>(dot), tok_scale, sh.qscale[hh]) : 0.f;
-        lg[(hh * ITEMS + u) * kFusedThreads + tid] = logit;
-        if (valid) head_max[hh] = max(head_max[hh], TlsOrderedBits(logit));
+        const float y = valid ? TlsTokenScaledDot(static_cast<float>(dot), tok_scale) : 0.f;
+        lg[(hh * ITEMS + u) * kFusedThreads + tid] = y;
+        if (valid) head_max[hh] = fmaxf(head_max[hh], y);  // y is finite: max in any order
       }
     }
   }
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) {
     if (hh < group) {
-      const uint32_t wmax = __reduce_max_sync(0xffffffffu, head_max[hh]);
+      const uint32_t key = head_max[hh] > -INFINITY ? TlsOrderedBits(head_max[hh]) : 0u;
+      const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
       if (lane == 0 && wmax != 0u) atomicMax(&sh.max_bits[hh], wmax);
     }
   }
+  const float exp_scale = p.scale * kTlsLog2E;
   cluster.sync();
-  if (tid < group) sh.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &sh.max_bits[tid], size));
+  if (tid < group) {
+    sh.shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &sh.max_bits[tid], size)),
+                                     sh.qscale[tid], exp_scale);
+  }
   __syncthreads();
 
   // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics):
   // per warp with redux, then over the CTA's warps by one warp per head.
-  const float exp_scale = p.scale * kTlsLog2E;
   int valid_warp = 0;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
@@ -441,7 +444,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
         float& v = lg[(hh * ITEMS + u) * kFusedThreads + tid];
-        const float e = pos[u] >= 0 ? TlsExp2((v - sh.max_f[hh]) * exp_scale) : 0.f;
+        const float e = pos[u] >= 0 ? TlsExp2(TlsTokenExpArg(v, sh.shift[hh])) : 0.f;
         v = e;
         FixedParts(e, &hi, &lo);
       }
@@ -629,7 +632,7 @@ constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // most list entries 
 struct MlaShared {
   uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max logit (ordered bits)
   unsigned long long exp_sum[kMlaMaxGroup];   // this CTA's per-head fixed-point exp sums
-  float max_f[kMlaMaxGroup];                  // cluster-wide
+  TlsExpShift shift[kMlaMaxGroup];            // per head, from the cluster-wide max
   float inv[kMlaMaxGroup];                    // 1 / (G * softmax denominator)
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
@@ -638,11 +641,11 @@ struct MlaShared {
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
 // h1 = h0 + 8 of a 16-head tile, slots 2 (lane % 4) and + 1 of each 8-candidate tile (d[u]:
-// head h0, slot u; d[2 + u]: head h1). Pass 1 keeps the max of dot * token scale (the query
-// scale is positive and rounding monotone, so one multiply per head gives the max logit); pass
-// 2 the exps' exact fixed-point sums. The quad's four lanes hold one head pair's slots.
+// head h0, slot u; d[2 + u]: head h1). Pass 1 keeps the max of the scaled dots (dot * token
+// scale, TlsTokenScaledDot); pass 2 the exps' exact fixed-point sums. The quad's four lanes
+// hold one head pair's slots.
 struct LaneHeadPair {
-  float qs0, qs1;  // the heads' query scales
+  TlsExpShift s0, s1;  // the heads' exp shifts (pass 2)
   float m0 = -INFINITY, m1 = -INFINITY;
   uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
 
@@ -652,7 +655,7 @@ struct LaneHeadPair {
     m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
                          __fmul_rn(static_cast<float>(d[3]), ks.y)));
   }
-  // The quad's max logits into the per-head ordered-bit maxima (-inf: no candidate here).
+  // The quad's max scaled dots into the per-head ordered-bit maxima (-inf: no candidate here).
   __device__ __forceinline__ void CommitMax(uint32_t* bits0, uint32_t* bits1, int t) {
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
@@ -660,18 +663,17 @@ struct LaneHeadPair {
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
     }
     if (t == 0) {
-      if (m0 > -INFINITY) atomicMax(bits0, TlsOrderedBits(TlsMul(m0, qs0)));
-      if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(TlsMul(m1, qs1)));
+      if (m0 > -INFINITY) atomicMax(bits0, TlsOrderedBits(m0));
+      if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(m1));
     }
   }
   // A slot's token scale is NaN when it holds no candidate: its exps are 0.
-  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float max0, float max1,
-                                       float exp_scale, float (&e)[4]) {
+  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float (&e)[4]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const float k = u == 0 ? ks.x : ks.y;
-      e[u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[u]), k, qs0) - max0) * exp_scale);
-      e[2 + u] = TlsExp2((TlsTokenLogit(static_cast<float>(d[2 + u]), k, qs1) - max1) * exp_scale);
+      e[u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[u]), k), s0));
+      e[2 + u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[2 + u]), k), s1));
       FixedParts(e[u], &hi0, &lo0);
       FixedParts(e[2 + u], &hi1, &lo1);
     }
@@ -820,8 +822,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
   __syncthreads();
   LaneHeadPair lhp;
-  lhp.qs0 = ms.qscale[h0];
-  lhp.qs1 = ms.qscale[h1];
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
   // Integer dots of tile `tile` (candidates 8 tile ..), LaneHeadPair's layout. The accumulators
   // start at minus the query's code offset, so the IMMA yields sum_c qcode[c] * code[c].
@@ -849,7 +849,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   cluster.sync();
-  if (tid < GROUP) ms.max_f[tid] = FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size));
+  if (tid < GROUP) {
+    ms.shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size)),
+                                     ms.qscale[tid], p.scale * kTlsLog2E);
+  }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;
@@ -858,8 +861,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // (2) Per-head exps, kept in the L2-resident scratch for (3), and their sums, exact in fixed
   // point (FixedParts: order-free).
-  const float exp_scale = p.scale * kTlsLog2E;
-  const float max0 = ms.max_f[h0], max1 = ms.max_f[h1];
+  lhp.s0 = ms.shift[h0];
+  lhp.s1 = ms.shift[h1];
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
@@ -869,7 +872,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     int d[4];
     tile_dots(tile, d);
     float e[4];
-    lhp.Exps(d, tile_scales(tile), max0, max1, exp_scale, e);
+    lhp.Exps(d, tile_scales(tile), e);
     StoreTileExps(exps0, exps1, 8 * tile, store_end, e);
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
@@ -907,7 +910,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __shared__ FusedShared<ITEMS> sh;
   __shared__ uint32_t max_bits[kHeads];
   __shared__ unsigned long long exp_sum[kHeads];
-  __shared__ float max_f[kHeads], inv[kHeads];
+  __shared__ TlsExpShift shift[kHeads];
+  __shared__ float qscale[kHeads], inv[kHeads];
   __shared__ int last_flag;
   extern __shared__ __align__(16) int64_t tile_smem[];
   int64_t* tok_s = tile_smem;                                 // [slot] token row (-1: none)
@@ -949,8 +953,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
   LaneHeadPair lhp;
-  lhp.qs0 = queries.scales[head0 + r];
-  lhp.qs1 = queries.scales[head0 + r + 8];
+  if (tid < kHeads) qscale[tid] = queries.scales[head0 + tid];
   const int off0 = 8 * queries.sums[head0 + r], off1 = 8 * queries.sums[head0 + r + 8];
   __syncthreads();
 
@@ -985,7 +988,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   lhp.CommitMax(&max_bits[r], &max_bits[r + 8], t);
   cluster.sync();
-  if (tid < kHeads) max_f[tid] = FromOrderedBits(ClusterMax(cluster, &max_bits[tid], size));
+  if (tid < kHeads) {
+    shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &max_bits[tid], size)),
+                                  qscale[tid], p.scale * kTlsLog2E);
+  }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, sh.part_valid[lane]);
     if (lane == 0) sh.counts[0] = v;
@@ -993,8 +999,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // (2) Exps into the scratch rows of the tile's heads, and their fixed-point sums.
-  const float exp_scale = p.scale * kTlsLog2E;
-  const float max0 = max_f[r], max1 = max_f[r + 8];
+  lhp.s0 = shift[r];
+  lhp.s1 = shift[r + 8];
   float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{r} * p.max_candidates + 2 * t;
   float* const exps1 = exps0 + int64_t{8} * p.max_candidates;
@@ -1003,7 +1009,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     int d[4];
     tile_dots(ct, d);
     float e[4];
-    lhp.Exps(d, tile_scales(ct), max0, max1, exp_scale, e);
+    lhp.Exps(d, tile_scales(ct), e);
     StoreTileExps(exps0, exps1, 8 * ct, store_end, e);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);

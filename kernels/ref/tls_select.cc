@@ -165,21 +165,22 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + pos / kKvBlockSize];
         const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + pos % kKvBlockSize;
         std::memcpy(words.data(), p.token_codes + tok * (p.num_channels / 2), p.num_channels / 2);
-        for (int hh = 0; hh < group; ++hh) {
-          logits[hh * n + v] =
-              TlsTokenLogit(TlsInt4Dot(qc.data() + int64_t{hh} * p.num_channels, words.data(), p.num_channels),
-                            p.token_scales[tok], qscale[hh]);
+        for (int hh = 0; hh < group; ++hh) {  // scaled dots: the logits before the query scale
+          logits[hh * n + v] = TlsTokenScaledDot(
+              TlsInt4Dot(qc.data() + int64_t{hh} * p.num_channels, words.data(), p.num_channels),
+              p.token_scales[tok]);
         }
       }
       if (n == 0) continue;
-      std::vector<float> inv(group), max_logit(group);
+      std::vector<float> inv(group);
+      std::vector<TlsExpShift> shift(group);
       for (int hh = 0; hh < group; ++hh) {
         float m = logits[hh * n];
         for (size_t v = 1; v < n; ++v) m = std::max(m, logits[hh * n + v]);
+        shift[hh] = TlsTokenExpShift(m, qscale[hh], exp_scale);
         uint64_t z = 0;
         for (size_t v = 0; v < n; ++v)
-          z += TlsExpToFixed(TlsExp2((logits[hh * n + v] - m) * exp_scale));
-        max_logit[hh] = m;
+          z += TlsExpToFixed(TlsExp2(TlsTokenExpArg(logits[hh * n + v], shift[hh])));
         inv[hh] = TlsInvDenominator(z, group);
       }
       for (size_t v = 0; v < n; ++v) {
@@ -187,7 +188,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
           float part = 0.f;
           for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
-            const float e = TlsExp2((logits[hh * n + v] - max_logit[hh]) * exp_scale);
+            const float e = TlsExp2(TlsTokenExpArg(logits[hh * n + v], shift[hh]));
             part = TlsFma(e, inv[hh], part);
           }
           a = h0 == 0 ? part : TlsAdd(a, part);

@@ -252,7 +252,12 @@ TEST(TlsMathTest, Int4DotIsExactInAnyOrder) {
     backwards = TlsFma(q[c], float(code), backwards);
   }
   EXPECT_EQ(backwards, float(want));
-  EXPECT_EQ(TlsTokenLogit(float(want), 0.5f, 0.25f), float(want) * 0.125f);
+  EXPECT_EQ(TlsTokenScaledDot(float(want), 0.5f), float(want) * 0.5f);
+  // The exp2 argument of the head's max is 0 up to the rounding of max * a; others are
+  // (y - max) * a within an ulp of the product.
+  const TlsExpShift s = TlsTokenExpShift(3.f, 0.25f, 2.f);
+  EXPECT_EQ(TlsTokenExpArg(3.f, s), 0.f);
+  EXPECT_EQ(TlsTokenExpArg(1.f, s), -1.f);
 }
 
 }  // namespace

@@ -295,25 +295,25 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
       std::vector<uint32_t> words(nc / 8);
       std::memcpy(words.data(), c.codes.data() + tok * (nc / 2), nc / 2);
       for (int h = 0; h < G; ++h) {
-        logit[h * slots.size() + v] =
-            TlsTokenLogit(TlsInt4Dot(qcode.data() + size_t(h) * nc, words.data(), nc),
-                          c.scales[tok], qscale[h]);
+        logit[h * slots.size() + v] = TlsTokenScaledDot(
+            TlsInt4Dot(qcode.data() + size_t(h) * nc, words.data(), nc), c.scales[tok]);
       }
     }
-    std::vector<float> m(G), inv(G);
+    std::vector<float> inv(G);
+    std::vector<TlsExpShift> shift(G);
     for (int h = 0; h < G; ++h) {
       const float* l = logit.data() + h * slots.size();
-      m[h] = *std::max_element(l, l + slots.size());
+      shift[h] = TlsTokenExpShift(*std::max_element(l, l + slots.size()), qscale[h], exp_scale);
       uint64_t z = 0;
       for (size_t v = 0; v < slots.size(); ++v) {
-        z += TlsExpToFixed(TlsExp2((l[v] - m[h]) * exp_scale));
+        z += TlsExpToFixed(TlsExp2(TlsTokenExpArg(l[v], shift[h])));
       }
       inv[h] = TlsInvDenominator(z, G);
     }
     for (size_t v = 0; v < slots.size(); ++v) {
       float tile[3] = {0.f, 0.f, 0.f};
       for (int h = 0; h < G; ++h) {
-        const float e = TlsExp2((logit[h * slots.size() + v] - m[h]) * exp_scale);
+        const float e = TlsExp2(TlsTokenExpArg(logit[h * slots.size() + v], shift[h]));
         tile[h / 16] = std::fma(e, inv[h], tile[h / 16]);
       }
       const float want = (tile[0] + tile[1]) + tile[2];

@@ -166,17 +166,36 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) { return TlsSymmetricCode(x, s
 // ---- Integer token logits --------------------------------------------------------------------
 // Token scoring quantizes each query head's channel-set entries to int8 codes with a per-head
 // scale max|q_c| / 127 (same rounding as the INT4 keys). A token's logit for that head is
-//   TlsTokenLogit(sum_c qcode[c] * code[c], token scale, query scale),
-// where the sum is an exact integer (|sum| <= 128 * 127 * 7 < 2^24): fp32 fmas in any order,
-// dp4a or integer tensor cores all produce the same value, so the GPU kernels may split and
-// reorder the channel sums freely. (Measured accuracy-neutral: bench/results/tls-accuracy.md.)
+// (sum_c qcode[c] * code[c]) * token scale * query scale, where the sum is an exact integer
+// (|sum| <= 128 * 127 * 7 < 2^24): fp32 fmas in any order, dp4a or integer tensor cores all
+// produce the same value, so the GPU kernels may split and reorder the channel sums freely.
+// (Measured accuracy-neutral: bench/results/tls-accuracy.md.)
+//
+// The per-head softmax is computed from y = sum * token scale (TlsTokenScaledDot) alone: the
+// query scale q > 0 is monotone, so the head's max logit belongs to its max y, and the exp2
+// argument (logit - max logit) * softmax scale * log2(e) is one fma per candidate and head,
+// TlsTokenExpArg(y, shift) = fma(y, a, b) with a = q * scale * log2(e) and b = -(max y * a)
+// (TlsTokenExpShift, once per head): the token kernels' innermost loop.
 ASYNCTLS_HD float TlsInt8Scale(float absmax) { return TlsDiv(absmax, 127.f); }
 
 ASYNCTLS_HD int TlsInt8Code(float x, float scale) { return TlsSymmetricCode(x, scale, 127.f); }
 
-ASYNCTLS_HD float TlsTokenLogit(float dot, float token_scale, float query_scale) {
-  return TlsMul(TlsMul(dot, token_scale), query_scale);
+ASYNCTLS_HD float TlsTokenScaledDot(float dot, float token_scale) {
+  return TlsMul(dot, token_scale);
 }
+
+struct TlsExpShift {
+  float a, b;
+};
+
+// The exp2 argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
+// scale times log2(e)).
+ASYNCTLS_HD TlsExpShift TlsTokenExpShift(float max_y, float query_scale, float exp_scale) {
+  const float a = TlsMul(query_scale, exp_scale);
+  return {a, -TlsMul(max_y, a)};
+}
+
+ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) { return TlsFma(y, s.a, s.b); }
 
 // sum_c qcode[c] * code[c] of one head (qcode: int8 codes held as floats; exact). `words` holds
 // the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
