@@ -369,9 +369,12 @@ class Bench {
   //   branch B (stream s2): index append of the new token -> block score -> block top-k_b (M_t)
   // Branch A does not read what branch B writes (M_{t-1} is a separate buffer; the new token is
   // in the recent window, never a candidate), so they overlap; the step ends when both do.
+  // Branch A is captured first, so its token kernel's clusters take the SMs before branch B's
+  // CTAs (B, on a low-priority stream, fills what is left; A is the step's critical path).
   cudaError_t TlsStep(int i, int k_t, cudaStream_t s) {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
+    if (err == cudaSuccess) err = TokenBranch(i, k_t, s);
     if (err == cudaSuccess) err = cuda::TlsIndexUpdate(Append(i, true), s2_);
     if (err == cudaSuccess) err = cuda::TlsBlockScore(ScoreParams(i), s2_);
     if (err == cudaSuccess) {
@@ -381,7 +384,6 @@ class Bench {
       err = cuda::TlsBlockSelect(sel, s2_);
     }
     if (err == cudaSuccess) err = cudaEventRecord(join_, s2_);
-    if (err == cudaSuccess) err = TokenBranch(i, k_t, s);
     if (err == cudaSuccess) {
       err = cuda::TlsSparseAttention(Attention(i, TokenSelectParams(k_t).max_positions), s);
     }

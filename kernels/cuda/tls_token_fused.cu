@@ -338,7 +338,9 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
     }
     if (tid == 0) sel.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
   }
-  cluster.sync();  // peers may still read this CTA's shared memory
+  // Peers may still read this CTA's shared memory (the counts above): wait for every rank,
+  // with no memory fence (cluster.sync's release waits for the positions' global stores).
+  asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
 }
 
 // MAXG: the group size rounded up to 4, 8 or 16 (the per-head arrays, lg's head stride).
