@@ -216,7 +216,8 @@ __device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
 // to a word in nibble order (word 2w: channels 8w, 8w+2, 8w+4, 8w+6, the low nibbles of INT4
 // word w; word 2w+1: the odd channels, its high nibbles), so each INT4 word takes two dp4a on its
 // masked nibbles (0..15 = code + 8, non-negative as int8). Int4PackedDot returns
-// sum_c qcode[c] * nibble[c]; the logit's sum is that minus 8 * the head's code sum.
+// sum_c qcode[c] * nibble[c] from a row's nibble words (SplitNibbles, once per row for all the
+// group's heads); the logit's sum is that minus 8 * the head's code sum.
 
 // Packs one head's NC codes (floats in shared memory, written by QuantizeHeadWarp) into NC / 4
 // words; called by the whole warp after a __syncwarp.
@@ -235,14 +236,21 @@ __device__ __forceinline__ void PackQueryCodesWarp(const float* codes, int* pack
   }
 }
 
+// nib[2w] = the low nibbles of INT4 word w (its even channels), nib[2w + 1] = the high ones.
 template <int NC>
-__device__ __forceinline__ int Int4PackedDot(const int* packed, const uint32_t* words) {
-  int acc = 0;
+__device__ __forceinline__ void SplitNibbles(const uint32_t* words, int* nib) {
 #pragma unroll
   for (int w = 0; w < NC / 8; ++w) {
-    acc = __dp4a(static_cast<int>(words[w] & 0x0F0F0F0Fu), packed[2 * w], acc);
-    acc = __dp4a(static_cast<int>((words[w] >> 4) & 0x0F0F0F0Fu), packed[2 * w + 1], acc);
+    nib[2 * w] = static_cast<int>(words[w] & 0x0F0F0F0Fu);
+    nib[2 * w + 1] = static_cast<int>((words[w] >> 4) & 0x0F0F0F0Fu);
   }
+}
+
+template <int NC>
+__device__ __forceinline__ int Int4PackedDot(const int* packed, const int* nib) {
+  int acc = 0;
+#pragma unroll
+  for (int i = 0; i < NC / 4; ++i) acc = __dp4a(nib[i], packed[i], acc);
   return acc;
 }
 

@@ -36,6 +36,7 @@ using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
+using tls_detail::SplitNibbles;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
@@ -226,12 +227,9 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
         const uint32_t digit = pos[u] >= 0 && (key[u] & mask) == prefix
                                    ? (key[u] >> shift) & digit_mask
                                    : uint32_t{kClusterSelectBins};
-        if (__any_sync(0xffffffffu, digit != kClusterSelectBins)) {
-          const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != kClusterSelectBins && lane == __ffs(same) - 1) {
-            atomicAdd(&hist[digit], __popc(same));
-          }
-        }
+        // One shared atomic per key: over 2,048 bins a warp's keys rarely share one, and
+        // aggregating them with __match_any_sync first measured ~1 us slower per row (H200).
+        if (digit != kClusterSelectBins) atomicAdd(&hist[digit], 1);
       }
       __syncthreads();  // this CTA's histogram is complete
       {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
@@ -408,10 +406,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
       tok_scale = __ldg(p.token_scales + tok[u]);
     }
+    int nib[NC / 4];
+    SplitNibbles<NC>(words, nib);
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
       if (hh < group) {
-        const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), words) - sh.qoffset[hh];
+        const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), nib) - sh.qoffset[hh];
         const float y = valid ? TlsTokenScaledDot(static_cast<float>(dot), tok_scale) : 0.f;
         lg[(hh * ITEMS + u) * kFusedThreads + tid] = y;
         if (valid) head_max[hh] = fmaxf(head_max[hh], y);  // y is finite: max in any order
