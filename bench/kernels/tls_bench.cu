@@ -481,8 +481,8 @@ class Bench {
     (*out)["token_select"] = TimeMs(
         [&](int, cudaStream_t s) { return cuda::TlsTokenSelect(sel, s); }, samples_, s_);
     // The token branch as the step runs it (one fused launch where the shape allows).
-    (*out)["token_branch"] = TimeMs(
-        [&](int i, cudaStream_t s) { return TokenBranch(i, k_t, s); }, samples_, s_);
+    (*out)["token_branch"] =
+        TimeMs([&](int i, cudaStream_t s) { return TokenBranch(i, k_t, s); }, samples_, s_);
     (*out)["attention"] = TimeMs([&](int i, cudaStream_t s) {
       return cuda::TlsSparseAttention(Attention(i, max_positions), s);
     }, samples_, s_);
@@ -638,8 +638,8 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   std::printf("\n%-8s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
               "batch", "context", "k_t", "tls ms", "serial", "dense ms", "quest ms", "token ms",
-              "xdense", "/quest",
-              "tls MB", "xfloor", "stages ms: append bscore bselect tscore tselect tbranch attn");
+              "xdense", "/quest", "tls MB", "xfloor",
+              "stages ms: append bscore bselect tscore tselect tbranch attn");
   for (const Config& c : configs) {
     Pool pool;
     BuildPool(c, pool, stream);
@@ -679,10 +679,11 @@ int main(int argc, char** argv) {
           std::printf(
               "%-8s %5d %7d %5d | %8.4f %8.4f %8.4f %8.4f %8.4f | %6.2f %6.2f | %8.2f %6.2f | "
               "%.4f %.4f %.4f %.4f %.4f %.4f %.4f\n",
-              c.name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token, r.dense / r.tls,
-              r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms, r.stages["append"],
-              r.stages["block_score"], r.stages["block_select"], r.stages["token_score"],
-              r.stages["token_select"], r.stages["token_branch"], r.stages["attention"]);
+              c.name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token,
+              r.dense / r.tls, r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms,
+              r.stages["append"], r.stages["block_score"], r.stages["block_select"],
+              r.stages["token_score"], r.stages["token_select"], r.stages["token_branch"],
+              r.stages["attention"]);
           std::fflush(stdout);
           rows.push_back(r);
         }

@@ -36,7 +36,6 @@ using tls_detail::EnsureDynamicSmem;
 using tls_detail::FixedParts;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
-using tls_detail::SplitNibbles;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
@@ -44,6 +43,7 @@ using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
 using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
+using tls_detail::SplitNibbles;
 using tls_detail::WaitForPreviousGrid;
 using tls_detail::WarpInclusiveSum;
 
@@ -67,8 +67,12 @@ constexpr int kFusedMaxWork = 512;  // largest group * num_channels fused (see C
 constexpr int kClusterSelectBins = 2048;
 static_assert(kClusterSelectBins == 2 * kFusedThreads && kFusedWarps * 64 == kClusterSelectBins,
               "a thread zeroes two bins, a warp totals one 64-bin group");
-__device__ __forceinline__ int ClusterSelectShift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
-__device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) { return pass == 2 ? 1023u : 2047u; }
+__device__ __forceinline__ int ClusterSelectShift(int pass) {
+  return pass == 0 ? 21 : pass == 1 ? 10 : 0;
+}
+__device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) {
+  return pass == 2 ? 1023u : 2047u;
+}
 
 template <int ITEMS>
 struct FusedShared {
@@ -76,7 +80,7 @@ struct FusedShared {
   int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
   int qoffset[kFusedMaxGroup];                 // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                // their scales (TlsInt8Scale)
-  uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max logit (ordered bits)
+  uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max scaled dot (ordered bits)
   uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
   uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
   int part_valid[kFusedWarps];                 // per-warp valid candidates
@@ -232,7 +236,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
         if (digit != kClusterSelectBins) atomicAdd(&hist[digit], 1);
       }
       __syncthreads();  // this CTA's histogram is complete
-      {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
+      {                 // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
         const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
         const int total = __reduce_add_sync(0xffffffffu, c);
         if (lane == 0) sh.group_sum[pass & 1][warp] = total;
@@ -632,7 +636,7 @@ constexpr int kMlaMaxGroup = 128;
 constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // most list entries per CTA
 
 struct MlaShared {
-  uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max logit (ordered bits)
+  uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max scaled dot (ordered bits)
   unsigned long long exp_sum[kMlaMaxGroup];   // this CTA's per-head fixed-point exp sums
   TlsExpShift shift[kMlaMaxGroup];            // per head, from the cluster-wide max
   float inv[kMlaMaxGroup];                    // 1 / (G * softmax denominator)
