@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# A/B of TLS kernel changes on a GPU machine, one call: two source trees built side by side
-# (kernels-only config), tree B's TLS GPU tests, then each tls_bench selection run on A and B in
-# turn, REPS times, its rows prefixed with the tree's letter. Ratios between trees are only
+# A/B(/C) of TLS kernel changes on a GPU machine, one call: two or three source trees built side
+# by side (kernels-only config), the TLS GPU tests of every tree but A, then each tls_bench
+# selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter. Ratios between trees are only
 # meaningful inside one call (clocks and neighbours move between calls).
 #
 #   git archive <base-rev> kernels bench tests CMakeLists.txt cmake | (mkdir -p scratch/a &&
 #     tar x -C scratch/a)   # on the workstation: tree A, untracked, carried with the checkout
-#   ln -s ../../.deps scratch/a/.deps
+#   ln -s ../../.deps scratch/a/.deps   # (a tree C likewise, C=scratch/c)
 #   A=scratch/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
-# Env: A (tree A, required), B (tree B, default the repository root), RUNS (';'-separated
+# Env: A (tree A, required), B (tree B, default the repository root), C (optional third tree), RUNS (';'-separated
 # `tls_bench --only` arguments, required), REPS (default 2), SAMPLES (default 15), TESTS=0 to
 # skip B's GPU tests, OUT (default ./tls-ab-out). Writes ab.log (the table) and the full
 # tls_bench output per tree; build logs stay in /tmp (the device returns few files).
@@ -36,27 +36,40 @@ build() {  # tree letter targets...
 }
 tests=""
 [[ "${TESTS:-1}" == 1 ]] && tests="tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
-build "$A" a tls_bench & pid_a=$!
-# shellcheck disable=SC2086  # $tests: a list of targets or nothing
-build "$B" b tls_bench $tests & pid_b=$!
+declare -A trees=([a]=$A [b]=$B)
+[[ -n "${C:-}" ]] && trees[c]=$C
+letters=$(printf '%s\n' "${!trees[@]}" | sort | tr '\n' ' ')
+declare -A pids
+for letter in $letters; do
+  targets="tls_bench"
+  [[ $letter != a ]] && targets="$targets $tests"
+  # shellcheck disable=SC2086  # $targets: a list of targets
+  build "${trees[$letter]}" "$letter" $targets & pids[$letter]=$!
+done
 status=0
-wait $pid_a || { log "tree A build failed"; grep -h -A8 error /tmp/ab-*-a.log | head -30; status=1; }
-wait $pid_b || { log "tree B build failed"; grep -h -A8 error /tmp/ab-*-b.log | head -30; status=1; }
+for letter in $letters; do
+  wait "${pids[$letter]}" || {
+    log "tree ${letter^^} build failed"; grep -h -A8 error /tmp/ab-*-"$letter".log | head -30; status=1
+  }
+done
 [[ $status == 0 ]] || exit 1
 log "built in $(( $(date +%s) - t0 )) s"
 
 if [[ -n "$tests" ]]; then
-  ctest --test-dir "$B/build-ab-b" -L gpu -R tls --output-on-failure -j 3 > "$OUT/ctest_b.log" 2>&1 ||
-    status=1
-  grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest_b.log" | tee -a "$OUT/ab.log"
+  for letter in $letters; do
+    [[ $letter == a ]] && continue
+    ctest --test-dir "${trees[$letter]}/build-ab-$letter" -L gpu -R tls --output-on-failure -j 3 \
+      > "$OUT/ctest_$letter.log" 2>&1 || status=1
+    grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest_$letter.log" | sed "s/^/${letter^^} /" |
+      tee -a "$OUT/ab.log"
+  done
 fi
 
 IFS=';' read -ra runs <<< "$RUNS"
 for ((r = 1; r <= REPS; ++r)); do
   for run in "${runs[@]}"; do
-    for letter in a b; do
-      tree=$A
-      [[ $letter == b ]] && tree=$B
+    for letter in $letters; do
+      tree=${trees[$letter]}
       # shellcheck disable=SC2086  # the selection is a list of arguments
       "$tree/build-ab-$letter/bench/tls_bench" --samples "$SAMPLES" --only $run \
         > /tmp/ab-run.log 2>&1 || status=1
