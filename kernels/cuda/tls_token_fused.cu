@@ -88,10 +88,13 @@ struct FusedShared {
   TlsExpShift shift[kFusedMaxGroup];           // per head, from the cluster-wide max
   float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
   int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
-  int group_sum[2][kFusedWarps];               // and its 64-bin group totals (warp w: group w)
-  int counts[3];                               // this CTA's valid, above, equal counts
+  // Pushed by the peers (remote stores before a cluster barrier, local loads after it, instead of
+  // remote loads after it): pass p's 64-bin group totals of rank r (warp w: group w), and each
+  // rank's above / equal counts of the compaction.
+  int peer_group_sum[2][kClusterMaxRanks][kFusedWarps];
+  int peer_counts[kClusterMaxRanks][2];
+  int counts[1];                               // this CTA's valid candidates
   int num_valid;                               // cluster-wide valid candidates
-  int above_before, equal_before, kept;        // ranks before this CTA; cluster-wide kept
   int scan[kFusedWarps + 1];
   // Per (item, warp) entry in candidate order: counts, then exclusive prefixes within the CTA.
   int entry_above[ITEMS][kFusedWarps];
@@ -171,16 +174,19 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
 
 // One cluster radix pass's decision, by the 32 lanes of one warp of each rank (all ranks decide
 // the same): the digit (descending) of the `remaining`-th largest key, found through the 32
-// group totals summed over the ranks, then the ranks' bins of the one group it falls in.
-// Writes the extended prefix, the rank left inside that digit, and whether the digit's keys
-// are all kept (no later pass needed).
+// group totals summed over the ranks (pushed here: group_sums[r][w]), then the ranks' bins of
+// the one group it falls in (remote loads). Writes the extended prefix, the rank left inside
+// that digit, and whether the digit's keys are all kept (no later pass needed).
 __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluster, int size,
-                                                       int* hist, int* group_sum, uint32_t prefix,
-                                                       int shift, int remaining,
+                                                       int* hist,
+                                                       const int (*group_sums)[kFusedWarps],
+                                                       uint32_t prefix, int shift, int remaining,
                                                        uint32_t* out_prefix, int* out_remaining,
                                                        int* out_done) {
   const int lane = threadIdx.x & 31;
-  const int g_count = ClusterSum(cluster, &group_sum[31 - lane], size);  // lane l: group 31 - l
+  int g_count = 0;  // lane l: group 31 - l
+#pragma unroll
+  for (int r = 0; r < kClusterMaxRanks; ++r) g_count += r < size ? group_sums[r][31 - lane] : 0;
   const int g_incl = WarpInclusiveSum(g_count);
   const unsigned hit =
       __ballot_sync(0xffffffffu, g_incl - g_count < remaining && remaining <= g_incl);
@@ -204,8 +210,9 @@ __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluste
 
 // The cluster's top-k of one row from each thread's ITEMS keys (pos < 0: no candidate) and the
 // row's valid count, as BlockTopK with histograms summed over the ranks; writes the row's
-// positions (sink, kept in position order, recent) and their count. Ends with a cluster
-// barrier, so peers may exit after it.
+// positions (sink, kept in position order, recent) and their count. Past its last cluster
+// barrier (before the positions are written) no rank touches another's shared memory, so each
+// CTA may exit when done; callers must not read a peer's shared memory after it.
 template <int ITEMS>
 __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedShared<ITEMS>& sh,
                                               const int32_t* pos, const uint32_t* key,
@@ -236,14 +243,14 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
         if (digit != kClusterSelectBins) atomicAdd(&hist[digit], 1);
       }
       __syncthreads();  // this CTA's histogram is complete
-      {                 // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
+      {                 // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63), to every rank
         const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
         const int total = __reduce_add_sync(0xffffffffu, c);
-        if (lane == 0) sh.group_sum[pass & 1][warp] = total;
+        if (lane < size) *cluster.map_shared_rank(&sh.peer_group_sum[pass & 1][rank][warp], lane) = total;
       }
       cluster.sync();  // every rank's histogram and group totals of this pass are complete
       if (warp == 0) {
-        FindClusterSelectDigit(cluster, size, hist, sh.group_sum[pass & 1], prefix, shift,
+        FindClusterSelectDigit(cluster, size, hist, sh.peer_group_sum[pass & 1], prefix, shift,
                                remaining, &sh.prefix, &sh.remaining, &sh.done);
       } else {  // the next pass's bins, last read by the peers before this cluster barrier
         int* next = sh.hist[(pass + 1) & 1];
@@ -293,46 +300,33 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
       above_carry += __shfl_sync(0xffffffffu, ai, 31);
       equal_carry += __shfl_sync(0xffffffffu, ei, 31);
     }
-    if (lane == 0) {
-      sh.counts[1] = above_carry;
-      sh.counts[2] = equal_carry;
+    if (lane < size) {  // this CTA's counts to every rank
+      int* dst = cluster.map_shared_rank(sh.peer_counts[rank], lane);
+      dst[0] = above_carry;
+      dst[1] = equal_carry;
     }
   }
   cluster.sync();
-  if (tid == 0) {
-    int a[kClusterMaxRanks], e[kClusterMaxRanks];
-#pragma unroll
-    for (int r = 0; r < kClusterMaxRanks; ++r) {
-      a[r] = r < size ? *cluster.map_shared_rank(&sh.counts[1], r) : 0;
-      e[r] = r < size ? *cluster.map_shared_rank(&sh.counts[2], r) : 0;
-    }
-    int above_before = 0, equal_before = 0, above_all = 0, equal_all = 0;
-#pragma unroll
-    for (int r = 0; r < kClusterMaxRanks; ++r) {
-      above_before += r < rank ? a[r] : 0;
-      equal_before += r < rank ? e[r] : 0;
-      above_all += a[r];
-      equal_all += e[r];
-    }
-    sh.above_before = above_before;
-    sh.equal_before = equal_before;
-    sh.kept = above_all + min(equal_all, need_equal);
-  }
-  __syncthreads();
+  // Every warp: the ranks' counts (pushed above) summed over the ranks before this one and all.
+  const int peer_above = lane < size ? sh.peer_counts[lane][0] : 0;
+  const int peer_equal = lane < size ? sh.peer_counts[lane][1] : 0;
+  const int rank_above_before = __reduce_add_sync(0xffffffffu, lane < rank ? peer_above : 0);
+  const int rank_equal_before = __reduce_add_sync(0xffffffffu, lane < rank ? peer_equal : 0);
+  const int kept = __reduce_add_sync(0xffffffffu, peer_above) +
+                   min(static_cast<int>(__reduce_add_sync(0xffffffffu, peer_equal)), need_equal);
   int32_t* row = sel.positions + int64_t{bg} * sel.max_positions;
   const unsigned lane_lt = (1u << lane) - 1u;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const int above_before =
-        sh.above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
+        rank_above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
     const int equal_before =
-        sh.equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
+        rank_equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
     if (above[u] || (equal[u] && equal_before < need_equal)) {
       row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
     }
   }
   if (rank == 0) {
-    const int kept = sh.kept;
     for (int i = tid; i < geo.sink_end; i += kFusedThreads) row[i] = i;
     const int recent_base = geo.sink_end + kept;
     for (int i = tid; i < geo.len - geo.recent_start; i += kFusedThreads) {
@@ -340,9 +334,8 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
     }
     if (tid == 0) sel.num_positions[bg] = geo.sink_end + kept + (geo.len - geo.recent_start);
   }
-  // Peers may still read this CTA's shared memory (the counts above): wait for every rank,
-  // with no memory fence (cluster.sync's release waits for the positions' global stores).
-  asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
+  // No closing cluster barrier: past the last one no rank reads or writes another's shared
+  // memory (the counts were pushed before it), so every CTA may exit as soon as it is done.
 }
 
 // MAXG: the group size rounded up to 4, 8 or 16 (the per-head arrays, lg's head stride).
