@@ -808,6 +808,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     scale_s[tid] = scale;
   }
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
+  // The scales are read back only after the cluster barrier below; copied here, their global
+  // load is off that critical path (read after it: +0.8 us at 128 heads batch 8, run 34).
   if (tid < GROUP) {
     ms.qscale[tid] = queries.scales[head0 + tid];
     ms.qsum[tid] = queries.sums[head0 + tid];
@@ -952,7 +954,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   uint32_t a[NC / 32][4];
   LoadQueryFragments<NC>(queries.frags, head0 / kHeads, lane, a);
   LaneHeadPair lhp;
-  if (tid < kHeads) qscale[tid] = queries.scales[head0 + tid];
+  if (tid < kHeads) qscale[tid] = queries.scales[head0 + tid];  // see MlaScoreSelectKernel
   const int off0 = 8 * queries.sums[head0 + r], off1 = 8 * queries.sums[head0 + r + 8];
   __syncthreads();
 
