@@ -1,6 +1,7 @@
 // CUDA TLS selection ops. Score arithmetic follows tls_math.h in the reference's order, so
 // scores and selected sets equal the CPU reference bit for bit.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 
 #include <algorithm>
 
@@ -41,18 +42,32 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 // grid (ceil(max_blocks / kScoreBlocks), batch * num_kv_heads). The group's query is summed into
 // qpos / qneg (heads in order) in shared memory, stored slice-major (entry j * 8 + c holds dim
 // c * width + j) so that the 8 lanes of a team read 8 consecutive floats. Each team of
-// kTlsBlockScoreSlices lanes then scores blocks: lane c loads slice c of the block's kmax / kmin
-// straight from global memory, chains it in dim order, and an xor butterfly over the team adds
-// the 8 slice sums in TlsSumBlockSlices's order. WIDTH: dims per slice known at compile time (all
-// loads of a block in flight at once), or 0 for any width (scalar loads).
+// kTlsBlockScoreSlices lanes then scores blocks: lane c loads slice c of the block's kmax / kmin,
+// chains it in dim order, and an xor butterfly over the team adds the 8 slice sums in
+// TlsSumBlockSlices's order. WIDTH: dims per slice known at compile time, or 0 for any width
+// (scalar loads). Slices of more than two 16-byte vectors (MLA's nine) are "slotted": loaded
+// into registers, ptxas issued them two at a time between the FMAs, a memory round trip each
+// (~25 us per MLA CTA), so each lane copies them into its own shared-memory slots with cp.async,
+// all in flight at once, and the group's query (MLA: 128 heads x 576 dims) is staged through the
+// same region before its sums. GQA's one- and two-vector slices measured slower that way (run 35
+// of bench/results/tls-kernels-h200.md) and load straight into registers.
 constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
 
 template <int WIDTH>
+constexpr bool kSlottedScore = WIDTH / 8 > 2;
+// Shared-memory bytes of the lanes' kmax / kmin slots: per lane 2 * WIDTH / 8 vectors, stored
+// vector-major (vector v of thread t at v * kScoreThreads + t: a warp's reads hit every bank once).
+template <int WIDTH>
+constexpr int ScoreSlotBytes() {
+  return kSlottedScore<WIDTH> ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(uint4)) : 0;
+}
+
+template <int WIDTH>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
                                                  const uint16_t* kmax, const uint16_t* kmin,
-                                                 int width, int c) {
+                                                 uint4* slots, int width, int c) {
   float s = 0.f;
   if constexpr (WIDTH == 0) {
     for (int j = 0; j < width; ++j) {
@@ -63,16 +78,34 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   } else {
     static_assert(WIDTH % 8 == 0, "slices load whole uint4 vectors");
     constexpr int kVecs = WIDTH / 8;
-    uint4 a[kVecs], n[kVecs];
+    uint4 a[kSlottedScore<WIDTH> ? 1 : kVecs], n[kSlottedScore<WIDTH> ? 1 : kVecs];
+    if constexpr (kSlottedScore<WIDTH>) {
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      a[v] = reinterpret_cast<const uint4*>(kmax)[v];
-      n[v] = reinterpret_cast<const uint4*>(kmin)[v];
+      for (int v = 0; v < kVecs; ++v) {
+        __pipeline_memcpy_async(slots + v * kScoreThreads, kmax + 8 * v, sizeof(uint4));
+        __pipeline_memcpy_async(slots + (kVecs + v) * kScoreThreads, kmin + 8 * v, sizeof(uint4));
+      }
+      __pipeline_commit();
+      __pipeline_wait_prior(0);  // the lane reads only its own slots: no barrier
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) {
+        a[v] = reinterpret_cast<const uint4*>(kmax)[v];
+        n[v] = reinterpret_cast<const uint4*>(kmin)[v];
+      }
     }
 #pragma unroll
     for (int j = 0; j < WIDTH; ++j) {
-      const uint16_t* av = reinterpret_cast<const uint16_t*>(&a[j / 8]);
-      const uint16_t* nv = reinterpret_cast<const uint16_t*>(&n[j / 8]);
+      uint4 av4, nv4;
+      if constexpr (kSlottedScore<WIDTH>) {
+        av4 = slots[j / 8 * kScoreThreads];
+        nv4 = slots[(kVecs + j / 8) * kScoreThreads];
+      } else {
+        av4 = a[j / 8];
+        nv4 = n[j / 8];
+      }
+      const uint16_t* av = reinterpret_cast<const uint16_t*>(&av4);
+      const uint16_t* nv = reinterpret_cast<const uint16_t*>(&nv4);
       const int at = j * kTlsBlockScoreSlices + c;
       s = TlsFma(qpos[at], Bf16BitsToFloat(av[j % 8]), s);
       s = TlsFma(qneg[at], Bf16BitsToFloat(nv[j % 8]), s);
@@ -81,9 +114,53 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   return s;
 }
 
+// The group's query summed per dim in head order into qpos / qneg (slice-major), staged into
+// `stage` (stage_bytes of shared memory) a whole number of heads at a time, every load of a
+// stage in flight at once. A query not 16-byte aligned is summed straight from global memory
+// (slower, the same sums). Ends with a barrier.
+__device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int b, int g,
+                                               int group, int width, float* qpos, float* qneg,
+                                               void* stage_region, int stage_bytes) {
+  const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
+  const int stage_heads = min(group, max(1, stage_bytes / (p.head_dim * elem)));
+  unsigned char* stage = static_cast<unsigned char*>(stage_region);
+  const unsigned char* group_q =
+      static_cast<const unsigned char*>(p.q) +
+      (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim * elem;
+  const bool staged = reinterpret_cast<uintptr_t>(group_q) % 16 == 0;
+  for (int h0 = 0; h0 < group; h0 += stage_heads) {
+    const int heads = min(stage_heads, group - h0);
+    const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
+    if (staged) {
+      const int bytes = heads * p.head_dim * elem;  // a multiple of 16: head_dim % 8 == 0
+      for (int i = threadIdx.x * 16; i < bytes; i += kScoreThreads * 16) {
+        __pipeline_memcpy_async(stage + i, from + i, 16);
+      }
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
+      __syncthreads();
+    }
+    const void* src = staged ? static_cast<const void*>(stage) : from;
+    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+      float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
+#pragma unroll 8
+      for (int h = 0; h < heads; ++h) {
+        const float v = LoadIo(src, p.io_dtype, int64_t{h} * p.head_dim + d);
+        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+      }
+      qpos[at] = pos;
+      qneg[at] = neg;
+    }
+    __syncthreads();  // the next stage (or the slots) overwrite this one; scoring reads qpos / qneg
+  }
+}
+
 template <int WIDTH>
 __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
-  extern __shared__ float q_sum[];  // qpos [head_dim], qneg [head_dim], slice-major
+  // qpos [head_dim], qneg [head_dim] (slice-major), then (slotted) the query stage / the slots.
+  extern __shared__ __align__(16) float q_sum[];
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -94,29 +171,35 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const int width = WIDTH > 0 ? WIDTH : p.head_dim / kTlsBlockScoreSlices;
   float* qpos = q_sum;
   float* qneg = q_sum + p.head_dim;
-  const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
-  for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
-    float pos = 0.f, neg = 0.f;
+  if constexpr (kSlottedScore<WIDTH>) {
+    SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
+                   ScoreSlotBytes<WIDTH>());
+  } else {
+    const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
+    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+      float pos = 0.f, neg = 0.f;
 #pragma unroll 8
-    for (int h = 0; h < group; ++h) {
-      const float v = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim + d);
-      pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
-      neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+      for (int h = 0; h < group; ++h) {
+        const float v = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim + d);
+        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+      }
+      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+      qpos[at] = pos;
+      qneg[at] = neg;
     }
-    const int at = (d % width) * kTlsBlockScoreSlices + d / width;
-    qpos[at] = pos;
-    qneg[at] = neg;
+    __syncthreads();
   }
-  __syncthreads();
   const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
   const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
+  uint4* slots = reinterpret_cast<uint4*>(q_sum + 2 * p.head_dim) + threadIdx.x;
   const int32_t* rows = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
   for (int i = team; i < count; i += kScoreTeams) {
     const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim + c * width;
-    float s = BlockSliceScore<WIDTH>(qpos, qneg, kmax + off, kmin + off, width, c);
+    float s = BlockSliceScore<WIDTH>(qpos, qneg, kmax + off, kmin + off, slots, width, c);
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
     // halves add the same two values (commuted), so the team ends with one bit pattern.
 #pragma unroll
@@ -125,6 +208,15 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     }
     if (c == 0) scores[i] = s;
   }
+}
+
+template <int WIDTH>
+cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
+  const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH>();
+  const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH>>(smem);
+  if (err != cudaSuccess) return err;
+  BlockScoreKernel<WIDTH><<<grid, kScoreThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 // ---- top-k kernels ------------------------------------------------------------------------
@@ -879,21 +971,16 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
   }
   const dim3 grid((p.max_blocks_per_seq + kScoreBlocks - 1) / kScoreBlocks,
                   p.batch * p.num_kv_heads);
-  const size_t smem = 2 * p.head_dim * sizeof(float);
   switch (p.head_dim / kTlsBlockScoreSlices) {
     case 8:  // head_dim 64
-      BlockScoreKernel<8><<<grid, kScoreThreads, smem, stream>>>(p);
-      break;
+      return LaunchBlockScore<8>(p, grid, stream);
     case 16:  // head_dim 128
-      BlockScoreKernel<16><<<grid, kScoreThreads, smem, stream>>>(p);
-      break;
+      return LaunchBlockScore<16>(p, grid, stream);
     case 72:  // MLA, 576
-      BlockScoreKernel<72><<<grid, kScoreThreads, smem, stream>>>(p);
-      break;
+      return LaunchBlockScore<72>(p, grid, stream);
     default:
-      BlockScoreKernel<0><<<grid, kScoreThreads, smem, stream>>>(p);
+      return LaunchBlockScore<0>(p, grid, stream);
   }
-  return cudaGetLastError();
 }
 
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {

@@ -103,9 +103,22 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
     bp.seq_lens = d.seq_lens.as<int32_t>();
     bp.scores = dscores.as<float>();
     ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
-    const auto got = Download<float>(dscores, want.size());
+    auto got = Download<float>(dscores, want.size());
     for (size_t i = 0; i < want.size(); ++i) {
       ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
+    }
+    // A query 4 bytes off 16-byte alignment is summed straight from global memory instead of
+    // being staged through shared memory: the same scores.
+    std::vector<uint8_t> shifted(4, 0);
+    shifted.insert(shifted.end(), c.q.bytes.begin(), c.q.bytes.end());
+    DeviceBuffer dshifted;
+    ASSERT_CUDA(dshifted.Upload(shifted));
+    ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
+    bp.q = static_cast<const uint8_t*>(dshifted.get()) + 4;
+    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+    got = Download<float>(dscores, want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << "unaligned q, " << i;
     }
     // Token scores over every block (token-only) and over a block list.
     for (bool listed : {false, true}) {
