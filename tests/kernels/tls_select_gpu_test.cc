@@ -107,8 +107,8 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
     for (size_t i = 0; i < want.size(); ++i) {
       ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
     }
-    // A query 4 bytes off 16-byte alignment is summed straight from global memory instead of
-    // being staged through shared memory: the same scores.
+    // A query 4 bytes off 16-byte alignment: the same scores (MLA shapes sum it straight from
+    // global memory instead of staging it through shared memory).
     std::vector<uint8_t> shifted(4, 0);
     shifted.insert(shifted.end(), c.q.bytes.begin(), c.q.bytes.end());
     DeviceBuffer dshifted;
