@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B(/C) of TLS kernel changes on a GPU machine, one call: two or three source trees built side
 # by side (kernels-only config), the TLS GPU tests of every tree but A, then each tls_bench
-# selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter. Ratios between trees are only
-# meaningful inside one call (clocks and neighbours move between calls).
+# selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter.
+# Ratios between trees are only meaningful inside one call (clocks and neighbours move).
 #
 #   git archive <base-rev> kernels bench tests CMakeLists.txt cmake | (mkdir -p scratch/a &&
 #     tar x -C scratch/a)   # on the workstation: tree A, untracked, carried with the checkout
@@ -10,10 +10,11 @@
 #   A=scratch/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
-# Env: A (tree A, required), B (tree B, default the repository root), C (optional third tree), RUNS (';'-separated
-# `tls_bench --only` arguments, required), REPS (default 2), SAMPLES (default 15), TESTS=0 to
-# skip B's GPU tests, OUT (default ./tls-ab-out). Writes ab.log (the table) and the full
-# tls_bench output per tree; build logs stay in /tmp (the device returns few files).
+# Env: A (tree A, required), B (tree B, default the repository root), C (optional third tree),
+# RUNS (';'-separated `tls_bench --only` arguments, required), REPS (default 2), SAMPLES
+# (default 15), TESTS=0 to skip the GPU tests, OUT (default ./tls-ab-out). Writes ab.log (the
+# table) and the full tls_bench output per tree; build logs stay in /tmp (the device returns
+# few files).
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.." || exit 1
@@ -49,7 +50,9 @@ done
 status=0
 for letter in $letters; do
   wait "${pids[$letter]}" || {
-    log "tree ${letter^^} build failed"; grep -h -A8 error /tmp/ab-*-"$letter".log | head -30; status=1
+    log "tree ${letter^^} build failed"
+    grep -h -A8 error /tmp/ab-*-"$letter".log | head -30
+    status=1
   }
 done
 [[ $status == 0 ]] || exit 1

@@ -114,9 +114,9 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   return s;
 }
 
-// The group's query summed per dim in head order into qpos / qneg (slice-major), staged into
-// `stage` (stage_bytes of shared memory) a whole number of heads at a time, every load of a
-// stage in flight at once. A query not 16-byte aligned is summed straight from global memory
+// The group's query summed per dim in head order into qpos / qneg (slice-major), staged through
+// `stage_region` (stage_bytes of shared memory) a whole number of heads at a time, every load of
+// a stage in flight at once. A query not 16-byte aligned is summed straight from global memory
 // (slower, the same sums). Ends with a barrier.
 __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int b, int g,
                                                int group, int width, float* qpos, float* qneg,
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   if constexpr (kSlottedScore<WIDTH>) {
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
                    ScoreSlotBytes<WIDTH>());
-  } else {
+  } else {  // GQA's few heads straight from global memory (the loop measured before staging)
     const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
     for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
       float pos = 0.f, neg = 0.f;
@@ -213,8 +213,10 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
 template <int WIDTH>
 cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
   const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH>();
-  const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH>>(smem);
-  if (err != cudaSuccess) return err;
+  if constexpr (kSlottedScore<WIDTH>) {  // only the slots pass the default 48 KB
+    const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH>>(smem);
+    if (err != cudaSuccess) return err;
+  }
   BlockScoreKernel<WIDTH><<<grid, kScoreThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -93,8 +93,8 @@ struct FusedShared {
   // rank's above / equal counts of the compaction.
   int peer_group_sum[2][kClusterMaxRanks][kFusedWarps];
   int peer_counts[kClusterMaxRanks][2];
-  int counts[1];                               // this CTA's valid candidates
-  int num_valid;                               // cluster-wide valid candidates
+  int counts[1];  // this CTA's valid candidates
+  int num_valid;  // cluster-wide valid candidates
   int scan[kFusedWarps + 1];
   // Per (item, warp) entry in candidate order: counts, then exclusive prefixes within the CTA.
   int entry_above[ITEMS][kFusedWarps];
@@ -243,10 +243,12 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedS
         if (digit != kClusterSelectBins) atomicAdd(&hist[digit], 1);
       }
       __syncthreads();  // this CTA's histogram is complete
-      {                 // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63), to every rank
+      {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63), to every rank
         const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
         const int total = __reduce_add_sync(0xffffffffu, c);
-        if (lane < size) *cluster.map_shared_rank(&sh.peer_group_sum[pass & 1][rank][warp], lane) = total;
+        if (lane < size) {
+          *cluster.map_shared_rank(&sh.peer_group_sum[pass & 1][rank][warp], lane) = total;
+        }
       }
       cluster.sync();  // every rank's histogram and group totals of this pass are complete
       if (warp == 0) {
