@@ -27,6 +27,7 @@ using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
+using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
@@ -50,21 +51,23 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 // (~25 us per MLA CTA), so each lane copies them into its own shared-memory slots with cp.async,
 // all in flight at once, and the group's query (MLA: 128 heads x 576 dims) is staged through the
 // same region before its sums. GQA's one- and two-vector slices measured slower that way (run 35
-// of bench/results/tls-kernels-h200.md) and load straight into registers.
+// of bench/results/tls-kernels-h200.md) and load straight into registers; so does MLA with
+// fewer than kSlottedMinGroup heads over more CTAs than SMs (run 36: 16 heads batch 8 128K,
+// 256 CTAs, 21.0 vs 23.5 us slotted — the slots' shared memory caps the CTAs per SM and the
+// query sum is cheap). The grid counts the block table's width, not the rows' lengths.
 constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
+constexpr int kSlottedMinGroup = 32;
 
-template <int WIDTH>
-constexpr bool kSlottedScore = WIDTH / 8 > 2;
 // Shared-memory bytes of the lanes' kmax / kmin slots: per lane 2 * WIDTH / 8 vectors, stored
 // vector-major (vector v of thread t at v * kScoreThreads + t: a warp's reads hit every bank once).
-template <int WIDTH>
+template <int WIDTH, bool SLOTTED>
 constexpr int ScoreSlotBytes() {
-  return kSlottedScore<WIDTH> ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(uint4)) : 0;
+  return SLOTTED ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(uint4)) : 0;
 }
 
-template <int WIDTH>
+template <int WIDTH, bool SLOTTED>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
                                                  const uint16_t* kmax, const uint16_t* kmin,
                                                  uint4* slots, int width, int c) {
@@ -78,8 +81,8 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   } else {
     static_assert(WIDTH % 8 == 0, "slices load whole uint4 vectors");
     constexpr int kVecs = WIDTH / 8;
-    uint4 a[kSlottedScore<WIDTH> ? 1 : kVecs], n[kSlottedScore<WIDTH> ? 1 : kVecs];
-    if constexpr (kSlottedScore<WIDTH>) {
+    uint4 a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
+    if constexpr (SLOTTED) {
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
         __pipeline_memcpy_async(slots + v * kScoreThreads, kmax + 8 * v, sizeof(uint4));
@@ -97,7 +100,7 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
 #pragma unroll
     for (int j = 0; j < WIDTH; ++j) {
       uint4 av4, nv4;
-      if constexpr (kSlottedScore<WIDTH>) {
+      if constexpr (SLOTTED) {
         av4 = slots[j / 8 * kScoreThreads];
         nv4 = slots[(kVecs + j / 8) * kScoreThreads];
       } else {
@@ -157,7 +160,7 @@ __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int
   }
 }
 
-template <int WIDTH>
+template <int WIDTH, bool SLOTTED>
 __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
   // qpos [head_dim], qneg [head_dim] (slice-major), then (slotted) the query stage / the slots.
   extern __shared__ __align__(16) float q_sum[];
@@ -171,10 +174,10 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const int width = WIDTH > 0 ? WIDTH : p.head_dim / kTlsBlockScoreSlices;
   float* qpos = q_sum;
   float* qneg = q_sum + p.head_dim;
-  if constexpr (kSlottedScore<WIDTH>) {
+  if constexpr (SLOTTED) {
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
-                   ScoreSlotBytes<WIDTH>());
-  } else {  // GQA's few heads straight from global memory (the loop measured before staging)
+                   ScoreSlotBytes<WIDTH, SLOTTED>());
+  } else {  // few heads straight from global memory (the loop measured before staging)
     const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
     for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
       float pos = 0.f, neg = 0.f;
@@ -199,7 +202,7 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
   for (int i = team; i < count; i += kScoreTeams) {
     const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim + c * width;
-    float s = BlockSliceScore<WIDTH>(qpos, qneg, kmax + off, kmin + off, slots, width, c);
+    float s = BlockSliceScore<WIDTH, SLOTTED>(qpos, qneg, kmax + off, kmin + off, slots, width, c);
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
     // halves add the same two values (commuted), so the team ends with one bit pattern.
 #pragma unroll
@@ -210,14 +213,15 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   }
 }
 
-template <int WIDTH>
+template <int WIDTH, bool SLOTTED = false>
 cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
-  const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH>();
-  if constexpr (kSlottedScore<WIDTH>) {  // only the slots pass the default 48 KB
-    const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH>>(smem);
+  static_assert(!SLOTTED || WIDTH / 8 > 2, "slots pay off for slices of more than 2 vectors");
+  const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH, SLOTTED>();
+  if constexpr (SLOTTED) {  // only the slots pass the default 48 KB
+    const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH, SLOTTED>>(smem);
     if (err != cudaSuccess) return err;
   }
-  BlockScoreKernel<WIDTH><<<grid, kScoreThreads, smem, stream>>>(p);
+  BlockScoreKernel<WIDTH, SLOTTED><<<grid, kScoreThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -978,8 +982,13 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
       return LaunchBlockScore<8>(p, grid, stream);
     case 16:  // head_dim 128
       return LaunchBlockScore<16>(p, grid, stream);
-    case 72:  // MLA, 576
-      return LaunchBlockScore<72>(p, grid, stream);
+    case 72: {  // MLA, 576: slotted unless small groups over more CTAs than SMs (see above)
+      const int group = p.num_q_heads / p.num_kv_heads;
+      if (group < kSlottedMinGroup && int64_t{grid.x} * grid.y > NumSms()) {
+        return LaunchBlockScore<72, false>(p, grid, stream);
+      }
+      return LaunchBlockScore<72, true>(p, grid, stream);
+    }
     default:
       return LaunchBlockScore<0>(p, grid, stream);
   }

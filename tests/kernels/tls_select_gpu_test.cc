@@ -2,6 +2,7 @@
 // selected sets exactly equal, for every mode and both lag variants, GQA and MLA shapes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -120,6 +121,32 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
     for (size_t i = 0; i < want.size(); ++i) {
       ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << "unaligned q, " << i;
     }
+    bp.q = d.q.get();
+    // The same rows behind a block table wider than the SMs' worth of 64-block CTAs (the extra
+    // CTAs find no blocks): MLA groups under 32 heads then take the register path.
+    int sms = 0;
+    ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int wide = 64 * (sms + 1);
+    std::vector<int32_t> wide_table(size_t(c.batch) * wide, 0);
+    for (int b = 0; b < c.batch; ++b) {
+      std::copy_n(c.index_table.begin() + int64_t{b} * mbps, mbps,
+                  wide_table.begin() + int64_t{b} * wide);
+    }
+    DeviceBuffer dwide_table, dwide_scores;
+    ASSERT_CUDA(dwide_table.Upload(wide_table));
+    ASSERT_CUDA(dwide_scores.Upload(std::vector<float>(size_t(rows) * wide, 0.f)));
+    bp.index_table = dwide_table.as<int32_t>();
+    bp.scores = dwide_scores.as<float>();
+    bp.max_blocks_per_seq = wide;
+    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+    const auto wide_got = Download<float>(dwide_scores, size_t(rows) * wide);
+    for (int r = 0; r < rows; ++r) {
+      ASSERT_EQ(std::memcmp(&wide_got[size_t(r) * wide], &want[size_t(r) * mbps], 4 * mbps), 0)
+          << "wide block table, row " << r;
+    }
+    bp.index_table = d.index_table.as<int32_t>();
+    bp.scores = dscores.as<float>();
+    bp.max_blocks_per_seq = mbps;
     // Token scores over every block (token-only) and over a block list.
     for (bool listed : {false, true}) {
       const int kept = 7;
