@@ -26,7 +26,10 @@
 // launches touch different index rows and K/V rows and the working set is far beyond 60 MB.
 //
 //   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] [--k-t N,N,...]
+//             [--batches N,...] [--contexts N,...] [--profile-steps N (no timing: N eager
+//             steps of TLS, Quest-style and token-only per row for ncu --profile-from-start off)]
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -460,6 +463,24 @@ class Bench {
     return TimeMs([&](int i, cudaStream_t s) { return Step(i, pol, s); }, samples_, s_);
   }
 
+  // --profile-steps: `steps` eager two-level steps, then as many Quest-style and token-only
+  // steps, between cudaProfilerStart / Stop (for `ncu --profile-from-start off`: only these
+  // kernels are profiled, not the set-up or the timing graphs).
+  void Profile(int k_t, int steps) {
+    InitLagState(k_t);
+    TlsPolicy quest;
+    quest.token_budget = k_t;
+    quest.mode = TlsMode::kBlockOnly;
+    TlsPolicy token = quest;
+    token.mode = TlsMode::kTokenOnly;
+    BENCH_CHECK(cudaProfilerStart());
+    for (int i = 0; i < steps; ++i) BENCH_CHECK(TlsStep(i, k_t, s_));
+    for (int i = 0; i < steps; ++i) BENCH_CHECK(Step(i, quest, s_));
+    for (int i = 0; i < steps; ++i) BENCH_CHECK(Step(i, token, s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
+    BENCH_CHECK(cudaProfilerStop());
+  }
+
   // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).
   void Stages(int k_t, bool with_fixed, std::map<std::string, double>* out) {
     if (with_fixed) {
@@ -565,6 +586,7 @@ class Bench {
 int main(int argc, char** argv) {
   std::string json_path, only;
   int samples = 15;
+  int profile_steps = 0;
   bool quick = false;
   std::vector<int> k_t_list, batch_list, context_list;
   // "N,N,..." into `out`; false on anything but positive integers.
@@ -583,6 +605,8 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (a == "--samples" && i + 1 < argc) {
       samples = std::max(3, std::atoi(argv[++i]));
+    } else if (a == "--profile-steps" && i + 1 < argc) {
+      profile_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
     } else if ((a == "--k-t" || a == "--batches" || a == "--contexts") && i + 1 < argc) {
@@ -595,7 +619,7 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else {
       std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
-                   "[--k-t N,N,...] [--batches N,...] [--contexts N,...]\n",
+                   "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N]\n",
                    argv[0]);
       return 2;
     }
@@ -652,6 +676,10 @@ int main(int argc, char** argv) {
     for (int b : batches) {
       for (int l : contexts) {
         Bench bench(c, pool, b, l, samples, stream);
+        if (profile_steps > 0) {
+          for (const int k_t : k_ts) bench.Profile(k_t, profile_steps);
+          continue;
+        }
         const double dense = bench.Dense();
         std::map<std::string, double> fixed;
         for (size_t ki = 0; ki < k_ts.size(); ++ki) {
