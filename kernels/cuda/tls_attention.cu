@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "asynctls/kernels/cuda_tls.h"
 #include "paged_attention_common.cuh"
@@ -107,13 +108,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h0 = blockIdx.z * HPC;
   const int heads = min(HPC, group - h0);
-  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
-  const int n = p.num_positions[bg];
-  const int t_begin = split * split_tokens;
-  const int t_end = min(n, t_begin + split_tokens);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float q_scale = p.scale * 1.4426950408889634f;
 
+  // Before the wait: the selection kernel ahead does not write the query (see MlaAttnKernel).
   for (int e = tid; e < HPC * HEAD_DIM; e += kAttnThreads) {
     const int hh = e / HEAD_DIM, d = e % HEAD_DIM;
     q_s[e] = hh < heads
@@ -126,6 +124,10 @@ __global__ void __launch_bounds__(kAttnThreads)
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
   }
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
   constexpr int kPairs2 = HPC * V_DIM / 2;
   constexpr int kAcc = (kPairs2 + kAttnThreads - 1) / kAttnThreads;
   float2 acc[kAcc];
@@ -324,33 +326,41 @@ __global__ void __launch_bounds__(kThreads)
   const int group = p.num_q_heads / p.num_kv_heads;
   const int h0 = blockIdx.z * kRows;
   const int heads = min(kRows, group - h0);
-  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
-  const int n = p.num_positions[bg];
-  const int t_begin = split * split_tokens;
-  const int t_end = min(n, t_begin + split_tokens);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mul = p.scale * kLog2e;
   const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
+  // The query to shared memory before the wait below: the selection kernel ahead of this one
+  // does not write it (and lets this grid launch only after its own wait, tls_common.cuh), so
+  // its load overlaps that kernel's tail instead of adding round trips after it. bf16 queries
+  // are their own hi part: copied as they are, all in flight at once (cp.async).
   const typename Io::T* q = static_cast<const typename Io::T*>(p.q);
   for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
-    float v[8] = {};
-    if (r < heads) Io::Load8(q + (q_row0 + r) * kDim + 8 * c, v);
-    __align__(16) __nv_bfloat16 hi[8], lo[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) SplitBf16(v[i], &hi[i], &lo[i]);
-    *reinterpret_cast<uint4*>(smem + L.q_hi + TileOffset<kDim>(r, c)) =
-        *reinterpret_cast<const uint4*>(hi);
     if constexpr (kSplit) {
+      float v[8] = {};
+      if (r < heads) Io::Load8(q + (q_row0 + r) * kDim + 8 * c, v);
+      __align__(16) __nv_bfloat16 hi[8], lo[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) SplitBf16(v[i], &hi[i], &lo[i]);
+      *reinterpret_cast<uint4*>(smem + L.q_hi + TileOffset<kDim>(r, c)) =
+          *reinterpret_cast<const uint4*>(hi);
       *reinterpret_cast<uint4*>(smem + L.q_lo + TileOffset<kDim>(r, c)) =
           *reinterpret_cast<const uint4*>(lo);
+    } else {
+      CpAsync16(base + L.q_hi + TileOffset<kDim>(r, c), q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c,
+                r < heads);
     }
   }
+  CpAsyncCommit();  // waited for with the first tile's rows (or before the epilogue)
   if (tid < kRows) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
   }
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
   float o[kWarpDims / 8][4] = {};
 
   const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
@@ -463,7 +473,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  __syncthreads();  // m_s / l_s visible even when this split had no positions
+  CpAsyncWait<0>();  // a split with no positions never waited for its query copy
+  __syncthreads();   // m_s / l_s visible even when this split had no positions
   LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
   typename Io::T* out = static_cast<typename Io::T*>(p.out);
@@ -503,6 +514,7 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kMergeThreads = 128;
 constexpr int kMaxSplits = 256;
+constexpr int kManySplits = 16;  // from here on MergeManySplitsKernel (see there)
 
 // Warp 0 of a merge CTA of query head qh: each split's weight exp2(m_s - m) into weight[], the
 // total l into *total, and the head's log-sum-exp (by the first CTA of the head); then a barrier.
@@ -534,11 +546,15 @@ __device__ __forceinline__ void SplitWeights(const TlsSparseAttentionParams& p, 
   __syncthreads();
 }
 
-// The merge of few splits: one block per (sequence, query head), a thread per dim walking the
-// splits in turn.
+// The merge of few splits (fewer than kManySplits): one block per (sequence, query head), VEC
+// dims per thread (MLA's 512: 4, so every thread has work; GQA's 64 / 128: 1), every split's
+// partial loaded at once. (A thread per dim loading split after split, skipping the empty ones,
+// was a chain of dependent round trips: 17 us for MLA's 11 splits of 16 heads at batch 8, ncu.)
+template <int VEC>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeSplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
                       const float* ws_ml) {
+  using Vec = std::conditional_t<VEC == 4, float4, float>;
   __shared__ float weight[kMaxSplits];
   __shared__ float total[1];
   WaitForPreviousGrid();  // the attention kernel wrote the partials
@@ -546,22 +562,35 @@ __global__ void __launch_bounds__(kMergeThreads)
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
   SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
-  for (int d = threadIdx.x; d < p.v_head_dim; d += kMergeThreads) {
-    float o = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      if (weight[s] != 0.f) o += weight[s] * ws_acc[(s * rows + qh) * p.v_head_dim + d];
+  for (int d = VEC * threadIdx.x; d < p.v_head_dim; d += VEC * kMergeThreads) {
+    Vec a[kManySplits - 1];
+#pragma unroll
+    for (int s = 0; s < kManySplits - 1; ++s) {
+      if (s < num_splits) {
+        a[s] = *reinterpret_cast<const Vec*>(ws_acc + (s * rows + qh) * p.v_head_dim + d);
+      }
     }
-    StoreIo(p.out, p.io_dtype, qh * p.v_head_dim + d, o * inv);
+    float o[VEC] = {};
+#pragma unroll
+    for (int s = 0; s < kManySplits - 1; ++s) {
+      // An empty split's partial is never written: its load is garbage, weight 0 skips it.
+      if (s < num_splits && weight[s] != 0.f) {
+        const float* v = reinterpret_cast<const float*>(&a[s]);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] += weight[s] * v[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) StoreIo(p.out, p.io_dtype, qh * p.v_head_dim + d + i, o[i] * inv);
   }
 }
 
 // The merge of many splits (at least kManySplits), grid (batch * query heads, ceil(v_head_dim /
 // kMergeDims)): each CTA's kMergeParts thread groups sum every kMergeParts-th split of
-// kMergeDims dims with their loads in flight together, then add up in shared memory. With one
-// thread walking every split of its dims in turn (MergeSplitsKernel) 256 splits of 16 heads were
-// a 0.3 ms chain of dependent L2 round trips; with few splits that kernel's fewer, fuller CTAs
-// win (MLA, 128 heads, batch 8: 52 vs 61 us for the attention stage).
-constexpr int kManySplits = 16;
+// kMergeDims dims with their loads in flight together, then add up in shared memory. (With one
+// thread walking every split of its dims in turn, 256 splits of 16 heads were a 0.3 ms chain of
+// dependent L2 round trips.) With few splits MergeSplitsKernel's fewer, fuller CTAs win (MLA,
+// 128 heads, batch 8: 52 vs 61 us for the attention stage).
 constexpr int kMergeDims = 64;
 constexpr int kMergeParts = 4;
 constexpr int kManyMergeThreads = kMergeDims * kMergeParts;
@@ -661,8 +690,12 @@ cudaError_t LaunchSplitK(const TlsSparseAttentionParams& p, const SplitPlan& pla
     return LaunchAfterPrevious<MergeManySplitsKernel>(merge_grid, kManyMergeThreads, 0, stream, p,
                                                       plan.num_splits, ws_acc, ws_ml);
   }
-  return LaunchAfterPrevious<MergeSplitsKernel>(dim3(rows), kMergeThreads, 0, stream, p,
-                                                plan.num_splits, ws_acc, ws_ml);
+  if (p.v_head_dim % (4 * kMergeThreads) == 0) {
+    return LaunchAfterPrevious<MergeSplitsKernel<4>>(dim3(rows), kMergeThreads, 0, stream, p,
+                                                     plan.num_splits, ws_acc, ws_ml);
+  }
+  return LaunchAfterPrevious<MergeSplitsKernel<1>>(dim3(rows), kMergeThreads, 0, stream, p,
+                                                   plan.num_splits, ws_acc, ws_ml);
 }
 
 template <int HEAD_DIM, int V_DIM, int HPC>
