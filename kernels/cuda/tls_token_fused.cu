@@ -870,13 +870,21 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
   const int store_end = p.max_candidates - rank * span - 2 * t;
+  // The store addresses advance by pointer increments (recomputed from the tile index they
+  // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
+  float* at0 = exps0 + 8 * slot;
+  float* at1 = exps1 + 8 * slot;
+  int at_slot = 8 * slot;
 #pragma unroll 2
   for (int tile = slot; tile < tiles; tile += kSlots) {
     int d[4];
     tile_dots(tile, d);
     float e[4];
     lhp.Exps(d, tile_scales(tile), e);
-    StoreTileExps(exps0, exps1, 8 * tile, store_end, e);
+    StoreTileExps(at0, at1, 0, store_end - at_slot, e);
+    at0 += 8 * kSlots;
+    at1 += 8 * kSlots;
+    at_slot += 8 * kSlots;
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   cluster.sync();
