@@ -618,7 +618,8 @@ int main(int argc, char** argv) {
     } else if (a == "--only" && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
+      std::fprintf(stderr,
+                   "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N]\n",
                    argv[0]);
       return 2;

@@ -348,8 +348,8 @@ __global__ void __launch_bounds__(kThreads)
       *reinterpret_cast<uint4*>(smem + L.q_lo + TileOffset<kDim>(r, c)) =
           *reinterpret_cast<const uint4*>(lo);
     } else {
-      CpAsync16(base + L.q_hi + TileOffset<kDim>(r, c), q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c,
-                r < heads);
+      CpAsync16(base + L.q_hi + TileOffset<kDim>(r, c),
+                q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c, r < heads);
     }
   }
   CpAsyncCommit();  // waited for with the first tile's rows (or before the epilogue)
@@ -473,8 +473,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  CpAsyncWait<0>();  // a split with no positions never waited for its query copy
-  __syncthreads();   // m_s / l_s visible even when this split had no positions
+  CpAsyncWait<0>();     // a split with no positions never waited for its query copy
+  __syncthreads();      // m_s / l_s visible even when this split had no positions
   LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
   typename Io::T* out = static_cast<typename Io::T*>(p.out);
