@@ -3,13 +3,16 @@
 samples of each stretch of SASS between barriers (BAR.SYNC / UCGABAR_WAIT: the kernel's phases)
 with its top stall reasons, then the hottest instructions.
 
-  ncu --kernel-name regex:MlaScoreSelectKernel --launch-skip 3 --launch-count 1 --set full \
-      -o /tmp/mla build/bench/tls_bench --samples 3 --only mla_h128 --batches 8 --k-t 512
+  ncu --clock-control none --profile-from-start off --kernel-name regex:MlaScoreSelectKernel \
+      --launch-count 1 --set full -o /tmp/mla build/bench/tls_bench --profile-steps 1 \
+      --only mla_h128 --batches 8 --contexts 32768 --k-t 512
   ncu -i /tmp/mla.ncu-rep --page source --csv --print-source sass > /tmp/mla.csv
   python3 bench/gpu/ncu_segments.py /tmp/mla.csv
 
 Samples are per warp, so a phase's share of samples is its share of time when every warp takes
-part in every phase (the TLS token kernels).
+part in every phase (the TLS token kernels). `tls_bench --profile-steps N` runs N eager steps
+of each method between cudaProfilerStart / Stop, so `--profile-from-start off` profiles only
+those (add `--metrics gpu__time_duration.sum --csv` for a per-kernel duration list).
 """
 import csv
 import sys
