@@ -529,8 +529,9 @@ TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);
 // previous grid has finished and its writes are visible (at once after a normal launch).
 // Kernels call LetNextGridLaunch only after their own WaitForPreviousGrid (if any), so the grid
 // two launches back has finished by the time a dependent starts: only the previous grid's
-// outputs need the wait (the sparse attention reads its query before it). QuantizeQueryKernel lets the MLA token kernels stage their candidates
-// meanwhile; the token top-k lets the sparse attention launch during its compaction.
+// outputs need the wait (the sparse attention reads its query before it). QuantizeQueryKernel
+// lets the MLA token kernels stage their candidates meanwhile; the token top-k lets the sparse
+// attention launch during its compaction.
 __device__ __forceinline__ void WaitForPreviousGrid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }

@@ -695,17 +695,18 @@ struct LaneHeadPair {
   }
 };
 
-// Tile exps to the scratch rows of heads h0 / h1 (exps0 / exps1 at this lane's slot 2 t), a
-// pair of slots per 8-byte store (half the store instructions, whole 32-byte sectors per
-// quad): slots at or past store_end lie past the row's scratch; the others store (0 when no
-// candidate: alpha reads candidates only). c, store_end and the row stride (max_candidates,
-// even: TlsTokenScoreSelectCanFuse) are even, so a pair is stored whole or not at all.
-__device__ __forceinline__ void StoreTileExps(float* exps0, float* exps1, int c, int store_end,
+// Tile exps to the scratch rows of heads h0 / h1 (at0 / at1: this lane's slot 2 t of the tile),
+// a pair of slots per 8-byte store (half the store instructions, whole 32-byte sectors per
+// quad), when `store`: callers pass tile slot < store_end (slots past it lie past the row's
+// scratch; the others store, 0 when no candidate: alpha reads candidates only). Slots,
+// store_end and the row stride (max_candidates, even: TlsTokenScoreSelectCanFuse) are even, so
+// a pair is stored whole or not at all.
+__device__ __forceinline__ void StoreTileExps(float* at0, float* at1, bool store,
                                               const float (&e)[4]) {
-  if (c < store_end) {
+  if (store) {
     // __stcg: a plain float2 assignment came out as two 4-byte stores (nvcc 13.0).
-    __stcg(reinterpret_cast<float2*>(exps0 + c), make_float2(e[0], e[1]));
-    __stcg(reinterpret_cast<float2*>(exps1 + c), make_float2(e[2], e[3]));
+    __stcg(reinterpret_cast<float2*>(at0), make_float2(e[0], e[1]));
+    __stcg(reinterpret_cast<float2*>(at1), make_float2(e[2], e[3]));
   }
 }
 
@@ -874,17 +875,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
   float* at0 = exps0 + 8 * slot;
   float* at1 = exps1 + 8 * slot;
-  int at_slot = 8 * slot;
 #pragma unroll 2
-  for (int tile = slot; tile < tiles; tile += kSlots) {
+  for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
     int d[4];
     tile_dots(tile, d);
     float e[4];
     lhp.Exps(d, tile_scales(tile), e);
-    StoreTileExps(at0, at1, 0, store_end - at_slot, e);
-    at0 += 8 * kSlots;
-    at1 += 8 * kSlots;
-    at_slot += 8 * kSlots;
+    StoreTileExps(at0, at1, 8 * tile < store_end, e);
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   cluster.sync();
@@ -1021,7 +1018,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     tile_dots(ct, d);
     float e[4];
     lhp.Exps(d, tile_scales(ct), e);
-    StoreTileExps(exps0, exps1, 8 * ct, store_end, e);
+    StoreTileExps(exps0 + 8 * ct, exps1 + 8 * ct, 8 * ct < store_end, e);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   cluster.sync();
