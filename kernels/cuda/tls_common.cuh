@@ -77,16 +77,11 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
   }
 }
 
-// TlsExpToFixed(e) = floor(e * 2^40) as hi * 2^20 + lo, both below 2^20 + 1, for e in [0, 1],
-// from four exact float steps: 8 + e rounded toward zero keeps e's whole 2^-20 units (the ulp
-// of [8, 16)), the rest is exact, and 2^-17 + rest rounded toward zero keeps its whole 2^-40
-// units. The parts sum in 32 bits with one redux per warp instead of 64-bit shuffles.
-__device__ __forceinline__ void FixedParts(float e, uint32_t* hi, uint32_t* lo) {
-  constexpr float kHiAnchor = 8.f, kLoAnchor = 7.62939453125e-06f;  // 2^-17
-  const float h = __fadd_rz(e, kHiAnchor);
-  const float rest = __fsub_rn(e, __fsub_rn(h, kHiAnchor));
-  *hi += __float_as_uint(h) - 0x41000000u;                             // bits of 8
-  *lo += __float_as_uint(__fadd_rz(rest, kLoAnchor)) - 0x37000000u;    // bits of 2^-17
+// TlsExpToFixed(e) = floor(e * 2^23) for e in [0, 1] (at most 2^23): 1 + e rounded toward zero
+// keeps e's whole 2^-23 units (the ulp of [1, 2)), so its bits minus those of 1 are the value.
+// Callers sum up to 2^8 of them in 32 bits (a lane's terms, or a warp's through redux).
+__device__ __forceinline__ uint32_t ExpFixed(float e) {
+  return __float_as_uint(__fadd_rz(e, 1.f)) - 0x3F800000u;
 }
 
 // A candidate's alpha from its per-head exps e[hh * stride] and inv[hh] (tls_math.h order:

@@ -18,7 +18,7 @@ using tls_detail::BlockExclusiveScan;
 using tls_detail::BlockTopK;
 using tls_detail::CodeFragments;
 using tls_detail::EnsureDynamicSmem;
-using tls_detail::FixedParts;
+using tls_detail::ExpFixed;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4HeadDot;
@@ -749,11 +749,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
                             : TlsExp2(TlsTokenExpArg(logit, {shift_a[hh], shift_b[hh]}));
         if (STORED && PASS == 1 && valid) *stored = e;
         if (PASS == 1) {
-          uint32_t hi = 0u, lo = 0u;  // TlsExpToFixed(e) in two exact parts (0 for e = 0)
-          FixedParts(e, &hi, &lo);
-          const unsigned long long fixed =
-              (static_cast<unsigned long long>(__reduce_add_sync(0xffffffffu, hi)) << 20) +
-              __reduce_add_sync(0xffffffffu, lo);
+          const unsigned long long fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
           if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
         } else if (HS == 1) {  // heads in order: close each kTlsAlphaHeadTile-head chain
           part = TlsFma(e, inv_s[hh], part);

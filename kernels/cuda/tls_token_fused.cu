@@ -33,7 +33,7 @@ namespace cg = cooperative_groups;
 using tls_detail::AlphaFromExps;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
-using tls_detail::FixedParts;
+using tls_detail::ExpFixed;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
 using tls_detail::LetNextGridLaunch;
@@ -74,19 +74,10 @@ __device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) {
   return pass == 2 ? 1023u : 2047u;
 }
 
+// Shared memory of ClusterSelect and the per-warp valid counts before it (every fused kernel).
 template <int ITEMS>
-struct FusedShared {
-  float q[kFusedMaxGroup * kTlsMaxChannels];   // the group's query codes
-  int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
-  int qoffset[kFusedMaxGroup];                 // 8 * the sum of each head's codes
-  float qscale[kFusedMaxGroup];                // their scales (TlsInt8Scale)
-  uint32_t max_bits[kFusedMaxGroup];           // this CTA's per-head max scaled dot (ordered bits)
-  uint32_t part_hi[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (FixedParts)
-  uint32_t part_lo[kFusedMaxGroup][kFusedWarps];
+struct ClusterSelectShared {
   int part_valid[kFusedWarps];                 // per-warp valid candidates
-  unsigned long long exp_sum[kFusedMaxGroup];  // this CTA's per-head fixed-point exp sums
-  TlsExpShift shift[kFusedMaxGroup];           // per head, from the cluster-wide max
-  float inv[kFusedMaxGroup];                   // 1 / (G * softmax denominator) per head
   int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
   // Pushed by the peers (remote stores before a cluster barrier, local loads after it, instead of
   // remote loads after it): pass p's 64-bin group totals of rank r (warp w: group w), and each
@@ -102,6 +93,20 @@ struct FusedShared {
   uint32_t prefix;
   int remaining;
   int done;
+};
+
+// The GQA kernel's: the group's queries and per-head statistics besides.
+template <int ITEMS>
+struct FusedShared : ClusterSelectShared<ITEMS> {
+  float q[kFusedMaxGroup * kTlsMaxChannels];          // the group's query codes
+  int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
+  int qoffset[kFusedMaxGroup];                        // 8 * the sum of each head's codes
+  float qscale[kFusedMaxGroup];                       // their scales (TlsInt8Scale)
+  uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max scaled dot (ordered bits)
+  uint32_t part_fixed[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (ExpFixed)
+  unsigned long long exp_sum[kFusedMaxGroup];        // this CTA's per-head fixed-point exp sums
+  TlsExpShift shift[kFusedMaxGroup];                 // per head, from the cluster-wide max
+  float inv[kFusedMaxGroup];                         // 1 / (G * softmax denominator) per head
 };
 
 // Sum of `field` over the cluster's `size` CTAs. The remote loads are independent (unrolled to
@@ -214,9 +219,10 @@ __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluste
 // barrier (before the positions are written) no rank touches another's shared memory, so each
 // CTA may exit when done; callers must not read a peer's shared memory after it.
 template <int ITEMS>
-__device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster, FusedShared<ITEMS>& sh,
-                                              const int32_t* pos, const uint32_t* key,
-                                              int num_valid, const TlsTokenSelectParams& sel,
+__device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
+                                              ClusterSelectShared<ITEMS>& sh, const int32_t* pos,
+                                              const uint32_t* key, int num_valid,
+                                              const TlsTokenSelectParams& sel,
                                               const TlsGeometry& geo, int bg) {
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -441,28 +447,23 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
   for (int hh = 0; hh < MAXG; ++hh) {
     if (hh < group) {
-      uint32_t hi = 0u, lo = 0u;
+      uint32_t fixed = 0u;  // at most 32 lanes x 4 items x 2^23
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
         float& v = lg[(hh * ITEMS + u) * kFusedThreads + tid];
         const float e = pos[u] >= 0 ? TlsExp2(TlsTokenExpArg(v, sh.shift[hh])) : 0.f;
         v = e;
-        FixedParts(e, &hi, &lo);
+        fixed += ExpFixed(e);
       }
-      hi = __reduce_add_sync(0xffffffffu, hi);
-      lo = __reduce_add_sync(0xffffffffu, lo);
-      if (lane == 0) {
-        sh.part_hi[hh][warp] = hi;
-        sh.part_lo[hh][warp] = lo;
-      }
+      fixed = __reduce_add_sync(0xffffffffu, fixed);
+      if (lane == 0) sh.part_fixed[hh][warp] = fixed;
     }
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
   if (warp < group) {
-    const unsigned long long hi = WarpSum64(lane < kFusedWarps ? sh.part_hi[warp][lane] : 0u);
-    const unsigned long long lo = WarpSum64(lane < kFusedWarps ? sh.part_lo[warp][lane] : 0u);
-    if (lane == 0) sh.exp_sum[warp] = (hi << 20) + lo;
+    const unsigned long long s = WarpSum64(lane < kFusedWarps ? sh.part_fixed[warp][lane] : 0u);
+    if (lane == 0) sh.exp_sum[warp] = s;
   } else if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;
@@ -623,12 +624,15 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // workspace's exp scratch (StoredExps, L2-resident), and their fixed-point sums; then (3)
 // each candidate's thread reads its exps back and sums alpha over the heads (tls_math.h
 // order), and ClusterSelect. Same arithmetic as the separate ops and the CPU reference, bit
-// for bit. One candidate per thread, `blocks_per_cta`
-// whole list entries per CTA (at most 16 = 1,024 candidates), up to 16 CTAs per row: the
-// compute scales with the candidates per SM, so a row takes as many SMs as still let every
-// row's cluster run at once (MlaClusterSize).
+// for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates per thread), up
+// to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row takes as many
+// SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes cap that (8
+// rows can use at most 9 of the H200's SMs each), a row's heads split over two clusters; each
+// leaves its part of the alpha chain in the exp scratch, and the row's last cluster to finish
+// (a counter that QuantizeQueryKernel zeroes) adds them and selects.
 constexpr int kMlaMaxGroup = 128;
-constexpr int kMlaBlocks = kFusedThreads / kKvBlockSize;   // most list entries per CTA
+constexpr int kMlaBlocksPerItem = kFusedThreads / kKvBlockSize;  // list entries per item
+constexpr int kMlaMaxBlocks = 2 * kMlaBlocksPerItem;  // entries per CTA at two items per thread
 
 struct MlaShared {
   uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max scaled dot (ordered bits)
@@ -637,18 +641,19 @@ struct MlaShared {
   float inv[kMlaMaxGroup];                    // 1 / (G * softmax denominator)
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
-  int32_t block[kMlaBlocks];                  // the CTA's list entries (-1: none)
+  int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
+  int last;                      // rank 0's: this cluster finished its row last
 };
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
 // h1 = h0 + 8 of a 16-head tile, slots 2 (lane % 4) and + 1 of each 8-candidate tile (d[u]:
 // head h0, slot u; d[2 + u]: head h1). Pass 1 keeps the max of the scaled dots (dot * token
-// scale, TlsTokenScaledDot); pass 2 the exps' exact fixed-point sums. The quad's four lanes
-// hold one head pair's slots.
+// scale, TlsTokenScaledDot); pass 2 the exps' exact fixed-point sums (ExpFixed). The quad's four
+// lanes hold one head pair's slots.
 struct LaneHeadPair {
   TlsExpShift s0, s1;  // the heads' exp shifts (pass 2)
   float m0 = -INFINITY, m1 = -INFINITY;
-  uint32_t hi0 = 0u, lo0 = 0u, hi1 = 0u, lo1 = 0u;
+  uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: at most 64 terms of 2^23 per lane
 
   __device__ __forceinline__ void AddMax(const int (&d)[4], float2 ks) {
     m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
@@ -675,22 +680,21 @@ struct LaneHeadPair {
       const float k = u == 0 ? ks.x : ks.y;
       e[u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[u]), k), s0));
       e[2 + u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[2 + u]), k), s1));
-      FixedParts(e[u], &hi0, &lo0);
-      FixedParts(e[2 + u], &hi1, &lo1);
+      fixed0 += ExpFixed(e[u]);
+      fixed1 += ExpFixed(e[2 + u]);
     }
   }
   __device__ __forceinline__ void CommitSums(unsigned long long* sum0, unsigned long long* sum1,
                                              int t) {
+    unsigned long long s0 = fixed0, s1 = fixed1;
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
-      hi0 += __shfl_xor_sync(0xffffffffu, hi0, o);
-      lo0 += __shfl_xor_sync(0xffffffffu, lo0, o);
-      hi1 += __shfl_xor_sync(0xffffffffu, hi1, o);
-      lo1 += __shfl_xor_sync(0xffffffffu, lo1, o);
+      s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, o);
     }
     if (t == 0) {
-      atomicAdd(sum0, (static_cast<unsigned long long>(hi0) << 20) + lo0);
-      atomicAdd(sum1, (static_cast<unsigned long long>(hi1) << 20) + lo1);
+      atomicAdd(sum0, s0);
+      atomicAdd(sum1, s1);
     }
   }
 };
@@ -714,21 +718,43 @@ __device__ __forceinline__ void StoreTileExps(float* at0, float* at1, bool store
 // fragments read them: word t * NC / 16 + 2 * sl + half of a row is lane t's b0 (half 0) / b1
 // of channel slice sl, so a lane loads all its fragments of a candidate with NC / 64 16-byte
 // loads and no shifts (the INT4 nibbles are unpacked once at staging, not once per 16-head tile
-// and pass). Row strides of 36 words (NC 128) and 16 (NC 64) keep a quarter warp's 16-byte
-// loads (two candidates x four t) on distinct banks.
+// and pass). Rows are NC bytes without padding; their 16-byte chunks are swizzled (MlaChunkWord)
+// so that both a staging store (one chunk of 8 consecutive rows per quarter warp) and a
+// fragment load (2 rows x 4 t) fall on distinct banks.
 template <int NC>
-constexpr int MlaCodeStride() {
-  return NC == 128 ? 36 : 16;
+__host__ __device__ constexpr int MlaRowWords() {
+  return NC / 4;
 }
 
+// Word offset of 16-byte chunk c of staged row `row` (NC 128: chunk c at c ^ (row % 8); NC 64,
+// whose 4-chunk rows pair up on the 32 banks: c ^ (row / 2 % 4)).
 template <int NC>
-constexpr size_t MlaDynamicSmem() {
-  return sizeof(uint32_t) * kFusedThreads * MlaCodeStride<NC>() + sizeof(float) * kFusedThreads;
+__device__ __forceinline__ int MlaChunkWord(int row, int c) {
+  const int swizzle = NC == 128 ? (row & 7) : ((row >> 1) & 3);
+  return row * MlaRowWords<NC>() + 4 * (c ^ swizzle);
+}
+
+// Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
+// rows and their token scales.
+template <int NC>
+constexpr size_t MlaDynamicSmem(int blocks) {
+  return size_t(blocks) * kKvBlockSize * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float));
+}
+
+// The most list entries one CTA stages at `items` candidates per thread (two items: as many as
+// fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
+template <int NC>
+constexpr int MlaMaxBlocks(int items) {
+  constexpr size_t kDynamicLimit = 200 * 1024;
+  int blocks = items * kMlaBlocksPerItem;
+  while (MlaDynamicSmem<NC>(blocks) > kDynamicLimit) --blocks;
+  return blocks;
 }
 
 // One candidate row's INT4 words (channel c in word c / 8, nibble c % 8) to the staged layout.
 template <int NC>
-__device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], uint32_t* row) {
+__device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], uint32_t* codes,
+                                                   int row) {
   constexpr int kPerLane = NC / 16;  // words per t
   auto w = [&](int i) {
     const uint4& v = w4[i / 4];
@@ -746,74 +772,95 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
     }
 #pragma unroll
     for (int q = 0; q < kPerLane / 4; ++q) {
-      reinterpret_cast<uint4*>(row + t * kPerLane)[q] =
+      *reinterpret_cast<uint4*>(codes + MlaChunkWord<NC>(row, t * (kPerLane / 4) + q)) =
           make_uint4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
     }
   }
 }
 
-template <int NC, int GROUP>
+// GROUP: the row's heads; SPLIT: clusters per row (1, or 2 taking half the heads each); ITEMS:
+// candidates per thread (slot u * kFusedThreads + tid).
+template <int NC, int GROUP, int SPLIT, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
-  constexpr int kMTiles = GROUP / 16;
+  static_assert(SPLIT == 1 || SPLIT == 2, "the last cluster adds one other part's partials");
+  constexpr int kHeads = GROUP / SPLIT;  // this cluster's heads
+  constexpr int kMTiles = kHeads / 16;
+  static_assert(kMTiles >= 1, "whole 16-head tiles per cluster");
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
-  constexpr int kStride = MlaCodeStride<NC>();
-  __shared__ FusedShared<1> sh;
+  __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
-  uint32_t* codes_s = mla_smem;                                                   // [cand][kStride]
-  float* scale_s = reinterpret_cast<float*>(codes_s + kFusedThreads * kStride);  // [cand]
+  const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
+  uint32_t* codes_s = mla_smem;                    // [slot] rows
+  float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bg = blockIdx.y;
+  const int bg = blockIdx.y / SPLIT, part = blockIdx.y % SPLIT;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
   const int num_listed =
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
 
-  const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
-  const int tiles = span / 8;                        // 8-candidate tiles
-  if (tid < kMlaBlocks) {
+  const int tiles = span / 8;  // 8-candidate tiles
+  if (tid < kMlaMaxBlocks) {
     const int i = rank * blocks_per_cta + tid;
     ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1
                     : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
                                      : p.sink_blocks + i;
   }
-  const int64_t head0 = int64_t{bg} * GROUP;
-  if (tid < GROUP) {
+  const int64_t head0 = int64_t{bg} * GROUP + part * kHeads;  // this cluster's first head
+  if (tid < kHeads) {
     ms.max_bits[tid] = 0u;
     ms.exp_sum[tid] = 0ull;
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
-  int32_t pos[1];
-  CandidatePositions<1, false>(p, geo, bg, rank, span, pos, nullptr);
-  const int valid_warp = __popc(__ballot_sync(0xffffffffu, pos[0] >= 0));
+  int32_t pos[ITEMS];
+  CandidatePositions<ITEMS, false>(p, geo, bg, rank, span, pos, nullptr);
+  int valid_warp = 0;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
-  {  // Stage this CTA's candidate rows (thread = candidate). A slot that is no candidate gets
-     // scale NaN: its logits are NaN, which the max skips and TlsExp2 maps to 0.
-    const int32_t block = ms.block[tid / kKvBlockSize];
-    uint4 words[NC / 32] = {};
-    float scale = __int_as_float(0x7fc00000);
-    if (block >= 0) {
-      const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
-      const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + tid % kKvBlockSize;
-      const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok * (NC / 2));
+  // Stage this CTA's candidate rows (thread = candidate; every item's loads in flight before the
+  // first is unpacked). A slot that is no candidate gets scale NaN: its logits are NaN, which the
+  // max skips and TlsExp2 maps to 0.
+  {
+    uint4 words[ITEMS][NC / 32];
+    float scale[ITEMS];
 #pragma unroll
-      for (int w = 0; w < NC / 32; ++w) words[w] = __ldg(src + w);
-      if (pos[0] >= 0) scale = __ldg(p.token_scales + tok);
+    for (int u = 0; u < ITEMS; ++u) {
+      const int slot = u * kFusedThreads + tid;
+      const int32_t block = slot < span ? ms.block[slot / kKvBlockSize] : -1;
+      scale[u] = __int_as_float(0x7fc00000);
+#pragma unroll
+      for (int w = 0; w < NC / 32; ++w) words[u][w] = make_uint4(0u, 0u, 0u, 0u);
+      if (block >= 0) {
+        const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+        const int64_t tok = (row * p.num_kv_heads + g) * kKvBlockSize + slot % kKvBlockSize;
+        const uint4* src = reinterpret_cast<const uint4*>(p.token_codes + tok * (NC / 2));
+#pragma unroll
+        for (int w = 0; w < NC / 32; ++w) words[u][w] = __ldg(src + w);
+        if (pos[u] >= 0) scale[u] = __ldg(p.token_scales + tok);
+      }
     }
-    StageUnpackedCodes<NC>(words, codes_s + tid * kStride);
-    scale_s[tid] = scale;
+#pragma unroll
+    for (int u = 0; u < ITEMS; ++u) {
+      const int slot = u * kFusedThreads + tid;
+      if (slot < span) {
+        StageUnpackedCodes<NC>(words[u], codes_s, slot);
+        scale_s[slot] = scale[u];
+      }
+    }
   }
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   // The scales are read back only after the cluster barrier below; copied here, their global
   // load is off that critical path (read after it: +0.8 us at 128 heads batch 8, run 34).
-  if (tid < GROUP) {
+  if (tid < kHeads) {
     ms.qscale[tid] = queries.scales[head0 + tid];
     ms.qsum[tid] = queries.sums[head0 + tid];
   }
@@ -827,33 +874,47 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
-  // Integer dots of tile `tile` (candidates 8 tile ..), LaneHeadPair's layout. The accumulators
-  // start at minus the query's code offset, so the IMMA yields sum_c qcode[c] * code[c].
-  auto tile_dots = [&](int tile, int (&d)[4]) {
+  // Integer dots of the tile whose fragments lie at frag[q] (this lane's chunks of candidates
+  // 8 tile ..; swizzled, so two pointers that the loops advance), LaneHeadPair's layout. The
+  // accumulators start at minus the query's code offset, so the IMMA yields sum_c qcode[c] *
+  // code[c].
+  constexpr int kChunks = NC / 64;  // 16-byte fragment chunks per lane and candidate
+  constexpr int kTileStep = 8 * kSlots * MlaRowWords<NC>();  // words from one tile to the next
+  const uint32_t* frag_start[kChunks];
+#pragma unroll
+  for (int q = 0; q < kChunks; ++q) {
+    frag_start[q] = codes_s + 8 * slot * MlaRowWords<NC>() + MlaChunkWord<NC>(r, t * kChunks + q);
+  }
+  auto tile_dots = [&](const uint32_t* const(&frag)[kChunks], int(&d)[4]) {
     d[0] = d[1] = -off0;
     d[2] = d[3] = -off1;
-    const uint4* frag = reinterpret_cast<const uint4*>(codes_s + (8 * tile + r) * kStride) +
-                        t * (NC / 64);
 #pragma unroll
-    for (int q = 0; q < NC / 64; ++q) {
-      const uint4 f = frag[q];
+    for (int q = 0; q < kChunks; ++q) {
+      const uint4 f = *reinterpret_cast<const uint4*>(frag[q]);
       MmaS8U8(d, a[2 * q], f.x, f.y);
       MmaS8U8(d, a[2 * q + 1], f.z, f.w);
     }
+  };
+  auto next_tile = [&](const uint32_t*(&frag)[kChunks]) {
+#pragma unroll
+    for (int q = 0; q < kChunks; ++q) frag[q] += kTileStep;
   };
   auto tile_scales = [&](int tile) {
     return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
   };
 
   // (1) Per-head max.
-  for (int tile = slot; tile < tiles; tile += kSlots) {
+  const uint32_t* frag[kChunks];
+#pragma unroll
+  for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
+  for (int tile = slot; tile < tiles; tile += kSlots, next_tile(frag)) {
     int d[4];
-    tile_dots(tile, d);
+    tile_dots(frag, d);
     lhp.AddMax(d, tile_scales(tile));
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   cluster.sync();
-  if (tid < GROUP) {
+  if (tid < kHeads) {
     ms.shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size)),
                                      ms.qscale[tid], p.scale * kTlsLog2E);
   }
@@ -864,7 +925,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // (2) Per-head exps, kept in the L2-resident scratch for (3), and their sums, exact in fixed
-  // point (FixedParts: order-free).
+  // point (ExpFixed: order-free).
   lhp.s0 = ms.shift[h0];
   lhp.s1 = ms.shift[h1];
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
@@ -875,17 +936,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
   float* at0 = exps0 + 8 * slot;
   float* at1 = exps1 + 8 * slot;
+#pragma unroll
+  for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
 #pragma unroll 2
-  for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
+  for (int tile = slot; tile < tiles;
+       tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
     int d[4];
-    tile_dots(tile, d);
+    tile_dots(frag, d);
     float e[4];
     lhp.Exps(d, tile_scales(tile), e);
     StoreTileExps(at0, at1, 8 * tile < store_end, e);
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   cluster.sync();
-  if (tid < GROUP) {
+  if (tid < kHeads) {
     ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
   }
   if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
@@ -893,10 +957,55 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
   // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
-  const float alpha =
-      pos[0] >= 0 ? AlphaFromExps<GROUP>(cta_exps + tid, p.max_candidates, ms.inv) : 0.f;
-  uint32_t key[1] = {pos[0] >= 0 ? TlsOrderedBits(alpha) : 0u};
-  ClusterSelect<1>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+  float alpha[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    float* e = cta_exps + u * kFusedThreads + tid;
+    alpha[u] = 0.f;
+    if (pos[u] < 0) continue;
+    if constexpr (SPLIT == 1) {
+      alpha[u] = AlphaFromExps<GROUP>(e, p.max_candidates, ms.inv);
+    } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
+      *e = AlphaFromExps<kHeads>(e, p.max_candidates, ms.inv);
+    } else {  // each 16-head partial into its tile's head-0 row (this thread just read the slot)
+#pragma unroll
+      for (int k = 0; k < kMTiles; ++k) {
+        float* ek = e + int64_t{16 * k} * p.max_candidates;
+        *ek = AlphaFromExps<16>(ek, p.max_candidates, ms.inv + 16 * k);
+      }
+    }
+  }
+  if (SPLIT > 1) {  // the row's last cluster to get here adds the partials and selects
+    // One thread's GPU-scope fences order the whole cluster's partials (fences are cumulative:
+    // the cluster barrier before them made every rank's stores visible to that thread, and the
+    // one after them orders the ranks' loads of the other part's partials behind its acquire).
+    cluster.sync();
+    if (rank == 0 && tid == 0) {
+      __threadfence();
+      const int last = atomicAdd(queries.row_done + bg, 1) + 1 == SPLIT;
+      __threadfence();
+      for (int peer = 0; peer < size; ++peer) *cluster.map_shared_rank(&ms.last, peer) = last;
+    }
+    cluster.sync();  // the flag is in every rank's shared memory
+    if (!ms.last) return;
+#pragma unroll
+    for (int u = 0; u < ITEMS; ++u) {
+      if (pos[u] < 0) continue;
+      // Slot u of this CTA in the row's scratch: part 0's partial sum in head 0's row, part 1's
+      // tile partials in the rows of heads kHeads + 16 k (L2 loads: either cluster wrote them).
+      const float* row =
+          exps + int64_t{bg} * GROUP * p.max_candidates + rank * span + u * kFusedThreads + tid;
+      alpha[u] = __ldcg(row);
+#pragma unroll
+      for (int k = 0; k < kMTiles; ++k) {
+        alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{kHeads + 16 * k} * p.max_candidates));
+      }
+    }
+  }
+  uint32_t key[ITEMS];
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha[u]) : 0u;
+  ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
@@ -915,7 +1024,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
                         tls_detail::TokenQueries queries, float* exps) {
   constexpr int kSpan = ITEMS * kFusedThreads;  // candidate slots per CTA
   constexpr int kHeads = kTlsAlphaHeadTile;
-  __shared__ FusedShared<ITEMS> sh;
+  __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ uint32_t max_bits[kHeads];
   __shared__ unsigned long long exp_sum[kHeads];
   __shared__ TlsExpShift shift[kHeads];
@@ -1092,10 +1201,10 @@ cudaError_t LaunchMlaTilesForItems(const TlsTokenScoreParams& p, const TlsTokenS
   return LaunchMlaTiles<NC, 2>(p, sel, stream);
 }
 
-// CTAs per row for the one-launch MLA kernel: the most (up to kClusterMaxRanks, each holding
-// whole list entries: at least kMlaMinBlocks, so cluster barriers stay a small share, at most
-// kMlaBlocks) for which every row's cluster is resident at once, and the list entries each CTA
-// holds; size 0 when even 1,024 candidates per CTA take two waves.
+// CTAs per cluster for `clusters` clusters of a one-launch MLA kernel over rows of up to
+// `max_candidates`: the most (up to kClusterMaxRanks, each holding whole list entries: at least
+// kMlaMinBlocks, so cluster barriers stay a small share, at most `max_blocks`) for which every
+// cluster is resident at once, and the list entries each CTA holds; size 0 when none is.
 constexpr int kMlaMinBlocks = 4;
 
 struct MlaSplit {
@@ -1103,37 +1212,62 @@ struct MlaSplit {
 };
 
 template <auto KERNEL>
-MlaSplit MlaClusterSize(int rows, int max_candidates, size_t smem) {
+MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t smem) {
   const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
   const int largest = std::clamp(blocks / kMlaMinBlocks, 1, kClusterMaxRanks);
-  for (int size = largest; size >= 1 && size * kMlaBlocks >= blocks; --size) {
+  for (int size = largest; size >= 1 && size * max_blocks >= blocks; --size) {
     const int per = (blocks + size - 1) / size;
     if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty: a smaller size
-    if (rows <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
+    if (clusters <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
   }
   return {};
 }
 
+// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS>'s clusters for `rows` rows, and its launch.
+template <int NC, int GROUP, int SPLIT, int ITEMS>
+struct MlaRows {
+  static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS>;
+  static constexpr size_t kSmem = MlaDynamicSmem<NC>(MlaMaxBlocks<NC>(ITEMS));
+
+  static MlaSplit Plan(int rows, int max_candidates) {
+    return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, MlaMaxBlocks<NC>(ITEMS), kSmem);
+  }
+  static cudaError_t Launch(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
+                            MlaSplit split, cudaStream_t stream) {
+    const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
+    if (err != cudaSuccess) return err;
+    return LaunchClustersAfterQueries<kKernel>(split.size, SPLIT * p.batch * p.num_kv_heads, kSmem,
+                                               stream, p, sel, tls_detail::TokenQueriesIn(p),
+                                               tls_detail::StoredExps(p), split.blocks_per_cta);
+  }
+};
+
 // The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
 // GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU from one row).
+// A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
+// logits per CTA by more than ~15%: 8 rows of 8,192 candidates on the H200 run 8 clusters of
+// 9 CTAs (72 SMs, 15 list entries x 128 heads per CTA) or 16 clusters of 6 (96 SMs, 22 x 64).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
-  constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP>;
-  const size_t smem = MlaDynamicSmem<NC>();
+  using Whole = MlaRows<NC, GROUP, 1, 1>;
   const int rows = p.batch * p.num_kv_heads;
-  const MlaSplit split = MlaClusterSize<kKernel>(rows, p.max_candidates, smem);
+  const MlaSplit whole = Whole::Plan(rows, p.max_candidates);
+  if constexpr (GROUP >= 128) {  // 32-64 heads measured slower split (overheads win)
+    using Halves = MlaRows<NC, GROUP, 2, 2>;
+    const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
+    if (halves.size != 0 && 4 * rows * halves.size >= NumSms() &&
+        (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
+      return Halves::Launch(p, sel, halves, stream);
+    }
+  }
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
   // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
   // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
-  if (split.size == 0 || 2 * rows * split.size < NumSms()) {
+  if (whole.size == 0 || 2 * rows * whole.size < NumSms()) {
     return LaunchMlaTilesForItems<NC>(p, sel, stream);
   }
-  const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
-  if (err != cudaSuccess) return err;
-  return LaunchClustersAfterQueries<kKernel>(split.size, rows, smem, stream, p, sel,
-                                             tls_detail::TokenQueriesIn(p),
-                                             tls_detail::StoredExps(p), split.blocks_per_cta);
+  return Whole::Launch(p, sel, whole, stream);
 }
 
 template <int NC>

@@ -5,7 +5,7 @@
 //     no expression of the form a * b + c is left to the compiler's contraction choice;
 //   - token logits are exact integer sums (int8 query codes x INT4 key codes) times scales;
 //   - exp is TlsExp2, a polynomial of fmas (libm's and CUDA's expf differ in the last ulp);
-//   - softmax denominators are sums of exp values truncated to multiples of 2^-40 in uint64,
+//   - softmax denominators are sums of exp values truncated to multiples of 2^-23 in uint64,
 //     which are exact and therefore independent of the summation order (atomics on the GPU);
 //   - maxima and minima are exact in any order.
 #pragma once
@@ -98,9 +98,13 @@ ASYNCTLS_HD float TlsExp2(float x) {
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
-// Fixed point of the softmax denominators: exp values (<= 1) are summed as floor(e * 2^40).
-inline constexpr float kTlsExpFixedScale = 1099511627776.f;       // 2^40
-inline constexpr float kTlsExpFixedInv = 9.094947017729282e-13f;  // 2^-40
+// Fixed point of the softmax denominators: exp values (in [0, 1]) are summed as floor(e * 2^23).
+// 2^-23 units make a term's fixed value the mantissa of 1 + e rounded toward zero, two GPU
+// instructions per exp (the token kernels' busiest loop); a denominator (>= 1: its max term is
+// 1) loses under n * 2^-23 to the truncation, 0.1% at 8,192 candidates. (Was 2^-40 until
+// session 12: accuracy unchanged, bench/results/tls-accuracy.md.)
+inline constexpr float kTlsExpFixedScale = 8388608.f;              // 2^23
+inline constexpr float kTlsExpFixedInv = 1.1920928955078125e-07f;  // 2^-23
 
 ASYNCTLS_HD uint64_t TlsExpToFixed(float e) {
   return static_cast<uint64_t>(TlsMul(e, kTlsExpFixedScale));  // exact product; truncation
