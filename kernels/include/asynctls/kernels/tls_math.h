@@ -101,8 +101,9 @@ inline constexpr float kTlsLog2E = 1.4426950408889634f;
 // Fixed point of the softmax denominators: exp values (in [0, 1]) are summed as floor(e * 2^23).
 // 2^-23 units make a term's fixed value the mantissa of 1 + e rounded toward zero, two GPU
 // instructions per exp (the token kernels' busiest loop); a denominator (>= 1: its max term is
-// 1) loses under n * 2^-23 to the truncation, 0.1% at 8,192 candidates. (Was 2^-40 until
-// session 12: accuracy unchanged, bench/results/tls-accuracy.md.)
+// 1) loses under n * 2^-23 to the truncation: 0.1% at 8,192 candidates, 1.6% at 131,072. (Was
+// 2^-40 until session 12; the accuracy harness moved by at most 0.00008 in any recall:
+// bench/results/tls-accuracy.md (i).)
 inline constexpr float kTlsExpFixedScale = 8388608.f;              // 2^23
 inline constexpr float kTlsExpFixedInv = 1.1920928955078125e-07f;  // 2^-23
 
