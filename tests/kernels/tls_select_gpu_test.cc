@@ -62,6 +62,10 @@ std::vector<SelectShape> Shapes() {
       // row's last cluster adds the other's partial alpha chains and selects).
       {{6600, 300, 6100, 2000, 6400, 900, 6300, 5000}, 128, 1, 576, 128, DType::kBF16, true},
       {{6500, 6600, 1200, 6200, 64, 6000, 3000, 6400}, 64, 1, 576, 128, DType::kBF16, true},
+      // MLA with a 64-channel token index (its own staged-row swizzle): one cluster per row at
+      // G = 16, two per row at G = 128.
+      {{2500, 333}, 16, 1, 576, 64, DType::kBF16, true},
+      {{6600, 300, 6100, 2000, 6400, 900, 6300, 5000}, 128, 1, 576, 64, DType::kBF16, true},
   };
 }
 
