@@ -113,7 +113,7 @@ for r in tls["results"]:
         r["bytes"]["tls"] / 1e6, floor, " ".join(tg)))
 print("\nstage breakdown (ms, each stage graphed alone; TLS runs append+block stages on a second "
       "stream, overlapping the token branch (token_branch = TlsTokenScoreSelect: GQA one launch, "
-      "MLA a cluster per row or per (row, 16-head tile); where it cannot, token_score + "
+      "MLA one or two clusters per row or one per (row, 16-head tile); where it cannot, token_score + "
       "token_select) and attention):")
 print("%-7s %2s %4s %4s | %s" % ("config", "B", "ctx", "k_t", "  ".join(
     "%12s" % s for s in ("append", "block_score", "block_select", "token_score", "token_select",

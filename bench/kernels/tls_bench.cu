@@ -395,8 +395,8 @@ class Bench {
   }
 
   // Token score + token top-k_t over M_{t-1}: TlsTokenScoreSelect when the shape allows (as
-  // TlsDecodeSelect does: GQA one launch, MLA a cluster per row or per (row, 16-head tile)),
-  // else the two ops.
+  // TlsDecodeSelect does: GQA one launch, MLA one or two clusters per row or one per (row,
+  // 16-head tile)), else the two ops.
   cudaError_t TokenBranch(int i, int k_t, cudaStream_t s) {
     const asynctls::kernels::TlsTokenScoreParams ts = TokenScoreParams(i);
     if (cuda::TlsTokenScoreSelectCanFuse(ts)) {

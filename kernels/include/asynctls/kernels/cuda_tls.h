@@ -36,10 +36,11 @@ cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 // rows of up to 8192 candidates (CanFuse). Groups of up to 16 heads with group * num_channels
 // <= 512 (GQA) take one launch, a thread cluster per row, and no workspace. Groups of 16, 32,
 // 64 or 128 heads on 64+ channels (MLA) need score.workspace (TlsTokenScoreWorkspaceBytes):
-// the int8 query codes and an exp scratch; a cluster per row scores on integer tensor cores
-// and selects when the rows fill at least half the GPU in one wave, else a cluster per (row,
-// 16-head tile) scores and the row's last cluster selects. The two-level decode step uses it
-// whenever it can.
+// the int8 query codes and an exp scratch; a cluster per row (two at 128 heads where cluster
+// sizes cap a row's SMs, half the heads each) scores on integer tensor cores and selects when
+// the rows fill at least half the GPU in one wave, else a cluster per (row, 16-head tile)
+// scores; where a row spans clusters, its last cluster to finish selects. The two-level decode
+// step uses it whenever it can.
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);
