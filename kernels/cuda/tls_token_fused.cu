@@ -642,7 +642,7 @@ struct MlaShared {
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
-  int last;                      // rank 0's: this cluster finished its row last
+  int last;                      // this cluster finished its row last (set by rank 0)
 };
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
@@ -975,7 +975,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
     }
   }
-  if (SPLIT > 1) {  // the row's last cluster to get here adds the partials and selects
+  if constexpr (SPLIT > 1) {  // the row's last cluster to get here adds the partials, selects
     // One thread's GPU-scope fences order the whole cluster's partials (fences are cumulative:
     // the cluster barrier before them made every rank's stores visible to that thread, and the
     // one after them orders the ranks' loads of the other part's partials behind its acquire).

@@ -33,10 +33,10 @@ std::vector<SelectShape> Shapes() {
       {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
       {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
       {{900, 130}, 6, 2, 96, 32, DType::kF32, false},  // head_dim 96: generic block-score slices
-      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},  // MLA, G = 16
-      {{1800}, 32, 1, 576, 128, DType::kBF16, true},       // MLA, G = 32
-      {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},  // MLA, G = 64
-      {{2200}, 128, 1, 576, 128, DType::kBF16, true},      // MLA, G = 128
+      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},              // MLA, G = 16
+      {{1800}, 32, 1, 576, 128, DType::kBF16, true},                   // MLA, G = 32
+      {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},              // MLA, G = 64
+      {{2200}, 128, 1, 576, 128, DType::kBF16, true},                  // MLA, G = 128
       // 72 and 48 rows of 6,144 candidates at k_b 96: more clusters of 6 and 3 CTAs than one
       // wave holds on the H200, so the fused token kernel takes 4 (G = 4) and 3 (G = 8)
       // candidates per thread.
@@ -46,20 +46,15 @@ std::vector<SelectShape> Shapes() {
       // row kernel (MlaScoreSelectKernel) with clusters of 6 CTAs on the H200; 8 rows: clusters
       // of 9 (a non-portable size, CTAs of 11 list entries, the last one partly empty).
       {{6600, 300, 2000, 6100, 900, 5000, 1200, 64, 3000, 700, 6000, 150, 2500, 3500, 800, 6400},
-       32,
-       1,
-       576,
-       128,
-       DType::kBF16,
-       true},
+       32, 1, 576, 128, DType::kBF16, true},
       {{6600, 6500, 300, 6100, 2000, 6400, 900, 6300}, 16, 1, 576, 128, DType::kBF16, true},
       // MLA, 4 rows x 128 heads of 6,144 candidates: on the H200 a cluster per (row, 16-head
       // tile), 32 clusters of 3 CTAs with 2 candidates per thread (MlaTileSelectKernel; the
       // row's last cluster adds the tiles' partials and selects).
       {{6600, 300, 6100, 2000}, 128, 1, 576, 128, DType::kBF16, true},
-      // MLA, 8 rows x 128 and x 64 heads of 6,144 candidates: on the H200 two clusters of 6 CTAs
-      // per row, half the heads each, two candidates per thread (MlaScoreSelectKernel split; the
-      // row's last cluster adds the other's partial alpha chains and selects).
+      // MLA, 8 rows of 6,144 candidates: at 128 heads two clusters of 6 CTAs per row on the H200,
+      // half the heads each, two candidates per thread (MlaScoreSelectKernel split; the row's last
+      // cluster adds the other's partial alpha chains and selects); at 64 heads one of 9.
       {{6600, 300, 6100, 2000, 6400, 900, 6300, 5000}, 128, 1, 576, 128, DType::kBF16, true},
       {{6500, 6600, 1200, 6200, 64, 6000, 3000, 6400}, 64, 1, 576, 128, DType::kBF16, true},
       // MLA with a 64-channel token index (its own staged-row swizzle): one cluster per row at
