@@ -401,8 +401,9 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += NT) sh.hist[i] = 0;
       __syncthreads();
-      // Warp-aggregated: lanes with the same digit add once (scores of a row often share
-      // their top bytes, and 32 lanes hitting one shared counter serialize).
+      // A warp whose counted keys all share one digit (scores of a row often share their top
+      // bytes) adds once; otherwise one shared atomic per key (__match_any_sync to group
+      // them costs a loop over the distinct digits).
       for (int base = 0; base < n; base += NT) {
         const int j = base + tid;
         float s = 0.f;
@@ -412,12 +413,13 @@ __device__ int BlockTopK(int n, int k, Item item, Emit emit, TopKShared& sh) {
           const uint32_t key = TlsOrderedBits(s);
           if ((key & mask) == prefix) digit = (key >> shift) & 255u;
         }
-        // After the first pass most items miss the prefix: skip the match for idle warps.
-        if (__any_sync(0xffffffffu, digit != 256u)) {
-          const unsigned same = __match_any_sync(0xffffffffu, digit);
-          if (digit != 256u && (tid & 31) == __ffs(same) - 1) {
-            atomicAdd(&sh.hist[digit], __popc(same));
-          }
+        const unsigned counted = __ballot_sync(0xffffffffu, digit != 256u);
+        if (counted == 0u) continue;  // after the first pass most items miss the prefix
+        const uint32_t first = __shfl_sync(0xffffffffu, digit, __ffs(counted) - 1);
+        if (__all_sync(0xffffffffu, digit == 256u || digit == first)) {
+          if ((tid & 31) == __ffs(counted) - 1) atomicAdd(&sh.hist[first], __popc(counted));
+        } else if (digit != 256u) {
+          atomicAdd(&sh.hist[digit], 1);
         }
       }
       __syncthreads();

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -254,6 +256,69 @@ TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
     EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
               testing::Rows(blocks, num, kept))
         << "k " << k;
+  }
+}
+
+// A score of row shape `shape` (BlockTopKScoreShapesMatchReference) from r in [-1, 1].
+float ShapedScore(int shape, float r) {
+  const float special[] = {0.f, -0.f, INFINITY, -INFINITY, 1e-40f, -1e-40f, 1.f};
+  uint32_t low12 = 0x42000000u | (static_cast<uint32_t>((r + 1.f) * 2047.f) & 0xfffu);
+  float low12_score;
+  std::memcpy(&low12_score, &low12, 4);
+  switch (shape) {
+    case 0:
+      return 1.5f;
+    case 1:
+      return r < 0.f ? -3.f : 7.f;
+    case 2:
+      return r * 50.f;
+    case 3:
+      return 1000.f + r;
+    case 4:
+      return low12_score;
+    default:
+      return special[static_cast<size_t>((r + 1.f) * 3.499f)];
+  }
+}
+
+// Block top-k over score rows that take its radix select down different paths: all equal, two
+// values (the k-th key's bin taken whole), mixed signs, a narrow positive range, keys that differ
+// only in their low 12 bits (every pass needed), signed zeros, infinities and subnormals; rows
+// of up to 2,048 blocks from shared memory and of up to 9,000 from global memory.
+TEST(TlsSelectGpuTest, BlockTopKScoreShapesMatchReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(205);
+  const int kept = 256;
+  for (const int mbps : {2048, 9000}) {
+    const std::vector<int32_t> lens = {mbps * 64, mbps * 64 - 100, 64 * 700 + 5, 64 * 130};
+    const int batch = int(lens.size());
+    for (int shape = 0; shape < 6; ++shape) {
+      std::vector<float> scores(size_t(batch) * mbps);
+      const std::vector<float> r = testing::RandomF32(scores.size(), -1.f, 1.f);
+      for (size_t i = 0; i < scores.size(); ++i) scores[i] = ShapedScore(shape, r[i]);
+      std::vector<int32_t> blocks(size_t(batch) * kept, -1), num(batch, -1);
+      for (int k : {1, 100, 256}) {
+        SCOPED_TRACE(::testing::Message() << "blocks " << mbps << " shape " << shape << " k " << k);
+        TlsBlockSelectParams p{
+            scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps, kept, k, 1};
+        ref::TlsBlockSelect(p);
+        DeviceBuffer ds, dl, db, dn;
+        ASSERT_CUDA(ds.Upload(scores));
+        ASSERT_CUDA(dl.Upload(lens));
+        ASSERT_CUDA(db.Upload(std::vector<int32_t>(blocks.size(), -1)));
+        ASSERT_CUDA(dn.Upload(std::vector<int32_t>(batch, -1)));
+        TlsBlockSelectParams g = p;
+        g.scores = ds.as<float>();
+        g.seq_lens = dl.as<int32_t>();
+        g.blocks = db.as<int32_t>();
+        g.num_blocks = dn.as<int32_t>();
+        ASSERT_CUDA(cuda::TlsBlockSelect(g, nullptr));
+        const auto gnum = Download<int32_t>(dn, batch);
+        ASSERT_EQ(gnum, num);
+        EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
+                  testing::Rows(blocks, num, kept));
+      }
+    }
   }
 }
 
