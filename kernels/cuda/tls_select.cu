@@ -27,7 +27,6 @@ using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
-using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
@@ -48,29 +47,33 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 // TlsSumBlockSlices's order. WIDTH: dims per slice known at compile time, or 0 for any width
 // (scalar loads). Slices of more than two 16-byte vectors (MLA's nine) are "slotted": loaded
 // into registers, ptxas issued them two at a time between the FMAs, a memory round trip each
-// (~25 us per MLA CTA), so each lane copies them into its own shared-memory slots with cp.async,
-// all in flight at once, and the group's query (MLA: 128 heads x 576 dims) is staged through the
-// same region before its sums. GQA's one- and two-vector slices measured slower that way (run 35
-// of bench/results/tls-kernels-h200.md) and load straight into registers; so does MLA with
-// fewer than kSlottedMinGroup heads over more CTAs than SMs (run 36: 16 heads batch 8 128K,
-// 256 CTAs, 21.0 vs 23.5 us slotted — the slots' shared memory caps the CTAs per SM and the
-// query sum is cheap). The grid counts the block table's width, not the rows' lengths.
+// (~25 us per MLA CTA), so each team copies the block's two rows into shared-memory slots with
+// cp.async, all in flight at once and in row order (each copy instruction reads whole 128-byte
+// lines: lanes loading their own 144-byte slices touched each line in halves, run 51 of
+// bench/results/tls-kernels-h200.md: 21-32 us -> 15-22 us at batch 8), and the group's query
+// (MLA: 128 heads x 576 dims) is staged through the same region before its sums. GQA's one- and
+// two-vector slices measured slower that way (run 35) and load straight into registers. The grid
+// counts the block table's width, not the rows' lengths.
 constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
-constexpr int kSlottedMinGroup = 32;
 
-// Shared-memory bytes of the lanes' kmax / kmin slots: per lane 2 * WIDTH / 8 vectors, stored
-// vector-major (vector v of thread t at v * kScoreThreads + t: a warp's reads hit every bank once).
+// Shared-memory bytes of the teams' kmax / kmin slots: per team the block's two rows in order
+// (2 * 8 * WIDTH / 8 vectors); lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of
+// one 16-byte read start 9 vectors apart (MLA) and hit distinct banks.
 template <int WIDTH, bool SLOTTED>
 constexpr int ScoreSlotBytes() {
   return SLOTTED ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(uint4)) : 0;
 }
 
+// Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each).
 template <int WIDTH, bool SLOTTED>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
-                                                 const uint16_t* kmax, const uint16_t* kmin,
-                                                 uint4* slots, int width, int c) {
+                                                 const uint16_t* kmax_row, const uint16_t* kmin_row,
+                                                 uint4* slots, unsigned team_mask, int width,
+                                                 int c) {
+  const uint16_t* kmax = kmax_row + c * width;
+  const uint16_t* kmin = kmin_row + c * width;
   float s = 0.f;
   if constexpr (WIDTH == 0) {
     for (int j = 0; j < width; ++j) {
@@ -83,13 +86,18 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     constexpr int kVecs = WIDTH / 8;
     uint4 a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
     if constexpr (SLOTTED) {
+      // The team copies both rows in order into its slots (lane c: vectors c, c + 8, ..., so
+      // each copy instruction reads whole 128-byte lines), then each lane reads its slice's.
+      __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
 #pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        __pipeline_memcpy_async(slots + v * kScoreThreads, kmax + 8 * v, sizeof(uint4));
-        __pipeline_memcpy_async(slots + (kVecs + v) * kScoreThreads, kmin + 8 * v, sizeof(uint4));
+      for (int i = 0; i < kVecs; ++i) {
+        const int w = 8 * i + c;
+        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(uint4));
+        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(uint4));
       }
       __pipeline_commit();
-      __pipeline_wait_prior(0);  // the lane reads only its own slots: no barrier
+      __pipeline_wait_prior(0);
+      __syncwarp(team_mask);  // every lane's copies landed
     } else {
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
@@ -101,8 +109,8 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     for (int j = 0; j < WIDTH; ++j) {
       uint4 av4, nv4;
       if constexpr (SLOTTED) {
-        av4 = slots[j / 8 * kScoreThreads];
-        nv4 = slots[(kVecs + j / 8) * kScoreThreads];
+        av4 = slots[c * kVecs + j / 8];
+        nv4 = slots[8 * kVecs + c * kVecs + j / 8];
       } else {
         av4 = a[j / 8];
         nv4 = n[j / 8];
@@ -197,12 +205,13 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
   const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
-  uint4* slots = reinterpret_cast<uint4*>(q_sum + 2 * p.head_dim) + threadIdx.x;
+  uint4* slots = reinterpret_cast<uint4*>(q_sum + 2 * p.head_dim) + team * 16 * (WIDTH / 8);
   const int32_t* rows = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
   for (int i = team; i < count; i += kScoreTeams) {
-    const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim + c * width;
-    float s = BlockSliceScore<WIDTH, SLOTTED>(qpos, qneg, kmax + off, kmin + off, slots, width, c);
+    const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim;
+    float s = BlockSliceScore<WIDTH, SLOTTED>(qpos, qneg, kmax + off, kmin + off, slots, team_mask,
+                                              width, c);
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
     // halves add the same two values (commuted), so the team ends with one bit pattern.
 #pragma unroll
@@ -978,13 +987,8 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
       return LaunchBlockScore<8>(p, grid, stream);
     case 16:  // head_dim 128
       return LaunchBlockScore<16>(p, grid, stream);
-    case 72: {  // MLA, 576: slotted unless small groups over more CTAs than SMs (see above)
-      const int group = p.num_q_heads / p.num_kv_heads;
-      if (group < kSlottedMinGroup && int64_t{grid.x} * grid.y > NumSms()) {
-        return LaunchBlockScore<72, false>(p, grid, stream);
-      }
+    case 72:  // MLA, 576
       return LaunchBlockScore<72, true>(p, grid, stream);
-    }
     default:
       return LaunchBlockScore<0>(p, grid, stream);
   }

@@ -134,7 +134,7 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
     }
     bp.q = d.q.get();
     // The same rows behind a block table wider than the SMs' worth of 64-block CTAs (the extra
-    // CTAs find no blocks): MLA groups under 32 heads then take the register path.
+    // CTAs find no blocks).
     int sms = 0;
     ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     const int wide = 64 * (sms + 1);
