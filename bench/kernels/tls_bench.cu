@@ -28,6 +28,8 @@
 //   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] [--k-t N,N,...]
 //             [--batches N,...] [--contexts N,...] [--profile-steps N (no timing: N eager
 //             steps of TLS, Quest-style and token-only per row for ncu --profile-from-start off)]
+//             [--timeline N (no timing table: when each part of the TLS step ends, medians of N
+//             eager steps)]
 #include <cuda_bf16.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
@@ -90,6 +92,14 @@ __global__ void IotaRows(int32_t* p, int rows, int n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < int64_t{rows} * n;
        i += int64_t{gridDim.x} * blockDim.x) {
     p[i] = static_cast<int32_t>(i % n);
+  }
+}
+
+// Holds the stream for `ns` nanoseconds so that every launch queued behind it is submitted
+// before the GPU reaches it (a timeline of eager launches without host gaps).
+__global__ void SpinKernel(long long ns) {
+  const long long until = clock64() + ns * 2;  // ~2 cycles per ns (the H200 runs near 2 GHz)
+  while (clock64() < until) {
   }
 }
 
@@ -481,6 +491,52 @@ class Bench {
     BENCH_CHECK(cudaProfilerStop());
   }
 
+  // When each part of the TLS step ends (us after it starts, medians over `steps` eager steps,
+  // each queued whole behind a spin kernel): the token branch and the attention on the main
+  // stream, the append, block score and block top-k on the second.
+  void Timeline(int k_t, int steps) {
+    InitLagState(k_t);
+    constexpr int kMarks = 6;  // start, token branch, attention, append, block score, top-k
+    std::vector<cudaEvent_t> ev(kMarks);
+    for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
+    std::vector<std::vector<float>> at(kMarks);
+    for (int i = 0; i < steps + 2; ++i) {  // the first two warm up
+      SpinKernel<<<1, 1, 0, s_>>>(200000);
+      BENCH_CHECK(cudaEventRecord(ev[0], s_));
+      BENCH_CHECK(cudaStreamWaitEvent(s2_, ev[0], 0));
+      BENCH_CHECK(TokenBranch(i, k_t, s_));
+      BENCH_CHECK(cudaEventRecord(ev[1], s_));
+      BENCH_CHECK(cuda::TlsIndexUpdate(Append(i, true), s2_));
+      BENCH_CHECK(cudaEventRecord(ev[3], s2_));
+      BENCH_CHECK(cuda::TlsBlockScore(ScoreParams(i), s2_));
+      BENCH_CHECK(cudaEventRecord(ev[4], s2_));
+      asynctls::kernels::TlsBlockSelectParams sel = BlockSelectParams(i);
+      sel.blocks = next_blocks_[i % kTables].as<int32_t>();
+      sel.num_blocks = next_num_blocks_[i % kTables].as<int32_t>();
+      BENCH_CHECK(cuda::TlsBlockSelect(sel, s2_));
+      BENCH_CHECK(cudaEventRecord(ev[5], s2_));
+      BENCH_CHECK(cuda::TlsSparseAttention(Attention(i, TokenSelectParams(k_t).max_positions), s_));
+      BENCH_CHECK(cudaEventRecord(ev[2], s_));
+      BENCH_CHECK(cudaStreamWaitEvent(s_, ev[5], 0));
+      BENCH_CHECK(cudaStreamSynchronize(s_));
+      for (int m = 1; m < kMarks && i >= 2; ++m) {
+        float ms = 0.f;
+        BENCH_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[m]));
+        at[m].push_back(ms * 1000.f);
+      }
+    }
+    auto median = [](std::vector<float> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::printf(
+        "timeline %-8s %d %6d %5d | us: tbranch %.1f attn %.1f | append %.1f bscore %.1f "
+        "bselect %.1f\n",
+        c_.name.c_str(), batch_, context_, k_t, median(at[1]), median(at[2]), median(at[3]),
+        median(at[4]), median(at[5]));
+    for (auto& e : ev) cudaEventDestroy(e);
+  }
+
   // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).
   void Stages(int k_t, bool with_fixed, std::map<std::string, double>* out) {
     if (with_fixed) {
@@ -587,6 +643,7 @@ int main(int argc, char** argv) {
   std::string json_path, only;
   int samples = 15;
   int profile_steps = 0;
+  int timeline_steps = 0;
   bool quick = false;
   std::vector<int> k_t_list, batch_list, context_list;
   // "N,N,..." into `out`; false on anything but positive integers.
@@ -607,6 +664,8 @@ int main(int argc, char** argv) {
       samples = std::max(3, std::atoi(argv[++i]));
     } else if (a == "--profile-steps" && i + 1 < argc) {
       profile_steps = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--timeline" && i + 1 < argc) {
+      timeline_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
     } else if ((a == "--k-t" || a == "--batches" || a == "--contexts") && i + 1 < argc) {
@@ -620,7 +679,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
-                   "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N]\n",
+                   "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
+                   "[--timeline N]\n",
                    argv[0]);
       return 2;
     }
@@ -679,6 +739,10 @@ int main(int argc, char** argv) {
         Bench bench(c, pool, b, l, samples, stream);
         if (profile_steps > 0) {
           for (const int k_t : k_ts) bench.Profile(k_t, profile_steps);
+          continue;
+        }
+        if (timeline_steps > 0) {
+          for (const int k_t : k_ts) bench.Timeline(k_t, timeline_steps);
           continue;
         }
         const double dense = bench.Dense();
