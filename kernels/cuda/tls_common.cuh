@@ -346,6 +346,40 @@ __device__ __forceinline__ void FindRadixDigit(const int* hist, uint32_t prefix,
   }
 }
 
+// One radix pass's decision, by the 32 lanes of one warp, every lane getting the result (each
+// warp of a block may decide for itself: no barrier to share it): the digit (descending) of the
+// `remaining`-th largest key in hist[256]. Returns the digit; sets the rank left inside it and
+// whether the digit's keys are all kept (no later pass needed).
+__device__ __forceinline__ uint32_t WarpRadixDigit(const int* hist, int remaining,
+                                                   int* out_remaining, bool* out_done) {
+  const int lane = threadIdx.x & 31;
+  // Lane l covers digits 255 - 8l down to 248 - 8l; find where `remaining` falls.
+  int counts[8], local = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    counts[i] = hist[255 - 8 * lane - i];
+    local += counts[i];
+  }
+  const int incl = WarpInclusiveSum(local);
+  int acc = incl - local, digit = -1, left = 0, whole = 0;
+  const bool mine = acc < remaining && remaining <= incl;
+  if (mine) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (digit < 0 && remaining <= acc + counts[i]) {
+        digit = 255 - 8 * lane - i;
+        left = remaining - acc;
+        whole = left == counts[i];
+      }
+      acc += counts[i];
+    }
+  }
+  const int src = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;  // one lane: remaining <= total
+  *out_remaining = __shfl_sync(0xffffffffu, left, src);
+  *out_done = __shfl_sync(0xffffffffu, whole, src) != 0;
+  return static_cast<uint32_t>(__shfl_sync(0xffffffffu, digit, src));
+}
+
 // The end of one radix pass, called by every thread once `hist` is complete: warp 0 finds the
 // digit, the block reads it back (through the three shared slots), extends prefix / mask and
 // the rank left. Returns whether the selection is settled (no later pass needed).

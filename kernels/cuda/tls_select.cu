@@ -32,6 +32,7 @@ using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
+using tls_detail::WarpRadixDigit;
 
 __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
                                              const int32_t* seq_lens, int b) {
@@ -268,6 +269,121 @@ __global__ void __launch_bounds__(kSelectThreads) BlockSelectKernel(TlsBlockSele
       },
       [&](int rank, int32_t id) { out[rank] = id; }, sh);
   if (threadIdx.x == 0) p.num_blocks[bg] = kept;
+}
+
+// Rows of up to ITEMS * kSelectThreads blocks (ITEMS 4: 128K tokens; 8: 256K): thread t holds
+// the keys of blocks begin + t * ITEMS .. + ITEMS - 1 in registers, so the radix passes and the
+// ordered compaction read no memory. The passes start at the highest bit where the row's
+// largest and smallest keys differ (the bits above are the same for every key) and stop when
+// the k-th key's bin is taken whole; every warp decides each pass itself from the shared
+// histogram (three of them, each zeroed two passes ahead), so a pass costs one barrier, and the
+// kept blocks' ranks come from one block scan. BlockSelectKernel (BlockTopK) took 7-11 us on
+// rows of 512-2,048 blocks, nearly all of it per-item loops and barriers (run 49 of
+// bench/results/tls-kernels-h200.md).
+struct RegSelectShared {
+  int hist[3][256];
+  int warp_count[32];
+  uint32_t warp_max[32], warp_min[32];
+  int scan[33];
+};
+
+template <int ITEMS>
+__global__ void __launch_bounds__(kSelectThreads) BlockSelectRegKernel(TlsBlockSelectParams p) {
+  __shared__ RegSelectShared sh;
+  constexpr int kWarps = kSelectThreads / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bg = blockIdx.x;
+  const int b = bg / p.num_kv_heads;
+  const int end = TlsEligibleEnd(p.seq_lens[b]);
+  const int first = p.sink_blocks + tid * ITEMS;
+  const float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq;
+  uint32_t key[ITEMS];
+  int valid_local = 0;
+  uint32_t key_max = 0u, key_min = 0xffffffffu;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const bool valid = first + u < end;
+    key[u] = valid ? TlsOrderedBits(scores[first + u]) : 0u;
+    valid_local += valid ? 1 : 0;
+    key_max = valid ? max(key_max, key[u]) : key_max;
+    key_min = valid ? min(key_min, key[u]) : key_min;
+  }
+  const int valid_items = max(0, min(ITEMS, end - first));  // this thread's: a prefix of u
+  for (int i = tid; i < 2 * 256; i += kSelectThreads) sh.hist[i / 256][i % 256] = 0;
+  valid_local = __reduce_add_sync(0xffffffffu, valid_local);
+  key_max = __reduce_max_sync(0xffffffffu, key_max);
+  key_min = __reduce_min_sync(0xffffffffu, key_min);
+  if (lane == 0) {
+    sh.warp_count[warp] = valid_local;
+    sh.warp_max[warp] = key_max;
+    sh.warp_min[warp] = key_min;
+  }
+  __syncthreads();
+  const bool slot = lane < kWarps;
+  const int num_valid = __reduce_add_sync(0xffffffffu, slot ? sh.warp_count[lane] : 0);
+  key_max = __reduce_max_sync(0xffffffffu, slot ? sh.warp_max[lane] : 0u);
+  key_min = __reduce_min_sync(0xffffffffu, slot ? sh.warp_min[lane] : 0xffffffffu);
+  const int k = p.k;
+  const bool take_all = num_valid <= k;
+  // Keys are compared on the bits of `mask` only (as BlockTopK).
+  uint32_t threshold = 0u, mask = 0u;
+  int need_equal = 0;
+  if (!take_all && k > 0) {
+    const uint32_t differ = key_max ^ key_min;
+    const int top = differ == 0u ? -1 : 31 - __clz(differ);  // highest differing bit
+    mask = top == 31 ? 0u : ~0u << (top + 1);  // every valid key has key_max's bits there
+    uint32_t prefix = key_max & mask;
+    int remaining = k;
+    for (int shift = top - 7, pass = 0; top >= 0; shift -= 8, ++pass) {
+      // The last pass may overlap decided bits: they equal prefix's for every counted key.
+      const int lo = max(shift, 0);
+      int* hist = sh.hist[pass % 3];
+#pragma unroll
+      for (int u = 0; u < ITEMS; ++u) {
+        if (u < valid_items && (key[u] & mask) == prefix) {
+          atomicAdd(&hist[(key[u] >> lo) & 255u], 1);
+        }
+      }
+      __syncthreads();
+      // Every warp has decided the previous pass: its histogram is free for two passes on.
+      for (int i = tid; i < 256; i += kSelectThreads) sh.hist[(pass + 2) % 3][i] = 0;
+      bool done = false;
+      const uint32_t digit = WarpRadixDigit(hist, remaining, &remaining, &done);
+      prefix |= digit << lo;
+      mask |= 255u << lo;
+      if (done || lo == 0) break;
+    }
+    threshold = prefix;
+    need_equal = remaining;
+  }
+  // Ordered compaction: a kept block's rank = (kept-above blocks before it) + min(equal blocks
+  // before it, need_equal); both counts per thread packed in one scan (rows < 2^16 blocks).
+  bool above[ITEMS], equal[ITEMS];
+  int above_count = 0, equal_count = 0;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const uint32_t masked = key[u] & mask;
+    above[u] = u < valid_items && k > 0 && (take_all || masked > threshold);
+    equal[u] = u < valid_items && k > 0 && !take_all && masked == threshold;
+    above_count += above[u] ? 1 : 0;
+    equal_count += equal[u] ? 1 : 0;
+  }
+  int total = 0;
+  const int before =
+      BlockExclusiveScan<kSelectThreads>(above_count | (equal_count << 16), sh.scan, &total);
+  int above_before = before & 0xffff, equal_before = before >> 16;
+  int32_t* out = p.blocks + int64_t{bg} * p.max_kept_blocks;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    if (above[u]) {
+      out[above_before + min(equal_before, need_equal)] = first + u;
+      ++above_before;
+    } else if (equal[u]) {
+      if (equal_before < need_equal) out[above_before + equal_before] = first + u;
+      ++equal_before;
+    }
+  }
+  if (tid == 0) p.num_blocks[bg] = (total & 0xffff) + min(total >> 16, need_equal);
 }
 
 // Writes the sink and recent parts of a positions row around `middle` entries.
@@ -997,7 +1113,12 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
   if (p.batch <= 0) return cudaSuccess;
   if (p.k < 0 || p.k > p.max_kept_blocks) return cudaErrorInvalidValue;
-  if (p.max_blocks_per_seq <= kSelectCacheItems) {
+  const int rows = p.batch * p.num_kv_heads;
+  if (p.max_blocks_per_seq <= 4 * kSelectThreads) {
+    BlockSelectRegKernel<4><<<rows, kSelectThreads, 0, stream>>>(p);
+  } else if (p.max_blocks_per_seq <= 8 * kSelectThreads) {
+    BlockSelectRegKernel<8><<<rows, kSelectThreads, 0, stream>>>(p);
+  } else if (p.max_blocks_per_seq <= kSelectCacheItems) {
     BlockSelectKernel<true><<<p.batch * p.num_kv_heads, kSelectThreads,
                               p.max_blocks_per_seq * sizeof(float), stream>>>(p);
   } else {

@@ -284,12 +284,13 @@ float ShapedScore(int shape, float r) {
 // Block top-k over score rows that take its radix select down different paths: all equal, two
 // values (the k-th key's bin taken whole), mixed signs, a narrow positive range, keys that differ
 // only in their low 12 bits (every pass needed), signed zeros, infinities and subnormals; rows
-// of up to 2,048 blocks from shared memory and of up to 9,000 from global memory.
+// of up to 2,048 and 3,000 blocks (keys in registers, 4 and 8 per thread), 6,000 (BlockTopK
+// from shared memory) and 9,000 (from global memory).
 TEST(TlsSelectGpuTest, BlockTopKScoreShapesMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(205);
   const int kept = 256;
-  for (const int mbps : {2048, 9000}) {
+  for (const int mbps : {2048, 3000, 6000, 9000}) {
     const std::vector<int32_t> lens = {mbps * 64, mbps * 64 - 100, 64 * 700 + 5, 64 * 130};
     const int batch = int(lens.size());
     for (int shape = 0; shape < 6; ++shape) {
