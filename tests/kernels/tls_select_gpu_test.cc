@@ -227,6 +227,32 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
   }
 }
 
+// Block top-k of `scores` (one KV head per sequence, one sink block) on the GPU: the reference's
+// blocks and counts.
+void ExpectBlockSelectMatches(const std::vector<float>& scores, const std::vector<int32_t>& lens,
+                              int mbps, int kept, int k) {
+  const int batch = static_cast<int>(lens.size());
+  std::vector<int32_t> blocks(size_t(batch) * kept, -1), num(batch, -1);
+  const TlsBlockSelectParams p{
+      scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps, kept, k, 1};
+  ref::TlsBlockSelect(p);
+  DeviceBuffer ds, dl, db, dn;
+  ASSERT_CUDA(ds.Upload(scores));
+  ASSERT_CUDA(dl.Upload(lens));
+  ASSERT_CUDA(db.Upload(std::vector<int32_t>(blocks.size(), -1)));
+  ASSERT_CUDA(dn.Upload(std::vector<int32_t>(batch, -1)));
+  TlsBlockSelectParams g = p;
+  g.scores = ds.as<float>();
+  g.seq_lens = dl.as<int32_t>();
+  g.blocks = db.as<int32_t>();
+  g.num_blocks = dn.as<int32_t>();
+  ASSERT_CUDA(cuda::TlsBlockSelect(g, nullptr));
+  const auto gnum = Download<int32_t>(dn, batch);
+  ASSERT_EQ(gnum, num);
+  EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
+            testing::Rows(blocks, num, kept));
+}
+
 // Top-k on hand-made scores with many exact ties: the GPU keeps the CPU's set.
 TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
@@ -235,27 +261,9 @@ TEST(TlsSelectGpuTest, TopKTiesMatchReference) {
   const int mbps = 141, kept = 50, batch = 4;
   std::vector<float> scores(size_t(batch) * mbps);
   for (float& s : scores) s = float(int(testing::RandomF32(1, 0.f, 6.f)[0])) - 2.f;  // 6 values
-  std::vector<int32_t> blocks(batch * kept, -1), num(batch, -1);
   for (int k : {0, 1, 17, 50}) {
-    TlsBlockSelectParams p{
-        scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps, kept, k, 1};
-    ref::TlsBlockSelect(p);
-    DeviceBuffer ds, dl, db, dn;
-    ASSERT_CUDA(ds.Upload(scores));
-    ASSERT_CUDA(dl.Upload(lens));
-    ASSERT_CUDA(db.Upload(std::vector<int32_t>(blocks.size(), -1)));
-    ASSERT_CUDA(dn.Upload(std::vector<int32_t>(batch, -1)));
-    TlsBlockSelectParams g = p;
-    g.scores = ds.as<float>();
-    g.seq_lens = dl.as<int32_t>();
-    g.blocks = db.as<int32_t>();
-    g.num_blocks = dn.as<int32_t>();
-    ASSERT_CUDA(cuda::TlsBlockSelect(g, nullptr));
-    const auto gnum = Download<int32_t>(dn, batch);
-    ASSERT_EQ(gnum, num) << "k " << k;
-    EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
-              testing::Rows(blocks, num, kept))
-        << "k " << k;
+    SCOPED_TRACE(::testing::Message() << "k " << k);
+    ExpectBlockSelectMatches(scores, lens, mbps, kept, k);
   }
 }
 
@@ -297,27 +305,9 @@ TEST(TlsSelectGpuTest, BlockTopKScoreShapesMatchReference) {
       std::vector<float> scores(size_t(batch) * mbps);
       const std::vector<float> r = testing::RandomF32(scores.size(), -1.f, 1.f);
       for (size_t i = 0; i < scores.size(); ++i) scores[i] = ShapedScore(shape, r[i]);
-      std::vector<int32_t> blocks(size_t(batch) * kept, -1), num(batch, -1);
       for (int k : {1, 100, 256}) {
         SCOPED_TRACE(::testing::Message() << "blocks " << mbps << " shape " << shape << " k " << k);
-        TlsBlockSelectParams p{
-            scores.data(), lens.data(), blocks.data(), num.data(), batch, 1, mbps, kept, k, 1};
-        ref::TlsBlockSelect(p);
-        DeviceBuffer ds, dl, db, dn;
-        ASSERT_CUDA(ds.Upload(scores));
-        ASSERT_CUDA(dl.Upload(lens));
-        ASSERT_CUDA(db.Upload(std::vector<int32_t>(blocks.size(), -1)));
-        ASSERT_CUDA(dn.Upload(std::vector<int32_t>(batch, -1)));
-        TlsBlockSelectParams g = p;
-        g.scores = ds.as<float>();
-        g.seq_lens = dl.as<int32_t>();
-        g.blocks = db.as<int32_t>();
-        g.num_blocks = dn.as<int32_t>();
-        ASSERT_CUDA(cuda::TlsBlockSelect(g, nullptr));
-        const auto gnum = Download<int32_t>(dn, batch);
-        ASSERT_EQ(gnum, num);
-        EXPECT_EQ(testing::Rows(Download<int32_t>(db, blocks.size()), gnum, kept),
-                  testing::Rows(blocks, num, kept));
+        ExpectBlockSelectMatches(scores, lens, mbps, kept, k);
       }
     }
   }
