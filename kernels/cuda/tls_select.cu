@@ -1120,10 +1120,10 @@ cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {
   } else if (p.max_blocks_per_seq <= 8 * kSelectThreads) {
     BlockSelectRegKernel<8><<<rows, kSelectThreads, 0, stream>>>(p);
   } else if (p.max_blocks_per_seq <= kSelectCacheItems) {
-    BlockSelectKernel<true><<<p.batch * p.num_kv_heads, kSelectThreads,
-                              p.max_blocks_per_seq * sizeof(float), stream>>>(p);
+    BlockSelectKernel<true>
+        <<<rows, kSelectThreads, p.max_blocks_per_seq * sizeof(float), stream>>>(p);
   } else {
-    BlockSelectKernel<false><<<p.batch * p.num_kv_heads, kSelectThreads, 0, stream>>>(p);
+    BlockSelectKernel<false><<<rows, kSelectThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
