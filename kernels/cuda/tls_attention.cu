@@ -6,6 +6,7 @@
 // heads on one latent row) uses tensor cores (mla::MlaAttnKernel).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -25,6 +26,7 @@ using attention_detail::kLog2e;
 using attention_detail::LdMatrixX4;
 using attention_detail::LdMatrixX4Trans;
 using attention_detail::MmaBf16;
+using attention_detail::PackBf16;
 using attention_detail::SmemAddr;
 using attention_detail::TileOffset;
 using tls_detail::AlignUp;
@@ -510,6 +512,272 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- MLA, many heads per CTA ---------------------------------------------------------------
+// At 32+ heads the 16-head CTAs above gather every K/V row once per 16 heads and pay the
+// position -> block table -> row chain before each tile. Here a CTA takes 16 * RT heads (RT
+// row tiles) against 32-key tiles: the row slots of all its positions are looked up once (all
+// loads in flight together), then the tiles are double-buffered (tile i + 1's rows load while
+// tile i is scored and accumulated) and each gathered row feeds all RT row tiles. bf16 io with
+// V inside the K rows only (the runtime's layout; fp32 io and a separate V pool take
+// MlaAttnKernel).
+//   scores: warp w takes row tile w % RT and 4 / (8 / RT) of the tile's four 8-key n-tiles;
+//   softmax: a row per warp at a time, one key per lane;
+//   P V: warp w owns value dims [64 w, 64 w + 64) of every row tile (RT * 32 fp32
+//   accumulators per thread), so each V fragment feeds RT mmas.
+constexpr int kWideKeys = 32;
+constexpr int kWidePStride = kWideKeys + 8;  // bf16 per P row: 80 B, conflict-free ldmatrix
+constexpr int kWideSStride = kWideKeys + 8;  // floats per score row: 2-way score stores, not 4
+constexpr int kWideSlotsPerThread = 8;
+constexpr int kWideSlots = kWideSlotsPerThread * kThreads;  // positions looked up at once
+
+template <int RT>
+struct WideLayout {
+  static constexpr uint32_t kRowsPerCta = 16 * RT;
+  static constexpr uint32_t kQ = 0;
+  static constexpr uint32_t kK = kQ + kRowsPerCta * kDim * 2;  // two buffers
+  static constexpr uint32_t kKBytes = uint32_t(kWideKeys) * kDim * 2;
+  static constexpr uint32_t kS = kK + 2 * kKBytes;
+  static constexpr uint32_t kP = kS + 4 * kRowsPerCta * kWideSStride;
+  static constexpr uint32_t kStats = kP + 2 * kRowsPerCta * kWidePStride;
+  static constexpr uint32_t kSlots = kStats + 4 * 3 * kRowsPerCta;
+  static constexpr uint32_t kBytes = kSlots + 4 * kWideSlots;
+};
+
+template <int RT>
+__global__ void __launch_bounds__(kThreads, 1)
+    MlaWideAttnKernel(TlsSparseAttentionParams p, int split_tokens, int num_splits, float* ws_acc,
+                      float* ws_ml) {
+  using L = WideLayout<RT>;
+  constexpr int kRowsPerCta = 16 * RT;
+  constexpr int kKeyTiles = kWideKeys / 8 / (kWarps / RT);  // 8-key n-tiles per warp (scores)
+  static_assert(kWarps % RT == 0 && RT % 2 == 0 && kKeyTiles >= 1, "RT: 2, 4 or 8");
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t base = SmemAddr(smem);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);  // [row][key] log2-domain scores
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(smem + L::kP);
+  float* m_s = reinterpret_cast<float*>(smem + L::kStats);
+  float* l_s = m_s + kRowsPerCta;
+  float* corr_s = l_s + kRowsPerCta;
+  // Pool row per position (int32: pools of under 2^31 rows, ~2.5 TB of MLA cache).
+  int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);
+
+  const int split = blockIdx.x, bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int h0 = blockIdx.z * kRowsPerCta;
+  const int heads = min(kRowsPerCta, group - h0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mul = p.scale * kLog2e;
+  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
+
+  // The query before the wait (see MlaAttnKernel); rows past `heads` read as zeros.
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  for (int idx = tid; idx < kRowsPerCta * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    CpAsync16(base + L::kQ + TileOffset<kDim>(r, c),
+              q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c, r < heads);
+  }
+  CpAsyncCommit();
+  if (tid < kRowsPerCta) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
+  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
+  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
+  float o[RT][kWarpDims / 8][4] = {};
+
+  // Fragment roles of this lane (see ScoreTile / AccumulateValues in paged_attention_common).
+  const int a_row = ((lane >> 3) & 1) * 8 + (lane & 7), a_chunk = lane >> 4;
+  const int k_chunk = lane >> 3;
+  const int c_row = lane >> 2, c_col = 2 * (lane & 3);
+  const int v_key = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
+  const int rt_s = warp % RT, key0 = 8 * kKeyTiles * (warp / RT);  // this warp's scores
+
+  // The pool rows of the split's positions (at most kWideSlots: the plan), all loads in flight
+  // together.
+  {
+    int32_t pos[kWideSlotsPerThread], block[kWideSlotsPerThread];
+#pragma unroll
+    for (int i = 0; i < kWideSlotsPerThread; ++i) {
+      const int t = t_begin + i * kThreads + tid;
+      pos[i] = t < t_end ? positions[t] : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kWideSlotsPerThread; ++i) {
+      block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kWideSlotsPerThread; ++i) {
+      slot_s[i * kThreads + tid] =
+          (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
+    }
+  }
+  __syncthreads();
+  // Tile t0's rows into buffer `buf`.
+  auto issue_tile = [&](int t0, int buf) {
+    const int cnt = min(kWideKeys, t_end - t0);
+    const uint32_t dst = base + L::kK + buf * L::kKBytes;
+    for (int idx = tid; idx < kWideKeys * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const int64_t row = r < cnt ? slot_s[t0 - t_begin + r] : 0;
+      CpAsync16(dst + TileOffset<kDim>(r, c), k_cache + row * kDim + 8 * c, r < cnt);
+    }
+    CpAsyncCommit();
+  };
+  if (t_begin < t_end) issue_tile(t_begin, 0);
+
+  for (int t0 = t_begin, buf = 0; t0 < t_end; t0 += kWideKeys, buf ^= 1) {
+    const int cnt = min(kWideKeys, t_end - t0);
+    CpAsyncWait<0>();  // this tile's rows (and, the first time, the query)
+    __syncthreads();   // ... for every thread; the last tile's P V is done with the other buffer
+    if (t0 + kWideKeys < t_end) issue_tile(t0 + kWideKeys, buf ^ 1);  // lands under this tile
+    const uint32_t kbuf = base + L::kK + buf * L::kKBytes;
+
+    // Scores of row tile rt_s against keys [key0, key0 + 8 kKeyTiles); even / odd k-steps in
+    // separate accumulators. The fragments of k-steps kk + 2, kk + 3 load while kk, kk + 1
+    // multiply (the asm wrappers are volatile: the compiler keeps their order, so the
+    // pipelining is written out; unpipelined, ldmatrix latency was ~40% of the stalls).
+    float sa[kKeyTiles][4] = {}, sb[kKeyTiles][4] = {};
+    uint32_t qa[2][4], qb[2][4], kb[2][kKeyTiles][4];
+    auto load_frags = [&](int kk, int slot) {
+      LdMatrixX4(qa[slot], base + L::kQ + TileOffset<kDim>(16 * rt_s + a_row, 2 * kk + a_chunk));
+      LdMatrixX4(qb[slot],
+                 base + L::kQ + TileOffset<kDim>(16 * rt_s + a_row, 2 * kk + 2 + a_chunk));
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; ++j) {
+        LdMatrixX4(kb[slot][j],
+                   kbuf + TileOffset<kDim>(key0 + 8 * j + (lane & 7), 2 * kk + k_chunk));
+      }
+    };
+    load_frags(0, 0);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; kk += 2) {
+      const int slot = (kk / 2) & 1;
+      if (kk + 2 < kKSteps) load_frags(kk + 2, slot ^ 1);
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; ++j) {
+        MmaBf16(sa[j], qa[slot], kb[slot][j][0], kb[slot][j][1]);
+        MmaBf16(sb[j], qb[slot], kb[slot][j][2], kb[slot][j][3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kKeyTiles; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * rt_s + c_row + 8 * (i >> 1), key = key0 + 8 * j + c_col + (i & 1);
+        s_s[row * kWideSStride + key] = key < cnt ? (sa[j][i] + sb[j][i]) * mul : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // Online softmax: each warp's 2 RT rows, 8 lanes per row and 4 keys per lane (rows side
+    // by side: one row at a time per warp was ~40% of the kernel's stall samples, a chain of
+    // shuffles per row); P as bf16.
+#pragma unroll
+    for (int pass = 0; pass < RT / 2; ++pass) {
+      const int row = 2 * RT * warp + 4 * pass + (lane >> 3), k4 = 4 * (lane & 7);
+      const float4 x = *reinterpret_cast<const float4*>(s_s + row * kWideSStride + k4);
+      float mx = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
+#pragma unroll
+      for (int off = 4; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[row];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_base = m_new == -INFINITY ? 0.f : m_new;  // every key masked so far
+      const float e0 = exp2f(x.x - m_base), e1 = exp2f(x.y - m_base);
+      const float e2 = exp2f(x.z - m_base), e3 = exp2f(x.w - m_base);
+      float sum = (e0 + e1) + (e2 + e3);
+#pragma unroll
+      for (int off = 4; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      *reinterpret_cast<uint2*>(p_s + row * kWidePStride + k4) =
+          make_uint2(PackBf16(e0, e1), PackBf16(e2, e3));
+      if ((lane & 7) == 0) {
+        const float corr = exp2f(m_old - m_base);
+        m_s[row] = m_new;
+        l_s[row] = l_s[row] * corr + sum;
+        corr_s[row] = corr;
+      }
+    }
+    __syncthreads();
+
+    // O[:, 64 warp .. +64) += P V for every row tile.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const float c0r = corr_s[16 * rt + c_row], c1r = corr_s[16 * rt + c_row + 8];
+#pragma unroll
+      for (int j = 0; j < kWarpDims / 8; ++j) {
+        o[rt][j][0] *= c0r, o[rt][j][1] *= c0r, o[rt][j][2] *= c1r, o[rt][j][3] *= c1r;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kWideKeys / 16; ++ks) {  // every fragment of a k-step, then its mmas
+      uint32_t pa[RT][4], vb[kWarpDims / 16][4];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        LdMatrixX4(pa[rt],
+                   base + L::kP + 2 * ((16 * rt + a_row) * kWidePStride + 16 * ks + 8 * a_chunk));
+      }
+#pragma unroll
+      for (int jj = 0; jj < kWarpDims / 16; ++jj) {
+        LdMatrixX4Trans(vb[jj], kbuf + TileOffset<kDim>(16 * ks + v_key,
+                                                        kWarpDims / 8 * warp + 2 * jj + v_chunk));
+      }
+#pragma unroll
+      for (int jj = 0; jj < kWarpDims / 16; ++jj) {
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          MmaBf16(o[rt][2 * jj], pa[rt], vb[jj][0], vb[jj][1]);
+          MmaBf16(o[rt][2 * jj + 1], pa[rt], vb[jj][2], vb[jj][3]);
+        }
+      }
+    }
+    // The next iteration's first barrier orders these reads of P, the stats and this buffer
+    // before anything overwrites them.
+  }
+  CpAsyncWait<0>();     // a split with no positions never waited for its query copy
+  __syncthreads();      // m_s / l_s visible even when this split had no positions
+  LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
+
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = 16 * rt + c_row + 8 * half;
+      if (row >= heads) continue;
+      const int64_t qh = q_row0 + row;
+      const float l = l_s[row];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int j = 0; j < kWarpDims / 8; ++j) {
+        const int d = kWarpDims * warp + 8 * j + c_col;
+        const float v0 = o[rt][j][2 * half], v1 = o[rt][j][2 * half + 1];
+        if (num_splits == 1) {
+          Bf16Io::Store2(out + qh * kVDim + d, v0 * inv, v1 * inv);
+        } else {
+          float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * kVDim + d;
+          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+  if (tid < heads) {
+    const int64_t qh = q_row0 + tid;
+    const float m = m_s[tid], l = l_s[tid];
+    if (num_splits == 1) {
+      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    } else {
+      float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
+      ml[0] = m;
+      ml[1] = l;
+    }
+  }
+}
+
 }  // namespace mla
 
 constexpr int kMergeThreads = 128;
@@ -631,25 +899,45 @@ struct SplitPlan {
   int hpc = 0, head_chunks = 0, split_tokens = 0, num_splits = 0;
 };
 
-SplitPlan PlanSplits(const TlsSparseAttentionParams& p) {
+// MlaWideAttnKernel's row tiles for this call: 4 (64 heads per CTA) from 64 heads, 2 from 32;
+// 0: MlaAttnKernel (fewer heads, fp32 io, or V in a pool of its own). The wide kernel is used
+// when its plan gives each CTA at least kMlaWideMinTiles tiles (and at most kWideSlots
+// positions: lists of up to ~500K positions): with fewer (batch 1-2 at
+// k_t 512, H200) its one CTA per SM, larger partials and longer prologue made the attention
+// 1.4x slower than MlaAttnKernel's; from 3 tiles it was as fast or faster (up to 1.8x at
+// 128 heads batch 8 k_t 2048, 2.4x over dense 32K lists; bench/results/tls-kernels-h200.md).
+constexpr int kMlaWideMinTiles = 3;
+int MlaWideRowTiles(const TlsSparseAttentionParams& p) {
+  if (p.head_dim != mla::kDim || p.io_dtype != DType::kBF16 || p.v_cache != p.k_cache) return 0;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  return group >= 64 ? 4 : group >= 32 ? 2 : 0;
+}
+
+// wide_rt: MlaWideRowTiles(p) (the plan depends on the kernel).
+SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
   SplitPlan s;
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool mla = p.head_dim == mla::kDim;
   s.hpc = 1;
-  if (mla) {
+  if (wide_rt > 0) {
+    s.hpc = 16 * wide_rt;
+  } else if (mla) {
     s.hpc = mla::kRows;
   } else {
     while (s.hpc < group && s.hpc < 8) s.hpc *= 2;
   }
-  const int tile = mla ? mla::kKeys : kTile;
+  const int tile = wide_rt > 0 ? mla::kWideKeys : mla ? mla::kKeys : kTile;
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
   // Each CTA walks its tiles one after another (position -> table -> K/V gather, then the
   // math), so a split's time is its tile count times a latency-bound step: aim for one full
   // wave of GQA CTAs (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by
-  // side. MLA CTAs (tensor cores, ~100-125 KB of shared memory) fit 1-2 per SM: aim for 2.
+  // side. MLA CTAs (tensor cores, ~100-125 KB of shared memory) fit 1-2 per SM: aim for 2. The
+  // wide MLA CTAs (one per SM, their tiles pipelined) aim for one wave and no more.
   const int64_t ctas_per_sm = mla ? 2 : 6;
-  const int64_t want = std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
+  const int64_t want =
+      wide_rt > 0 ? std::max<int64_t>(1, int64_t{NumSms()} / base)
+                  : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
   // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20 splits
@@ -712,6 +1000,13 @@ cudaError_t LaunchMlaAttn(const TlsSparseAttentionParams& p, const SplitPlan& pl
   return LaunchSplitK<mla::MlaAttnKernel<Io>>(p, plan, mla::kThreads, smem, stream);
 }
 
+template <int RT>
+cudaError_t LaunchMlaWideAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                              cudaStream_t stream) {
+  return LaunchSplitK<mla::MlaWideAttnKernel<RT>>(p, plan, mla::kThreads,
+                                                  mla::WideLayout<RT>::kBytes, stream);
+}
+
 template <int HEAD_DIM, int V_DIM>
 cudaError_t DispatchHeads(const TlsSparseAttentionParams& p, const SplitPlan& plan,
                           cudaStream_t stream) {
@@ -740,9 +1035,13 @@ bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size
 
 size_t TlsSparseAttentionWorkspaceBytes(const TlsSparseAttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.batch <= 0) return 0;
-  const SplitPlan plan = PlanSplits(p);
-  if (plan.num_splits <= 1) return 0;
-  const size_t rows = size_t(plan.num_splits) * p.batch * p.num_q_heads;
+  // Either MLA kernel's plan: the size may be asked with other pointers or io than the call's.
+  int splits = PlanSplits(p, 0).num_splits;
+  if (p.head_dim == mla::kDim) {
+    splits = std::max({splits, PlanSplits(p, 2).num_splits, PlanSplits(p, 4).num_splits});
+  }
+  if (splits <= 1) return 0;
+  const size_t rows = size_t(splits) * p.batch * p.num_q_heads;
   return AlignUp(rows * p.v_head_dim * sizeof(float), 256) + AlignUp(rows * 2 * sizeof(float), 256);
 }
 
@@ -753,8 +1052,16 @@ cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t s
                                       p.io_dtype)) {
     return cudaErrorInvalidValue;
   }
-  const SplitPlan plan = PlanSplits(p);
+  int wide_rt = MlaWideRowTiles(p);
+  SplitPlan plan = PlanSplits(p, wide_rt);
+  if (wide_rt > 0 && (plan.split_tokens < kMlaWideMinTiles * mla::kWideKeys ||
+                      plan.split_tokens > mla::kWideSlots)) {
+    wide_rt = 0;
+    plan = PlanSplits(p, 0);
+  }
   if (plan.num_splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (wide_rt == 4) return LaunchMlaWideAttn<4>(p, plan, stream);
+  if (wide_rt == 2) return LaunchMlaWideAttn<2>(p, plan, stream);
   switch (p.head_dim) {
     case 64:
       return DispatchHeads<64, 64>(p, plan, stream);
