@@ -944,6 +944,8 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
   // per (sequence, KV head) instead of 5, and each CTA pays the position -> table -> K/V load
   // chain once; the merge reads at most a few KB per query head.
   tokens = std::max(tile, (tokens + tile - 1) / tile * tile);
+  // A wide CTA holds the row slots of at most kWideSlots positions (more splits instead).
+  if (wide_rt > 0) tokens = std::min(tokens, mla::kWideSlots);
   // Keep the split count under the merge kernel's limit.
   tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
   s.split_tokens = tokens;
