@@ -58,6 +58,7 @@ __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
 constexpr int kScoreThreads = 256;
 constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
+static_assert(kScoreBlocks % kScoreTeams == 0, "each team scores the same number of blocks");
 
 // Shared-memory bytes of the teams' kmax / kmin slots: per team the block's two rows in order
 // (2 * 8 * WIDTH / 8 vectors); lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of
@@ -183,6 +184,17 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   const int width = WIDTH > 0 ? WIDTH : p.head_dim / kTlsBlockScoreSlices;
   float* qpos = q_sum;
   float* qneg = q_sum + p.head_dim;
+  // The team's index rows, loaded before the query sums: their round trip was a second one
+  // before each block's copy (block score 14.9 -> 13.3 us at MLA 16 heads batch 8 128K, 15.5 ->
+  // 13.4 at 128 heads batch 8 32K; run 65 of bench/results/tls-kernels-h200.md).
+  const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
+  const int32_t* rows = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
+  int32_t team_rows[kScoreBlocks / kScoreTeams];
+#pragma unroll
+  for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
+    const int i = team + k * kScoreTeams;
+    team_rows[k] = i < count ? rows[i] : 0;
+  }
   if constexpr (SLOTTED) {
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
                    ScoreSlotBytes<WIDTH, SLOTTED>());
@@ -202,15 +214,16 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     }
     __syncthreads();
   }
-  const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
   const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
   uint4* slots = reinterpret_cast<uint4*>(q_sum + 2 * p.head_dim) + team * 16 * (WIDTH / 8);
-  const int32_t* rows = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
-  for (int i = team; i < count; i += kScoreTeams) {
-    const int64_t off = (int64_t{rows[i]} * p.num_kv_heads + g) * p.head_dim;
+#pragma unroll
+  for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
+    const int i = team + k * kScoreTeams;
+    if (i >= count) break;
+    const int64_t off = (int64_t{team_rows[k]} * p.num_kv_heads + g) * p.head_dim;
     float s = BlockSliceScore<WIDTH, SLOTTED>(qpos, qneg, kmax + off, kmin + off, slots, team_mask,
                                               width, c);
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
