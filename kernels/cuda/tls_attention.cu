@@ -309,6 +309,55 @@ __device__ __forceinline__ void SplitBf16(float x, __nv_bfloat16* hi, __nv_bfloa
   *lo = __float2bfloat16_rn(x - __bfloat162float(*hi));
 }
 
+// The epilogue of the MLA kernels, for one warp's 16 rows [row0, row0 + 16) of O (value dims
+// [64 warp, 64 warp + 64), C-fragment layout): normalized into p.out when the positions are not
+// split, else the split's partials into ws_acc.
+template <typename Io>
+__device__ __forceinline__ void StoreRowTile(const TlsSparseAttentionParams& p,
+                                             const float (&o)[kWarpDims / 8][4], int row0,
+                                             int heads, const float* l_s, int64_t q_row0, int split,
+                                             int num_splits, float* ws_acc) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c_row = lane >> 2, c_col = 2 * (lane & 3);
+  typename Io::T* out = static_cast<typename Io::T*>(p.out);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + c_row + 8 * half;
+    if (row >= heads) continue;
+    const int64_t qh = q_row0 + row;
+    const float l = l_s[row];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < kWarpDims / 8; ++j) {
+      const int d = kWarpDims * warp + 8 * j + c_col;
+      const float v0 = o[j][2 * half], v1 = o[j][2 * half + 1];
+      if (num_splits == 1) {
+        Io::Store2(out + qh * kVDim + d, v0 * inv, v1 * inv);
+      } else {
+        float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * kVDim + d;
+        *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+      }
+    }
+  }
+}
+
+// The rows' log-sum-exp (positions not split) or the split's (m, l) pairs, one thread per row.
+__device__ __forceinline__ void StoreRowStats(const TlsSparseAttentionParams& p, const float* m_s,
+                                              const float* l_s, int heads, int64_t q_row0,
+                                              int split, int num_splits, float* ws_ml) {
+  const int tid = threadIdx.x;
+  if (tid >= heads) return;
+  const int64_t qh = q_row0 + tid;
+  const float m = m_s[tid], l = l_s[tid];
+  if (num_splits == 1) {
+    if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  } else {
+    float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
+    ml[0] = m;
+    ml[1] = l;
+  }
+}
+
 template <typename Io>
 __global__ void __launch_bounds__(kThreads)
     MlaAttnKernel(TlsSparseAttentionParams p, int split_tokens, int num_splits, float* ws_acc,
@@ -480,37 +529,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();      // m_s / l_s visible even when this split had no positions
   LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
-  typename Io::T* out = static_cast<typename Io::T*>(p.out);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = c_row + 8 * half;
-    if (row >= heads) continue;
-    const int64_t qh = q_row0 + row;
-    const float l = l_s[row];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-    for (int j = 0; j < kWarpDims / 8; ++j) {
-      const int d = kWarpDims * warp + 8 * j + c_col;
-      const float v0 = o[j][2 * half], v1 = o[j][2 * half + 1];
-      if (num_splits == 1) {
-        Io::Store2(out + qh * kVDim + d, v0 * inv, v1 * inv);
-      } else {
-        float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * kVDim + d;
-        *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
-      }
-    }
-  }
-  if (tid < heads) {
-    const int64_t qh = q_row0 + tid;
-    const float m = m_s[tid], l = l_s[tid];
-    if (num_splits == 1) {
-      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-    } else {
-      float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
-      ml[0] = m;
-      ml[1] = l;
-    }
-  }
+  StoreRowTile<Io>(p, o, 0, heads, l_s, q_row0, split, num_splits, ws_acc);
+  StoreRowStats(p, m_s, l_s, heads, q_row0, split, num_splits, ws_ml);
 }
 
 // ---- MLA, many heads per CTA ---------------------------------------------------------------
@@ -743,40 +763,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();      // m_s / l_s visible even when this split had no positions
   LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
 
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = 16 * rt + c_row + 8 * half;
-      if (row >= heads) continue;
-      const int64_t qh = q_row0 + row;
-      const float l = l_s[row];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-      for (int j = 0; j < kWarpDims / 8; ++j) {
-        const int d = kWarpDims * warp + 8 * j + c_col;
-        const float v0 = o[rt][j][2 * half], v1 = o[rt][j][2 * half + 1];
-        if (num_splits == 1) {
-          Bf16Io::Store2(out + qh * kVDim + d, v0 * inv, v1 * inv);
-        } else {
-          float* dst = ws_acc + (int64_t{split} * p.batch * p.num_q_heads + qh) * kVDim + d;
-          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
-        }
-      }
-    }
+    StoreRowTile<Bf16Io>(p, o[rt], 16 * rt, heads, l_s, q_row0, split, num_splits, ws_acc);
   }
-  if (tid < heads) {
-    const int64_t qh = q_row0 + tid;
-    const float m = m_s[tid], l = l_s[tid];
-    if (num_splits == 1) {
-      if (p.maybe_lse) p.maybe_lse[qh] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-    } else {
-      float* ml = ws_ml + (int64_t{split} * p.batch * p.num_q_heads + qh) * 2;
-      ml[0] = m;
-      ml[1] = l;
-    }
-  }
+  StoreRowStats(p, m_s, l_s, heads, q_row0, split, num_splits, ws_ml);
 }
 
 }  // namespace mla
