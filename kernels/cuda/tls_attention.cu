@@ -946,6 +946,26 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
   return s;
 }
 
+// The call's kernel (wide_rt: MlaWideAttnKernel's row tiles, 0 for the others) and its plan:
+// the wide kernel where MlaWideRowTiles allows it and its plan gives each CTA kMlaWideMinTiles
+// to kWideSlots positions' worth of tiles.
+struct AttnChoice {
+  int wide_rt = 0;
+  SplitPlan plan;
+};
+
+AttnChoice ChooseKernel(const TlsSparseAttentionParams& p) {
+  const int wide_rt = MlaWideRowTiles(p);
+  if (wide_rt > 0) {
+    const SplitPlan wide = PlanSplits(p, wide_rt);
+    if (wide.split_tokens >= kMlaWideMinTiles * mla::kWideKeys &&
+        wide.split_tokens <= mla::kWideSlots) {
+      return {wide_rt, wide};
+    }
+  }
+  return {0, PlanSplits(p, 0)};
+}
+
 // Launches an attention KERNEL over the plan's grid with its split-K partials in p.workspace
 // (TlsSparseAttentionWorkspaceBytes: [split, batch * q heads, v_head_dim], then (m, l) pairs),
 // then the merge when the positions are split.
@@ -1047,16 +1067,11 @@ cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t s
                                       p.io_dtype)) {
     return cudaErrorInvalidValue;
   }
-  int wide_rt = MlaWideRowTiles(p);
-  SplitPlan plan = PlanSplits(p, wide_rt);
-  if (wide_rt > 0 && (plan.split_tokens < kMlaWideMinTiles * mla::kWideKeys ||
-                      plan.split_tokens > mla::kWideSlots)) {
-    wide_rt = 0;
-    plan = PlanSplits(p, 0);
-  }
+  const AttnChoice choice = ChooseKernel(p);
+  const SplitPlan& plan = choice.plan;
   if (plan.num_splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
-  if (wide_rt == 4) return LaunchMlaWideAttn<4>(p, plan, stream);
-  if (wide_rt == 2) return LaunchMlaWideAttn<2>(p, plan, stream);
+  if (choice.wide_rt == 4) return LaunchMlaWideAttn<4>(p, plan, stream);
+  if (choice.wide_rt == 2) return LaunchMlaWideAttn<2>(p, plan, stream);
   switch (p.head_dim) {
     case 64:
       return DispatchHeads<64, 64>(p, plan, stream);
