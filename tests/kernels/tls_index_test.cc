@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "asynctls/kernels/tls_math.h"
@@ -190,17 +191,40 @@ TEST(TlsIndexTest, BlockIndexOnlyWhenNoTokenCodes) {
 
 TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
   EXPECT_EQ(TlsExp2(0.f), 1.f);
+  EXPECT_EQ(TlsExp2(-0.f), 1.f);
   EXPECT_EQ(TlsExp2(-200.f), 0.f);
   EXPECT_EQ(TlsExp2(-INFINITY), 0.f);
   EXPECT_EQ(TlsExp2(NAN), 0.f);
-  EXPECT_EQ(TlsExp2(3.f), 1.f);  // clamped to 0
+  constexpr double kBound = 1.02e-4;  // the degree-3 polynomial's relative error
   for (float x = -125.f; x <= 0.f; x += 0.37f) {
     const double want = std::exp2(double{x});
-    EXPECT_NEAR(TlsExp2(x) / want, 1.0, 5e-7) << x;
+    EXPECT_NEAR(TlsExp2(x) / want, 1.0, kBound) << x;
   }
   for (float x = -1.f; x <= 0.f; x += 1.f / 4096) {  // every fraction the polynomial sees
-    EXPECT_NEAR(TlsExp2(x) / std::exp2(double{x}), 1.0, 5e-7) << x;
+    EXPECT_NEAR(TlsExp2(x) / std::exp2(double{x}), 1.0, kBound) << x;
+    EXPECT_LE(TlsExp2(x), 1.f) << x;  // ExpFixed's sums take terms of at most 1
   }
+}
+
+// TlsExp2 has no upper clamp: the offset TlsTokenExpShift returns is rounded down, so every
+// argument of a head's softmax is <= 0, also where max * a rounds up to nearest.
+TEST(TlsMathTest, TokenExpArgumentsAreNeverPositive) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> y_dist(-50.f, 50.f), scale_dist(1e-4f, 2.f);
+  int rounded_up = 0;
+  for (int i = 0; i < 20000; ++i) {
+    const float max_y = y_dist(rng), a_scale = scale_dist(rng), e_scale = scale_dist(rng);
+    const TlsExpShift s = TlsTokenExpShift(max_y, a_scale, e_scale);
+    EXPECT_LE(TlsTokenExpArg(max_y, s), 0.f) << max_y;
+    EXPECT_LE(TlsTokenExpArg(std::nextafter(max_y, -INFINITY), s), 0.f) << max_y;
+    EXPECT_LE(-static_cast<double>(max_y) * s.a - s.b, 1e-6 * std::fabs(max_y * s.a));
+    rounded_up += -(max_y * s.a) > s.b;  // round to nearest would have given a larger offset
+  }
+  EXPECT_GT(rounded_up, 1000);  // the case the rounding guards against is common
+  EXPECT_EQ(TlsNegMulDown(0.f, 3.f), 0.f);
+  EXPECT_EQ(TlsNegMulDown(1.f, 0.5f), -0.5f);  // exact products stay exact
+  // 3 * float(1/3) = 1 + 2^-25 + ...: nearest is -1, rounded down the float below it.
+  EXPECT_EQ(TlsNegMulDown(3.f, 1.f / 3.f), std::nextafter(-1.f, -INFINITY));
 }
 
 TEST(TlsMathTest, SelectKeyOrdersScoreThenId) {

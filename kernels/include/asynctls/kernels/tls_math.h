@@ -67,28 +67,29 @@ ASYNCTLS_HD float TlsRint(float x) {
 #endif
 }
 
-// 2^x for x <= 0 (selection only needs x in [-inf, 0]); relative error below 5e-7. Returns 0
-// below about 2^-126.5 and for -inf / NaN. Branch-free and without float-to-int conversions,
-// because the token kernels spend most of their instructions here (one call per candidate and
-// query head): x is clamped to [-127, 0] (fmax maps NaN to -127), adding 1.5 * 2^23 rounds it to
-// the nearest integer n (ties to even) in t's low mantissa bits, and t's bits shifted into the
-// exponent field give 2^n, which is 0 for n = -127 (so no select for underflow).
+// 2^x for x <= 0 (callers guarantee the sign: TlsTokenExpShift rounds its offset down); relative
+// error below 1.02e-4. Returns 0 below about 2^-126.5 and for -inf / NaN. Branch-free and without
+// float-to-int conversions, because the token kernels spend most of their instructions here (one
+// call per candidate and query head): x is clamped below at -127 (fmax maps NaN to -127), adding
+// 1.5 * 2^23 rounds it to the nearest integer n (ties to even) in t's low mantissa bits, and t's
+// bits shifted into the exponent field give 2^n, which is 0 for n = -127 (so no select for
+// underflow).
 ASYNCTLS_HD float TlsExp2(float x) {
   constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 #if defined(__CUDA_ARCH__)
-  const float xc = fminf(fmaxf(x, -127.f), 0.f);
+  const float xc = fmaxf(x, -127.f);
 #else
-  const float xc = std::fmin(std::fmax(x, -127.f), 0.f);
+  const float xc = std::fmax(x, -127.f);
 #endif
   const float t = TlsAdd(xc, kRoundMagic);
   const float r = TlsAdd(xc, -TlsAdd(t, -kRoundMagic));  // x = n + r, r in [-0.5, 0.5], exact
-  // 2^r: degree-5 polynomial with p(0) = 1, relative minimax fit on [-0.5, 0.5] (error 4.9e-7
-  // evaluated in fp32; two fmas fewer than the Taylor series of the same accuracy class).
-  float p = 1.112550730e-03f;
-  p = TlsFma(p, r, 9.666282684e-03f);
-  p = TlsFma(p, r, 5.557400361e-02f);
-  p = TlsFma(p, r, 2.402235121e-01f);
-  p = TlsFma(p, r, 6.931428313e-01f);
+  // 2^r: degree-3 polynomial with p(0) = 1, relative minimax fit on [-0.5, 0.5] (error 1.02e-4
+  // evaluated in fp32). The softmax it feeds only ranks tokens whose logits already carry the
+  // INT4 index's quantization error, orders of magnitude larger; degree 5 (4.9e-7, until session
+  // 15) cost two more fmas per candidate and head. bench/results/tls-accuracy.md (j).
+  float p = 5.500970408e-02f;
+  p = TlsFma(p, r, 2.422110438e-01f);
+  p = TlsFma(p, r, 6.932827234e-01f);
   p = TlsFma(p, r, 1.0f);
   // t's bits are those of 1.5 * 2^23 plus n; shifted left by 23 only n << 23 remains (mod 2^32),
   // and + 127 << 23 makes the biased exponent of 2^n: a normal number for n in [-126, 0], and
@@ -193,11 +194,23 @@ struct TlsExpShift {
   float a, b;
 };
 
+// -(y * a) rounded toward -inf (y * a is exact in double: two 24-bit mantissas).
+ASYNCTLS_HD float TlsNegMulDown(float y, float a) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rd(-y, a);
+#else
+  const double exact = -static_cast<double>(y) * static_cast<double>(a);
+  const float f = static_cast<float>(exact);
+  return static_cast<double>(f) > exact ? std::nextafter(f, -INFINITY) : f;
+#endif
+}
+
 // The exp2 argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
-// scale times log2(e)).
+// scale times log2(e)). b is rounded down, so fma(y, a, b) <= 0 for every y <= max_y (a >= 0):
+// TlsExp2 needs no upper clamp.
 ASYNCTLS_HD TlsExpShift TlsTokenExpShift(float max_y, float query_scale, float exp_scale) {
   const float a = TlsMul(query_scale, exp_scale);
-  return {a, -TlsMul(max_y, a)};
+  return {a, TlsNegMulDown(max_y, a)};
 }
 
 ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) { return TlsFma(y, s.a, s.b); }
