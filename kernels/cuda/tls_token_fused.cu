@@ -734,20 +734,27 @@ __device__ __forceinline__ int MlaChunkWord(int row, int c) {
   return row * MlaRowWords<NC>() + 4 * (c ^ swizzle);
 }
 
+// Row stride (floats) of the exps MlaScoreSelectKernel keeps in shared memory for `slots`
+// candidate slots (SMEM_EXPS): 8 floats of padding put the eight heads of a quad's stores on
+// different banks.
+__host__ __device__ constexpr int MlaSmemExpStride(int slots) { return slots + 8; }
+
 // Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
-// rows and their token scales.
+// rows and their token scales, and with `smem_exp_heads` > 0 those heads' exps.
 template <int NC>
-constexpr size_t MlaDynamicSmem(int blocks) {
-  return size_t(blocks) * kKvBlockSize * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float));
+constexpr size_t MlaDynamicSmem(int blocks, int smem_exp_heads) {
+  const int slots = blocks * kKvBlockSize;
+  return size_t(slots) * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float)) +
+         size_t(smem_exp_heads) * MlaSmemExpStride(slots) * sizeof(float);
 }
 
 // The most list entries one CTA stages at `items` candidates per thread (two items: as many as
 // fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
 template <int NC>
-constexpr int MlaMaxBlocks(int items) {
+constexpr int MlaMaxBlocks(int items, int smem_exp_heads) {
   constexpr size_t kDynamicLimit = 200 * 1024;
   int blocks = items * kMlaBlocksPerItem;
-  while (MlaDynamicSmem<NC>(blocks) > kDynamicLimit) --blocks;
+  while (MlaDynamicSmem<NC>(blocks, smem_exp_heads) > kDynamicLimit) --blocks;
   return blocks;
 }
 
@@ -779,12 +786,16 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
 }
 
 // GROUP: the row's heads; SPLIT: clusters per row (1, or 2 taking half the heads each); ITEMS:
-// candidates per thread (slot u * kFusedThreads + tid).
-template <int NC, int GROUP, int SPLIT, int ITEMS>
+// candidates per thread (slot u * kFusedThreads + tid); SMEM_EXPS: the exps stay in shared
+// memory (a row in one cluster whose exps fit beside the staged rows: 16-32 heads) instead of
+// going through the L2 scratch, which saves their stores, the wait for them at the cluster
+// barrier and the alpha pass's L2 loads.
+template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   static_assert(SPLIT == 1 || SPLIT == 2, "the last cluster adds one other part's partials");
+  static_assert(!SMEM_EXPS || SPLIT == 1, "shared-memory exps: the row in one cluster");
   constexpr int kHeads = GROUP / SPLIT;  // this cluster's heads
   constexpr int kMTiles = kHeads / 16;
   static_assert(kMTiles >= 1, "whole 16-head tiles per cluster");
@@ -795,6 +806,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   uint32_t* codes_s = mla_smem;                    // [slot] rows
   float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
+  float* exps_s = scale_s + span;  // SMEM_EXPS: [head][MlaSmemExpStride(span)]
+  const int exps_s_stride = MlaSmemExpStride(span);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -934,8 +947,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int store_end = p.max_candidates - rank * span - 2 * t;
   // The store addresses advance by pointer increments (recomputed from the tile index they
   // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
-  float* at0 = exps0 + 8 * slot;
-  float* at1 = exps1 + 8 * slot;
+  float* at0 = SMEM_EXPS ? exps_s + h0 * exps_s_stride + 2 * t + 8 * slot : exps0 + 8 * slot;
+  float* at1 = SMEM_EXPS ? exps_s + h1 * exps_s_stride + 2 * t + 8 * slot : exps1 + 8 * slot;
 #pragma unroll
   for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
 #pragma unroll 2
@@ -945,7 +958,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     tile_dots(frag, d);
     float e[4];
     lhp.Exps(d, tile_scales(tile), e);
-    StoreTileExps(at0, at1, 8 * tile < store_end, e);
+    if constexpr (SMEM_EXPS) {
+      *reinterpret_cast<float2*>(at0) = make_float2(e[0], e[1]);
+      *reinterpret_cast<float2*>(at1) = make_float2(e[2], e[3]);
+    } else {
+      StoreTileExps(at0, at1, 8 * tile < store_end, e);
+    }
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   cluster.sync();
@@ -963,7 +981,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float* e = cta_exps + u * kFusedThreads + tid;
     alpha[u] = 0.f;
     if (pos[u] < 0) continue;
-    if constexpr (SPLIT == 1) {
+    if constexpr (SMEM_EXPS) {
+      alpha[u] = AlphaFromExps<GROUP>(exps_s + u * kFusedThreads + tid, exps_s_stride, ms.inv);
+    } else if constexpr (SPLIT == 1) {
       alpha[u] = AlphaFromExps<GROUP>(e, p.max_candidates, ms.inv);
     } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
       *e = AlphaFromExps<kHeads>(e, p.max_candidates, ms.inv);
@@ -1223,14 +1243,17 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
   return {};
 }
 
-// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS>'s clusters for `rows` rows, and its launch.
-template <int NC, int GROUP, int SPLIT, int ITEMS>
+// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>'s clusters for `rows` rows, and its
+// launch.
+template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS = false>
 struct MlaRows {
-  static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS>;
-  static constexpr size_t kSmem = MlaDynamicSmem<NC>(MlaMaxBlocks<NC>(ITEMS));
+  static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>;
+  static constexpr int kExpHeads = SMEM_EXPS ? GROUP : 0;
+  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpHeads);
+  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpHeads);
 
   static MlaSplit Plan(int rows, int max_candidates) {
-    return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, MlaMaxBlocks<NC>(ITEMS), kSmem);
+    return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
   }
   static cudaError_t Launch(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                             MlaSplit split, cudaStream_t stream) {
@@ -1266,6 +1289,13 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
   if (whole.size == 0 || 2 * rows * whole.size < NumSms()) {
     return LaunchMlaTilesForItems<NC>(p, sel, stream);
+  }
+  if constexpr (GROUP <= 32) {  // the exps in shared memory where they fit (fewer list entries)
+    using SmemExps = MlaRows<NC, GROUP, 1, 1, true>;
+    const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
+    if (split.size != 0 && 2 * rows * split.size >= NumSms()) {
+      return SmemExps::Launch(p, sel, split, stream);
+    }
   }
   return Whole::Launch(p, sel, whole, stream);
 }
