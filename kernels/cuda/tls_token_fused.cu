@@ -11,8 +11,8 @@
 //   counts cross the cluster through distributed shared memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
-//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums. When the rows fill less than half the GPU or more than one wave of clusters,
+//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch (or,
+//   for 16-32 heads where they fit, shared memory) to the alpha sums. When the rows fill less than half the GPU or more than one wave of clusters,
 //   MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead: the row's last
 //   cluster to finish adds the tiles' partial alpha chains and runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
