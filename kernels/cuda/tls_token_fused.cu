@@ -14,8 +14,8 @@
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch (or,
 //   for 16-32 heads where they fit, shared memory) to the alpha sums. When the rows fill less
 //   than half the GPU or more than one wave of clusters, MlaTileSelectKernel takes a cluster
-//   per (row, 16-head tile) instead: the row's last
-//   cluster to finish adds the tiles' partial alpha chains and runs the same top-k.
+//   per (row, 16-head tile) instead: the row's last cluster to finish adds the tiles' partial
+//   alpha chains and runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
