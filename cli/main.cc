@@ -26,6 +26,8 @@ commands:
                                  generated tokens (locally needs --tls-channels)
              --tls-channels FILE channel sets from `asynctls calibrate`; enables TLS decode
              --tls-block-budget N --tls-token-budget N   k_b, k_t (default 128, 1024)
+             --tls-lag L         one-step (default: the paper's, tokens chosen among the
+                                 previous step's blocks) or same-step
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)
              --model PATH        as for generate
@@ -41,7 +43,7 @@ commands:
              --workers N         run N asynctls-worker processes instead of the in-process engine
              --worker-binary P   asynctls-worker to start (default: next to asynctls)
              --max-queue N --max-batch-tokens N --max-running N --host H
-             --tls-channels FILE [--tls-block-budget N --tls-token-budget N]   serve requests
+             --tls-channels FILE [--tls-block-budget N --tls-token-budget N --tls-lag L]   serve requests
                                  with attention.mode TLS (as for generate)
   generate --server HOST:PORT    act as a client of a running server
   bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only

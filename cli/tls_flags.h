@@ -1,11 +1,16 @@
-// `--tls-channels FILE [--tls-block-budget N] [--tls-token-budget N]`: two-level sparse decode
-// for an engine (asynctls serve and asynctls-worker). FILE is `asynctls calibrate`'s output;
-// budgets default to the paper's k_b 128, k_t 1024.
+// `--tls-channels FILE [--tls-block-budget N] [--tls-token-budget N] [--tls-lag L]`: two-level
+// sparse decode for an engine (asynctls serve, generate and asynctls-worker). FILE is `asynctls
+// calibrate`'s output; budgets default to the paper's k_b 128, k_t 1024; L is `one-step` (the
+// paper's: tokens chosen among the previous step's blocks, block selection beside them; the
+// default) or `same-step`.
 #pragma once
 
 #include <cstdint>
 
+#include <string>
+
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "asynctls/runtime/engine.h"
 #include "asynctls/runtime/status.h"
 #include "flags.h"
@@ -14,9 +19,9 @@ namespace asynctls {
 
 inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (!flags.Has("tls-channels")) {
-    if (flags.Has("tls-block-budget") || flags.Has("tls-token-budget")) {
+    if (flags.Has("tls-block-budget") || flags.Has("tls-token-budget") || flags.Has("tls-lag")) {
       return absl::InvalidArgumentError(
-          "--tls-block-budget / --tls-token-budget need --tls-channels FILE");
+          "--tls-block-budget / --tls-token-budget / --tls-lag need --tls-channels FILE");
     }
     return absl::OkStatus();
   }
@@ -26,9 +31,19 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (block_budget < 0 || token_budget < 0) {
     return absl::InvalidArgumentError("--tls-block-budget / --tls-token-budget: must be positive");
   }
+  kernels::TlsLag lag = kernels::TlsLag::kOneStep;
+  if (flags.Has("tls-lag")) {
+    const std::string l = flags.Get("tls-lag");
+    if (l == "same-step") {
+      lag = kernels::TlsLag::kSameStep;
+    } else if (l != "one-step") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls-lag: '", l, "' is not one-step or same-step"));
+    }
+  }
   ASYNCTLS_ASSIGN_OR_RETURN(
       TlsDecodeOptions tls,
-      TlsDecodeOptionsFromFile(flags.Get("tls-channels"), block_budget, token_budget));
+      TlsDecodeOptionsFromFile(flags.Get("tls-channels"), block_budget, token_budget, lag));
   options->tls = std::move(tls);
   return absl::OkStatus();
 }

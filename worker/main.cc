@@ -238,7 +238,7 @@ absl::Status Main(int argc, char** argv, StopState* stop) {
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
       {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens", "tls-channels",
-       "tls-block-budget", "tls-token-budget"}));
+       "tls-block-budget", "tls-token-budget", "tls-lag"}));
   if (!flags.Has("coordinator")) return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   std::string name = flags.Get("name");
   if (name.empty()) {

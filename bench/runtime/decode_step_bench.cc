@@ -1,12 +1,14 @@
 // A whole decode step of a Qwen3-8B-shaped model (36 layers, hidden 4096, 32/8 heads, d 128,
 // FFN 12288, vocab 151936) with seeded random bf16 weights generated on the GPU over a staged
 // KV cache, next to the step's byte floor (weights + the attention's bytes read once). Dense
-// attention, or two-level sparse attention (same-step selection through the engine's TLS path,
-// the TLS index built over the staged keys; channel sets = channels 0..31, any set costs the
-// same on random data).
+// attention, or two-level sparse attention through the engine's TLS path (the TLS index built
+// over the staged keys; channel sets = channels 0..31, any set costs the same on random data),
+// with the paper's one-step lag (--lag one-step, the default: the block branch beside the token
+// branch on a second stream) or same-step selection.
 //
 //   decode_step_bench [--device cuda] [--context 32768] [--batches 1,8] [--steps 20] [--json F]
 //                     [--attention dense|tls|both] [--k-b 128] [--k-t 1024]
+//                     [--lag one-step|same-step]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -128,7 +130,7 @@ ChannelSets FirstChannels(const ModelConfig& c) {
 }
 
 int Main(int argc, char** argv) {
-  std::string device = "cuda", json_path, attention = "dense";
+  std::string device = "cuda", json_path, attention = "dense", lag = "one-step";
   int context = 32768, steps = 20, k_b = 128, k_t = 1024;
   std::vector<int> batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -140,6 +142,7 @@ int Main(int argc, char** argv) {
     else if (f == "--attention") attention = v;
     else if (f == "--k-b") k_b = std::atoi(v.c_str());
     else if (f == "--k-t") k_t = std::atoi(v.c_str());
+    else if (f == "--lag") lag = v;
     else if (f == "--batches") {
       batches.clear();
       for (auto s : absl::StrSplit(v, ',')) batches.push_back(std::atoi(std::string(s).c_str()));
@@ -157,11 +160,15 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "--attention: dense, tls or both\n");
     return 2;
   }
+  if (lag != "one-step" && lag != "same-step") {
+    std::fprintf(stderr, "--lag: one-step or same-step\n");
+    return 2;
+  }
   const bool with_tls = attention != "dense";
   if (with_tls) {
     TlsDecodeOptions tls;
     tls.channels = FirstChannels(config);
-    tls.policy.lag = kernels::TlsLag::kSameStep;
+    tls.policy.lag = lag == "one-step" ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
     tls.policy.block_budget = k_b;
     tls.policy.token_budget = k_t;
     options.tls = tls;
@@ -189,8 +196,9 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  std::printf("# %s on %s, load %.1f s, context %d, bf16 weights, attention %s (TLS: same-step, k_b %d, "
-              "k_t %d)\n", config.name.c_str(), engine.Info().device.c_str(), load_s, context, attention.c_str(), k_b, k_t);
+  std::printf("# %s on %s, load %.1f s, context %d, bf16 weights, attention %s (TLS: %s, k_b %d, "
+              "k_t %d)\n", config.name.c_str(), engine.Info().device.c_str(), load_s, context, attention.c_str(),
+              lag.c_str(), k_b, k_t);
   std::printf("%6s %6s %8s %10s %10s %12s %10s %8s\n", "attn", "batch", "context", "step_ms", "tok/s", "floor_ms",
               "GB/s", "x_floor");
   std::string json = "[";

@@ -1190,6 +1190,11 @@ size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p) {
 }
 
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream) {
+  return TlsDecodeSelect(p, stream, nullptr, nullptr, nullptr);
+}
+
+cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
+                            cudaStream_t block_stream, cudaEvent_t fork, cudaEvent_t join) {
   if (p.batch <= 0) return cudaSuccess;
   const TlsPolicy& pol = p.policy;
   if (pol.mode != TlsMode::kDense &&
@@ -1197,17 +1202,17 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
     return cudaErrorInvalidValue;
   }
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
-  auto select_blocks = [&](int k) {
+  auto select_blocks = [&](int k, cudaStream_t on) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
     const TlsBlockScoreParams s{p.q,           p.block_kmax,    p.block_kmin, p.index_table,
                                 p.seq_lens,    ws.block_scores, p.io_dtype,   p.batch,
                                 p.num_q_heads, p.num_kv_heads,  p.head_dim,   p.max_blocks_per_seq};
-    cudaError_t err = TlsBlockScore(s, stream);
+    cudaError_t err = TlsBlockScore(s, on);
     if (err != cudaSuccess) return err;
     const TlsBlockSelectParams sel{
         ws.block_scores,      p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,
         p.max_blocks_per_seq, p.max_kept_blocks, k,        pol.sink_blocks};
-    return TlsBlockSelect(sel, stream);
+    return TlsBlockSelect(sel, on);
   };
   auto select_tokens = [&](const int32_t* blocks, const int32_t* num_blocks,
                            const int32_t* select_lens) {
@@ -1239,16 +1244,28 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream)
     case TlsMode::kDense:
       return expand(nullptr, nullptr);
     case TlsMode::kBlockOnly:
-      err = select_blocks(TlsKeptBlocks(pol));
+      err = select_blocks(TlsKeptBlocks(pol), stream);
       return err != cudaSuccess ? err : expand(p.blocks, p.num_blocks);
     case TlsMode::kTokenOnly:
       return select_tokens(nullptr, nullptr, nullptr);
     case TlsMode::kTwoLevel:
+      if (pol.lag == TlsLag::kOneStep && block_stream) {
+        // The token branch first (its kernels take the SMs first), then M_t beside it.
+        if ((err = cudaEventRecord(fork, stream)) != cudaSuccess ||
+            (err = cudaStreamWaitEvent(block_stream, fork, 0)) != cudaSuccess ||
+            (err = select_tokens(p.prev_blocks, p.prev_num_blocks, p.prev_select_lens)) !=
+                cudaSuccess ||
+            (err = select_blocks(pol.block_budget, block_stream)) != cudaSuccess ||
+            (err = cudaEventRecord(join, block_stream)) != cudaSuccess) {
+          return err;
+        }
+        return cudaStreamWaitEvent(stream, join, 0);
+      }
       if (pol.lag == TlsLag::kOneStep) {
         err = select_tokens(p.prev_blocks, p.prev_num_blocks, p.prev_select_lens);
-        return err != cudaSuccess ? err : select_blocks(pol.block_budget);
+        return err != cudaSuccess ? err : select_blocks(pol.block_budget, stream);
       }
-      err = select_blocks(pol.block_budget);
+      err = select_blocks(pol.block_budget, stream);
       return err != cudaSuccess ? err : select_tokens(p.blocks, p.num_blocks, nullptr);
   }
   return cudaErrorInvalidValue;

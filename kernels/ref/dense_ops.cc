@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -168,6 +169,14 @@ void PagedPrefillAttention(const PagedPrefillParams& p) {
 void RandomFill(const RandomFillParams& p) {
   for (int64_t i = 0; i < p.count; ++i)
     Store(p.dst, p.dtype, i, p.offset + p.scale * (2.f * CounterUniform(p.seed, i) - 1.f));
+}
+
+void CopyRows(const CopyRowsParams& p) {
+  const size_t bytes = sizeof(int32_t) * p.row_words;
+  for (int32_t i = 0; i < p.num_rows; ++i) {
+    std::memcpy(p.dst + int64_t{p.dst_rows[i]} * p.row_words,
+                p.src + int64_t{p.src_rows[i]} * p.row_words, bytes);
+  }
 }
 
 }  // namespace asynctls::kernels::ref

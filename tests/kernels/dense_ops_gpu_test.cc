@@ -247,6 +247,35 @@ TEST_F(DenseOpsGpuTest, SiluMulMatchesOracle) {
   }
 }
 
+// Gathers into a random permutation of rows (16-byte and 4-byte row widths); the rows no index
+// names come back unchanged.
+TEST_F(DenseOpsGpuTest, CopyRowsMatchesOracleExactly) {
+  SCOPED_TRACE(SeedTrace());
+  for (int row_words : {1, 3, 4, 1032}) {
+    for (int rows : {1, 7, 300}) {
+      SCOPED_TRACE(::testing::Message() << "row_words " << row_words << " rows " << rows);
+      const int src_rows = rows + 5, dst_rows = rows + 2;
+      std::vector<int32_t> src(size_t(src_rows) * row_words), dst(size_t(dst_rows) * row_words);
+      std::uniform_int_distribution<int32_t> value(-1000000, 1000000);
+      for (int32_t& v : src) v = value(kt::Rng());
+      for (int32_t& v : dst) v = value(kt::Rng());
+      std::vector<int32_t> to(dst_rows), from(rows);
+      std::iota(to.begin(), to.end(), 0);
+      std::shuffle(to.begin(), to.end(), kt::Rng());
+      to.resize(rows);
+      std::uniform_int_distribution<int32_t> pick(0, src_rows - 1);
+      for (int32_t& r : from) r = pick(kt::Rng());
+      std::vector<int32_t> expected = dst;
+      ref::CopyRows({src.data(), expected.data(), from.data(), to.data(), rows, row_words});
+      DeviceBuffer d_src = Upload(src), d_dst = Upload(dst), d_from = Upload(from), d_to = Upload(to);
+      ASSERT_CUDA_OK(cuda::CopyRows({d_src.as<int32_t>(), d_dst.as<int32_t>(), d_from.as<int32_t>(),
+                                     d_to.as<int32_t>(), rows, row_words},
+                                    nullptr));
+      EXPECT_EQ(Download<int32_t>(d_dst, expected.size()), expected);
+    }
+  }
+}
+
 TEST_F(DenseOpsGpuTest, KvAppendMatchesOracleExactly) {
   SCOPED_TRACE(SeedTrace());
   struct Shape {

@@ -139,6 +139,15 @@ TEST(DenseOpsRefTest, SiluMulByHand) {
   EXPECT_NEAR(out[2], -1.f / (1.f + std::exp(1.f)), kTol);
 }
 
+TEST(DenseOpsRefTest, CopyRowsGathersByIndex) {
+  // 4 source rows of 3 words; dst rows 2, 0 and 3 from src rows 1, 3 and 1; dst row 1 untouched.
+  const std::vector<int32_t> src = {0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32};
+  std::vector<int32_t> dst(12, -1);
+  const std::vector<int32_t> from = {1, 3, 1}, to = {2, 0, 3};
+  ref::CopyRows({src.data(), dst.data(), from.data(), to.data(), 3, 3});
+  EXPECT_EQ(dst, (std::vector<int32_t>{30, 31, 32, -1, -1, -1, 10, 11, 12, 10, 11, 12}));
+}
+
 TEST(DenseOpsRefTest, KvAppendWritesPagedSlot) {
   constexpr int kHeads = 2, kDim = 2, kBlocks = 2;
   std::vector<Bf16> k_cache(kBlocks * kHeads * kKvBlockSize * kDim, B(0.f));

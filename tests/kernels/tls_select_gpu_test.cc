@@ -69,11 +69,29 @@ std::vector<SelectShape> Shapes() {
 // The device run of decode-select `p` whose reference run filled `buf` (inputs from `d`,
 // outputs poisoned first): the same positions and counts, and the same blocks for the modes
 // that keep blocks.
+// two_streams: the one-step lag's block branch on a second stream (the runtime's launch).
 void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
-                               const testing::TlsSelectBuffers& buf, int rows, TlsMode mode) {
+                               const testing::TlsSelectBuffers& buf, int rows, TlsMode mode,
+                               bool two_streams = false) {
   testing::DeviceSelectRun run;
   ASSERT_CUDA(run.Prepare(p, d, buf));
-  ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, nullptr));
+  if (two_streams) {
+    cudaStream_t main = nullptr, side = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
+    ASSERT_CUDA(cudaStreamCreateWithFlags(&main, cudaStreamNonBlocking));
+    ASSERT_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    ASSERT_CUDA(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    ASSERT_CUDA(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, main, side, fork, join));
+    ASSERT_CUDA(cudaStreamSynchronize(main));  // the join makes main wait for the side branch
+    EXPECT_EQ(cudaStreamQuery(side), cudaSuccess);
+    cudaEventDestroy(fork);
+    cudaEventDestroy(join);
+    cudaStreamDestroy(side);
+    cudaStreamDestroy(main);
+  } else {
+    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, nullptr));
+  }
   ASSERT_CUDA(cudaDeviceSynchronize());
   const auto gpn = Download<int32_t>(run.num_positions, rows);
   ASSERT_EQ(gpn, buf.num_positions);
@@ -354,6 +372,10 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
           ref::TlsDecodeSelect(p);
 
           ExpectDeviceSelectMatches(p, d, buf, rows, mode);
+          if (lag == TlsLag::kOneStep) {
+            SCOPED_TRACE("block branch on a second stream");
+            ExpectDeviceSelectMatches(p, d, buf, rows, mode, /*two_streams=*/true);
+          }
         }
       }
     }

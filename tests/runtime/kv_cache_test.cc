@@ -26,5 +26,45 @@ TEST(KvCacheTest, ReserveReleaseAndExhaustion) {
   EXPECT_EQ(c.num_sequences(), 1);
 }
 
+// Lag slots: one per live sequence while they last, freed with the sequence; the select length
+// starts at 0 for every new holder.
+TEST(KvCacheTest, TlsLagSlotsFollowSequences) {
+  auto backend = MakeCpuBackend(1);
+  auto cache = KvCache::Create(backend.get(), 3, 2, 64, 8, 32);
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  ASSERT_TRUE(c.Reserve(1, 10).ok());
+  EXPECT_EQ(c.TlsLagSlot(1), -1);  // lag state off
+  EXPECT_EQ(c.EnableTlsLag(0, 4).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(c.EnableTlsLag(2, 4).ok());
+  EXPECT_EQ(c.EnableTlsLag(2, 4).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c.tls_lag_slots(), 2);
+  EXPECT_EQ(c.tls_lag_max_blocks(), 4);
+  ASSERT_NE(c.tls_lag_blocks(), nullptr);
+  ASSERT_NE(c.tls_lag_num_blocks(), nullptr);
+  ASSERT_TRUE(c.Reserve(2, 10).ok());
+  ASSERT_TRUE(c.Reserve(3, 10).ok());
+  const int32_t s1 = c.TlsLagSlot(1), s2 = c.TlsLagSlot(2);
+  EXPECT_GE(s1, 0);
+  EXPECT_GE(s2, 0);
+  EXPECT_NE(s1, s2);
+  EXPECT_EQ(c.TlsLagSlot(1), s1);  // stable
+  EXPECT_EQ(c.TlsLagSlot(3), -1);  // all taken
+  EXPECT_EQ(c.TlsLagSlot(99), -1);  // unknown sequence
+  EXPECT_EQ(c.tls_lag_free_slots(), 0);
+  EXPECT_EQ(c.TlsSelectLen(1), 0);
+  c.SetTlsSelectLen(1, 10);
+  EXPECT_EQ(c.TlsSelectLen(1), 10);
+  c.SetTlsSelectLen(3, 10);  // no slot: ignored
+  EXPECT_EQ(c.TlsSelectLen(3), 0);
+  c.Release(1);
+  EXPECT_EQ(c.tls_lag_free_slots(), 1);
+  EXPECT_EQ(c.TlsLagSlot(3), s1);  // the freed slot, with no block sets yet
+  EXPECT_EQ(c.TlsSelectLen(3), 0);
+  c.Release(2);
+  c.Release(3);
+  EXPECT_EQ(c.tls_lag_free_slots(), 2);
+}
+
 }  // namespace
 }  // namespace asynctls

@@ -15,7 +15,8 @@ namespace {
 std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
 
 absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file, const std::string& device,
-                                                   bool tls = false) {
+                                                   bool tls = false,
+                                                   kernels::TlsLag lag = kernels::TlsLag::kOneStep) {
   EngineOptions options;
   options.device = device;
   options.keep_logits = true;
@@ -23,7 +24,7 @@ absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file, const
   if (tls) {
     // A sparse budget for these prompts: 4 blocks of ~35, 96 tokens among their 256.
     auto tls_options = TlsDecodeOptionsFromFile(
-        std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/channels/smollm2-gpl.json", 4, 96);
+        std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/channels/smollm2-gpl.json", 4, 96, lag);
     if (!tls_options.ok()) return tls_options.status();
     options.tls = *tls_options;
   }
@@ -75,9 +76,12 @@ TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
   if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
   auto file = WeightFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
-  auto gpu = MakeEngine(**file, "cuda", /*tls=*/true);
+  for (kernels::TlsLag lag : {kernels::TlsLag::kSameStep, kernels::TlsLag::kOneStep}) {
+  const char* lag_name = lag == kernels::TlsLag::kOneStep ? "one-step lag" : "same step";
+  SCOPED_TRACE(lag_name);
+  auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = MakeEngine(**file, "cpu", /*tls=*/true);
+  auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   const nlohmann::json ref = testing::LoadReference();
   for (const auto& c : ref["cases"]) {
@@ -93,11 +97,12 @@ TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
     int same = 0, same_dense = 0;
     while (same < 24 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
     while (same_dense < 24 && (*on_gpu)[same_dense] == (*dense)[same_dense]) ++same_dense;
-    std::printf("[ tls      ] %-12s %5zu tokens: gpu tls = cpu tls for the first %d/24, = gpu dense for %d/24\n",
-                name.c_str(), prompt.size(), same, same_dense);
+    std::printf("[ tls      ] %-12s %-12s %5zu tokens: gpu tls = cpu tls for the first %d/24, = gpu dense for %d/24\n",
+                lag_name, name.c_str(), prompt.size(), same, same_dense);
     EXPECT_EQ(*on_gpu, *on_cpu);
   }
   EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
+  }
 }
 
 }  // namespace

@@ -63,19 +63,20 @@ class ModelTlsTest : public ::testing::Test {
   }
 
   static absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(std::optional<TlsPolicy> policy,
-                                                            const std::string& device = "cpu") {
+                                                            const std::string& device = "cpu",
+                                                            int lag_sequences = 256) {
     EngineOptions options;
     options.device = device;
     options.keep_logits = true;
     options.kv_cache_bytes = int64_t{128} << 20;
-    if (policy) options.tls = TlsDecodeOptions{*policy, *channels_};
+    if (policy) options.tls = TlsDecodeOptions{*policy, *channels_, lag_sequences};
     return Engine::Create(*weights_, options);
   }
 
-  static TlsPolicy Policy(int block_budget, int token_budget) {
+  static TlsPolicy Policy(int block_budget, int token_budget, TlsLag lag = TlsLag::kSameStep) {
     TlsPolicy p;
     p.mode = TlsMode::kTwoLevel;
-    p.lag = TlsLag::kSameStep;
+    p.lag = lag;
     p.block_budget = block_budget;
     p.token_budget = token_budget;
     return p;
@@ -137,28 +138,124 @@ std::vector<int32_t>* ModelTlsTest::apache_ = nullptr;
 
 // Budgets above the context: TLS selects every position, so its attention is exact attention and
 // only the summation order differs from the dense kernel.
+// Same-step and with the one-step lag (whose M_{t-1} then holds every block too).
 TEST_F(ModelTlsTest, FullBudgetEqualsDense) {
-  auto engine = MakeEngine(Policy(64, 8192));
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  ASSERT_TRUE((*engine)->Info().tls);
-  const SideBySide r = Run(**engine, 300, 6);
-  std::printf("[ full     ] %d/%d same top-1, max |logit diff| %.2e\n", r.same_top1, r.steps,
-              r.max_abs_diff);
-  EXPECT_EQ(r.same_top1, r.steps);
-  EXPECT_LT(r.max_abs_diff, 1e-2);
+  for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
+    SCOPED_TRACE(lag == TlsLag::kOneStep ? "one-step lag" : "same step");
+    auto engine = MakeEngine(Policy(64, 8192, lag));
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    ASSERT_TRUE((*engine)->Info().tls);
+    const SideBySide r = Run(**engine, 300, 6);
+    std::printf("[ full     ] lag %d: %d/%d same top-1, max |logit diff| %.2e\n", int(lag),
+                r.same_top1, r.steps, r.max_abs_diff);
+    EXPECT_EQ(r.same_top1, r.steps);
+    EXPECT_LT(r.max_abs_diff, 1e-2);
+  }
 }
 
 // A real sparse budget on 768 tokens: 4 blocks kept of 10 eligible, 96 tokens chosen among their
 // 256 (plus the sink block and the window): ~30% of the context is read.
 TEST_F(ModelTlsTest, SparseBudgetTracksDense) {
-  auto engine = MakeEngine(Policy(4, 96));
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  const SideBySide r = Run(**engine, 768, 12);
-  std::printf(
-      "[ sparse   ] k_b 4, k_t 96 over 768 tokens: %d/%d same top-1, max |logit diff| %.2f\n",
-      r.same_top1, r.steps, r.max_abs_diff);
-  EXPECT_GE(r.same_top1 * 4, r.steps * 3);  // at least 75% of the steps agree
-  EXPECT_GT(r.max_abs_diff, 0.0);           // the path is really sparse
+  for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
+    SCOPED_TRACE(lag == TlsLag::kOneStep ? "one-step lag" : "same step");
+    auto engine = MakeEngine(Policy(4, 96, lag));
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    const SideBySide r = Run(**engine, 768, 12);
+    std::printf(
+        "[ sparse   ] lag %d, k_b 4, k_t 96 over 768 tokens: %d/%d same top-1, max |logit diff| "
+        "%.2f\n",
+        int(lag), r.same_top1, r.steps, r.max_abs_diff);
+    EXPECT_GE(r.same_top1 * 4, r.steps * 3);  // at least 75% of the steps agree
+    EXPECT_GT(r.max_abs_diff, 0.0);           // the path is really sparse
+  }
+}
+
+// Logits of every decode step of sequences decoded greedily on their own tokens, [step][seq].
+// `rotate` rotates the plan's order by one every step (the batch order, so the lag state's
+// gather into batch order moves).
+std::vector<std::vector<std::vector<float>>> DecodeLogits(
+    Engine& e, const std::vector<uint64_t>& ids, const std::vector<std::vector<int32_t>>& prompts,
+    int steps, bool rotate) {
+  const int vocab = e.config().vocab_size;
+  std::map<uint64_t, int32_t> next;
+  std::map<uint64_t, int32_t> pos;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    auto r = e.Step(testing::PrefillPlan({ids[i]}, prompts[i]));
+    EXPECT_TRUE(r.ok() && r->errors.empty());
+    if (!r.ok() || r->tokens.empty()) return {};
+    next[ids[i]] = r->tokens[0].token;
+    pos[ids[i]] = static_cast<int32_t>(prompts[i].size());
+  }
+  std::vector<std::vector<std::vector<float>>> out;
+  for (int s = 0; s < steps; ++s) {
+    StepPlan d;
+    for (uint64_t id : ids) d.decodes.push_back({id, next[id], pos[id], {}, /*tls=*/true});
+    if (rotate) std::rotate(d.decodes.begin(), d.decodes.begin() + s % ids.size(), d.decodes.end());
+    auto r = e.Step(d);
+    EXPECT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->errors.empty()) << r->errors[0].message;
+    if (!r.ok() || r->tokens.size() != ids.size()) return {};
+    std::vector<std::vector<float>> rows(ids.size());
+    for (size_t k = 0; k < r->tokens.size(); ++k) {
+      const size_t i = std::find(ids.begin(), ids.end(), r->tokens[k].seq_id) - ids.begin();
+      rows[i].assign(e.sampled_logits().begin() + k * vocab,
+                     e.sampled_logits().begin() + (k + 1) * vocab);
+      next[r->tokens[k].seq_id] = r->tokens[k].token;
+      ++pos[r->tokens[k].seq_id];
+    }
+    out.push_back(std::move(rows));
+  }
+  StepPlan release;
+  release.releases = ids;
+  EXPECT_TRUE(e.Step(release).ok());
+  EXPECT_EQ(e.kv_cache().used_blocks(), 0);
+  return out;
+}
+
+// The one-step lag keeps each sequence's block sets in its own slot: three sequences decoded
+// together (batch order rotated every step) give, bit for bit, the logits each gives alone.
+// (Three: OpenBLAS rounds 2-row GEMMs differently from 1- and 3-row ones.) Their first step
+// selects same-step (nothing is kept before it), the later ones with the lag, which differ from
+// same-step selection. A sequence that finds no free slot selects same-step, and release frees
+// the slots.
+TEST_F(ModelTlsTest, OneStepLagKeepsEachSequencesBlockSets) {
+  const std::vector<int32_t> a(apache_->begin(), apache_->begin() + 768);
+  const std::vector<int32_t> b(apache_->begin() + 200, apache_->begin() + 900);
+  const std::vector<int32_t> c(apache_->begin() + 400, apache_->begin() + 1000);
+  constexpr int kSteps = 6;
+  auto lag = MakeEngine(Policy(4, 96, TlsLag::kOneStep));
+  auto same = MakeEngine(Policy(4, 96, TlsLag::kSameStep));
+  auto one_slot = MakeEngine(Policy(4, 96, TlsLag::kOneStep), "cpu", /*lag_sequences=*/1);
+  ASSERT_TRUE(lag.ok() && same.ok() && one_slot.ok());
+  const auto together = DecodeLogits(**lag, {1, 2, 3}, {a, b, c}, kSteps, /*rotate=*/true);
+  const auto same_abc = DecodeLogits(**same, {1, 2, 3}, {a, b, c}, kSteps, false);
+  ASSERT_EQ(together.size(), size_t{kSteps});
+  ASSERT_EQ(same_abc.size(), size_t{kSteps});
+  const std::vector<std::vector<int32_t>> prompts = {a, b, c};
+  for (int i = 0; i < 3; ++i) {
+    SCOPED_TRACE(i);
+    const auto alone = DecodeLogits(**lag, {uint64_t(4 + i)}, {prompts[i]}, kSteps, false);
+    ASSERT_EQ(alone.size(), size_t{kSteps});
+    int lag_differs = 0;
+    for (int s = 0; s < kSteps; ++s) {
+      SCOPED_TRACE(s);
+      EXPECT_EQ(together[s][i], alone[s][0]);
+      if (s == 0) EXPECT_EQ(together[s][i], same_abc[s][i]);  // the seeding step
+      lag_differs += together[s][i] != same_abc[s][i] ? 1 : 0;
+    }
+    EXPECT_GT(lag_differs, 0);
+  }
+  // One slot: sequence 1 takes it; 2 and 3 select same-step throughout.
+  const auto shared = DecodeLogits(**one_slot, {1, 2, 3}, {a, b, c}, kSteps, false);
+  ASSERT_EQ(shared.size(), size_t{kSteps});
+  for (int s = 0; s < kSteps; ++s) {
+    SCOPED_TRACE(s);
+    EXPECT_EQ(shared[s][0], together[s][0]);
+    EXPECT_EQ(shared[s][1], same_abc[s][1]);
+    EXPECT_EQ(shared[s][2], same_abc[s][2]);
+  }
+  EXPECT_EQ((*one_slot)->kv_cache().tls_lag_free_slots(), 1);
+  EXPECT_EQ((*lag)->kv_cache().tls_lag_free_slots(), 256);
 }
 
 // Sequences with different budgets share a forward (one selection call per budget run): each
@@ -254,12 +351,11 @@ TEST_F(ModelTlsTest, TlsDecodeWithoutTlsIsASequenceError) {
 
 TEST_F(ModelTlsTest, BadOptionsAreRejected) {
   {
-    TlsPolicy lag = Policy(4, 96);
-    lag.lag = TlsLag::kOneStep;
-    auto engine = MakeEngine(lag);
+    auto engine = MakeEngine(Policy(4, 96, TlsLag::kOneStep), "cpu", /*lag_sequences=*/0);
     ASSERT_FALSE(engine.ok());
     EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(engine.status().message().find("lag"), std::string::npos) << engine.status();
+    EXPECT_NE(engine.status().message().find("lag_sequences"), std::string::npos)
+        << engine.status();
   }
   {
     ChannelSets wrong = *channels_;

@@ -147,6 +147,10 @@ class CpuBackend final : public Backend {
     kernels::ref::KvAppend(p);
     return absl::OkStatus();
   }
+  absl::Status CopyRows(const kernels::CopyRowsParams& p) override {
+    kernels::ref::CopyRows(p);
+    return absl::OkStatus();
+  }
 
   absl::Status RandomFill(const kernels::RandomFillParams& p) override {
     kernels::ref::RandomFill(p);

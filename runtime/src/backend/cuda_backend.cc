@@ -44,6 +44,10 @@ struct CudaFreeDeleter {
   void operator()(void* p) const { cudaFree(p); }
 };
 using UniqueStream = std::unique_ptr<CUstream_st, StreamDeleter>;
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+using UniqueEvent = std::unique_ptr<CUevent_st, EventDeleter>;
 using UniqueCudaMemory = std::unique_ptr<void, CudaFreeDeleter>;
 
 // Status of a kernels::cuda entry's result, naming the op.
@@ -76,6 +80,7 @@ class CudaBackend final : public Backend {
   absl::Status Gemm(const kernels::GemmParams& p) override;
   absl::Status Rope(const kernels::RopeParams& p) override;
   absl::Status SiluMul(const kernels::SiluMulParams& p) override;
+  absl::Status CopyRows(const kernels::CopyRowsParams& p) override;
   absl::Status KvAppend(const kernels::KvAppendParams& p) override;
   absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override;
   absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) override;
@@ -114,6 +119,10 @@ class CudaBackend final : public Backend {
   CudaBackendOptions options_;
   std::string device_name_;
   UniqueStream stream_;
+  // The one-step lag's block branch (M_t for the next step) runs on block_stream_ beside the
+  // token branch, forked and joined through the two events inside each TlsDecodeSelect.
+  UniqueStream block_stream_;
+  UniqueEvent block_fork_, block_join_;
   std::unique_ptr<kc::GemmRunner> gemm_;
   int64_t gemm_x_capacity_ = 0;
   Workspace decode_workspace_;
@@ -148,6 +157,13 @@ absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOp
   cudaStream_t stream = nullptr;
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   backend->stream_.reset(stream);
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  backend->block_stream_.reset(stream);
+  cudaEvent_t event = nullptr;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  backend->block_fork_.reset(event);
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  backend->block_join_.reset(event);
   ASYNCTLS_RETURN_IF_ERROR(backend->EnsureGemmScratch(options.max_gemm_x_elements));
   ASYNCTLS_RETURN_IF_ERROR(backend->ReserveDecodeWorkspace());
   return std::unique_ptr<Backend>(std::move(backend));
@@ -376,7 +392,8 @@ absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& 
                                            kc::TlsDecodeSelectWorkspaceBytes(q), "tls select"));
   ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
   q.workspace = tls_select_workspace_.memory.get();
-  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get()));
+  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_fork_.get(),
+                                       block_join_.get()));
   return absl::OkStatus();
 }
 
@@ -401,6 +418,12 @@ absl::Status CudaBackend::TlsSparseAttention(const kernels::TlsSparseAttentionPa
 absl::Status CudaBackend::SiluMul(const kernels::SiluMulParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_CUDA_OP(kc::SiluMul(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyRows(const kernels::CopyRowsParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::CopyRows(p, stream_.get()));
   return absl::OkStatus();
 }
 

@@ -25,14 +25,18 @@ struct Engine::Item {
   SamplingParams sampling;
   bool tls = false;  // two-level sparse decode: such items come last in a forward
   int32_t tls_block_budget = 0, tls_token_budget = 0;  // effective budgets (with tls)
+  // One-step lag (ForwardBatch::TlsBudgets): the KV cache's lag slot (-1: none) and the length
+  // its block sets were chosen at (0: select same-step this time).
+  int32_t tls_lag_slot = -1, tls_prev_select_len = 0;
 };
 
 absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
-                                                          int32_t block_budget, int32_t token_budget) {
+                                                          int32_t block_budget, int32_t token_budget,
+                                                          kernels::TlsLag lag) {
   TlsDecodeOptions options;
   ASYNCTLS_ASSIGN_OR_RETURN(options.channels, LoadChannelSets(channels_path));
   options.policy.mode = kernels::TlsMode::kTwoLevel;
-  options.policy.lag = kernels::TlsLag::kSameStep;
+  options.policy.lag = lag;
   if (block_budget > 0) options.policy.block_budget = block_budget;
   if (token_budget > 0) options.policy.token_budget = token_budget;
   return options;
@@ -99,6 +103,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
   const int num_blocks = static_cast<int>(std::max<int64_t>(1, kv_bytes / static_cast<int64_t>(per_block)));
   ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers, c.num_kv_heads,
                                                             c.head_dim, num_blocks, tls_channels));
+  if (engine->options_.tls && engine->options_.tls->policy.mode == kernels::TlsMode::kTwoLevel &&
+      engine->options_.tls->policy.lag == kernels::TlsLag::kOneStep) {
+    ASYNCTLS_RETURN_IF_ERROR(engine->cache_->EnableTlsLag(engine->options_.tls->lag_sequences,
+                                                          engine->options_.tls->policy.block_budget));
+  }
   ASYNCTLS_LOG_INFO("engine: ", engine->model_name_, " on ", engine->backend_->Describe(), ", ", c.num_layers,
                     " layers, KV cache ", num_blocks, " blocks (", num_blocks * kernels::kKvBlockSize, " tokens)");
   return engine;
@@ -140,14 +149,22 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     batch.block_table.insert(batch.block_table.end(), blocks.begin(), blocks.end());
     batch.block_table.resize(static_cast<size_t>(batch.num_seqs()) * max_blocks, 0);
     if (it.prefill) ++batch.num_prefill;
-    if (it.tls) batch.tls_decode.push_back({it.tls_block_budget, it.tls_token_budget});
+    if (it.tls) {
+      batch.tls_decode.push_back(
+          {it.tls_block_budget, it.tls_token_budget, it.tls_lag_slot, it.tls_prev_select_len});
+    }
     if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
   }
-  ASYNCTLS_RETURN_IF_ERROR(model_->Forward(batch, *cache_, &logits_));
+  if (absl::Status s = model_->Forward(batch, *cache_, &logits_); !s.ok()) {
+    // The slots may hold part of this step's block sets: the next steps select same-step.
+    for (const Item& it : items) cache_->SetTlsSelectLen(it.seq_id, 0);
+    return s;
+  }
   const int vocab = model_->config().vocab_size;
   size_t row = 0;
   for (const Item& it : items) {
     cache_->SetSeqLen(it.seq_id, it.start_pos + it.num_tokens);
+    if (it.tls_lag_slot >= 0) cache_->SetTlsSelectLen(it.seq_id, it.start_pos + it.num_tokens);
     if (!it.sample) continue;
     const float* row_logits = logits_.data() + row * vocab;
     if (options_.keep_logits) sampled_logits_.insert(sampled_logits_.end(), row_logits, row_logits + vocab);
@@ -219,14 +236,22 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
       block_budget = d.tls_block_budget > 0 ? d.tls_block_budget : limit.block_budget;
       token_budget = d.tls_token_budget > 0 ? d.tls_token_budget : limit.token_budget;
     }
-    decode_items.push_back(
-        {d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls, block_budget, token_budget});
+    Item item{d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls, block_budget, token_budget};
+    if (d.tls && cache_->tls_lag_slots() > 0) {
+      // Lagged when the slot's block sets were chosen at the previous step (the sequence's
+      // last TLS step was the token before this one); else this step seeds them.
+      item.tls_lag_slot = cache_->TlsLagSlot(d.seq_id);
+      if (item.tls_lag_slot >= 0 && cache_->TlsSelectLen(d.seq_id) == d.position) {
+        item.tls_prev_select_len = d.position;
+      }
+    }
+    decode_items.push_back(item);
   }
-  // Dense decode items first, then TLS ones grouped by budgets: a forward runs its TLS sequences
-  // as a tail, one selection + attention call per run of equal budgets.
+  // Dense decode items first, then TLS ones grouped by budgets and lag: a forward runs its TLS
+  // sequences as a tail, one selection + attention call per run.
   std::stable_sort(decode_items.begin(), decode_items.end(), [](const Item& a, const Item& b) {
-    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget) <
-           std::make_tuple(b.tls, b.tls_block_budget, b.tls_token_budget);
+    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget, a.tls_prev_select_len > 0) <
+           std::make_tuple(b.tls, b.tls_block_budget, b.tls_token_budget, b.tls_prev_select_len > 0);
   });
   // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
   // sequence appears at most once per forward (its chunks are consecutive in the cache).

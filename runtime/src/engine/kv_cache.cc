@@ -38,7 +38,9 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
         head_dim, ", ", kernels::kTlsMaxChannels, ")]"));
   }
   std::unique_ptr<KvCache> cache(new KvCache());
+  cache->backend_ = backend;
   cache->num_blocks_ = num_blocks;
+  cache->num_kv_heads_ = num_kv_heads;
   cache->tls_channels_ = tls_channels;
   const size_t pool_bytes =
       size_t{static_cast<size_t>(num_blocks)} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
@@ -84,7 +86,47 @@ void KvCache::Release(uint64_t seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) return;
   for (int32_t b : it->second.blocks) free_.push_back(b);
+  if (it->second.lag_slot >= 0) free_lag_slots_.push_back(it->second.lag_slot);
   seqs_.erase(it);
+}
+
+absl::Status KvCache::EnableTlsLag(int max_seqs, int max_kept_blocks) {
+  if (max_seqs <= 0 || max_kept_blocks <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("kv cache: tls lag slots ", max_seqs,
+                                                   " and blocks ", max_kept_blocks,
+                                                   " must be positive"));
+  }
+  if (tls_lag_slots_ > 0) return absl::FailedPreconditionError("kv cache: tls lag already enabled");
+  const size_t rows = size_t(max_seqs) * num_layers() * num_kv_heads_;
+  ASYNCTLS_ASSIGN_OR_RETURN(tls_lag_blocks_,
+                            backend_->Allocate(rows * max_kept_blocks * sizeof(int32_t)));
+  ASYNCTLS_ASSIGN_OR_RETURN(tls_lag_num_blocks_, backend_->Allocate(rows * sizeof(int32_t)));
+  tls_lag_slots_ = max_seqs;
+  tls_lag_max_blocks_ = max_kept_blocks;
+  for (int s = max_seqs - 1; s >= 0; --s) free_lag_slots_.push_back(s);
+  return absl::OkStatus();
+}
+
+int32_t KvCache::TlsLagSlot(uint64_t seq_id) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return -1;
+  Seq& seq = it->second;
+  if (seq.lag_slot < 0 && !free_lag_slots_.empty()) {
+    seq.lag_slot = free_lag_slots_.back();
+    free_lag_slots_.pop_back();
+    seq.select_len = 0;
+  }
+  return seq.lag_slot;
+}
+
+int KvCache::TlsSelectLen(uint64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() || it->second.lag_slot < 0 ? 0 : it->second.select_len;
+}
+
+void KvCache::SetTlsSelectLen(uint64_t seq_id, int len) {
+  auto it = seqs_.find(seq_id);
+  if (it != seqs_.end() && it->second.lag_slot >= 0) it->second.select_len = len;
 }
 
 int KvCache::SeqLen(uint64_t seq_id) const {

@@ -60,12 +60,17 @@ struct Model::Impl {
   int32_t max_blocks_per_seq = 0;
   AttentionCaptureFn capture;
   // Two-level sparse decode (EnableTls): channel sets [layers, kv heads, channels] and the
-  // selection buffers of one step, sized for max_batch_seqs.
+  // selection buffers of one step, sized for max_batch_seqs (S) and the policy's k_b. Block
+  // sets M_t [layers (1 without the lag), S, kv heads, k_b] and counts; with the one-step lag
+  // also M_{t-1} gathered from the KV cache's lag slots in batch order (same shape), the
+  // lengths they were chosen at [S], and the row lists of that gather and of the scatter of M_t
+  // back to the slots [4, layers * S].
   bool tls = false;
   kernels::TlsPolicy tls_policy;
-  int32_t tls_channels = 0;
+  int32_t tls_channels = 0, tls_kept = 0;
   DeviceBuffer tls_channel_sets, tls_start_pos, tls_blocks, tls_num_blocks, tls_positions,
       tls_num_positions;
+  DeviceBuffer tls_prev_blocks, tls_prev_num_blocks, tls_prev_lens, tls_copy_rows;
   std::vector<float> capture_q, capture_k, capture_v;
 
   absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
@@ -237,10 +242,9 @@ struct Model::Impl {
           c.num_q_heads, "/", c.num_kv_heads, " x ", c.head_dim));
     }
     const kernels::TlsPolicy& pol = o.policy;
-    if (pol.lag != kernels::TlsLag::kSameStep) {
-      return absl::InvalidArgumentError(
-          "tls: policy.lag must be same-step (the one-step lag keeps per-sequence block sets, "
-          "which the engine does not hold yet)");
+    const bool lag = pol.mode == kernels::TlsMode::kTwoLevel && pol.lag == kernels::TlsLag::kOneStep;
+    if (lag && o.lag_sequences <= 0) {
+      return absl::InvalidArgumentError("tls: lag_sequences must be positive with the one-step lag");
     }
     if (pol.block_budget <= 0 || pol.token_budget <= 0 || pol.sink_blocks < 0 || pol.window < 0) {
       return absl::InvalidArgumentError(
@@ -248,17 +252,26 @@ struct Model::Impl {
           "non-negative");
     }
     const int64_t S = options.max_batch_seqs, KV = c.num_kv_heads;
+    const int64_t layers = lag ? c.num_layers : 1;
     tls_policy = pol;
     tls_channels = cs.num_channels;
     // Buffers for the largest budgets (a batch's runs use at most these).
-    const int64_t max_kept = std::max(1, kernels::TlsKeptBlocks(pol));
+    tls_kept = std::max(1, kernels::TlsKeptBlocks(pol));
+    const int64_t max_kept = tls_kept;
     const int64_t max_positions = kernels::TlsMaxSelectedTokens(pol, max_blocks_per_seq);
     const int64_t i32 = sizeof(int32_t);
     ASYNCTLS_ASSIGN_OR_RETURN(tls_channel_sets, backend->Allocate(cs.channels.size() * i32));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_channel_sets, cs.channels));
     ASYNCTLS_ASSIGN_OR_RETURN(tls_start_pos, backend->Allocate(S * i32));
-    ASYNCTLS_ASSIGN_OR_RETURN(tls_blocks, backend->Allocate(S * KV * max_kept * i32));
-    ASYNCTLS_ASSIGN_OR_RETURN(tls_num_blocks, backend->Allocate(S * KV * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_blocks, backend->Allocate(layers * S * KV * max_kept * i32));
+    ASYNCTLS_ASSIGN_OR_RETURN(tls_num_blocks, backend->Allocate(layers * S * KV * i32));
+    if (lag) {
+      ASYNCTLS_ASSIGN_OR_RETURN(tls_prev_blocks,
+                                backend->Allocate(layers * S * KV * max_kept * i32));
+      ASYNCTLS_ASSIGN_OR_RETURN(tls_prev_num_blocks, backend->Allocate(layers * S * KV * i32));
+      ASYNCTLS_ASSIGN_OR_RETURN(tls_prev_lens, backend->Allocate(S * i32));
+      ASYNCTLS_ASSIGN_OR_RETURN(tls_copy_rows, backend->Allocate(4 * layers * S * i32));
+    }
     ASYNCTLS_ASSIGN_OR_RETURN(tls_positions, backend->Allocate(S * KV * max_positions * i32));
     ASYNCTLS_ASSIGN_OR_RETURN(tls_num_positions, backend->Allocate(S * KV * i32));
     tls = true;
@@ -269,12 +282,84 @@ struct Model::Impl {
     return backend->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   }
 
+  // The batch's lag slots and lengths against the cache and the enabled policy.
+  absl::Status CheckTlsLag(const ForwardBatch& b, const KvCache& cache) const {
+    const bool lag = tls_prev_blocks.data() != nullptr;
+    const int first_tls = b.num_seqs() - b.num_tls_decode();
+    for (int t = 0; t < b.num_tls_decode(); ++t) {
+      const ForwardBatch::TlsBudgets& tb = b.tls_decode[t];
+      if (tb.lag_slot < 0 && tb.prev_select_len == 0) continue;
+      if (!lag) {
+        return absl::InvalidArgumentError(
+            "forward: tls lag slots need an enabled policy with the one-step lag");
+      }
+      if (cache.tls_lag_max_blocks() != tls_kept || cache.num_layers() != config.num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "forward: the KV cache keeps lag block sets of ", cache.tls_lag_max_blocks(),
+            " blocks over ", cache.num_layers(), " layers; the model needs ", tls_kept, " over ",
+            config.num_layers));
+      }
+      const int len = b.seq_lens[first_tls + t];
+      const bool lag_ok = tb.prev_select_len == 0 ||
+                          (tb.prev_select_len > 0 && tb.prev_select_len <= len &&
+                           len - tb.prev_select_len <= kernels::kTlsMaxLagTokens);
+      if (tb.lag_slot < 0 || tb.lag_slot >= cache.tls_lag_slots() || !lag_ok) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "forward: tls lag slot ", tb.lag_slot, " (of ", cache.tls_lag_slots(),
+            ") with block sets chosen at length ", tb.prev_select_len, " for a sequence of ", len,
+            " tokens"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // One-step lag: before the layers, M_{t-1} of the lagged TLS sequences from their cache slots
+  // into batch order (tls_prev_*); after them, every slotted sequence's M_t back to its slot.
+  // Rows of [slots, layers] in the cache, [layers, S] here; one CopyRows per array.
+  absl::Status CopyTlsLagState(const ForwardBatch& b, KvCache& cache, bool to_slots) {
+    if (!tls_prev_blocks.data()) return absl::OkStatus();
+    const int L = config.num_layers, S = options.max_batch_seqs, KV = config.num_kv_heads;
+    std::vector<int32_t> slot_rows, batch_rows, prev_lens;
+    for (int t = 0; t < b.num_tls_decode(); ++t) {
+      const ForwardBatch::TlsBudgets& tb = b.tls_decode[t];
+      prev_lens.push_back(tb.prev_select_len);
+      if (tb.lag_slot < 0 || (!to_slots && tb.prev_select_len == 0)) continue;
+      for (int li = 0; li < L; ++li) {
+        slot_rows.push_back(tb.lag_slot * L + li);
+        batch_rows.push_back(li * S + t);
+      }
+    }
+    if (slot_rows.empty()) return absl::OkStatus();
+    const int n = static_cast<int>(slot_rows.size());
+    if (!to_slots) {
+      ASYNCTLS_RETURN_IF_ERROR(backend->CopyToDevice(tls_prev_lens.data(), prev_lens.data(),
+                                                     prev_lens.size() * sizeof(int32_t)));
+    }
+    // The row lists at offset 0 (gather) or 2 L S (scatter): the gather's may still be read.
+    int32_t* rows = tls_copy_rows.as<int32_t>() + (to_slots ? 2 * L * S : 0);
+    std::vector<int32_t> lists = to_slots ? batch_rows : slot_rows;
+    lists.insert(lists.end(), (to_slots ? slot_rows : batch_rows).begin(),
+                 (to_slots ? slot_rows : batch_rows).end());
+    ASYNCTLS_RETURN_IF_ERROR(
+        backend->CopyToDevice(rows, lists.data(), lists.size() * sizeof(int32_t)));
+    int32_t* blocks = to_slots ? cache.tls_lag_blocks() : tls_prev_blocks.as<int32_t>();
+    int32_t* counts = to_slots ? cache.tls_lag_num_blocks() : tls_prev_num_blocks.as<int32_t>();
+    const int32_t* from_blocks = to_slots ? tls_blocks.as<int32_t>() : cache.tls_lag_blocks();
+    const int32_t* from_counts =
+        to_slots ? tls_num_blocks.as<int32_t>() : cache.tls_lag_num_blocks();
+    ASYNCTLS_RETURN_IF_ERROR(
+        backend->CopyRows({from_blocks, blocks, rows, rows + n, n, KV * tls_kept}));
+    return backend->CopyRows({from_counts, counts, rows, rows + n, n, KV});
+  }
+
   // Two-level sparse attention of `count` decode sequences from sequence `first_seq` (q row
-  // `first_row`) with `policy` (budgets at most the enabled policy's, so the buffers fit):
-  // select positions, then attend over them.
+  // `first_row`; the `first_tls`-th TLS sequence) with `policy` (budgets at most the enabled
+  // policy's, so the buffers fit): select positions, then attend over them. With the one-step
+  // lag the block sets go to layer `layer`'s rows of tls_blocks (kept for the scatter to the
+  // cache's slots), and policy.lag == kOneStep reads M_{t-1} from tls_prev_blocks.
   absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer,
-                                  const kernels::TlsPolicy& policy, int first_row, int first_seq, int count,
-                                  float scale) {
+                                  const kernels::TlsPolicy& policy, int first_row, int first_seq,
+                                  int first_tls, int count, float scale) {
     const ModelConfig& c = config;
     const int H = c.num_q_heads, KV = c.num_kv_heads, hd = c.head_dim;
     const int max_positions = kernels::TlsMaxSelectedTokens(policy, b.max_blocks_per_seq);
@@ -291,8 +376,16 @@ struct Model::Impl {
     sp.channels = tls_channel_sets.as<int32_t>() + int64_t{layer} * KV * tls_channels;
     sp.token_codes = cache.tls_codes(layer);
     sp.token_scales = cache.tls_scales(layer);
-    sp.blocks = tls_blocks.as<int32_t>();
-    sp.num_blocks = tls_num_blocks.as<int32_t>();
+    // Row (layer, first_tls) of the [layers, S, KV, k_b] block sets.
+    const int64_t row =
+        (tls_prev_blocks.data() ? int64_t{layer} * options.max_batch_seqs : 0) + first_tls;
+    sp.blocks = tls_blocks.as<int32_t>() + row * KV * tls_kept;
+    sp.num_blocks = tls_num_blocks.as<int32_t>() + row * KV;
+    if (policy.lag == kernels::TlsLag::kOneStep) {
+      sp.prev_blocks = tls_prev_blocks.as<int32_t>() + row * KV * tls_kept;
+      sp.prev_num_blocks = tls_prev_num_blocks.as<int32_t>() + row * KV;
+      sp.prev_select_lens = tls_prev_lens.as<int32_t>() + first_tls;
+    }
     sp.positions = tls_positions.as<int32_t>();
     sp.num_positions = tls_num_positions.as<int32_t>();
     sp.io_dtype = DType::kF32;
@@ -302,7 +395,7 @@ struct Model::Impl {
     sp.head_dim = hd;
     sp.num_channels = tls_channels;
     sp.max_blocks_per_seq = b.max_blocks_per_seq;
-    sp.max_kept_blocks = std::max(1, kernels::TlsKeptBlocks(policy));
+    sp.max_kept_blocks = tls_kept;  // one row stride for every run (the lag slots' too)
     sp.max_positions = max_positions;
     sp.scale = scale;
     ASYNCTLS_RETURN_IF_ERROR(backend->TlsDecodeSelect(sp));
@@ -363,6 +456,7 @@ struct Model::Impl {
                                                        " / 1..", tls_policy.token_budget));
       }
     }
+    ASYNCTLS_RETURN_IF_ERROR(CheckTlsLag(b, cache));
     int max_q_len_all = 1;
     if (tls_index) {
       std::vector<int32_t> start(b.num_seqs());
@@ -373,6 +467,7 @@ struct Model::Impl {
       }
       ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_start_pos, start));
     }
+    ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagState(b, cache, /*to_slots=*/false));
     int max_q_len = 0, max_decode_len = 0;
     for (int s = 0; s < b.num_seqs(); ++s) {
       if (s < b.num_prefill) max_q_len = std::max(max_q_len, b.cu_q_lens[s + 1] - b.cu_q_lens[s]);
@@ -441,20 +536,23 @@ struct Model::Impl {
         pp.scale = scale;
         ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
       }
-      // TLS sequences in runs of equal budgets, one selection + attention call per run.
+      // TLS sequences in runs of equal budgets and lag, one selection + attention call per run.
       for (int t = 0; t < num_tls_decode;) {
         const ForwardBatch::TlsBudgets& first = b.tls_decode[t];
         int run = 1;
+        const bool lagged = first.prev_select_len > 0;
         while (t + run < num_tls_decode && b.tls_decode[t + run].block_budget == first.block_budget &&
-               b.tls_decode[t + run].token_budget == first.token_budget) {
+               b.tls_decode[t + run].token_budget == first.token_budget &&
+               (b.tls_decode[t + run].prev_select_len > 0) == lagged) {
           ++run;
         }
         kernels::TlsPolicy policy = tls_policy;
         policy.block_budget = first.block_budget;
         policy.token_budget = first.token_budget;
+        policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
         const int first_seq = b.num_seqs() - num_tls_decode + t;
         ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, num_prefill_tokens + num_dense_decode + t,
-                                                    first_seq, run, scale));
+                                                    first_seq, t, run, scale));
         t += run;
       }
       if (num_dense_decode > 0) {
@@ -481,6 +579,7 @@ struct Model::Impl {
       ASYNCTLS_RETURN_IF_ERROR(backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size}));
       ASYNCTLS_RETURN_IF_ERROR(gemm(act.as<float>(), L.w_down, nullptr, x.as<float>(), T, c.hidden_size, c.ffn_size, 1.f));
     }
+    ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagState(b, cache, /*to_slots=*/true));
     if (num_logits == 0) return absl::OkStatus();
     // Only the rows that sample need the final norm and the LM head.
     ASYNCTLS_RETURN_IF_ERROR(backend->Embedding({x.data(), logit_rows.as<int32_t>(), gathered.as<float>(),

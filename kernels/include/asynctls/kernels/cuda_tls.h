@@ -45,10 +45,15 @@ bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);
 // Runs the policy's ops in order on `stream` (workspace holds block scores, token scores and
-// the softmax statistics). For the one-step lag the runtime may instead launch TlsBlockScore +
-// TlsBlockSelect on a second stream itself, overlapping attention.
+// the softmax statistics, each in its own region).
 size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p);
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream);
+// The same; with the one-step lag and a `block_stream`, the block branch (M_t for the next
+// step) runs there beside the token branch: forked from `stream` by recording `fork`, joined
+// back into it by `join` before the call returns (events and stream owned by the caller, no
+// timing needed; graph-capturable).
+cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
+                            cudaStream_t block_stream, cudaEvent_t fork, cudaEvent_t join);
 
 // ---- attention ----------------------------------------------------------------------------
 // Split-K over the positions: partial (max, sum, output) per split in the workspace, merged by

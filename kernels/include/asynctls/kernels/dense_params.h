@@ -112,6 +112,17 @@ struct PagedPrefillParams {
   float scale;
 };
 
+// dst row dst_rows[i] = src row src_rows[i], for i < num_rows; rows of row_words 32-bit words.
+// A gather / scatter of per-sequence state between its slots and batch order (the TLS block
+// sets kept for the one-step lag). dst rows must be distinct and must not overlap src rows.
+struct CopyRowsParams {
+  const int32_t* src;
+  int32_t* dst;
+  const int32_t* src_rows;  // [num_rows]
+  const int32_t* dst_rows;  // [num_rows]
+  int32_t num_rows, row_words;
+};
+
 // dst[i] = offset + scale * (2 * U(seed, i) - 1) with U = CounterUniform: the same values on
 // every backend (seeded random weights generated where they live, for performance runs).
 struct RandomFillParams {

@@ -15,5 +15,6 @@ void KvAppend(const KvAppendParams& p);
 void PagedDecodeAttention(const PagedDecodeParams& p);
 void PagedPrefillAttention(const PagedPrefillParams& p);
 void RandomFill(const RandomFillParams& p);
+void CopyRows(const CopyRowsParams& p);
 
 }  // namespace asynctls::kernels::ref

@@ -69,6 +69,8 @@ class Backend {
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
   virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
   virtual absl::Status KvAppend(const kernels::KvAppendParams& p) = 0;
+  // Row gather / scatter by index lists (per-sequence state between its slots and batch order).
+  virtual absl::Status CopyRows(const kernels::CopyRowsParams& p) = 0;
   virtual absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) = 0;
   virtual absl::Status PagedPrefillAttention(const kernels::PagedPrefillParams& p) = 0;
   // Seeded uniform values, identical on every backend (random weights for perf runs).

@@ -67,10 +67,11 @@ class Engine final : public StepExecutor {
 };
 
 // Two-level sparse decode options from a channel-sets file (`asynctls calibrate`) and budgets
-// (the paper's k_b 128, k_t 1024 when <= 0), same-step selection. Errors name the file.
-absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
-                                                          int32_t block_budget = 0,
-                                                          int32_t token_budget = 0);
+// (the paper's k_b 128, k_t 1024 when <= 0) and the selection's lag (the paper's one-step lag
+// by default). Errors name the file.
+absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(
+    const std::string& channels_path, int32_t block_budget = 0, int32_t token_budget = 0,
+    kernels::TlsLag lag = kernels::TlsLag::kOneStep);
 
 // Makes the backend named by `device` ("cpu", "cuda", "cuda:N", "auto").
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int cpu_threads);

@@ -44,6 +44,27 @@ class KvCache {
   void* tls_kmin(int layer) const { return TlsPart(layer, 1); }
   uint8_t* tls_codes(int layer) const { return static_cast<uint8_t*>(TlsPart(layer, 2)); }
   float* tls_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 3)); }
+  // ---- One-step-lag state of two-level sparse decode (EnableTlsLag) ----
+  // Per live sequence, the block set M its last two-level selection chose, per layer and KV
+  // head: its next decode step selects tokens among those blocks (S_t from M_{t-1}, DESIGN §1).
+  // Held in `max_seqs` slots of int32 [max_seqs, num_layers, num_kv_heads, max_kept_blocks]
+  // block ids + [max_seqs, num_layers, num_kv_heads] counts; Release frees a sequence's slot.
+  absl::Status EnableTlsLag(int max_seqs, int max_kept_blocks);
+  // The slot of `seq_id`'s lag state, taken from the free slots on first use; -1 when lag state
+  // is off, the sequence is unknown, or every slot is taken (the sequence then selects without
+  // the lag).
+  int32_t TlsLagSlot(uint64_t seq_id);
+  // Length at which the block set in the sequence's slot was chosen (0: none yet).
+  int TlsSelectLen(uint64_t seq_id) const;
+  void SetTlsSelectLen(uint64_t seq_id, int len);
+  int32_t* tls_lag_blocks() const { return tls_lag_blocks_.as<int32_t>(); }
+  int32_t* tls_lag_num_blocks() const { return tls_lag_num_blocks_.as<int32_t>(); }
+  int tls_lag_max_blocks() const { return tls_lag_max_blocks_; }
+  int tls_lag_slots() const { return tls_lag_slots_; }
+  int tls_lag_free_slots() const { return static_cast<int>(free_lag_slots_.size()); }
+  int num_layers() const { return static_cast<int>(k_pools_.size()); }
+  int num_kv_heads() const { return num_kv_heads_; }
+
   int num_blocks() const { return num_blocks_; }
   int free_blocks() const { return static_cast<int>(free_.size()); }
   int used_blocks() const { return num_blocks_ - free_blocks(); }
@@ -56,14 +77,21 @@ class KvCache {
   struct Seq {
     std::vector<int32_t> blocks;
     int len = 0;
+    int32_t lag_slot = -1;  // TLS lag state slot, -1: none
+    int select_len = 0;     // length at which the slot's block set was chosen
   };
   KvCache() = default;
   void* TlsPart(int layer, int part) const {
     return tls_channels_ > 0 ? tls_pools_[4 * layer + part].data() : nullptr;
   }
 
+  Backend* backend_ = nullptr;
   int num_blocks_ = 0;
+  int num_kv_heads_ = 0;
   int tls_channels_ = 0;
+  int tls_lag_slots_ = 0, tls_lag_max_blocks_ = 0;
+  DeviceBuffer tls_lag_blocks_, tls_lag_num_blocks_;
+  std::vector<int32_t> free_lag_slots_;
   std::vector<DeviceBuffer> k_pools_, v_pools_;
   std::vector<DeviceBuffer> tls_pools_;  // per layer: kmax, kmin, codes, scales
   std::vector<int32_t> free_;  // stack of free block ids

@@ -44,6 +44,13 @@ struct ForwardBatch {
   // policy's; the others densely. Equal budgets should be adjacent (a run is one selection call).
   struct TlsBudgets {
     int32_t block_budget = 0, token_budget = 0;
+    // One-step lag (enabled policy with TlsLag::kOneStep): the sequence's lag state slot in the
+    // KV cache (KvCache::TlsLagSlot; -1: none, select same-step and keep nothing) and the
+    // length at which the block set in that slot was chosen. prev_select_len > 0 selects the
+    // tokens among those blocks (S_t from M_{t-1}; at most kTlsMaxLagTokens behind seq_len);
+    // 0 selects same-step (a sequence's first TLS step). The step's new block set M_t goes to
+    // the slot either way.
+    int32_t lag_slot = -1, prev_select_len = 0;
   };
   std::vector<TlsBudgets> tls_decode;
   int32_t num_tls_decode() const { return static_cast<int32_t>(tls_decode.size()); }
@@ -54,9 +61,17 @@ struct ForwardBatch {
 // the KV cache's TLS index up to date (prefill chunks and decode tokens; the cache must have
 // one with channels.num_channels channels), and the batch's TLS decode sequences select their
 // positions with `policy` and attend over them only. Prefill attention stays dense.
+//
+// With policy.lag == kOneStep (the paper's pipeline) each sequence's step t selects its tokens
+// among the blocks M_{t-1} its previous step chose, and chooses M_t for the next step; the
+// block sets live in the KV cache's lag slots (KvCache::EnableTlsLag, ForwardBatch::TlsBudgets).
+// A sequence's first TLS step, or one without a slot, selects same-step.
 struct TlsDecodeOptions {
-  kernels::TlsPolicy policy;  // same-step only (the one-step lag needs per-sequence state)
-  ChannelSets channels;       // calibrated channel sets of this model (asynctls calibrate)
+  kernels::TlsPolicy policy;
+  ChannelSets channels;  // calibrated channel sets of this model (asynctls calibrate)
+  // kOneStep: sequences that keep lag state at once (the engine's KV cache slots, each
+  // num_layers x num_kv_heads x block_budget int32); later ones select same-step until one frees.
+  int32_t lag_sequences = 256;
 };
 
 // One layer's attention inputs of one Forward, after RoPE, as host copies valid during the
