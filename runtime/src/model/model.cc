@@ -335,11 +335,13 @@ struct Model::Impl {
       ASYNCTLS_RETURN_IF_ERROR(backend->CopyToDevice(tls_prev_lens.data(), prev_lens.data(),
                                                      prev_lens.size() * sizeof(int32_t)));
     }
-    // The row lists at offset 0 (gather) or 2 L S (scatter): the gather's may still be read.
+    // Source rows then destination rows; the gather's lists in the first half of the buffer,
+    // the scatter's in the second.
+    const std::vector<int32_t>& from = to_slots ? batch_rows : slot_rows;
+    const std::vector<int32_t>& to = to_slots ? slot_rows : batch_rows;
+    std::vector<int32_t> lists = from;
+    lists.insert(lists.end(), to.begin(), to.end());
     int32_t* rows = tls_copy_rows.as<int32_t>() + (to_slots ? 2 * L * S : 0);
-    std::vector<int32_t> lists = to_slots ? batch_rows : slot_rows;
-    lists.insert(lists.end(), (to_slots ? slot_rows : batch_rows).begin(),
-                 (to_slots ? slot_rows : batch_rows).end());
     ASYNCTLS_RETURN_IF_ERROR(
         backend->CopyToDevice(rows, lists.data(), lists.size() * sizeof(int32_t)));
     int32_t* blocks = to_slots ? cache.tls_lag_blocks() : tls_prev_blocks.as<int32_t>();
