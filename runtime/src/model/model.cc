@@ -397,7 +397,9 @@ struct Model::Impl {
     sp.head_dim = hd;
     sp.num_channels = tls_channels;
     sp.max_blocks_per_seq = b.max_blocks_per_seq;
-    sp.max_kept_blocks = tls_kept;  // one row stride for every run (the lag slots' too)
+    // With the lag one row stride for every run (the lag slots'), else the run's own.
+    sp.max_kept_blocks =
+        tls_prev_blocks.data() ? tls_kept : std::max(1, kernels::TlsKeptBlocks(policy));
     sp.max_positions = max_positions;
     sp.scale = scale;
     ASYNCTLS_RETURN_IF_ERROR(backend->TlsDecodeSelect(sp));
