@@ -1190,11 +1190,12 @@ size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p) {
 }
 
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream) {
-  return TlsDecodeSelect(p, stream, nullptr, nullptr, nullptr);
+  return TlsDecodeSelect(p, stream, nullptr, nullptr, nullptr, nullptr);
 }
 
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
-                            cudaStream_t block_stream, cudaEvent_t fork, cudaEvent_t join) {
+                            cudaStream_t block_stream, const void* block_q, cudaEvent_t fork,
+                            cudaEvent_t join) {
   if (p.batch <= 0) return cudaSuccess;
   const TlsPolicy& pol = p.policy;
   if (pol.mode != TlsMode::kDense &&
@@ -1202,9 +1203,9 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
     return cudaErrorInvalidValue;
   }
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
-  auto select_blocks = [&](int k, cudaStream_t on) {
+  auto select_blocks = [&](int k, cudaStream_t on, const void* q) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
-    const TlsBlockScoreParams s{p.q,           p.block_kmax,    p.block_kmin, p.index_table,
+    const TlsBlockScoreParams s{q,           p.block_kmax,    p.block_kmin, p.index_table,
                                 p.seq_lens,    ws.block_scores, p.io_dtype,   p.batch,
                                 p.num_q_heads, p.num_kv_heads,  p.head_dim,   p.max_blocks_per_seq};
     cudaError_t err = TlsBlockScore(s, on);
@@ -1244,7 +1245,7 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
     case TlsMode::kDense:
       return expand(nullptr, nullptr);
     case TlsMode::kBlockOnly:
-      err = select_blocks(TlsKeptBlocks(pol), stream);
+      err = select_blocks(TlsKeptBlocks(pol), stream, p.q);
       return err != cudaSuccess ? err : expand(p.blocks, p.num_blocks);
     case TlsMode::kTokenOnly:
       return select_tokens(nullptr, nullptr, nullptr);
@@ -1255,17 +1256,16 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
             (err = cudaStreamWaitEvent(block_stream, fork, 0)) != cudaSuccess ||
             (err = select_tokens(p.prev_blocks, p.prev_num_blocks, p.prev_select_lens)) !=
                 cudaSuccess ||
-            (err = select_blocks(pol.block_budget, block_stream)) != cudaSuccess ||
-            (err = cudaEventRecord(join, block_stream)) != cudaSuccess) {
+            (err = select_blocks(pol.block_budget, block_stream, block_q)) != cudaSuccess) {
           return err;
         }
-        return cudaStreamWaitEvent(stream, join, 0);
+        return cudaEventRecord(join, block_stream);
       }
       if (pol.lag == TlsLag::kOneStep) {
         err = select_tokens(p.prev_blocks, p.prev_num_blocks, p.prev_select_lens);
-        return err != cudaSuccess ? err : select_blocks(pol.block_budget, stream);
+        return err != cudaSuccess ? err : select_blocks(pol.block_budget, stream, p.q);
       }
-      err = select_blocks(pol.block_budget, stream);
+      err = select_blocks(pol.block_budget, stream, p.q);
       return err != cudaSuccess ? err : select_tokens(p.blocks, p.num_blocks, nullptr);
   }
   return cudaErrorInvalidValue;

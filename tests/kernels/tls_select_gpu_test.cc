@@ -82,8 +82,9 @@ void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::De
     ASSERT_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     ASSERT_CUDA(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     ASSERT_CUDA(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
-    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, main, side, fork, join));
-    ASSERT_CUDA(cudaStreamSynchronize(main));  // the join makes main wait for the side branch
+    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, main, side, run.params.q, fork, join));
+    ASSERT_CUDA(cudaStreamWaitEvent(main, join, 0));
+    ASSERT_CUDA(cudaStreamSynchronize(main));  // main waited for the side branch
     EXPECT_EQ(cudaStreamQuery(side), cudaSuccess);
     cudaEventDestroy(fork);
     cudaEventDestroy(join);

@@ -119,10 +119,16 @@ class CudaBackend final : public Backend {
   CudaBackendOptions options_;
   std::string device_name_;
   UniqueStream stream_;
-  // The one-step lag's block branch (M_t for the next step) runs on block_stream_ beside the
-  // token branch, forked and joined through the two events inside each TlsDecodeSelect.
+  // The one-step lag's block branch (M_t for the next step) runs on block_stream_, forked at its
+  // TlsDecodeSelect and joined into stream_ by JoinBlockBranch at the next op that may read M_t
+  // or change the branch's inputs (see backend.h): beside the token branch, the attention and
+  // the FFN. It reads its own copy of the query (block_q_), which the next layer's q GEMM
+  // would otherwise overwrite.
   UniqueStream block_stream_;
   UniqueEvent block_fork_, block_join_;
+  Workspace block_q_;
+  bool block_pending_ = false;
+  absl::Status JoinBlockBranch();
   std::unique_ptr<kc::GemmRunner> gemm_;
   int64_t gemm_x_capacity_ = 0;
   Workspace decode_workspace_;
@@ -170,7 +176,10 @@ absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOp
 }
 
 CudaBackend::~CudaBackend() {
-  if (Activate().ok() && stream_) cudaStreamSynchronize(stream_.get());
+  if (Activate().ok() && stream_) {
+    (void)JoinBlockBranch();
+    cudaStreamSynchronize(stream_.get());
+  }
   gemm_.reset();
   retired_gemm_.clear();
   decode_workspace_.memory.reset();
@@ -303,6 +312,7 @@ void CudaBackend::Free(void* data) {
 absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_OP(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
   return absl::OkStatus();
 }
@@ -310,6 +320,7 @@ absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes)
 absl::Status CudaBackend::CopyToHost(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
   return absl::OkStatus();
@@ -318,12 +329,14 @@ absl::Status CudaBackend::CopyToHost(void* dst, const void* src, size_t bytes) {
 absl::Status CudaBackend::Fill(void* dst, int byte_value, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_OP(cudaMemsetAsync(dst, byte_value, bytes, stream_.get()));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Synchronize() {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
   return absl::OkStatus();
 }
@@ -376,12 +389,14 @@ absl::Status CudaBackend::RandomFill(const kernels::RandomFillParams& p) {
 
 absl::Status CudaBackend::TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_OP(kc::TlsIndexUpdate(p, stream_.get()));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   if (!kc::TlsSelectCanImplement(p.head_dim, p.num_channels, p.num_q_heads / p.num_kv_heads)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tls select: head_dim ", p.head_dim, " / ", p.num_channels, " channels / group ",
@@ -392,8 +407,26 @@ absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& 
                                            kc::TlsDecodeSelectWorkspaceBytes(q), "tls select"));
   ASYNCTLS_RETURN_IF_ERROR(NoteCapture());
   q.workspace = tls_select_workspace_.memory.get();
-  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_fork_.get(),
+  if (q.policy.mode != kernels::TlsMode::kTwoLevel || q.policy.lag != kernels::TlsLag::kOneStep) {
+    ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get()));
+    return absl::OkStatus();
+  }
+  const size_t q_bytes =
+      size_t(q.batch) * q.num_q_heads * q.head_dim * kernels::DTypeSize(q.io_dtype);
+  ASYNCTLS_RETURN_IF_ERROR(EnsureWorkspace(block_q_, q_bytes, "tls block query"));
+  ASYNCTLS_CUDA_OP(cudaMemcpyAsync(block_q_.memory.get(), q.q, q_bytes, cudaMemcpyDeviceToDevice,
+                                   stream_.get()));
+  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(),
+                                       block_q_.memory.get(), block_fork_.get(),
                                        block_join_.get()));
+  block_pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::JoinBlockBranch() {
+  if (!block_pending_) return absl::OkStatus();
+  block_pending_ = false;
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), block_join_.get(), 0));
   return absl::OkStatus();
 }
 
@@ -423,6 +456,7 @@ absl::Status CudaBackend::SiluMul(const kernels::SiluMulParams& p) {
 
 absl::Status CudaBackend::CopyRows(const kernels::CopyRowsParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_OP(kc::CopyRows(p, stream_.get()));
   return absl::OkStatus();
 }

@@ -49,11 +49,15 @@ cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
 size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p);
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream);
 // The same; with the one-step lag and a `block_stream`, the block branch (M_t for the next
-// step) runs there beside the token branch: forked from `stream` by recording `fork`, joined
-// back into it by `join` before the call returns (events and stream owned by the caller, no
-// timing needed; graph-capturable).
+// step) runs there beside the token branch, forked from `stream` by recording `fork`, and reads
+// the query from `block_q` (p.q or a copy that stays unchanged until the branch ends). `join` is
+// recorded on block_stream when the branch ends; the caller makes `stream` wait for it before
+// anything reads M_t, changes the branch's inputs or reuses the workspace (the paper's overlap:
+// until then the branch runs beside the attention and the FFN). Events and stream are the
+// caller's (no timing needed); graph-capturable once joined.
 cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
-                            cudaStream_t block_stream, cudaEvent_t fork, cudaEvent_t join);
+                            cudaStream_t block_stream, const void* block_q, cudaEvent_t fork,
+                            cudaEvent_t join);
 
 // ---- attention ----------------------------------------------------------------------------
 // Split-K over the positions: partial (max, sum, output) per split in the workspace, merged by

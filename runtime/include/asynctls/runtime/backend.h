@@ -76,7 +76,11 @@ class Backend {
   // Seeded uniform values, identical on every backend (random weights for perf runs).
   virtual absl::Status RandomFill(const kernels::RandomFillParams& p) = 0;
   // Two-level sparse attention (kernels/tls_params.h); the backend provides the workspaces
-  // (params.workspace is ignored). Selections are identical on every backend.
+  // (params.workspace is ignored). Selections are identical on every backend. With the one-step
+  // lag a backend may finish TlsDecodeSelect's block branch (M_t: blocks, num_blocks) in the
+  // background, from its own copy of q: until the next TlsIndexUpdate, TlsDecodeSelect,
+  // CopyRows, copy, Fill or Synchronize (which wait for it first), callers must not read M_t
+  // nor change that layer's block index, the index table or seq_lens.
   virtual absl::Status TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) = 0;
   virtual absl::Status TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) = 0;
   virtual absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) = 0;
