@@ -68,10 +68,10 @@ void StopAll(std::vector<pid_t>& pids) {
 absl::Status RunServe(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
-  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown({"port", "metrics-port", "model", "device", "threads", "max-queue",
-                                             "max-batch-tokens", "max-running", "host", "workers",
-                                             "worker-binary", "tls-channels", "tls-block-budget",
-                                             "tls-token-budget", "tls-lag"}));
+  ASYNCTLS_RETURN_IF_ERROR(
+      flags.CheckKnown({"port", "metrics-port", "model", "device", "threads", "max-queue",
+                        "max-batch-tokens", "max-running", "host", "workers", "worker-binary",
+                        "tls-channels", "tls-block-budget", "tls-token-budget", "tls-lag"}));
   ServingOptions options;
   options.host = flags.Get("host", "0.0.0.0");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("port", &options.port));

@@ -196,9 +196,11 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  std::printf("# %s on %s, load %.1f s, context %d, bf16 weights, attention %s (TLS: %s, k_b %d, "
-              "k_t %d)\n", config.name.c_str(), engine.Info().device.c_str(), load_s, context, attention.c_str(),
-              lag.c_str(), k_b, k_t);
+  std::printf(
+      "# %s on %s, load %.1f s, context %d, bf16 weights, attention %s (TLS: %s, k_b %d, "
+      "k_t %d)\n",
+      config.name.c_str(), engine.Info().device.c_str(), load_s, context, attention.c_str(),
+      lag.c_str(), k_b, k_t);
   std::printf("%6s %6s %8s %10s %10s %12s %10s %8s\n", "attn", "batch", "context", "step_ms", "tok/s", "floor_ms",
               "GB/s", "x_floor");
   std::string json = "[";

@@ -267,7 +267,8 @@ TEST_F(DenseOpsGpuTest, CopyRowsMatchesOracleExactly) {
       for (int32_t& r : from) r = pick(kt::Rng());
       std::vector<int32_t> expected = dst;
       ref::CopyRows({src.data(), expected.data(), from.data(), to.data(), rows, row_words});
-      DeviceBuffer d_src = Upload(src), d_dst = Upload(dst), d_from = Upload(from), d_to = Upload(to);
+      DeviceBuffer d_src = Upload(src), d_dst = Upload(dst), d_from = Upload(from),
+                   d_to = Upload(to);
       ASSERT_CUDA_OK(cuda::CopyRows({d_src.as<int32_t>(), d_dst.as<int32_t>(), d_from.as<int32_t>(),
                                      d_to.as<int32_t>(), rows, row_words},
                                     nullptr));

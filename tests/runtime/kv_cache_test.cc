@@ -48,8 +48,8 @@ TEST(KvCacheTest, TlsLagSlotsFollowSequences) {
   EXPECT_GE(s1, 0);
   EXPECT_GE(s2, 0);
   EXPECT_NE(s1, s2);
-  EXPECT_EQ(c.TlsLagSlot(1), s1);  // stable
-  EXPECT_EQ(c.TlsLagSlot(3), -1);  // all taken
+  EXPECT_EQ(c.TlsLagSlot(1), s1);   // stable
+  EXPECT_EQ(c.TlsLagSlot(3), -1);   // all taken
   EXPECT_EQ(c.TlsLagSlot(99), -1);  // unknown sequence
   EXPECT_EQ(c.tls_lag_free_slots(), 0);
   EXPECT_EQ(c.TlsSelectLen(1), 0);

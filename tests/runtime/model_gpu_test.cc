@@ -14,9 +14,9 @@ namespace {
 
 std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
 
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file, const std::string& device,
-                                                   bool tls = false,
-                                                   kernels::TlsLag lag = kernels::TlsLag::kOneStep) {
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(
+    const WeightFile& file, const std::string& device, bool tls = false,
+    kernels::TlsLag lag = kernels::TlsLag::kOneStep) {
   EngineOptions options;
   options.device = device;
   options.keep_logits = true;
@@ -77,31 +77,33 @@ TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
   auto file = WeightFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
   for (kernels::TlsLag lag : {kernels::TlsLag::kSameStep, kernels::TlsLag::kOneStep}) {
-  const char* lag_name = lag == kernels::TlsLag::kOneStep ? "one-step lag" : "same step";
-  SCOPED_TRACE(lag_name);
-  auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag);
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag);
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
-  const nlohmann::json ref = testing::LoadReference();
-  for (const auto& c : ref["cases"]) {
-    const std::string name = c["name"].get<std::string>();
-    SCOPED_TRACE(name);
-    const std::vector<int32_t> prompt = Ids(c["token_ids"]);
-    auto on_gpu = testing::Greedy(**gpu, prompt, 24, 1, /*tls=*/true);
-    ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
-    auto on_cpu = testing::Greedy(**cpu, prompt, 24, 1, /*tls=*/true);
-    ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
-    auto dense = testing::Greedy(**gpu, prompt, 24, 2);
-    ASSERT_TRUE(dense.ok()) << dense.status();
-    int same = 0, same_dense = 0;
-    while (same < 24 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
-    while (same_dense < 24 && (*on_gpu)[same_dense] == (*dense)[same_dense]) ++same_dense;
-    std::printf("[ tls      ] %-12s %-12s %5zu tokens: gpu tls = cpu tls for the first %d/24, = gpu dense for %d/24\n",
-                lag_name, name.c_str(), prompt.size(), same, same_dense);
-    EXPECT_EQ(*on_gpu, *on_cpu);
-  }
-  EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
+    const char* lag_name = lag == kernels::TlsLag::kOneStep ? "one-step lag" : "same step";
+    SCOPED_TRACE(lag_name);
+    auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    const nlohmann::json ref = testing::LoadReference();
+    for (const auto& c : ref["cases"]) {
+      const std::string name = c["name"].get<std::string>();
+      SCOPED_TRACE(name);
+      const std::vector<int32_t> prompt = Ids(c["token_ids"]);
+      auto on_gpu = testing::Greedy(**gpu, prompt, 24, 1, /*tls=*/true);
+      ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+      auto on_cpu = testing::Greedy(**cpu, prompt, 24, 1, /*tls=*/true);
+      ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+      auto dense = testing::Greedy(**gpu, prompt, 24, 2);
+      ASSERT_TRUE(dense.ok()) << dense.status();
+      int same = 0, same_dense = 0;
+      while (same < 24 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
+      while (same_dense < 24 && (*on_gpu)[same_dense] == (*dense)[same_dense]) ++same_dense;
+      std::printf(
+          "[ tls      ] %-12s %-12s %5zu tokens: gpu tls = cpu tls for the first %d/24, = gpu "
+          "dense for %d/24\n",
+          lag_name, name.c_str(), prompt.size(), same, same_dense);
+      EXPECT_EQ(*on_gpu, *on_cpu);
+    }
+    EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
   }
 }
 

@@ -416,9 +416,8 @@ absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& 
   ASYNCTLS_RETURN_IF_ERROR(EnsureWorkspace(block_q_, q_bytes, "tls block query"));
   ASYNCTLS_CUDA_OP(cudaMemcpyAsync(block_q_.memory.get(), q.q, q_bytes, cudaMemcpyDeviceToDevice,
                                    stream_.get()));
-  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(),
-                                       block_q_.memory.get(), block_fork_.get(),
-                                       block_join_.get()));
+  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_q_.memory.get(),
+                                       block_fork_.get(), block_join_.get()));
   block_pending_ = true;
   return absl::OkStatus();
 }

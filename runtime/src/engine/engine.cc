@@ -31,7 +31,8 @@ struct Engine::Item {
 };
 
 absl::StatusOr<TlsDecodeOptions> TlsDecodeOptionsFromFile(const std::string& channels_path,
-                                                          int32_t block_budget, int32_t token_budget,
+                                                          int32_t block_budget,
+                                                          int32_t token_budget,
                                                           kernels::TlsLag lag) {
   TlsDecodeOptions options;
   ASYNCTLS_ASSIGN_OR_RETURN(options.channels, LoadChannelSets(channels_path));
@@ -105,8 +106,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
                                                             c.head_dim, num_blocks, tls_channels));
   if (engine->options_.tls && engine->options_.tls->policy.mode == kernels::TlsMode::kTwoLevel &&
       engine->options_.tls->policy.lag == kernels::TlsLag::kOneStep) {
-    ASYNCTLS_RETURN_IF_ERROR(engine->cache_->EnableTlsLag(engine->options_.tls->lag_sequences,
-                                                          engine->options_.tls->policy.block_budget));
+    ASYNCTLS_RETURN_IF_ERROR(engine->cache_->EnableTlsLag(
+        engine->options_.tls->lag_sequences, engine->options_.tls->policy.block_budget));
   }
   ASYNCTLS_LOG_INFO("engine: ", engine->model_name_, " on ", engine->backend_->Describe(), ", ", c.num_layers,
                     " layers, KV cache ", num_blocks, " blocks (", num_blocks * kernels::kKvBlockSize, " tokens)");
@@ -236,7 +237,8 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
       block_budget = d.tls_block_budget > 0 ? d.tls_block_budget : limit.block_budget;
       token_budget = d.tls_token_budget > 0 ? d.tls_token_budget : limit.token_budget;
     }
-    Item item{d.seq_id, &d.token, 1, d.position, true, false, d.sampling, d.tls, block_budget, token_budget};
+    Item item{d.seq_id, &d.token,   1,     d.position,   true,
+              false,    d.sampling, d.tls, block_budget, token_budget};
     if (d.tls && cache_->tls_lag_slots() > 0) {
       // Lagged when the slot's block sets were chosen at the previous step (the sequence's
       // last TLS step was the token before this one); else this step seeds them.
@@ -250,8 +252,10 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
   // Dense decode items first, then TLS ones grouped by budgets and lag: a forward runs its TLS
   // sequences as a tail, one selection + attention call per run.
   std::stable_sort(decode_items.begin(), decode_items.end(), [](const Item& a, const Item& b) {
-    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget, a.tls_prev_select_len > 0) <
-           std::make_tuple(b.tls, b.tls_block_budget, b.tls_token_budget, b.tls_prev_select_len > 0);
+    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget,
+                           a.tls_prev_select_len > 0) < std::make_tuple(b.tls, b.tls_block_budget,
+                                                                        b.tls_token_budget,
+                                                                        b.tls_prev_select_len > 0);
   });
   // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
   // sequence appears at most once per forward (its chunks are consecutive in the cache).

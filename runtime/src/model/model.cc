@@ -242,9 +242,11 @@ struct Model::Impl {
           c.num_q_heads, "/", c.num_kv_heads, " x ", c.head_dim));
     }
     const kernels::TlsPolicy& pol = o.policy;
-    const bool lag = pol.mode == kernels::TlsMode::kTwoLevel && pol.lag == kernels::TlsLag::kOneStep;
+    const bool lag =
+        pol.mode == kernels::TlsMode::kTwoLevel && pol.lag == kernels::TlsLag::kOneStep;
     if (lag && o.lag_sequences <= 0) {
-      return absl::InvalidArgumentError("tls: lag_sequences must be positive with the one-step lag");
+      return absl::InvalidArgumentError(
+          "tls: lag_sequences must be positive with the one-step lag");
     }
     if (pol.block_budget <= 0 || pol.token_budget <= 0 || pol.sink_blocks < 0 || pol.window < 0) {
       return absl::InvalidArgumentError(
@@ -294,20 +296,20 @@ struct Model::Impl {
             "forward: tls lag slots need an enabled policy with the one-step lag");
       }
       if (cache.tls_lag_max_blocks() != tls_kept || cache.num_layers() != config.num_layers) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "forward: the KV cache keeps lag block sets of ", cache.tls_lag_max_blocks(),
-            " blocks over ", cache.num_layers(), " layers; the model needs ", tls_kept, " over ",
-            config.num_layers));
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: the KV cache keeps lag block sets of ",
+                         cache.tls_lag_max_blocks(), " blocks over ", cache.num_layers(),
+                         " layers; the model needs ", tls_kept, " over ", config.num_layers));
       }
       const int len = b.seq_lens[first_tls + t];
-      const bool lag_ok = tb.prev_select_len == 0 ||
-                          (tb.prev_select_len > 0 && tb.prev_select_len <= len &&
-                           len - tb.prev_select_len <= kernels::kTlsMaxLagTokens);
+      const bool lag_ok =
+          tb.prev_select_len == 0 || (tb.prev_select_len > 0 && tb.prev_select_len <= len &&
+                                      len - tb.prev_select_len <= kernels::kTlsMaxLagTokens);
       if (tb.lag_slot < 0 || tb.lag_slot >= cache.tls_lag_slots() || !lag_ok) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "forward: tls lag slot ", tb.lag_slot, " (of ", cache.tls_lag_slots(),
-            ") with block sets chosen at length ", tb.prev_select_len, " for a sequence of ", len,
-            " tokens"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: tls lag slot ", tb.lag_slot, " (of ", cache.tls_lag_slots(),
+                         ") with block sets chosen at length ", tb.prev_select_len,
+                         " for a sequence of ", len, " tokens"));
       }
     }
     return absl::OkStatus();
@@ -545,7 +547,8 @@ struct Model::Impl {
         const ForwardBatch::TlsBudgets& first = b.tls_decode[t];
         int run = 1;
         const bool lagged = first.prev_select_len > 0;
-        while (t + run < num_tls_decode && b.tls_decode[t + run].block_budget == first.block_budget &&
+        while (t + run < num_tls_decode &&
+               b.tls_decode[t + run].block_budget == first.block_budget &&
                b.tls_decode[t + run].token_budget == first.token_budget &&
                (b.tls_decode[t + run].prev_select_len > 0) == lagged) {
           ++run;
@@ -555,7 +558,8 @@ struct Model::Impl {
         policy.token_budget = first.token_budget;
         policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
         const int first_seq = b.num_seqs() - num_tls_decode + t;
-        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, num_prefill_tokens + num_dense_decode + t,
+        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy,
+                                                    num_prefill_tokens + num_dense_decode + t,
                                                     first_seq, t, run, scale));
         t += run;
       }
