@@ -3,12 +3,16 @@
 // KV cache, next to the step's byte floor (weights + the attention's bytes read once). Dense
 // attention, or two-level sparse attention through the engine's TLS path (the TLS index built
 // over the staged keys; channel sets = channels 0..31, any set costs the same on random data),
-// with the paper's one-step lag (--lag one-step, the default: the block branch beside the token
-// branch on a second stream) or same-step selection.
+// with the paper's one-step lag (--lag one-step, the default: the block branch on a second
+// stream beside the token branch, the attention and the FFN) or same-step selection.
+// --lag both compares the two in one process (processes of the same binary differ by up to 30%
+// on the H200): twice the sequences, steps alternating between a set that holds the engine's
+// lag slots (exactly one per sequence of a set) and a set that finds none and so selects
+// same-step (one --batches value).
 //
 //   decode_step_bench [--device cuda] [--context 32768] [--batches 1,8] [--steps 20] [--json F]
 //                     [--attention dense|tls|both] [--k-b 128] [--k-t 1024]
-//                     [--lag one-step|same-step]
+//                     [--lag one-step|same-step|both]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -160,20 +164,27 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "--attention: dense, tls or both\n");
     return 2;
   }
-  if (lag != "one-step" && lag != "same-step") {
-    std::fprintf(stderr, "--lag: one-step or same-step\n");
+  if (lag != "one-step" && lag != "same-step" && lag != "both") {
+    std::fprintf(stderr, "--lag: one-step, same-step or both\n");
     return 2;
   }
+  const bool lag_ab = lag == "both";  // lag and same-step sets, alternating steps
+  if (lag_ab && batches.size() != 1) {
+    std::fprintf(stderr, "--lag both: one --batches value (the slots fit one batch)\n");
+    return 2;
+  }
+  const int sets = lag_ab ? 2 : 1;
   const bool with_tls = attention != "dense";
   if (with_tls) {
     TlsDecodeOptions tls;
     tls.channels = FirstChannels(config);
-    tls.policy.lag = lag == "one-step" ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
+    tls.policy.lag = lag == "same-step" ? kernels::TlsLag::kSameStep : kernels::TlsLag::kOneStep;
+    if (lag_ab) tls.lag_sequences = max_batch;
     tls.policy.block_budget = k_b;
     tls.policy.token_budget = k_t;
     options.tls = tls;
   }
-  options.kv_cache_bytes = int64_t{blocks_per_seq + 1} * max_batch *
+  options.kv_cache_bytes = int64_t{blocks_per_seq + 1} * max_batch * sets *
                            KvCache::BytesPerBlock(config.num_layers, config.num_kv_heads, config.head_dim,
                                                   with_tls ? kTlsChannels : 0);
   auto t0 = std::chrono::steady_clock::now();
@@ -209,48 +220,61 @@ int Main(int argc, char** argv) {
   if (with_tls) modes.push_back(true);
   for (bool tls_mode : modes)
   for (int batch : batches) {
-    std::vector<uint64_t> ids;
-    for (int b = 0; b < batch; ++b) {
-      const uint64_t id = 1000 + b;
-      if (!cache.Reserve(id, context + steps + 4).ok()) {
-        std::fprintf(stderr, "KV cache too small for batch %d\n", batch);
-        return 1;
+    // Set k's sequences are ids 1000 (k + 1) + b; with --lag both set 0 steps first and so takes
+    // every lag slot, set 1 selects same-step.
+    const int num_sets = tls_mode ? sets : 1;
+    std::vector<std::vector<uint64_t>> ids(num_sets);
+    std::vector<uint64_t> all;
+    for (int k = 0; k < num_sets; ++k) {
+      for (int b = 0; b < batch; ++b) {
+        const uint64_t id = 1000 * (k + 1) + b;
+        if (!cache.Reserve(id, context + steps + 4).ok()) {
+          std::fprintf(stderr, "KV cache too small for batch %d\n", batch);
+          return 1;
+        }
+        cache.SetSeqLen(id, context);
+        ids[k].push_back(id);
+        all.push_back(id);
       }
-      cache.SetSeqLen(id, context);
-      ids.push_back(id);
     }
     if (tls_mode) {
-      if (absl::Status st = BuildTlsIndex(engine, config, ids, context); !st.ok()) {
+      if (absl::Status st = BuildTlsIndex(engine, config, all, context); !st.ok()) {
         std::fprintf(stderr, "tls index: %s\n", st.ToString().c_str());
         return 1;
       }
     }
-    std::vector<double> times;
-    int pos = context;
-    for (int s = 0; s < steps + 3; ++s, ++pos) {
-      StepPlan plan;
-      for (uint64_t id : ids) plan.decodes.push_back({id, 42, pos, {}, tls_mode});
-      auto r = engine.Step(plan);
-      if (!r.ok() || !r->errors.empty()) {
-        std::fprintf(stderr, "step failed: %s\n", r.ok() ? r->errors[0].message.c_str() : r.status().ToString().c_str());
-        return 1;
+    std::vector<std::vector<double>> times(num_sets);
+    for (int s = 0; s < steps + 3; ++s) {
+      for (int k = 0; k < num_sets; ++k) {
+        StepPlan plan;
+        for (uint64_t id : ids[k]) plan.decodes.push_back({id, 42, context + s, {}, tls_mode});
+        auto r = engine.Step(plan);
+        if (!r.ok() || !r->errors.empty()) {
+          std::fprintf(stderr, "step failed: %s\n",
+                       r.ok() ? r->errors[0].message.c_str() : r.status().ToString().c_str());
+          return 1;
+        }
+        if (s >= 3) times[k].push_back(r->step_ms);  // the first steps warm up cuBLASLt plans
       }
-      if (s >= 3) times.push_back(r->step_ms);  // the first steps warm up cuBLASLt plans
     }
-    std::sort(times.begin(), times.end());
-    const double ms = times[times.size() / 2];
-    const double bytes = StepBytes(config, batch, context, tls_mode ? &options.tls->policy : nullptr);
+    const double bytes =
+        StepBytes(config, batch, context, tls_mode ? &options.tls->policy : nullptr);
     const double floor_ms = bytes / 4.3e12 * 1e3;
-    std::printf("%6s %6d %8d %10.3f %10.1f %12.3f %10.0f %8.2f\n", tls_mode ? "tls" : "dense", batch, context, ms,
-                batch * 1000.0 / ms, floor_ms, bytes / (ms * 1e-3) / 1e9, ms / floor_ms);
-    char row[320];
-    std::snprintf(row, sizeof(row),
-                  "%s{\"attention\":\"%s\",\"batch\":%d,\"context\":%d,\"step_ms\":%.4f,\"floor_ms\":%.4f,"
-                  "\"bytes\":%.0f}",
-                  json.size() > 1 ? "," : "", tls_mode ? "tls" : "dense", batch, context, ms, floor_ms, bytes);
-    json += row;
+    for (int k = 0; k < num_sets; ++k) {
+      std::sort(times[k].begin(), times[k].end());
+      const double ms = times[k][times[k].size() / 2];
+      const char* label = !tls_mode ? "dense" : !lag_ab ? "tls" : k == 0 ? "lag" : "same";
+      std::printf("%6s %6d %8d %10.3f %10.1f %12.3f %10.0f %8.2f\n", label, batch, context, ms,
+                  batch * 1000.0 / ms, floor_ms, bytes / (ms * 1e-3) / 1e9, ms / floor_ms);
+      char row[320];
+      std::snprintf(row, sizeof(row),
+                    "%s{\"attention\":\"%s\",\"batch\":%d,\"context\":%d,\"step_ms\":%.4f,"
+                    "\"floor_ms\":%.4f,\"bytes\":%.0f}",
+                    json.size() > 1 ? "," : "", label, batch, context, ms, floor_ms, bytes);
+      json += row;
+    }
     StepPlan release;
-    release.releases = ids;
+    release.releases = all;
     (void)engine.Step(release);
   }
   json += "]\n";
