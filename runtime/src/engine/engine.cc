@@ -243,6 +243,13 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
       // Lagged when the slot's block sets were chosen at the previous step (the sequence's
       // last TLS step was the token before this one); else this step seeds them.
       item.tls_lag_slot = cache_->TlsLagSlot(d.seq_id);
+      if (item.tls_lag_slot < 0 && !lag_slots_exhausted_logged_) {
+        lag_slots_exhausted_logged_ = true;  // once per engine: the fallback is not an error
+        ASYNCTLS_LOG_WARN("engine: all ", cache_->tls_lag_slots(),
+                          " TLS lag slots are taken; sequence ", d.seq_id,
+                          " and others select same-step until slots free (raise "
+                          "TlsDecodeOptions::lag_sequences)");
+      }
       if (item.tls_lag_slot >= 0 && cache_->TlsSelectLen(d.seq_id) == d.position) {
         item.tls_prev_select_len = d.position;
       }

@@ -64,6 +64,7 @@ class Engine final : public StepExecutor {
   std::string model_name_;
   std::vector<float> logits_;
   std::vector<float> sampled_logits_;
+  bool lag_slots_exhausted_logged_ = false;
 };
 
 // Two-level sparse decode options from a channel-sets file (`asynctls calibrate`) and budgets
