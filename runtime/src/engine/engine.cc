@@ -111,6 +111,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
   }
   ASYNCTLS_LOG_INFO("engine: ", engine->model_name_, " on ", engine->backend_->Describe(), ", ", c.num_layers,
                     " layers, KV cache ", num_blocks, " blocks (", num_blocks * kernels::kKvBlockSize, " tokens)");
+  if (engine->options_.tls) {
+    const kernels::TlsPolicy& pol = engine->options_.tls->policy;
+    const int lag_slots = engine->cache_->tls_lag_slots();
+    ASYNCTLS_LOG_INFO("engine: two-level sparse decode, k_b ", pol.block_budget, ", k_t ",
+                      pol.token_budget, ", ", engine->options_.tls->channels.num_channels,
+                      " channels, ",
+                      lag_slots > 0 ? absl::StrCat("one-step lag (", lag_slots, " slots)")
+                                    : std::string("same-step selection"));
+  }
   return engine;
 }
 
