@@ -1,12 +1,15 @@
 // attention.mode = MODE_TLS end to end over gRPC: an in-process server whose engine keeps a TLS
 // index (CPU, real SmolLM2, channel sets calibrated on the GPL text, k_b 4 / k_t 96), a dense and
-// a TLS request for the same long prompt, and the request errors that name the field.
+// a TLS request for the same long prompt, the request errors that name the field, and a
+// cancelled TLS stream that frees its KV.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <fstream>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "asynctls/coordinator/router.h"
@@ -87,6 +90,15 @@ class TlsServiceTest : public ::testing::Test {
     return reader->Finish();
   }
 
+  int KvBlocksUsed() {
+    grpc::ClientContext context;
+    v1::GetStatsResponse stats;
+    EXPECT_TRUE(stub_->GetStats(&context, v1::GetStatsRequest(), &stats).ok());
+    int used = 0;
+    for (const auto& r : stats.replicas()) used += r.kv_blocks_used();
+    return used;
+  }
+
   std::unique_ptr<v1::Inference::Stub> stub_;
 };
 
@@ -121,6 +133,30 @@ TEST_F(TlsServiceTest, BudgetAboveTheServersIsInvalid) {
     EXPECT_TRUE(Run(r, &tokens).ok());
     EXPECT_EQ(tokens.size(), 4u);
   }
+}
+
+// A TLS request cancelled mid-stream (its one-step-lag steps under way) ends CANCELLED and
+// frees its KV and with it its lag slot (KvCache::Release); the next TLS request streams.
+TEST_F(TlsServiceTest, CancelledTlsStreamFreesItsKv) {
+  {
+    grpc::ClientContext context;
+    auto reader = stub_->Generate(&context, Request("cancel-tls", 400, true));
+    v1::GenerateResponse response;
+    int chunks = 0;
+    while (reader->Read(&response)) {
+      if (response.has_chunk() && ++chunks == 4) context.TryCancel();
+    }
+    EXPECT_GE(chunks, 4);
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (KvBlocksUsed() != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(KvBlocksUsed(), 0);
+  std::vector<int32_t> tokens;
+  EXPECT_TRUE(Run(Request("after-cancel", 4, true), &tokens).ok());
+  EXPECT_EQ(tokens.size(), 4u);
 }
 
 }  // namespace
