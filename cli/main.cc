@@ -28,6 +28,8 @@ commands:
              --tls-block-budget N --tls-token-budget N   k_b, k_t (default 128, 1024)
              --tls-lag L         one-step (default: the paper's, tokens chosen among the
                                  previous step's blocks) or same-step
+             --tls-lag-slots N   sequences that keep one-step-lag state at once (default 256;
+                                 later ones select same-step until slots free)
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)
              --model PATH        as for generate

@@ -2,7 +2,7 @@
 // sparse decode for an engine (asynctls serve, generate and asynctls-worker). FILE is `asynctls
 // calibrate`'s output; budgets default to the paper's k_b 128, k_t 1024; L is `one-step` (the
 // paper's: tokens chosen among the previous step's blocks, block selection beside them; the
-// default) or `same-step`.
+// default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256).
 #pragma once
 
 #include <cstdint>
@@ -18,9 +18,10 @@ namespace asynctls {
 
 inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (!flags.Has("tls-channels")) {
-    if (flags.Has("tls-block-budget") || flags.Has("tls-token-budget") || flags.Has("tls-lag")) {
-      return absl::InvalidArgumentError(
-          "--tls-block-budget / --tls-token-budget / --tls-lag need --tls-channels FILE");
+    for (const char* f : {"tls-block-budget", "tls-token-budget", "tls-lag", "tls-lag-slots"}) {
+      if (flags.Has(f)) {
+        return absl::InvalidArgumentError(absl::StrCat("--", f, " needs --tls-channels FILE"));
+      }
     }
     return absl::OkStatus();
   }
@@ -43,6 +44,9 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   ASYNCTLS_ASSIGN_OR_RETURN(
       TlsDecodeOptions tls,
       TlsDecodeOptionsFromFile(flags.Get("tls-channels"), block_budget, token_budget, lag));
+  ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("tls-lag-slots", &tls.lag_sequences));
+  if (tls.lag_sequences <= 0)
+    return absl::InvalidArgumentError("--tls-lag-slots: must be positive");
   options->tls = std::move(tls);
   return absl::OkStatus();
 }

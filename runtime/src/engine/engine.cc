@@ -257,7 +257,7 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
         ASYNCTLS_LOG_WARN("engine: all ", cache_->tls_lag_slots(),
                           " TLS lag slots are taken; sequence ", d.seq_id,
                           " and others select same-step until slots free (raise "
-                          "TlsDecodeOptions::lag_sequences)");
+                          "--tls-lag-slots / TlsDecodeOptions::lag_sequences)");
       }
       if (item.tls_lag_slot >= 0 && cache_->TlsSelectLen(d.seq_id) == d.position) {
         item.tls_prev_select_len = d.position;
