@@ -24,8 +24,6 @@
 namespace asynctls {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 struct StreamResult {
   grpc::Status status;
   std::vector<int32_t> tokens;
@@ -110,20 +108,12 @@ class InferenceServiceTest : public ::testing::Test {
   }
 
   int KvBlocksUsed() {
-    grpc::ClientContext context;
-    v1::GetStatsResponse stats;
-    EXPECT_TRUE(stub_->GetStats(&context, v1::GetStatsRequest(), &stats).ok());
-    int used = 0;
-    for (const auto& r : stats.replicas()) used += r.kv_blocks_used();
+    const int used = testing::KvBlocksUsed(*stub_);
+    EXPECT_GE(used, 0) << "GetStats failed";
     return used;
   }
   bool KvReturnsToIdle(std::chrono::milliseconds within) {
-    const auto deadline = Clock::now() + within;
-    while (Clock::now() < deadline) {
-      if (KvBlocksUsed() == 0) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return KvBlocksUsed() == 0;
+    return testing::KvReturnsToIdle(*stub_, within);
   }
 
   // Sends `bad` while another stream runs; checks the code and that the message names `field`,

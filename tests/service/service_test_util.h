@@ -4,11 +4,13 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "asynctls/coordinator/router.h"
 #include "asynctls/runtime/engine.h"
 #include "asynctls/runtime/tokenizer.h"
+#include "asynctls/v1/inference.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/inference_service.h"
 
@@ -44,5 +46,26 @@ struct InProcessServer {
     router.reset();  // finishes the replicas' requests before the service goes
   }
 };
+
+// KV blocks in use over every replica (GetStats); -1 when the call fails.
+inline int KvBlocksUsed(v1::Inference::Stub& stub) {
+  grpc::ClientContext context;
+  v1::GetStatsResponse stats;
+  if (!stub.GetStats(&context, v1::GetStatsRequest(), &stats).ok()) return -1;
+  int used = 0;
+  for (const auto& r : stats.replicas()) used += r.kv_blocks_used();
+  return used;
+}
+
+// Whether the replicas' KV use falls to 0 blocks within `within` (requests release theirs
+// asynchronously, at the coordinator's next step).
+inline bool KvReturnsToIdle(v1::Inference::Stub& stub, std::chrono::milliseconds within) {
+  const auto deadline = std::chrono::steady_clock::now() + within;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (KvBlocksUsed(stub) == 0) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return KvBlocksUsed(stub) == 0;
+}
 
 }  // namespace asynctls::testing

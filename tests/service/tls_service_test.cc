@@ -9,7 +9,6 @@
 #include <memory>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "asynctls/coordinator/router.h"
@@ -90,15 +89,6 @@ class TlsServiceTest : public ::testing::Test {
     return reader->Finish();
   }
 
-  int KvBlocksUsed() {
-    grpc::ClientContext context;
-    v1::GetStatsResponse stats;
-    EXPECT_TRUE(stub_->GetStats(&context, v1::GetStatsRequest(), &stats).ok());
-    int used = 0;
-    for (const auto& r : stats.replicas()) used += r.kv_blocks_used();
-    return used;
-  }
-
   std::unique_ptr<v1::Inference::Stub> stub_;
 };
 
@@ -149,11 +139,8 @@ TEST_F(TlsServiceTest, CancelledTlsStreamFreesItsKv) {
     EXPECT_GE(chunks, 4);
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (KvBlocksUsed() != 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_EQ(KvBlocksUsed(), 0);
+  EXPECT_TRUE(testing::KvReturnsToIdle(*stub_, std::chrono::seconds(5)))
+      << testing::KvBlocksUsed(*stub_) << " blocks still used";
   std::vector<int32_t> tokens;
   EXPECT_TRUE(Run(Request("after-cancel", 4, true), &tokens).ok());
   EXPECT_EQ(tokens.size(), 4u);

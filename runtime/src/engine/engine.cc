@@ -267,12 +267,12 @@ absl::StatusOr<StepResult> Engine::Step(const StepPlan& plan) {
   }
   // Dense decode items first, then TLS ones grouped by budgets and lag: a forward runs its TLS
   // sequences as a tail, one selection + attention call per run.
-  std::stable_sort(decode_items.begin(), decode_items.end(), [](const Item& a, const Item& b) {
-    return std::make_tuple(a.tls, a.tls_block_budget, a.tls_token_budget,
-                           a.tls_prev_select_len > 0) < std::make_tuple(b.tls, b.tls_block_budget,
-                                                                        b.tls_token_budget,
-                                                                        b.tls_prev_select_len > 0);
-  });
+  auto run_key = [](const Item& i) {
+    return std::make_tuple(i.tls, i.tls_block_budget, i.tls_token_budget,
+                           i.tls_prev_select_len > 0);
+  };
+  std::stable_sort(decode_items.begin(), decode_items.end(),
+                   [&](const Item& a, const Item& b) { return run_key(a) < run_key(b); });
   // Pack into forwards of at most max_batch_tokens tokens and max_batch_seqs sequences; a
   // sequence appears at most once per forward (its chunks are consecutive in the cache).
   std::vector<Item> all = std::move(prefill_items);

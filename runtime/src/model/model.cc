@@ -71,6 +71,7 @@ struct Model::Impl {
   DeviceBuffer tls_channel_sets, tls_start_pos, tls_blocks, tls_num_blocks, tls_positions,
       tls_num_positions;
   DeviceBuffer tls_prev_blocks, tls_prev_num_blocks, tls_prev_lens, tls_copy_rows;
+  bool tls_lag() const { return tls_prev_blocks.data() != nullptr; }
   std::vector<float> capture_q, capture_k, capture_v;
 
   absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
@@ -286,12 +287,11 @@ struct Model::Impl {
 
   // The batch's lag slots and lengths against the cache and the enabled policy.
   absl::Status CheckTlsLag(const ForwardBatch& b, const KvCache& cache) const {
-    const bool lag = tls_prev_blocks.data() != nullptr;
     const int first_tls = b.num_seqs() - b.num_tls_decode();
     for (int t = 0; t < b.num_tls_decode(); ++t) {
       const ForwardBatch::TlsBudgets& tb = b.tls_decode[t];
       if (tb.lag_slot < 0 && tb.prev_select_len == 0) continue;
-      if (!lag) {
+      if (!tls_lag()) {
         return absl::InvalidArgumentError(
             "forward: tls lag slots need an enabled policy with the one-step lag");
       }
@@ -319,12 +319,12 @@ struct Model::Impl {
   // into batch order (tls_prev_*); after them, every slotted sequence's M_t back to its slot.
   // Rows of [slots, layers] in the cache, [layers, S] here; one CopyRows per array.
   absl::Status CopyTlsLagState(const ForwardBatch& b, KvCache& cache, bool to_slots) {
-    if (!tls_prev_blocks.data()) return absl::OkStatus();
+    if (!tls_lag()) return absl::OkStatus();
     const int L = config.num_layers, S = options.max_batch_seqs, KV = config.num_kv_heads;
     std::vector<int32_t> slot_rows, batch_rows, prev_lens;
     for (int t = 0; t < b.num_tls_decode(); ++t) {
       const ForwardBatch::TlsBudgets& tb = b.tls_decode[t];
-      prev_lens.push_back(tb.prev_select_len);
+      if (!to_slots) prev_lens.push_back(tb.prev_select_len);
       if (tb.lag_slot < 0 || (!to_slots && tb.prev_select_len == 0)) continue;
       for (int li = 0; li < L; ++li) {
         slot_rows.push_back(tb.lag_slot * L + li);
@@ -356,16 +356,18 @@ struct Model::Impl {
     return backend->CopyRows({from_counts, counts, rows, rows + n, n, KV});
   }
 
-  // Two-level sparse attention of `count` decode sequences from sequence `first_seq` (q row
-  // `first_row`; the `first_tls`-th TLS sequence) with `policy` (budgets at most the enabled
-  // policy's, so the buffers fit): select positions, then attend over them. With the one-step
-  // lag the block sets go to layer `layer`'s rows of tls_blocks (kept for the scatter to the
-  // cache's slots), and policy.lag == kOneStep reads M_{t-1} from tls_prev_blocks.
+  // Two-level sparse attention of `count` decode sequences from the `first_tls`-th TLS sequence
+  // with `policy` (budgets at most the enabled policy's, so the buffers fit): select positions,
+  // then attend over them. With the one-step lag the block sets go to layer `layer`'s rows of
+  // tls_blocks (kept for the scatter to the cache's slots), and policy.lag == kOneStep reads
+  // M_{t-1} from tls_prev_blocks.
   absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer,
-                                  const kernels::TlsPolicy& policy, int first_row, int first_seq,
-                                  int first_tls, int count, float scale) {
+                                  const kernels::TlsPolicy& policy, int first_tls, int count,
+                                  float scale) {
     const ModelConfig& c = config;
     const int H = c.num_q_heads, KV = c.num_kv_heads, hd = c.head_dim;
+    const int first_seq = b.num_seqs() - b.num_tls_decode() + first_tls;
+    const int first_row = b.cu_q_lens[first_seq];  // q rows are packed in sequence order
     const int max_positions = kernels::TlsMaxSelectedTokens(policy, b.max_blocks_per_seq);
     const float* q_rows = q.as<float>() + int64_t{first_row} * H * hd;
     const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * b.max_blocks_per_seq;
@@ -381,8 +383,7 @@ struct Model::Impl {
     sp.token_codes = cache.tls_codes(layer);
     sp.token_scales = cache.tls_scales(layer);
     // Row (layer, first_tls) of the [layers, S, KV, k_b] block sets.
-    const int64_t row =
-        (tls_prev_blocks.data() ? int64_t{layer} * options.max_batch_seqs : 0) + first_tls;
+    const int64_t row = (tls_lag() ? int64_t{layer} * options.max_batch_seqs : 0) + first_tls;
     sp.blocks = tls_blocks.as<int32_t>() + row * KV * tls_kept;
     sp.num_blocks = tls_num_blocks.as<int32_t>() + row * KV;
     if (policy.lag == kernels::TlsLag::kOneStep) {
@@ -400,8 +401,7 @@ struct Model::Impl {
     sp.num_channels = tls_channels;
     sp.max_blocks_per_seq = b.max_blocks_per_seq;
     // With the lag one row stride for every run (the lag slots'), else the run's own.
-    sp.max_kept_blocks =
-        tls_prev_blocks.data() ? tls_kept : std::max(1, kernels::TlsKeptBlocks(policy));
+    sp.max_kept_blocks = tls_lag() ? tls_kept : std::max(1, kernels::TlsKeptBlocks(policy));
     sp.max_positions = max_positions;
     sp.scale = scale;
     ASYNCTLS_RETURN_IF_ERROR(backend->TlsDecodeSelect(sp));
@@ -557,10 +557,7 @@ struct Model::Impl {
         policy.block_budget = first.block_budget;
         policy.token_budget = first.token_budget;
         policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
-        const int first_seq = b.num_seqs() - num_tls_decode + t;
-        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy,
-                                                    num_prefill_tokens + num_dense_decode + t,
-                                                    first_seq, t, run, scale));
+        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, t, run, scale));
         t += run;
       }
       if (num_dense_decode > 0) {

@@ -63,7 +63,6 @@ class KvCache {
   int tls_lag_slots() const { return tls_lag_slots_; }
   int tls_lag_free_slots() const { return static_cast<int>(free_lag_slots_.size()); }
   int num_layers() const { return static_cast<int>(k_pools_.size()); }
-  int num_kv_heads() const { return num_kv_heads_; }
 
   int num_blocks() const { return num_blocks_; }
   int free_blocks() const { return static_cast<int>(free_.size()); }
