@@ -19,13 +19,19 @@ namespace asynctls::kernels::cuda {
 namespace {
 
 using attention_detail::Bf16Io;
+using attention_detail::BulkCopyToShared;
 using attention_detail::CpAsync16;
 using attention_detail::CpAsyncCommit;
 using attention_detail::CpAsyncWait;
 using attention_detail::F32Io;
+using attention_detail::FenceMbarInit;
 using attention_detail::kLog2e;
+using attention_detail::LdMatrixX2;
 using attention_detail::LdMatrixX4;
 using attention_detail::LdMatrixX4Trans;
+using attention_detail::MbarArriveExpectTx;
+using attention_detail::MbarInit;
+using attention_detail::MbarWait;
 using attention_detail::MmaBf16;
 using attention_detail::PackBf16;
 using attention_detail::SmemAddr;
@@ -771,6 +777,246 @@ __global__ void __launch_bounds__(kThreads, 1)
   StoreRowStats(p, m_s, l_s, heads, q_row0, split, num_splits, ws_ml);
 }
 
+// ---- MLA, 16 heads per CTA, pipelined ------------------------------------------------------
+// A 16-head CTA of MlaAttnKernel loads a tile, then scores it, then loads the next: at sparse
+// budgets (1-3 tiles per CTA, one CTA per SM) the SM idles behind each load, and its 8 warps
+// each re-read the whole query from shared memory per tile (the scores' main cost). Here (bf16
+// io, V inside the K rows) the split's pool rows are looked up at once, each gathered row is one
+// bulk copy (the copy engine, not 72 cp.async per row) completing on its buffer's mbarrier,
+// three 48-key buffers are in flight (a split of up to 144 positions loads all at once), and
+// each warp keeps its slice of the query in registers for the whole split:
+//   scores: warp w takes latent k-steps [9 (w % 4), +9) of keys [24 (w / 4), +24): three
+//   independent mma chains, no query reads; the four slices' partial scores meet in shared
+//   memory, where the softmax adds them (16 lanes per row, a warp's two rows side by side);
+//   P V: warp w owns value dims [64 w, 64 w + 64), as in MlaAttnKernel.
+// Rows sit 1,168 B apart (576 bf16 + 16 B): the bulk copy cannot swizzle, and the 16-byte shift
+// per row keeps ldmatrix's 8 rows on distinct banks.
+constexpr int kPipeKeys = 48;
+constexpr int kPipeStages = 3;
+constexpr uint32_t kPipeRowBytes = kDim * 2 + 16;
+constexpr int kPipeSlices = 4;                          // warps along the latent dims (scores)
+constexpr int kPipeSliceSteps = kKSteps / kPipeSlices;  // 9 k-steps of 16 dims each
+constexpr int kPipeWarpKeys = kPipeKeys / (kWarps / kPipeSlices);  // 24: three 8-key n-tiles
+constexpr int kPipeSStride = kPipeKeys + 8;  // floats per partial-score row: 2-way stores
+constexpr int kPipePStride = kPipeKeys + 8;  // bf16 per P row: 112 B, conflict-free ldmatrix
+constexpr int kPipeSlotsPerThread = 8;
+constexpr int kPipeSlots = kPipeSlotsPerThread * kThreads;  // positions per CTA at most
+static_assert(kKSteps % kPipeSlices == 0 && kPipeWarpKeys == 24, "4 slices x 2 key thirds");
+
+struct PipeLayout {
+  static constexpr uint32_t kQ = 0;
+  static constexpr uint32_t kK = kQ + uint32_t(kRows) * kDim * 2;  // kPipeStages buffers
+  static constexpr uint32_t kKBytes = kPipeKeys * kPipeRowBytes;
+  static constexpr uint32_t kS = kK + kPipeStages * kKBytes;  // [slice][row][key] partials
+  static constexpr uint32_t kP = kS + 4 * kPipeSlices * kRows * kPipeSStride;
+  static constexpr uint32_t kStats = kP + 2 * kRows * kPipePStride;
+  static constexpr uint32_t kSlots = kStats + 4 * 3 * kRows;
+  static constexpr uint32_t kBars = kSlots + 4 * kPipeSlots;  // one 8-byte mbarrier per buffer
+  static constexpr uint32_t kBytes = kBars + 8 * kPipeStages;
+  static_assert(kBars % 8 == 0 && kK % 16 == 0 && kS % 16 == 0, "aligned barriers and rows");
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    MlaPipeAttnKernel(TlsSparseAttentionParams p, int split_tokens, int num_splits, float* ws_acc,
+                      float* ws_ml) {
+  using L = PipeLayout;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t base = SmemAddr(smem);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(smem + L::kP);
+  float* m_s = reinterpret_cast<float*>(smem + L::kStats);
+  float* l_s = m_s + kRows;
+  float* corr_s = l_s + kRows;
+  int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);  // pool row per position
+
+  const int split = blockIdx.x, bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int h0 = blockIdx.z * kRows;
+  const int heads = min(kRows, group - h0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mul = p.scale * kLog2e;
+  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
+
+  // The query before the wait (see MlaAttnKernel); rows past `heads` read as zeros.
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    CpAsync16(base + L::kQ + TileOffset<kDim>(r, c),
+              q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c, r < heads);
+  }
+  CpAsyncCommit();
+  if (tid < kRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  if (tid == 0) {
+    for (int st = 0; st < kPipeStages; ++st) MbarInit(base + L::kBars + 8 * st, 1);
+    FenceMbarInit();
+  }
+  WaitForPreviousGrid();  // the selection before this kernel wrote the positions
+  const int n = p.num_positions[bg];
+  const int t_begin = split * split_tokens;
+  const int t_end = min(n, t_begin + split_tokens);
+  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
+  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const char* k_cache = static_cast<const char*>(p.k_cache);
+  {  // the pool rows of the split's positions, all loads in flight together
+    int32_t pos[kPipeSlotsPerThread], block[kPipeSlotsPerThread];
+#pragma unroll
+    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
+      const int t = t_begin + i * kThreads + tid;
+      pos[i] = t < t_end ? positions[t] : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
+      block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
+      slot_s[i * kThreads + tid] =
+          (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // slots, the query, the stats and the mbarriers, for every thread
+
+  // Tile `tile`'s rows into its buffer. Thread 0 posts the bytes; the rows' copies are spread
+  // over the warps (a copy is a warp-uniform instruction: one warp issues its lanes' one at a
+  // time). Rows past the list's end are zeroed: P is 0 there, but V must not be NaN.
+  const int num_tiles = (max(t_end - t_begin, 0) + kPipeKeys - 1) / kPipeKeys;
+  auto issue_tile = [&](int tile) {
+    const int t0 = t_begin + tile * kPipeKeys, cnt = min(kPipeKeys, t_end - t0);
+    const int buf = tile % kPipeStages;
+    for (int idx = cnt * kChunks + tid; idx < kPipeKeys * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      *reinterpret_cast<uint4*>(smem + L::kK + buf * L::kKBytes + r * kPipeRowBytes + 16 * c) =
+          make_uint4(0, 0, 0, 0);
+    }
+    const uint32_t bar = base + L::kBars + 8 * buf;
+    if (tid == 0) MbarArriveExpectTx(bar, uint32_t(cnt) * kDim * 2);
+    for (int r = warp + kWarps * lane; r < cnt; r += kThreads) {
+      BulkCopyToShared(base + L::kK + buf * L::kKBytes + r * kPipeRowBytes,
+                       k_cache + int64_t{slot_s[t0 - t_begin + r]} * (kDim * 2), kDim * 2, bar);
+    }
+  };
+  for (int tile = 0; tile < min(num_tiles, kPipeStages); ++tile) issue_tile(tile);
+
+  // This warp's query slice in registers: A fragments of k-steps [9 slice, 9 slice + 9).
+  const int slice = warp % kPipeSlices, key0 = kPipeWarpKeys * (warp / kPipeSlices);
+  const int a_row = ((lane >> 3) & 1) * 8 + (lane & 7), a_chunk = lane >> 4;
+  uint32_t qf[kPipeSliceSteps][4];
+#pragma unroll
+  for (int j = 0; j < kPipeSliceSteps; ++j) {
+    LdMatrixX4(qf[j],
+               base + L::kQ + TileOffset<kDim>(a_row, 2 * (kPipeSliceSteps * slice + j) + a_chunk));
+  }
+  const int c_row = lane >> 2, c_col = 2 * (lane & 3);
+  // ldmatrix lanes: scores take keys (two 8-key n-tiles per x4, one per x2) at one k-step's
+  // two chunks; P V takes 16 keys x two 8-dim chunks, transposed.
+  const int k_key = 8 * (lane >> 4) + (lane & 7), k_chunk = (lane >> 3) & 1;
+  const int v_key = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
+  float o[kWarpDims / 8][4] = {};
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int cnt = min(kPipeKeys, t_end - (t_begin + tile * kPipeKeys));
+    const int buf = tile % kPipeStages;
+    const uint32_t kbuf = base + L::kK + buf * L::kKBytes;
+    MbarWait(base + L::kBars + 8 * buf, (tile / kPipeStages) & 1);
+
+    float s[3][4] = {};
+#pragma unroll
+    for (int j = 0; j < kPipeSliceSteps; ++j) {
+      const uint32_t chunk = 16 * (2 * (kPipeSliceSteps * slice + j) + k_chunk);
+      uint32_t kb[4], kc[2];
+      LdMatrixX4(kb, kbuf + (key0 + k_key) * kPipeRowBytes + chunk);
+      LdMatrixX2(kc, kbuf + (key0 + 16 + (lane & 7)) * kPipeRowBytes + chunk);
+      MmaBf16(s[0], qf[j], kb[0], kb[1]);
+      MmaBf16(s[1], qf[j], kb[2], kb[3]);
+      MmaBf16(s[2], qf[j], kc[0], kc[1]);
+    }
+    float* s_slice = s_s + slice * kRows * kPipeSStride;
+#pragma unroll
+    for (int nt = 0; nt < 3; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        *reinterpret_cast<float2*>(s_slice + (c_row + 8 * half) * kPipeSStride + key0 + 8 * nt +
+                                   c_col) = make_float2(s[nt][2 * half], s[nt][2 * half + 1]);
+      }
+    }
+    __syncthreads();
+
+    // Online softmax of rows 2 warp and 2 warp + 1, 16 lanes per row (12 with keys), 4 keys
+    // per lane.
+    {
+      const int row = 2 * warp + (lane >> 4), k4 = 4 * (lane & 15);
+      float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+      if (k4 < kPipeKeys) {
+        float sum4[4] = {};
+#pragma unroll
+        for (int sl = 0; sl < kPipeSlices; ++sl) {
+          const float4 v =
+              *reinterpret_cast<const float4*>(s_s + (sl * kRows + row) * kPipeSStride + k4);
+          sum4[0] += v.x, sum4[1] += v.y, sum4[2] += v.z, sum4[3] += v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = k4 + i < cnt ? sum4[i] * mul : -INFINITY;
+      }
+      float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[row];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_base = m_new == -INFINITY ? 0.f : m_new;  // every key masked so far
+      const float e0 = exp2f(x[0] - m_base), e1 = exp2f(x[1] - m_base);
+      const float e2 = exp2f(x[2] - m_base), e3 = exp2f(x[3] - m_base);
+      float sum = (e0 + e1) + (e2 + e3);
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (k4 < kPipeKeys) {
+        *reinterpret_cast<uint2*>(p_s + row * kPipePStride + k4) =
+            make_uint2(PackBf16(e0, e1), PackBf16(e2, e3));
+      }
+      __syncwarp();  // every lane of the row read m_old before lane 0 / 16 replaces it
+      if ((lane & 15) == 0) {
+        const float corr = exp2f(m_old - m_base);
+        m_s[row] = m_new;
+        l_s[row] = l_s[row] * corr + sum;
+        corr_s[row] = corr;
+      }
+    }
+    __syncthreads();
+
+    // O[:, 64 warp .. +64) += P V.
+    const float c0 = corr_s[c_row], c1 = corr_s[c_row + 8];
+#pragma unroll
+    for (int j = 0; j < kWarpDims / 8; ++j) {
+      o[j][0] *= c0, o[j][1] *= c0, o[j][2] *= c1, o[j][3] *= c1;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kPipeKeys / 16; ++ks) {
+      uint32_t pa[4], vb[kWarpDims / 16][4];
+      LdMatrixX4(pa, base + L::kP + 2 * (a_row * kPipePStride + 16 * ks + 8 * a_chunk));
+#pragma unroll
+      for (int jj = 0; jj < kWarpDims / 16; ++jj) {
+        LdMatrixX4Trans(vb[jj], kbuf + (16 * ks + v_key) * kPipeRowBytes +
+                                    16 * (kWarpDims / 8 * warp + 2 * jj + v_chunk));
+      }
+#pragma unroll
+      for (int jj = 0; jj < kWarpDims / 16; ++jj) {
+        MmaBf16(o[2 * jj], pa, vb[jj][0], vb[jj][1]);
+        MmaBf16(o[2 * jj + 1], pa, vb[jj][2], vb[jj][3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer, P and the stats
+    if (tile + kPipeStages < num_tiles) issue_tile(tile + kPipeStages);
+  }
+  LetNextGridLaunch();  // the merge may launch; it waits for the partials written below
+
+  StoreRowTile<Bf16Io>(p, o, 0, heads, l_s, q_row0, split, num_splits, ws_acc);
+  StoreRowStats(p, m_s, l_s, heads, q_row0, split, num_splits, ws_ml);
+}
+
 }  // namespace mla
 
 constexpr int kMergeThreads = 128;
@@ -892,25 +1138,37 @@ struct SplitPlan {
   int hpc = 0, head_chunks = 0, split_tokens = 0, num_splits = 0;
 };
 
-// MlaWideAttnKernel's row tiles for this call: 4 (64 heads per CTA) from 64 heads, 2 from 32;
-// 0: MlaAttnKernel (fewer heads, fp32 io, or V in a pool of its own). The wide kernel is used
-// when its plan gives each CTA at least kMlaWideMinTiles tiles (and at most kWideSlots
-// positions: lists of up to ~500K positions): with fewer (batch 1-2 at
-// k_t 512, H200) its one CTA per SM, larger partials and longer prologue made the attention
-// 1.4x slower than MlaAttnKernel's; from 3 tiles it was as fast or faster (up to 1.8x at
-// 128 heads batch 8 k_t 2048, 2.4x over dense 32K lists; bench/results/tls-kernels-h200.md).
-constexpr int kMlaWideMinTiles = 3;
-int MlaWideRowTiles(const TlsSparseAttentionParams& p) {
-  if (p.head_dim != mla::kDim || p.io_dtype != DType::kBF16 || p.v_cache != p.k_cache) return 0;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  return group >= 64 ? 4 : group >= 32 ? 2 : 0;
+// The kernel of an MLA call (GQA head dims take SparseAttnKernel).
+enum class MlaKernel {
+  kTiles,      // MlaAttnKernel: fp32 io or V in a pool of its own
+  kPipelined,  // MlaPipeAttnKernel: bf16 io, V inside the K rows, 16 heads per CTA
+  kWide2,      // MlaWideAttnKernel<2>: 32 heads per CTA
+  kWide4,      // MlaWideAttnKernel<4>: 64 heads per CTA
+};
+
+int WideRowTiles(MlaKernel k) {
+  return k == MlaKernel::kWide4 ? 4 : k == MlaKernel::kWide2 ? 2 : 0;
 }
 
-// wide_rt: MlaWideRowTiles(p) (the plan depends on the kernel).
-SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
+// The wide kernel for this call's heads (kTiles where it cannot take them): 4 row tiles (64 heads
+// per CTA) from 64 heads, 2 from 32, bf16 io with V inside the K rows only.
+MlaKernel WideKernel(const TlsSparseAttentionParams& p) {
+  if (p.head_dim != mla::kDim || p.io_dtype != DType::kBF16 || p.v_cache != p.k_cache) {
+    return MlaKernel::kTiles;
+  }
+  const int group = p.num_q_heads / p.num_kv_heads;
+  return group >= 64 ? MlaKernel::kWide4 : group >= 32 ? MlaKernel::kWide2 : MlaKernel::kTiles;
+}
+
+// kernel: MLA's (ignored for GQA head dims).
+SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   SplitPlan s;
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool mla = p.head_dim == mla::kDim;
+  const int wide_rt = mla ? WideRowTiles(kernel) : 0;
+  // The pipelined and wide kernels walk their tiles with the next one loading (one CTA per SM);
+  // the others load, then compute, tile after tile.
+  const bool one_wave = mla && kernel != MlaKernel::kTiles;
   s.hpc = 1;
   if (wide_rt > 0) {
     s.hpc = 16 * wide_rt;
@@ -922,23 +1180,30 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
   const int tile = wide_rt > 0 ? mla::kWideKeys : mla ? mla::kKeys : kTile;
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
-  // Each CTA walks its tiles one after another (position -> table -> K/V gather, then the
-  // math), so a split's time is its tile count times a latency-bound step: aim for one full
-  // wave of GQA CTAs (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by
-  // side. MLA CTAs (tensor cores, ~100-125 KB of shared memory) fit 1-2 per SM: aim for 2. The
-  // wide MLA CTAs (one per SM, their tiles pipelined) aim for one wave and no more.
+  // A CTA that walks its tiles one after another (position -> table -> K/V gather, then the
+  // math) takes its tile count times a latency-bound step: aim for one full wave of GQA CTAs
+  // (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by side, and 2 MLA
+  // CTAs per SM (tensor cores, ~100-125 KB of shared memory). The pipelined and wide CTAs (one
+  // per SM) aim for one wave and no more.
   const int64_t ctas_per_sm = mla ? 2 : 6;
   const int64_t want =
-      wide_rt > 0 ? std::max<int64_t>(1, int64_t{NumSms()} / base)
-                  : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
+      one_wave ? std::max<int64_t>(1, int64_t{NumSms()} / base)
+               : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
-  // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20 splits
-  // per (sequence, KV head) instead of 5, and each CTA pays the position -> table -> K/V load
-  // chain once; the merge reads at most a few KB per query head.
-  tokens = std::max(tile, (tokens + tile - 1) / tile * tile);
-  // A wide CTA holds the row slots of at most kWideSlots positions (more splits instead).
+  if (kernel == MlaKernel::kPipelined && mla) {
+    // Its tiles need not be full (a split of 138 positions loads 138 rows in tiles of 64, 64
+    // and 10), so the split follows the wave; at least one full tile.
+    tokens = std::max(mla::kPipeKeys, (tokens + 15) / 16 * 16);
+  } else {
+    // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20
+    // splits per (sequence, KV head) instead of 5, and each CTA pays the position -> table ->
+    // K/V load chain once; the merge reads at most a few KB per query head.
+    tokens = std::max(tile, (tokens + tile - 1) / tile * tile);
+  }
+  // A pipelined or wide CTA holds the pool rows of a bounded number of positions (more splits).
   if (wide_rt > 0) tokens = std::min(tokens, mla::kWideSlots);
+  if (kernel == MlaKernel::kPipelined && mla) tokens = std::min(tokens, mla::kPipeSlots);
   // Keep the split count under the merge kernel's limit.
   tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
   s.split_tokens = tokens;
@@ -946,24 +1211,33 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, int wide_rt) {
   return s;
 }
 
-// The call's kernel (wide_rt: MlaWideAttnKernel's row tiles, 0 for the others) and its plan:
-// the wide kernel where MlaWideRowTiles allows it and its plan gives each CTA kMlaWideMinTiles
-// to kWideSlots positions' worth of tiles.
+// The call's kernel and its plan. The wide kernel where WideKernel allows it and its plan
+// gives each CTA kMlaWideMinTiles to kWideSlots positions' worth of tiles: with fewer (batch
+// 1-2 at k_t 512, H200) its one CTA per SM, larger partials and longer prologue made the
+// attention 1.4x slower than the 16-head CTAs'; from 3 tiles it was as fast or faster (up to
+// 1.8x at 128 heads batch 8 k_t 2048, 2.4x over dense 32K lists; bench/results/
+// tls-kernels-h200.md). Else 16-head CTAs: pipelined where the io and layout allow and a
+// split's positions fit its slots (lists of up to ~500K positions), MlaAttnKernel otherwise.
+constexpr int kMlaWideMinTiles = 3;
 struct AttnChoice {
-  int wide_rt = 0;
+  MlaKernel kernel = MlaKernel::kTiles;
   SplitPlan plan;
 };
 
 AttnChoice ChooseKernel(const TlsSparseAttentionParams& p) {
-  const int wide_rt = MlaWideRowTiles(p);
-  if (wide_rt > 0) {
-    const SplitPlan wide = PlanSplits(p, wide_rt);
-    if (wide.split_tokens >= kMlaWideMinTiles * mla::kWideKeys &&
-        wide.split_tokens <= mla::kWideSlots) {
-      return {wide_rt, wide};
+  const MlaKernel wide = WideKernel(p);
+  if (wide != MlaKernel::kTiles) {
+    const SplitPlan plan = PlanSplits(p, wide);
+    if (plan.split_tokens >= kMlaWideMinTiles * mla::kWideKeys &&
+        plan.split_tokens <= mla::kWideSlots) {
+      return {wide, plan};
     }
   }
-  return {0, PlanSplits(p, 0)};
+  if (p.head_dim == mla::kDim && p.io_dtype == DType::kBF16 && p.v_cache == p.k_cache) {
+    const SplitPlan plan = PlanSplits(p, MlaKernel::kPipelined);
+    if (plan.split_tokens <= mla::kPipeSlots) return {MlaKernel::kPipelined, plan};
+  }
+  return {MlaKernel::kTiles, PlanSplits(p, MlaKernel::kTiles)};
 }
 
 // Launches an attention KERNEL over the plan's grid with its split-K partials in p.workspace
@@ -1015,6 +1289,12 @@ cudaError_t LaunchMlaAttn(const TlsSparseAttentionParams& p, const SplitPlan& pl
   return LaunchSplitK<mla::MlaAttnKernel<Io>>(p, plan, mla::kThreads, smem, stream);
 }
 
+cudaError_t LaunchMlaPipeAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
+                              cudaStream_t stream) {
+  return LaunchSplitK<mla::MlaPipeAttnKernel>(p, plan, mla::kThreads, mla::PipeLayout::kBytes,
+                                              stream);
+}
+
 template <int RT>
 cudaError_t LaunchMlaWideAttn(const TlsSparseAttentionParams& p, const SplitPlan& plan,
                               cudaStream_t stream) {
@@ -1051,9 +1331,11 @@ bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size
 size_t TlsSparseAttentionWorkspaceBytes(const TlsSparseAttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.batch <= 0) return 0;
   // Either MLA kernel's plan: the size may be asked with other pointers or io than the call's.
-  int splits = PlanSplits(p, 0).num_splits;
+  int splits = PlanSplits(p, MlaKernel::kTiles).num_splits;
   if (p.head_dim == mla::kDim) {
-    splits = std::max({splits, PlanSplits(p, 2).num_splits, PlanSplits(p, 4).num_splits});
+    for (MlaKernel k : {MlaKernel::kPipelined, MlaKernel::kWide2, MlaKernel::kWide4}) {
+      splits = std::max(splits, PlanSplits(p, k).num_splits);
+    }
   }
   if (splits <= 1) return 0;
   const size_t rows = size_t(splits) * p.batch * p.num_q_heads;
@@ -1070,8 +1352,9 @@ cudaError_t TlsSparseAttention(const TlsSparseAttentionParams& p, cudaStream_t s
   const AttnChoice choice = ChooseKernel(p);
   const SplitPlan& plan = choice.plan;
   if (plan.num_splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
-  if (choice.wide_rt == 4) return LaunchMlaWideAttn<4>(p, plan, stream);
-  if (choice.wide_rt == 2) return LaunchMlaWideAttn<2>(p, plan, stream);
+  if (choice.kernel == MlaKernel::kWide4) return LaunchMlaWideAttn<4>(p, plan, stream);
+  if (choice.kernel == MlaKernel::kWide2) return LaunchMlaWideAttn<2>(p, plan, stream);
+  if (choice.kernel == MlaKernel::kPipelined) return LaunchMlaPipeAttn(p, plan, stream);
   switch (p.head_dim) {
     case 64:
       return DispatchHeads<64, 64>(p, plan, stream);

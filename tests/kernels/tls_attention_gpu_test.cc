@@ -1,9 +1,9 @@
 // GPU compare tests of the TLS sparse attention against the CPU reference: position lists from
 // the reference selection (TLS budgets) and dense lists long enough to use split-K; GQA group
-// sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K; tensor-core kernel) with
-// 16 to 128 heads (bf16 from 32 heads: the wide kernel, 32 or 64 heads per CTA), fp32 and bf16
-// io, V shared with K or in a pool of its own; and the device selection followed by the
-// attention on one stream (the programmatic launch between them).
+// sizes 1..8 at head dim 64/128, MLA (576/512, V = first 512 dims of K; tensor-core kernels) with
+// 16 to 128 heads (bf16: the pipelined 16-head kernel, or from 32 heads the wide kernel, 32 or
+// 64 heads per CTA), fp32 and bf16 io, V shared with K or in a pool of its own; and the device
+// selection followed by the attention on one stream (the programmatic launch between them).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -157,6 +157,10 @@ TEST(TlsSparseAttentionGpuTest, MlaMatchesReference) {
       {{1, 7000}, 96, 1, 576, true},
       {{5000, 1}, 48, 1, 576, true},
       {{900, 33}, 32, 1, 576, true, true},
+      // Eight rows at 16 heads (bf16: the pipelined kernel, one wave of 16 splits per row):
+      // dense splits of 9 tiles (both buffers reused, their barriers' phases flip), TLS
+      // splits of a full tile and a partial one, empty splits of the short rows.
+      {{9000, 4000, 70, 3000, 2500, 1, 130, 600}, 16, 1, 576, true},
   };
   for (const AttnShape& s : shapes) {
     for (DType dtype : {DType::kBF16, DType::kF32}) {
