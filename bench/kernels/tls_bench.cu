@@ -18,7 +18,7 @@
 //            block_select, token_score, token_select, token_branch = the token score + top-k
 //            as the step runs them, attention).
 //   dense    PagedDecodeAttention (GQA). MLA has no dense paged kernel of 576 dims: its dense
-//            row is TlsSparseAttention over every position (CUDA cores, compute-bound).
+//            row is TlsSparseAttention over every position (its tensor-core MLA kernels).
 //   quest    block index append -> TlsDecodeSelect(kBlockOnly, k_t / 64 blocks) -> attention.
 //   token    index append -> TlsDecodeSelect(kTokenOnly, k_t over every token) -> attention.
 // L2: the KV pool and its indices are one pool of 65536 blocks (16 GiB of K+V for GQA); every

@@ -3,8 +3,10 @@
 // each gathered K/V row is read once for up to HPC query heads; fp32 online softmax in the
 // log2 domain; a merge kernel combines the splits and writes the log-sum-exp. GQA head dims
 // (64, 128; groups of 1-16) use fp32 CUDA-core math (SparseAttnKernel); MLA (576 / 512, 16+
-// heads on one latent row) uses tensor cores: 16 heads per CTA (mla::MlaAttnKernel), or 32-64
-// with double-buffered tiles where each CTA gets several (mla::MlaWideAttnKernel, bf16).
+// heads on one latent row) uses tensor cores: 16 heads per CTA, with bulk-copy row gathers three
+// tiles deep (mla::MlaPipeAttnKernel, bf16 io with V inside the K rows) or one tile at a time
+// (mla::MlaAttnKernel, fp32 io or a V pool of its own), or 32-64 heads per CTA with
+// double-buffered tiles where each CTA gets several (mla::MlaWideAttnKernel, bf16).
 #include <cuda_bf16.h>
 
 #include <algorithm>
