@@ -202,8 +202,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   }
 }
 
-// One warp per (sequence, query head): out = sum_s w_s o_s / sum_s w_s with
-// w_s = exp(lse_s - max lse), over the splits that sequence actually has.
+// One CTA per (sequence, query head): out = sum_s w_s o_s / sum_s w_s with
+// w_s = exp(lse_s - max lse), over the splits that sequence actually has. Warp w takes splits
+// w, w + kCombineWarps, ...; the warps' sums meet in shared memory. (One warp per row walked
+// every split in one chain of dependent loads: 10 us per layer at batch 1, Qwen3-8B shapes,
+// H200, against a 36 us attention.)
 inline constexpr int kCombineWarps = 4;
 
 template <int D, typename Io>
@@ -212,9 +215,10 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
                              const int num_splits, const float* __restrict__ o_part,
                              const float* __restrict__ lse_part) {
   constexpr int kPerLane = D / kWarpSize;  // 4 or 2 consecutive dims
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize;
-  if (row >= static_cast<int64_t>(p.batch) * p.num_q_heads) return;
+  __shared__ float acc_s[kCombineWarps][D];
+  __shared__ float sum_s[kCombineWarps];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / p.num_q_heads);
   const int num_pages = (p.seq_lens[b] + kPage - 1) / kPage;
   // The splits this sequence has, i.e. those whose CTA did not exit at once (split s covers
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
   const float* lse = lse_part + row * num_splits;
   const float* part = o_part + row * num_splits * D + lane * kPerLane;
 
-  float mx = -INFINITY;
+  float mx = -INFINITY;  // every warp finds the max itself (no barrier before the sums)
   for (int s = lane; s < splits; s += kWarpSize) mx = fmaxf(mx, lse[s]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -233,7 +237,7 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
   float acc[kPerLane] = {};
   float sum = 0.f;
 #pragma unroll 4
-  for (int s = 0; s < splits; ++s) {
+  for (int s = warp; s < splits; s += kCombineWarps) {
     const float w = __expf(lse[s] - mx);
     sum += w;
     if constexpr (kPerLane == 4) {
@@ -244,12 +248,26 @@ __global__ void __launch_bounds__(kCombineWarps* kWarpSize)
       acc[0] += w * v.x, acc[1] += w * v.y;
     }
   }
-  const float inv = 1.f / sum;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) acc_s[warp][lane * kPerLane + i] = acc[i];
+  if (lane == 0) sum_s[warp] = sum;
+  __syncthreads();
+  if (warp != 0) return;
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) total += sum_s[w];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    acc[i] = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) acc[i] += acc_s[w][lane * kPerLane + i];
+  }
+  const float inv = 1.f / total;
   using T = typename Io::T;
   T* out = static_cast<T*>(p.out) + row * D + lane * kPerLane;
 #pragma unroll
   for (int i = 0; i < kPerLane; i += 2) Io::Store2(out + i, acc[i] * inv, acc[i + 1] * inv);
-  if (p.maybe_lse && lane == 0) p.maybe_lse[row] = mx + __logf(sum);
+  if (p.maybe_lse && lane == 0) p.maybe_lse[row] = mx + __logf(total);
 }
 
 // ---- launcher ------------------------------------------------------------------------------
@@ -304,9 +322,9 @@ cudaError_t LaunchDecode(const PagedDecodeParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess || split.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.num_q_heads;
-  const int blocks = static_cast<int>((rows + kCombineWarps - 1) / kCombineWarps);
-  PagedDecodeCombineKernel<D, Io><<<blocks, kCombineWarps * kWarpSize, 0, stream>>>(
-      p, split.pages_per_split, split.num_splits, o_part, lse_part);
+  PagedDecodeCombineKernel<D, Io>
+      <<<static_cast<unsigned>(rows), kCombineWarps * kWarpSize, 0, stream>>>(
+          p, split.pages_per_split, split.num_splits, o_part, lse_part);
   return cudaGetLastError();
 }
 
