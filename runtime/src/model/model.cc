@@ -4,6 +4,7 @@
 #include <cmath>
 #include <functional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "asynctls/runtime/logging.h"
@@ -26,8 +27,8 @@ struct Weight {
 
 struct Layer {
   Weight attn_norm, ffn_norm, q_norm, k_norm;
-  Weight wq, wk, wv, wo, w_gate_up, w_down;
-  Weight bq, bk, bv;
+  Weight wqkv, wo, w_gate_up, w_down;  // wqkv: q, k and v rows in one GEMM
+  Weight bqkv;
 };
 
 absl::StatusOr<std::vector<float>> ReadChecked(const WeightFile& file, const std::string& name,
@@ -54,7 +55,10 @@ struct Model::Impl {
   DeviceBuffer inv_freq;
 
   // Activations, sized for options.max_batch_tokens / max_batch_seqs.
-  DeviceBuffer x, xn, q, k, v, attn, gate_up, act, gathered, logits;
+  // qkv: the fused projection's rows [T, (H + 2 KV) * hd]; qkv_heads: its q, k and v split into
+  // [T, H, hd] at 0, [T, KV, hd] at max_batch_tokens * H * hd and after that (Q(), K(), V()),
+  // by one CopyRows over the qkv_rows lists (built once: identity sources, head destinations).
+  DeviceBuffer x, xn, qkv, qkv_heads, qkv_rows, attn, gate_up, act, gathered, logits;
   // Per-step metadata.
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
@@ -74,28 +78,57 @@ struct Model::Impl {
   bool tls_lag() const { return tls_prev_blocks.data() != nullptr; }
   std::vector<float> capture_q, capture_k, capture_v;
 
+  float* Q() const { return qkv_heads.as<float>(); }
+  float* K() const {
+    return Q() + int64_t{options.max_batch_tokens} * config.num_q_heads * config.head_dim;
+  }
+  float* V() const {
+    return K() + int64_t{options.max_batch_tokens} * config.num_kv_heads * config.head_dim;
+  }
+
   absl::StatusOr<Weight> Upload(const std::vector<float>& host, DType preferred) {
     Weight w;
     ASYNCTLS_ASSIGN_OR_RETURN(w.buf, backend->UploadWeight(host.data(), host.size(), preferred, &w.dtype));
     return w;
   }
 
-  // Where weights come from: a name (canonical, plus the fused "blk.N.ffn_gate_up.weight"),
-  // its shape and the dtype to store it in.
+  // Where weights come from: a name (canonical, plus the fused "blk.N.ffn_gate_up.weight",
+  // "blk.N.attn_qkv.weight" and "blk.N.attn_qkv.bias"), its shape and the dtype to store it in.
   using WeightSource =
       std::function<absl::StatusOr<Weight>(const std::string&, std::vector<int64_t>, DType)>;
 
   WeightSource FileSource(const WeightFile& file) {
-    return [this, &file](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<Weight> {
-      const std::string kGateUp = "ffn_gate_up.weight";
-      if (name.size() > kGateUp.size() && name.compare(name.size() - kGateUp.size(), kGateUp.size(), kGateUp) == 0) {
-        // gate and up as one [2 * ffn, hidden] GEMM; SiluMul reads gate first, then up.
-        const std::string prefix = name.substr(0, name.size() - kGateUp.size());
-        std::vector<int64_t> half = {shape[0] / 2, shape[1]};
-        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> gate, ReadChecked(file, prefix + "ffn_gate.weight", half));
-        ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> up, ReadChecked(file, prefix + "ffn_up.weight", half));
-        gate.insert(gate.end(), up.begin(), up.end());
-        return Upload(gate, dtype);
+    return [this, &file](const std::string& name, std::vector<int64_t> shape,
+                         DType dtype) -> absl::StatusOr<Weight> {
+      // A fused tensor is its parts' rows one after another: gate then up (SiluMul reads gate
+      // first), q then k then v.
+      const ModelConfig& c = config;
+      const int64_t hd = c.head_dim;
+      const std::vector<std::pair<std::string, std::vector<std::pair<std::string, int64_t>>>>
+          fused = {
+              {"ffn_gate_up.weight",
+               {{"ffn_gate.weight", c.ffn_size}, {"ffn_up.weight", c.ffn_size}}},
+              {"attn_qkv.weight",
+               {{"attn_q.weight", c.num_q_heads * hd},
+                {"attn_k.weight", c.num_kv_heads * hd},
+                {"attn_v.weight", c.num_kv_heads * hd}}},
+              {"attn_qkv.bias",
+               {{"attn_q.bias", c.num_q_heads * hd},
+                {"attn_k.bias", c.num_kv_heads * hd},
+                {"attn_v.bias", c.num_kv_heads * hd}}},
+          };
+      for (const auto& [suffix, parts] : fused) {
+        if (name.size() <= suffix.size() || !absl::EndsWith(name, suffix)) continue;
+        const std::string prefix = name.substr(0, name.size() - suffix.size());
+        std::vector<float> rows;
+        for (const auto& [part, part_rows] : parts) {
+          std::vector<int64_t> part_shape = shape;
+          part_shape[0] = part_rows;
+          ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> host,
+                                    ReadChecked(file, prefix + part, part_shape));
+          rows.insert(rows.end(), host.begin(), host.end());
+        }
+        return Upload(rows, dtype);
       }
       ASYNCTLS_ASSIGN_OR_RETURN(std::vector<float> host, ReadChecked(file, name, shape));
       return Upload(host, dtype);
@@ -139,9 +172,8 @@ struct Model::Impl {
       const std::string p = absl::StrCat("blk.", i, ".");
       ASYNCTLS_ASSIGN_OR_RETURN(L.attn_norm, load(p + "attn_norm.weight", {hidden}, DType::kF32));
       ASYNCTLS_ASSIGN_OR_RETURN(L.ffn_norm, load(p + "ffn_norm.weight", {hidden}, DType::kF32));
-      ASYNCTLS_ASSIGN_OR_RETURN(L.wq, load(p + "attn_q.weight", {c.num_q_heads * hd, hidden}, gemm));
-      ASYNCTLS_ASSIGN_OR_RETURN(L.wk, load(p + "attn_k.weight", {c.num_kv_heads * hd, hidden}, gemm));
-      ASYNCTLS_ASSIGN_OR_RETURN(L.wv, load(p + "attn_v.weight", {c.num_kv_heads * hd, hidden}, gemm));
+      const int64_t qkv_rows = (c.num_q_heads + 2 * c.num_kv_heads) * hd;
+      ASYNCTLS_ASSIGN_OR_RETURN(L.wqkv, load(p + "attn_qkv.weight", {qkv_rows, hidden}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.wo, load(p + "attn_output.weight", {hidden, c.num_q_heads * hd}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.w_gate_up, load(p + "ffn_gate_up.weight", {2 * int64_t{c.ffn_size}, hidden}, gemm));
       ASYNCTLS_ASSIGN_OR_RETURN(L.w_down, load(p + "ffn_down.weight", {hidden, c.ffn_size}, gemm));
@@ -150,9 +182,7 @@ struct Model::Impl {
         ASYNCTLS_ASSIGN_OR_RETURN(L.k_norm, load(p + "attn_k_norm.weight", {hd}, DType::kF32));
       }
       if (c.attention_bias) {
-        ASYNCTLS_ASSIGN_OR_RETURN(L.bq, load(p + "attn_q.bias", {c.num_q_heads * hd}, DType::kF32));
-        ASYNCTLS_ASSIGN_OR_RETURN(L.bk, load(p + "attn_k.bias", {c.num_kv_heads * hd}, DType::kF32));
-        ASYNCTLS_ASSIGN_OR_RETURN(L.bv, load(p + "attn_v.bias", {c.num_kv_heads * hd}, DType::kF32));
+        ASYNCTLS_ASSIGN_OR_RETURN(L.bqkv, load(p + "attn_qkv.bias", {qkv_rows}, DType::kF32));
       }
     }
     return absl::OkStatus();
@@ -170,9 +200,9 @@ struct Model::Impl {
     const Alloc allocs[] = {
         {&x, T * c.hidden_size * f},
         {&xn, T * c.hidden_size * f},
-        {&q, T * c.num_q_heads * c.head_dim * f},
-        {&k, T * c.num_kv_heads * c.head_dim * f},
-        {&v, T * c.num_kv_heads * c.head_dim * f},
+        {&qkv, T * (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim * f},
+        {&qkv_heads, T * (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim * f},
+        {&qkv_rows, 2 * T * (c.num_q_heads + 2 * c.num_kv_heads) * i32},
         {&attn, T * c.num_q_heads * c.head_dim * f},
         {&gate_up, T * 2 * c.ffn_size * f},
         {&act, T * c.ffn_size * f},
@@ -188,6 +218,25 @@ struct Model::Impl {
     };
     for (const Alloc& a : allocs) {
       ASYNCTLS_ASSIGN_OR_RETURN(*a.buf, backend->Allocate(a.bytes));
+    }
+    // Row lists of the q / k / v split: head row j of token t (j < H + 2 KV) moves from qkv row
+    // t * (H + 2 KV) + j to its place in Q(), K() or V() (in head-dim rows); a forward of n
+    // tokens copies the first n * (H + 2 KV) entries.
+    {
+      const int64_t H = c.num_q_heads, KV = c.num_kv_heads, per_token = H + 2 * KV;
+      std::vector<int32_t> lists(2 * T * per_token);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t j = 0; j < per_token; ++j) {
+          const int64_t i = t * per_token + j;
+          lists[i] = static_cast<int32_t>(i);
+          lists[T * per_token + i] =
+              static_cast<int32_t>(j < H        ? t * H + j
+                                   : j < H + KV ? T * H + t * KV + (j - H)
+                                                : T * (H + KV) + t * KV + (j - H - KV));
+        }
+      }
+      ASYNCTLS_RETURN_IF_ERROR(
+          backend->CopyToDevice(qkv_rows.data(), lists.data(), lists.size() * i32));
     }
     const std::vector<float> freq = c.RopeInvFreq();
     ASYNCTLS_ASSIGN_OR_RETURN(inv_freq, backend->Allocate(freq.size() * sizeof(float)));
@@ -223,9 +272,12 @@ struct Model::Impl {
     capture_q.resize(T * c.num_q_heads * c.head_dim);
     capture_k.resize(T * c.num_kv_heads * c.head_dim);
     capture_v.resize(capture_k.size());
-    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_q.data(), q.data(), capture_q.size() * sizeof(float)));
-    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_k.data(), k.data(), capture_k.size() * sizeof(float)));
-    ASYNCTLS_RETURN_IF_ERROR(backend->CopyToHost(capture_v.data(), v.data(), capture_v.size() * sizeof(float)));
+    ASYNCTLS_RETURN_IF_ERROR(
+        backend->CopyToHost(capture_q.data(), Q(), capture_q.size() * sizeof(float)));
+    ASYNCTLS_RETURN_IF_ERROR(
+        backend->CopyToHost(capture_k.data(), K(), capture_k.size() * sizeof(float)));
+    ASYNCTLS_RETURN_IF_ERROR(
+        backend->CopyToHost(capture_v.data(), V(), capture_v.size() * sizeof(float)));
     capture({layer, static_cast<int32_t>(T), b.positions.data(), capture_q.data(), capture_k.data(),
              capture_v.data()});
     return absl::OkStatus();
@@ -369,7 +421,7 @@ struct Model::Impl {
     const int first_seq = b.num_seqs() - b.num_tls_decode() + first_tls;
     const int first_row = b.cu_q_lens[first_seq];  // q rows are packed in sequence order
     const int max_positions = kernels::TlsMaxSelectedTokens(policy, b.max_blocks_per_seq);
-    const float* q_rows = q.as<float>() + int64_t{first_row} * H * hd;
+    const float* q_rows = Q() + int64_t{first_row} * H * hd;
     const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * b.max_blocks_per_seq;
     const int32_t* lens = seq_lens.as<int32_t>() + first_seq;
     kernels::TlsDecodeSelectParams sp{};
@@ -490,18 +542,26 @@ struct Model::Impl {
     for (int li = 0; li < c.num_layers; ++li) {
       const Layer& L = layers[li];
       ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
-      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wq, &L.bq, q.as<float>(), T, H * hd, c.hidden_size, 0.f));
-      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wk, &L.bk, k.as<float>(), T, KV * hd, c.hidden_size, 0.f));
-      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wv, &L.bv, v.as<float>(), T, KV * hd, c.hidden_size, 0.f));
+      // q, k and v in one GEMM (one activation convert, one weight stream), then split.
+      const int qkv_width = (H + 2 * KV) * hd;
+      ASYNCTLS_RETURN_IF_ERROR(
+          gemm(xn.as<float>(), L.wqkv, &L.bqkv, qkv.as<float>(), T, qkv_width, c.hidden_size, 0.f));
+      ASYNCTLS_RETURN_IF_ERROR(backend->CopyRows(
+          {qkv.as<int32_t>(), qkv_heads.as<int32_t>(), qkv_rows.as<int32_t>(),
+           qkv_rows.as<int32_t>() + int64_t{options.max_batch_tokens} * (H + 2 * KV),
+           T * (H + 2 * KV), hd}));
       if (c.qk_norm) {
-        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({q.as<float>(), L.q_norm.f32(), q.as<float>(), T * H, hd, c.rms_eps}));
-        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({k.as<float>(), L.k_norm.f32(), k.as<float>(), T * KV, hd, c.rms_eps}));
+        ASYNCTLS_RETURN_IF_ERROR(
+            backend->RmsNorm({Q(), L.q_norm.f32(), Q(), T * H, hd, c.rms_eps}));
+        ASYNCTLS_RETURN_IF_ERROR(
+            backend->RmsNorm({K(), L.k_norm.f32(), K(), T * KV, hd, c.rms_eps}));
       }
-      ASYNCTLS_RETURN_IF_ERROR(backend->Rope({q.as<float>(), k.as<float>(), positions.as<int32_t>(),
-                                              inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
+      ASYNCTLS_RETURN_IF_ERROR(
+          backend->Rope({Q(), K(), positions.as<int32_t>(), inv_freq.as<float>(), T, H, KV, hd,
+                         c.rotary_dim, c.rope_style}));
       if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
-      ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({k.as<float>(), v.as<float>(), slots.as<int32_t>(),
-                                                  cache.k_pool(li), cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
+      ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({K(), V(), slots.as<int32_t>(), cache.k_pool(li),
+                                                  cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
       if (tls_index) {
         kernels::TlsIndexUpdateParams ip{};
         ip.k_cache = cache.k_pool(li);
@@ -524,7 +584,7 @@ struct Model::Impl {
       }
       if (b.num_prefill > 0) {
         kernels::PagedPrefillParams pp{};
-        pp.q = q.data();
+        pp.q = Q();
         pp.cu_q_lens = cu_q_lens.as<int32_t>();
         pp.k_cache = cache.k_pool(li);
         pp.v_cache = cache.v_pool(li);
@@ -562,7 +622,7 @@ struct Model::Impl {
       }
       if (num_dense_decode > 0) {
         kernels::PagedDecodeParams dp{};
-        dp.q = q.as<float>() + int64_t{num_prefill_tokens} * H * hd;
+        dp.q = Q() + int64_t{num_prefill_tokens} * H * hd;
         dp.k_cache = cache.k_pool(li);
         dp.v_cache = cache.v_pool(li);
         dp.block_table = block_table.as<int32_t>() + int64_t{b.num_prefill} * b.max_blocks_per_seq;
