@@ -1,4 +1,5 @@
-// Rotary position embedding, in place on q and k. Pair i of a head rotates by
+// Rotary position embedding, in place on q and k (Rope), or on the q and k heads that SplitQkv
+// takes out of a fused q/k/v projection. Pair i of a head rotates by
 // positions[t] * inv_freq[i]; kInterleaved pairs (2i, 2i+1), kHalf pairs (i, i + rotary_dim/2);
 // dims >= rotary_dim pass through. Accurate sincosf (not __sincosf) and unfused multiplies so
 // the result tracks the CPU reference to an ulp or two, even at large positions.
@@ -80,6 +81,59 @@ cudaError_t LaunchRope(const RopeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// SplitQkv: one CTA per (token, kHeadsPerCta rows of its q | k | v heads), one warp per head
+// row: the row from the fused projection to shared memory, RMS-normalized (q and k rows, when
+// the weights are given; as RmsNormWarpKernel), rotated in shared memory by RotatePair with the
+// token's cos/sin table (as RopeKernel), then stored to q, k or v.
+constexpr int kMaxSplitHeadDim = 256;
+static_assert(kThreads == 32 * kHeadsPerCta, "one warp per head row");
+
+template <RopeStyle STYLE>
+__global__ void __launch_bounds__(kThreads) SplitQkvKernel(const SplitQkvParams p, int half) {
+  __shared__ float cos_sin[kMaxSplitHeadDim];  // [half] cos, then [half] sin
+  __shared__ float rows[kHeadsPerCta][kMaxSplitHeadDim];
+  const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float pos = static_cast<float>(p.positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(pos, p.inv_freq[i]), &s, &c);
+    cos_sin[i] = c;
+    cos_sin[half + i] = s;
+  }
+  __syncthreads();
+  const int H = p.num_q_heads, KV = p.num_kv_heads, hd = p.head_dim;
+  const int j = blockIdx.y * kHeadsPerCta + warp;
+  if (j >= H + 2 * KV) return;
+  const float* src = p.qkv + (int64_t{t} * (H + 2 * KV) + j) * hd;
+  const bool is_q = j < H, is_k = !is_q && j < H + KV;
+  float* dst = is_q   ? p.q + (int64_t{t} * H + j) * hd
+               : is_k ? p.k + (int64_t{t} * KV + (j - H)) * hd
+                      : p.v + (int64_t{t} * KV + (j - H - KV)) * hd;
+  if (!is_q && !is_k) {
+    for (int i = lane; i < hd; i += 32) dst[i] = src[i];
+    return;
+  }
+  float* row = rows[warp];
+  float sum_sq = 0.f;
+  for (int i = lane; i < hd; i += 32) {
+    const float x = src[i];
+    row[i] = x;
+    sum_sq += x * x;
+  }
+  const float* weight = is_q ? p.maybe_q_norm : p.maybe_k_norm;
+  if (weight != nullptr) {
+    sum_sq = detail::WarpSum(sum_sq);
+    const float inv = 1.f / sqrtf(sum_sq / static_cast<float>(hd) + p.eps);
+    for (int i = lane; i < hd; i += 32) row[i] = row[i] * inv * weight[i];
+  }
+  __syncwarp();
+  for (int i = lane; i < half; i += 32) {
+    RotatePair<STYLE, false>(row, i, half, cos_sin[i], cos_sin[half + i]);
+  }
+  __syncwarp();
+  for (int i = lane; i < hd; i += 32) dst[i] = row[i];
+}
+
 }  // namespace
 
 // Tier 3.
@@ -103,6 +157,28 @@ cudaError_t Rope(const RopeParams& p, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t SplitQkv(const SplitQkvParams& p, cudaStream_t stream) {
+  if (p.num_tokens < 0 || p.num_q_heads < 0 || p.num_kv_heads < 0 || p.head_dim <= 0 ||
+      p.head_dim > kMaxSplitHeadDim || p.rotary_dim <= 0 || p.rotary_dim % 2 != 0 ||
+      p.rotary_dim > p.head_dim || (p.maybe_q_norm == nullptr) != (p.maybe_k_norm == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const int heads = p.num_q_heads + 2 * p.num_kv_heads;
+  if (p.num_tokens == 0 || heads == 0) return cudaSuccess;
+  const dim3 grid(p.num_tokens, (heads + kHeadsPerCta - 1) / kHeadsPerCta);
+  switch (p.style) {
+    case RopeStyle::kInterleaved:
+      SplitQkvKernel<RopeStyle::kInterleaved><<<grid, kThreads, 0, stream>>>(p, p.rotary_dim / 2);
+      break;
+    case RopeStyle::kHalf:
+      SplitQkvKernel<RopeStyle::kHalf><<<grid, kThreads, 0, stream>>>(p, p.rotary_dim / 2);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace asynctls::kernels::cuda

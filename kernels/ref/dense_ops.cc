@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -75,6 +76,26 @@ void RmsNorm(const RmsNormParams& p) {
     const float inv = 1.f / std::sqrt(sum_sq / p.dim + p.eps);
     for (int i = 0; i < p.dim; ++i) out[i] = x[i] * inv * p.weight[i];
   }
+}
+
+void SplitQkv(const SplitQkvParams& p) {
+  const int64_t heads = p.num_q_heads + 2 * p.num_kv_heads, hd = p.head_dim;
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    for (int64_t j = 0; j < heads; ++j) {
+      const float* src = p.qkv + (t * heads + j) * hd;
+      float* dst = j < p.num_q_heads ? p.q + (t * p.num_q_heads + j) * hd
+                   : j < p.num_q_heads + p.num_kv_heads
+                       ? p.k + (t * p.num_kv_heads + j - p.num_q_heads) * hd
+                       : p.v + (t * p.num_kv_heads + j - p.num_q_heads - p.num_kv_heads) * hd;
+      std::copy(src, src + hd, dst);
+    }
+  }
+  if (p.maybe_q_norm) {
+    RmsNorm({p.q, p.maybe_q_norm, p.q, p.num_tokens * p.num_q_heads, p.head_dim, p.eps});
+    RmsNorm({p.k, p.maybe_k_norm, p.k, p.num_tokens * p.num_kv_heads, p.head_dim, p.eps});
+  }
+  Rope({p.q, p.k, p.positions, p.inv_freq, p.num_tokens, p.num_q_heads, p.num_kv_heads, p.head_dim,
+        p.rotary_dim, p.style});
 }
 
 void Gemm(const GemmParams& p) {

@@ -227,6 +227,69 @@ TEST_F(DenseOpsGpuTest, RopeRejectsBadRotaryDim) {
   EXPECT_EQ(cuda::Rope(p, nullptr), cudaErrorInvalidValue);
 }
 
+TEST_F(DenseOpsGpuTest, SplitQkvMatchesOracle) {
+  SCOPED_TRACE(SeedTrace());
+  struct Shape {
+    int head_dim, rotary_dim, num_q_heads, num_kv_heads;
+    bool norm;
+  };
+  const std::vector<Shape> shapes = {
+      {64, 64, 9, 3, false},    // SmolLM2: 15 rows, a partial last group of 4
+      {128, 128, 32, 8, true},  // Qwen3-8B: q/k norm
+      {128, 64, 4, 1, true},    // partial rotary
+      {256, 256, 2, 1, false},  // the largest head
+  };
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (const Shape& s : shapes) {
+      for (int tokens : kRows) {
+        SCOPED_TRACE(::testing::Message() << "style " << int(style) << " head_dim " << s.head_dim
+                                          << " norm " << s.norm << " tokens " << tokens);
+        const int heads = s.num_q_heads + 2 * s.num_kv_heads;
+        const size_t q_n = size_t(tokens) * s.num_q_heads * s.head_dim;
+        const size_t k_n = size_t(tokens) * s.num_kv_heads * s.head_dim;
+        const std::vector<float> qkv = kt::RandomNormal(size_t(tokens) * heads * s.head_dim);
+        const std::vector<float> qw = kt::RandomNormal(s.head_dim),
+                                 kw = kt::RandomNormal(s.head_dim);
+        std::vector<int32_t> positions(tokens);
+        std::uniform_int_distribution<int32_t> pos_dist(0, 131071);
+        for (auto& p : positions) p = pos_dist(kt::Rng());
+        const std::vector<float> inv_freq = InvFreq(s.rotary_dim, 1000000.f);
+        std::vector<float> q(q_n), k(k_n), v(k_n);
+        ref::SplitQkv({qkv.data(), q.data(), k.data(), v.data(), s.norm ? qw.data() : nullptr,
+                       s.norm ? kw.data() : nullptr, 1e-6f, positions.data(), inv_freq.data(),
+                       tokens, s.num_q_heads, s.num_kv_heads, s.head_dim, s.rotary_dim, style});
+        DeviceBuffer d_qkv = Upload(qkv), d_qw = Upload(qw), d_kw = Upload(kw),
+                     d_pos = Upload(positions), d_inv = Upload(inv_freq);
+        DeviceBuffer d_q = Upload(std::vector<float>(q_n)), d_k = Upload(std::vector<float>(k_n)),
+                     d_v = Upload(std::vector<float>(k_n));
+        ASSERT_CUDA_OK(cuda::SplitQkv(
+            {d_qkv.as<float>(), d_q.as<float>(), d_k.as<float>(), d_v.as<float>(),
+             s.norm ? d_qw.as<float>() : nullptr, s.norm ? d_kw.as<float>() : nullptr, 1e-6f,
+             d_pos.as<int32_t>(), d_inv.as<float>(), tokens, s.num_q_heads, s.num_kv_heads,
+             s.head_dim, s.rotary_dim, style},
+            nullptr));
+        ExpectClose(Download<float>(d_q, q_n), q, kF32ElementwiseNmse);
+        ExpectClose(Download<float>(d_k, k_n), k, kF32ElementwiseNmse);
+        EXPECT_EQ(Download<float>(d_v, k_n), v);  // v rows are copied as they are
+      }
+    }
+  }
+}
+
+TEST_F(DenseOpsGpuTest, SplitQkvRejectsBadShapes) {
+  SplitQkvParams p{};
+  p.num_tokens = 1;
+  p.num_q_heads = 1;
+  p.num_kv_heads = 1;
+  p.head_dim = 512;  // more than one warp's shared row
+  p.rotary_dim = 64;
+  EXPECT_EQ(cuda::SplitQkv(p, nullptr), cudaErrorInvalidValue);
+  p.head_dim = 64;
+  const float w = 1.f;
+  p.maybe_q_norm = &w;  // q norm without k norm
+  EXPECT_EQ(cuda::SplitQkv(p, nullptr), cudaErrorInvalidValue);
+}
+
 TEST_F(DenseOpsGpuTest, SiluMulMatchesOracle) {
   SCOPED_TRACE(SeedTrace());
   std::vector<int> dims = kDims;

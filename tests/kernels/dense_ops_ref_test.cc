@@ -130,6 +130,27 @@ TEST(DenseOpsRefTest, RopeStylesByHand) {
   }
 }
 
+TEST(DenseOpsRefTest, SplitQkvByHand) {
+  // Two tokens, 1 q head, 1 kv head, head_dim 2, rotary 2, position 0 (the identity): rows
+  // split by kind; with norm weights q and k rows are normalized (v never is).
+  const std::vector<float> qkv = {3, 4, 0, 2, 5, 6, 1, 0, 0, 0, 7, 8};  // [2, 3, 2]
+  const std::vector<int32_t> pos = {0, 0};
+  const std::vector<float> inv_freq = {1.f}, w = {1.f, 2.f};
+  std::vector<float> q(4), k(4), v(4);
+  ref::SplitQkv({qkv.data(), q.data(), k.data(), v.data(), nullptr, nullptr, 1e-6f, pos.data(),
+                 inv_freq.data(), 2, 1, 1, 2, 2, RopeStyle::kHalf});
+  EXPECT_EQ(q, (std::vector<float>{3, 4, 1, 0}));
+  EXPECT_EQ(k, (std::vector<float>{0, 2, 0, 0}));
+  EXPECT_EQ(v, (std::vector<float>{5, 6, 7, 8}));
+  ref::SplitQkv({qkv.data(), q.data(), k.data(), v.data(), w.data(), w.data(), 1e-6f, pos.data(),
+                 inv_freq.data(), 2, 1, 1, 2, 2, RopeStyle::kHalf});
+  const float rms = std::sqrt((9.f + 16.f) / 2);  // token 0's q row
+  EXPECT_NEAR(q[0], 3 / rms, kTol);
+  EXPECT_NEAR(q[1], 2 * 4 / rms, kTol);
+  EXPECT_NEAR(k[1], 2 * 2 / std::sqrt(2.f), kTol);
+  EXPECT_EQ(v, (std::vector<float>{5, 6, 7, 8}));
+}
+
 TEST(DenseOpsRefTest, SiluMulByHand) {
   const std::vector<float> gate_up = {0.f, 1.f, -1.f, 5.f, 2.f, 1.f};  // [1, 2*3]
   std::vector<float> out(3);

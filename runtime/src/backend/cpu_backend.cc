@@ -135,6 +135,10 @@ class CpuBackend final : public Backend {
     kernels::ref::RmsNorm(p);
     return absl::OkStatus();
   }
+  absl::Status SplitQkv(const kernels::SplitQkvParams& p) override {
+    kernels::ref::SplitQkv(p);
+    return absl::OkStatus();
+  }
   absl::Status Rope(const kernels::RopeParams& p) override {
     kernels::ref::Rope(p);
     return absl::OkStatus();

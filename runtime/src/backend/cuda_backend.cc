@@ -79,6 +79,7 @@ class CudaBackend final : public Backend {
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override;
   absl::Status Gemm(const kernels::GemmParams& p) override;
   absl::Status Rope(const kernels::RopeParams& p) override;
+  absl::Status SplitQkv(const kernels::SplitQkvParams& p) override;
   absl::Status SiluMul(const kernels::SiluMulParams& p) override;
   absl::Status CopyRows(const kernels::CopyRowsParams& p) override;
   absl::Status KvAppend(const kernels::KvAppendParams& p) override;
@@ -372,6 +373,12 @@ absl::Status CudaBackend::Gemm(const kernels::GemmParams& p) {
 absl::Status CudaBackend::Rope(const kernels::RopeParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_CUDA_OP(kc::Rope(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SplitQkv(const kernels::SplitQkvParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::SplitQkv(p, stream_.get()));
   return absl::OkStatus();
 }
 

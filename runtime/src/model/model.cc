@@ -55,10 +55,10 @@ struct Model::Impl {
   DeviceBuffer inv_freq;
 
   // Activations, sized for options.max_batch_tokens / max_batch_seqs.
-  // qkv: the fused projection's rows [T, (H + 2 KV) * hd]; qkv_heads: its q, k and v split into
-  // [T, H, hd] at 0, [T, KV, hd] at max_batch_tokens * H * hd and after that (Q(), K(), V()),
-  // by one CopyRows over the qkv_rows lists (built once: identity sources, head destinations).
-  DeviceBuffer x, xn, qkv, qkv_heads, qkv_rows, attn, gate_up, act, gathered, logits;
+  // qkv: the fused projection's rows [T, (H + 2 KV) * hd]; qkv_heads: its q, k and v as
+  // SplitQkv leaves them, [T, H, hd] at 0, [T, KV, hd] at max_batch_tokens * H * hd and after
+  // that (Q(), K(), V()).
+  DeviceBuffer x, xn, qkv, qkv_heads, attn, gate_up, act, gathered, logits;
   // Per-step metadata.
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
@@ -202,7 +202,6 @@ struct Model::Impl {
         {&xn, T * c.hidden_size * f},
         {&qkv, T * (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim * f},
         {&qkv_heads, T * (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim * f},
-        {&qkv_rows, 2 * T * (c.num_q_heads + 2 * c.num_kv_heads) * i32},
         {&attn, T * c.num_q_heads * c.head_dim * f},
         {&gate_up, T * 2 * c.ffn_size * f},
         {&act, T * c.ffn_size * f},
@@ -218,25 +217,6 @@ struct Model::Impl {
     };
     for (const Alloc& a : allocs) {
       ASYNCTLS_ASSIGN_OR_RETURN(*a.buf, backend->Allocate(a.bytes));
-    }
-    // Row lists of the q / k / v split: head row j of token t (j < H + 2 KV) moves from qkv row
-    // t * (H + 2 KV) + j to its place in Q(), K() or V() (in head-dim rows); a forward of n
-    // tokens copies the first n * (H + 2 KV) entries.
-    {
-      const int64_t H = c.num_q_heads, KV = c.num_kv_heads, per_token = H + 2 * KV;
-      std::vector<int32_t> lists(2 * T * per_token);
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t j = 0; j < per_token; ++j) {
-          const int64_t i = t * per_token + j;
-          lists[i] = static_cast<int32_t>(i);
-          lists[T * per_token + i] =
-              static_cast<int32_t>(j < H        ? t * H + j
-                                   : j < H + KV ? T * H + t * KV + (j - H)
-                                                : T * (H + KV) + t * KV + (j - H - KV));
-        }
-      }
-      ASYNCTLS_RETURN_IF_ERROR(
-          backend->CopyToDevice(qkv_rows.data(), lists.data(), lists.size() * i32));
     }
     const std::vector<float> freq = c.RopeInvFreq();
     ASYNCTLS_ASSIGN_OR_RETURN(inv_freq, backend->Allocate(freq.size() * sizeof(float)));
@@ -542,23 +522,15 @@ struct Model::Impl {
     for (int li = 0; li < c.num_layers; ++li) {
       const Layer& L = layers[li];
       ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
-      // q, k and v in one GEMM (one activation convert, one weight stream), then split.
+      // q, k and v in one GEMM (one activation convert, one weight stream).
       const int qkv_width = (H + 2 * KV) * hd;
       ASYNCTLS_RETURN_IF_ERROR(
           gemm(xn.as<float>(), L.wqkv, &L.bqkv, qkv.as<float>(), T, qkv_width, c.hidden_size, 0.f));
-      ASYNCTLS_RETURN_IF_ERROR(backend->CopyRows(
-          {qkv.as<int32_t>(), qkv_heads.as<int32_t>(), qkv_rows.as<int32_t>(),
-           qkv_rows.as<int32_t>() + int64_t{options.max_batch_tokens} * (H + 2 * KV),
-           T * (H + 2 * KV), hd}));
-      if (c.qk_norm) {
-        ASYNCTLS_RETURN_IF_ERROR(
-            backend->RmsNorm({Q(), L.q_norm.f32(), Q(), T * H, hd, c.rms_eps}));
-        ASYNCTLS_RETURN_IF_ERROR(
-            backend->RmsNorm({K(), L.k_norm.f32(), K(), T * KV, hd, c.rms_eps}));
-      }
-      ASYNCTLS_RETURN_IF_ERROR(
-          backend->Rope({Q(), K(), positions.as<int32_t>(), inv_freq.as<float>(), T, H, KV, hd,
-                         c.rotary_dim, c.rope_style}));
+      // Then q, k, v apart, q / k normalized (Qwen3) and rotated: one op.
+      ASYNCTLS_RETURN_IF_ERROR(backend->SplitQkv(
+          {qkv.as<float>(), Q(), K(), V(), c.qk_norm ? L.q_norm.f32() : nullptr,
+           c.qk_norm ? L.k_norm.f32() : nullptr, c.rms_eps, positions.as<int32_t>(),
+           inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
       if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
       ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({K(), V(), slots.as<int32_t>(), cache.k_pool(li),
                                                   cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));

@@ -11,6 +11,7 @@ namespace asynctls::kernels::cuda {
 cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream);
 cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t Rope(const RopeParams& p, cudaStream_t stream);
+cudaError_t SplitQkv(const SplitQkvParams& p, cudaStream_t stream);
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
 cudaError_t KvAppend(const KvAppendParams& p, cudaStream_t stream);
 cudaError_t CopyRows(const CopyRowsParams& p, cudaStream_t stream);

@@ -60,6 +60,24 @@ struct RopeParams {
   RopeStyle style;
 };
 
+// One layer's attention inputs from its fused q/k/v projection (per token the rows of the q
+// heads, then the k heads, then the v heads): q, k and v into arrays of their own, q and k heads
+// RMS-normalized when the weights are given (Qwen3's q/k norm), then q and k rotated as Rope
+// does. Equals CopyRows, RmsNorm on q and on k, then Rope; one launch instead of four.
+struct SplitQkvParams {
+  const float* qkv;           // [num_tokens, num_q_heads + 2 * num_kv_heads, head_dim]
+  float* q;                   // [num_tokens, num_q_heads, head_dim]
+  float* k;                   // [num_tokens, num_kv_heads, head_dim]
+  float* v;                   // [num_tokens, num_kv_heads, head_dim]
+  const float* maybe_q_norm;  // [head_dim], or null: no q/k norm
+  const float* maybe_k_norm;  // [head_dim]; given with maybe_q_norm
+  float eps;
+  const int32_t* positions;  // [num_tokens]
+  const float* inv_freq;     // [rotary_dim / 2]
+  int32_t num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim;
+  RopeStyle style;
+};
+
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, dim + i]
 struct SiluMulParams {
   const float* gate_up;  // [rows, 2 * dim]: gate, then up

@@ -10,6 +10,7 @@ void Embedding(const EmbeddingParams& p);
 void RmsNorm(const RmsNormParams& p);
 void Gemm(const GemmParams& p);
 void Rope(const RopeParams& p);
+void SplitQkv(const SplitQkvParams& p);
 void SiluMul(const SiluMulParams& p);
 void KvAppend(const KvAppendParams& p);
 void PagedDecodeAttention(const PagedDecodeParams& p);

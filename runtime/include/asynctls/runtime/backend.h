@@ -67,6 +67,7 @@ class Backend {
   virtual absl::Status RmsNorm(const kernels::RmsNormParams& p) = 0;
   virtual absl::Status Gemm(const kernels::GemmParams& p) = 0;
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
+  virtual absl::Status SplitQkv(const kernels::SplitQkvParams& p) = 0;
   virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
   virtual absl::Status KvAppend(const kernels::KvAppendParams& p) = 0;
   // Row gather / scatter by index lists (per-sequence state between its slots and batch order).
