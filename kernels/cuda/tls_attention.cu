@@ -559,6 +559,44 @@ constexpr int kWideSStride = kWideKeys + 8;  // floats per score row: 2-way scor
 constexpr int kWideSlotsPerThread = 8;
 constexpr int kWideSlots = kWideSlotsPerThread * kThreads;  // positions looked up at once
 
+// The bf16 query rows [q_row0, q_row0 + ROWS) of a CTA to swizzled shared memory at `dst`
+// (cp.async, one commit group); rows past `heads` read as zeros.
+template <int ROWS>
+__device__ __forceinline__ void StageQueryRows(const TlsSparseAttentionParams& p, uint32_t dst,
+                                               int64_t q_row0, int heads) {
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    CpAsync16(dst + TileOffset<kDim>(r, c), q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c,
+              r < heads);
+  }
+  CpAsyncCommit();
+}
+
+// The pool rows of a split's positions [t_begin, t_end) (at most PER_THREAD * kThreads) into
+// slot_s, all loads in flight together (int32: pools of under 2^31 rows, ~2.5 TB of MLA cache).
+template <int PER_THREAD>
+__device__ __forceinline__ void LookUpPoolRows(const TlsSparseAttentionParams& p,
+                                               const int32_t* positions, const int32_t* table,
+                                               int g, int t_begin, int t_end, int32_t* slot_s) {
+  const int tid = threadIdx.x;
+  int32_t pos[PER_THREAD], block[PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int t = t_begin + i * kThreads + tid;
+    pos[i] = t < t_end ? positions[t] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    slot_s[i * kThreads + tid] =
+        (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
+  }
+}
+
 template <int RT>
 struct WideLayout {
   static constexpr uint32_t kRowsPerCta = 16 * RT;
@@ -587,8 +625,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* m_s = reinterpret_cast<float*>(smem + L::kStats);
   float* l_s = m_s + kRowsPerCta;
   float* corr_s = l_s + kRowsPerCta;
-  // Pool row per position (int32: pools of under 2^31 rows, ~2.5 TB of MLA cache).
-  int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);
+  int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);  // pool row per position
 
   const int split = blockIdx.x, bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
@@ -599,14 +636,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float mul = p.scale * kLog2e;
   const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
-  // The query before the wait (see MlaAttnKernel); rows past `heads` read as zeros.
-  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
-  for (int idx = tid; idx < kRowsPerCta * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    CpAsync16(base + L::kQ + TileOffset<kDim>(r, c),
-              q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c, r < heads);
-  }
-  CpAsyncCommit();
+  StageQueryRows<kRowsPerCta>(p, base + L::kQ, q_row0,
+                              heads);  // before the wait: see MlaAttnKernel
   if (tid < kRowsPerCta) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
@@ -627,25 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int v_key = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
   const int rt_s = warp % RT, key0 = 8 * kKeyTiles * (warp / RT);  // this warp's scores
 
-  // The pool rows of the split's positions (at most kWideSlots: the plan), all loads in flight
-  // together.
-  {
-    int32_t pos[kWideSlotsPerThread], block[kWideSlotsPerThread];
-#pragma unroll
-    for (int i = 0; i < kWideSlotsPerThread; ++i) {
-      const int t = t_begin + i * kThreads + tid;
-      pos[i] = t < t_end ? positions[t] : 0;
-    }
-#pragma unroll
-    for (int i = 0; i < kWideSlotsPerThread; ++i) {
-      block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
-    }
-#pragma unroll
-    for (int i = 0; i < kWideSlotsPerThread; ++i) {
-      slot_s[i * kThreads + tid] =
-          (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
-    }
-  }
+  LookUpPoolRows<kWideSlotsPerThread>(p, positions, table, g, t_begin, t_end, slot_s);  // the plan
   __syncthreads();
   // Tile t0's rows into buffer `buf`.
   auto issue_tile = [&](int t0, int buf) {
@@ -840,14 +853,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float mul = p.scale * kLog2e;
   const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
-  // The query before the wait (see MlaAttnKernel); rows past `heads` read as zeros.
-  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
-  for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    CpAsync16(base + L::kQ + TileOffset<kDim>(r, c),
-              q + (q_row0 + min(r, heads - 1)) * kDim + 8 * c, r < heads);
-  }
-  CpAsyncCommit();
+  StageQueryRows<kRows>(p, base + L::kQ, q_row0, heads);  // before the wait: see MlaAttnKernel
   if (tid < kRows) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
@@ -863,23 +869,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
   const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
   const char* k_cache = static_cast<const char*>(p.k_cache);
-  {  // the pool rows of the split's positions, all loads in flight together
-    int32_t pos[kPipeSlotsPerThread], block[kPipeSlotsPerThread];
-#pragma unroll
-    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
-      const int t = t_begin + i * kThreads + tid;
-      pos[i] = t < t_end ? positions[t] : 0;
-    }
-#pragma unroll
-    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
-      block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
-    }
-#pragma unroll
-    for (int i = 0; i < kPipeSlotsPerThread; ++i) {
-      slot_s[i * kThreads + tid] =
-          (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
-    }
-  }
+  LookUpPoolRows<kPipeSlotsPerThread>(p, positions, table, g, t_begin, t_end, slot_s);
   CpAsyncWait<0>();
   __syncthreads();  // slots, the query, the stats and the mbarriers, for every thread
 
