@@ -636,8 +636,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float mul = p.scale * kLog2e;
   const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
-  StageQueryRows<kRowsPerCta>(p, base + L::kQ, q_row0,
-                              heads);  // before the wait: see MlaAttnKernel
+  // The query before the wait (see MlaAttnKernel).
+  StageQueryRows<kRowsPerCta>(p, base + L::kQ, q_row0, heads);
   if (tid < kRowsPerCta) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
@@ -853,7 +853,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float mul = p.scale * kLog2e;
   const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
-  StageQueryRows<kRows>(p, base + L::kQ, q_row0, heads);  // before the wait: see MlaAttnKernel
+  // The query before the wait (see MlaAttnKernel).
+  StageQueryRows<kRows>(p, base + L::kQ, q_row0, heads);
   if (tid < kRows) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
