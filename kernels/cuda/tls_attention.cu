@@ -266,6 +266,24 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
+// A split-K attention CTA's place: blockIdx = (split, sequence * KV heads + KV head, chunk of
+// `rows` query heads), the chunk's valid heads and its first query row.
+struct CtaRows {
+  int split, bg, b, g, heads;
+  int64_t q_row0;
+};
+__device__ __forceinline__ CtaRows ThisCtaRows(const TlsSparseAttentionParams& p, int rows) {
+  CtaRows c;
+  c.split = blockIdx.x;
+  c.bg = blockIdx.y;
+  c.b = c.bg / p.num_kv_heads;
+  c.g = c.bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads, h0 = blockIdx.z * rows;
+  c.heads = min(rows, group - h0);
+  c.q_row0 = int64_t{c.b} * p.num_q_heads + c.g * group + h0;
+  return c;
+}
+
 // ---- MLA on tensor cores -------------------------------------------------------------------
 // MLA's 576-dim latent rows (V = their first 512 dims) are shared by all query heads of a
 // sequence, so a CTA takes 16 heads (one mma row tile) against 64 gathered positions at a time:
@@ -381,14 +399,9 @@ __global__ void __launch_bounds__(kThreads)
   float* corr_s = l_s + kRows;
   int64_t* row_off = reinterpret_cast<int64_t*>(smem + L.row_off);
 
-  const int split = blockIdx.x, bg = blockIdx.y;
-  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int h0 = blockIdx.z * kRows;
-  const int heads = min(kRows, group - h0);
+  const auto [split, bg, b, g, heads, q_row0] = ThisCtaRows(p, kRows);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mul = p.scale * kLog2e;
-  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
   // The query to shared memory before the wait below: the selection kernel ahead of this one
   // does not write it (and lets this grid launch only after its own wait, tls_common.cuh), so
@@ -627,14 +640,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* corr_s = l_s + kRowsPerCta;
   int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);  // pool row per position
 
-  const int split = blockIdx.x, bg = blockIdx.y;
-  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int h0 = blockIdx.z * kRowsPerCta;
-  const int heads = min(kRowsPerCta, group - h0);
+  const auto [split, bg, b, g, heads, q_row0] = ThisCtaRows(p, kRowsPerCta);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mul = p.scale * kLog2e;
-  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
   // The query before the wait (see MlaAttnKernel).
   StageQueryRows<kRowsPerCta>(p, base + L::kQ, q_row0, heads);
@@ -844,14 +852,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* corr_s = l_s + kRows;
   int32_t* slot_s = reinterpret_cast<int32_t*>(smem + L::kSlots);  // pool row per position
 
-  const int split = blockIdx.x, bg = blockIdx.y;
-  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int h0 = blockIdx.z * kRows;
-  const int heads = min(kRows, group - h0);
+  const auto [split, bg, b, g, heads, q_row0] = ThisCtaRows(p, kRows);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mul = p.scale * kLog2e;
-  const int64_t q_row0 = int64_t{b} * p.num_q_heads + g * group + h0;
 
   // The query before the wait (see MlaAttnKernel).
   StageQueryRows<kRows>(p, base + L::kQ, q_row0, heads);
