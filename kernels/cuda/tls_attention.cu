@@ -1188,8 +1188,8 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
   if (kernel == MlaKernel::kPipelined && mla) {
-    // Its tiles need not be full (a split of 138 positions loads 138 rows in tiles of 64, 64
-    // and 10), so the split follows the wave; at least one full tile.
+    // Its tiles need not be full (a split of 80 positions loads 80 rows, in tiles of 48 and
+    // 32), so the split follows the wave, in steps of 16 positions; at least one full tile.
     tokens = std::max(mla::kPipeKeys, (tokens + 15) / 16 * 16);
   } else {
     // One tile per split is allowed: at batch 1 a 512-token budget then spreads over ~20
