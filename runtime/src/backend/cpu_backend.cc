@@ -47,7 +47,10 @@ void AttendPaged(const AttentionTask& task, const void* k_cache, const void* v_c
                  float scale, float* const* lse_out) {
   const int max_visible = *std::max_element(task.visible, task.visible + task.num_rows);
   const int num_blocks = (max_visible + kKvBlockSize - 1) / kKvBlockSize;
-  std::vector<float> k(kKvBlockSize * head_dim), v(kKvBlockSize * head_dim);
+  // K transposed ([dim][key]) so the scores accumulate over dims into independent keys (a loop
+  // the compiler vectorizes; a dot product per key is one dependent chain of adds). The adds run
+  // in the same order as that dot product, so the scores are bit-identical to it.
+  std::vector<float> kt(head_dim * kKvBlockSize), v(kKvBlockSize * head_dim);
   std::vector<float> m(task.num_rows, -std::numeric_limits<float>::infinity());
   std::vector<float> l(task.num_rows, 0.f);
   std::vector<float> acc(static_cast<size_t>(task.num_rows) * head_dim, 0.f);
@@ -58,20 +61,24 @@ void AttendPaged(const AttentionTask& task, const void* k_cache, const void* v_c
     const int n = std::min(kKvBlockSize, max_visible - blk * kKvBlockSize);
     const Bf16* kb = static_cast<const Bf16*>(k_cache) + base;
     const Bf16* vb = static_cast<const Bf16*>(v_cache) + base;
-    for (int i = 0; i < n * head_dim; ++i) {
-      k[i] = Bf16ToFloat(kb[i]);
-      v[i] = Bf16ToFloat(vb[i]);
+    for (int j = 0; j < n; ++j) {
+      for (int d = 0; d < head_dim; ++d)
+        kt[d * kKvBlockSize + j] = Bf16ToFloat(kb[j * head_dim + d]);
     }
+    for (int i = 0; i < n * head_dim; ++i) v[i] = Bf16ToFloat(vb[i]);
     for (int r = 0; r < task.num_rows; ++r) {
       const int limit = std::min(n, task.visible[r] - blk * kKvBlockSize);
       if (limit <= 0) continue;
       const float* q = task.q_rows[r];
       float block_max = -std::numeric_limits<float>::infinity();
+      std::fill(s, s + limit, 0.f);
+      for (int d = 0; d < head_dim; ++d) {
+        const float qd = q[d];
+        const float* kd = &kt[d * kKvBlockSize];
+        for (int j = 0; j < limit; ++j) s[j] += qd * kd[j];
+      }
       for (int j = 0; j < limit; ++j) {
-        const float* kr = &k[j * head_dim];
-        float dot = 0.f;
-        for (int d = 0; d < head_dim; ++d) dot += q[d] * kr[d];
-        s[j] = dot * scale;
+        s[j] *= scale;
         block_max = std::max(block_max, s[j]);
       }
       const float new_m = std::max(m[r], block_max);
