@@ -42,3 +42,22 @@ shell_quote() {
   for a in "$@"; do out+=" $(printf '%q' "$a")"; done
   printf '%s\n' "${out# }"
 }
+
+# OpenBLAS picks its GEMM kernels from the CPU model and falls back to SSE3 ones on models it
+# does not know (a virtualized Xeon with AVX-512: the CPU backend then warns). Unless the caller
+# chose, export OPENBLAS_CORETYPE from the CPU's flags (quickstart prefill here: 19 -> 14 s).
+pick_blas_kernels() {
+  [ -z "${OPENBLAS_CORETYPE:-}" ] && [ -r /proc/cpuinfo ] || return 0
+  local flags
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  cpu_has() {
+    local f
+    for f; do [[ $flags == *" $f "* ]] || return 1; done
+  }
+  if cpu_has avx512f avx512dq avx512bw avx512vl; then
+    export OPENBLAS_CORETYPE=SkylakeX
+  elif cpu_has avx2 fma; then
+    export OPENBLAS_CORETYPE=Haswell
+  fi
+  return 0
+}

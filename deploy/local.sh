@@ -13,6 +13,7 @@
 set -euo pipefail
 export DEPLOY_NAME=local
 source "$(dirname "$0")/common.sh"
+pick_blas_kernels  # CPU workers' GEMMs (common.sh)
 
 usage() {
   cat <<'EOF'

@@ -10,6 +10,7 @@ bash deploy/install-deps.sh
 bash deploy/build.sh >/dev/null
 source deploy/common.sh
 DEPLOY_NAME=quickstart
+pick_blas_kernels  # the CPU backend's GEMMs (no effect on the GPU path)
 bin=./build/cli/asynctls
 model=$("$bin" fetch-model)
 port=${ASYNCTLS_PORT:-50051}
