@@ -38,6 +38,18 @@ __device__ __forceinline__ void RotatePair(float* head, int i, int half, float c
   }
 }
 
+// The token's cos/sin table into shared memory: cos_sin[i] = cos, cos_sin[half + i] = sin of
+// pair i's angle (one sincosf per thread; the caller syncs before reading it).
+__device__ __forceinline__ void TokenCosSin(float pos, const float* inv_freq, int half,
+                                            float* cos_sin) {
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
+    cos_sin[i] = c;
+    cos_sin[half + i] = s;
+  }
+}
+
 // Tier 1: one CTA per (token, group of kHeadsPerCta q/k heads). Each CTA computes the token's
 // cos/sin table (rotary_dim/2 pairs, one sincosf per thread: at decode the table's sincosf at
 // large arguments was most of the kernel) into shared memory, then its threads stride over
@@ -52,13 +64,7 @@ __global__ void __launch_bounds__(kThreads)
                int half) {
   extern __shared__ float cos_sin[];  // [half] cos, then [half] sin
   const int t = blockIdx.x;
-  const float pos = static_cast<float>(positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float s, c;
-    sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
-    cos_sin[i] = c;
-    cos_sin[half + i] = s;
-  }
+  TokenCosSin(static_cast<float>(positions[t]), inv_freq, half, cos_sin);
   __syncthreads();
   const int h0 = blockIdx.y * kHeadsPerCta;
   const int heads = min(kHeadsPerCta, num_q_heads + num_kv_heads - h0);
@@ -93,13 +99,7 @@ __global__ void __launch_bounds__(kThreads) SplitQkvKernel(const SplitQkvParams 
   __shared__ float cos_sin[kMaxSplitHeadDim];  // [half] cos, then [half] sin
   __shared__ float rows[kHeadsPerCta][kMaxSplitHeadDim];
   const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float pos = static_cast<float>(p.positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float s, c;
-    sincosf(__fmul_rn(pos, p.inv_freq[i]), &s, &c);
-    cos_sin[i] = c;
-    cos_sin[half + i] = s;
-  }
+  TokenCosSin(static_cast<float>(p.positions[t]), p.inv_freq, half, cos_sin);
   __syncthreads();
   const int H = p.num_q_heads, KV = p.num_kv_heads, hd = p.head_dim;
   const int j = blockIdx.y * kHeadsPerCta + warp;

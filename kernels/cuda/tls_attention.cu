@@ -1146,12 +1146,15 @@ int WideRowTiles(MlaKernel k) {
   return k == MlaKernel::kWide4 ? 4 : k == MlaKernel::kWide2 ? 2 : 0;
 }
 
+// MLA with bf16 io and V inside the K rows (the layout the pipelined and wide kernels take).
+bool MlaBf16SharedKv(const TlsSparseAttentionParams& p) {
+  return p.head_dim == mla::kDim && p.io_dtype == DType::kBF16 && p.v_cache == p.k_cache;
+}
+
 // The wide kernel for this call's heads (kTiles where it cannot take them): 4 row tiles (64 heads
 // per CTA) from 64 heads, 2 from 32, bf16 io with V inside the K rows only.
 MlaKernel WideKernel(const TlsSparseAttentionParams& p) {
-  if (p.head_dim != mla::kDim || p.io_dtype != DType::kBF16 || p.v_cache != p.k_cache) {
-    return MlaKernel::kTiles;
-  }
+  if (!MlaBf16SharedKv(p)) return MlaKernel::kTiles;
   const int group = p.num_q_heads / p.num_kv_heads;
   return group >= 64 ? MlaKernel::kWide4 : group >= 32 ? MlaKernel::kWide2 : MlaKernel::kTiles;
 }
@@ -1162,6 +1165,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const bool mla = p.head_dim == mla::kDim;
   const int wide_rt = mla ? WideRowTiles(kernel) : 0;
+  const bool pipelined = mla && kernel == MlaKernel::kPipelined;
   // The pipelined and wide kernels walk their tiles with the next one loading (one CTA per SM);
   // the others load, then compute, tile after tile.
   const bool one_wave = mla && kernel != MlaKernel::kTiles;
@@ -1187,7 +1191,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
                : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
-  if (kernel == MlaKernel::kPipelined && mla) {
+  if (pipelined) {
     // Its tiles need not be full (a split of 80 positions loads 80 rows, in tiles of 48 and
     // 32), so the split follows the wave, in steps of 16 positions; at least one full tile.
     tokens = std::max(mla::kPipeKeys, (tokens + 15) / 16 * 16);
@@ -1199,7 +1203,7 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   }
   // A pipelined or wide CTA holds the pool rows of a bounded number of positions (more splits).
   if (wide_rt > 0) tokens = std::min(tokens, mla::kWideSlots);
-  if (kernel == MlaKernel::kPipelined && mla) tokens = std::min(tokens, mla::kPipeSlots);
+  if (pipelined) tokens = std::min(tokens, mla::kPipeSlots);
   // Keep the split count under the merge kernel's limit.
   tokens = std::max(tokens, (max_positions + kMaxSplits - 1) / kMaxSplits);
   s.split_tokens = tokens;
@@ -1229,7 +1233,7 @@ AttnChoice ChooseKernel(const TlsSparseAttentionParams& p) {
       return {wide, plan};
     }
   }
-  if (p.head_dim == mla::kDim && p.io_dtype == DType::kBF16 && p.v_cache == p.k_cache) {
+  if (MlaBf16SharedKv(p)) {
     const SplitPlan plan = PlanSplits(p, MlaKernel::kPipelined);
     if (plan.split_tokens <= mla::kPipeSlots) return {MlaKernel::kPipelined, plan};
   }

@@ -46,16 +46,15 @@ void WarnIfBlasKernelsAreGeneric() {
     if (core == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
     const std::string name = core;
     if (name != "Prescott" && name != "Core2" && name != "Penryn" && name != "Nehalem") return;
-    const char* better = nullptr;
+    const char *isa = nullptr, *better = nullptr;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      better = "SkylakeX";
+      isa = "AVX-512", better = "SkylakeX";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      better = "Haswell";
+      isa = "AVX2", better = "Haswell";
     }
     if (better == nullptr) return;
-    ASYNCTLS_LOG_WARN("cpu: OpenBLAS chose its ", name, " kernels on a CPU with ",
-                      std::string(better) == "SkylakeX" ? "AVX-512" : "AVX2",
+    ASYNCTLS_LOG_WARN("cpu: OpenBLAS chose its ", name, " kernels on a CPU with ", isa,
                       "; set OPENBLAS_CORETYPE=", better, " for faster GEMMs");
   });
 }
