@@ -12,7 +12,7 @@
 //                      [--channels 32] [--queries 4] [--needles 16] [--needle-logit 10]
 //                      [--capture FILE --channel-file JSON] [--capture-budgets 128,...,2048]
 //                      [--capture-block-budgets 16,32] [--capture-queries 8] [--query-step 16]
-//                      [--json FILE] [--seed 1]
+//                      [--json FILE] [--seed 1] [--block-index bf16|int8]
 // Prints one markdown table per input (and a per-layer table for the capture) and writes every
 // row as JSON with --json.
 #include <chrono>
@@ -94,6 +94,9 @@ TlsPolicy MakeAccuracyPolicy(const AccuracyMethod& method, int k_b, int k_t) {
   return p;
 }
 
+// --block-index int8: the block index's int8 form (tls_params.h); bf16 by default.
+bool Int8BlockIndex(const Args& a) { return a.Get("block-index", "bf16") == "int8"; }
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -112,7 +115,7 @@ void RunSynthetic(const Args& a, bool needle, std::vector<Row>* all) {
                                  std::atoi(a.Get("needles", "16").c_str()),
                                  std::strtof(a.Get("needle-logit", "10").c_str(), nullptr), seed)
                : MakeGaussianInput(context, queries, heads[0], heads[1], heads[2], dc, seed);
-    const AccuracyHarness h(in);
+    const AccuracyHarness h(in, Int8BlockIndex(a));
     std::fprintf(stderr, "[%s %d] input + exact attention %.1f s\n", needle ? "needle" : "gaussian",
                  context, Seconds(t0));
     for (int k_t : ParseInts(a.Get("budgets", "512,1024,2048"))) {
@@ -169,7 +172,7 @@ int RunCapture(const Args& a, std::vector<Row>* all) {
     const std::vector<int32_t> layer_channels(channels.begin() + size_t(l) * kv * dc,
                                               channels.begin() + size_t(l + 1) * kv * dc);
     const AccuracyInput in = file.Layer(l, positions, layer_channels, dc);
-    const AccuracyHarness h(in);
+    const AccuracyHarness h(in, Int8BlockIndex(a));
     for (int k_t : budgets) {
       for (const AccuracyMethod& method : methods) {
         const bool two_level = method.mode == TlsMode::kTwoLevel;
@@ -242,6 +245,10 @@ int Main(int argc, char** argv) {
       return 2;
     }
     a.values[k.substr(2)] = argv[++i];
+  }
+  if (const std::string b = a.Get("block-index", "bf16"); b != "bf16" && b != "int8") {
+    std::fprintf(stderr, "--block-index: bf16 or int8, not '%s'\n", b.c_str());
+    return 2;
   }
   std::vector<Row> rows;
   const std::string inputs =

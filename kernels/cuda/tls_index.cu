@@ -164,6 +164,7 @@ cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream) {
 }
 
 cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
+  if (p.maybe_block_scales != nullptr) return cudaErrorNotSupported;  // int8 index: ref only
   if (p.batch <= 0 || p.max_new_tokens <= 0) return cudaSuccess;
   if (p.head_dim <= 0 || p.num_kv_heads <= 0) return cudaErrorInvalidValue;
   if (p.maybe_token_codes == nullptr) return LaunchIndexUpdate<0>(p, stream);

@@ -1105,6 +1105,7 @@ bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
 }
 
 cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
+  if (p.maybe_block_scales != nullptr) return cudaErrorNotSupported;  // int8 index: ref only
   if (p.batch <= 0) return cudaSuccess;
   if (p.head_dim % kTlsBlockScoreSlices != 0 || p.num_kv_heads <= 0 ||
       p.num_q_heads % p.num_kv_heads != 0) {
@@ -1205,9 +1206,19 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
   auto select_blocks = [&](int k, cudaStream_t on, const void* q) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
-    const TlsBlockScoreParams s{
-        q,          p.block_kmax, p.block_kmin,  p.index_table,  p.seq_lens, ws.block_scores,
-        p.io_dtype, p.batch,      p.num_q_heads, p.num_kv_heads, p.head_dim, p.max_blocks_per_seq};
+    const TlsBlockScoreParams s{q,
+                                p.block_kmax,
+                                p.block_kmin,
+                                p.index_table,
+                                p.seq_lens,
+                                ws.block_scores,
+                                p.io_dtype,
+                                p.batch,
+                                p.num_q_heads,
+                                p.num_kv_heads,
+                                p.head_dim,
+                                p.max_blocks_per_seq,
+                                p.maybe_block_scales};
     cudaError_t err = TlsBlockScore(s, on);
     if (err != cudaSuccess) return err;
     const TlsBlockSelectParams sel{

@@ -57,17 +57,58 @@ void TlsCalibSelect(const TlsCalibSelectParams& p) {
   }
 }
 
+namespace {
+
+// The int8 block index row of every block that positions [begin, end) of sequence b touch,
+// rebuilt from all of the block's tokens so far (a new scale re-codes the whole row).
+void RebuildInt8BlockRows(const TlsIndexUpdateParams& p, int b, int begin, int end) {
+  const Bf16* k_cache = static_cast<const Bf16*>(p.k_cache);
+  int8_t* kmax = static_cast<int8_t*>(p.block_kmax);
+  int8_t* kmin = static_cast<int8_t*>(p.block_kmin);
+  std::vector<float> mx(p.head_dim), mn(p.head_dim);
+  for (int logical = begin / kKvBlockSize; logical * kKvBlockSize < end; ++logical) {
+    const int64_t pool_block = p.block_table[int64_t{b} * p.max_blocks_per_seq + logical];
+    const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + logical];
+    const int tokens = std::min(end - logical * kKvBlockSize, kKvBlockSize);
+    for (int g = 0; g < p.num_kv_heads; ++g) {
+      for (int t = 0; t < tokens; ++t) {
+        const int64_t koff = PoolOffset(pool_block, g, t, p.num_kv_heads, p.head_dim);
+        for (int d = 0; d < p.head_dim; ++d) {
+          const float v = Bf16ToFloat(k_cache[koff + d]);
+          mx[d] = t == 0 ? v : std::max(mx[d], v);
+          mn[d] = t == 0 ? v : std::min(mn[d], v);
+        }
+      }
+      float absmax = 0.f;
+      for (int d = 0; d < p.head_dim; ++d) {
+        absmax = std::max({absmax, std::fabs(mx[d]), std::fabs(mn[d])});
+      }
+      const float scale = TlsBlockIndexScale(absmax);
+      const int64_t ioff = (row * p.num_kv_heads + g) * p.head_dim;
+      for (int d = 0; d < p.head_dim; ++d) {
+        kmax[ioff + d] = static_cast<int8_t>(TlsBlockMaxCode(mx[d], scale));
+        kmin[ioff + d] = static_cast<int8_t>(TlsBlockMinCode(mn[d], scale));
+      }
+      p.maybe_block_scales[row * p.num_kv_heads + g] = scale;
+    }
+  }
+}
+
+}  // namespace
+
 void TlsIndexUpdate(const TlsIndexUpdateParams& p) {
   ASYNCTLS_TLS_REF_CHECK(!p.maybe_token_codes ||
                          (p.num_channels % 8 == 0 && p.num_channels <= kTlsMaxChannels &&
                           p.channels != nullptr && p.maybe_token_scales != nullptr));
   const Bf16* k_cache = static_cast<const Bf16*>(p.k_cache);
+  const bool int8_rows = p.maybe_block_scales != nullptr;
   Bf16* kmax = static_cast<Bf16*>(p.block_kmax);
   Bf16* kmin = static_cast<Bf16*>(p.block_kmin);
   const int row_bytes = p.num_channels / 2;
   std::vector<float> key(p.head_dim);
   for (int b = 0; b < p.batch; ++b) {
     const int begin = p.start_pos[b], end = p.seq_lens[b];
+    if (int8_rows && begin < end) RebuildInt8BlockRows(p, b, begin, end);
     for (int pos = begin; pos < end; ++pos) {
       const int logical = pos / kKvBlockSize, offset = pos % kKvBlockSize;
       const int64_t pool_block = p.block_table[int64_t{b} * p.max_blocks_per_seq + logical];
@@ -80,6 +121,7 @@ void TlsIndexUpdate(const TlsIndexUpdateParams& p) {
         for (int d = 0; d < p.head_dim; ++d) {
           const float v = Bf16ToFloat(k_cache[koff + d]);
           key[d] = v;
+          if (int8_rows) continue;  // rebuilt above
           if (fresh) {
             kmax[ioff + d] = k_cache[koff + d];
             kmin[ioff + d] = k_cache[koff + d];

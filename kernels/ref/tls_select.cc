@@ -51,8 +51,13 @@ void TlsBlockScore(const TlsBlockScoreParams& p) {
   ASYNCTLS_TLS_REF_CHECK(p.head_dim % kTlsBlockScoreSlices == 0);
   const int group = p.num_q_heads / p.num_kv_heads;
   const int width = p.head_dim / kTlsBlockScoreSlices;  // dims per slice
-  const Bf16* kmax = static_cast<const Bf16*>(p.block_kmax);
-  const Bf16* kmin = static_cast<const Bf16*>(p.block_kmin);
+  // The block's bound per dim: bf16 values, or int8 codes (as floats) whose sum the row's
+  // scale multiplies once (tls_math.h).
+  const bool int8_rows = p.maybe_block_scales != nullptr;
+  auto bound = [&](const void* index, int64_t at) {
+    return int8_rows ? static_cast<float>(static_cast<const int8_t*>(index)[at])
+                     : Bf16ToFloat(static_cast<const Bf16*>(index)[at]);
+  };
   std::vector<float> qpos(p.head_dim), qneg(p.head_dim);
   for (int b = 0; b < p.batch; ++b) {
     const int num_blocks = (p.seq_lens[b] + kKvBlockSize - 1) / kKvBlockSize;
@@ -76,13 +81,14 @@ void TlsBlockScore(const TlsBlockScoreParams& p) {
         for (int c = 0; c < kTlsBlockScoreSlices; ++c) {
           float s = 0.f;
           for (int d = c * width; d < (c + 1) * width; ++d) {
-            s = TlsFma(qpos[d], Bf16ToFloat(kmax[off + d]), s);
-            s = TlsFma(qneg[d], Bf16ToFloat(kmin[off + d]), s);
+            s = TlsFma(qpos[d], bound(p.block_kmax, off + d), s);
+            s = TlsFma(qneg[d], bound(p.block_kmin, off + d), s);
           }
           slice[c] = s;
         }
+        const float sum = TlsSumBlockSlices(slice);
         p.scores[(int64_t{b} * p.num_kv_heads + g) * p.max_blocks_per_seq + i] =
-            TlsSumBlockSlices(slice);
+            int8_rows ? TlsMul(sum, p.maybe_block_scales[row * p.num_kv_heads + g]) : sum;
       }
     }
   }
@@ -250,9 +256,19 @@ void TlsDecodeSelect(const TlsDecodeSelectParams& p) {
   auto select_blocks = [&](int k) {
     ASYNCTLS_TLS_REF_CHECK(k <= p.max_kept_blocks);
     std::vector<float> scores(rows * p.max_blocks_per_seq, 0.f);
-    TlsBlockScoreParams s{p.q,           p.block_kmax,   p.block_kmin, p.index_table,
-                          p.seq_lens,    scores.data(),  p.io_dtype,   p.batch,
-                          p.num_q_heads, p.num_kv_heads, p.head_dim,   p.max_blocks_per_seq};
+    TlsBlockScoreParams s{p.q,
+                          p.block_kmax,
+                          p.block_kmin,
+                          p.index_table,
+                          p.seq_lens,
+                          scores.data(),
+                          p.io_dtype,
+                          p.batch,
+                          p.num_q_heads,
+                          p.num_kv_heads,
+                          p.head_dim,
+                          p.max_blocks_per_seq,
+                          p.maybe_block_scales};
     TlsBlockScore(s);
     TlsBlockSelectParams sel{
         scores.data(),        p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,

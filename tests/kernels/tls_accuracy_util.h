@@ -97,7 +97,9 @@ inline std::vector<AccuracyMethod> AccuracyMethods(bool with_lag) {
 // Evaluate() per policy.
 class AccuracyHarness {
  public:
-  explicit AccuracyHarness(const AccuracyInput& in) : in_(in) {
+  // int8_block_index: the block index in its int8 form (tls_params.h) instead of bf16.
+  explicit AccuracyHarness(const AccuracyInput& in, bool int8_block_index = false)
+      : in_(in), int8_block_index_(int8_block_index) {
     ASYNCTLS_ACC_CHECK(in.num_kv_heads > 0 && in.num_q_heads % in.num_kv_heads == 0);
     ASYNCTLS_ACC_CHECK(in.k.size() == size_t(in.num_tokens) * in.num_kv_heads * in.head_dim);
     ASYNCTLS_ACC_CHECK(in.q.size() == size_t(in.num_queries()) * in.num_q_heads * in.head_dim);
@@ -262,6 +264,9 @@ class AccuracyHarness {
     const size_t rows = size_t(max_blocks_) * KV;
     kmax_.assign(rows * hd, Bf16{0});
     kmin_.assign(rows * hd, Bf16{0});
+    kmax8_.assign(int8_block_index_ ? rows * hd : 0, 0);
+    kmin8_.assign(kmax8_.size(), 0);
+    block_scales_.assign(int8_block_index_ ? rows : 0, 0.f);
     codes_.assign(rows * kKvBlockSize * (dc / 2), 0);
     scales_.assign(rows * kKvBlockSize, 0.f);
     const int32_t start = 0, len = in_.num_tokens;
@@ -271,8 +276,9 @@ class AccuracyHarness {
     u.index_table = table_.data();
     u.start_pos = &start;
     u.seq_lens = &len;
-    u.block_kmax = kmax_.data();
-    u.block_kmin = kmin_.data();
+    u.block_kmax = int8_block_index_ ? static_cast<void*>(kmax8_.data()) : kmax_.data();
+    u.block_kmin = int8_block_index_ ? static_cast<void*>(kmin8_.data()) : kmin_.data();
+    u.maybe_block_scales = int8_block_index_ ? block_scales_.data() : nullptr;
     u.channels = in_.channels.data();
     u.maybe_token_codes = codes_.data();
     u.maybe_token_scales = scales_.data();
@@ -348,8 +354,9 @@ class AccuracyHarness {
     p.q = q;
     p.seq_lens = lens;
     p.index_table = table_.data();
-    p.block_kmax = kmax_.data();
-    p.block_kmin = kmin_.data();
+    p.block_kmax = int8_block_index_ ? static_cast<const void*>(kmax8_.data()) : kmax_.data();
+    p.block_kmin = int8_block_index_ ? static_cast<const void*>(kmin8_.data()) : kmin_.data();
+    p.maybe_block_scales = int8_block_index_ ? block_scales_.data() : nullptr;
     p.channels = in_.channels.data();
     p.token_codes = codes_.data();
     p.token_scales = scales_.data();
@@ -367,8 +374,11 @@ class AccuracyHarness {
   }
 
   const AccuracyInput& in_;
+  const bool int8_block_index_;
   int max_blocks_ = 0;
   std::vector<Bf16> k_pool_, v_pool_, kmax_, kmin_;
+  std::vector<int8_t> kmax8_, kmin8_;  // the int8 form's codes and scales
+  std::vector<float> block_scales_;
   std::vector<int32_t> table_;
   std::vector<uint8_t> codes_;
   std::vector<float> scales_;

@@ -189,6 +189,95 @@ TEST(TlsIndexTest, BlockIndexOnlyWhenNoTokenCodes) {
   }
 }
 
+// The int8 block index: per row one scale, codes that bound the keys' max / min from outside by
+// less than one scale step, and at least one code at +-127.
+void ExpectInt8RowsBoundTheKeys(const TlsCase& c, const testing::Int8BlockIndex& x) {
+  for (int b = 0; b < c.batch; ++b) {
+    const int len = c.seq_lens()[b];
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      for (int blk = 0; blk * kKvBlockSize < len; ++blk) {
+        const size_t row = size_t(c.index_table[size_t(b) * c.max_blocks_per_seq() + blk]);
+        const size_t off = (row * c.num_kv_heads + g) * c.head_dim;
+        const float scale = x.scales[row * c.num_kv_heads + g];
+        float absmax = 0.f;
+        int widest = 0;
+        for (int d = 0; d < c.head_dim; ++d) {  // c.kmax / kmin: the exact bf16 max / min
+          absmax = std::max({absmax, std::fabs(Bf16ToFloat(c.kmax[off + d])),
+                             std::fabs(Bf16ToFloat(c.kmin[off + d]))});
+        }
+        ASSERT_EQ(scale, TlsBlockIndexScale(absmax)) << "b=" << b << " blk=" << blk;
+        for (int d = 0; d < c.head_dim; ++d) {
+          const double mx = Bf16ToFloat(c.kmax[off + d]), mn = Bf16ToFloat(c.kmin[off + d]);
+          const int cmax = x.kmax[off + d], cmin = x.kmin[off + d];
+          ASSERT_GE(static_cast<double>(cmax) * scale, mx)
+              << "b=" << b << " blk=" << blk << " d=" << d;
+          ASSERT_LE(static_cast<double>(cmin) * scale, mn)
+              << "b=" << b << " blk=" << blk << " d=" << d;
+          ASSERT_LT(static_cast<double>(cmax - 1) * scale, mx);
+          ASSERT_GT(static_cast<double>(cmin + 1) * scale, mn);
+          ASSERT_LE(cmin, cmax);
+          widest = std::max({widest, std::abs(cmax), std::abs(cmin)});
+        }
+        EXPECT_EQ(widest, absmax > 0.f ? 127 : 0);
+      }
+    }
+  }
+}
+
+TEST(TlsIndexTest, Int8RowsBoundTheKeysGqa) {
+  testing::Reseed(16);
+  const TlsCase c = MakeTlsCase({1, 17, 64, 65, 200}, 6, 2, 64, 32, DType::kF32);
+  ExpectInt8RowsBoundTheKeys(c, testing::MakeInt8BlockIndex(c));
+}
+
+TEST(TlsIndexTest, Int8RowsBoundTheKeysMla) {
+  testing::Reseed(17);
+  const TlsCase c = MakeTlsCase({97, 130}, 4, 1, 576, 128, DType::kBF16, /*mla=*/true);
+  ExpectInt8RowsBoundTheKeys(c, testing::MakeInt8BlockIndex(c));
+}
+
+// Appending in chunks (the open block's row rebuilt at every append) gives the rows of one build.
+TEST(TlsIndexTest, Int8IncrementalEqualsBuild) {
+  testing::Reseed(18);
+  const TlsCase c = MakeTlsCase({150, 64, 3}, 4, 2, 128, 16, DType::kF32);
+  const testing::Int8BlockIndex once = testing::MakeInt8BlockIndex(c);
+  const testing::Int8BlockIndex steps =
+      testing::MakeInt8BlockIndex(c, {5, 59, 1, 1, 70, 1, 13, 1, 100});
+  EXPECT_EQ(steps.kmax, once.kmax);
+  EXPECT_EQ(steps.kmin, once.kmin);
+  for (size_t i = 0; i < once.scales.size(); ++i) {
+    if (std::isnan(once.scales[i])) {
+      EXPECT_TRUE(std::isnan(steps.scales[i])) << i;  // a row no sequence uses
+    } else {
+      EXPECT_EQ(steps.scales[i], once.scales[i]) << i;
+    }
+  }
+}
+
+TEST(TlsMathTest, BlockIndexCodesRoundOutward) {
+  EXPECT_EQ(TlsBlockIndexScale(127.f), 1.f);
+  EXPECT_EQ(TlsBlockIndexScale(0.f), 0.f);
+  EXPECT_EQ(TlsBlockMaxCode(2.5f, 1.f), 3);
+  EXPECT_EQ(TlsBlockMinCode(2.5f, 1.f), 2);
+  EXPECT_EQ(TlsBlockMaxCode(-2.5f, 1.f), -2);
+  EXPECT_EQ(TlsBlockMinCode(-2.5f, 1.f), -3);
+  EXPECT_EQ(TlsBlockMaxCode(2.f, 1.f), 2);
+  EXPECT_EQ(TlsBlockMinCode(2.f, 1.f), 2);
+  EXPECT_EQ(TlsBlockMaxCode(5.f, 0.f), 0);
+  EXPECT_EQ(TlsBlockMinCode(-5.f, 0.f), 0);
+  // 127 * scale never falls short of the row's absmax, so +-absmax code to +-127 and bound it.
+  int raised = 0;
+  for (float a = 1e-3f; a < 1e3f; a *= 1.0137f) {
+    const float s = TlsBlockIndexScale(a);
+    raised += s != a / 127.f;
+    ASSERT_GE(127.f * s, a) << a;
+    ASSERT_EQ(TlsBlockMaxCode(a, s), 127) << a;
+    ASSERT_EQ(TlsBlockMinCode(-a, s), -127) << a;
+    ASSERT_GE(TlsBlockMaxCode(a, s) * s, a);
+  }
+  EXPECT_GT(raised, 0);  // the ulp raise is exercised
+}
+
 TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
   EXPECT_EQ(TlsExp2(0.f), 1.f);
   EXPECT_EQ(TlsExp2(-0.f), 1.f);

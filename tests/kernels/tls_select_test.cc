@@ -68,6 +68,51 @@ TEST(TlsBlockScoreTest, EqualsQuestBoundAndBoundsTrueScores) {
   }
 }
 
+// The int8 block index (tls_params.h): each score is the row's scale times the codes' bound,
+// and never below the bf16 index's bound (codes round outward; both in exact arithmetic here).
+TEST(TlsBlockScoreTest, Int8ScoresAreScaledCodeBoundsAboveBf16) {
+  testing::Reseed(22);
+  for (const bool mla : {false, true}) {
+    const TlsCase c = mla ? MakeTlsCase({97, 300}, 16, 1, 576, 128, DType::kBF16, true)
+                          : MakeTlsCase({1, 64, 65, 300}, 8, 2, 64, 32, DType::kBF16);
+    const testing::Int8BlockIndex x = testing::MakeInt8BlockIndex(c);
+    std::vector<float> scores(size_t(c.batch) * c.num_kv_heads * c.max_blocks_per_seq(), NAN);
+    TlsBlockScoreParams p{
+        c.q.data(),           x.kmax.data(),  x.kmin.data(), c.index_table.data(),
+        c.kv.seq_lens.data(), scores.data(),  c.q.dtype,     c.batch,
+        c.num_q_heads,        c.num_kv_heads, c.head_dim,    c.max_blocks_per_seq(),
+        x.scales.data()};
+    ref::TlsBlockScore(p);
+    const int G = c.group();
+    for (int b = 0; b < c.batch; ++b) {
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        std::vector<double> qpos(c.head_dim, 0.0), qneg(c.head_dim, 0.0);
+        for (int h = g * G; h < (g + 1) * G; ++h) {
+          for (int d = 0; d < c.head_dim; ++d) {
+            const double q = c.q.values[(size_t(b) * c.num_q_heads + h) * c.head_dim + d];
+            (q > 0 ? qpos : qneg)[d] += q;
+          }
+        }
+        for (int blk = 0; blk * 64 < c.seq_lens()[b]; ++blk) {
+          const size_t row = size_t(c.index_table[b * c.max_blocks_per_seq() + blk]);
+          const size_t off = (row * c.num_kv_heads + g) * c.head_dim;
+          const double scale = x.scales[row * c.num_kv_heads + g];
+          double codes = 0, bf16 = 0, magnitude = 0;
+          for (int d = 0; d < c.head_dim; ++d) {
+            codes += qpos[d] * x.kmax[off + d] + qneg[d] * x.kmin[off + d];
+            bf16 += qpos[d] * Bf16ToFloat(c.kmax[off + d]) + qneg[d] * Bf16ToFloat(c.kmin[off + d]);
+            magnitude += (qpos[d] - qneg[d]) * 127.0 * scale;
+          }
+          const float s = scores[(size_t(b) * c.num_kv_heads + g) * c.max_blocks_per_seq() + blk];
+          ASSERT_NEAR(s, codes * scale, 1e-5 * magnitude)
+              << "mla " << mla << " b=" << b << " blk=" << blk;
+          ASSERT_GE(codes * scale, bf16 - 1e-9 * magnitude) << "mla " << mla << " b=" << b;
+        }
+      }
+    }
+  }
+}
+
 // The spec's order (tls_math.h): the group's heads summed in order into qpos / qneg, eight
 // slice chains of head_dim / 8 dims (kmax term, then kmin term, per dim), slices added as the
 // fixed tree. The GPU kernels reproduce exactly this; any other order differs in the last bits.

@@ -106,6 +106,46 @@ inline TlsCase MakeTlsCase(const std::vector<int32_t>& seq_lens, int num_q_heads
   return c;
 }
 
+// The case's block index in its int8 form (tls_params.h): ref::TlsIndexUpdate over the cached
+// tokens, all at once or (steps) a chunk of each sequence at a time.
+struct Int8BlockIndex {
+  std::vector<int8_t> kmax, kmin;  // [rows, kv heads, head_dim]
+  std::vector<float> scales;       // [rows, kv heads]
+};
+
+inline Int8BlockIndex MakeInt8BlockIndex(const TlsCase& c, const std::vector<int>& steps = {}) {
+  const size_t rows = size_t(c.num_index_rows) * c.num_kv_heads;
+  Int8BlockIndex x;
+  x.kmax.assign(rows * c.head_dim, 0x55);
+  x.kmin.assign(rows * c.head_dim, 0x55);
+  x.scales.assign(rows, std::numeric_limits<float>::quiet_NaN());
+  int max_len = 0;
+  for (int32_t l : c.seq_lens()) max_len = std::max(max_len, l);
+  std::vector<int32_t> done(c.batch, 0);
+  for (size_t i = 0; i < std::max<size_t>(1, steps.size()); ++i) {
+    const int step = steps.empty() ? max_len : steps[i];
+    std::vector<int32_t> end(c.batch);
+    for (int b = 0; b < c.batch; ++b) end[b] = std::min(c.seq_lens()[b], done[b] + step);
+    TlsIndexUpdateParams u{};
+    u.k_cache = c.kv.k.data();
+    u.block_table = c.kv.block_table.data();
+    u.index_table = c.index_table.data();
+    u.start_pos = done.data();
+    u.seq_lens = end.data();
+    u.block_kmax = x.kmax.data();
+    u.block_kmin = x.kmin.data();
+    u.maybe_block_scales = x.scales.data();
+    u.batch = c.batch;
+    u.num_kv_heads = c.num_kv_heads;
+    u.head_dim = c.head_dim;
+    u.max_blocks_per_seq = c.max_blocks_per_seq();
+    u.max_new_tokens = step;
+    ref::TlsIndexUpdate(u);
+    done = end;
+  }
+  return x;
+}
+
 // Rows of a [rows, stride] positions buffer as sets, for exact comparisons.
 inline std::vector<std::vector<int32_t>> Rows(const std::vector<int32_t>& data,
                                               const std::vector<int32_t>& counts, int stride) {

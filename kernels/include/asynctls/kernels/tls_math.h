@@ -137,13 +137,48 @@ ASYNCTLS_HD uint64_t TlsSelectKey(float score, int32_t id) {
 // consecutive dims. Each slice is an ordered TlsFma chain from 0 (kmax term, then kmin term, per
 // dim); the slice sums are added as the fixed tree TlsSumBlockSlices, which is what a warp's
 // xor butterfly over 8 lanes computes (float addition commutes bit for bit). Eight short chains
-// instead of one 2 * head_dim long chain let the GPU spend 8 lanes per block.
+// instead of one 2 * head_dim long chain let the GPU spend 8 lanes per block. With the int8
+// index the chains take the codes (as floats) and the tree's sum is multiplied by the row's
+// scale once: TlsMul(TlsSumBlockSlices(slices), scale).
 inline constexpr int kTlsBlockScoreSlices = 8;
 
 ASYNCTLS_HD float TlsSumBlockSlices(const float* s) {
   return TlsAdd(TlsAdd(TlsAdd(s[0], s[1]), TlsAdd(s[2], s[3])),
                 TlsAdd(TlsAdd(s[4], s[5]), TlsAdd(s[6], s[7])));
 }
+
+// ---- int8 block index (tls_params.h) ------------------------------------------------------
+// One scale per row: absmax / 127, raised by an ulp where 127 * scale falls short of absmax, so
+// every code fits [-127, 127] with the outward rounding below. (The comparisons take the sign of
+// an fma, which is the exact product's: the bound holds in real arithmetic.)
+ASYNCTLS_HD float TlsBlockIndexScale(float absmax) {
+  float s = TlsDiv(absmax, 127.f);
+  if (TlsFma(127.f, s, -absmax) < 0.f) {
+#if defined(__CUDA_ARCH__)
+    s = nextafterf(s, __int_as_float(0x7f800000));
+#else
+    s = std::nextafter(s, HUGE_VALF);
+#endif
+  }
+  return s;
+}
+
+// kmax's code: the smallest c with c * scale >= x, in [-127, 127]; 0 for scale 0. It is
+// ceil(x / scale), or one more where the quotient rounded down past an integer.
+ASYNCTLS_HD int TlsBlockMaxCode(float x, float scale) {
+  if (!(scale > 0.f)) return 0;
+#if defined(__CUDA_ARCH__)
+  float c = ceilf(TlsDiv(x, scale));
+#else
+  float c = std::ceil(TlsDiv(x, scale));
+#endif
+  if (TlsFma(c, scale, -x) < 0.f) c += 1.f;
+  c = c > 127.f ? 127.f : (c < -127.f ? -127.f : c);
+  return static_cast<int>(c);
+}
+
+// kmin's code: the largest c with c * scale <= x (the mirror image).
+ASYNCTLS_HD int TlsBlockMinCode(float x, float scale) { return -TlsBlockMaxCode(-x, scale); }
 
 // ---- Token scores over the group's heads -------------------------------------------------
 // alpha = sum over the group's heads h of e_h * inv_h (e_h: the candidate's exp for head h,

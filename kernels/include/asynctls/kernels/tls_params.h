@@ -33,6 +33,14 @@
 //   block index: kmax, kmin   bf16 [num_index_rows, num_kv_heads, head_dim]: element-wise
 //                max / min of the block's keys (bf16 max/min is exact, so bf16 storage loses
 //                nothing). Rows of the open block cover the tokens appended so far.
+//     int8 form (maybe_block_scales set): kmax, kmin int8 codes of the same shape and one fp32
+//       scale per row and KV head, scales [num_index_rows, num_kv_heads]:
+//       scale = TlsBlockIndexScale(the largest |max| or |min| of the row), codes rounded outward
+//       (TlsBlockMaxCode / TlsBlockMinCode: code * scale >= max, <= min), so the block score stays
+//       an upper bound. Half the bytes of the bf16 form; accuracy-neutral in
+//       bench/results/tls-accuracy.md (k). The open block's row is rebuilt from its K rows at
+//       every append (a new scale re-codes the row). CPU reference only so far: the CUDA entries
+//       return cudaErrorNotSupported for it.
 //   token index: codes  uint8 [num_index_rows, num_kv_heads, 64, num_channels / 2]
 //                scales fp32  [num_index_rows, num_kv_heads, 64]
 //                channels int32 [num_kv_heads, num_channels]: the calibrated set C, ascending.
@@ -143,22 +151,24 @@ struct TlsCalibSelectParams {
 
 // Positions [start_pos[b], seq_lens[b]) of each sequence were just written to the KV cache
 // (prefill: start 0; decode: len - 1). Updates the block index of every block they touch
-// (a block whose first token is among them is re-initialised, otherwise max/min are merged with
-// the stored row) and writes their token-index rows. Blocks of different sequences must map to
-// different index rows.
+// (bf16: a block whose first token is among them is re-initialised, otherwise max/min are
+// merged with the stored row; int8: the row is rebuilt from every token of the block so far)
+// and writes their token-index rows. Blocks of different sequences must map to different index
+// rows.
 struct TlsIndexUpdateParams {
   const void* k_cache;         // bf16 [num_kv_blocks, num_kv_heads, 64, head_dim]
   const int32_t* block_table;  // [batch, max_blocks_per_seq] logical block -> KV pool block
   const int32_t* index_table;  // [batch, max_blocks_per_seq] logical block -> index row
   const int32_t* start_pos;    // [batch]
   const int32_t* seq_lens;     // [batch]
-  void* block_kmax;            // bf16 [num_index_rows, num_kv_heads, head_dim]
-  void* block_kmin;            // bf16 [num_index_rows, num_kv_heads, head_dim]
+  void* block_kmax;            // bf16 (int8 with scales) [num_index_rows, num_kv_heads, head_dim]
+  void* block_kmin;            // the same
   const int32_t* channels;     // [num_kv_heads, num_channels]; null with maybe_token_codes
   uint8_t* maybe_token_codes;  // [num_index_rows, num_kv_heads, 64, num_channels / 2] or null
   float* maybe_token_scales;   // [num_index_rows, num_kv_heads, 64] (with codes)
   int32_t batch, num_kv_heads, head_dim, num_channels, max_blocks_per_seq;
   int32_t max_new_tokens;  // upper bound of seq_lens - start_pos (sizes the grid)
+  float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: the int8 block index, or null
 };
 
 // ---- Selection -------------------------------------------------------------------------------
@@ -169,13 +179,14 @@ struct TlsIndexUpdateParams {
 // 2 * head_dim per block: the score equals Quest's bound sum_h sum_d max(q·kmax, q·kmin).
 struct TlsBlockScoreParams {
   const void* q;           // [batch, num_q_heads, head_dim], io_dtype
-  const void* block_kmax;  // bf16 [num_index_rows, num_kv_heads, head_dim]
+  const void* block_kmax;  // bf16 (int8 with scales) [num_index_rows, num_kv_heads, head_dim]
   const void* block_kmin;
   const int32_t* index_table;  // [batch, max_blocks_per_seq]
   const int32_t* seq_lens;     // [batch]
   float* scores;               // [batch, num_kv_heads, max_blocks_per_seq]
   DType io_dtype;              // kF32 or kBF16
   int32_t batch, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
+  const float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: int8 block index, or null
 };
 
 // M: the min(k, #eligible) best eligible blocks (score desc, block asc), written ascending.
@@ -276,6 +287,7 @@ struct TlsDecodeSelectParams {
   int32_t max_kept_blocks;  // >= TlsKeptBlocks(policy)
   int32_t max_positions;    // >= TlsMaxSelectedTokens(policy, max_blocks_per_seq)
   float scale;              // softmax scale of the token scores, 1/sqrt(head_dim)
+  const float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: int8 block index, or null
 };
 
 // ---- Sparse attention ------------------------------------------------------------------------
