@@ -1206,20 +1206,7 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
   auto select_blocks = [&](int k, cudaStream_t on, const void* q) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
-    const TlsBlockScoreParams s{q,
-                                p.block_kmax,
-                                p.block_kmin,
-                                p.index_table,
-                                p.seq_lens,
-                                ws.block_scores,
-                                p.io_dtype,
-                                p.batch,
-                                p.num_q_heads,
-                                p.num_kv_heads,
-                                p.head_dim,
-                                p.max_blocks_per_seq,
-                                p.maybe_block_scales};
-    cudaError_t err = TlsBlockScore(s, on);
+    cudaError_t err = TlsBlockScore(DecodeBlockScoreParams(p, q, ws.block_scores), on);
     if (err != cudaSuccess) return err;
     const TlsBlockSelectParams sel{
         ws.block_scores,      p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,

@@ -256,20 +256,7 @@ void TlsDecodeSelect(const TlsDecodeSelectParams& p) {
   auto select_blocks = [&](int k) {
     ASYNCTLS_TLS_REF_CHECK(k <= p.max_kept_blocks);
     std::vector<float> scores(rows * p.max_blocks_per_seq, 0.f);
-    TlsBlockScoreParams s{p.q,
-                          p.block_kmax,
-                          p.block_kmin,
-                          p.index_table,
-                          p.seq_lens,
-                          scores.data(),
-                          p.io_dtype,
-                          p.batch,
-                          p.num_q_heads,
-                          p.num_kv_heads,
-                          p.head_dim,
-                          p.max_blocks_per_seq,
-                          p.maybe_block_scales};
-    TlsBlockScore(s);
+    TlsBlockScore(DecodeBlockScoreParams(p, p.q, scores.data()));
     TlsBlockSelectParams sel{
         scores.data(),        p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,
         p.max_blocks_per_seq, p.max_kept_blocks, k,        pol.sink_blocks};

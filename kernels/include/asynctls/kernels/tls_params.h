@@ -290,6 +290,27 @@ struct TlsDecodeSelectParams {
   const float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: int8 block index, or null
 };
 
+// The block-score stage of a decode selection (both TlsDecodeSelect implementations): its
+// query (the one-step lag's block branch reads a copy) and the rows it writes.
+inline TlsBlockScoreParams DecodeBlockScoreParams(const TlsDecodeSelectParams& p, const void* q,
+                                                  float* scores) {
+  TlsBlockScoreParams s{};
+  s.q = q;
+  s.block_kmax = p.block_kmax;
+  s.block_kmin = p.block_kmin;
+  s.maybe_block_scales = p.maybe_block_scales;
+  s.index_table = p.index_table;
+  s.seq_lens = p.seq_lens;
+  s.scores = scores;
+  s.io_dtype = p.io_dtype;
+  s.batch = p.batch;
+  s.num_q_heads = p.num_q_heads;
+  s.num_kv_heads = p.num_kv_heads;
+  s.head_dim = p.head_dim;
+  s.max_blocks_per_seq = p.max_blocks_per_seq;
+  return s;
+}
+
 // ---- Sparse attention ------------------------------------------------------------------------
 
 // out[b, h] = softmax(q[b, h] · K[P]^T * scale) V[P] over the positions P = positions[b, g, :n]
