@@ -24,9 +24,8 @@ absl::Status RunGenerate(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw"}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      {"prompt", "prompt-file", "model", "device", "max-tokens", "temperature", "top-p", "top-k",
-       "seed", "stop", "raw", "threads", "server", "attention", "tls-channels", "tls-block-budget",
-       "tls-token-budget", "tls-lag", "tls-lag-slots"}));
+      WithTlsFlags({"prompt", "prompt-file", "model", "device", "max-tokens", "temperature",
+                    "top-p", "top-k", "seed", "stop", "raw", "threads", "server", "attention"})));
   if (flags.Has("prompt") == flags.Has("prompt-file"))
     return absl::InvalidArgumentError("give exactly one of --prompt or --prompt-file");
   std::string prompt = flags.Get("prompt");

@@ -69,9 +69,8 @@ absl::Status RunServe(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      {"port", "metrics-port", "model", "device", "threads", "max-queue", "max-batch-tokens",
-       "max-running", "host", "workers", "worker-binary", "tls-channels", "tls-block-budget",
-       "tls-token-budget", "tls-lag", "tls-lag-slots"}));
+      WithTlsFlags({"port", "metrics-port", "model", "device", "threads", "max-queue",
+                    "max-batch-tokens", "max-running", "host", "workers", "worker-binary"})));
   ServingOptions options;
   options.host = flags.Get("host", "0.0.0.0");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("port", &options.port));
@@ -106,9 +105,9 @@ absl::Status RunServe(int argc, char** argv) {
                                          absl::StrCat("worker-", i), "--model", options.model_path, "--device",
                                          options.engine.device};
         if (flags.Has("threads")) args.insert(args.end(), {"--threads", flags.Get("threads")});
-        for (const char* f :
-             {"tls-channels", "tls-block-budget", "tls-token-budget", "tls-lag", "tls-lag-slots"})
+        for (const std::string& f : TlsFlagNames()) {
           if (flags.Has(f)) args.insert(args.end(), {absl::StrCat("--", f), flags.Get(f)});
+        }
         const pid_t pid = Spawn(args);
         if (pid < 0) return absl::InternalError("fork failed");
         pids.push_back(pid);

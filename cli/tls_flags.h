@@ -2,11 +2,13 @@
 // sparse decode for an engine (asynctls serve, generate and asynctls-worker). FILE is `asynctls
 // calibrate`'s output; budgets default to the paper's k_b 128, k_t 1024; L is `one-step` (the
 // paper's: tokens chosen among the previous step's blocks, block selection beside them; the
-// default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256).
+// default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256);
+// `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes; CPU only so far).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -16,9 +18,23 @@
 
 namespace asynctls {
 
+// The flags ParseTlsFlags reads (every command that builds an engine accepts them).
+inline const std::vector<std::string>& TlsFlagNames() {
+  static const std::vector<std::string> names = {"tls-channels",     "tls-block-budget",
+                                                 "tls-token-budget", "tls-lag",
+                                                 "tls-lag-slots",    "tls-block-index"};
+  return names;
+}
+
+// `known` and the TLS flags.
+inline std::vector<std::string> WithTlsFlags(std::vector<std::string> known) {
+  known.insert(known.end(), TlsFlagNames().begin(), TlsFlagNames().end());
+  return known;
+}
+
 inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   if (!flags.Has("tls-channels")) {
-    for (const char* f : {"tls-block-budget", "tls-token-budget", "tls-lag", "tls-lag-slots"}) {
+    for (const std::string& f : TlsFlagNames()) {
       if (flags.Has(f)) {
         return absl::InvalidArgumentError(absl::StrCat("--", f, " needs --tls-channels FILE"));
       }
@@ -47,6 +63,14 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("tls-lag-slots", &tls.lag_sequences));
   if (tls.lag_sequences <= 0)
     return absl::InvalidArgumentError("--tls-lag-slots: must be positive");
+  if (flags.Has("tls-block-index")) {
+    const std::string form = flags.Get("tls-block-index");
+    if (form != "bf16" && form != "int8") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls-block-index: '", form, "' is not bf16 or int8"));
+    }
+    tls.int8_block_index = form == "int8";
+  }
   options->tls = std::move(tls);
   return absl::OkStatus();
 }

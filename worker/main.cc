@@ -236,9 +236,8 @@ class Worker {
 absl::Status Main(int argc, char** argv, StopState* stop) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
-  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens",
-       "tls-channels", "tls-block-budget", "tls-token-budget", "tls-lag", "tls-lag-slots"}));
+  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(WithTlsFlags(
+      {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens"})));
   if (!flags.Has("coordinator")) return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   std::string name = flags.Get("name");
   if (name.empty()) {

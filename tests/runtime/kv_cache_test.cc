@@ -26,6 +26,34 @@ TEST(KvCacheTest, ReserveReleaseAndExhaustion) {
   EXPECT_EQ(c.num_sequences(), 1);
 }
 
+// The TLS index's parts per layer: bf16 block rows and no row scales, or the int8 form's codes
+// (half the bytes) and one scale per block and KV head.
+TEST(KvCacheTest, Int8BlockIndexHalvesTheBlockRows) {
+  auto backend = MakeCpuBackend(1);
+  const int layers = 2, heads = 2, dim = 64, blocks = 4, channels = 32;
+  auto bf16 = KvCache::Create(backend.get(), layers, heads, dim, blocks, channels);
+  auto int8 = KvCache::Create(backend.get(), layers, heads, dim, blocks, channels, true);
+  ASSERT_TRUE(bf16.ok() && int8.ok());
+  EXPECT_FALSE((*bf16)->tls_int8_block_index());
+  EXPECT_TRUE((*int8)->tls_int8_block_index());
+  for (int l = 0; l < layers; ++l) {
+    EXPECT_EQ((*bf16)->tls_block_scales(l), nullptr);
+    EXPECT_NE((*int8)->tls_block_scales(l), nullptr);
+    EXPECT_NE((*int8)->tls_kmax(l), nullptr);
+    EXPECT_NE((*int8)->tls_codes(l), nullptr);
+  }
+  // Per block and layer: the bf16 rows take 2 x heads x dim x 2 bytes, the int8 form half of
+  // that plus a 4-byte scale per KV head.
+  const size_t saved = KvCache::BytesPerBlock(layers, heads, dim, channels) -
+                       KvCache::BytesPerBlock(layers, heads, dim, channels, true);
+  EXPECT_EQ(saved, size_t(layers) * (2 * heads * dim - heads * 4));
+  // Without a TLS index the flag changes nothing.
+  auto none = KvCache::Create(backend.get(), layers, heads, dim, blocks, 0, true);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE((*none)->tls_int8_block_index());
+  EXPECT_EQ((*none)->tls_block_scales(0), nullptr);
+}
+
 // Lag slots: one per live sequence while they last, freed with the sequence; the select length
 // starts at 0 for every new holder.
 TEST(KvCacheTest, TlsLagSlotsFollowSequences) {

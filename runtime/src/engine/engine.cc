@@ -96,14 +96,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
                                                             : engine->backend_->FreeMemoryBytes() * 2 / 5;
   }
   int tls_channels = 0;
+  bool int8_block_index = false;
   if (engine->options_.tls) {
     ASYNCTLS_RETURN_IF_ERROR(engine->model_->EnableTls(*engine->options_.tls));
     tls_channels = engine->options_.tls->channels.num_channels;
+    int8_block_index = engine->options_.tls->int8_block_index;
+    if (int8_block_index && engine->backend_->kind() != DeviceKind::kCpu) {
+      return absl::FailedPreconditionError(
+          "engine: the int8 block index has no CUDA kernels yet; use the bf16 one on the GPU");
+    }
   }
-  const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim, tls_channels);
+  const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim,
+                                                  tls_channels, int8_block_index);
   const int num_blocks = static_cast<int>(std::max<int64_t>(1, kv_bytes / static_cast<int64_t>(per_block)));
-  ASYNCTLS_ASSIGN_OR_RETURN(engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers, c.num_kv_heads,
-                                                            c.head_dim, num_blocks, tls_channels));
+  ASYNCTLS_ASSIGN_OR_RETURN(
+      engine->cache_, KvCache::Create(engine->backend_.get(), c.num_layers, c.num_kv_heads,
+                                      c.head_dim, num_blocks, tls_channels, int8_block_index));
   if (engine->options_.tls && engine->options_.tls->policy.mode == kernels::TlsMode::kTwoLevel &&
       engine->options_.tls->policy.lag == kernels::TlsLag::kOneStep) {
     ASYNCTLS_RETURN_IF_ERROR(engine->cache_->EnableTlsLag(
@@ -116,7 +124,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
     const int lag_slots = engine->cache_->tls_lag_slots();
     ASYNCTLS_LOG_INFO("engine: two-level sparse decode, k_b ", pol.block_budget, ", k_t ",
                       pol.token_budget, ", ", engine->options_.tls->channels.num_channels,
-                      " channels, ",
+                      " channels, ", int8_block_index ? "int8" : "bf16", " block index, ",
                       lag_slots > 0 ? absl::StrCat("one-step lag (", lag_slots, " slots)")
                                     : std::string("same-step selection"));
   }

@@ -9,27 +9,34 @@ namespace asynctls {
 
 namespace {
 
-// Bytes of one block's TLS index parts (kmax, kmin, codes, scales) in one layer.
-std::array<size_t, 4> TlsPartBytes(int num_kv_heads, int head_dim, int tls_channels) {
+// Bytes of one block's TLS index parts in one layer: kmax, kmin (bf16, or int8 codes), token
+// codes, token scales and the int8 form's row scales (0 for bf16).
+std::array<size_t, 5> TlsPartBytes(int num_kv_heads, int head_dim, int tls_channels,
+                                   bool int8_block_index) {
   const size_t rows = size_t(num_kv_heads);
   const size_t tokens = rows * kernels::kKvBlockSize;
-  return {rows * head_dim * sizeof(kernels::Bf16), rows * head_dim * sizeof(kernels::Bf16),
-          tokens * size_t(tls_channels) / 2, tokens * sizeof(float)};
+  const size_t bound = rows * head_dim * (int8_block_index ? 1 : sizeof(kernels::Bf16));
+  return {bound, bound, tokens * size_t(tls_channels) / 2, tokens * sizeof(float),
+          int8_block_index ? rows * sizeof(float) : 0};
 }
 
 }  // namespace
 
-size_t KvCache::BytesPerBlock(int num_layers, int num_kv_heads, int head_dim, int tls_channels) {
+size_t KvCache::BytesPerBlock(int num_layers, int num_kv_heads, int head_dim, int tls_channels,
+                              bool int8_block_index) {
   size_t bytes = size_t{2} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
   if (tls_channels > 0) {
-    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels)) bytes += part;
+    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels, int8_block_index)) {
+      bytes += part;
+    }
   }
   return bytes * num_layers;
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int num_layers,
                                                          int num_kv_heads, int head_dim,
-                                                         int num_blocks, int tls_channels) {
+                                                         int num_blocks, int tls_channels,
+                                                         bool int8_block_index) {
   if (num_blocks <= 0) return absl::InvalidArgumentError("kv cache: num_blocks must be positive");
   if (tls_channels < 0 || tls_channels % 8 != 0 || tls_channels > head_dim ||
       tls_channels > kernels::kTlsMaxChannels) {
@@ -42,6 +49,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
   cache->num_blocks_ = num_blocks;
   cache->num_kv_heads_ = num_kv_heads;
   cache->tls_channels_ = tls_channels;
+  cache->int8_block_index_ = tls_channels > 0 && int8_block_index;
   const size_t pool_bytes =
       size_t{static_cast<size_t>(num_blocks)} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
   for (int l = 0; l < num_layers; ++l) {
@@ -53,8 +61,12 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
     cache->k_pools_.push_back(std::move(k));
     cache->v_pools_.push_back(std::move(v));
     if (tls_channels == 0) continue;
-    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels)) {
+    for (size_t part : TlsPartBytes(num_kv_heads, head_dim, tls_channels, int8_block_index)) {
       const size_t bytes = part * static_cast<size_t>(num_blocks);
+      if (bytes == 0) {  // no row scales for bf16 rows
+        cache->tls_pools_.emplace_back();
+        continue;
+      }
       ASYNCTLS_ASSIGN_OR_RETURN(DeviceBuffer buf, backend->Allocate(bytes));
       ASYNCTLS_RETURN_IF_ERROR(backend->Fill(buf.data(), 0, bytes));
       cache->tls_pools_.push_back(std::move(buf));

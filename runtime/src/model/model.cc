@@ -411,6 +411,7 @@ struct Model::Impl {
     sp.index_table = table;
     sp.block_kmax = cache.tls_kmax(layer);
     sp.block_kmin = cache.tls_kmin(layer);
+    sp.maybe_block_scales = cache.tls_block_scales(layer);
     sp.channels = tls_channel_sets.as<int32_t>() + int64_t{layer} * KV * tls_channels;
     sp.token_codes = cache.tls_codes(layer);
     sp.token_scales = cache.tls_scales(layer);
@@ -543,6 +544,7 @@ struct Model::Impl {
         ip.seq_lens = seq_lens.as<int32_t>();
         ip.block_kmax = cache.tls_kmax(li);
         ip.block_kmin = cache.tls_kmin(li);
+        ip.maybe_block_scales = cache.tls_block_scales(li);
         ip.channels = tls_channel_sets.as<int32_t>() + int64_t{li} * KV * tls_channels;
         ip.maybe_token_codes = cache.tls_codes(li);
         ip.maybe_token_scales = cache.tls_scales(li);

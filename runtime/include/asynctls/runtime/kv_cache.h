@@ -3,8 +3,10 @@
 // block list of every live sequence. With a TLS index (tls_channels > 0) every layer also keeps
 // the two-level sparse attention indices of every block, on the same block ids (index row = KV
 // block; layouts in kernels/tls_params.h): block max/min bf16 [num_blocks, num_kv_heads,
-// head_dim] and the INT4 token index codes [num_blocks, num_kv_heads, 64, tls_channels / 2] +
-// fp32 scales [num_blocks, num_kv_heads, 64]. Not thread-safe (owned by one Engine).
+// head_dim] (or, with int8_block_index, int8 codes of that shape + fp32 scales [num_blocks,
+// num_kv_heads]: half the bytes) and the INT4 token index codes [num_blocks, num_kv_heads, 64,
+// tls_channels / 2] + fp32 scales [num_blocks, num_kv_heads, 64]. Not thread-safe (owned by one
+// Engine).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +24,8 @@ class KvCache {
   // RESOURCE_EXHAUSTED when the pools do not fit on the backend.
   static absl::StatusOr<std::unique_ptr<KvCache>> Create(Backend* backend, int num_layers,
                                                          int num_kv_heads, int head_dim,
-                                                         int num_blocks, int tls_channels = 0);
+                                                         int num_blocks, int tls_channels = 0,
+                                                         bool int8_block_index = false);
 
   // Grows sequence `seq_id` (created on first use) to hold `num_tokens` tokens, taking blocks
   // from the free list. RESOURCE_EXHAUSTED (and no change) when there are not enough free blocks.
@@ -44,6 +47,9 @@ class KvCache {
   void* tls_kmin(int layer) const { return TlsPart(layer, 1); }
   uint8_t* tls_codes(int layer) const { return static_cast<uint8_t*>(TlsPart(layer, 2)); }
   float* tls_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 3)); }
+  // The int8 block index's row scales (null with bf16 rows or no index).
+  float* tls_block_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 4)); }
+  bool tls_int8_block_index() const { return int8_block_index_; }
   // ---- One-step-lag state of two-level sparse decode (EnableTlsLag) ----
   // Per live sequence, the block set M its last two-level selection chose, per layer and KV
   // head: its next decode step selects tokens among those blocks (S_t from M_{t-1}, DESIGN §1).
@@ -69,8 +75,8 @@ class KvCache {
   int used_blocks() const { return num_blocks_ - free_blocks(); }
   int num_sequences() const { return static_cast<int>(seqs_.size()); }
   // Device bytes of one block over all layers (K, V and, with tls_channels > 0, its indices).
-  static size_t BytesPerBlock(int num_layers, int num_kv_heads, int head_dim,
-                              int tls_channels = 0);
+  static size_t BytesPerBlock(int num_layers, int num_kv_heads, int head_dim, int tls_channels = 0,
+                              bool int8_block_index = false);
 
  private:
   struct Seq {
@@ -81,18 +87,20 @@ class KvCache {
   };
   KvCache() = default;
   void* TlsPart(int layer, int part) const {
-    return tls_channels_ > 0 ? tls_pools_[4 * layer + part].data() : nullptr;
+    return tls_channels_ > 0 ? tls_pools_[kTlsParts * layer + part].data() : nullptr;
   }
+  static constexpr int kTlsParts = 5;  // kmax, kmin, token codes, token scales, block scales
 
   Backend* backend_ = nullptr;
   int num_blocks_ = 0;
   int num_kv_heads_ = 0;
   int tls_channels_ = 0;
+  bool int8_block_index_ = false;
   int tls_lag_slots_ = 0, tls_lag_max_blocks_ = 0;
   DeviceBuffer tls_lag_blocks_, tls_lag_num_blocks_;
   std::vector<int32_t> free_lag_slots_;
   std::vector<DeviceBuffer> k_pools_, v_pools_;
-  std::vector<DeviceBuffer> tls_pools_;  // per layer: kmax, kmin, codes, scales
+  std::vector<DeviceBuffer> tls_pools_;  // per layer: the kTlsParts (block scales empty for bf16)
   std::vector<int32_t> free_;  // stack of free block ids
   absl::flat_hash_map<uint64_t, Seq> seqs_;
 };
