@@ -49,7 +49,6 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
   cache->num_blocks_ = num_blocks;
   cache->num_kv_heads_ = num_kv_heads;
   cache->tls_channels_ = tls_channels;
-  cache->int8_block_index_ = tls_channels > 0 && int8_block_index;
   const size_t pool_bytes =
       size_t{static_cast<size_t>(num_blocks)} * num_kv_heads * kernels::kKvBlockSize * head_dim * sizeof(kernels::Bf16);
   for (int l = 0; l < num_layers; ++l) {

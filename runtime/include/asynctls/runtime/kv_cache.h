@@ -49,7 +49,9 @@ class KvCache {
   float* tls_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 3)); }
   // The int8 block index's row scales (null with bf16 rows or no index).
   float* tls_block_scales(int layer) const { return static_cast<float*>(TlsPart(layer, 4)); }
-  bool tls_int8_block_index() const { return int8_block_index_; }
+  bool tls_int8_block_index() const {
+    return !tls_pools_.empty() && tls_block_scales(0) != nullptr;
+  }
   // ---- One-step-lag state of two-level sparse decode (EnableTlsLag) ----
   // Per live sequence, the block set M its last two-level selection chose, per layer and KV
   // head: its next decode step selects tokens among those blocks (S_t from M_{t-1}, DESIGN §1).
@@ -95,7 +97,6 @@ class KvCache {
   int num_blocks_ = 0;
   int num_kv_heads_ = 0;
   int tls_channels_ = 0;
-  bool int8_block_index_ = false;
   int tls_lag_slots_ = 0, tls_lag_max_blocks_ = 0;
   DeviceBuffer tls_lag_blocks_, tls_lag_num_blocks_;
   std::vector<int32_t> free_lag_slots_;
