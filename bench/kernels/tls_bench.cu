@@ -29,7 +29,8 @@
 //             [--batches N,...] [--contexts N,...] [--profile-steps N (no timing: N eager
 //             steps of TLS, Quest-style and token-only per row for ncu --profile-from-start off)]
 //             [--timeline N (no timing table: when each part of the TLS step ends, medians of N
-//             eager steps)]
+//             eager steps)] [--block-index bf16|int8 (the block index's form, tls_params.h;
+//             int8 for TLS, Quest-style and their stages)]
 #include <cuda_bf16.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
@@ -133,10 +134,14 @@ double TimeMs(Launch&& launch, int samples, cudaStream_t stream) {
 // The pool of one configuration: K (and V) blocks, the block and token indices of every block.
 struct Pool {
   DeviceBuffer k, v, kmax, kmin, channels, codes, scales;
+  DeviceBuffer block_scales;  // the int8 block index's scales (empty: bf16 rows)
   const void* v_ptr() const { return v.get() ? v.get() : k.get(); }
+  float* block_scales_or_null() const {
+    return block_scales.get() ? block_scales.as<float>() : nullptr;
+  }
 };
 
-void BuildPool(const Config& c, Pool& pool, cudaStream_t stream) {
+void BuildPool(const Config& c, bool int8_block_index, Pool& pool, cudaStream_t stream) {
   const size_t row = size_t(c.kv_heads) * kKvBlockSize * c.head_dim * 2;  // bytes per block
   BENCH_CHECK(pool.k.Resize(kPoolBlocks * row));
   Fill(pool.k, 11);
@@ -144,9 +149,10 @@ void BuildPool(const Config& c, Pool& pool, cudaStream_t stream) {
     BENCH_CHECK(pool.v.Resize(kPoolBlocks * row));
     Fill(pool.v, 12);
   }
-  const size_t idx_row = size_t(c.kv_heads) * c.head_dim * 2;
+  const size_t idx_row = size_t(c.kv_heads) * c.head_dim * (int8_block_index ? 1 : 2);
   BENCH_CHECK(pool.kmax.Resize(kPoolBlocks * idx_row));
   BENCH_CHECK(pool.kmin.Resize(kPoolBlocks * idx_row));
+  if (int8_block_index) BENCH_CHECK(pool.block_scales.Resize(size_t(kPoolBlocks) * c.kv_heads * 4));
   BENCH_CHECK(pool.codes.Resize(size_t(kPoolBlocks) * c.kv_heads * kKvBlockSize * c.channels / 2));
   BENCH_CHECK(pool.scales.Resize(size_t(kPoolBlocks) * c.kv_heads * kKvBlockSize * 4));
   // Channel set: every (head_dim / channels)-th channel, rounded down to a multiple of 4.
@@ -173,6 +179,7 @@ void BuildPool(const Config& c, Pool& pool, cudaStream_t stream) {
   p.seq_lens = lens.as<int32_t>();
   p.block_kmax = pool.kmax.get();
   p.block_kmin = pool.kmin.get();
+  p.maybe_block_scales = pool.block_scales_or_null();
   p.channels = pool.channels.as<int32_t>();
   p.maybe_token_codes = pool.codes.as<uint8_t>();
   p.maybe_token_scales = pool.scales.as<float>();
@@ -192,11 +199,12 @@ struct Bytes {
   double tls = 0, quest = 0, token = 0, dense = 0;
 };
 
-Bytes StepBytes(const Config& c, int batch, int context, int k_t) {
+Bytes StepBytes(const Config& c, int batch, int context, int k_t, bool int8_block_index) {
   const double bkv = double(batch) * c.kv_heads;
   const double blocks = double(context) / kKvBlockSize;
   const double row_kv = c.mla ? c.head_dim * 2.0 : (c.head_dim + c.v_dim) * 2.0;  // K + V row
-  const double block_index = bkv * blocks * c.head_dim * 2 * 2;    // kmax + kmin
+  const double block_index =  // kmax + kmin (+ the int8 form's scale)
+      bkv * blocks * (int8_block_index ? c.head_dim * 2 + 4 : c.head_dim * 2 * 2);
   const double block_scores = bkv * blocks * 4 * 2;                // written, read back
   const double tok_row = c.channels / 2.0 + 4;                     // codes + scale
   const double q_out = double(batch) * c.q_heads * (c.head_dim + c.v_dim) * 2;
@@ -296,6 +304,7 @@ class Bench {
     p.seq_lens = lens_.as<int32_t>();
     p.block_kmax = const_cast<void*>(pool_.kmax.get());
     p.block_kmin = const_cast<void*>(pool_.kmin.get());
+    p.maybe_block_scales = pool_.block_scales_or_null();
     p.channels = pool_.channels.as<int32_t>();
     p.maybe_token_codes = token_index ? pool_.codes.as<uint8_t>() : nullptr;
     p.maybe_token_scales = token_index ? pool_.scales.as<float>() : nullptr;
@@ -316,6 +325,7 @@ class Bench {
     p.index_table = Table(i);
     p.block_kmax = pool_.kmax.get();
     p.block_kmin = pool_.kmin.get();
+    p.maybe_block_scales = pool_.block_scales_or_null();
     p.channels = pool_.channels.as<int32_t>();
     p.token_codes = pool_.codes.as<uint8_t>();
     p.token_scales = pool_.scales.as<float>();
@@ -616,9 +626,19 @@ class Bench {
   }
 
   asynctls::kernels::TlsBlockScoreParams ScoreParams(int i) {
-    return {q_.get(),           pool_.kmax.get(),  pool_.kmin.get(), Table(i),
-            lens_.as<int32_t>(), scores_.as<float>(), DType::kBF16,   batch_,
-            c_.q_heads,         c_.kv_heads,       c_.head_dim,      pages_};
+    return {q_.get(),
+            pool_.kmax.get(),
+            pool_.kmin.get(),
+            Table(i),
+            lens_.as<int32_t>(),
+            scores_.as<float>(),
+            DType::kBF16,
+            batch_,
+            c_.q_heads,
+            c_.kv_heads,
+            c_.head_dim,
+            pages_,
+            pool_.block_scales_or_null()};
   }
   asynctls::kernels::TlsBlockSelectParams BlockSelectParams(int i) {
     // Scores of the previous stage are in scores_ (any table's scores cost the same).
@@ -644,6 +664,7 @@ int main(int argc, char** argv) {
   int samples = 15;
   int profile_steps = 0;
   int timeline_steps = 0;
+  bool int8_block_index = false;
   bool quick = false;
   std::vector<int> k_t_list, batch_list, context_list;
   // "N,N,..." into `out`; false on anything but positive integers.
@@ -676,11 +697,14 @@ int main(int argc, char** argv) {
       }
     } else if (a == "--only" && i + 1 < argc) {
       only = argv[++i];
+    } else if (a == "--block-index" && i + 1 < argc &&
+               (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "int8")) {
+      int8_block_index = std::string(argv[++i]) == "int8";
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
-                   "[--timeline N]\n",
+                   "[--timeline N] [--block-index bf16|int8]\n",
                    argv[0]);
       return 2;
     }
@@ -689,10 +713,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDevice(&device));
   BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("device: %s, %d SMs, L2 %d MB; bf16, k_b %d, sink 1 block, window 64, "
-              "HBM floor at %.1f TB/s\n",
-              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, kBlockBudget,
-              kHbmBytesPerS / 1e12);
+  std::printf(
+      "device: %s, %d SMs, L2 %d MB; bf16, %s block index, k_b %d, sink 1 block, "
+      "window 64, HBM floor at %.1f TB/s\n",
+      prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
+      int8_block_index ? "int8" : "bf16", kBlockBudget, kHbmBytesPerS / 1e12);
   std::printf("note: the paper's GQA layout (32 q heads, G = 4, d 128) is Qwen3-8B's (32/8/128): "
               "row gqa_g4 is both; gqa_g8 (32/4/128) is the G = 8 variant.\n");
   cudaStream_t stream;
@@ -727,7 +752,7 @@ int main(int argc, char** argv) {
               "stages ms: append bscore bselect tscore tselect tbranch attn");
   for (const Config& c : configs) {
     Pool pool;
-    BuildPool(c, pool, stream);
+    BuildPool(c, int8_block_index, pool, stream);
     const std::vector<int> batches = !batch_list.empty() ? batch_list
                                      : c.mla || quick     ? std::vector<int>{1, 8}
                                                           : std::vector<int>{1, 2, 4, 8};
@@ -750,7 +775,8 @@ int main(int argc, char** argv) {
         for (size_t ki = 0; ki < k_ts.size(); ++ki) {
           const int k_t = k_ts[ki];
           bench.InitLagState(k_t);
-          Row r{c.name, b, l, k_t, 0, 0, dense, 0, 0, {}, StepBytes(c, b, l, k_t)};
+          Row r{
+              c.name, b, l, k_t, 0, 0, dense, 0, 0, {}, StepBytes(c, b, l, k_t, int8_block_index)};
           TlsPolicy tls;
           tls.token_budget = k_t;
           r.tls = bench.Tls(k_t);

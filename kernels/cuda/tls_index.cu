@@ -63,6 +63,67 @@ __global__ void CalibSelectKernel(TlsCalibSelectParams p) {
 
 constexpr int kIndexThreads = 128;
 
+// The bf16 block index row `index_row` merged with tokens [tok_lo, tok_hi) of the block whose
+// K rows start at `block_k` (re-initialised when tok_lo opens the block): a thread per dim.
+__device__ __forceinline__ void UpdateBf16BlockRow(const TlsIndexUpdateParams& p,
+                                                   const uint16_t* block_k, int tok_lo, int tok_hi,
+                                                   bool fresh, int64_t index_row) {
+  uint16_t* kmax = static_cast<uint16_t*>(p.block_kmax) + index_row * p.head_dim;
+  uint16_t* kmin = static_cast<uint16_t*>(p.block_kmin) + index_row * p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    uint16_t mx = kmax[d], mn = kmin[d];
+    for (int t = tok_lo; t < tok_hi; ++t) {
+      const uint16_t bits = block_k[int64_t{t % kKvBlockSize} * p.head_dim + d];
+      const float v = Bf16BitsToFloat(bits);
+      if (fresh && t == tok_lo) {
+        mx = bits;
+        mn = bits;
+      } else {
+        if (v > Bf16BitsToFloat(mx)) mx = bits;
+        if (v < Bf16BitsToFloat(mn)) mn = bits;
+      }
+    }
+    kmax[d] = mx;
+    kmin[d] = mn;
+  }
+}
+
+// The int8 block index row `index_row` (tls_params.h) rebuilt from the block's first `tokens` K
+// rows (a new scale re-codes the row): a thread per dim keeps the max / min in shared memory,
+// the CTA reduces their absmax, then codes. Ends with the CTA in step (its barriers).
+constexpr int kIndexMaxDim = 576;
+__device__ __forceinline__ void RebuildInt8BlockRow(const TlsIndexUpdateParams& p,
+                                                    const uint16_t* block_k, int tokens,
+                                                    int64_t index_row) {
+  __shared__ float mx_s[kIndexMaxDim], mn_s[kIndexMaxDim];
+  __shared__ uint32_t absmax_bits;
+  if (threadIdx.x == 0) absmax_bits = 0u;
+  __syncthreads();
+  uint32_t local = 0u;  // |x| >= 0 orders as its bits
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    float mx = Bf16BitsToFloat(block_k[d]), mn = mx;
+    for (int t = 1; t < tokens; ++t) {
+      const float v = Bf16BitsToFloat(block_k[int64_t{t} * p.head_dim + d]);
+      mx = fmaxf(mx, v);
+      mn = fminf(mn, v);
+    }
+    mx_s[d] = mx;
+    mn_s[d] = mn;
+    local = max(local, max(__float_as_uint(fabsf(mx)), __float_as_uint(fabsf(mn))));
+  }
+  local = __reduce_max_sync(0xffffffffu, local);
+  if ((threadIdx.x & 31) == 0) atomicMax(&absmax_bits, local);
+  __syncthreads();
+  const float scale = TlsBlockIndexScale(__uint_as_float(absmax_bits));
+  int8_t* kmax = static_cast<int8_t*>(p.block_kmax) + index_row * p.head_dim;
+  int8_t* kmin = static_cast<int8_t*>(p.block_kmin) + index_row * p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    kmax[d] = static_cast<int8_t>(TlsBlockMaxCode(mx_s[d], scale));
+    kmin[d] = static_cast<int8_t>(TlsBlockMinCode(mn_s[d], scale));
+  }
+  if (threadIdx.x == 0) p.maybe_block_scales[index_row] = scale;
+}
+
 // grid (touched block slots, num_kv_heads, batch). Block index over the head dims, then one
 // warp per token for the token index.
 template <int NC>
@@ -79,23 +140,11 @@ __global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdat
   const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
   const int64_t kbase = ((pool_block * p.num_kv_heads + g) * kKvBlockSize) * p.head_dim;
   const bool fresh = tok_lo % kKvBlockSize == 0;
-  uint16_t* kmax = static_cast<uint16_t*>(p.block_kmax) + (row * p.num_kv_heads + g) * p.head_dim;
-  uint16_t* kmin = static_cast<uint16_t*>(p.block_kmin) + (row * p.num_kv_heads + g) * p.head_dim;
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    uint16_t mx = kmax[d], mn = kmin[d];
-    for (int t = tok_lo; t < tok_hi; ++t) {
-      const uint16_t bits = k_cache[kbase + int64_t{t % kKvBlockSize} * p.head_dim + d];
-      const float v = Bf16BitsToFloat(bits);
-      if (fresh && t == tok_lo) {
-        mx = bits;
-        mn = bits;
-      } else {
-        if (v > Bf16BitsToFloat(mx)) mx = bits;
-        if (v < Bf16BitsToFloat(mn)) mn = bits;
-      }
-    }
-    kmax[d] = mx;
-    kmin[d] = mn;
+  if (p.maybe_block_scales != nullptr) {
+    RebuildInt8BlockRow(p, k_cache + kbase, tok_hi - logical * kKvBlockSize,
+                        row * p.num_kv_heads + g);
+  } else {
+    UpdateBf16BlockRow(p, k_cache + kbase, tok_lo, tok_hi, fresh, row * p.num_kv_heads + g);
   }
   if constexpr (NC > 0) {
     if (p.maybe_token_codes == nullptr) return;
@@ -164,9 +213,9 @@ cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream) {
 }
 
 cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
-  if (p.maybe_block_scales != nullptr) return cudaErrorNotSupported;  // int8 index: ref only
   if (p.batch <= 0 || p.max_new_tokens <= 0) return cudaSuccess;
   if (p.head_dim <= 0 || p.num_kv_heads <= 0) return cudaErrorInvalidValue;
+  if (p.maybe_block_scales != nullptr && p.head_dim > kIndexMaxDim) return cudaErrorInvalidValue;
   if (p.maybe_token_codes == nullptr) return LaunchIndexUpdate<0>(p, stream);
   switch (p.num_channels) {
     case 16:

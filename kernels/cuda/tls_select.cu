@@ -4,6 +4,7 @@
 #include <cuda_pipeline.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "asynctls/kernels/cuda_tls.h"
 #include "tls_common.cuh"
@@ -60,33 +61,43 @@ constexpr int kScoreBlocks = 64;
 constexpr int kScoreTeams = kScoreThreads / kTlsBlockScoreSlices;
 static_assert(kScoreBlocks % kScoreTeams == 0, "each team scores the same number of blocks");
 
+// A block index row's values: bf16 bits, or the int8 form's codes (tls_params.h), and the
+// vector of 8 of them that the score loads (16 or 8 bytes).
+__device__ __forceinline__ float BoundValue(uint16_t bf16_bits) {
+  return Bf16BitsToFloat(bf16_bits);
+}
+__device__ __forceinline__ float BoundValue(int8_t code) { return static_cast<float>(code); }
+template <typename Code>
+using BoundVec = std::conditional_t<sizeof(Code) == 2, uint4, uint2>;
+
 // Shared-memory bytes of the teams' kmax / kmin slots: per team the block's two rows in order
 // (2 * 8 * WIDTH / 8 vectors); lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of
 // one 16-byte read start 9 vectors apart (MLA) and hit distinct banks.
-template <int WIDTH, bool SLOTTED>
+template <int WIDTH, bool SLOTTED, typename Code>
 constexpr int ScoreSlotBytes() {
-  return SLOTTED ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(uint4)) : 0;
+  return SLOTTED ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(BoundVec<Code>)) : 0;
 }
 
 // Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each).
-template <int WIDTH, bool SLOTTED>
+template <int WIDTH, bool SLOTTED, typename Code>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
-                                                 const uint16_t* kmax_row, const uint16_t* kmin_row,
-                                                 uint4* slots, unsigned team_mask, int width,
-                                                 int c) {
-  const uint16_t* kmax = kmax_row + c * width;
-  const uint16_t* kmin = kmin_row + c * width;
+                                                 const Code* kmax_row, const Code* kmin_row,
+                                                 BoundVec<Code>* slots, unsigned team_mask,
+                                                 int width, int c) {
+  using Vec = BoundVec<Code>;
+  const Code* kmax = kmax_row + c * width;
+  const Code* kmin = kmin_row + c * width;
   float s = 0.f;
   if constexpr (WIDTH == 0) {
     for (int j = 0; j < width; ++j) {
       const int at = j * kTlsBlockScoreSlices + c;
-      s = TlsFma(qpos[at], Bf16BitsToFloat(kmax[j]), s);
-      s = TlsFma(qneg[at], Bf16BitsToFloat(kmin[j]), s);
+      s = TlsFma(qpos[at], BoundValue(kmax[j]), s);
+      s = TlsFma(qneg[at], BoundValue(kmin[j]), s);
     }
   } else {
-    static_assert(WIDTH % 8 == 0, "slices load whole uint4 vectors");
+    static_assert(WIDTH % 8 == 0, "slices load whole vectors of 8 values");
     constexpr int kVecs = WIDTH / 8;
-    uint4 a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
+    Vec a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
     if constexpr (SLOTTED) {
       // The team copies both rows in order into its slots (lane c: vectors c, c + 8, ..., so
       // each copy instruction reads whole 128-byte lines), then each lane reads its slice's.
@@ -94,8 +105,8 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const int w = 8 * i + c;
-        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(uint4));
-        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(uint4));
+        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(Vec));
+        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(Vec));
       }
       __pipeline_commit();
       __pipeline_wait_prior(0);
@@ -103,13 +114,13 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     } else {
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
-        a[v] = reinterpret_cast<const uint4*>(kmax)[v];
-        n[v] = reinterpret_cast<const uint4*>(kmin)[v];
+        a[v] = reinterpret_cast<const Vec*>(kmax)[v];
+        n[v] = reinterpret_cast<const Vec*>(kmin)[v];
       }
     }
 #pragma unroll
     for (int j = 0; j < WIDTH; ++j) {
-      uint4 av4, nv4;
+      Vec av4, nv4;
       if constexpr (SLOTTED) {
         av4 = slots[c * kVecs + j / 8];
         nv4 = slots[8 * kVecs + c * kVecs + j / 8];
@@ -117,11 +128,11 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
         av4 = a[j / 8];
         nv4 = n[j / 8];
       }
-      const uint16_t* av = reinterpret_cast<const uint16_t*>(&av4);
-      const uint16_t* nv = reinterpret_cast<const uint16_t*>(&nv4);
+      const Code* av = reinterpret_cast<const Code*>(&av4);
+      const Code* nv = reinterpret_cast<const Code*>(&nv4);
       const int at = j * kTlsBlockScoreSlices + c;
-      s = TlsFma(qpos[at], Bf16BitsToFloat(av[j % 8]), s);
-      s = TlsFma(qneg[at], Bf16BitsToFloat(nv[j % 8]), s);
+      s = TlsFma(qpos[at], BoundValue(av[j % 8]), s);
+      s = TlsFma(qneg[at], BoundValue(nv[j % 8]), s);
     }
   }
   return s;
@@ -170,7 +181,8 @@ __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int
   }
 }
 
-template <int WIDTH, bool SLOTTED>
+// Code: uint16_t (bf16 rows) or int8_t (the int8 form: the team's sum times the row's scale).
+template <int WIDTH, bool SLOTTED, typename Code>
 __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreParams p) {
   // qpos [head_dim], qneg [head_dim] (slice-major), then (slotted) the query stage / the slots.
   extern __shared__ __align__(16) float q_sum[];
@@ -197,7 +209,7 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   }
   if constexpr (SLOTTED) {
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
-                   ScoreSlotBytes<WIDTH, SLOTTED>());
+                   ScoreSlotBytes<WIDTH, SLOTTED, Code>());
   } else {  // few heads straight from global memory (the loop measured before staging)
     const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
     for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
@@ -215,37 +227,58 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     __syncthreads();
   }
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
-  const uint16_t* kmax = static_cast<const uint16_t*>(p.block_kmax);
-  const uint16_t* kmin = static_cast<const uint16_t*>(p.block_kmin);
-  uint4* slots = reinterpret_cast<uint4*>(q_sum + 2 * p.head_dim) + team * 16 * (WIDTH / 8);
+  constexpr bool kInt8 = sizeof(Code) == 1;
+  const Code* kmax = static_cast<const Code*>(p.block_kmax);
+  const Code* kmin = static_cast<const Code*>(p.block_kmin);
+  BoundVec<Code>* slots =
+      reinterpret_cast<BoundVec<Code>*>(q_sum + 2 * p.head_dim) + team * 16 * (WIDTH / 8);
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
 #pragma unroll
   for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
     const int i = team + k * kScoreTeams;
     if (i >= count) break;
-    const int64_t off = (int64_t{team_rows[k]} * p.num_kv_heads + g) * p.head_dim;
-    float s = BlockSliceScore<WIDTH, SLOTTED>(qpos, qneg, kmax + off, kmin + off, slots, team_mask,
-                                              width, c);
+    const int64_t index_row = int64_t{team_rows[k]} * p.num_kv_heads + g;
+    const int64_t off = index_row * p.head_dim;
+    // The int8 row's scale, loaded beside the row (lane 0 applies it).
+    const float row_scale = kInt8 && c == 0 ? p.maybe_block_scales[index_row] : 1.f;
+    float s = BlockSliceScore<WIDTH, SLOTTED, Code>(qpos, qneg, kmax + off, kmin + off, slots,
+                                                    team_mask, width, c);
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
     // halves add the same two values (commuted), so the team ends with one bit pattern.
 #pragma unroll
     for (int step = 1; step < kTlsBlockScoreSlices; step *= 2) {
       s = __fadd_rn(s, __shfl_xor_sync(team_mask, s, step));
     }
-    if (c == 0) scores[i] = s;
+    if (c == 0) scores[i] = kInt8 ? TlsMul(s, row_scale) : s;
   }
 }
 
-template <int WIDTH, bool SLOTTED = false>
+template <int WIDTH, bool SLOTTED, typename Code>
 cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
   static_assert(!SLOTTED || WIDTH / 8 > 2, "slots pay off for slices of more than 2 vectors");
-  const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH, SLOTTED>();
+  constexpr auto kKernel = BlockScoreKernel<WIDTH, SLOTTED, Code>;
+  const size_t smem = 2 * p.head_dim * sizeof(float) + ScoreSlotBytes<WIDTH, SLOTTED, Code>();
   if constexpr (SLOTTED) {  // only the slots pass the default 48 KB
-    const cudaError_t err = EnsureDynamicSmem<BlockScoreKernel<WIDTH, SLOTTED>>(smem);
+    const cudaError_t err = EnsureDynamicSmem<kKernel>(smem);
     if (err != cudaSuccess) return err;
   }
-  BlockScoreKernel<WIDTH, SLOTTED><<<grid, kScoreThreads, smem, stream>>>(p);
+  kKernel<<<grid, kScoreThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The kernel for the rows' element type and the slice width.
+template <typename Code>
+cudaError_t LaunchBlockScoreFor(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
+  switch (p.head_dim / kTlsBlockScoreSlices) {
+    case 8:  // head_dim 64
+      return LaunchBlockScore<8, false, Code>(p, grid, stream);
+    case 16:  // head_dim 128
+      return LaunchBlockScore<16, false, Code>(p, grid, stream);
+    case 72:  // MLA, 576
+      return LaunchBlockScore<72, true, Code>(p, grid, stream);
+    default:
+      return LaunchBlockScore<0, false, Code>(p, grid, stream);
+  }
 }
 
 // ---- top-k kernels ------------------------------------------------------------------------
@@ -1105,7 +1138,6 @@ bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
 }
 
 cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
-  if (p.maybe_block_scales != nullptr) return cudaErrorNotSupported;  // int8 index: ref only
   if (p.batch <= 0) return cudaSuccess;
   if (p.head_dim % kTlsBlockScoreSlices != 0 || p.num_kv_heads <= 0 ||
       p.num_q_heads % p.num_kv_heads != 0) {
@@ -1113,16 +1145,8 @@ cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {
   }
   const dim3 grid((p.max_blocks_per_seq + kScoreBlocks - 1) / kScoreBlocks,
                   p.batch * p.num_kv_heads);
-  switch (p.head_dim / kTlsBlockScoreSlices) {
-    case 8:  // head_dim 64
-      return LaunchBlockScore<8>(p, grid, stream);
-    case 16:  // head_dim 128
-      return LaunchBlockScore<16>(p, grid, stream);
-    case 72:  // MLA, 576
-      return LaunchBlockScore<72, true>(p, grid, stream);
-    default:
-      return LaunchBlockScore<0>(p, grid, stream);
-  }
+  return p.maybe_block_scales != nullptr ? LaunchBlockScoreFor<int8_t>(p, grid, stream)
+                                         : LaunchBlockScoreFor<uint16_t>(p, grid, stream);
 }
 
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream) {

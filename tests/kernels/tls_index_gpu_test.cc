@@ -136,6 +136,67 @@ TEST(TlsIndexGpuTest, BuildAndAppendMatchReference) {
   }
 }
 
+// The int8 block index (tls_params.h): built at once and appended token by token and in
+// chunks, its codes and scales equal the reference's (MakeInt8BlockIndex) bit for bit.
+TEST(TlsIndexGpuTest, Int8BlockIndexMatchesReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<IndexShape> shapes = {
+      {{1, 17, 64, 97, 200}, 9, 3, 64, 32, false},
+      {{65, 300, 1}, 8, 2, 128, 32, false},
+      {{97, 250}, 16, 1, 576, 128, true},
+  };
+  testing::Reseed(103);
+  for (const IndexShape& s : shapes) {
+    SCOPED_TRACE(::testing::Message() << "dim " << s.dim);
+    const testing::TlsCase c =
+        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, DType::kF32, s.mla);
+    const testing::Int8BlockIndex want = testing::MakeInt8BlockIndex(c);
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    for (int chunk : {0, 1, 23}) {  // 0: one-shot build; else appends of `chunk` tokens
+      DeviceBuffer kmax, kmin, scales, dstart, dend;
+      ASSERT_CUDA(kmax.Upload(std::vector<int8_t>(want.kmax.size(), 0x55)));
+      ASSERT_CUDA(kmin.Upload(std::vector<int8_t>(want.kmin.size(), 0x55)));
+      ASSERT_CUDA(scales.Upload(
+          std::vector<float>(want.scales.size(), std::numeric_limits<float>::quiet_NaN())));
+      std::vector<int32_t> done(c.batch, 0);
+      int max_len = 0;
+      for (int32_t l : s.lens) max_len = std::max(max_len, l);
+      for (bool more = true; more;) {
+        std::vector<int32_t> end(c.batch);
+        more = false;
+        for (int b = 0; b < c.batch; ++b) {
+          end[b] = chunk == 0 ? s.lens[b] : std::min(s.lens[b], done[b] + chunk);
+        }
+        ASSERT_CUDA(dstart.Upload(done));
+        ASSERT_CUDA(dend.Upload(end));
+        TlsIndexUpdateParams u{};
+        u.k_cache = d.k.get();
+        u.block_table = d.block_table.as<int32_t>();
+        u.index_table = d.index_table.as<int32_t>();
+        u.start_pos = dstart.as<int32_t>();
+        u.seq_lens = dend.as<int32_t>();
+        u.block_kmax = kmax.get();
+        u.block_kmin = kmin.get();
+        u.maybe_block_scales = scales.as<float>();
+        u.batch = c.batch;
+        u.num_kv_heads = c.num_kv_heads;
+        u.head_dim = c.head_dim;
+        u.max_blocks_per_seq = c.max_blocks_per_seq();
+        u.max_new_tokens = chunk ? chunk : max_len;
+        ASSERT_CUDA(cuda::TlsIndexUpdate(u, nullptr));
+        done = end;
+        for (int b = 0; b < c.batch; ++b) more |= done[b] < s.lens[b];
+      }
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
+      ExpectBitEqual(Download<int8_t>(kmax, want.kmax.size()), want.kmax, "int8 kmax");
+      ExpectBitEqual(Download<int8_t>(kmin, want.kmin.size()), want.kmin, "int8 kmin");
+      ExpectBitEqual(Download<float>(scales, want.scales.size()), want.scales, "block scales");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace asynctls::kernels
 

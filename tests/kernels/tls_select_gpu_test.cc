@@ -246,6 +246,70 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
   }
 }
 
+// Block scores over the int8 block index (tls_params.h) equal the reference's bit for bit, and
+// so does a two-level selection that reads it (its block stage).
+TEST(TlsSelectGpuTest, Int8BlockIndexScoresAndSelectionMatchReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(206);
+  for (const SelectShape& s : Shapes()) {
+    SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " G " << s.nq / s.nkv);
+    const testing::TlsCase c =
+        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    const testing::Int8BlockIndex x = testing::MakeInt8BlockIndex(c);
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    DeviceBuffer kmax, kmin, scales;
+    ASSERT_CUDA(kmax.Upload(x.kmax));
+    ASSERT_CUDA(kmin.Upload(x.kmin));
+    ASSERT_CUDA(scales.Upload(x.scales));
+    const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
+    std::vector<float> want(size_t(rows) * mbps, 0.f);
+    TlsBlockScoreParams bp{
+        c.q.data(),  x.kmax.data(), x.kmin.data(),  c.index_table.data(), c.kv.seq_lens.data(),
+        want.data(), c.q.dtype,     c.batch,        c.num_q_heads,        c.num_kv_heads,
+        c.head_dim,  mbps,          x.scales.data()};
+    ref::TlsBlockScore(bp);
+    DeviceBuffer dscores;
+    ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
+    bp.q = d.q.get();
+    bp.block_kmax = kmax.get();
+    bp.block_kmin = kmin.get();
+    bp.maybe_block_scales = scales.as<float>();
+    bp.index_table = d.index_table.as<int32_t>();
+    bp.seq_lens = d.seq_lens.as<int32_t>();
+    bp.scores = dscores.as<float>();
+    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+    const auto got = Download<float>(dscores, want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
+    }
+    const TlsPolicy pol = testing::MakePolicy(TlsMode::kTwoLevel, TlsLag::kSameStep, 8, 256);
+    testing::TlsSelectBuffers buf;
+    TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+    p.block_kmax = x.kmax.data();
+    p.block_kmin = x.kmin.data();
+    p.maybe_block_scales = x.scales.data();
+    ref::TlsDecodeSelect(p);
+    testing::DeviceSelectRun run;
+    ASSERT_CUDA(run.Prepare(p, d, buf));
+    run.params.block_kmax = kmax.get();
+    run.params.block_kmin = kmin.get();
+    run.params.maybe_block_scales = scales.as<float>();
+    ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto gn = Download<int32_t>(run.num_blocks, rows);
+    ASSERT_EQ(gn, buf.num_blocks);
+    EXPECT_EQ(
+        testing::Rows(Download<int32_t>(run.blocks, buf.blocks.size()), gn, buf.max_kept_blocks),
+        testing::Rows(buf.blocks, buf.num_blocks, buf.max_kept_blocks));
+    const auto gpn = Download<int32_t>(run.num_positions, rows);
+    ASSERT_EQ(gpn, buf.num_positions);
+    EXPECT_EQ(testing::Rows(Download<int32_t>(run.positions, buf.positions.size()), gpn,
+                            buf.max_positions),
+              testing::Rows(buf.positions, buf.num_positions, buf.max_positions));
+  }
+}
+
 // Block top-k of `scores` (one KV head per sequence, one sink block) on the GPU: the reference's
 // blocks and counts.
 void ExpectBlockSelectMatches(const std::vector<float>& scores, const std::vector<int32_t>& lens,
