@@ -83,7 +83,9 @@ struct ClusterSelectShared {
   // Pushed by the peers (remote stores before a cluster barrier, local loads after it, instead of
   // remote loads after it): pass p's 64-bin group totals of rank r (warp w: group w), and each
   // rank's above / equal counts of the compaction.
-  int peer_group_sum[2][kClusterMaxRanks][kFusedWarps];
+  // When the passes end on a small bin, the slot of the pass that does not run holds the bin's
+  // keys instead (GatheredBin).
+  alignas(16) int peer_group_sum[2][kClusterMaxRanks][kFusedWarps];
   int peer_counts[kClusterMaxRanks][2];
   int counts[1];  // this CTA's valid candidates
   int num_valid;  // cluster-wide valid candidates
@@ -94,6 +96,8 @@ struct ClusterSelectShared {
   uint32_t prefix;
   int remaining;
   int done;
+  int bin;       // cluster-wide keys in the chosen digit's bin
+  int gathered;  // this CTA's bin keys pushed so far (GatheredBin)
 };
 
 // The GQA kernel's: the group's queries and per-head statistics besides.
@@ -178,17 +182,35 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
   }
 }
 
+// A radix pass whose chosen bin holds at most this many keys of the row ends the passes: each
+// rank pushes its keys of that bin to every rank with the compaction counts, and the ranks rank
+// the few keys exactly there (GatheredBin). That saves the third pass, a cluster barrier and a
+// distributed histogram, in most rows (random alphas of 8,192 candidates leave 1-11 keys in
+// the bin after two 11-bit passes; a third pass ran in 20-80% of rows).
+constexpr int kSelectGatherMax = 16;
+
+// Rank r's pushed bin keys, (key << 32) | position, in the group-sum slot `slot` of the pass
+// that does not run (its last readers finished before the current pass's cluster barrier):
+// kFusedWarps ints per rank, room for kSelectGatherMax keys.
+template <int ITEMS>
+__device__ __forceinline__ uint64_t* GatheredBin(ClusterSelectShared<ITEMS>& sh, int slot, int r) {
+  static_assert(kFusedWarps * sizeof(int) >= kSelectGatherMax * sizeof(uint64_t),
+                "a rank's bin keys fit its group-sum row");
+  return reinterpret_cast<uint64_t*>(sh.peer_group_sum[slot][r]);
+}
+
 // One cluster radix pass's decision, by the 32 lanes of one warp of each rank (all ranks decide
 // the same): the digit (descending) of the `remaining`-th largest key, found through the 32
 // group totals summed over the ranks (pushed here: group_sums[r][w]), then the ranks' bins of
 // the one group it falls in (remote loads). Writes the extended prefix, the rank left inside
-// that digit, and whether the digit's keys are all kept (no later pass needed).
+// that digit, whether the digit's keys are all kept (no later pass needed), and how many keys
+// the digit holds.
 __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluster, int size,
                                                        int* hist,
                                                        const int (*group_sums)[kFusedWarps],
                                                        uint32_t prefix, int shift, int remaining,
                                                        uint32_t* out_prefix, int* out_remaining,
-                                                       int* out_done) {
+                                                       int* out_done, int* out_bin) {
   const int lane = threadIdx.x & 31;
   int g_count = 0;  // lane l: group 31 - l
 #pragma unroll
@@ -211,6 +233,7 @@ __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluste
     *out_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
     *out_remaining = left;
     *out_done = left == (first ? c0 : c1) ? 1 : 0;
+    *out_bin = first ? c0 : c1;
   }
 }
 
@@ -233,9 +256,11 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   const bool take_all = num_valid <= k;
   uint32_t threshold = 0, mask = 0;
   int need_equal = 0;
+  int gather_slot = -1;  // >= 0: the passes ended on a small bin, gathered in this slot
   if (!take_all && k > 0) {
     uint32_t prefix = 0;
     int remaining = k;
+    if (tid == 0) sh.gathered = 0;  // read after the pass's barriers
     for (int pass = 0; pass < 3; ++pass) {
       const int shift = ClusterSelectShift(pass);
       const uint32_t digit_mask = ClusterSelectDigitMask(pass);
@@ -260,7 +285,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       cluster.sync();  // every rank's histogram and group totals of this pass are complete
       if (warp == 0) {
         FindClusterSelectDigit(cluster, size, hist, sh.peer_group_sum[pass & 1], prefix, shift,
-                               remaining, &sh.prefix, &sh.remaining, &sh.done);
+                               remaining, &sh.prefix, &sh.remaining, &sh.done, &sh.bin);
       } else {  // the next pass's bins, last read by the peers before this cluster barrier
         int* next = sh.hist[(pass + 1) & 1];
         for (int i = tid - 32; i < kClusterSelectBins; i += kFusedThreads - 32) next[i] = 0;
@@ -270,6 +295,10 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       remaining = sh.remaining;
       mask |= digit_mask << shift;
       if (sh.done) break;  // the slots are next written after two more barriers
+      if (pass < 2 && sh.bin <= kSelectGatherMax) {  // the compaction ranks the bin's keys
+        gather_slot = (pass + 1) & 1;
+        break;
+      }
     }
     threshold = prefix;
     need_equal = remaining;
@@ -277,9 +306,11 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
 
   // The sparse attention after this kernel may launch now (it waits for the positions below).
   LetNextGridLaunch();
-  // Ordered compaction. The rank of a kept item = (items above the threshold before it) +
-  // min(equal items before it, need_equal): prefixes over ranks, then (item, warp) entries,
-  // then lanes.
+  // Ordered compaction. Items above the threshold are kept; of the items equal to it (the
+  // chosen bin), the first need_equal in candidate order when the passes resolved every bit
+  // (equal keys), else (gather_slot >= 0) the need_equal best of the gathered bin by key, then
+  // position. A kept item's slot = (items above the threshold before it) + (kept bin items
+  // before it): prefixes over ranks, then (item, warp) entries, then lanes.
   bool above[ITEMS], equal[ITEMS];
   unsigned above_bits[ITEMS], equal_bits[ITEMS];
 #pragma unroll
@@ -292,6 +323,13 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
     if (lane == 0) {
       sh.entry_above[u][warp] = __popc(above_bits[u]);
       sh.entry_equal[u][warp] = __popc(equal_bits[u]);
+    }
+    if (gather_slot >= 0 && equal[u]) {  // to every rank (at most kSelectGatherMax in the row)
+      const int i = atomicAdd(&sh.gathered, 1);
+      const uint64_t item = uint64_t{key[u]} << 32 | (0xffffffffu - static_cast<uint32_t>(pos[u]));
+      for (int r = 0; r < size; ++r) {
+        *cluster.map_shared_rank(GatheredBin(sh, gather_slot, rank) + i, r) = item;
+      }
     }
   }
   __syncthreads();
@@ -323,16 +361,49 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   const int rank_equal_before = __reduce_add_sync(0xffffffffu, lane < rank ? peer_equal : 0);
   const int kept = __reduce_add_sync(0xffffffffu, peer_above) +
                    min(static_cast<int>(__reduce_add_sync(0xffffffffu, peer_equal)), need_equal);
+  // Gathered bin: lane i < bin_size holds the bin's i-th item (ranks in turn; TlsSelectKey's
+  // form, larger = better) and whether it is kept (fewer than need_equal items above it).
+  int bin_size = 0;
+  uint64_t bin_item = 0;
+  bool bin_kept = false;
+  if (gather_slot >= 0) {
+    bin_size = __reduce_add_sync(0xffffffffu, peer_equal);
+    int first = 0;
+    for (int r = 0; r < size; ++r) {
+      const int n = sh.peer_counts[r][1];
+      if (lane >= first && lane < first + n)
+        bin_item = GatheredBin(sh, gather_slot, r)[lane - first];
+      first += n;
+    }
+    int ahead = 0;
+    for (int i = 0; i < bin_size; ++i) {
+      ahead += __shfl_sync(0xffffffffu, bin_item, i) > bin_item ? 1 : 0;
+    }
+    bin_kept = lane < bin_size && ahead < need_equal;
+  }
+  const unsigned bin_kept_bits = __ballot_sync(0xffffffffu, bin_kept);
   int32_t* row = sel.positions + int64_t{bg} * sel.max_positions;
   const unsigned lane_lt = (1u << lane) - 1u;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const int above_before =
         rank_above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
-    const int equal_before =
-        rank_equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
-    if (above[u] || (equal[u] && equal_before < need_equal)) {
-      row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
+    if (gather_slot < 0) {
+      const int equal_before =
+          rank_equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
+      if (above[u] || (equal[u] && equal_before < need_equal)) {
+        row[geo.sink_end + above_before + min(equal_before, need_equal)] = pos[u];
+      }
+    } else {  // the kept bin items at lower positions; this one's own among them when kept
+      int kept_before = 0;
+      bool kept_here = above[u];
+      for (unsigned m = bin_kept_bits; m != 0u; m &= m - 1u) {  // warp-uniform
+        const uint64_t item = __shfl_sync(0xffffffffu, bin_item, __ffs(m) - 1);
+        const int32_t at = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(item));
+        kept_before += at < pos[u] ? 1 : 0;
+        kept_here = kept_here || (equal[u] && at == pos[u]);
+      }
+      if (kept_here) row[geo.sink_end + above_before + kept_before] = pos[u];
     }
   }
   if (rank == 0) {

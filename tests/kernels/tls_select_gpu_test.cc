@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "asynctls/kernels/tls_math.h"
@@ -489,6 +490,52 @@ TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
           ref::TlsDecodeSelect(p);
           ExpectDeviceSelectMatches(p, d, buf, rows, mode);
         }
+      }
+    }
+  }
+}
+
+// The token top-k where the passes stop on a small bin and the ranks rank its few keys
+// (GatheredBin): a quarter of the tokens copy another token of their block, so equal alphas are
+// scattered over the row and many budgets cut through a pair of them. MLA rows of 16 heads (8
+// rows: the kernel with its exps in shared memory on the H200), 64 heads and GQA.
+TEST(TlsSelectGpuTest, TokenTopKScatteredTiesMatchReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(205);
+  const std::vector<SelectShape> shapes = {
+      {{8150, 6500, 3000}, 32, 8, 128, 32, DType::kBF16, false},
+      {{8150, 8150, 8150, 8150, 8150, 8150, 8150, 8150}, 16, 1, 576, 128, DType::kBF16, true},
+      {{8150, 6400, 5000, 2000}, 64, 1, 576, 128, DType::kBF16, true},
+  };
+  std::mt19937 rng(205);
+  for (const SelectShape& s : shapes) {
+    testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+    const size_t code_bytes = size_t(s.nc) / 2;
+    const std::vector<uint8_t> codes = c.codes;
+    const std::vector<float> scales = c.scales;
+    for (int r = 0; r < c.num_index_rows; ++r) {
+      for (int h = 0; h < c.num_kv_heads; ++h) {
+        const size_t base = (size_t(r) * c.num_kv_heads + h) * kKvBlockSize;
+        for (int t = 0; t < kKvBlockSize; ++t) {
+          if (rng() % 4 != 0) continue;
+          const size_t src = base + rng() % kKvBlockSize, dst = base + t;
+          c.scales[dst] = scales[src];
+          std::memcpy(&c.codes[dst * code_bytes], &codes[src * code_bytes], code_bytes);
+        }
+      }
+    }
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    const int rows = c.batch * c.num_kv_heads;
+    for (TlsMode mode : {TlsMode::kTwoLevel, TlsMode::kTokenOnly}) {
+      for (const int k_t : {1, 37, 100, 257, 700, 1000, 1500, 2047}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "heads " << s.nq << " mode " << int(mode) << " k_t " << k_t);
+        const TlsPolicy pol = testing::MakePolicy(mode, TlsLag::kSameStep, 128, k_t, 1, 64);
+        testing::TlsSelectBuffers buf;
+        TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+        ref::TlsDecodeSelect(p);
+        ExpectDeviceSelectMatches(p, d, buf, rows, mode);
       }
     }
   }
