@@ -11,8 +11,9 @@
 //   counts cross the cluster through distributed shared memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
-//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch (or,
-//   for 16-32 heads where they fit, shared memory) to the alpha sums. When the rows fill less
+//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
+//   alpha sums. For 16-32 heads, where they fit, shared memory holds the logits from the max
+//   pass to the exp pass (computed once) and then the exps. When the rows fill less
 //   than half the GPU or more than one wave of clusters, MlaTileSelectKernel takes a cluster
 //   per (row, 16-head tile) instead: the row's last cluster to finish adds the tiles' partial
 //   alpha chains and runs the same top-k.
@@ -727,11 +728,21 @@ struct LaneHeadPair {
   float m0 = -INFINITY, m1 = -INFINITY;
   uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: at most 64 terms of 2^23 per lane
 
+  // The tile's scaled dots y (TlsTokenScaledDot) of this lane's two heads and two candidates.
+  static __device__ __forceinline__ void ScaledDots(const int (&d)[4], float2 ks, float (&y)[4]) {
+    y[0] = TlsTokenScaledDot(static_cast<float>(d[0]), ks.x);
+    y[1] = TlsTokenScaledDot(static_cast<float>(d[1]), ks.y);
+    y[2] = TlsTokenScaledDot(static_cast<float>(d[2]), ks.x);
+    y[3] = TlsTokenScaledDot(static_cast<float>(d[3]), ks.y);
+  }
+  __device__ __forceinline__ void AddMax(const float (&y)[4]) {
+    m0 = fmaxf(m0, fmaxf(y[0], y[1]));
+    m1 = fmaxf(m1, fmaxf(y[2], y[3]));
+  }
   __device__ __forceinline__ void AddMax(const int (&d)[4], float2 ks) {
-    m0 = fmaxf(m0, fmaxf(__fmul_rn(static_cast<float>(d[0]), ks.x),
-                         __fmul_rn(static_cast<float>(d[1]), ks.y)));
-    m1 = fmaxf(m1, fmaxf(__fmul_rn(static_cast<float>(d[2]), ks.x),
-                         __fmul_rn(static_cast<float>(d[3]), ks.y)));
+    float y[4];
+    ScaledDots(d, ks, y);
+    AddMax(y);
   }
   // The quad's max scaled dots into the per-head ordered-bit maxima (-inf: no candidate here).
   __device__ __forceinline__ void CommitMax(uint32_t* bits0, uint32_t* bits1, int t) {
@@ -745,16 +756,20 @@ struct LaneHeadPair {
       if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(m1));
     }
   }
-  // A slot's token scale is NaN when it holds no candidate: its exps are 0.
-  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float (&e)[4]) {
+  // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 0.
+  __device__ __forceinline__ void Exps(const float (&y)[4], float (&e)[4]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const float k = u == 0 ? ks.x : ks.y;
-      e[u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[u]), k), s0));
-      e[2 + u] = TlsExp2(TlsTokenExpArg(TlsTokenScaledDot(static_cast<float>(d[2 + u]), k), s1));
+      e[u] = TlsExp2(TlsTokenExpArg(y[u], s0));
+      e[2 + u] = TlsExp2(TlsTokenExpArg(y[2 + u], s1));
       fixed0 += ExpFixed(e[u]);
       fixed1 += ExpFixed(e[2 + u]);
     }
+  }
+  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float (&e)[4]) {
+    float y[4];
+    ScaledDots(d, ks, y);
+    Exps(y, e);
   }
   __device__ __forceinline__ void CommitSums(unsigned long long* sum0, unsigned long long* sum1,
                                              int t) {
@@ -988,14 +1003,30 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
   };
 
+  // This lane's pairs of slots in the shared-memory exps of heads h0 / h1 (SMEM_EXPS), which
+  // hold the scaled dots from (1) to (2): the logits are computed once.
+  float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t + 8 * slot;
+  float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t + 8 * slot;
+
   // (1) Per-head max.
   const uint32_t* frag[kChunks];
 #pragma unroll
   for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
-  for (int tile = slot; tile < tiles; tile += kSlots, next_tile(frag)) {
-    int d[4];
-    tile_dots(frag, d);
-    lhp.AddMax(d, tile_scales(tile));
+  {
+    float* at0 = smem_at0;
+    float* at1 = smem_at1;
+    for (int tile = slot; tile < tiles;
+         tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
+      int d[4];
+      tile_dots(frag, d);
+      float y[4];
+      LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
+      lhp.AddMax(y);
+      if constexpr (SMEM_EXPS) {
+        *reinterpret_cast<float2*>(at0) = make_float2(y[0], y[1]);
+        *reinterpret_cast<float2*>(at1) = make_float2(y[2], y[3]);
+      }
+    }
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   cluster.sync();
@@ -1019,21 +1050,29 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int store_end = p.max_candidates - rank * span - 2 * t;
   // The store addresses advance by pointer increments (recomputed from the tile index they
   // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
-  float* at0 = SMEM_EXPS ? exps_s + h0 * exps_s_stride + 2 * t + 8 * slot : exps0 + 8 * slot;
-  float* at1 = SMEM_EXPS ? exps_s + h1 * exps_s_stride + 2 * t + 8 * slot : exps1 + 8 * slot;
-#pragma unroll
-  for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
+  float* at0 = SMEM_EXPS ? smem_at0 : exps0 + 8 * slot;
+  float* at1 = SMEM_EXPS ? smem_at1 : exps1 + 8 * slot;
+  if constexpr (SMEM_EXPS) {  // each lane rewrites its own scaled dots from (1) as exps
 #pragma unroll 2
-  for (int tile = slot; tile < tiles;
-       tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
-    int d[4];
-    tile_dots(frag, d);
-    float e[4];
-    lhp.Exps(d, tile_scales(tile), e);
-    if constexpr (SMEM_EXPS) {
+    for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
+      const float2 y0 = *reinterpret_cast<const float2*>(at0);
+      const float2 y1 = *reinterpret_cast<const float2*>(at1);
+      const float y[4] = {y0.x, y0.y, y1.x, y1.y};
+      float e[4];
+      lhp.Exps(y, e);
       *reinterpret_cast<float2*>(at0) = make_float2(e[0], e[1]);
       *reinterpret_cast<float2*>(at1) = make_float2(e[2], e[3]);
-    } else {
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
+#pragma unroll 2
+    for (int tile = slot; tile < tiles;
+         tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
+      int d[4];
+      tile_dots(frag, d);
+      float e[4];
+      lhp.Exps(d, tile_scales(tile), e);
       StoreTileExps(at0, at1, 8 * tile < store_end, e);
     }
   }
