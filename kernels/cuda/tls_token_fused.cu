@@ -151,10 +151,19 @@ __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
   return v;
 }
 
+// Candidate position of slot j of a listed block (block < 0: none), or -1 where the block's
+// candidates end (TlsBlockCandBegin / End: the open block and the recent window are not
+// candidates).
+__device__ __forceinline__ int32_t ListedPosition(const TlsGeometry& geo, int32_t block, int j) {
+  if (block < 0) return -1;
+  const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
+  return cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block) ? cpos : -1;
+}
+
 // Each rank owns `span` consecutive candidates of row bg (at most ITEMS * kFusedThreads): item u
 // of thread t is candidate j = rank * span + u * kFusedThreads + t when u * kFusedThreads + t <
-// span. Gives its position (-1: none) and, with TOK, its token-index row.
-template <int ITEMS, bool TOK>
+// span. Gives its position (-1: none) and its token-index row.
+template <int ITEMS>
 __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
                                                    const TlsGeometry& geo, int bg, int rank,
                                                    int span, int32_t* pos, int64_t* tok) {
@@ -166,18 +175,16 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
     const int local = u * kFusedThreads + static_cast<int>(threadIdx.x);
     const int j = rank * span + local;
     pos[u] = -1;
-    if (TOK) tok[u] = 0;
+    tok[u] = 0;
     if (local < span && j < num_listed * kKvBlockSize) {
       const int i = j / kKvBlockSize;
       const int32_t block =
           p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i] : p.sink_blocks + i;
-      const int32_t cpos = block * kKvBlockSize + j % kKvBlockSize;
-      if (cpos >= TlsBlockCandBegin(geo, block) && cpos < TlsBlockCandEnd(geo, block)) {
+      const int32_t cpos = ListedPosition(geo, block, j);
+      if (cpos >= 0) {
         pos[u] = cpos;
-        if (TOK) {
-          const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
-          tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
-        }
+        const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + block];
+        tok[u] = (row * p.num_kv_heads + g) * kKvBlockSize + cpos % kKvBlockSize;
       }
     }
   }
@@ -444,7 +451,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
-  CandidatePositions<ITEMS, true>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, tok);
+  CandidatePositions<ITEMS>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, tok);
   // The query codes (a warp per head) after the candidates' two dependent loads (block list,
   // index table) are issued.
   if (warp < group) {
@@ -909,9 +916,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int tiles = span / 8;  // 8-candidate tiles
   if (tid < kMlaMaxBlocks) {
     const int i = rank * blocks_per_cta + tid;
-    ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1
-                    : p.maybe_blocks ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
-                                     : p.sink_blocks + i;
+    // Loaded whatever the row's count (the list has room for max_kept_blocks entries), so the
+    // load does not wait for num_listed's: one dependent global round trip fewer before staging.
+    const int32_t entry = !p.maybe_blocks ? p.sink_blocks + i
+                          : i < p.max_kept_blocks
+                              ? p.maybe_blocks[int64_t{bg} * p.max_kept_blocks + i]
+                              : -1;
+    ms.block[tid] = tid >= blocks_per_cta || i >= num_listed ? -1 : entry;
   }
   const int64_t head0 = int64_t{bg} * GROUP + part * kHeads;  // this cluster's first head
   if (tid < kHeads) {
@@ -919,13 +930,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     ms.exp_sum[tid] = 0ull;
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  __syncthreads();  // the list entries
+  // Positions from the entries in shared memory (CandidatePositions' candidates, without
+  // loading the list again behind its count).
   int32_t pos[ITEMS];
-  CandidatePositions<ITEMS, false>(p, geo, bg, rank, span, pos, nullptr);
   int valid_warp = 0;
 #pragma unroll
-  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
+  for (int u = 0; u < ITEMS; ++u) {
+    const int slot = u * kFusedThreads + tid;
+    pos[u] = slot < span ? ListedPosition(geo, ms.block[slot / kKvBlockSize], slot) : -1;
+    valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
+  }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
-  __syncthreads();
   // Stage this CTA's candidate rows (thread = candidate; every item's loads in flight before the
   // first is unpacked). A slot that is no candidate gets scale NaN: its logits are NaN, which the
   // max skips and TlsExp2 maps to 0.
@@ -1185,7 +1201,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
     int64_t tok[ITEMS];
-    CandidatePositions<ITEMS, true>(p, geo, bg, rank, kSpan, pos, tok);
+    CandidatePositions<ITEMS>(p, geo, bg, rank, kSpan, pos, tok);
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
       const int slot = u * kFusedThreads + tid;
