@@ -31,7 +31,7 @@ commands:
              --tls-lag-slots N   sequences that keep one-step-lag state at once (default 256;
                                  later ones select same-step until slots free)
              --tls-block-index F bf16 (default) or int8: the block index's form (int8 halves
-                                 its bytes; CPU only so far)
+                                 its bytes)
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)
              --model PATH        as for generate

@@ -3,7 +3,7 @@
 // calibrate`'s output; budgets default to the paper's k_b 128, k_t 1024; L is `one-step` (the
 // paper's: tokens chosen among the previous step's blocks, block selection beside them; the
 // default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256);
-// `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes; CPU only so far).
+// `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes).
 #pragma once
 
 #include <cstdint>

@@ -14,9 +14,10 @@ namespace {
 
 std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
 
-absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(
-    const WeightFile& file, const std::string& device, bool tls = false,
-    kernels::TlsLag lag = kernels::TlsLag::kOneStep) {
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file,
+                                                   const std::string& device, bool tls = false,
+                                                   kernels::TlsLag lag = kernels::TlsLag::kOneStep,
+                                                   bool int8_block_index = false) {
   EngineOptions options;
   options.device = device;
   options.keep_logits = true;
@@ -27,6 +28,7 @@ absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(
         std::string(ASYNCTLS_SOURCE_DIR) + "/tests/data/channels/smollm2-gpl.json", 4, 96, lag);
     if (!tls_options.ok()) return tls_options.status();
     options.tls = *tls_options;
+    options.tls->int8_block_index = int8_block_index;
   }
   return Engine::Create(file, options);
 }
@@ -69,19 +71,23 @@ TEST(SmolLm2GpuTest, GreedyMatchesCpuAndTop1MatchesLlamaCpp) {
 }
 
 // Two-level sparse decode on the GPU and the CPU: the selections are computed bit for bit alike
-// from the same q, so greedy outputs agree as the dense ones do.
+// from the same q, so greedy outputs agree as the dense ones do. With the bf16 block index and
+// its int8 form.
 TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
   if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   const std::string path = testing::SmolLm2Path();
   if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
   auto file = WeightFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
-  for (kernels::TlsLag lag : {kernels::TlsLag::kSameStep, kernels::TlsLag::kOneStep}) {
-    const char* lag_name = lag == kernels::TlsLag::kOneStep ? "one-step lag" : "same step";
+  for (const auto [lag, int8] :
+       {std::pair{kernels::TlsLag::kSameStep, false}, std::pair{kernels::TlsLag::kOneStep, false},
+        std::pair{kernels::TlsLag::kOneStep, true}}) {
+    const char* lag_name =
+        lag == kernels::TlsLag::kOneStep ? (int8 ? "lag, int8 idx" : "one-step lag") : "same step";
     SCOPED_TRACE(lag_name);
-    auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag);
+    auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag, int8);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
-    auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag);
+    auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag, int8);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     const nlohmann::json ref = testing::LoadReference();
     for (const auto& c : ref["cases"]) {

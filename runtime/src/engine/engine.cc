@@ -101,10 +101,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> e
     ASYNCTLS_RETURN_IF_ERROR(engine->model_->EnableTls(*engine->options_.tls));
     tls_channels = engine->options_.tls->channels.num_channels;
     int8_block_index = engine->options_.tls->int8_block_index;
-    if (int8_block_index && engine->backend_->kind() != DeviceKind::kCpu) {
-      return absl::FailedPreconditionError(
-          "engine: the int8 block index has no CUDA kernels yet; use the bf16 one on the GPU");
-    }
   }
   const size_t per_block = KvCache::BytesPerBlock(c.num_layers, c.num_kv_heads, c.head_dim,
                                                   tls_channels, int8_block_index);

@@ -16,9 +16,7 @@ namespace asynctls::kernels::cuda {
 // ---- support checks -----------------------------------------------------------------------
 // Index and selection ops: any head_dim that is a multiple of 8 up to 576, num_channels a
 // multiple of 8 up to 128, group * num_channels <= 16384. Attention: (head_dim, v_head_dim) in
-// {(64, 64), (128, 128), (576, 512)}, any group size. The int8 block index (maybe_block_scales)
-// has no kernels yet: TlsIndexUpdate and TlsBlockScore (so TlsDecodeSelect's block stage too)
-// return cudaErrorNotSupported for it.
+// {(64, 64), (128, 128), (576, 512)}, any group size. Both forms of the block index.
 bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size);
 bool TlsSparseAttentionCanImplement(int head_dim, int v_head_dim, int group_size, DType io_dtype);
 

@@ -39,8 +39,7 @@
 //       (TlsBlockMaxCode / TlsBlockMinCode: code * scale >= max, <= min), so the block score stays
 //       an upper bound. Half the bytes of the bf16 form; accuracy-neutral in
 //       bench/results/tls-accuracy.md (k). The open block's row is rebuilt from its K rows at
-//       every append (a new scale re-codes the row). CPU reference only so far: the CUDA entries
-//       return cudaErrorNotSupported for it.
+//       every append (a new scale re-codes the row).
 //   token index: codes  uint8 [num_index_rows, num_kv_heads, 64, num_channels / 2]
 //                scales fp32  [num_index_rows, num_kv_heads, 64]
 //                channels int32 [num_kv_heads, num_channels]: the calibrated set C, ascending.

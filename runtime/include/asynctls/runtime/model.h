@@ -73,7 +73,7 @@ struct TlsDecodeOptions {
   // num_layers x num_kv_heads x block_budget int32); later ones select same-step until one frees.
   int32_t lag_sequences = 256;
   // The block index's int8 form (kernels/tls_params.h): half its bytes, accuracy-neutral in
-  // bench/results/tls-accuracy.md (k). The CPU backend only for now.
+  // bench/results/tls-accuracy.md (k).
   bool int8_block_index = false;
 };
 
