@@ -70,6 +70,40 @@ struct IndexShape {
   bool mla;
 };
 
+// cuda::TlsIndexUpdate over every cached token of the case, all at once (chunk 0) or `chunk`
+// tokens of each sequence at a time, into the index pools `u` points at (the K cache and the
+// tables are the device case's).
+void UpdateInChunks(const testing::TlsCase& c, const testing::DeviceTlsCase& d, int chunk,
+                    TlsIndexUpdateParams u) {
+  int max_len = 0;
+  for (int32_t l : c.seq_lens()) max_len = std::max(max_len, l);
+  u.k_cache = d.k.get();
+  u.block_table = d.block_table.as<int32_t>();
+  u.index_table = d.index_table.as<int32_t>();
+  u.batch = c.batch;
+  u.num_kv_heads = c.num_kv_heads;
+  u.head_dim = c.head_dim;
+  u.max_blocks_per_seq = c.max_blocks_per_seq();
+  u.max_new_tokens = chunk ? chunk : max_len;
+  std::vector<int32_t> done(c.batch, 0);
+  DeviceBuffer dstart, dend;
+  for (bool more = true; more;) {
+    std::vector<int32_t> end(c.batch);
+    more = false;
+    for (int b = 0; b < c.batch; ++b) {
+      end[b] = chunk == 0 ? c.seq_lens()[b] : std::min(c.seq_lens()[b], done[b] + chunk);
+    }
+    ASSERT_CUDA(dstart.Upload(done));
+    ASSERT_CUDA(dend.Upload(end));
+    u.start_pos = dstart.as<int32_t>();
+    u.seq_lens = dend.as<int32_t>();
+    ASSERT_CUDA(cuda::TlsIndexUpdate(u, nullptr));
+    ASSERT_CUDA(cudaStreamSynchronize(nullptr));  // before dstart / dend are reused
+    done = end;
+    for (int b = 0; b < c.batch; ++b) more |= done[b] < c.seq_lens()[b];
+  }
+}
+
 TEST(TlsIndexGpuTest, BuildAndAppendMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const std::vector<IndexShape> shapes = {
@@ -95,38 +129,14 @@ TEST(TlsIndexGpuTest, BuildAndAppendMatchReference) {
       ASSERT_CUDA(d.kmin.Upload(poison_bf16));
       ASSERT_CUDA(d.codes.Upload(poison_codes));
       ASSERT_CUDA(d.scales.Upload(poison_scales));
-      std::vector<int32_t> done(c.batch, 0);
-      int max_len = 0;
-      for (int32_t l : s.lens) max_len = std::max(max_len, l);
-      DeviceBuffer dstart, dend;
-      for (bool more = true; more;) {
-        std::vector<int32_t> end(c.batch);
-        more = false;
-        for (int b = 0; b < c.batch; ++b) {
-          end[b] = chunk == 0 ? s.lens[b] : std::min(s.lens[b], done[b] + chunk);
-        }
-        ASSERT_CUDA(dstart.Upload(done));
-        ASSERT_CUDA(dend.Upload(end));
-        TlsIndexUpdateParams u{d.k.get(),
-                               d.block_table.as<int32_t>(),
-                               d.index_table.as<int32_t>(),
-                               dstart.as<int32_t>(),
-                               dend.as<int32_t>(),
-                               d.kmax.get(),
-                               d.kmin.get(),
-                               d.channels.as<int32_t>(),
-                               d.codes.as<uint8_t>(),
-                               d.scales.as<float>(),
-                               c.batch,
-                               c.num_kv_heads,
-                               c.head_dim,
-                               c.num_channels,
-                               c.max_blocks_per_seq(),
-                               chunk ? chunk : max_len};
-        ASSERT_CUDA(cuda::TlsIndexUpdate(u, nullptr));
-        done = end;
-        for (int b = 0; b < c.batch; ++b) more |= done[b] < s.lens[b];
-      }
+      TlsIndexUpdateParams u{};
+      u.block_kmax = d.kmax.get();
+      u.block_kmin = d.kmin.get();
+      u.channels = d.channels.as<int32_t>();
+      u.maybe_token_codes = d.codes.as<uint8_t>();
+      u.maybe_token_scales = d.scales.as<float>();
+      u.num_channels = c.num_channels;
+      ASSERT_NO_FATAL_FAILURE(UpdateInChunks(c, d, chunk, u));
       ASSERT_CUDA(cudaDeviceSynchronize());
       ExpectBitEqual(Download<Bf16>(d.kmax, c.kmax.size()), c.kmax, "kmax");
       ExpectBitEqual(Download<Bf16>(d.kmin, c.kmin.size()), c.kmin, "kmin");
@@ -154,40 +164,16 @@ TEST(TlsIndexGpuTest, Int8BlockIndexMatchesReference) {
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     for (int chunk : {0, 1, 23}) {  // 0: one-shot build; else appends of `chunk` tokens
-      DeviceBuffer kmax, kmin, scales, dstart, dend;
+      DeviceBuffer kmax, kmin, scales;
       ASSERT_CUDA(kmax.Upload(std::vector<int8_t>(want.kmax.size(), 0x55)));
       ASSERT_CUDA(kmin.Upload(std::vector<int8_t>(want.kmin.size(), 0x55)));
       ASSERT_CUDA(scales.Upload(
           std::vector<float>(want.scales.size(), std::numeric_limits<float>::quiet_NaN())));
-      std::vector<int32_t> done(c.batch, 0);
-      int max_len = 0;
-      for (int32_t l : s.lens) max_len = std::max(max_len, l);
-      for (bool more = true; more;) {
-        std::vector<int32_t> end(c.batch);
-        more = false;
-        for (int b = 0; b < c.batch; ++b) {
-          end[b] = chunk == 0 ? s.lens[b] : std::min(s.lens[b], done[b] + chunk);
-        }
-        ASSERT_CUDA(dstart.Upload(done));
-        ASSERT_CUDA(dend.Upload(end));
-        TlsIndexUpdateParams u{};
-        u.k_cache = d.k.get();
-        u.block_table = d.block_table.as<int32_t>();
-        u.index_table = d.index_table.as<int32_t>();
-        u.start_pos = dstart.as<int32_t>();
-        u.seq_lens = dend.as<int32_t>();
-        u.block_kmax = kmax.get();
-        u.block_kmin = kmin.get();
-        u.maybe_block_scales = scales.as<float>();
-        u.batch = c.batch;
-        u.num_kv_heads = c.num_kv_heads;
-        u.head_dim = c.head_dim;
-        u.max_blocks_per_seq = c.max_blocks_per_seq();
-        u.max_new_tokens = chunk ? chunk : max_len;
-        ASSERT_CUDA(cuda::TlsIndexUpdate(u, nullptr));
-        done = end;
-        for (int b = 0; b < c.batch; ++b) more |= done[b] < s.lens[b];
-      }
+      TlsIndexUpdateParams u{};
+      u.block_kmax = kmax.get();
+      u.block_kmin = kmin.get();
+      u.maybe_block_scales = scales.as<float>();
+      ASSERT_NO_FATAL_FAILURE(UpdateInChunks(c, d, chunk, u));
       ASSERT_CUDA(cudaDeviceSynchronize());
       SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
       ExpectBitEqual(Download<int8_t>(kmax, want.kmax.size()), want.kmax, "int8 kmax");
