@@ -12,7 +12,8 @@
 //
 //   decode_step_bench [--device cuda] [--context 32768] [--batches 1,8] [--steps 20] [--json F]
 //                     [--attention dense|tls|both] [--k-b 128] [--k-t 1024]
-//                     [--lag one-step|same-step|both]
+//                     [--lag one-step|same-step|both] [--cuda-graphs 0|1 (decode steps replay a
+//                     CUDA graph per batch shape: EngineOptions::cuda_graphs)]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -136,6 +137,7 @@ ChannelSets FirstChannels(const ModelConfig& c) {
 int Main(int argc, char** argv) {
   std::string device = "cuda", json_path, attention = "dense", lag = "one-step";
   int context = 32768, steps = 20, k_b = 128, k_t = 1024;
+  bool cuda_graphs = false;
   std::vector<int> batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
@@ -147,6 +149,8 @@ int Main(int argc, char** argv) {
     else if (f == "--k-b") k_b = std::atoi(v.c_str());
     else if (f == "--k-t") k_t = std::atoi(v.c_str());
     else if (f == "--lag") lag = v;
+    else if (f == "--cuda-graphs")
+      cuda_graphs = v == "1";
     else if (f == "--batches") {
       batches.clear();
       for (auto s : absl::StrSplit(v, ',')) batches.push_back(std::atoi(std::string(s).c_str()));
@@ -158,6 +162,7 @@ int Main(int argc, char** argv) {
   options.device = device;
   options.weight_dtype = kernels::DType::kBF16;
   options.max_batch_seqs = std::max(max_batch, 8);
+  options.cuda_graphs = cuda_graphs;
   options.max_batch_tokens = 512;
   const int blocks_per_seq = (context + 1 + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
   if (attention != "dense" && attention != "tls" && attention != "both") {

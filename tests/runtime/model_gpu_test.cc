@@ -17,11 +17,13 @@ std::vector<int32_t> Ids(const nlohmann::json& j) { return j.get<std::vector<int
 absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file,
                                                    const std::string& device, bool tls = false,
                                                    kernels::TlsLag lag = kernels::TlsLag::kOneStep,
-                                                   bool int8_block_index = false) {
+                                                   bool int8_block_index = false,
+                                                   bool cuda_graphs = false) {
   EngineOptions options;
   options.device = device;
   options.keep_logits = true;
   options.kv_cache_bytes = int64_t{256} << 20;
+  options.cuda_graphs = cuda_graphs;
   if (tls) {
     // A sparse budget for these prompts: 4 blocks of ~35, 96 tokens among their 256.
     auto tls_options = TlsDecodeOptionsFromFile(
@@ -110,6 +112,34 @@ TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
       EXPECT_EQ(*on_gpu, *on_cpu);
     }
     EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
+  }
+}
+
+// Decode steps replayed from CUDA graphs (EngineOptions::cuda_graphs) give the greedy tokens of
+// steps run op by op, dense and with the one-step lag's two-level decode (its block branch
+// forked and joined inside the graph).
+TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const std::string path = testing::SmolLm2Path();
+  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
+  auto file = WeightFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  for (const bool tls : {false, true}) {
+    SCOPED_TRACE(tls ? "tls, one-step lag" : "dense");
+    auto eager = MakeEngine(**file, "cuda", tls);
+    ASSERT_TRUE(eager.ok()) << eager.status();
+    auto graphed = MakeEngine(**file, "cuda", tls, kernels::TlsLag::kOneStep, false, true);
+    ASSERT_TRUE(graphed.ok()) << graphed.status();
+    const nlohmann::json ref = testing::LoadReference();
+    for (const auto& c : ref["cases"]) {
+      const std::vector<int32_t> prompt = Ids(c["token_ids"]);
+      auto a = testing::Greedy(**eager, prompt, 24, 1, tls);
+      ASSERT_TRUE(a.ok()) << a.status();
+      auto g = testing::Greedy(**graphed, prompt, 24, 1, tls);
+      ASSERT_TRUE(g.ok()) << g.status();
+      EXPECT_EQ(*g, *a) << c["name"].get<std::string>();
+    }
+    EXPECT_EQ((*graphed)->kv_cache().used_blocks(), 0);
   }
 }
 

@@ -93,6 +93,8 @@ class CudaBackend final : public Backend {
   absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
                                             kernels::DType preferred,
                                             kernels::DType* stored_dtype) override;
+  absl::StatusOr<int> CaptureOps(const std::function<absl::Status()>& ops) override;
+  absl::Status LaunchCaptured(int id) override;
 
  protected:
   void Free(void* data) override;
@@ -141,6 +143,10 @@ class CudaBackend final : public Backend {
   bool scratch_captured_ = false;
   std::vector<std::unique_ptr<kc::GemmRunner>> retired_gemm_;
   std::vector<UniqueCudaMemory> retired_workspaces_;
+  struct GraphExecDeleter {
+    void operator()(CUgraphExec_st* g) const { cudaGraphExecDestroy(g); }
+  };
+  std::vector<std::unique_ptr<CUgraphExec_st, GraphExecDeleter>> graphs_;  // CaptureOps's
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOptions& options) {
@@ -426,6 +432,47 @@ absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& 
   ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_q_.memory.get(),
                                        block_fork_.get(), block_join_.get()));
   block_pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> CudaBackend::CaptureOps(const std::function<absl::Status()>& ops) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());  // nothing of an earlier step inside the graph
+  ASYNCTLS_CUDA_RETURN_IF_ERROR(
+      cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
+  absl::Status status = ops();
+  // A lagged block branch still on its stream rejoins inside the graph (a capture must end
+  // with every forked stream joined).
+  if (status.ok()) status = JoinBlockBranch();
+  block_pending_ = false;
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream_.get(), &graph);
+  if (status.ok() && end != cudaSuccess) {
+    status = cuda_check::ToStatus(end, "cudaStreamEndCapture", __FILE__, __LINE__);
+  }
+  if (!status.ok()) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();  // a failed capture leaves no sticky error behind
+    return status;
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_check::ToStatus(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
+  }
+  graphs_.emplace_back(exec);
+  return static_cast<int>(graphs_.size()) - 1;
+}
+
+absl::Status CudaBackend::LaunchCaptured(int id) {
+  if (id < 0 || id >= static_cast<int>(graphs_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("no captured op sequence ", id));
+  }
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
+  ASYNCTLS_CUDA_OP(cudaGraphLaunch(graphs_[id].get(), stream_.get()));
   return absl::OkStatus();
 }
 

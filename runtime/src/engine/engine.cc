@@ -64,6 +64,7 @@ static ModelLoadOptions LoadOptions(const EngineOptions& options) {
   load.weight_dtype = options.weight_dtype;
   load.max_batch_tokens = options.max_batch_tokens;
   load.max_batch_seqs = options.max_batch_seqs;
+  load.cuda_graphs = options.cuda_graphs;
   return load;
 }
 

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <map>
+#include <set>
+#include <string>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -63,6 +66,10 @@ struct Model::Impl {
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
   AttentionCaptureFn capture;
+  // options.cuda_graphs: captured graph id per decode shape (-1: runs without one), and the
+  // shapes run once.
+  std::map<std::string, int> graphs;
+  std::set<std::string> graph_shapes_seen;
   // Two-level sparse decode (EnableTls): channel sets [layers, kv heads, channels] and the
   // selection buffers of one step, sized for max_batch_seqs (S) and the policy's k_b. Block
   // sets M_t [layers (1 without the lag), S, kv heads, k_b] and counts; with the one-step lag
@@ -350,8 +357,11 @@ struct Model::Impl {
   // One-step lag: before the layers, M_{t-1} of the lagged TLS sequences from their cache slots
   // into batch order (tls_prev_*); after them, every slotted sequence's M_t back to its slot.
   // Rows of [slots, layers] in the cache, [layers, S] here; one CopyRows per array.
-  absl::Status CopyTlsLagState(const ForwardBatch& b, KvCache& cache, bool to_slots) {
-    if (!tls_lag()) return absl::OkStatus();
+  // UploadTlsLagLists uploads a direction's row lists (and, before the layers, the lengths the
+  // block sets were chosen at) and gives their count; CopyTlsLagRows copies the rows (device
+  // ops only: a forward's uploads all come before its ops, which a CUDA graph can then replay).
+  absl::StatusOr<int> UploadTlsLagLists(const ForwardBatch& b, bool to_slots) {
+    if (!tls_lag()) return 0;
     const int L = config.num_layers, S = options.max_batch_seqs, KV = config.num_kv_heads;
     std::vector<int32_t> slot_rows, batch_rows, prev_lens;
     for (int t = 0; t < b.num_tls_decode(); ++t) {
@@ -363,7 +373,7 @@ struct Model::Impl {
         batch_rows.push_back(li * S + t);
       }
     }
-    if (slot_rows.empty()) return absl::OkStatus();
+    if (slot_rows.empty()) return 0;
     const int n = static_cast<int>(slot_rows.size());
     if (!to_slots) {
       ASYNCTLS_RETURN_IF_ERROR(backend->CopyToDevice(tls_prev_lens.data(), prev_lens.data(),
@@ -375,9 +385,20 @@ struct Model::Impl {
     const std::vector<int32_t>& to = to_slots ? slot_rows : batch_rows;
     std::vector<int32_t> lists = from;
     lists.insert(lists.end(), to.begin(), to.end());
-    int32_t* rows = tls_copy_rows.as<int32_t>() + (to_slots ? 2 * L * S : 0);
     ASYNCTLS_RETURN_IF_ERROR(
-        backend->CopyToDevice(rows, lists.data(), lists.size() * sizeof(int32_t)));
+        backend->CopyToDevice(TlsLagRows(to_slots), lists.data(), lists.size() * sizeof(int32_t)));
+    return n;
+  }
+
+  int32_t* TlsLagRows(bool to_slots) const {
+    return tls_copy_rows.as<int32_t>() +
+           (to_slots ? 2 * config.num_layers * options.max_batch_seqs : 0);
+  }
+
+  absl::Status CopyTlsLagRows(KvCache& cache, bool to_slots, int n) {
+    if (n == 0) return absl::OkStatus();
+    const int KV = config.num_kv_heads;
+    const int32_t* rows = TlsLagRows(to_slots);
     int32_t* blocks = to_slots ? cache.tls_lag_blocks() : tls_prev_blocks.as<int32_t>();
     int32_t* counts = to_slots ? cache.tls_lag_num_blocks() : tls_prev_num_blocks.as<int32_t>();
     const int32_t* from_blocks = to_slots ? tls_blocks.as<int32_t>() : cache.tls_lag_blocks();
@@ -506,130 +527,194 @@ struct Model::Impl {
       }
       ASYNCTLS_RETURN_IF_ERROR(Upload32(tls_start_pos, start));
     }
-    ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagState(b, cache, /*to_slots=*/false));
+    ASYNCTLS_ASSIGN_OR_RETURN(const int lag_in, UploadTlsLagLists(b, /*to_slots=*/false));
+    ASYNCTLS_ASSIGN_OR_RETURN(const int lag_out, UploadTlsLagLists(b, /*to_slots=*/true));
     int max_q_len = 0, max_decode_len = 0;
     for (int s = 0; s < b.num_seqs(); ++s) {
       if (s < b.num_prefill) max_q_len = std::max(max_q_len, b.cu_q_lens[s + 1] - b.cu_q_lens[s]);
       else max_decode_len = std::max(max_decode_len, b.seq_lens[s]);
     }
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    // A decode-only forward of a CUDA-graph engine replays its shape's graph (see
+    // RunOpsInGraph). Its dense decode plans for a bucket of lengths, not this step's longest, so
+    // that the graph serves the shape's later steps too.
+    const bool graphed = options.cuda_graphs && b.num_prefill == 0 && !capture;
+    if (graphed) max_decode_len = DecodeLenBucket(max_decode_len, b.max_blocks_per_seq);
 
-    ASYNCTLS_RETURN_IF_ERROR(backend->Embedding({token_embd.data(), tokens.as<int32_t>(), x.as<float>(),
-                                                 token_embd.dtype, T, c.hidden_size, c.vocab_size}));
-    auto gemm = [&](const float* in, const Weight& w, const Weight* bias, float* out, int m, int n, int k,
-                    float beta) {
-      return backend->Gemm({in, w.data(), bias && bias->data() ? bias->f32() : nullptr, out, w.dtype, m, n, k, beta});
-    };
-    for (int li = 0; li < c.num_layers; ++li) {
-      const Layer& L = layers[li];
-      ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
-      // q, k and v in one GEMM (one activation convert, one weight stream).
-      const int qkv_width = (H + 2 * KV) * hd;
+    // Every op below only reads what the uploads above wrote (a graph can replay them).
+    auto run_ops = [&]() -> absl::Status {
+      ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagRows(cache, /*to_slots=*/false, lag_in));
       ASYNCTLS_RETURN_IF_ERROR(
-          gemm(xn.as<float>(), L.wqkv, &L.bqkv, qkv.as<float>(), T, qkv_width, c.hidden_size, 0.f));
-      // Then q, k, v apart, q / k normalized (Qwen3) and rotated: one op.
-      ASYNCTLS_RETURN_IF_ERROR(backend->SplitQkv(
-          {qkv.as<float>(), Q(), K(), V(), c.qk_norm ? L.q_norm.f32() : nullptr,
-           c.qk_norm ? L.k_norm.f32() : nullptr, c.rms_eps, positions.as<int32_t>(),
-           inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
-      if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
-      ASYNCTLS_RETURN_IF_ERROR(backend->KvAppend({K(), V(), slots.as<int32_t>(), cache.k_pool(li),
-                                                  cache.v_pool(li), T, KV, hd, KV * hd, KV * hd}));
-      if (tls_index) {
-        kernels::TlsIndexUpdateParams ip{};
-        ip.k_cache = cache.k_pool(li);
-        ip.block_table = block_table.as<int32_t>();
-        ip.index_table = block_table.as<int32_t>();  // index row = KV block
-        ip.start_pos = tls_start_pos.as<int32_t>();
-        ip.seq_lens = seq_lens.as<int32_t>();
-        ip.block_kmax = cache.tls_kmax(li);
-        ip.block_kmin = cache.tls_kmin(li);
-        ip.maybe_block_scales = cache.tls_block_scales(li);
-        ip.channels = tls_channel_sets.as<int32_t>() + int64_t{li} * KV * tls_channels;
-        ip.maybe_token_codes = cache.tls_codes(li);
-        ip.maybe_token_scales = cache.tls_scales(li);
-        ip.batch = b.num_seqs();
-        ip.num_kv_heads = KV;
-        ip.head_dim = hd;
-        ip.num_channels = tls_channels;
-        ip.max_blocks_per_seq = b.max_blocks_per_seq;
-        ip.max_new_tokens = max_q_len_all;
-        ASYNCTLS_RETURN_IF_ERROR(backend->TlsIndexUpdate(ip));
-      }
-      if (b.num_prefill > 0) {
-        kernels::PagedPrefillParams pp{};
-        pp.q = Q();
-        pp.cu_q_lens = cu_q_lens.as<int32_t>();
-        pp.k_cache = cache.k_pool(li);
-        pp.v_cache = cache.v_pool(li);
-        pp.block_table = block_table.as<int32_t>();
-        pp.seq_lens = seq_lens.as<int32_t>();
-        pp.out = attn.data();
-        pp.io_dtype = DType::kF32;
-        pp.batch = b.num_prefill;
-        pp.num_tokens = num_prefill_tokens;
-        pp.num_q_heads = H;
-        pp.num_kv_heads = KV;
-        pp.head_dim = hd;
-        pp.max_blocks_per_seq = b.max_blocks_per_seq;
-        pp.max_q_len = max_q_len;
-        pp.scale = scale;
-        ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
-      }
-      // TLS sequences in runs of equal budgets and lag, one selection + attention call per run.
-      for (int t = 0; t < num_tls_decode;) {
-        const ForwardBatch::TlsBudgets& first = b.tls_decode[t];
-        int run = 1;
-        const bool lagged = first.prev_select_len > 0;
-        while (t + run < num_tls_decode &&
-               b.tls_decode[t + run].block_budget == first.block_budget &&
-               b.tls_decode[t + run].token_budget == first.token_budget &&
-               (b.tls_decode[t + run].prev_select_len > 0) == lagged) {
-          ++run;
+          backend->Embedding({token_embd.data(), tokens.as<int32_t>(), x.as<float>(),
+                              token_embd.dtype, T, c.hidden_size, c.vocab_size}));
+      auto gemm = [&](const float* in, const Weight& w, const Weight* bias, float* out, int m,
+                      int n, int k, float beta) {
+        return backend->Gemm({in, w.data(), bias && bias->data() ? bias->f32() : nullptr, out,
+                              w.dtype, m, n, k, beta});
+      };
+      for (int li = 0; li < c.num_layers; ++li) {
+        const Layer& L = layers[li];
+        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm(
+            {x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
+        // q, k and v in one GEMM (one activation convert, one weight stream).
+        const int qkv_width = (H + 2 * KV) * hd;
+        ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wqkv, &L.bqkv, qkv.as<float>(), T,
+                                      qkv_width, c.hidden_size, 0.f));
+        // Then q, k, v apart, q / k normalized (Qwen3) and rotated: one op.
+        ASYNCTLS_RETURN_IF_ERROR(backend->SplitQkv(
+            {qkv.as<float>(), Q(), K(), V(), c.qk_norm ? L.q_norm.f32() : nullptr,
+             c.qk_norm ? L.k_norm.f32() : nullptr, c.rms_eps, positions.as<int32_t>(),
+             inv_freq.as<float>(), T, H, KV, hd, c.rotary_dim, c.rope_style}));
+        if (capture) ASYNCTLS_RETURN_IF_ERROR(Capture(li, b));
+        ASYNCTLS_RETURN_IF_ERROR(
+            backend->KvAppend({K(), V(), slots.as<int32_t>(), cache.k_pool(li), cache.v_pool(li), T,
+                               KV, hd, KV * hd, KV * hd}));
+        if (tls_index) {
+          kernels::TlsIndexUpdateParams ip{};
+          ip.k_cache = cache.k_pool(li);
+          ip.block_table = block_table.as<int32_t>();
+          ip.index_table = block_table.as<int32_t>();  // index row = KV block
+          ip.start_pos = tls_start_pos.as<int32_t>();
+          ip.seq_lens = seq_lens.as<int32_t>();
+          ip.block_kmax = cache.tls_kmax(li);
+          ip.block_kmin = cache.tls_kmin(li);
+          ip.maybe_block_scales = cache.tls_block_scales(li);
+          ip.channels = tls_channel_sets.as<int32_t>() + int64_t{li} * KV * tls_channels;
+          ip.maybe_token_codes = cache.tls_codes(li);
+          ip.maybe_token_scales = cache.tls_scales(li);
+          ip.batch = b.num_seqs();
+          ip.num_kv_heads = KV;
+          ip.head_dim = hd;
+          ip.num_channels = tls_channels;
+          ip.max_blocks_per_seq = b.max_blocks_per_seq;
+          ip.max_new_tokens = max_q_len_all;
+          ASYNCTLS_RETURN_IF_ERROR(backend->TlsIndexUpdate(ip));
         }
-        kernels::TlsPolicy policy = tls_policy;
-        policy.block_budget = first.block_budget;
-        policy.token_budget = first.token_budget;
-        policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
-        ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, t, run, scale));
-        t += run;
+        if (b.num_prefill > 0) {
+          kernels::PagedPrefillParams pp{};
+          pp.q = Q();
+          pp.cu_q_lens = cu_q_lens.as<int32_t>();
+          pp.k_cache = cache.k_pool(li);
+          pp.v_cache = cache.v_pool(li);
+          pp.block_table = block_table.as<int32_t>();
+          pp.seq_lens = seq_lens.as<int32_t>();
+          pp.out = attn.data();
+          pp.io_dtype = DType::kF32;
+          pp.batch = b.num_prefill;
+          pp.num_tokens = num_prefill_tokens;
+          pp.num_q_heads = H;
+          pp.num_kv_heads = KV;
+          pp.head_dim = hd;
+          pp.max_blocks_per_seq = b.max_blocks_per_seq;
+          pp.max_q_len = max_q_len;
+          pp.scale = scale;
+          ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
+        }
+        // TLS sequences in runs of equal budgets and lag, one selection + attention call per run.
+        for (int t = 0; t < num_tls_decode;) {
+          const ForwardBatch::TlsBudgets& first = b.tls_decode[t];
+          int run = 1;
+          const bool lagged = first.prev_select_len > 0;
+          while (t + run < num_tls_decode &&
+                 b.tls_decode[t + run].block_budget == first.block_budget &&
+                 b.tls_decode[t + run].token_budget == first.token_budget &&
+                 (b.tls_decode[t + run].prev_select_len > 0) == lagged) {
+            ++run;
+          }
+          kernels::TlsPolicy policy = tls_policy;
+          policy.block_budget = first.block_budget;
+          policy.token_budget = first.token_budget;
+          policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
+          ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, t, run, scale));
+          t += run;
+        }
+        if (num_dense_decode > 0) {
+          kernels::PagedDecodeParams dp{};
+          dp.q = Q() + int64_t{num_prefill_tokens} * H * hd;
+          dp.k_cache = cache.k_pool(li);
+          dp.v_cache = cache.v_pool(li);
+          dp.block_table =
+              block_table.as<int32_t>() + int64_t{b.num_prefill} * b.max_blocks_per_seq;
+          dp.seq_lens = seq_lens.as<int32_t>() + b.num_prefill;
+          dp.out = attn.as<float>() + int64_t{num_prefill_tokens} * H * hd;
+          dp.io_dtype = DType::kF32;
+          dp.batch = num_dense_decode;
+          dp.num_q_heads = H;
+          dp.num_kv_heads = KV;
+          dp.head_dim = hd;
+          dp.max_blocks_per_seq = b.max_blocks_per_seq;
+          dp.max_seq_len = max_decode_len;
+          dp.scale = scale;
+          ASYNCTLS_RETURN_IF_ERROR(backend->PagedDecodeAttention(dp));
+        }
+        ASYNCTLS_RETURN_IF_ERROR(
+            gemm(attn.as<float>(), L.wo, nullptr, x.as<float>(), T, c.hidden_size, H * hd, 1.f));
+        ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm(
+            {x.as<float>(), L.ffn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
+        ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.w_gate_up, nullptr, gate_up.as<float>(), T,
+                                      2 * c.ffn_size, c.hidden_size, 0.f));
+        ASYNCTLS_RETURN_IF_ERROR(
+            backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size}));
+        ASYNCTLS_RETURN_IF_ERROR(gemm(act.as<float>(), L.w_down, nullptr, x.as<float>(), T,
+                                      c.hidden_size, c.ffn_size, 1.f));
       }
-      if (num_dense_decode > 0) {
-        kernels::PagedDecodeParams dp{};
-        dp.q = Q() + int64_t{num_prefill_tokens} * H * hd;
-        dp.k_cache = cache.k_pool(li);
-        dp.v_cache = cache.v_pool(li);
-        dp.block_table = block_table.as<int32_t>() + int64_t{b.num_prefill} * b.max_blocks_per_seq;
-        dp.seq_lens = seq_lens.as<int32_t>() + b.num_prefill;
-        dp.out = attn.as<float>() + int64_t{num_prefill_tokens} * H * hd;
-        dp.io_dtype = DType::kF32;
-        dp.batch = num_dense_decode;
-        dp.num_q_heads = H;
-        dp.num_kv_heads = KV;
-        dp.head_dim = hd;
-        dp.max_blocks_per_seq = b.max_blocks_per_seq;
-        dp.max_seq_len = max_decode_len;
-        dp.scale = scale;
-        ASYNCTLS_RETURN_IF_ERROR(backend->PagedDecodeAttention(dp));
+      ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagRows(cache, /*to_slots=*/true, lag_out));
+      if (num_logits == 0) return absl::OkStatus();
+      // Only the rows that sample need the final norm and the LM head.
+      ASYNCTLS_RETURN_IF_ERROR(
+          backend->Embedding({x.data(), logit_rows.as<int32_t>(), gathered.as<float>(), DType::kF32,
+                              num_logits, c.hidden_size, T}));
+      ASYNCTLS_RETURN_IF_ERROR(
+          backend->RmsNorm({gathered.as<float>(), output_norm.f32(), gathered.as<float>(),
+                            num_logits, c.hidden_size, c.rms_eps}));
+      const Weight& head = c.tied_embeddings ? token_embd : output;
+      return gemm(gathered.as<float>(), head, nullptr, logits.as<float>(), num_logits, c.vocab_size,
+                  c.hidden_size, 0.f);
+    };
+    if (graphed) {
+      // The shape: everything the ops' parameters take from the host.
+      std::string key = absl::StrCat(T, "/", num_dense_decode, "/", b.max_blocks_per_seq, "/",
+                                     max_decode_len, "/", num_logits, "/", lag_in, "/", lag_out);
+      for (const ForwardBatch::TlsBudgets& t : b.tls_decode) {
+        absl::StrAppend(&key, "/", t.block_budget, ":", t.token_budget, ":",
+                        t.prev_select_len > 0 ? 1 : 0);
       }
-      ASYNCTLS_RETURN_IF_ERROR(gemm(attn.as<float>(), L.wo, nullptr, x.as<float>(), T, c.hidden_size, H * hd, 1.f));
-      ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({x.as<float>(), L.ffn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
-      ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.w_gate_up, nullptr, gate_up.as<float>(), T, 2 * c.ffn_size, c.hidden_size, 0.f));
-      ASYNCTLS_RETURN_IF_ERROR(backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size}));
-      ASYNCTLS_RETURN_IF_ERROR(gemm(act.as<float>(), L.w_down, nullptr, x.as<float>(), T, c.hidden_size, c.ffn_size, 1.f));
+      ASYNCTLS_RETURN_IF_ERROR(RunOpsInGraph(key, run_ops));
+    } else {
+      ASYNCTLS_RETURN_IF_ERROR(run_ops());
     }
-    ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagState(b, cache, /*to_slots=*/true));
     if (num_logits == 0) return absl::OkStatus();
-    // Only the rows that sample need the final norm and the LM head.
-    ASYNCTLS_RETURN_IF_ERROR(backend->Embedding({x.data(), logit_rows.as<int32_t>(), gathered.as<float>(),
-                                                 DType::kF32, num_logits, c.hidden_size, T}));
-    ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm({gathered.as<float>(), output_norm.f32(), gathered.as<float>(),
-                                               num_logits, c.hidden_size, c.rms_eps}));
-    const Weight& head = c.tied_embeddings ? token_embd : output;
-    ASYNCTLS_RETURN_IF_ERROR(gemm(gathered.as<float>(), head, nullptr, logits.as<float>(), num_logits,
-                                  c.vocab_size, c.hidden_size, 0.f));
     out_logits->resize(static_cast<size_t>(num_logits) * c.vocab_size);
     return backend->CopyToHost(out_logits->data(), logits.data(), out_logits->size() * sizeof(float));
+  }
+
+  // The dense decode's planned length in a graphed forward: the next power of two from 1,024,
+  // within the block table (the kernel reads each sequence's own length; longer plans only add
+  // empty splits).
+  static int DecodeLenBucket(int len, int max_blocks) {
+    int bucket = 1024;
+    while (bucket < len) bucket *= 2;
+    return std::min(bucket, std::max(len, max_blocks * kernels::kKvBlockSize));
+  }
+
+  // Runs `ops` through the backend's graph of shape `key`: the shape's first forward runs them
+  // (every workspace takes its size), the second captures them, later ones replay the graph. A
+  // shape whose capture fails (or a backend without graphs) keeps running them directly; at
+  // most kMaxGraphs shapes are captured.
+  absl::Status RunOpsInGraph(const std::string& key, const std::function<absl::Status()>& ops) {
+    constexpr size_t kMaxGraphs = 64;
+    auto it = graphs.find(key);
+    if (it != graphs.end()) return it->second >= 0 ? backend->LaunchCaptured(it->second) : ops();
+    if (graphs.size() < kMaxGraphs && !graph_shapes_seen.insert(key).second) {
+      absl::StatusOr<int> id = backend->CaptureOps(ops);
+      graphs[key] = id.ok() ? *id : -1;
+      if (id.ok()) return backend->LaunchCaptured(*id);
+      if (!absl::IsUnimplemented(id.status())) {
+        ASYNCTLS_LOG_WARN("model: decode shape ", key,
+                          " runs without a CUDA graph: ", id.status().ToString());
+      }
+    }
+    return ops();
   }
 };
 

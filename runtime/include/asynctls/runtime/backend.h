@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -85,6 +86,19 @@ class Backend {
   virtual absl::Status TlsIndexUpdate(const kernels::TlsIndexUpdateParams& p) = 0;
   virtual absl::Status TlsDecodeSelect(const kernels::TlsDecodeSelectParams& p) = 0;
   virtual absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) = 0;
+
+  // Op sequences recorded once and replayed (CUDA graphs): CaptureOps records the ops `ops`
+  // enqueues without running them and returns the sequence's id; LaunchCaptured runs one. The
+  // ops must not copy from the host nor allocate (the CUDA backend's ops refuse to grow a
+  // scratch while capturing). UNIMPLEMENTED on backends without graphs (the CPU one).
+  virtual absl::StatusOr<int> CaptureOps(const std::function<absl::Status()>& ops) {
+    (void)ops;
+    return absl::UnimplementedError("this backend does not capture op sequences");
+  }
+  virtual absl::Status LaunchCaptured(int id) {
+    (void)id;
+    return absl::UnimplementedError("this backend does not capture op sequences");
+  }
 
   // Converts a host fp32 weight to the dtype the backend's GEMMs read for `preferred`
   // (CPU: always fp32; CUDA: fp32 or bf16) and uploads it.

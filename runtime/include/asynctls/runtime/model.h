@@ -25,6 +25,9 @@ struct ModelLoadOptions {
   kernels::DType weight_dtype = kernels::DType::kF32;
   int32_t max_batch_tokens = 512;  // largest number of tokens in one Forward
   int32_t max_batch_seqs = 64;
+  // Decode-only forwards replay a CUDA graph per batch shape (the backend's CaptureOps; none on
+  // the CPU): the launch gaps between the step's ~600 kernels go.
+  bool cuda_graphs = false;
 };
 
 // One Forward's inputs (host memory). Sequences [0, num_prefill) are prompt chunks, the rest
