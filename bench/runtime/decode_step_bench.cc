@@ -109,6 +109,7 @@ absl::Status BuildTlsIndex(Engine& engine, const ModelConfig& c, const std::vect
     p.channels = d_channels.as<int32_t>();
     p.maybe_token_codes = cache.tls_codes(l);
     p.maybe_token_scales = cache.tls_scales(l);
+    p.maybe_block_scales = cache.tls_block_scales(l);  // null: the bf16 form
     p.batch = batch;
     p.num_kv_heads = c.num_kv_heads;
     p.head_dim = c.head_dim;

@@ -88,46 +88,111 @@ __device__ __forceinline__ void UpdateBf16BlockRow(const TlsIndexUpdateParams& p
   }
 }
 
-// The int8 block index row `index_row` (tls_params.h) rebuilt from the block's first `tokens` K
-// rows (a new scale re-codes the row): a thread per dim keeps the max / min in shared memory,
-// the CTA reduces their absmax, then codes. Ends with the CTA in step (its barriers).
+// ---- int8 block index rows (tls_params.h) ----
+// The reference rebuilds an open block's row from all its K rows at every append (a larger
+// absmax re-codes the row). Codes are monotone in the key at a fixed scale and the scale is
+// monotone in the absmax, so while an append's rows do not raise the scale, taking the max / min
+// of the row's codes and theirs gives the rebuild's codes bit for bit: only appends that raise
+// it (a few per block) read the block's earlier rows again.
+constexpr int kInt8IndexThreads = 256;
 constexpr int kIndexMaxDim = 576;
-__device__ __forceinline__ void RebuildInt8BlockRow(const TlsIndexUpdateParams& p,
-                                                    const uint16_t* block_k, int tokens,
-                                                    int64_t index_row) {
-  __shared__ float mx_s[kIndexMaxDim], mn_s[kIndexMaxDim];
-  __shared__ uint32_t absmax_bits;
-  if (threadIdx.x == 0) absmax_bits = 0u;
-  __syncthreads();
-  uint32_t local = 0u;  // |x| >= 0 orders as its bits
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    float mx = Bf16BitsToFloat(block_k[d]), mn = mx;
-    for (int t = 1; t < tokens; ++t) {
-      const float v = Bf16BitsToFloat(block_k[int64_t{t} * p.head_dim + d]);
-      mx = fmaxf(mx, v);
-      mn = fminf(mn, v);
+constexpr int kIndexVec = 8;  // dims per 16-byte K load
+
+struct Int8RowShared {
+  float mx[kIndexMaxDim], mn[kIndexMaxDim];  // the rows' per-dim max / min
+  // Per (row lane, dim) partials: lanes * head_dim <= threads * kIndexVec.
+  float part_mx[kInt8IndexThreads * kIndexVec], part_mn[kInt8IndexThreads * kIndexVec];
+  uint32_t absmax_bits[2];  // of the appended rows, then of the earlier ones (|x| orders as bits)
+};
+
+// Per-dim max / min (TlsBlockIndexMax / Min) of K rows [r0, r1) of a block (`k`: its row 0), into
+// sh.mx / sh.mn, or merged with them when `merge`; their absmax (NaNs skipped) into
+// sh.absmax_bits[slot]. Thread t loads dim vector t % cols of rows t / cols, + lanes, ..., so each
+// thread has several independent 16-byte loads in flight (one thread per dim walked a chain of up
+// to 64 dependent loads); the lanes' partials meet in shared memory. Ends with the CTA in step.
+__device__ void BlockRowsMaxMin(const uint16_t* k, int head_dim, int r0, int r1, bool merge,
+                                int slot, Int8RowShared& sh) {
+  const int cols = head_dim / kIndexVec, lanes = blockDim.x / cols;
+  const int col = threadIdx.x % cols, lane = threadIdx.x / cols;
+  uint32_t local = 0u;
+  if (lane < lanes) {
+    float mx[kIndexVec], mn[kIndexVec];
+#pragma unroll
+    for (int i = 0; i < kIndexVec; ++i) {
+      mx[i] = -INFINITY;  // identities of TlsBlockIndexMax / Min
+      mn[i] = INFINITY;
     }
-    mx_s[d] = mx;
-    mn_s[d] = mn;
-    local = max(local, max(__float_as_uint(fabsf(mx)), __float_as_uint(fabsf(mn))));
+#pragma unroll 8
+    for (int r = r0 + lane; r < r1; r += lanes) {
+      const uint4 w = *reinterpret_cast<const uint4*>(k + int64_t{r} * head_dim + col * kIndexVec);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < kIndexVec; ++i) {
+        const float v =
+            __uint_as_float(i % 2 == 0 ? words[i / 2] << 16 : words[i / 2] & 0xffff0000u);
+        mx[i] = TlsBlockIndexMax(mx[i], v);
+        mn[i] = TlsBlockIndexMin(mn[i], v);
+        local = max(local, __float_as_uint(TlsBlockIndexAbs(v)));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kIndexVec; ++i) {
+      sh.part_mx[lane * head_dim + col * kIndexVec + i] = mx[i];
+      sh.part_mn[lane * head_dim + col * kIndexVec + i] = mn[i];
+    }
   }
   local = __reduce_max_sync(0xffffffffu, local);
-  if ((threadIdx.x & 31) == 0) atomicMax(&absmax_bits, local);
+  if ((threadIdx.x & 31) == 0) atomicMax(&sh.absmax_bits[slot], local);
   __syncthreads();
-  const float scale = TlsBlockIndexScale(__uint_as_float(absmax_bits));
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float mx = merge ? sh.mx[d] : sh.part_mx[d], mn = merge ? sh.mn[d] : sh.part_mn[d];
+    for (int l = merge ? 0 : 1; l < lanes; ++l) {
+      mx = TlsBlockIndexMax(mx, sh.part_mx[l * head_dim + d]);
+      mn = TlsBlockIndexMin(mn, sh.part_mn[l * head_dim + d]);
+    }
+    sh.mx[d] = mx;
+    sh.mn[d] = mn;
+  }
+  __syncthreads();
+}
+
+// The int8 row `index_row` after K rows [r0, r1) of its block were appended (`fresh`: r0 opens
+// the block): their codes merged into the row when they keep its scale, else the row rebuilt from
+// rows [0, r1).
+__device__ __forceinline__ void UpdateInt8BlockRow(const TlsIndexUpdateParams& p,
+                                                   const uint16_t* block_k, int r0, int r1,
+                                                   bool fresh, int64_t index_row) {
+  __shared__ Int8RowShared sh;
+  if (threadIdx.x < 2) sh.absmax_bits[threadIdx.x] = 0u;
+  __syncthreads();
+  BlockRowsMaxMin(block_k, p.head_dim, r0, r1, /*merge=*/false, 0, sh);
   int8_t* kmax = static_cast<int8_t*>(p.block_kmax) + index_row * p.head_dim;
   int8_t* kmin = static_cast<int8_t*>(p.block_kmin) + index_row * p.head_dim;
+  if (!fresh) {
+    const float row_scale = p.maybe_block_scales[index_row];
+    if (TlsBlockIndexScale(__uint_as_float(sh.absmax_bits[0])) <= row_scale) {
+      for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+        kmax[d] = static_cast<int8_t>(max(int{kmax[d]}, TlsBlockMaxCode(sh.mx[d], row_scale)));
+        kmin[d] = static_cast<int8_t>(min(int{kmin[d]}, TlsBlockMinCode(sh.mn[d], row_scale)));
+      }
+      return;
+    }
+    BlockRowsMaxMin(block_k, p.head_dim, 0, r0, /*merge=*/true, 1, sh);
+  }
+  const float scale =
+      TlsBlockIndexScale(__uint_as_float(max(sh.absmax_bits[0], sh.absmax_bits[1])));
   for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    kmax[d] = static_cast<int8_t>(TlsBlockMaxCode(mx_s[d], scale));
-    kmin[d] = static_cast<int8_t>(TlsBlockMinCode(mn_s[d], scale));
+    kmax[d] = static_cast<int8_t>(TlsBlockMaxCode(sh.mx[d], scale));
+    kmin[d] = static_cast<int8_t>(TlsBlockMinCode(sh.mn[d], scale));
   }
   if (threadIdx.x == 0) p.maybe_block_scales[index_row] = scale;
 }
 
-// grid (touched block slots, num_kv_heads, batch). Block index over the head dims, then one
-// warp per token for the token index.
-template <int NC>
-__global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdateParams p) {
+// grid (touched block slots, num_kv_heads, batch), kIndexThreads (INT8: kInt8IndexThreads) per
+// CTA. Block index over the head dims, then one warp per token for the token index.
+template <int NC, bool INT8>
+__global__ void __launch_bounds__(INT8 ? kInt8IndexThreads : kIndexThreads)
+    IndexUpdateKernel(TlsIndexUpdateParams p) {
   const int b = blockIdx.z, g = blockIdx.y;
   const int begin = p.start_pos[b], end = p.seq_lens[b];
   if (begin >= end) return;
@@ -140,9 +205,9 @@ __global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdat
   const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
   const int64_t kbase = ((pool_block * p.num_kv_heads + g) * kKvBlockSize) * p.head_dim;
   const bool fresh = tok_lo % kKvBlockSize == 0;
-  if (p.maybe_block_scales != nullptr) {
-    RebuildInt8BlockRow(p, k_cache + kbase, tok_hi - logical * kKvBlockSize,
-                        row * p.num_kv_heads + g);
+  if constexpr (INT8) {
+    UpdateInt8BlockRow(p, k_cache + kbase, tok_lo - logical * kKvBlockSize,
+                       tok_hi - logical * kKvBlockSize, fresh, row * p.num_kv_heads + g);
   } else {
     UpdateBf16BlockRow(p, k_cache + kbase, tok_lo, tok_hi, fresh, row * p.num_kv_heads + g);
   }
@@ -151,7 +216,7 @@ __global__ void __launch_bounds__(kIndexThreads) IndexUpdateKernel(TlsIndexUpdat
     constexpr int kPerLane = (NC + 31) / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int32_t* channels = p.channels + int64_t{g} * NC;
-    for (int t = tok_lo + warp; t < tok_hi; t += kIndexThreads / 32) {
+    for (int t = tok_lo + warp; t < tok_hi; t += blockDim.x / 32) {
       const int64_t krow = kbase + int64_t{t % kKvBlockSize} * p.head_dim;
       float v[kPerLane];
       float absmax = 0.f;
@@ -183,7 +248,11 @@ template <int NC>
 cudaError_t LaunchIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
   const int slots = (p.max_new_tokens + kKvBlockSize - 1) / kKvBlockSize + 1;
   const dim3 grid(slots, p.num_kv_heads, p.batch);
-  IndexUpdateKernel<NC><<<grid, kIndexThreads, 0, stream>>>(p);
+  if (p.maybe_block_scales != nullptr) {
+    IndexUpdateKernel<NC, true><<<grid, kInt8IndexThreads, 0, stream>>>(p);
+  } else {
+    IndexUpdateKernel<NC, false><<<grid, kIndexThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -215,7 +284,10 @@ cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream) {
 cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream) {
   if (p.batch <= 0 || p.max_new_tokens <= 0) return cudaSuccess;
   if (p.head_dim <= 0 || p.num_kv_heads <= 0) return cudaErrorInvalidValue;
-  if (p.maybe_block_scales != nullptr && p.head_dim > kIndexMaxDim) return cudaErrorInvalidValue;
+  if (p.maybe_block_scales != nullptr &&
+      (p.head_dim > kIndexMaxDim || p.head_dim % kIndexVec != 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.maybe_token_codes == nullptr) return LaunchIndexUpdate<0>(p, stream);
   switch (p.num_channels) {
     case 16:

@@ -71,17 +71,15 @@ void RebuildInt8BlockRows(const TlsIndexUpdateParams& p, int b, int begin, int e
     const int64_t row = p.index_table[int64_t{b} * p.max_blocks_per_seq + logical];
     const int tokens = std::min(end - logical * kKvBlockSize, kKvBlockSize);
     for (int g = 0; g < p.num_kv_heads; ++g) {
+      float absmax = 0.f;
       for (int t = 0; t < tokens; ++t) {
         const int64_t koff = PoolOffset(pool_block, g, t, p.num_kv_heads, p.head_dim);
         for (int d = 0; d < p.head_dim; ++d) {
           const float v = Bf16ToFloat(k_cache[koff + d]);
-          mx[d] = t == 0 ? v : std::max(mx[d], v);
-          mn[d] = t == 0 ? v : std::min(mn[d], v);
+          mx[d] = t == 0 ? v : TlsBlockIndexMax(mx[d], v);
+          mn[d] = t == 0 ? v : TlsBlockIndexMin(mn[d], v);
+          absmax = std::max(absmax, TlsBlockIndexAbs(v));
         }
-      }
-      float absmax = 0.f;
-      for (int d = 0; d < p.head_dim; ++d) {
-        absmax = std::max({absmax, std::fabs(mx[d]), std::fabs(mn[d])});
       }
       const float scale = TlsBlockIndexScale(absmax);
       const int64_t ioff = (row * p.num_kv_heads + g) * p.head_dim;

@@ -147,38 +147,56 @@ TEST(TlsIndexGpuTest, BuildAndAppendMatchReference) {
 }
 
 // The int8 block index (tls_params.h): built at once and appended token by token and in
-// chunks, its codes and scales equal the reference's (MakeInt8BlockIndex) bit for bit.
+// chunks (one starting mid-block and spanning three), its codes and scales equal the reference's
+// (MakeInt8BlockIndex) bit for bit, whether an append's codes merge into the row or re-code it;
+// with the token index in the same launch. The last shape plants zero and NaN keys.
 TEST(TlsIndexGpuTest, Int8BlockIndexMatchesReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
-  const std::vector<IndexShape> shapes = {
-      {{1, 17, 64, 97, 200}, 9, 3, 64, 32, false},
-      {{65, 300, 1}, 8, 2, 128, 32, false},
-      {{97, 250}, 16, 1, 576, 128, true},
+  struct Shape {
+    IndexShape s;
+    bool plant;  // PlantInt8EdgeKeys (c's token index then no longer matches: not compared)
+  };
+  const std::vector<Shape> shapes = {
+      {{{1, 17, 64, 97, 200}, 9, 3, 64, 32, false}, false},
+      {{{65, 300, 1}, 8, 2, 128, 32, false}, false},
+      {{{97, 250}, 16, 1, 576, 128, true}, false},
+      {{{200, 90}, 8, 2, 128, 32, false}, true},
   };
   testing::Reseed(103);
-  for (const IndexShape& s : shapes) {
-    SCOPED_TRACE(::testing::Message() << "dim " << s.dim);
-    const testing::TlsCase c =
-        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, DType::kF32, s.mla);
+  for (const Shape& shape : shapes) {
+    const IndexShape& s = shape.s;
+    SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " plant " << shape.plant);
+    testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, DType::kF32, s.mla);
+    if (shape.plant) testing::PlantInt8EdgeKeys(c);
     const testing::Int8BlockIndex want = testing::MakeInt8BlockIndex(c);
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
-    for (int chunk : {0, 1, 23}) {  // 0: one-shot build; else appends of `chunk` tokens
+    for (int chunk : {0, 1, 23, 130}) {  // 0: one-shot build; else appends of `chunk` tokens
+      SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
       DeviceBuffer kmax, kmin, scales;
       ASSERT_CUDA(kmax.Upload(std::vector<int8_t>(want.kmax.size(), 0x55)));
       ASSERT_CUDA(kmin.Upload(std::vector<int8_t>(want.kmin.size(), 0x55)));
       ASSERT_CUDA(scales.Upload(
           std::vector<float>(want.scales.size(), std::numeric_limits<float>::quiet_NaN())));
+      ASSERT_CUDA(d.codes.Upload(std::vector<uint8_t>(c.codes.size(), 0xff)));
       TlsIndexUpdateParams u{};
       u.block_kmax = kmax.get();
       u.block_kmin = kmin.get();
       u.maybe_block_scales = scales.as<float>();
+      if (!shape.plant) {
+        u.channels = d.channels.as<int32_t>();
+        u.maybe_token_codes = d.codes.as<uint8_t>();
+        u.maybe_token_scales = d.scales.as<float>();
+        u.num_channels = c.num_channels;
+      }
       ASSERT_NO_FATAL_FAILURE(UpdateInChunks(c, d, chunk, u));
       ASSERT_CUDA(cudaDeviceSynchronize());
-      SCOPED_TRACE(::testing::Message() << "chunk " << chunk);
       ExpectBitEqual(Download<int8_t>(kmax, want.kmax.size()), want.kmax, "int8 kmax");
       ExpectBitEqual(Download<int8_t>(kmin, want.kmin.size()), want.kmin, "int8 kmin");
       ExpectBitEqual(Download<float>(scales, want.scales.size()), want.scales, "block scales");
+      if (!shape.plant) {
+        ExpectBitEqual(Download<uint8_t>(d.codes, c.codes.size()), c.codes, "codes");
+      }
     }
   }
 }

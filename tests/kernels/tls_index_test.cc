@@ -254,6 +254,51 @@ TEST(TlsIndexTest, Int8IncrementalEqualsBuild) {
   }
 }
 
+// Zero and NaN keys (PlantInt8EdgeKeys): appended in steps, the rows equal one build's; a NaN
+// key's dim codes to +-127, a block of zero keys so far has scale 0, and NaNs leave the scale.
+TEST(TlsIndexTest, Int8ZeroAndNanKeys) {
+  testing::Reseed(19);
+  TlsCase c = MakeTlsCase({150, 90}, 4, 2, 64, 16, DType::kF32);
+  testing::PlantInt8EdgeKeys(c);
+  const testing::Int8BlockIndex once = testing::MakeInt8BlockIndex(c);
+  EXPECT_EQ(testing::MakeInt8BlockIndex(c, {1, 1, 1, 1, 60, 1, 1, 1, 2, 1, 3, 100}).kmax,
+            once.kmax);
+  const testing::Int8BlockIndex steps = testing::MakeInt8BlockIndex(c, {64, 1, 1, 1, 1, 100});
+  EXPECT_EQ(steps.kmax, once.kmax);
+  EXPECT_EQ(steps.kmin, once.kmin);
+  auto row = [&](int b, int blk, int g) {
+    return size_t(c.index_table[size_t(b) * c.max_blocks_per_seq() + blk]) * c.num_kv_heads + g;
+  };
+  EXPECT_EQ(once.kmax[row(0, 0, 0) * c.head_dim + 3], 127);
+  EXPECT_EQ(once.kmin[row(0, 0, 0) * c.head_dim + 3], -127);
+  EXPECT_EQ(once.kmax[row(0, 1, 1) * c.head_dim + c.head_dim - 1], 127);
+  EXPECT_EQ(once.kmin[row(1, 1, 0) * c.head_dim], -127);
+  for (size_t i = 0; i < once.scales.size(); ++i) {
+    if (!std::isnan(once.scales[i])) EXPECT_EQ(steps.scales[i], once.scales[i]) << i;
+  }
+  EXPECT_GT(once.scales[row(0, 1, 0)], 0.f);  // re-coded after its zero keys
+  EXPECT_FALSE(std::isnan(once.scales[row(0, 0, 0)]));
+  // Three zero keys alone: scale 0, every code 0.
+  const testing::Int8BlockIndex zeros = testing::MakeInt8BlockIndex(c, {64, 1, 1, 1});
+  EXPECT_EQ(zeros.scales[row(0, 1, 0)], 0.f);
+  EXPECT_EQ(zeros.kmax[row(0, 1, 0) * c.head_dim], 0);
+}
+
+TEST(TlsMathTest, BlockIndexNanKeysGetTheWidestCodes) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(TlsBlockMaxCode(nan, 1.f), 127);
+  EXPECT_EQ(TlsBlockMinCode(nan, 1.f), -127);
+  EXPECT_EQ(TlsBlockMaxCode(nan, 0.f), 127);
+  EXPECT_TRUE(std::isnan(TlsBlockIndexMax(nan, 1.f)));
+  EXPECT_TRUE(std::isnan(TlsBlockIndexMax(1.f, nan)));
+  EXPECT_TRUE(std::isnan(TlsBlockIndexMin(nan, 1.f)));
+  EXPECT_TRUE(std::isnan(TlsBlockIndexMin(1.f, nan)));
+  EXPECT_EQ(TlsBlockIndexMax(-INFINITY, 2.f), 2.f);  // the GPU's identities
+  EXPECT_EQ(TlsBlockIndexMin(INFINITY, 2.f), 2.f);
+  EXPECT_EQ(TlsBlockIndexAbs(nan), 0.f);
+  EXPECT_EQ(TlsBlockIndexAbs(-3.f), 3.f);
+}
+
 TEST(TlsMathTest, BlockIndexCodesRoundOutward) {
   EXPECT_EQ(TlsBlockIndexScale(127.f), 1.f);
   EXPECT_EQ(TlsBlockIndexScale(0.f), 0.f);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <vector>
 
@@ -146,6 +147,26 @@ inline Int8BlockIndex MakeInt8BlockIndex(const TlsCase& c, const std::vector<int
   return x;
 }
 
+// Keys the int8 block index must code exactly like the reference (planted after MakeTlsCase, so
+// c's bf16 and token indices no longer match them): sequence 0's second block opens with three
+// all-zero keys in every head (a row of scale 0, then merged at scale 0, then re-coded), and NaN
+// keys (their dims code to +-127) in sequence 0's first and second blocks and at the last
+// sequence's last position. Sequence 0 must hold more than 70 tokens.
+inline void PlantInt8EdgeKeys(TlsCase& c) {
+  auto set = [&](int b, int pos, int g, int d, float v) {
+    c.kv.k[c.kv.Offset(b, pos, g) + d] = FloatToBf16(v);
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int pos = 64; pos < 67; ++pos) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      for (int d = 0; d < c.head_dim; ++d) set(0, pos, g, d, 0.f);
+    }
+  }
+  set(0, 5, 0, 3, nan);
+  set(0, 70, c.num_kv_heads - 1, c.head_dim - 1, nan);
+  set(c.batch - 1, c.seq_lens().back() - 1, 0, 0, nan);
+}
+
 // Rows of a [rows, stride] positions buffer as sets, for exact comparisons.
 inline std::vector<std::vector<int32_t>> Rows(const std::vector<int32_t>& data,
                                               const std::vector<int32_t>& counts, int stride) {
@@ -273,6 +294,7 @@ struct DeviceSelectRun {
     params.channels = d.channels.as<int32_t>();
     params.token_codes = d.codes.as<uint8_t>();
     params.token_scales = d.scales.as<float>();
+    params.maybe_block_scales = nullptr;  // `d` holds the bf16 index; callers set an int8 one
     params.prev_blocks = p.prev_blocks ? prev_blocks.as<int32_t>() : nullptr;
     params.prev_num_blocks = p.prev_num_blocks ? prev_num_blocks.as<int32_t>() : nullptr;
     params.prev_select_lens = p.prev_select_lens ? prev_select_lens.as<int32_t>() : nullptr;

@@ -163,9 +163,12 @@ ASYNCTLS_HD float TlsBlockIndexScale(float absmax) {
   return s;
 }
 
-// kmax's code: the smallest c with c * scale >= x, in [-127, 127]; 0 for scale 0. It is
-// ceil(x / scale), or one more where the quotient rounded down past an integer.
+// kmax's code: the smallest c with c * scale >= x, in [-127, 127]; 0 for scale 0; 127 for a NaN
+// key (the widest bound: no block is dropped on a NaN). It is ceil(x / scale), or one more where
+// the quotient rounded down past an integer. Monotone in x at a fixed scale, as the scale is in
+// the absmax, which lets the GPU merge an append's codes into a row whose scale it keeps.
 ASYNCTLS_HD int TlsBlockMaxCode(float x, float scale) {
+  if (x != x) return 127;
   if (!(scale > 0.f)) return 0;
 #if defined(__CUDA_ARCH__)
   float c = ceilf(TlsDiv(x, scale));
@@ -179,6 +182,13 @@ ASYNCTLS_HD int TlsBlockMaxCode(float x, float scale) {
 
 // kmin's code: the largest c with c * scale <= x (the mirror image).
 ASYNCTLS_HD int TlsBlockMinCode(float x, float scale) { return -TlsBlockMaxCode(-x, scale); }
+
+// A block's per-dim max / min over its keys for the int8 rows: a NaN key propagates (and codes
+// to the widest bound), whatever the order. The row's absmax skips NaNs (TlsBlockIndexAbs).
+ASYNCTLS_HD float TlsBlockIndexMax(float a, float b) { return a < b || b != b ? b : a; }
+ASYNCTLS_HD float TlsBlockIndexMin(float a, float b) { return b < a || b != b ? b : a; }
+// |x| for the row's absmax, 0 for a NaN.
+ASYNCTLS_HD float TlsBlockIndexAbs(float x) { return x != x ? 0.f : (x < 0.f ? -x : x); }
 
 // ---- Token scores over the group's heads -------------------------------------------------
 // alpha = sum over the group's heads h of e_h * inv_h (e_h: the candidate's exp for head h,

@@ -35,11 +35,12 @@
 //                nothing). Rows of the open block cover the tokens appended so far.
 //     int8 form (maybe_block_scales set): kmax, kmin int8 codes of the same shape and one fp32
 //       scale per row and KV head, scales [num_index_rows, num_kv_heads]:
-//       scale = TlsBlockIndexScale(the largest |max| or |min| of the row), codes rounded outward
-//       (TlsBlockMaxCode / TlsBlockMinCode: code * scale >= max, <= min), so the block score stays
-//       an upper bound. Half the bytes of the bf16 form; accuracy-neutral in
-//       bench/results/tls-accuracy.md (k). The open block's row is rebuilt from its K rows at
-//       every append (a new scale re-codes the row).
+//       scale = TlsBlockIndexScale(the largest |key| of the block, NaNs skipped), codes rounded
+//       outward (TlsBlockMaxCode / TlsBlockMinCode: code * scale >= max, <= min; a NaN key's
+//       dim gets +-127), so the block score stays an upper bound. Half the bytes of the bf16
+//       form; accuracy-neutral in bench/results/tls-accuracy.md (k). The open block's row is
+//       that of all its K rows after every append (a new scale re-codes the row). CUDA needs
+//       head_dim a multiple of 8, at most 576.
 //   token index: codes  uint8 [num_index_rows, num_kv_heads, 64, num_channels / 2]
 //                scales fp32  [num_index_rows, num_kv_heads, 64]
 //                channels int32 [num_kv_heads, num_channels]: the calibrated set C, ascending.
