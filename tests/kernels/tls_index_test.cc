@@ -1,7 +1,9 @@
 // CPU tests of the TLS reference index ops: calibration, block index, INT4 token index.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -282,6 +284,57 @@ TEST(TlsIndexTest, Int8ZeroAndNanKeys) {
   const testing::Int8BlockIndex zeros = testing::MakeInt8BlockIndex(c, {64, 1, 1, 1});
   EXPECT_EQ(zeros.scales[row(0, 1, 0)], 0.f);
   EXPECT_EQ(zeros.kmax[row(0, 1, 0) * c.head_dim], 0);
+}
+
+// The GPU's int8 row update (tls_index.cu): an append whose keys keep the row's scale takes the
+// max / min of the row's codes and theirs; one that raises it re-codes the row from all its keys.
+// Over random appends (magnitudes that grow, shrink and jump, zero and NaN keys) that equals
+// re-coding from all keys every time, as the reference does.
+TEST(TlsMathTest, Int8RowMergeWhileTheScaleHoldsEqualsRecoding) {
+  std::mt19937 rng(20);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  constexpr int kDim = 16;
+  int merged = 0, recoded = 0;
+  for (int block = 0; block < 400; ++block) {
+    std::vector<float> mx(kDim), mn(kDim);  // of all keys so far
+    std::vector<int> cmax(kDim), cmin(kDim);
+    float absmax = 0.f, scale = 0.f;
+    for (int t = 0; t < kKvBlockSize; ++t) {
+      const float mag = std::ldexp(1.f, static_cast<int>(rng() % 24) - 12);
+      std::vector<float> key(kDim);
+      float key_absmax = 0.f;
+      for (int d = 0; d < kDim; ++d) {
+        const unsigned r = rng() % 200;
+        key[d] = r == 0 ? std::numeric_limits<float>::quiet_NaN()
+                        : (r < 20 ? 0.f : Bf16ToFloat(FloatToBf16(uni(rng) * mag)));
+        key_absmax = std::max(key_absmax, TlsBlockIndexAbs(key[d]));
+        mx[d] = t == 0 ? key[d] : TlsBlockIndexMax(mx[d], key[d]);
+        mn[d] = t == 0 ? key[d] : TlsBlockIndexMin(mn[d], key[d]);
+      }
+      absmax = std::max(absmax, key_absmax);
+      if (t > 0 && TlsBlockIndexScale(key_absmax) <= scale) {
+        ++merged;
+        for (int d = 0; d < kDim; ++d) {
+          cmax[d] = std::max(cmax[d], TlsBlockMaxCode(key[d], scale));
+          cmin[d] = std::min(cmin[d], TlsBlockMinCode(key[d], scale));
+        }
+      } else {
+        ++recoded;
+        scale = TlsBlockIndexScale(absmax);
+        for (int d = 0; d < kDim; ++d) {
+          cmax[d] = TlsBlockMaxCode(mx[d], scale);
+          cmin[d] = TlsBlockMinCode(mn[d], scale);
+        }
+      }
+      ASSERT_EQ(scale, TlsBlockIndexScale(absmax)) << block << " " << t;
+      for (int d = 0; d < kDim; ++d) {
+        ASSERT_EQ(cmax[d], TlsBlockMaxCode(mx[d], scale)) << block << " " << t << " " << d;
+        ASSERT_EQ(cmin[d], TlsBlockMinCode(mn[d], scale)) << block << " " << t << " " << d;
+      }
+    }
+  }
+  EXPECT_GT(merged, 10000);
+  EXPECT_GT(recoded, 1000);
 }
 
 TEST(TlsMathTest, BlockIndexNanKeysGetTheWidestCodes) {
