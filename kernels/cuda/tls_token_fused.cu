@@ -197,13 +197,14 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
 // the bin after two 11-bit passes; a third pass ran in 20-80% of rows).
 constexpr int kSelectGatherMax = 16;
 
-// Rank r's pushed bin keys, (key << 32) | position, in the group-sum slot `slot` of the pass
-// that does not run (its last readers finished before the current pass's cluster barrier):
-// kFusedWarps ints per rank, room for kSelectGatherMax keys.
+// Rank r's pushed bin keys, TlsSelectKey(alpha, position) = (key << 32) | ~position, in the
+// group-sum slot `slot` of the pass that does not run (its last readers finished before the
+// current pass's cluster barrier): kFusedWarps ints per rank, room for kSelectGatherMax keys.
 template <int ITEMS>
 __device__ __forceinline__ uint64_t* GatheredBin(ClusterSelectShared<ITEMS>& sh, int slot, int r) {
   static_assert(kFusedWarps * sizeof(int) >= kSelectGatherMax * sizeof(uint64_t),
                 "a rank's bin keys fit its group-sum row");
+  static_assert(kSelectGatherMax <= 32, "the ranking takes one gathered key per lane");
   return reinterpret_cast<uint64_t*>(sh.peer_group_sum[slot][r]);
 }
 

@@ -496,9 +496,10 @@ TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
 }
 
 // The token top-k where the passes stop on a small bin and the ranks rank its few keys
-// (GatheredBin): a quarter of the tokens copy another token of their block, so equal alphas are
-// scattered over the row and many budgets cut through a pair of them. MLA rows of 16 heads (8
-// rows: the kernel with its exps in shared memory on the H200), 64 heads and GQA.
+// (GatheredBin): a quarter of the tokens copy another token of their sequence, half of them one
+// of their block, half one anywhere in the sequence, so equal alphas lie in one warp, across
+// warps and across the cluster's ranks, and many budgets cut through a pair of them. MLA rows of
+// 16 heads (8 rows: the kernel with its exps in shared memory on the H200), 64 heads and GQA.
 TEST(TlsSelectGpuTest, TokenTopKScatteredTiesMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(205);
@@ -513,12 +514,20 @@ TEST(TlsSelectGpuTest, TokenTopKScatteredTiesMatchReference) {
     const size_t code_bytes = size_t(s.nc) / 2;
     const std::vector<uint8_t> codes = c.codes;
     const std::vector<float> scales = c.scales;
-    for (int r = 0; r < c.num_index_rows; ++r) {
+    auto slot = [&](int b, int pos, int h) {  // token-index slot of (sequence, position, head)
+      const size_t row = c.index_table[size_t(b) * c.max_blocks_per_seq() + pos / kKvBlockSize];
+      return (row * c.num_kv_heads + h) * kKvBlockSize + pos % kKvBlockSize;
+    };
+    for (int b = 0; b < c.batch; ++b) {
+      const int len = c.seq_lens()[b];
       for (int h = 0; h < c.num_kv_heads; ++h) {
-        const size_t base = (size_t(r) * c.num_kv_heads + h) * kKvBlockSize;
-        for (int t = 0; t < kKvBlockSize; ++t) {
+        for (int pos = 0; pos < len; ++pos) {
           if (rng() % 4 != 0) continue;
-          const size_t src = base + rng() % kKvBlockSize, dst = base + t;
+          const int block_start = pos / kKvBlockSize * kKvBlockSize;
+          const int from = rng() % 2
+                               ? block_start + rng() % std::min(kKvBlockSize, len - block_start)
+                               : rng() % len;
+          const size_t src = slot(b, from, h), dst = slot(b, pos, h);
           c.scales[dst] = scales[src];
           std::memcpy(&c.codes[dst * code_bytes], &codes[src * code_bytes], code_bytes);
         }
