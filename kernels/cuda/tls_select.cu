@@ -70,12 +70,20 @@ __device__ __forceinline__ float BoundValue(int8_t code) { return static_cast<fl
 template <typename Code>
 using BoundVec = std::conditional_t<sizeof(Code) == 2, uint4, uint2>;
 
-// Shared-memory bytes of the teams' kmax / kmin slots: per team the block's two rows in order
-// (2 * 8 * WIDTH / 8 vectors); lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of
-// one 16-byte read start 9 vectors apart (MLA) and hit distinct banks.
+// Vectors of one team's kmax / kmin slots: the block's two rows in order (2 * 8 * WIDTH / 8);
+// lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of one read start 9 vectors
+// apart (MLA) and hit distinct banks. A 16-byte read is served per quarter warp, one team; an
+// 8-byte one (int8 rows) per half warp, two teams, whose slots 8 vectors of padding put on
+// distinct banks (1,152 bytes apart they would share them).
+template <int WIDTH, typename Code>
+constexpr int ScoreTeamSlotVecs() {
+  return 16 * (WIDTH / 8) + (sizeof(Code) == 1 ? 8 : 0);
+}
+
+// Shared-memory bytes of the teams' slots.
 template <int WIDTH, bool SLOTTED, typename Code>
 constexpr int ScoreSlotBytes() {
-  return SLOTTED ? 2 * (WIDTH / 8) * kScoreThreads * int(sizeof(BoundVec<Code>)) : 0;
+  return SLOTTED ? kScoreTeams * ScoreTeamSlotVecs<WIDTH, Code>() * int(sizeof(BoundVec<Code>)) : 0;
 }
 
 // Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each).
@@ -230,8 +238,8 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   constexpr bool kInt8 = sizeof(Code) == 1;
   const Code* kmax = static_cast<const Code*>(p.block_kmax);
   const Code* kmin = static_cast<const Code*>(p.block_kmin);
-  BoundVec<Code>* slots =
-      reinterpret_cast<BoundVec<Code>*>(q_sum + 2 * p.head_dim) + team * 16 * (WIDTH / 8);
+  BoundVec<Code>* slots = reinterpret_cast<BoundVec<Code>*>(q_sum + 2 * p.head_dim) +
+                          team * ScoreTeamSlotVecs<WIDTH, Code>();
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
 #pragma unroll
   for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
