@@ -61,8 +61,9 @@ std::vector<SelectShape> Shapes() {
       {{6600, 300, 6100, 2000, 6400, 900, 6300, 5000}, 128, 1, 576, 128, DType::kBF16, true},
       {{6500, 6600, 1200, 6200, 64, 6000, 3000, 6400}, 64, 1, 576, 128, DType::kBF16, true},
       // MLA with a 64-channel token index (its own staged-row swizzle): one cluster per row at
-      // G = 16, two per row at G = 128.
+      // G = 16 (8 rows: with the exps in shared memory), two per row at G = 128.
       {{2500, 333}, 16, 1, 576, 64, DType::kBF16, true},
+      {{6600, 6500, 300, 6100, 2000, 6400, 900, 6300}, 16, 1, 576, 64, DType::kBF16, true},
       {{6600, 300, 6100, 2000, 6400, 900, 6300, 5000}, 128, 1, 576, 64, DType::kBF16, true},
   };
 }
