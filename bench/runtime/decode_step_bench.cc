@@ -283,6 +283,12 @@ int Main(int argc, char** argv) {
     release.releases = all;
     (void)engine.Step(release);
   }
+  if (cuda_graphs) {  // a step whose capture failed ran op by op: say so beside the times
+    const DecodeGraphStats g = engine.graph_stats();
+    std::printf("# cuda graphs: %lld captured, %lld replays, %lld capture failures, %lld evicted\n",
+                static_cast<long long>(g.captures), static_cast<long long>(g.replays),
+                static_cast<long long>(g.capture_failures), static_cast<long long>(g.evictions));
+  }
   json += "]\n";
   if (!json_path.empty()) std::ofstream(json_path) << json;
   return 0;

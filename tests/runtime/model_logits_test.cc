@@ -100,19 +100,36 @@ TEST_F(SmolLm2Test, GreedyContinuationNamesParis) {
 }
 
 // EngineOptions::cuda_graphs on the CPU backend, which captures nothing: decode steps run op by
-// op (the shape's capture is refused once, then never tried again) and give the same tokens.
+// op exactly as without the option (same logits, bit for bit) and no graph is ever tried.
 TEST_F(SmolLm2Test, CudaGraphsOptionRunsOpByOpOnTheCpu) {
   EngineOptions options;
   options.device = "cpu";
+  options.keep_logits = true;
   options.kv_cache_bytes = int64_t{64} << 20;
   options.cuda_graphs = true;
   auto graphed = Engine::Create(*weights_, options);
   ASSERT_TRUE(graphed.ok()) << graphed.status();
   const std::vector<int32_t> prompt = Ids(testing::LoadReference()["cases"][0]["token_ids"]);
-  auto a = testing::Greedy(*engine_, prompt, 6);
-  auto b = testing::Greedy(**graphed, prompt, 6);
-  ASSERT_TRUE(a.ok() && b.ok());
-  EXPECT_EQ(*b, *a);
+  const uint64_t seq = 60;
+  auto sampled = testing::StepBoth(*engine_, **graphed, testing::PrefillPlan({seq}, prompt));
+  ASSERT_TRUE(sampled.ok()) << sampled.status();
+  for (int step = 0; step < 6; ++step) {
+    StepPlan plan;
+    plan.decodes.push_back(
+        {seq, sampled->at(0).token, static_cast<int32_t>(prompt.size()) + step, {}, false});
+    sampled = testing::StepBoth(*engine_, **graphed, plan);
+    ASSERT_TRUE(sampled.ok()) << "step " << step << ": " << sampled.status();
+  }
+  StepPlan release;
+  release.releases.push_back(seq);
+  ASSERT_TRUE(engine_->Step(release).ok());
+  ASSERT_TRUE((*graphed)->Step(release).ok());
+  const DecodeGraphStats stats = (*graphed)->graph_stats();
+  EXPECT_EQ(stats.captures, 0);
+  EXPECT_EQ(stats.replays, 0);
+  EXPECT_EQ(stats.capture_failures, 0);
+  EXPECT_EQ(stats.evictions, 0);
+  EXPECT_EQ(stats.cached_graphs, 0);
 }
 
 // Several sequences of different lengths decoded in one batched step give the same tokens and

@@ -2,15 +2,17 @@
 // over an Engine through StepPlans (the path the coordinator uses).
 #pragma once
 
+#include <bit>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
+#include "absl/strings/str_cat.h"
 #include "asynctls/runtime/engine.h"
 #include "asynctls/runtime/weights.h"
 
@@ -75,6 +77,45 @@ inline absl::StatusOr<std::vector<int32_t>> Greedy(Engine& engine, const std::ve
   release.releases.push_back(seq_id);
   if (auto r = engine.Step(release); !r.ok()) return r.status();
   return out;
+}
+
+// Runs `plan` on `a` and on `b` (both made with keep_logits) and returns a's sampled tokens; an
+// error unless both ran it without dropping a sequence and sampled the same tokens from logits
+// identical bit for bit.
+inline absl::StatusOr<std::vector<SampledToken>> StepBoth(Engine& a, Engine& b,
+                                                          const StepPlan& plan) {
+  auto ra = a.Step(plan);
+  if (!ra.ok()) return ra.status();
+  auto rb = b.Step(plan);
+  if (!rb.ok()) return rb.status();
+  for (const StepResult* r : {&*ra, &*rb}) {
+    if (!r->errors.empty()) return absl::InternalError(r->errors[0].message);
+  }
+  const std::vector<float>& la = a.sampled_logits();
+  const std::vector<float>& lb = b.sampled_logits();
+  if (la.size() != lb.size()) {
+    return absl::InternalError(absl::StrCat(la.size(), " vs ", lb.size(), " sampled logits"));
+  }
+  size_t differ = 0, first = 0;
+  for (size_t i = 0; i < la.size(); ++i) {
+    if (std::bit_cast<uint32_t>(la[i]) == std::bit_cast<uint32_t>(lb[i])) continue;
+    if (differ++ == 0) first = i;
+  }
+  if (differ > 0) {
+    return absl::InternalError(absl::StrCat(differ, " of ", la.size(),
+                                            " sampled logits differ in their bits, the first at ",
+                                            first, ": ", la[first], " vs ", lb[first]));
+  }
+  if (ra->tokens.size() != rb->tokens.size()) {
+    return absl::InternalError("the engines sampled different numbers of tokens");
+  }
+  for (size_t i = 0; i < ra->tokens.size(); ++i) {
+    if (ra->tokens[i].seq_id != rb->tokens[i].seq_id ||
+        ra->tokens[i].token != rb->tokens[i].token) {
+      return absl::InternalError(absl::StrCat("sampled token ", i, " differs"));
+    }
+  }
+  return ra->tokens;
 }
 
 }  // namespace asynctls::testing

@@ -9,6 +9,7 @@
 
 #include <memory>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "asynctls/runtime/backend.h"
@@ -93,8 +94,10 @@ class CudaBackend final : public Backend {
   absl::StatusOr<DeviceBuffer> UploadWeight(const float* host, size_t count,
                                             kernels::DType preferred,
                                             kernels::DType* stored_dtype) override;
+  bool CanCaptureOps() const override { return true; }
   absl::StatusOr<int> CaptureOps(const std::function<absl::Status()>& ops) override;
   absl::Status LaunchCaptured(int id) override;
+  absl::Status ReleaseCaptured(int id) override;
 
  protected:
   void Free(void* data) override;
@@ -132,6 +135,7 @@ class CudaBackend final : public Backend {
   Workspace block_q_;
   bool block_pending_ = false;
   absl::Status JoinBlockBranch();
+  void JoinBranchOfFailedSelect();
   std::unique_ptr<kc::GemmRunner> gemm_;
   int64_t gemm_x_capacity_ = 0;
   Workspace decode_workspace_;
@@ -146,7 +150,9 @@ class CudaBackend final : public Backend {
   struct GraphExecDeleter {
     void operator()(CUgraphExec_st* g) const { cudaGraphExecDestroy(g); }
   };
-  std::vector<std::unique_ptr<CUgraphExec_st, GraphExecDeleter>> graphs_;  // CaptureOps's
+  // CaptureOps's graphs by id (ids are not reused).
+  absl::flat_hash_map<int, std::unique_ptr<CUgraphExec_st, GraphExecDeleter>> graphs_;
+  int next_graph_id_ = 0;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CudaBackend::Create(const CudaBackendOptions& options) {
@@ -187,6 +193,7 @@ CudaBackend::~CudaBackend() {
     (void)JoinBlockBranch();
     cudaStreamSynchronize(stream_.get());
   }
+  graphs_.clear();
   gemm_.reset();
   retired_gemm_.clear();
   decode_workspace_.memory.reset();
@@ -429,10 +436,35 @@ absl::Status CudaBackend::TlsDecodeSelect(const kernels::TlsDecodeSelectParams& 
   ASYNCTLS_RETURN_IF_ERROR(EnsureWorkspace(block_q_, q_bytes, "tls block query"));
   ASYNCTLS_CUDA_OP(cudaMemcpyAsync(block_q_.memory.get(), q.q, q_bytes, cudaMemcpyDeviceToDevice,
                                    stream_.get()));
-  ASYNCTLS_CUDA_OP(kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_q_.memory.get(),
-                                       block_fork_.get(), block_join_.get()));
+  const cudaError_t e =
+      kc::TlsDecodeSelect(q, stream_.get(), block_stream_.get(), block_q_.memory.get(),
+                          block_fork_.get(), block_join_.get());
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    JoinBranchOfFailedSelect();
+    return cuda_check::ToStatus(e, "kernels::cuda::TlsDecodeSelect (one-step lag)", __FILE__,
+                                __LINE__);
+  }
   block_pending_ = true;
-  return absl::OkStatus();
+  return DebugSync("kernels::cuda::TlsDecodeSelect (one-step lag)", __FILE__, __LINE__);
+}
+
+// The lagged TlsDecodeSelect records the fork, then launches, then records the join: one that
+// failed may have forked the block branch without joining it. The join is recorded here so that
+// the next JoinBlockBranch still orders stream_ after the branch and a capture can end (it must
+// join every stream it forked). Outside a capture that is always right; inside one only when
+// block_stream_ took part in it (its wait on the fork was captured): a wait on an event recorded
+// outside the capture would break it.
+void CudaBackend::JoinBranchOfFailedSelect() {
+  cudaStreamCaptureStatus main = cudaStreamCaptureStatusNone;
+  cudaStreamCaptureStatus branch = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream_.get(), &main) == cudaSuccess &&
+      cudaStreamIsCapturing(block_stream_.get(), &branch) == cudaSuccess &&
+      (main == cudaStreamCaptureStatusNone || branch == cudaStreamCaptureStatusActive) &&
+      cudaEventRecord(block_join_.get(), block_stream_.get()) == cudaSuccess) {
+    block_pending_ = true;
+  }
+  cudaGetLastError();
 }
 
 absl::StatusOr<int> CudaBackend::CaptureOps(const std::function<absl::Status()>& ops) {
@@ -441,10 +473,10 @@ absl::StatusOr<int> CudaBackend::CaptureOps(const std::function<absl::Status()>&
   ASYNCTLS_CUDA_RETURN_IF_ERROR(
       cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
   absl::Status status = ops();
-  // A lagged block branch still on its stream rejoins inside the graph (a capture must end
-  // with every forked stream joined).
-  if (status.ok()) status = JoinBlockBranch();
-  block_pending_ = false;
+  // A capture ends only with every stream it forked joined: a pending block branch (the lag's)
+  // rejoins inside the graph, also when an op after its fork failed. The first error is kept.
+  if (absl::Status joined = JoinBlockBranch(); status.ok()) status = joined;
+  // Ended whatever happened, so that the streams leave capture mode.
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream_.get(), &graph);
   if (status.ok() && end != cudaSuccess) {
@@ -462,17 +494,30 @@ absl::StatusOr<int> CudaBackend::CaptureOps(const std::function<absl::Status()>&
     cudaGetLastError();
     return cuda_check::ToStatus(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
   }
-  graphs_.emplace_back(exec);
-  return static_cast<int>(graphs_.size()) - 1;
+  const int id = next_graph_id_++;
+  graphs_[id].reset(exec);
+  return id;
 }
 
 absl::Status CudaBackend::LaunchCaptured(int id) {
-  if (id < 0 || id >= static_cast<int>(graphs_.size())) {
+  auto it = graphs_.find(id);
+  if (it == graphs_.end()) {
     return absl::InvalidArgumentError(absl::StrCat("no captured op sequence ", id));
   }
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
-  ASYNCTLS_CUDA_OP(cudaGraphLaunch(graphs_[id].get(), stream_.get()));
+  ASYNCTLS_CUDA_OP(cudaGraphLaunch(it->second.get(), stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReleaseCaptured(int id) {
+  auto it = graphs_.find(id);
+  if (it == graphs_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("no captured op sequence ", id));
+  }
+  // A launch of it may still run (the graph's own block branch included, joined inside it).
+  ASYNCTLS_RETURN_IF_ERROR(Synchronize());
+  graphs_.erase(it);
   return absl::OkStatus();
 }
 

@@ -1,6 +1,7 @@
 #include "asynctls/runtime/kv_cache.h"
 
 #include <array>
+#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "asynctls/runtime/status.h"
@@ -44,8 +45,10 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(Backend* backend, int n
         "kv cache: tls_channels ", tls_channels, " must be a multiple of 8 in [0, min(head_dim ",
         head_dim, ", ", kernels::kTlsMaxChannels, ")]"));
   }
+  static std::atomic<uint64_t> next_id{1};
   std::unique_ptr<KvCache> cache(new KvCache());
   cache->backend_ = backend;
+  cache->id_ = next_id.fetch_add(1, std::memory_order_relaxed);
   cache->num_blocks_ = num_blocks;
   cache->num_kv_heads_ = num_kv_heads;
   cache->tls_channels_ = tls_channels;

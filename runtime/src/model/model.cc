@@ -1,12 +1,15 @@
 #include "asynctls/runtime/model.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
-#include <map>
-#include <set>
+#include <list>
+#include <optional>
 #include <string>
+#include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -47,6 +50,53 @@ absl::StatusOr<std::vector<float>> ReadChecked(const WeightFile& file, const std
   return data;
 }
 
+// A map of at most `capacity` entries that forgets its least recently used one to make room.
+template <typename V>
+class LruMap {
+ public:
+  explicit LruMap(size_t capacity) : capacity_(capacity) {}
+
+  // The value of `key`, which becomes the most recently used; null when absent. Valid until the
+  // entry is erased or forgotten.
+  V* Find(const std::string& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second);
+    return &it->second->second;
+  }
+  // Adds `key` (absent) as the most recently used entry and returns the one forgotten to make
+  // room, if any.
+  std::optional<std::pair<std::string, V>> Insert(const std::string& key, V value) {
+    std::optional<std::pair<std::string, V>> forgotten;
+    if (order_.size() >= capacity_) {
+      forgotten = std::move(order_.back());
+      index_.erase(forgotten->first);
+      order_.pop_back();
+    }
+    order_.emplace_front(key, std::move(value));
+    index_[key] = order_.begin();
+    return forgotten;
+  }
+  void Erase(const std::string& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return;
+    order_.erase(it->second);
+    index_.erase(it);
+  }
+  // Removes every entry and returns them.
+  std::list<std::pair<std::string, V>> TakeAll() {
+    index_.clear();
+    return std::exchange(order_, {});
+  }
+  size_t size() const { return order_.size(); }
+
+ private:
+  using Entries = std::list<std::pair<std::string, V>>;  // most recently used first
+  size_t capacity_;
+  Entries order_;
+  absl::flat_hash_map<std::string, typename Entries::iterator> index_;
+};
+
 }  // namespace
 
 struct Model::Impl {
@@ -66,10 +116,14 @@ struct Model::Impl {
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
   AttentionCaptureFn capture;
-  // options.cuda_graphs: captured graph id per decode shape (-1: runs without one), and the
-  // shapes run once.
-  std::map<std::string, int> graphs;
-  std::set<std::string> graph_shapes_seen;
+  // options.cuda_graphs (RunOpsInGraph): the backend's graph of each recently run decode
+  // shape, and the recent shapes without one: run once so far (false) or whose capture failed
+  // (true; not tried again while remembered). Both bounded, the oldest forgotten first.
+  static constexpr size_t kMaxGraphs = 64;
+  static constexpr size_t kMaxUncapturedShapes = 256;
+  LruMap<int> graphs{kMaxGraphs};
+  LruMap<bool> uncaptured_shapes{kMaxUncapturedShapes};
+  DecodeGraphStats graph_stats;
   // Two-level sparse decode (EnableTls): channel sets [layers, kv heads, channels] and the
   // selection buffers of one step, sized for max_batch_seqs (S) and the policy's k_b. Block
   // sets M_t [layers (1 without the lag), S, kv heads, k_b] and counts; with the one-step lag
@@ -84,6 +138,12 @@ struct Model::Impl {
   DeviceBuffer tls_prev_blocks, tls_prev_num_blocks, tls_prev_lens, tls_copy_rows;
   bool tls_lag() const { return tls_prev_blocks.data() != nullptr; }
   std::vector<float> capture_q, capture_k, capture_v;
+
+  ~Impl() {
+    if (absl::Status s = DropGraphs(); !s.ok()) {
+      ASYNCTLS_LOG_WARN("model: freeing the decode graphs: ", s.ToString());
+    }
+  }
 
   float* Q() const { return qkv_heads.as<float>(); }
   float* K() const {
@@ -295,6 +355,8 @@ struct Model::Impl {
     }
     const int64_t S = options.max_batch_seqs, KV = c.num_kv_heads;
     const int64_t layers = lag ? c.num_layers : 1;
+    // The graphs captured so far read the TLS buffers about to be replaced.
+    ASYNCTLS_RETURN_IF_ERROR(DropGraphs());
     tls_policy = pol;
     tls_channels = cs.num_channels;
     // Buffers for the largest budgets (a batch's runs use at most these).
@@ -362,7 +424,7 @@ struct Model::Impl {
   // ops only: a forward's uploads all come before its ops, which a CUDA graph can then replay).
   absl::StatusOr<int> UploadTlsLagLists(const ForwardBatch& b, bool to_slots) {
     if (!tls_lag()) return 0;
-    const int L = config.num_layers, S = options.max_batch_seqs, KV = config.num_kv_heads;
+    const int L = config.num_layers, S = options.max_batch_seqs;
     std::vector<int32_t> slot_rows, batch_rows, prev_lens;
     for (int t = 0; t < b.num_tls_decode(); ++t) {
       const ForwardBatch::TlsBudgets& tb = b.tls_decode[t];
@@ -413,17 +475,17 @@ struct Model::Impl {
   // with `policy` (budgets at most the enabled policy's, so the buffers fit): select positions,
   // then attend over them. With the one-step lag the block sets go to layer `layer`'s rows of
   // tls_blocks (kept for the scatter to the cache's slots), and policy.lag == kOneStep reads
-  // M_{t-1} from tls_prev_blocks.
+  // M_{t-1} from tls_prev_blocks. The block table on the device has rows of `table_width`.
   absl::Status TlsDecodeAttention(const ForwardBatch& b, KvCache& cache, int layer,
                                   const kernels::TlsPolicy& policy, int first_tls, int count,
-                                  float scale) {
+                                  int table_width, float scale) {
     const ModelConfig& c = config;
     const int H = c.num_q_heads, KV = c.num_kv_heads, hd = c.head_dim;
     const int first_seq = b.num_seqs() - b.num_tls_decode() + first_tls;
     const int first_row = b.cu_q_lens[first_seq];  // q rows are packed in sequence order
-    const int max_positions = kernels::TlsMaxSelectedTokens(policy, b.max_blocks_per_seq);
+    const int max_positions = kernels::TlsMaxSelectedTokens(policy, table_width);
     const float* q_rows = Q() + int64_t{first_row} * H * hd;
-    const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * b.max_blocks_per_seq;
+    const int32_t* table = block_table.as<int32_t>() + int64_t{first_seq} * table_width;
     const int32_t* lens = seq_lens.as<int32_t>() + first_seq;
     kernels::TlsDecodeSelectParams sp{};
     sp.policy = policy;
@@ -453,7 +515,7 @@ struct Model::Impl {
     sp.num_kv_heads = KV;
     sp.head_dim = hd;
     sp.num_channels = tls_channels;
-    sp.max_blocks_per_seq = b.max_blocks_per_seq;
+    sp.max_blocks_per_seq = table_width;
     // With the lag one row stride for every run (the lag slots'), else the run's own.
     sp.max_kept_blocks = tls_lag() ? tls_kept : std::max(1, kernels::TlsKeptBlocks(policy));
     sp.max_positions = max_positions;
@@ -473,7 +535,7 @@ struct Model::Impl {
     ap.num_kv_heads = KV;
     ap.head_dim = hd;
     ap.v_head_dim = hd;
-    ap.max_blocks_per_seq = b.max_blocks_per_seq;
+    ap.max_blocks_per_seq = table_width;
     ap.max_positions = max_positions;
     ap.scale = scale;
     return backend->TlsSparseAttention(ap);
@@ -485,12 +547,18 @@ struct Model::Impl {
     const int T = static_cast<int>(b.tokens.size());
     const int hd = c.head_dim, H = c.num_q_heads, KV = c.num_kv_heads;
     const int num_logits = static_cast<int>(b.logit_rows.size());
+    // A decode-only forward of a CUDA-graph model replays its shape's graph (RunOpsInGraph). Its
+    // block table is padded to a bucketed width, which every op then takes as its
+    // max_blocks_per_seq, so that the graph serves the shape's later steps too.
+    const bool graphed =
+        options.cuda_graphs && backend->CanCaptureOps() && b.num_prefill == 0 && !capture;
+    const int table_width = graphed ? GraphTableWidth(b.max_blocks_per_seq) : b.max_blocks_per_seq;
     ASYNCTLS_RETURN_IF_ERROR(Upload32(tokens, b.tokens));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(positions, b.positions));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(slots, b.slots));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(cu_q_lens, b.cu_q_lens));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(seq_lens, b.seq_lens));
-    ASYNCTLS_RETURN_IF_ERROR(Upload32(block_table, b.block_table));
+    ASYNCTLS_RETURN_IF_ERROR(UploadBlockTable(b, table_width));
     ASYNCTLS_RETURN_IF_ERROR(Upload32(logit_rows, b.logit_rows));
 
     const int num_prefill_tokens = b.cu_q_lens[b.num_prefill];
@@ -535,11 +603,8 @@ struct Model::Impl {
       else max_decode_len = std::max(max_decode_len, b.seq_lens[s]);
     }
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    // A decode-only forward of a CUDA-graph engine replays its shape's graph (see
-    // RunOpsInGraph). Its dense decode plans for a bucket of lengths, not this step's longest, so
-    // that the graph serves the shape's later steps too.
-    const bool graphed = options.cuda_graphs && b.num_prefill == 0 && !capture;
-    if (graphed) max_decode_len = DecodeLenBucket(max_decode_len, b.max_blocks_per_seq);
+    // A graphed dense decode plans for the table's width, not this step's longest sequence.
+    if (graphed) max_decode_len = table_width * kernels::kKvBlockSize;
 
     // Every op below only reads what the uploads above wrote (a graph can replay them).
     auto run_ops = [&]() -> absl::Status {
@@ -586,7 +651,7 @@ struct Model::Impl {
           ip.num_kv_heads = KV;
           ip.head_dim = hd;
           ip.num_channels = tls_channels;
-          ip.max_blocks_per_seq = b.max_blocks_per_seq;
+          ip.max_blocks_per_seq = table_width;
           ip.max_new_tokens = max_q_len_all;
           ASYNCTLS_RETURN_IF_ERROR(backend->TlsIndexUpdate(ip));
         }
@@ -605,7 +670,7 @@ struct Model::Impl {
           pp.num_q_heads = H;
           pp.num_kv_heads = KV;
           pp.head_dim = hd;
-          pp.max_blocks_per_seq = b.max_blocks_per_seq;
+          pp.max_blocks_per_seq = table_width;
           pp.max_q_len = max_q_len;
           pp.scale = scale;
           ASYNCTLS_RETURN_IF_ERROR(backend->PagedPrefillAttention(pp));
@@ -625,7 +690,8 @@ struct Model::Impl {
           policy.block_budget = first.block_budget;
           policy.token_budget = first.token_budget;
           policy.lag = lagged ? kernels::TlsLag::kOneStep : kernels::TlsLag::kSameStep;
-          ASYNCTLS_RETURN_IF_ERROR(TlsDecodeAttention(b, cache, li, policy, t, run, scale));
+          ASYNCTLS_RETURN_IF_ERROR(
+              TlsDecodeAttention(b, cache, li, policy, t, run, table_width, scale));
           t += run;
         }
         if (num_dense_decode > 0) {
@@ -633,8 +699,7 @@ struct Model::Impl {
           dp.q = Q() + int64_t{num_prefill_tokens} * H * hd;
           dp.k_cache = cache.k_pool(li);
           dp.v_cache = cache.v_pool(li);
-          dp.block_table =
-              block_table.as<int32_t>() + int64_t{b.num_prefill} * b.max_blocks_per_seq;
+          dp.block_table = block_table.as<int32_t>() + int64_t{b.num_prefill} * table_width;
           dp.seq_lens = seq_lens.as<int32_t>() + b.num_prefill;
           dp.out = attn.as<float>() + int64_t{num_prefill_tokens} * H * hd;
           dp.io_dtype = DType::kF32;
@@ -642,7 +707,7 @@ struct Model::Impl {
           dp.num_q_heads = H;
           dp.num_kv_heads = KV;
           dp.head_dim = hd;
-          dp.max_blocks_per_seq = b.max_blocks_per_seq;
+          dp.max_blocks_per_seq = table_width;
           dp.max_seq_len = max_decode_len;
           dp.scale = scale;
           ASYNCTLS_RETURN_IF_ERROR(backend->PagedDecodeAttention(dp));
@@ -672,9 +737,12 @@ struct Model::Impl {
                   c.hidden_size, 0.f);
     };
     if (graphed) {
-      // The shape: everything the ops' parameters take from the host.
-      std::string key = absl::StrCat(T, "/", num_dense_decode, "/", b.max_blocks_per_seq, "/",
-                                     max_decode_len, "/", num_logits, "/", lag_in, "/", lag_out);
+      // The shape: everything the ops' parameters take from the host (the dense decode's
+      // max_seq_len and the TLS row widths follow from table_width), and the KV cache whose
+      // pools the graph reads.
+      std::string key =
+          absl::StrCat(cache.id(), "/", tls_index ? 1 : 0, "/", T, "/", num_dense_decode, "/",
+                       table_width, "/", num_logits, "/", lag_in, "/", lag_out);
       for (const ForwardBatch::TlsBudgets& t : b.tls_decode) {
         absl::StrAppend(&key, "/", t.block_budget, ":", t.token_budget, ":",
                         t.prev_select_len > 0 ? 1 : 0);
@@ -688,33 +756,68 @@ struct Model::Impl {
     return backend->CopyToHost(out_logits->data(), logits.data(), out_logits->size() * sizeof(float));
   }
 
-  // The dense decode's planned length in a graphed forward: the next power of two from 1,024,
-  // within the block table (the kernel reads each sequence's own length; longer plans only add
-  // empty splits).
-  static int DecodeLenBucket(int len, int max_blocks) {
-    int bucket = 1024;
-    while (bucket < len) bucket *= 2;
-    return std::min(bucket, std::max(len, max_blocks * kernels::kKvBlockSize));
+  // The block-table width of a graphed forward: the batch's widest sequence rounded up to a
+  // multiple of max(16, 2^floor(log2 widest) / 8) blocks, within the model's context. A shape
+  // then lasts until its widest sequence passes the bucket (a sequence growing from 100 to 4,200
+  // tokens meets 5 widths, not 65), at most 12.5% of padding past 128 blocks; a power-of-two
+  // bucket would double what a long dense decode plans for.
+  int GraphTableWidth(int widest) const {
+    const int pow2_floor = static_cast<int>(std::bit_floor(static_cast<unsigned>(widest)));
+    const int step = std::max(16, pow2_floor / 8);
+    return std::min((widest + step - 1) / step * step, max_blocks_per_seq);
+  }
+
+  // The batch's block table on the device, its rows padded to `width` with block 0 (as the
+  // engine pads shorter rows): every op bounds its reads by the sequence's length, so the
+  // padding is never read.
+  absl::Status UploadBlockTable(const ForwardBatch& b, int width) {
+    if (width == b.max_blocks_per_seq) return Upload32(block_table, b.block_table);
+    std::vector<int32_t> padded(static_cast<size_t>(b.num_seqs()) * width, 0);
+    for (int s = 0; s < b.num_seqs(); ++s) {
+      std::copy_n(b.block_table.begin() + int64_t{s} * b.max_blocks_per_seq, b.max_blocks_per_seq,
+                  padded.begin() + int64_t{s} * width);
+    }
+    return Upload32(block_table, padded);
   }
 
   // Runs `ops` through the backend's graph of shape `key`: the shape's first forward runs them
-  // (every workspace takes its size), the second captures them, later ones replay the graph. A
-  // shape whose capture fails (or a backend without graphs) keeps running them directly; at
-  // most kMaxGraphs shapes are captured.
+  // (every workspace takes its size), the second captures them, later ones replay the graph.
+  // A shape whose capture fails runs them directly and is not tried again while remembered.
   absl::Status RunOpsInGraph(const std::string& key, const std::function<absl::Status()>& ops) {
-    constexpr size_t kMaxGraphs = 64;
-    auto it = graphs.find(key);
-    if (it != graphs.end()) return it->second >= 0 ? backend->LaunchCaptured(it->second) : ops();
-    if (graphs.size() < kMaxGraphs && !graph_shapes_seen.insert(key).second) {
-      absl::StatusOr<int> id = backend->CaptureOps(ops);
-      graphs[key] = id.ok() ? *id : -1;
-      if (id.ok()) return backend->LaunchCaptured(*id);
-      if (!absl::IsUnimplemented(id.status())) {
-        ASYNCTLS_LOG_WARN("model: decode shape ", key,
-                          " runs without a CUDA graph: ", id.status().ToString());
-      }
+    if (const int* id = graphs.Find(key)) {
+      ++graph_stats.replays;
+      return backend->LaunchCaptured(*id);
     }
-    return ops();
+    bool* capture_failed = uncaptured_shapes.Find(key);
+    if (capture_failed == nullptr) {
+      uncaptured_shapes.Insert(key, false);
+      return ops();
+    }
+    if (*capture_failed) return ops();
+    absl::StatusOr<int> id = backend->CaptureOps(ops);
+    if (!id.ok()) {
+      *capture_failed = true;
+      ++graph_stats.capture_failures;
+      ASYNCTLS_LOG_WARN("model: decode shape ", key,
+                        " runs without a CUDA graph: ", id.status().ToString());
+      return ops();
+    }
+    ++graph_stats.captures;
+    uncaptured_shapes.Erase(key);
+    if (auto evicted = graphs.Insert(key, *id)) {
+      ++graph_stats.evictions;
+      ASYNCTLS_RETURN_IF_ERROR(backend->ReleaseCaptured(evicted->second));
+    }
+    ++graph_stats.replays;
+    return backend->LaunchCaptured(*id);
+  }
+
+  // Frees every graph and forgets every shape.
+  absl::Status DropGraphs() {
+    uncaptured_shapes.TakeAll();
+    absl::Status status;
+    for (const auto& [key, id] : graphs.TakeAll()) status.Update(backend->ReleaseCaptured(id));
+    return status;
   }
 };
 
@@ -753,5 +856,11 @@ absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vect
 void Model::SetAttentionCapture(AttentionCaptureFn fn) { impl_->capture = std::move(fn); }
 
 absl::Status Model::EnableTls(const TlsDecodeOptions& options) { return impl_->EnableTls(options); }
+
+DecodeGraphStats Model::graph_stats() const {
+  DecodeGraphStats stats = impl_->graph_stats;
+  stats.cached_graphs = static_cast<int32_t>(impl_->graphs.size());
+  return stats;
+}
 
 }  // namespace asynctls

@@ -88,14 +88,21 @@ class Backend {
   virtual absl::Status TlsSparseAttention(const kernels::TlsSparseAttentionParams& p) = 0;
 
   // Op sequences recorded once and replayed (CUDA graphs): CaptureOps records the ops `ops`
-  // enqueues without running them and returns the sequence's id; LaunchCaptured runs one. The
-  // ops must not copy from the host nor allocate (the CUDA backend's ops refuse to grow a
-  // scratch while capturing). UNIMPLEMENTED on backends without graphs (the CPU one).
+  // enqueues without running them and returns the sequence's id; LaunchCaptured runs one;
+  // ReleaseCaptured frees one (waiting for its launches first). The ops must not copy from the
+  // host nor allocate (the CUDA backend's ops refuse to grow a scratch while capturing). A failed
+  // capture leaves the backend as it was. UNIMPLEMENTED on backends without graphs (the CPU
+  // one), for which CanCaptureOps is false; INVALID_ARGUMENT for an unknown id.
+  virtual bool CanCaptureOps() const { return false; }
   virtual absl::StatusOr<int> CaptureOps(const std::function<absl::Status()>& ops) {
     (void)ops;
     return absl::UnimplementedError("this backend does not capture op sequences");
   }
   virtual absl::Status LaunchCaptured(int id) {
+    (void)id;
+    return absl::UnimplementedError("this backend does not capture op sequences");
+  }
+  virtual absl::Status ReleaseCaptured(int id) {
     (void)id;
     return absl::UnimplementedError("this backend does not capture op sequences");
   }

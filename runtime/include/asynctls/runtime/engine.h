@@ -48,6 +48,7 @@ class Engine final : public StepExecutor {
   // With keep_logits: the logits of the last Step's sampled tokens, [tokens, vocab], in the
   // order of StepResult::tokens.
   const std::vector<float>& sampled_logits() const { return sampled_logits_; }
+  DecodeGraphStats graph_stats() const { return model_->graph_stats(); }  // cuda_graphs
   const KvCache& kv_cache() const { return *cache_; }
   KvCache& mutable_kv_cache() { return *cache_; }  // benchmarks that stage KV directly
   Backend& backend() { return *backend_; }

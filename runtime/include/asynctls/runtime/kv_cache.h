@@ -72,6 +72,9 @@ class KvCache {
   int tls_lag_free_slots() const { return static_cast<int>(free_lag_slots_.size()); }
   int num_layers() const { return static_cast<int>(k_pools_.size()); }
 
+  // Distinct for every cache made in this process (unlike its address, never reused): a CUDA
+  // graph that baked in one cache's pools is keyed by it.
+  uint64_t id() const { return id_; }
   int num_blocks() const { return num_blocks_; }
   int free_blocks() const { return static_cast<int>(free_.size()); }
   int used_blocks() const { return num_blocks_ - free_blocks(); }
@@ -94,6 +97,7 @@ class KvCache {
   static constexpr int kTlsParts = 5;  // kmax, kmin, token codes, token scales, block scales
 
   Backend* backend_ = nullptr;
+  uint64_t id_ = 0;
   int num_blocks_ = 0;
   int num_kv_heads_ = 0;
   int tls_channels_ = 0;

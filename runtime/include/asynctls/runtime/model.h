@@ -26,8 +26,21 @@ struct ModelLoadOptions {
   int32_t max_batch_tokens = 512;  // largest number of tokens in one Forward
   int32_t max_batch_seqs = 64;
   // Decode-only forwards replay a CUDA graph per batch shape (the backend's CaptureOps; none on
-  // the CPU): the launch gaps between the step's ~600 kernels go.
+  // the CPU, which runs exactly as without): the launch gaps between the step's ~600 kernels go.
+  // A shape is the batch's layout and budgets, the KV cache, and its block-table width rounded
+  // up to a bucket (multiples of 16 blocks, of an eighth of the width past 128 blocks), so that
+  // growing sequences change shape rarely. At most 64 graphs are kept, the least recently used
+  // freed first.
   bool cuda_graphs = false;
+};
+
+// What ModelLoadOptions::cuda_graphs did (all 0 without it, and on backends that capture nothing).
+struct DecodeGraphStats {
+  int64_t captures = 0;          // graphs captured
+  int64_t replays = 0;           // forwards run by launching a graph (the capturing one too)
+  int64_t capture_failures = 0;  // captures refused: those shapes run op by op
+  int64_t evictions = 0;         // graphs freed to make room for a newer shape's
+  int32_t cached_graphs = 0;     // graphs held now
 };
 
 // One Forward's inputs (host memory). Sequences [0, num_prefill) are prompt chunks, the rest
@@ -116,6 +129,7 @@ class Model {
   // INVALID_ARGUMENT when the channel sets do not fit the model or the policy is not supported
   // (naming the field).
   absl::Status EnableTls(const TlsDecodeOptions& options);
+  DecodeGraphStats graph_stats() const;
 
  private:
   struct Impl;
