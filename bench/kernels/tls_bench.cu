@@ -29,8 +29,9 @@
 //             [--batches N,...] [--contexts N,...] [--profile-steps N (no timing: N eager
 //             steps of TLS, Quest-style and token-only per row for ncu --profile-from-start off)]
 //             [--timeline N (no timing table: when each part of the TLS step ends, medians of N
-//             eager steps)] [--block-index bf16|int8 (the block index's form, tls_params.h;
-//             int8 for TLS, Quest-style and their stages)]
+//             eager steps)] [--block-index bf16|int8|both (the block index's form, tls_params.h;
+//             int8 for TLS, Quest-style and their stages; both: each config with bf16, then
+//             again with int8 as config+i8, in one process)]
 #include <cuda_bf16.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
@@ -228,6 +229,7 @@ Bytes StepBytes(const Config& c, int batch, int context, int k_t, bool int8_bloc
 
 struct Row {
   std::string config;
+  bool int8_block_index;
   int batch, context, k_t;
   double tls, tls_serial, dense, quest, token;
   std::map<std::string, double> stages;
@@ -664,7 +666,7 @@ int main(int argc, char** argv) {
   int samples = 15;
   int profile_steps = 0;
   int timeline_steps = 0;
-  bool int8_block_index = false;
+  std::vector<bool> block_forms = {false};  // int8 block index?
   bool quick = false;
   std::vector<int> k_t_list, batch_list, context_list;
   // "N,N,..." into `out`; false on anything but positive integers.
@@ -698,13 +700,17 @@ int main(int argc, char** argv) {
     } else if (a == "--only" && i + 1 < argc) {
       only = argv[++i];
     } else if (a == "--block-index" && i + 1 < argc &&
-               (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "int8")) {
-      int8_block_index = std::string(argv[++i]) == "int8";
+               (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "int8" ||
+                std::string(argv[i + 1]) == "both")) {
+      const std::string form = argv[++i];
+      block_forms = form == "both"   ? std::vector<bool>{false, true}
+                    : form == "int8" ? std::vector<bool>{true}
+                                     : std::vector<bool>{false};
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
-                   "[--timeline N] [--block-index bf16|int8]\n",
+                   "[--timeline N] [--block-index bf16|int8|both]\n",
                    argv[0]);
       return 2;
     }
@@ -717,7 +723,10 @@ int main(int argc, char** argv) {
       "device: %s, %d SMs, L2 %d MB; bf16, %s block index, k_b %d, sink 1 block, "
       "window 64, HBM floor at %.1f TB/s\n",
       prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
-      int8_block_index ? "int8" : "bf16", kBlockBudget, kHbmBytesPerS / 1e12);
+      block_forms.size() > 1 ? "bf16 and int8 (+i8)"
+      : block_forms[0]       ? "int8"
+                             : "bf16",
+      kBlockBudget, kHbmBytesPerS / 1e12);
   std::printf("note: the paper's GQA layout (32 q heads, G = 4, d 128) is Qwen3-8B's (32/8/128): "
               "row gqa_g4 is both; gqa_g8 (32/4/128) is the G = 8 variant.\n");
   cudaStream_t stream;
@@ -746,69 +755,76 @@ int main(int argc, char** argv) {
                                 : quick           ? std::vector<int>{1024}
                                                   : std::vector<int>{512, 1024, 2048};
   std::vector<Row> rows;
-  std::printf("\n%-8s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
+  std::printf("\n%-11s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
               "batch", "context", "k_t", "tls ms", "serial", "dense ms", "quest ms", "token ms",
               "xdense", "/quest", "tls MB", "xfloor",
               "stages ms: append bscore bselect tscore tselect tbranch attn");
-  for (const Config& c : configs) {
-    Pool pool;
-    BuildPool(c, int8_block_index, pool, stream);
-    const std::vector<int> batches = !batch_list.empty() ? batch_list
-                                     : c.mla || quick     ? std::vector<int>{1, 8}
-                                                          : std::vector<int>{1, 2, 4, 8};
-    const std::vector<int> contexts = !context_list.empty() ? context_list
-                                      : c.mla || quick ? std::vector<int>{32768, 131072}
-                                                       : std::vector<int>{32768, 65536, 131072};
-    for (int b : batches) {
-      for (int l : contexts) {
-        Bench bench(c, pool, b, l, samples, stream);
-        if (profile_steps > 0) {
-          for (const int k_t : k_ts) bench.Profile(k_t, profile_steps);
-          continue;
-        }
-        if (timeline_steps > 0) {
-          for (const int k_t : k_ts) bench.Timeline(k_t, timeline_steps);
-          continue;
-        }
-        const double dense = bench.Dense();
-        std::map<std::string, double> fixed;
-        for (size_t ki = 0; ki < k_ts.size(); ++ki) {
-          const int k_t = k_ts[ki];
-          bench.InitLagState(k_t);
-          Row r{
-              c.name, b, l, k_t, 0, 0, dense, 0, 0, {}, StepBytes(c, b, l, k_t, int8_block_index)};
-          TlsPolicy tls;
-          tls.token_budget = k_t;
-          r.tls = bench.Tls(k_t);
-          r.tls_serial = bench.Method(tls);
-          TlsPolicy quest = tls;
-          quest.mode = TlsMode::kBlockOnly;
-          r.quest = bench.Method(quest);
-          TlsPolicy token = tls;
-          token.mode = TlsMode::kTokenOnly;
-          r.token = bench.Method(token);
-          bench.InitLagState(k_t);
-          bench.Stages(k_t, ki == 0, &r.stages);
-          if (ki == 0) {
-            fixed = r.stages;
-          } else {
-            for (const char* s : {"append", "block_score", "block_select"}) r.stages[s] = fixed[s];
+  for (const Config& c : configs)
+    for (const bool int8_block_index : block_forms) {
+      const std::string name = c.name + (int8_block_index ? "+i8" : "");
+      Pool pool;
+      BuildPool(c, int8_block_index, pool, stream);
+      const std::vector<int> batches = !batch_list.empty() ? batch_list
+                                       : c.mla || quick    ? std::vector<int>{1, 8}
+                                                           : std::vector<int>{1, 2, 4, 8};
+      const std::vector<int> contexts = !context_list.empty() ? context_list
+                                        : c.mla || quick      ? std::vector<int>{32768, 131072}
+                                                         : std::vector<int>{32768, 65536, 131072};
+      for (int b : batches) {
+        for (int l : contexts) {
+          Bench bench(c, pool, b, l, samples, stream);
+          if (profile_steps > 0) {
+            for (const int k_t : k_ts) bench.Profile(k_t, profile_steps);
+            continue;
           }
-          const double floor_ms = r.bytes.tls / kHbmBytesPerS * 1e3;
-          std::printf(
-              "%-8s %5d %7d %5d | %8.4f %8.4f %8.4f %8.4f %8.4f | %6.2f %6.2f | %8.2f %6.2f | "
-              "%.4f %.4f %.4f %.4f %.4f %.4f %.4f\n",
-              c.name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token,
-              r.dense / r.tls, r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms,
-              r.stages["append"], r.stages["block_score"], r.stages["block_select"],
-              r.stages["token_score"], r.stages["token_select"], r.stages["token_branch"],
-              r.stages["attention"]);
-          std::fflush(stdout);
-          rows.push_back(r);
+          if (timeline_steps > 0) {
+            for (const int k_t : k_ts) bench.Timeline(k_t, timeline_steps);
+            continue;
+          }
+          const double dense = bench.Dense();
+          std::map<std::string, double> fixed;
+          for (size_t ki = 0; ki < k_ts.size(); ++ki) {
+            const int k_t = k_ts[ki];
+            bench.InitLagState(k_t);
+            Row r{c.name, int8_block_index,
+                  b,      l,
+                  k_t,    0,
+                  0,      dense,
+                  0,      0,
+                  {},     StepBytes(c, b, l, k_t, int8_block_index)};
+            TlsPolicy tls;
+            tls.token_budget = k_t;
+            r.tls = bench.Tls(k_t);
+            r.tls_serial = bench.Method(tls);
+            TlsPolicy quest = tls;
+            quest.mode = TlsMode::kBlockOnly;
+            r.quest = bench.Method(quest);
+            TlsPolicy token = tls;
+            token.mode = TlsMode::kTokenOnly;
+            r.token = bench.Method(token);
+            bench.InitLagState(k_t);
+            bench.Stages(k_t, ki == 0, &r.stages);
+            if (ki == 0) {
+              fixed = r.stages;
+            } else {
+              for (const char* s : {"append", "block_score", "block_select"})
+                r.stages[s] = fixed[s];
+            }
+            const double floor_ms = r.bytes.tls / kHbmBytesPerS * 1e3;
+            std::printf(
+                "%-11s %5d %7d %5d | %8.4f %8.4f %8.4f %8.4f %8.4f | %6.2f %6.2f | %8.2f %6.2f | "
+                "%.4f %.4f %.4f %.4f %.4f %.4f %.4f\n",
+                name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token,
+                r.dense / r.tls, r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms,
+                r.stages["append"], r.stages["block_score"], r.stages["block_select"],
+                r.stages["token_score"], r.stages["token_select"], r.stages["token_branch"],
+                r.stages["attention"]);
+            std::fflush(stdout);
+            rows.push_back(r);
+          }
         }
       }
     }
-  }
   BENCH_CHECK(cudaStreamDestroy(stream));
   std::printf("\ntls = one graph, block branch (append, block score, top-k_b) on a second stream "
               "overlapping the token branch (token score, top-k_t, attention); serial = "
@@ -831,15 +847,17 @@ int main(int argc, char** argv) {
       for (const Config& x : configs) {
         if (x.name == r.config) c = &x;
       }
-      std::fprintf(f,
-                   "  {\"config\": \"%s\", \"note\": \"%s\", \"q_heads\": %d, \"kv_heads\": %d, "
-                   "\"head_dim\": %d, \"mla\": %s, \"batch\": %d, \"context\": %d, \"k_t\": %d, "
-                   "\"tls_ms\": %.6f, \"tls_serial_ms\": %.6f, \"dense_ms\": %.6f, \"dense_impl\": \"%s\", "
-                   "\"quest_ms\": %.6f, \"token_only_ms\": %.6f, \"stages_ms\": {",
-                   r.config.c_str(), c->note.c_str(), c->q_heads, c->kv_heads, c->head_dim,
-                   c->mla ? "true" : "false", r.batch, r.context, r.k_t, r.tls, r.tls_serial, r.dense,
-                   c->mla ? "tls_sparse_attention_all_positions" : "paged_decode", r.quest,
-                   r.token);
+      std::fprintf(
+          f,
+          "  {\"config\": \"%s\", \"block_index\": \"%s\", \"note\": \"%s\", "
+          "\"q_heads\": %d, \"kv_heads\": %d, "
+          "\"head_dim\": %d, \"mla\": %s, \"batch\": %d, \"context\": %d, \"k_t\": %d, "
+          "\"tls_ms\": %.6f, \"tls_serial_ms\": %.6f, \"dense_ms\": %.6f, \"dense_impl\": \"%s\", "
+          "\"quest_ms\": %.6f, \"token_only_ms\": %.6f, \"stages_ms\": {",
+          r.config.c_str(), r.int8_block_index ? "int8" : "bf16", c->note.c_str(), c->q_heads,
+          c->kv_heads, c->head_dim, c->mla ? "true" : "false", r.batch, r.context, r.k_t, r.tls,
+          r.tls_serial, r.dense, c->mla ? "tls_sparse_attention_all_positions" : "paged_decode",
+          r.quest, r.token);
       size_t n = 0;
       for (const auto& [k, v] : r.stages) {
         std::fprintf(f, "\"%s\": %.6f%s", k.c_str(), v, ++n < r.stages.size() ? ", " : "");
