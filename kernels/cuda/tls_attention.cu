@@ -1063,24 +1063,16 @@ __global__ void __launch_bounds__(kMergeThreads)
   WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
-  Vec a[kManySplits - 1];
-  auto load_partials = [&](int d) {
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
+  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
+  for (int d = VEC * threadIdx.x; d < p.v_head_dim; d += VEC * kMergeThreads) {
+    Vec a[kManySplits - 1];
 #pragma unroll
     for (int s = 0; s < kManySplits - 1; ++s) {
       if (s < num_splits) {
         a[s] = *reinterpret_cast<const Vec*>(ws_acc + (s * rows + qh) * p.v_head_dim + d);
       }
     }
-  };
-  // The first dims' partials load before the split weights, so their loads and warp 0's (m, l)
-  // loads are one L2 round trip instead of two in a row (every thread has one pass of dims when
-  // v_head_dim is VEC * kMergeThreads: MLA's 512, GQA's 128).
-  const int first = VEC * threadIdx.x;
-  if (first < p.v_head_dim) load_partials(first);
-  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
-  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
-  for (int d = first; d < p.v_head_dim; d += VEC * kMergeThreads) {
-    if (d != first) load_partials(d);
     float o[VEC] = {};
 #pragma unroll
     for (int s = 0; s < kManySplits - 1; ++s) {
@@ -1115,35 +1107,17 @@ __global__ void __launch_bounds__(kManyMergeThreads)
   WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   const int col = threadIdx.x % kMergeDims, part = threadIdx.x / kMergeDims;
   const int d = blockIdx.y * kMergeDims + col;
-  const bool has_dim = d < p.v_head_dim;
-  const float* acc = ws_acc + qh * p.v_head_dim + (has_dim ? d : 0);
-  const int64_t stride = rows * p.v_head_dim;
-  // This thread's first kEarly splits load before the split weights (as in MergeSplitsKernel:
-  // one L2 round trip with warp 0's (m, l) loads instead of two in a row).
-  constexpr int kEarly = 8;
-  float early[kEarly];
-#pragma unroll
-  for (int i = 0; i < kEarly; ++i) {
-    const int s = part + kMergeParts * i;
-    early[i] = has_dim && s < num_splits ? acc[s * stride] : 0.f;
-  }
-  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   float o = 0.f;
-  if (has_dim) {  // the splits in the same order as ever: the sum does not change
-#pragma unroll
-    for (int i = 0; i < kEarly; ++i) {
-      const int s = part + kMergeParts * i;
-      if (s < num_splits) {
-        const float w = weight[s];
-        o += w != 0.f ? w * early[i] : 0.f;  // an empty split's partial is never written
-      }
-    }
+  if (d < p.v_head_dim) {
+    const float* acc = ws_acc + qh * p.v_head_dim + d;
+    const int64_t stride = rows * p.v_head_dim;
 #pragma unroll 8
-    for (int s = part + kMergeParts * kEarly; s < num_splits; s += kMergeParts) {
+    for (int s = part; s < num_splits; s += kMergeParts) {
       const float w = weight[s], a = acc[s * stride];
-      o += w != 0.f ? w * a : 0.f;
+      o += w != 0.f ? w * a : 0.f;  // an empty split's partial is never written
     }
   }
   if (part > 0) part_sum[part - 1][col] = o;
