@@ -70,14 +70,29 @@ __device__ __forceinline__ float BoundValue(int8_t code) { return static_cast<fl
 template <typename Code>
 using BoundVec = std::conditional_t<sizeof(Code) == 2, uint4, uint2>;
 
-// Vectors of one team's kmax / kmin slots: the block's two rows in order (2 * 8 * WIDTH / 8);
+// Blocks a team's slots hold at once: an int8 block's two rows take half a bf16 block's bytes,
+// so the int8 form copies a team's second block while it scores its first (one DRAM round trip
+// per team instead of two) in about the bf16 form's region, and the query stage keeps its size
+// (half the stage doubled the stages at 128 heads: block score 13.4 -> 18.3 us, run 86).
+template <typename Code>
+constexpr int ScoreSlotBlocks() {
+  return sizeof(Code) == 1 ? 2 : 1;
+}
+
+// Vectors of one block's kmax / kmin rows in a team's slots, in row order (2 * 8 * WIDTH / 8);
 // lane c reads its slice's vectors c * WIDTH / 8 .., so the 8 lanes of one read start 9 vectors
-// apart (MLA) and hit distinct banks. A 16-byte read is served per quarter warp, one team; an
-// 8-byte one (int8 rows) per half warp, two teams, whose slots 8 vectors of padding put on
-// distinct banks (1,152 bytes apart they would share them).
+// apart (MLA) and hit distinct banks.
+template <int WIDTH>
+constexpr int ScoreBlockVecs() {
+  return 16 * (WIDTH / 8);
+}
+
+// Vectors of one team's slots. A 16-byte read is served per quarter warp, one team; an 8-byte
+// one (int8 rows) per half warp, two teams, whose slots 8 vectors of padding put on distinct
+// banks (team strides of a multiple of 128 bytes would share them).
 template <int WIDTH, typename Code>
 constexpr int ScoreTeamSlotVecs() {
-  return 16 * (WIDTH / 8) + (sizeof(Code) == 1 ? 8 : 0);
+  return ScoreSlotBlocks<Code>() * ScoreBlockVecs<WIDTH>() + (sizeof(Code) == 1 ? 8 : 0);
 }
 
 // Shared-memory bytes of the teams' slots.
@@ -85,13 +100,33 @@ template <int WIDTH, bool SLOTTED, typename Code>
 constexpr int ScoreSlotBytes() {
   return SLOTTED ? kScoreTeams * ScoreTeamSlotVecs<WIDTH, Code>() * int(sizeof(BoundVec<Code>)) : 0;
 }
+static_assert(ScoreSlotBytes<72, true, int8_t>() >= ScoreSlotBytes<72, true, uint16_t>(),
+              "the int8 form stages the query in as few stages as the bf16 form");
 
-// Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each).
+// Lane c's share of copying one block's two rows into the team's block slots, in row order
+// (lane c: vectors c, c + 8, ..., so each copy instruction reads whole 128-byte lines), as one
+// committed cp.async group.
+template <int WIDTH, typename Code>
+__device__ __forceinline__ void CopyBlockRows(BoundVec<Code>* block_slots, const Code* kmax_row,
+                                              const Code* kmin_row, int c) {
+  using Vec = BoundVec<Code>;
+  constexpr int kVecs = WIDTH / 8;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int w = 8 * i + c;
+    __pipeline_memcpy_async(block_slots + w, kmax_row + 8 * w, sizeof(Vec));
+    __pipeline_memcpy_async(block_slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(Vec));
+  }
+  __pipeline_commit();
+}
+
+// Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each), or
+// (SLOTTED) block_slots: the team's copy of them, landed.
 template <int WIDTH, bool SLOTTED, typename Code>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
                                                  const Code* kmax_row, const Code* kmin_row,
-                                                 BoundVec<Code>* slots, unsigned team_mask,
-                                                 int width, int c) {
+                                                 const BoundVec<Code>* block_slots, int width,
+                                                 int c) {
   using Vec = BoundVec<Code>;
   const Code* kmax = kmax_row + c * width;
   const Code* kmin = kmin_row + c * width;
@@ -106,20 +141,7 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     static_assert(WIDTH % 8 == 0, "slices load whole vectors of 8 values");
     constexpr int kVecs = WIDTH / 8;
     Vec a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
-    if constexpr (SLOTTED) {
-      // The team copies both rows in order into its slots (lane c: vectors c, c + 8, ..., so
-      // each copy instruction reads whole 128-byte lines), then each lane reads its slice's.
-      __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int w = 8 * i + c;
-        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(Vec));
-        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(Vec));
-      }
-      __pipeline_commit();
-      __pipeline_wait_prior(0);
-      __syncwarp(team_mask);  // every lane's copies landed
-    } else {
+    if constexpr (!SLOTTED) {
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
         a[v] = reinterpret_cast<const Vec*>(kmax)[v];
@@ -130,8 +152,8 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     for (int j = 0; j < WIDTH; ++j) {
       Vec av4, nv4;
       if constexpr (SLOTTED) {
-        av4 = slots[c * kVecs + j / 8];
-        nv4 = slots[8 * kVecs + c * kVecs + j / 8];
+        av4 = block_slots[c * kVecs + j / 8];
+        nv4 = block_slots[8 * kVecs + c * kVecs + j / 8];
       } else {
         av4 = a[j / 8];
         nv4 = n[j / 8];
@@ -236,21 +258,57 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   }
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   constexpr bool kInt8 = sizeof(Code) == 1;
+  constexpr int kTeamBlocks = kScoreBlocks / kScoreTeams;
+  constexpr int kDepth = ScoreSlotBlocks<Code>();
   const Code* kmax = static_cast<const Code*>(p.block_kmax);
   const Code* kmin = static_cast<const Code*>(p.block_kmin);
   BoundVec<Code>* slots = reinterpret_cast<BoundVec<Code>*>(q_sum + 2 * p.head_dim) +
                           team * ScoreTeamSlotVecs<WIDTH, Code>();
+  int64_t row_offset[kTeamBlocks];
+#pragma unroll
+  for (int k = 0; k < kTeamBlocks; ++k) {
+    row_offset[k] = (int64_t{team_rows[k]} * p.num_kv_heads + g) * p.head_dim;
+  }
+  auto block_slots = [&](int k) { return slots + k % kDepth * ScoreBlockVecs<WIDTH>(); };
+  const int team_count = count > team ? min(kTeamBlocks, (count - team + kScoreTeams - 1) / kScoreTeams) : 0;
+  if constexpr (SLOTTED && kDepth > 1) {  // the first kDepth blocks' copies, a group per block
+#pragma unroll
+    for (int k = 0; k < kDepth; ++k) {
+      if (k < team_count) {
+        CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + row_offset[k], kmin + row_offset[k], c);
+      } else {
+        __pipeline_commit();
+      }
+    }
+  }
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
 #pragma unroll
-  for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
+  for (int k = 0; k < kTeamBlocks; ++k) {
+    if (k >= team_count) break;
     const int i = team + k * kScoreTeams;
-    if (i >= count) break;
     const int64_t index_row = int64_t{team_rows[k]} * p.num_kv_heads + g;
-    const int64_t off = index_row * p.head_dim;
+    const int64_t off = row_offset[k];
     // The int8 row's scale, loaded beside the row (lane 0 applies it).
     const float row_scale = kInt8 && c == 0 ? p.maybe_block_scales[index_row] : 1.f;
-    float s = BlockSliceScore<WIDTH, SLOTTED, Code>(qpos, qneg, kmax + off, kmin + off, slots,
-                                                    team_mask, width, c);
+    if constexpr (SLOTTED && kDepth == 1) {  // bf16 rows: copy, then wait for them
+      __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
+      CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + off, kmin + off, c);
+    }
+    if constexpr (SLOTTED) {
+      __pipeline_wait_prior(kDepth - 1);  // block k's group: the later ones may be in flight
+      __syncwarp(team_mask);              // every lane's copies landed
+    }
+    float s = BlockSliceScore<WIDTH, SLOTTED, Code>(qpos, qneg, kmax + off, kmin + off,
+                                                    block_slots(k), width, c);
+    if constexpr (SLOTTED && kDepth > 1) {  // block k's slots are read: block k + kDepth's
+      __syncwarp(team_mask);
+      if (k + kDepth < team_count) {
+        CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + row_offset[k + kDepth],
+                                   kmin + row_offset[k + kDepth], c);
+      } else {
+        __pipeline_commit();
+      }
+    }
     // Butterfly: after step k every lane holds the sum of its aligned 2^k-lane group, and both
     // halves add the same two values (commuted), so the team ends with one bit pattern.
 #pragma unroll
