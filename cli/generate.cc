@@ -11,8 +11,8 @@
 #include "asynctls/runtime/tokenizer.h"
 #include "asynctls/runtime/weights.h"
 #include "commands.h"
+#include "engine_flags.h"
 #include "flags.h"
-#include "tls_flags.h"
 #include "model_fetch.h"
 #if ASYNCTLS_HAVE_GRPC
 #include "grpc_client.h"
@@ -23,9 +23,9 @@ namespace asynctls {
 absl::Status RunGenerate(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw"}));
-  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      WithTlsFlags({"prompt", "prompt-file", "model", "device", "max-tokens", "temperature",
-                    "top-p", "top-k", "seed", "stop", "raw", "threads", "server", "attention"})));
+  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(WithEngineFlags(
+      {"prompt", "prompt-file", "model", "device", "max-tokens", "temperature", "top-p", "top-k",
+       "seed", "stop", "raw", "threads", "server", "attention"})));
   if (flags.Has("prompt") == flags.Has("prompt-file"))
     return absl::InvalidArgumentError("give exactly one of --prompt or --prompt-file");
   std::string prompt = flags.Get("prompt");
@@ -49,7 +49,7 @@ absl::Status RunGenerate(int argc, char** argv) {
   if (attention != "dense" && attention != "tls")
     return absl::InvalidArgumentError(absl::StrCat("--attention: '", attention, "' is not dense or tls"));
   request.tls = attention == "tls";
-  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &engine_options));
+  ASYNCTLS_RETURN_IF_ERROR(ParseEngineFlags(flags, &engine_options));
   if (request.tls && !flags.Has("server") && !engine_options.tls)
     return absl::InvalidArgumentError("--attention tls: give --tls-channels FILE (asynctls calibrate writes one)");
 

@@ -15,8 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "asynctls/runtime/status.h"
 #include "commands.h"
+#include "engine_flags.h"
 #include "flags.h"
-#include "tls_flags.h"
 #include "model_fetch.h"
 #include "server/serving.h"
 
@@ -69,8 +69,8 @@ absl::Status RunServe(int argc, char** argv) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(
-      WithTlsFlags({"port", "metrics-port", "model", "device", "threads", "max-queue",
-                    "max-batch-tokens", "max-running", "host", "workers", "worker-binary"})));
+      WithEngineFlags({"port", "metrics-port", "model", "device", "threads", "max-queue",
+                       "max-batch-tokens", "max-running", "host", "workers", "worker-binary"})));
   ServingOptions options;
   options.host = flags.Get("host", "0.0.0.0");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("port", &options.port));
@@ -80,7 +80,7 @@ absl::Status RunServe(int argc, char** argv) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("max-running", &options.coordinator.max_running));
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("threads", &options.engine.cpu_threads));
   options.engine.device = flags.Get("device", "auto");
-  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &options.engine));
+  ASYNCTLS_RETURN_IF_ERROR(ParseEngineFlags(flags, &options.engine));
   options.model_path = flags.Get("model");
   if (options.model_path.empty()) {
     ASYNCTLS_ASSIGN_OR_RETURN(options.model_path, DefaultModelPath());
@@ -105,7 +105,7 @@ absl::Status RunServe(int argc, char** argv) {
                                          absl::StrCat("worker-", i), "--model", options.model_path, "--device",
                                          options.engine.device};
         if (flags.Has("threads")) args.insert(args.end(), {"--threads", flags.Get("threads")});
-        for (const std::string& f : TlsFlagNames()) {
+        for (const std::string& f : EngineFlagNames()) {
           if (flags.Has(f)) args.insert(args.end(), {absl::StrCat("--", f), flags.Get(f)});
         }
         const pid_t pid = Spawn(args);

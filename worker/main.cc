@@ -7,8 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -25,8 +25,8 @@
 #include "asynctls/runtime/status.h"
 #include "asynctls/runtime/weights.h"
 #include "asynctls/v1/worker.grpc.pb.h"
+#include "engine_flags.h"
 #include "flags.h"
-#include "tls_flags.h"
 #include "model_fetch.h"
 #include "server/step_codec.h"
 
@@ -46,6 +46,9 @@ constexpr char kUsage[] = R"(usage: asynctls-worker --coordinator HOST:PORT [fla
   --threads N              CPU threads (default: all cores)
   --kv-cache-mb MB         KV cache size (default: 1 GiB on the CPU, 40% of free GPU memory)
   --max-batch-tokens N     most tokens per step (default 512)
+  --tls-channels FILE      serve attention.mode TLS (and the other --tls-* flags of asynctls
+                           generate)
+  --cuda-graphs on|off     decode steps replayed from CUDA graphs (default off)
 )";
 
 // Set by the signal thread; the current session's context is cancelled so blocking calls end.
@@ -236,7 +239,7 @@ class Worker {
 absl::Status Main(int argc, char** argv, StopState* stop) {
   Flags flags;
   ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {}));
-  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(WithTlsFlags(
+  ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(WithEngineFlags(
       {"coordinator", "name", "model", "device", "threads", "kv-cache-mb", "max-batch-tokens"})));
   if (!flags.Has("coordinator")) return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   std::string name = flags.Get("name");
@@ -255,7 +258,7 @@ absl::Status Main(int argc, char** argv, StopState* stop) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("kv-cache-mb", &kv_mb));
   if (kv_mb < 0) return absl::InvalidArgumentError("--kv-cache-mb must be >= 0");
   options.kv_cache_bytes = kv_mb << 20;
-  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, &options));
+  ASYNCTLS_RETURN_IF_ERROR(ParseEngineFlags(flags, &options));
 
   std::string model_path = flags.Get("model");
   if (model_path.empty()) {

@@ -42,7 +42,8 @@ case $mode in
   local)
     "$src/deploy/local.sh" --workers 1 --port "$port" --metrics-port "$metrics_port" \
       --model "$model" --device cpu --threads 1 --bin-dir "$build" --run-dir "$work/run" \
-      --timeout 300 --grace 10 --worker-arg --kv-cache-mb --worker-arg 64 >"$work/out.txt" 2>&1 &
+      --timeout 300 --grace 10 --worker-arg --kv-cache-mb --worker-arg 64 \
+      --worker-arg --cuda-graphs --worker-arg on >"$work/out.txt" 2>&1 &
     ;;
   multinode)
     printf '# coordinator\n127.0.0.1 addr=127.0.0.1\n\nlocalhost threads=1 device=cpu\n' \

@@ -3,7 +3,9 @@
 // calibrate`'s output; budgets default to the paper's k_b 128, k_t 1024; L is `one-step` (the
 // paper's: tokens chosen among the previous step's blocks, block selection beside them; the
 // default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256);
-// `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes).
+// `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes). And
+// `--cuda-graphs on|off`: decode steps replayed from CUDA graphs (off by default; on a GPU, 8-10%
+// off a batch-1 step, bench/results/tls-decode-step-h200.md run 12; the CPU runs op by op).
 #pragma once
 
 #include <cstdint>
@@ -26,9 +28,20 @@ inline const std::vector<std::string>& TlsFlagNames() {
   return names;
 }
 
-// `known` and the TLS flags.
-inline std::vector<std::string> WithTlsFlags(std::vector<std::string> known) {
-  known.insert(known.end(), TlsFlagNames().begin(), TlsFlagNames().end());
+// The flags ParseEngineFlags reads: the TLS flags and --cuda-graphs (`asynctls serve` passes
+// them on to the workers it starts).
+inline const std::vector<std::string>& EngineFlagNames() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> n = TlsFlagNames();
+    n.push_back("cuda-graphs");
+    return n;
+  }();
+  return names;
+}
+
+// `known` and the engine flags.
+inline std::vector<std::string> WithEngineFlags(std::vector<std::string> known) {
+  known.insert(known.end(), EngineFlagNames().begin(), EngineFlagNames().end());
   return known;
 }
 
@@ -72,6 +85,19 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
     tls.int8_block_index = form == "int8";
   }
   options->tls = std::move(tls);
+  return absl::OkStatus();
+}
+
+// The TLS flags, then --cuda-graphs on|off.
+inline absl::Status ParseEngineFlags(const Flags& flags, EngineOptions* options) {
+  ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, options));
+  if (flags.Has("cuda-graphs")) {
+    const std::string v = flags.Get("cuda-graphs");
+    if (v != "on" && v != "off") {
+      return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs: '", v, "' is not on or off"));
+    }
+    options->cuda_graphs = v == "on";
+  }
   return absl::OkStatus();
 }
 
