@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include "asynctls/runtime/tokenizer.h"
 #include "model_test_util.h"
@@ -183,6 +184,48 @@ TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
     EXPECT_EQ(all.capture_failures, 0);
     EXPECT_EQ(all.evictions, 0);
     EXPECT_EQ(all.cached_graphs, 2);
+
+    // As a server's batch changes: sequence 2 leaves and sequence 4, of another length and
+    // (TLS) with no lag state yet, joins in a prefill step. The batch then has as many
+    // sequences and as wide a table as before, so its decode steps replay the graph captured
+    // for the earlier sequences, with the new one's tables, positions and first (same-step)
+    // TLS selection uploaded into it.
+    for (const SampledToken& t : *sampled) {
+      for (Seq& s : seqs) {
+        if (s.id == t.seq_id) s.token = t.token;
+      }
+    }
+    StepPlan swap;
+    swap.releases.push_back(2);
+    std::erase_if(seqs, [](const Seq& s) { return s.id == 2; });
+    seqs.push_back({4, {text.begin() + 300, text.begin() + 1150}});
+    swap.prefills.push_back({4, seqs.back().prompt, 0, /*sample=*/true, {}});
+    auto joined = testing::StepBoth(**eager, **graphed, swap);
+    ASSERT_TRUE(joined.ok()) << joined.status();
+    ASSERT_EQ(joined->size(), 1u);
+    seqs.back().token = (*joined)[0].token;
+    std::vector<int32_t> positions;
+    for (const Seq& s : seqs) {
+      positions.push_back(static_cast<int32_t>(s.prompt.size()) + (s.id == 4 ? 0 : kSteps));
+    }
+    for (int step = 0; step < 24; ++step) {
+      StepPlan plan;
+      for (size_t i = 0; i < seqs.size(); ++i) {
+        plan.decodes.push_back(
+            {seqs[i].id, seqs[i].token, positions[i]++, {}, tls && seqs[i].id != 1});
+      }
+      auto next = testing::StepBoth(**eager, **graphed, plan);
+      ASSERT_TRUE(next.ok()) << "after the swap, step " << step << ": " << next.status();
+      for (const SampledToken& t : *next) {
+        for (Seq& s : seqs) {
+          if (s.id == t.seq_id) s.token = t.token;
+        }
+      }
+    }
+    const DecodeGraphStats swapped = (*graphed)->graph_stats();
+    EXPECT_EQ(swapped.captures, 2);  // the same shape: no new graph
+    EXPECT_GE(swapped.replays - all.replays, 24);
+    EXPECT_EQ(swapped.capture_failures, 0);
     StepPlan release;
     for (const Seq& s : seqs) release.releases.push_back(s.id);
     ASSERT_TRUE((*eager)->Step(release).ok());
