@@ -73,7 +73,7 @@ using BoundVec = std::conditional_t<sizeof(Code) == 2, uint4, uint2>;
 // Blocks a team's slots hold at once: an int8 block's two rows take half a bf16 block's bytes,
 // so the int8 form copies a team's second block while it scores its first (one DRAM round trip
 // per team instead of two) in about the bf16 form's region, and the query stage keeps its size
-// (half the stage doubled the stages at 128 heads: block score 13.4 -> 18.3 us, run 86).
+// (a half-size stage doubled the stages at 128 heads: block score 13.4 -> 18.3 us, run 86).
 template <typename Code>
 constexpr int ScoreSlotBlocks() {
   return sizeof(Code) == 1 ? 2 : 1;
@@ -103,9 +103,9 @@ constexpr int ScoreSlotBytes() {
 static_assert(ScoreSlotBytes<72, true, int8_t>() >= ScoreSlotBytes<72, true, uint16_t>(),
               "the int8 form stages the query in as few stages as the bf16 form");
 
-// Lane c's share of copying one block's two rows into the team's block slots, in row order
-// (lane c: vectors c, c + 8, ..., so each copy instruction reads whole 128-byte lines), as one
-// committed cp.async group.
+// Lane c's share of copying one block's two rows into a team's block slots, in row order (lane
+// c: vectors c, c + 8, ..., so each copy instruction reads whole 128-byte lines), committed as
+// one cp.async group.
 template <int WIDTH, typename Code>
 __device__ __forceinline__ void CopyBlockRows(BoundVec<Code>* block_slots, const Code* kmax_row,
                                               const Code* kmin_row, int c) {
@@ -120,13 +120,13 @@ __device__ __forceinline__ void CopyBlockRows(BoundVec<Code>* block_slots, const
   __pipeline_commit();
 }
 
-// Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each), or
-// (SLOTTED) block_slots: the team's copy of them, landed.
-template <int WIDTH, bool SLOTTED, typename Code>
+// Slice c of one block's score. kmax / kmin: the block's rows (head_dim values each). PREFETCHED
+// (slotted only): `slots` already holds the block's rows, landed (the int8 form's copies).
+template <int WIDTH, bool SLOTTED, typename Code, bool PREFETCHED = false>
 __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float* qneg,
                                                  const Code* kmax_row, const Code* kmin_row,
-                                                 const BoundVec<Code>* block_slots, int width,
-                                                 int c) {
+                                                 BoundVec<Code>* slots, unsigned team_mask,
+                                                 int width, int c) {
   using Vec = BoundVec<Code>;
   const Code* kmax = kmax_row + c * width;
   const Code* kmin = kmin_row + c * width;
@@ -141,7 +141,22 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     static_assert(WIDTH % 8 == 0, "slices load whole vectors of 8 values");
     constexpr int kVecs = WIDTH / 8;
     Vec a[SLOTTED ? 1 : kVecs], n[SLOTTED ? 1 : kVecs];
-    if constexpr (!SLOTTED) {
+    if constexpr (SLOTTED && PREFETCHED) {
+      // The caller's copies of the rows landed in `slots`.
+    } else if constexpr (SLOTTED) {
+      // The team copies both rows in order into its slots (lane c: vectors c, c + 8, ..., so
+      // each copy instruction reads whole 128-byte lines), then each lane reads its slice's.
+      __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const int w = 8 * i + c;
+        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(Vec));
+        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(Vec));
+      }
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
+      __syncwarp(team_mask);  // every lane's copies landed
+    } else {
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
         a[v] = reinterpret_cast<const Vec*>(kmax)[v];
@@ -152,8 +167,8 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     for (int j = 0; j < WIDTH; ++j) {
       Vec av4, nv4;
       if constexpr (SLOTTED) {
-        av4 = block_slots[c * kVecs + j / 8];
-        nv4 = block_slots[8 * kVecs + c * kVecs + j / 8];
+        av4 = slots[c * kVecs + j / 8];
+        nv4 = slots[8 * kVecs + c * kVecs + j / 8];
       } else {
         av4 = a[j / 8];
         nv4 = n[j / 8];
@@ -258,24 +273,24 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   }
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
   constexpr bool kInt8 = sizeof(Code) == 1;
-  constexpr int kTeamBlocks = kScoreBlocks / kScoreTeams;
-  constexpr int kDepth = ScoreSlotBlocks<Code>();
   const Code* kmax = static_cast<const Code*>(p.block_kmax);
   const Code* kmin = static_cast<const Code*>(p.block_kmin);
   BoundVec<Code>* slots = reinterpret_cast<BoundVec<Code>*>(q_sum + 2 * p.head_dim) +
                           team * ScoreTeamSlotVecs<WIDTH, Code>();
-  int64_t row_offset[kTeamBlocks];
-#pragma unroll
-  for (int k = 0; k < kTeamBlocks; ++k) {
-    row_offset[k] = (int64_t{team_rows[k]} * p.num_kv_heads + g) * p.head_dim;
-  }
-  auto block_slots = [&](int k) { return slots + k % kDepth * ScoreBlockVecs<WIDTH>(); };
-  const int team_count = count > team ? min(kTeamBlocks, (count - team + kScoreTeams - 1) / kScoreTeams) : 0;
-  if constexpr (SLOTTED && kDepth > 1) {  // the first kDepth blocks' copies, a group per block
+  // Slotted int8 rows: the copies of the team's first kDepth blocks go out at once (a cp.async
+  // group per block, empty past the team's last), and block k's slots take block k + kDepth's
+  // once scored. The bf16 rows copy each block inside BlockSliceScore.
+  constexpr bool kPrefetch = SLOTTED && kInt8;
+  constexpr int kDepth = ScoreSlotBlocks<Code>();
+  auto block_offset = [&](int k) {
+    return (int64_t{team_rows[k]} * p.num_kv_heads + g) * p.head_dim;
+  };
+  if constexpr (kPrefetch) {
 #pragma unroll
     for (int k = 0; k < kDepth; ++k) {
-      if (k < team_count) {
-        CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + row_offset[k], kmin + row_offset[k], c);
+      if (team + k * kScoreTeams < count) {
+        CopyBlockRows<WIDTH, Code>(slots + k * ScoreBlockVecs<WIDTH>(), kmax + block_offset(k),
+                                   kmin + block_offset(k), c);
       } else {
         __pipeline_commit();
       }
@@ -283,28 +298,25 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
   }
   float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
 #pragma unroll
-  for (int k = 0; k < kTeamBlocks; ++k) {
-    if (k >= team_count) break;
+  for (int k = 0; k < kScoreBlocks / kScoreTeams; ++k) {
     const int i = team + k * kScoreTeams;
+    if (i >= count) break;
     const int64_t index_row = int64_t{team_rows[k]} * p.num_kv_heads + g;
-    const int64_t off = row_offset[k];
+    const int64_t off = index_row * p.head_dim;
     // The int8 row's scale, loaded beside the row (lane 0 applies it).
     const float row_scale = kInt8 && c == 0 ? p.maybe_block_scales[index_row] : 1.f;
-    if constexpr (SLOTTED && kDepth == 1) {  // bf16 rows: copy, then wait for them
-      __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
-      CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + off, kmin + off, c);
-    }
-    if constexpr (SLOTTED) {
-      __pipeline_wait_prior(kDepth - 1);  // block k's group: the later ones may be in flight
+    BoundVec<Code>* block_slots = slots + (kPrefetch ? k % kDepth * ScoreBlockVecs<WIDTH>() : 0);
+    if constexpr (kPrefetch) {
+      __pipeline_wait_prior(kDepth - 1);  // block k's group: later ones may be in flight
       __syncwarp(team_mask);              // every lane's copies landed
     }
-    float s = BlockSliceScore<WIDTH, SLOTTED, Code>(qpos, qneg, kmax + off, kmin + off,
-                                                    block_slots(k), width, c);
-    if constexpr (SLOTTED && kDepth > 1) {  // block k's slots are read: block k + kDepth's
+    float s = BlockSliceScore<WIDTH, SLOTTED, Code, kPrefetch>(
+        qpos, qneg, kmax + off, kmin + off, block_slots, team_mask, width, c);
+    if constexpr (kPrefetch) {  // block k's slots are read: block k + kDepth's copy
       __syncwarp(team_mask);
-      if (k + kDepth < team_count) {
-        CopyBlockRows<WIDTH, Code>(block_slots(k), kmax + row_offset[k + kDepth],
-                                   kmin + row_offset[k + kDepth], c);
+      if (k + kDepth < kScoreBlocks / kScoreTeams && i + kDepth * kScoreTeams < count) {
+        CopyBlockRows<WIDTH, Code>(block_slots, kmax + block_offset(k + kDepth),
+                                   kmin + block_offset(k + kDepth), c);
       } else {
         __pipeline_commit();
       }
