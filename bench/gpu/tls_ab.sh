@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A/B(/C) of TLS kernel changes on a GPU machine, one call: two or three source trees built side
-# by side (kernels-only config), the TLS GPU tests of every tree but A, then each tls_bench
+# A/B(/C/D/E) of TLS kernel changes on a GPU machine, one call: two to five source trees built
+# side by side (kernels-only config), the TLS GPU tests of every tree but A, then each tls_bench
 # selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter.
 # Ratios between trees are only meaningful inside one call (clocks and neighbours move).
 #
@@ -10,8 +10,9 @@
 #   A=scratch/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
-# Env: A (tree A, required), B (tree B, default the repository root), C (optional third tree),
-# RUNS (';'-separated `tls_bench --only` arguments, required), REPS (default 2), SAMPLES
+# Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
+# trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
+# required), REPS (default 2), SAMPLES
 # (default 15), TESTS=0 to skip the GPU tests, OUT (default ./tls-ab-out). Writes ab.log (the
 # table) and the full tls_bench output per tree; build logs stay in /tmp (the device returns
 # few files).
@@ -39,6 +40,8 @@ tests=""
 [[ "${TESTS:-1}" == 1 ]] && tests="tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
 declare -A trees=([a]=$A [b]=$B)
 [[ -n "${C:-}" ]] && trees[c]=$C
+[[ -n "${D:-}" ]] && trees[d]=$D
+[[ -n "${E:-}" ]] && trees[e]=$E
 letters=$(printf '%s\n' "${!trees[@]}" | sort | tr '\n' ' ')
 declare -A pids
 for letter in $letters; do
