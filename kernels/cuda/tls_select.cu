@@ -144,16 +144,9 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
     if constexpr (SLOTTED && PREFETCHED) {
       // The caller's copies of the rows landed in `slots`.
     } else if constexpr (SLOTTED) {
-      // The team copies both rows in order into its slots (lane c: vectors c, c + 8, ..., so
-      // each copy instruction reads whole 128-byte lines), then each lane reads its slice's.
+      // The team copies both rows into its slots, then each lane reads its slice's.
       __syncwarp(team_mask);  // the team's lanes are done with the previous block's slots
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int w = 8 * i + c;
-        __pipeline_memcpy_async(slots + w, kmax_row + 8 * w, sizeof(Vec));
-        __pipeline_memcpy_async(slots + 8 * kVecs + w, kmin_row + 8 * w, sizeof(Vec));
-      }
-      __pipeline_commit();
+      CopyBlockRows<WIDTH, Code>(slots, kmax_row, kmin_row, c);
       __pipeline_wait_prior(0);
       __syncwarp(team_mask);  // every lane's copies landed
     } else {
