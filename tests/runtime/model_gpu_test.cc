@@ -137,7 +137,16 @@ TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
   struct Seq {
     uint64_t id;
     std::vector<int32_t> prompt;
-    int32_t token = 0;
+    int32_t token = 0;     // the last sampled token: the next one decoded
+    int32_t position = 0;  // its position
+  };
+  // Each sampled token becomes its sequence's next one to decode.
+  auto take = [](std::vector<Seq>& seqs, const std::vector<SampledToken>& sampled) {
+    for (const SampledToken& t : sampled) {
+      for (Seq& s : seqs) {
+        if (s.id == t.seq_id) s.token = t.token;
+      }
+    }
   };
   constexpr int kSteps = 160;
   constexpr int kLongest = 1000;  // its step 24 reserves the 17th block: 32 blocks wide
@@ -147,30 +156,37 @@ TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
     ASSERT_TRUE(eager.ok()) << eager.status();
     auto graphed = MakeEngine(**file, "cuda", tls, kernels::TlsLag::kOneStep, false, true);
     ASSERT_TRUE(graphed.ok()) << graphed.status();
-    std::vector<Seq> seqs = {{1, {text.begin(), text.begin() + kLongest}},
-                             {2, {text.begin() + 1000, text.begin() + 1900}}};
-    if (tls) seqs.push_back({3, {text.begin() + 1250, text.begin() + 2200}});
-    StepPlan prefill;
-    for (const Seq& s : seqs) {
-      prefill.prefills.push_back({s.id, s.prompt, 0, /*sample=*/true, {}});
-    }
-    auto sampled = testing::StepBoth(**eager, **graphed, prefill);
-    ASSERT_TRUE(sampled.ok()) << sampled.status();
+    // Prefills `joining` (sampling each one's first token), then decodes every sequence.
+    std::vector<Seq> seqs;
+    auto join = [&](std::vector<Seq> joining, StepPlan plan) {
+      for (Seq& s : joining) {
+        s.position = static_cast<int32_t>(s.prompt.size());
+        plan.prefills.push_back({s.id, s.prompt, 0, /*sample=*/true, {}});
+        seqs.push_back(std::move(s));
+      }
+      auto sampled = testing::StepBoth(**eager, **graphed, plan);
+      if (sampled.ok()) take(seqs, *sampled);
+      return sampled;
+    };
+    // One decode step of every sequence (sequence 1 dense, the others TLS with `tls`).
+    auto decode = [&]() {
+      StepPlan plan;
+      for (Seq& s : seqs) plan.decodes.push_back({s.id, s.token, s.position++, {}, tls && s.id != 1});
+      auto sampled = testing::StepBoth(**eager, **graphed, plan);
+      if (sampled.ok()) take(seqs, *sampled);
+      return sampled;
+    };
+    std::vector<Seq> first = {{1, {text.begin(), text.begin() + kLongest}},
+                              {2, {text.begin() + 1000, text.begin() + 1900}}};
+    if (tls) first.push_back({3, {text.begin() + 1250, text.begin() + 2200}});
+    auto prefilled = join(std::move(first), {});
+    ASSERT_TRUE(prefilled.ok()) << prefilled.status();
+    ASSERT_EQ(prefilled->size(), seqs.size());
     DecodeGraphStats narrow;  // after the last step 16 blocks wide
     for (int step = 0; step < kSteps; ++step) {
-      ASSERT_EQ(sampled->size(), seqs.size());
-      for (const SampledToken& t : *sampled) {
-        for (Seq& s : seqs) {
-          if (s.id == t.seq_id) s.token = t.token;
-        }
-      }
-      StepPlan plan;
-      for (const Seq& s : seqs) {
-        const int32_t position = static_cast<int32_t>(s.prompt.size()) + step;
-        plan.decodes.push_back({s.id, s.token, position, {}, tls && s.id != 1});
-      }
-      sampled = testing::StepBoth(**eager, **graphed, plan);
+      auto sampled = decode();
       ASSERT_TRUE(sampled.ok()) << "step " << step << ": " << sampled.status();
+      ASSERT_EQ(sampled->size(), seqs.size());
       if (kLongest + step + 1 == 16 * kernels::kKvBlockSize) narrow = (*graphed)->graph_stats();
     }
     const DecodeGraphStats all = (*graphed)->graph_stats();
@@ -189,37 +205,15 @@ TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
     // (TLS) with no lag state yet, joins in a prefill step. The batch then has as many
     // sequences and as wide a table as before, so its decode steps replay the graph captured
     // for the earlier sequences, with the new one's tables and positions uploaded into it.
-    for (const SampledToken& t : *sampled) {
-      for (Seq& s : seqs) {
-        if (s.id == t.seq_id) s.token = t.token;
-      }
-    }
     StepPlan swap;
     swap.releases.push_back(2);
     std::erase_if(seqs, [](const Seq& s) { return s.id == 2; });
-    seqs.push_back({4, {text.begin() + 300, text.begin() + 1150}});
-    swap.prefills.push_back({4, seqs.back().prompt, 0, /*sample=*/true, {}});
-    auto joined = testing::StepBoth(**eager, **graphed, swap);
+    auto joined = join({{4, {text.begin() + 300, text.begin() + 1150}}}, swap);
     ASSERT_TRUE(joined.ok()) << joined.status();
     ASSERT_EQ(joined->size(), 1u);
-    seqs.back().token = (*joined)[0].token;
-    std::vector<int32_t> positions;
-    for (const Seq& s : seqs) {
-      positions.push_back(static_cast<int32_t>(s.prompt.size()) + (s.id == 4 ? 0 : kSteps));
-    }
     for (int step = 0; step < 24; ++step) {
-      StepPlan plan;
-      for (size_t i = 0; i < seqs.size(); ++i) {
-        plan.decodes.push_back(
-            {seqs[i].id, seqs[i].token, positions[i]++, {}, tls && seqs[i].id != 1});
-      }
-      auto next = testing::StepBoth(**eager, **graphed, plan);
-      ASSERT_TRUE(next.ok()) << "after the swap, step " << step << ": " << next.status();
-      for (const SampledToken& t : *next) {
-        for (Seq& s : seqs) {
-          if (s.id == t.seq_id) s.token = t.token;
-        }
-      }
+      auto sampled = decode();
+      ASSERT_TRUE(sampled.ok()) << "after the swap, step " << step << ": " << sampled.status();
     }
     const DecodeGraphStats swapped = (*graphed)->graph_stats();
     EXPECT_EQ(swapped.captures, 2);  // the same shape: no new graph
