@@ -4,9 +4,8 @@
 # selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter.
 # Ratios between trees are only meaningful inside one call (clocks and neighbours move).
 #
-#   git archive <base-rev> kernels bench tests CMakeLists.txt cmake | (mkdir -p scratch/a &&
-#     tar x -C scratch/a)   # on the workstation: tree A, untracked, carried with the checkout
-#   ln -s ../../.deps scratch/a/.deps   # (a tree C likewise, C=scratch/c)
+#   bash bench/gpu/ab_trees.sh a=<base-rev> c=<rev>   # on the workstation: untracked trees
+#                                                     # scratch/a, scratch/c, carried along
 #   A=scratch/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
