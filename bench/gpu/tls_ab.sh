@@ -11,10 +11,9 @@
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
 # trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
-# required), REPS (default 2), SAMPLES
-# (default 15), TESTS=0 to skip the GPU tests, OUT (default ./tls-ab-out). Writes ab.log (the
-# table) and the full tls_bench output per tree; build logs stay in /tmp (the device returns
-# few files).
+# required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, OUT (default
+# ./tls-ab-out). Writes ab.log (the table) and the full tls_bench output per tree; build logs
+# stay in /tmp (the device returns few files).
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.." || exit 1

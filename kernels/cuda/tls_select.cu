@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     const int i = team + k * kScoreTeams;
     if (i >= count) break;
     const int64_t index_row = int64_t{team_rows[k]} * p.num_kv_heads + g;
-    const int64_t off = index_row * p.head_dim;
+    const int64_t off = block_offset(k);
     // The int8 row's scale, loaded beside the row (lane 0 applies it).
     const float row_scale = kInt8 && c == 0 ? p.maybe_block_scales[index_row] : 1.f;
     BoundVec<Code>* block_slots = slots + (kPrefetch ? k % kDepth * ScoreBlockVecs<WIDTH>() : 0);
