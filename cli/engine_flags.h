@@ -101,4 +101,31 @@ inline absl::Status ParseEngineFlags(const Flags& flags, EngineOptions* options)
   return absl::OkStatus();
 }
 
+// `generate --server` (a client): --tls-block-budget / --tls-token-budget are the request's
+// budgets (0 or absent: the server's; the server rejects more than its own), only with
+// --attention tls; the other engine flags configure an engine, which a client does not start,
+// so they are errors rather than silently ignored.
+inline absl::Status ParseClientTlsBudgets(const Flags& flags, bool tls, int32_t* block_budget,
+                                          int32_t* token_budget) {
+  for (const std::string& f : EngineFlagNames()) {
+    if (f != "tls-block-budget" && f != "tls-token-budget" && flags.Has(f)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", f,
+          " configures the server's engine: give it to `asynctls serve`, not to a client"));
+    }
+  }
+  if (!tls && (flags.Has("tls-block-budget") || flags.Has("tls-token-budget"))) {
+    return absl::InvalidArgumentError(
+        "--tls-block-budget / --tls-token-budget: only with --attention tls");
+  }
+  *block_budget = 0;
+  *token_budget = 0;
+  ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("tls-block-budget", block_budget));
+  ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("tls-token-budget", token_budget));
+  if (*block_budget < 0 || *token_budget < 0) {
+    return absl::InvalidArgumentError("--tls-block-budget / --tls-token-budget: must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace asynctls

@@ -22,10 +22,10 @@ namespace asynctls {
 
 absl::Status RunGenerate(int argc, char** argv) {
   Flags flags;
-  ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw"}));
+  ASYNCTLS_RETURN_IF_ERROR(flags.Parse(argc, argv, {"raw", "ignore-eos"}));
   ASYNCTLS_RETURN_IF_ERROR(flags.CheckKnown(WithEngineFlags(
       {"prompt", "prompt-file", "model", "device", "max-tokens", "temperature", "top-p", "top-k",
-       "seed", "stop", "raw", "threads", "server", "attention"})));
+       "seed", "stop", "raw", "ignore-eos", "threads", "server", "attention"})));
   if (flags.Has("prompt") == flags.Has("prompt-file"))
     return absl::InvalidArgumentError("give exactly one of --prompt or --prompt-file");
   std::string prompt = flags.Get("prompt");
@@ -41,6 +41,7 @@ absl::Status RunGenerate(int argc, char** argv) {
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("top-k", &request.sampling.top_k));
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("seed", &request.sampling.seed));
   request.stop_strings = flags.All("stop");
+  request.ignore_eos = flags.Has("ignore-eos");
   EngineOptions engine_options;
   engine_options.device = flags.Get("device", "auto");
   ASYNCTLS_RETURN_IF_ERROR(flags.GetNumber("threads", &engine_options.cpu_threads));
@@ -49,13 +50,13 @@ absl::Status RunGenerate(int argc, char** argv) {
   if (attention != "dense" && attention != "tls")
     return absl::InvalidArgumentError(absl::StrCat("--attention: '", attention, "' is not dense or tls"));
   request.tls = attention == "tls";
-  ASYNCTLS_RETURN_IF_ERROR(ParseEngineFlags(flags, &engine_options));
-  if (request.tls && !flags.Has("server") && !engine_options.tls)
-    return absl::InvalidArgumentError("--attention tls: give --tls-channels FILE (asynctls calibrate writes one)");
-
   if (flags.Has("server")) {
 #if ASYNCTLS_HAVE_GRPC
-    // A client of a running server: the server tokenizes (and applies the chat template).
+    // A client of a running server: the server tokenizes (and applies the chat template); the
+    // TLS budgets are the request's.
+    int32_t block_budget = 0, token_budget = 0;
+    ASYNCTLS_RETURN_IF_ERROR(
+        ParseClientTlsBudgets(flags, request.tls, &block_budget, &token_budget));
     v1::GenerateRequest remote;
     if (flags.Has("raw")) {
       remote.set_prompt(prompt);
@@ -71,7 +72,13 @@ absl::Status RunGenerate(int argc, char** argv) {
     s->set_top_k(request.sampling.top_k);
     s->set_seed(request.sampling.seed);
     for (const auto& stop : request.stop_strings) s->add_stop(stop);
-    if (request.tls) remote.mutable_attention()->set_mode(v1::AttentionOptions::MODE_TLS);
+    s->set_ignore_eos(request.ignore_eos);
+    if (request.tls) {
+      v1::AttentionOptions* a = remote.mutable_attention();
+      a->set_mode(v1::AttentionOptions::MODE_TLS);
+      a->set_block_budget(block_budget);
+      a->set_token_budget(token_budget);
+    }
     InferenceClient client(flags.Get("server"));
     ASYNCTLS_ASSIGN_OR_RETURN(StreamedGeneration out, client.Generate(remote, [](const v1::Chunk& chunk) {
       std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
@@ -89,6 +96,10 @@ absl::Status RunGenerate(int argc, char** argv) {
     return absl::UnimplementedError("--server: this build has no gRPC client (ASYNCTLS_GRPC=OFF)");
 #endif
   }
+  ASYNCTLS_RETURN_IF_ERROR(ParseEngineFlags(flags, &engine_options));
+  if (request.tls && !engine_options.tls)
+    return absl::InvalidArgumentError(
+        "--attention tls: give --tls-channels FILE (asynctls calibrate writes one)");
   std::string model_path = flags.Get("model");
   if (model_path.empty()) {
     ASYNCTLS_ASSIGN_OR_RETURN(model_path, DefaultModelPath());

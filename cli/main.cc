@@ -21,6 +21,7 @@ commands:
              --top-p P --top-k K --seed S
              --stop STR          stop string (repeatable)
              --raw               send the prompt as is, without the chat template
+             --ignore-eos        generate max-tokens tokens whatever the model ends with
              --threads N         CPU threads (default: all cores)
              --attention A       dense (default) or tls: two-level sparse attention for the
                                  generated tokens (locally needs --tls-channels)

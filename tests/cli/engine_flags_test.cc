@@ -41,5 +41,42 @@ TEST(EngineFlagsTest, BadValuesSayWhichFlagAndValue) {
   EXPECT_FALSE(Parse({"--cuda-graph", "on"}, &options).ok());  // unknown flag
 }
 
+// `generate --server`: the budgets travel with the request; engine flags are refused.
+absl::Status ParseClient(std::vector<std::string> args, bool tls, int32_t* block_budget,
+                         int32_t* token_budget) {
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  Flags flags;
+  absl::Status status = flags.Parse(static_cast<int>(argv.size()), argv.data(), {});
+  if (status.ok()) status = flags.CheckKnown(WithEngineFlags({}));
+  if (status.ok()) status = ParseClientTlsBudgets(flags, tls, block_budget, token_budget);
+  return status;
+}
+
+TEST(EngineFlagsTest, ClientBudgetsAreTheRequestsAndEngineFlagsAreRefused) {
+  int32_t block = -1, token = -1;
+  ASSERT_TRUE(ParseClient({}, true, &block, &token).ok());
+  EXPECT_EQ(block, 0);  // 0: the server's
+  EXPECT_EQ(token, 0);
+  ASSERT_TRUE(
+      ParseClient({"--tls-block-budget", "16", "--tls-token-budget", "256"}, true, &block, &token)
+          .ok());
+  EXPECT_EQ(block, 16);
+  EXPECT_EQ(token, 256);
+  // No --tls-channels needed: the server has the channel sets.
+  const absl::Status dense = ParseClient({"--tls-token-budget", "256"}, false, &block, &token);
+  EXPECT_EQ(dense.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(dense.message(), "--tls-block-budget / --tls-token-budget: only with --attention tls");
+  const absl::Status negative = ParseClient({"--tls-block-budget", "-1"}, true, &block, &token);
+  EXPECT_EQ(negative.code(), absl::StatusCode::kInvalidArgument);
+  for (const char* flag : {"--cuda-graphs", "--tls-channels", "--tls-lag", "--tls-block-index"}) {
+    const absl::Status engine = ParseClient({flag, "x"}, true, &block, &token);
+    EXPECT_EQ(engine.code(), absl::StatusCode::kInvalidArgument) << flag;
+    EXPECT_EQ(engine.message(), std::string(flag) +
+                                    " configures the server's engine: give it to `asynctls "
+                                    "serve`, not to a client");
+  }
+}
+
 }  // namespace
 }  // namespace asynctls
