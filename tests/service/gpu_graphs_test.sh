@@ -31,7 +31,10 @@ if [ ! -f "$model" ]; then
   echo "SKIP: SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)"
   exit 77
 fi
-"$asynctls" serve --help >/dev/null 2>&1 || { echo "SKIP: asynctls built without gRPC"; exit 77; }
+if timeout 10 "$asynctls" serve --port x 2>&1 | grep -q "unknown command"; then
+  echo "SKIP: asynctls built without gRPC (no serve)"
+  exit 77
+fi
 keep=${2:-}
 work=${keep:-$(mktemp -d)}
 mkdir -p "$work"
