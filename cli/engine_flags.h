@@ -103,11 +103,13 @@ inline absl::Status ParseEngineFlags(const Flags& flags, EngineOptions* options)
 
 // `generate --server` (a client): --tls-block-budget / --tls-token-budget are the request's
 // budgets (0 or absent: the server's; the server rejects more than its own), only with
-// --attention tls; the other engine flags configure an engine, which a client does not start,
-// so they are errors rather than silently ignored.
-inline absl::Status ParseClientTlsBudgets(const Flags& flags, bool tls, int32_t* block_budget,
-                                          int32_t* token_budget) {
-  for (const std::string& f : EngineFlagNames()) {
+// --attention tls. The flags that configure an engine (--device, --threads, the other engine
+// flags) are errors: a client starts no engine, and ignoring them would hide the mistake.
+inline absl::Status ParseClientFlags(const Flags& flags, bool tls, int32_t* block_budget,
+                                     int32_t* token_budget) {
+  std::vector<std::string> engine = {"device", "threads"};
+  engine.insert(engine.end(), EngineFlagNames().begin(), EngineFlagNames().end());
+  for (const std::string& f : engine) {
     if (f != "tls-block-budget" && f != "tls-token-budget" && flags.Has(f)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--", f,

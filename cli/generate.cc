@@ -55,9 +55,9 @@ absl::Status RunGenerate(int argc, char** argv) {
     // A client of a running server: the server tokenizes (and applies the chat template); the
     // TLS budgets are the request's.
     int32_t block_budget = 0, token_budget = 0;
-    ASYNCTLS_RETURN_IF_ERROR(
-        ParseClientTlsBudgets(flags, request.tls, &block_budget, &token_budget));
+    ASYNCTLS_RETURN_IF_ERROR(ParseClientFlags(flags, request.tls, &block_budget, &token_budget));
     v1::GenerateRequest remote;
+    remote.set_model(flags.Get("model"));  // a name the server lists (empty: its only model)
     if (flags.Has("raw")) {
       remote.set_prompt(prompt);
     } else {

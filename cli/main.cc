@@ -53,7 +53,11 @@ commands:
              --tls-channels FILE [--tls-block-budget N --tls-token-budget N --tls-lag L]   serve requests
                                  with attention.mode TLS (as for generate)
              --cuda-graphs on|off  as for generate (passed on to --workers)
-  generate --server HOST:PORT    act as a client of a running server
+  generate --server HOST:PORT    act as a client of a running server: --model NAME picks a model
+                                 the server lists (default: its only one); --tls-block-budget N
+                                 --tls-token-budget N with --attention tls ask for smaller
+                                 budgets than the server's; engine flags (--device, --threads,
+                                 --tls-channels, --cuda-graphs, ...) belong to serve
   bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only
              --server HOST:PORT  the server (required)
              --num-requests N    default 100

@@ -48,8 +48,8 @@ absl::Status ParseClient(std::vector<std::string> args, bool tls, int32_t* block
   for (std::string& a : args) argv.push_back(a.data());
   Flags flags;
   absl::Status status = flags.Parse(static_cast<int>(argv.size()), argv.data(), {});
-  if (status.ok()) status = flags.CheckKnown(WithEngineFlags({}));
-  if (status.ok()) status = ParseClientTlsBudgets(flags, tls, block_budget, token_budget);
+  if (status.ok()) status = flags.CheckKnown(WithEngineFlags({"device", "threads"}));
+  if (status.ok()) status = ParseClientFlags(flags, tls, block_budget, token_budget);
   return status;
 }
 
@@ -69,7 +69,8 @@ TEST(EngineFlagsTest, ClientBudgetsAreTheRequestsAndEngineFlagsAreRefused) {
   EXPECT_EQ(dense.message(), "--tls-block-budget / --tls-token-budget: only with --attention tls");
   const absl::Status negative = ParseClient({"--tls-block-budget", "-1"}, true, &block, &token);
   EXPECT_EQ(negative.code(), absl::StatusCode::kInvalidArgument);
-  for (const char* flag : {"--cuda-graphs", "--tls-channels", "--tls-lag", "--tls-block-index"}) {
+  for (const char* flag : {"--cuda-graphs", "--tls-channels", "--tls-lag", "--tls-block-index",
+                           "--device", "--threads"}) {
     const absl::Status engine = ParseClient({flag, "x"}, true, &block, &token);
     EXPECT_EQ(engine.code(), absl::StatusCode::kInvalidArgument) << flag;
     EXPECT_EQ(engine.message(), std::string(flag) +

@@ -4,7 +4,8 @@
 # (`asynctls serve --tls-channels`, budgets k_b 32 / k_t 128): a TLS request with smaller
 # budgets (--tls-block-budget / --tls-token-budget travel with the request) is served; one over
 # the server's token budget fails with INVALID_ARGUMENT naming the field, and leaves the server
-# serving; an engine flag given to the client is refused before it connects.
+# serving; an engine flag given to the client is refused before it connects; --model names a
+# model the server lists (an unknown name is INVALID_ARGUMENT).
 # Exit 77 (CTest: skipped) without the SmolLM2 model.
 set -euo pipefail
 build=$(cd "${1:?build dir}" && pwd)
@@ -74,4 +75,11 @@ if client --attention tls --cuda-graphs on; then fail "a client accepted --cuda-
 grep -q "configures the server's engine" "$work/client.txt" || fail "--cuda-graphs: message"
 if client --tls-token-budget 64; then fail "budgets without --attention tls were accepted"; fi
 grep -q "only with --attention tls" "$work/client.txt" || fail "budgets without tls: message"
-echo "PASS: client TLS budgets served, over-budget rejected with INVALID_ARGUMENT, engine flags refused"
+if client --device cpu; then fail "a client accepted --device"; fi
+grep -q "configures the server's engine" "$work/client.txt" || fail "--device: message"
+
+# --model: a name the server lists; an unknown one is INVALID_ARGUMENT naming it.
+if client --model no-such-model; then fail "an unknown model was served"; fi
+grep -q "INVALID_ARGUMENT: model: unknown model 'no-such-model'" "$work/client.txt" ||
+  fail "unknown model: message"
+echo "PASS: client TLS budgets served, over-budget and unknown model rejected with INVALID_ARGUMENT, engine flags refused"
