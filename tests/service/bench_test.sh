@@ -7,19 +7,13 @@
 # Exit 77 (CTest: skipped) without the SmolLM2 model.
 set -euo pipefail
 build=$(cd "${1:?build dir}" && pwd)
-model=${ASYNCTLS_MODEL_PATH:-$HOME/.cache/asynctls/SmolLM2-135M-Instruct.Q4_1.gguf}
-if [ ! -f "$model" ]; then
-  echo "SKIP: SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)"
-  exit 77
-fi
+# shellcheck source=SCRIPTDIR/test_common.sh
+source "$(dirname "$0")/test_common.sh"
+require_model
 work=$(mktemp -d)
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-  fi
+  [ -z "$server_pid" ] || stop_process "$server_pid"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -28,14 +22,10 @@ fail() {
   for f in "$work"/*.txt; do [ -f "$f" ] && { echo "---- $f"; tail -n 40 "$f"; } >&2; done
   exit 1
 }
-read -r port metrics_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r port metrics_port < <(free_ports 2)
 
 asynctls=$build/cli/asynctls
-if "$asynctls" serve --help >/dev/null 2>&1; then
+if has_serve "$asynctls"; then
   "$asynctls" serve --model "$model" --device cpu --threads 1 --host 127.0.0.1 --port "$port" \
     --metrics-port "$metrics_port" >"$work/server.txt" 2>&1 &
 else

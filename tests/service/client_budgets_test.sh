@@ -10,20 +10,14 @@
 set -euo pipefail
 build=$(cd "${1:?build dir}" && pwd)
 src=$(cd "$(dirname "$0")/../.." && pwd)
-model=${ASYNCTLS_MODEL_PATH:-$HOME/.cache/asynctls/SmolLM2-135M-Instruct.Q4_1.gguf}
-if [ ! -f "$model" ]; then
-  echo "SKIP: SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)"
-  exit 77
-fi
+# shellcheck source=SCRIPTDIR/test_common.sh
+source "$src/tests/service/test_common.sh"
+require_model
 asynctls=$build/cli/asynctls
 work=$(mktemp -d)
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-  fi
+  [ -z "$server_pid" ] || stop_process "$server_pid"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -32,9 +26,7 @@ fail() {
   for f in "$work"/*.txt; do [ -f "$f" ] && { echo "---- $f"; tail -n 20 "$f"; } >&2; done
   exit 1
 }
-port=$(python3 -c '
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_ports 1)
 
 "$asynctls" serve --model "$model" --device cpu --threads 1 --host 127.0.0.1 --port "$port" \
   --tls-channels "$src/tests/data/channels/smollm2-gpl.json" --tls-block-budget 32 \

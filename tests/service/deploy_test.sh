@@ -9,11 +9,9 @@ set -euo pipefail
 mode=${1:?local or multinode}
 build=$(cd "${2:?build dir}" && pwd)
 src=$(cd "$(dirname "$0")/../.." && pwd)
-model=${ASYNCTLS_MODEL_PATH:-$HOME/.cache/asynctls/SmolLM2-135M-Instruct.Q4_1.gguf}
-if [ ! -f "$model" ]; then
-  echo "SKIP: SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)"
-  exit 77
-fi
+# shellcheck source=SCRIPTDIR/test_common.sh
+source "$src/tests/service/test_common.sh"
+require_model
 work=$(mktemp -d)
 script_pid=""
 cleanup() {
@@ -32,11 +30,7 @@ fail() {
   done
   exit 1
 }
-read -r port metrics_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r port metrics_port < <(free_ports 2)
 
 case $mode in
   local)

@@ -17,7 +17,8 @@
 set -euo pipefail
 dir=$(cd "${1:?build or bin dir}" && pwd)
 src=$(cd "$(dirname "$0")/../.." && pwd)
-model=${ASYNCTLS_MODEL_PATH:-$HOME/.cache/asynctls/SmolLM2-135M-Instruct.Q4_1.gguf}
+# shellcheck source=SCRIPTDIR/test_common.sh
+source "$src/tests/service/test_common.sh"
 asynctls=$dir/cli/asynctls
 [ -x "$asynctls" ] || asynctls=$dir/asynctls
 [ -x "$asynctls" ] || { echo "FAIL: no asynctls in $dir or $dir/cli" >&2; exit 1; }
@@ -27,14 +28,8 @@ if [ "$device" = cuda ] &&
   echo "SKIP: no GPU"
   exit 77
 fi
-if [ ! -f "$model" ]; then
-  echo "SKIP: SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)"
-  exit 77
-fi
-if timeout 10 "$asynctls" serve --port x 2>&1 | grep -q "unknown command"; then
-  echo "SKIP: asynctls built without gRPC (no serve)"
-  exit 77
-fi
+require_model
+has_serve "$asynctls" || { echo "SKIP: asynctls built without gRPC (no serve)"; exit 77; }
 keep=${2:-}
 work=${keep:-$(mktemp -d)}
 mkdir -p "$work"
@@ -91,11 +86,7 @@ one_at_a_time() {  # server graphs
 
 run_server() {  # graphs: on|off
   local graphs=$1
-  read -r port metrics_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+  read -r port metrics_port < <(free_ports 2)
   "$asynctls" serve --model "$model" --device "$device" --cuda-graphs "$graphs" \
     --tls-channels "$src/tests/data/channels/smollm2-gpl.json" --host 127.0.0.1 \
     --port "$port" --metrics-port "$metrics_port" >"$work/serve-$graphs.log" 2>&1 &
