@@ -10,18 +10,7 @@ build=$(cd "${1:?build dir}" && pwd)
 # shellcheck source=SCRIPTDIR/test_common.sh
 source "$(dirname "$0")/test_common.sh"
 require_model
-work=$(mktemp -d)
-server_pid=""
-cleanup() {
-  [ -z "$server_pid" ] || stop_process "$server_pid"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  for f in "$work"/*.txt; do [ -f "$f" ] && { echo "---- $f"; tail -n 40 "$f"; } >&2; done
-  exit 1
-}
+use_workdir_and_server
 read -r port metrics_port < <(free_ports 2)
 
 asynctls=$build/cli/asynctls

@@ -14,18 +14,7 @@ src=$(cd "$(dirname "$0")/../.." && pwd)
 source "$src/tests/service/test_common.sh"
 require_model
 asynctls=$build/cli/asynctls
-work=$(mktemp -d)
-server_pid=""
-cleanup() {
-  [ -z "$server_pid" ] || stop_process "$server_pid"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  for f in "$work"/*.txt; do [ -f "$f" ] && { echo "---- $f"; tail -n 20 "$f"; } >&2; done
-  exit 1
-}
+use_workdir_and_server
 port=$(free_ports 1)
 
 "$asynctls" serve --model "$model" --device cpu --threads 1 --host 127.0.0.1 --port "$port" \

@@ -36,3 +36,18 @@ stop_process() {
 has_serve() {
   ! timeout 10 "$1" serve --port x 2>&1 | grep -q "unknown command"
 }
+
+# For a test with one server: $work (a temporary folder, removed on exit, as the server
+# $server_pid is stopped if set) and fail MESSAGE (prints it and the tail of each $work/*.txt,
+# exits 1).
+use_workdir_and_server() {
+  work=$(mktemp -d)
+  server_pid=""
+  trap '[ -z "$server_pid" ] || stop_process "$server_pid"; rm -rf "$work"' EXIT
+}
+fail() {
+  echo "FAIL: $*" >&2
+  local f
+  for f in "$work"/*.txt; do [ -f "$f" ] && { echo "---- $f"; tail -n 40 "$f"; } >&2; done
+  exit 1
+}
