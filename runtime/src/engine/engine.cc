@@ -2,15 +2,17 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <tuple>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/match.h"
 #include "asynctls/runtime/logging.h"
 #include "asynctls/runtime/sampler.h"
 #include "asynctls/runtime/status.h"
 #include "asynctls/runtime/weights.h"
+#include "backend/thread_pool.h"
 
 namespace asynctls {
 
@@ -91,6 +93,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateRandom(const ModelConfig& 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Finish(std::unique_ptr<Engine> engine) {
   const ModelConfig& c = engine->model_->config();
   engine->model_name_ = c.name.empty() ? c.architecture : c.name;
+  engine->sampling_pool_ = std::make_unique<ThreadPool>(
+      static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u)));
   int64_t kv_bytes = engine->options_.kv_cache_bytes;
   if (kv_bytes <= 0) {
     kv_bytes = engine->backend_->kind() == DeviceKind::kCpu ? int64_t{1} << 30
@@ -176,16 +180,24 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     return s;
   }
   const int vocab = model_->config().vocab_size;
-  size_t row = 0;
+  std::vector<const Item*> sampled;  // in logits row order
   for (const Item& it : items) {
     cache_->SetSeqLen(it.seq_id, it.start_pos + it.num_tokens);
     if (it.tls_lag_slot >= 0) cache_->SetTlsSelectLen(it.seq_id, it.start_pos + it.num_tokens);
-    if (!it.sample) continue;
-    const float* row_logits = logits_.data() + row * vocab;
-    if (options_.keep_logits) sampled_logits_.insert(sampled_logits_.end(), row_logits, row_logits + vocab);
-    const Sample s = SampleToken(row_logits, vocab, it.sampling, it.start_pos + it.num_tokens);
-    result->tokens.push_back({it.seq_id, s.token, s.logprob});
-    ++row;
+    if (it.sample) sampled.push_back(&it);
+  }
+  if (options_.keep_logits) {
+    sampled_logits_.insert(sampled_logits_.end(), logits_.begin(),
+                           logits_.begin() + static_cast<int64_t>(sampled.size()) * vocab);
+  }
+  std::vector<Sample> samples(sampled.size());
+  sampling_pool_->ParallelFor(static_cast<int64_t>(sampled.size()), [&](int64_t row) {
+    const Item& it = *sampled[row];
+    samples[row] =
+        SampleToken(logits_.data() + row * vocab, vocab, it.sampling, it.start_pos + it.num_tokens);
+  });
+  for (size_t row = 0; row < sampled.size(); ++row) {
+    result->tokens.push_back({sampled[row]->seq_id, samples[row].token, samples[row].logprob});
   }
   return absl::OkStatus();
 }
