@@ -91,12 +91,16 @@ run_server() {  # graphs: on|off
     --tls-channels "$src/tests/data/channels/smollm2-gpl.json" --host 127.0.0.1 \
     --port "$port" --metrics-port "$metrics_port" >"$work/serve-$graphs.log" 2>&1 &
   server_pid=$!
-  local i
+  local i ready=0
   for ((i = 0; i < 600; i++)); do
     kill -0 "$server_pid" 2>/dev/null || fail "graphs $graphs: the server exited"
-    [ "$(metric "$(metrics 2>/dev/null || true)" "asynctls_replicas")" -ge 1 ] && break
+    if [ "$(metric "$(metrics 2>/dev/null || true)" "asynctls_replicas")" -ge 1 ]; then
+      ready=1
+      break
+    fi
     sleep 0.2
   done
+  [ "$ready" = 1 ] || fail "graphs $graphs: the server was not ready within 120 s"
   local server=127.0.0.1:$port
 
   # 1. One at a time.
