@@ -174,11 +174,15 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     }
     if (it.sample) batch.logit_rows.push_back(batch.cu_q_lens.back() - 1);
   }
+  using Ms = std::chrono::duration<double, std::milli>;
+  const auto t_forward = std::chrono::steady_clock::now();
   if (absl::Status s = model_->Forward(batch, *cache_, &logits_); !s.ok()) {
     // The slots may hold part of this step's block sets: the next steps select same-step.
     for (const Item& it : items) cache_->SetTlsSelectLen(it.seq_id, 0);
     return s;
   }
+  const auto t_sample = std::chrono::steady_clock::now();
+  result->forward_ms += Ms(t_sample - t_forward).count();
   const int vocab = model_->config().vocab_size;
   std::vector<const Item*> sampled;  // in logits row order
   for (const Item& it : items) {
@@ -199,6 +203,7 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   for (size_t row = 0; row < sampled.size(); ++row) {
     result->tokens.push_back({sampled[row]->seq_id, samples[row].token, samples[row].logprob});
   }
+  result->sample_ms += Ms(std::chrono::steady_clock::now() - t_sample).count();
   return absl::OkStatus();
 }
 

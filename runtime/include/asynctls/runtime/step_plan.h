@@ -64,6 +64,10 @@ struct StepResult {
   std::vector<SampledToken> tokens;
   std::vector<SequenceError> errors;
   double step_ms = 0;
+  // Parts of step_ms in the engine's process (not sent by workers): the model's forwards (their
+  // launches, the GPU's work and the logits' copy to the host) and the host's sampling.
+  double forward_ms = 0;
+  double sample_ms = 0;
   int32_t kv_blocks_used = 0;
   int32_t kv_blocks_total = 0;
 };
