@@ -32,6 +32,23 @@ std::vector<float> Random(size_t n, std::mt19937& rng) {
   return v;
 }
 
+TEST(CpuBackendTest, HostBuffersHoldTheirBytesAndCopiesFillThem) {
+  auto backend = MakeCpuBackend(1);
+  auto host = backend->AllocateHost(1000 * sizeof(float));
+  ASSERT_TRUE(host.ok()) << host.status();
+  EXPECT_EQ(host->bytes(), 1000 * sizeof(float));
+  auto device = backend->Allocate(1000 * sizeof(float));
+  ASSERT_TRUE(device.ok());
+  std::vector<float> x(1000);
+  std::iota(x.begin(), x.end(), 0.f);
+  ASSERT_TRUE(backend->CopyToDevice(device->data(), x.data(), device->bytes()).ok());
+  ASSERT_TRUE(backend->CopyToHost(host->data(), device->data(), device->bytes()).ok());
+  EXPECT_EQ(std::vector<float>(host->as<float>(), host->as<float>() + 1000), x);
+  HostBuffer moved = std::move(*host);  // ownership moves; freed once
+  EXPECT_EQ(moved.bytes(), 1000 * sizeof(float));
+  EXPECT_TRUE(backend->AllocateHost(0).ok());
+}
+
 TEST(CpuBackendTest, GemmWithBiasAndResidualMatchesReference) {
   std::mt19937 rng(1);
   auto backend = MakeCpuBackend(2);

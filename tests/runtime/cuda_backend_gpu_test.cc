@@ -149,6 +149,22 @@ TEST_F(CudaBackendTest, CopiesAndFills) {
   EXPECT_TRUE(backend_->Allocate(0).ok());
 }
 
+TEST_F(CudaBackendTest, CopiesToPageLockedHostMemory) {
+  const std::vector<float> x = Normal(100000);
+  DeviceBuffer d = Upload(x);
+  auto host = backend_->AllocateHost(x.size() * sizeof(float));
+  ASSERT_TRUE(host.ok()) << host.status();
+  EXPECT_EQ(host->bytes(), x.size() * sizeof(float));
+#if ASYNCTLS_HAVE_CUDA
+  cudaPointerAttributes attr{};
+  ASSERT_EQ(cudaPointerGetAttributes(&attr, host->data()), cudaSuccess);
+  EXPECT_EQ(attr.type, cudaMemoryTypeHost);  // page-locked, not pageable
+#endif
+  ASSERT_TRUE(backend_->CopyToHost(host->data(), d.data(), d.bytes()).ok());
+  EXPECT_EQ(std::vector<float>(host->as<float>(), host->as<float>() + x.size()), x);
+  EXPECT_TRUE(backend_->AllocateHost(0).ok());
+}
+
 TEST_F(CudaBackendTest, BadShapeIsInvalidArgumentNamingTheOp) {
   DeviceBuffer q = Poisoned<float>(64), k = Poisoned<float>(64);
   const absl::Status s = backend_->Rope({q.as<float>(), k.as<float>(), nullptr, nullptr, 1, 1, 1,

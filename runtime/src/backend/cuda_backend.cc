@@ -72,6 +72,7 @@ class CudaBackend final : public Backend {
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override;
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override;
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
+  absl::StatusOr<HostBuffer> AllocateHost(size_t bytes) override;
   absl::Status Fill(void* dst, int byte_value, size_t bytes) override;
   absl::Status Synchronize() override;
   int64_t FreeMemoryBytes() override;
@@ -329,6 +330,18 @@ absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes)
   ASYNCTLS_RETURN_IF_ERROR(JoinBlockBranch());
   ASYNCTLS_CUDA_OP(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_.get()));
   return absl::OkStatus();
+}
+
+absl::StatusOr<HostBuffer> CudaBackend::AllocateHost(size_t bytes) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  void* ptr = nullptr;
+  const cudaError_t e = cudaMallocHost(&ptr, bytes == 0 ? 1 : bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cudaMallocHost(", bytes, " bytes): ", cudaGetErrorString(e)));
+  }
+  return HostBuffer(ptr, bytes, [](void* p) { cudaFreeHost(p); });
 }
 
 absl::Status CudaBackend::CopyToHost(void* dst, const void* src, size_t bytes) {

@@ -1,3 +1,6 @@
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
 #include "asynctls/runtime/backend.h"
 
 namespace asynctls {
@@ -13,6 +16,15 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
     o.bytes_ = 0;
   }
   return *this;
+}
+
+absl::StatusOr<HostBuffer> Backend::AllocateHost(size_t bytes) {
+  void* data = std::malloc(bytes == 0 ? 1 : bytes);
+  if (data == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("host allocation of ", bytes, " bytes failed"));
+  }
+  return HostBuffer(data, bytes, &std::free);
 }
 
 void DeviceBuffer::Reset() {

@@ -1,6 +1,7 @@
 #include "asynctls/runtime/engine.h"
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <thread>
 #include <tuple>
@@ -176,14 +177,24 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   }
   using Ms = std::chrono::duration<double, std::milli>;
   const auto t_forward = std::chrono::steady_clock::now();
-  if (absl::Status s = model_->Forward(batch, *cache_, &logits_); !s.ok()) {
+  const int vocab = model_->config().vocab_size;
+  const size_t logits_bytes = sizeof(float) * vocab * batch.logit_rows.size();
+  if (logits_.bytes() < logits_bytes) {
+    // Grown to the next power of two of rows (page-locked allocations are slow), at most a
+    // forward's largest batch.
+    const size_t rows = std::min<size_t>(std::bit_ceil(batch.logit_rows.size()),
+                                         std::max(options_.max_batch_seqs, 1));
+    logits_ = HostBuffer();
+    ASYNCTLS_ASSIGN_OR_RETURN(
+        logits_, backend_->AllocateHost(std::max(logits_bytes, sizeof(float) * vocab * rows)));
+  }
+  if (absl::Status s = model_->Forward(batch, *cache_, logits_.as<float>()); !s.ok()) {
     // The slots may hold part of this step's block sets: the next steps select same-step.
     for (const Item& it : items) cache_->SetTlsSelectLen(it.seq_id, 0);
     return s;
   }
   const auto t_sample = std::chrono::steady_clock::now();
   result->forward_ms += Ms(t_sample - t_forward).count();
-  const int vocab = model_->config().vocab_size;
   std::vector<const Item*> sampled;  // in logits row order
   for (const Item& it : items) {
     cache_->SetSeqLen(it.seq_id, it.start_pos + it.num_tokens);
@@ -191,14 +202,15 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
     if (it.sample) sampled.push_back(&it);
   }
   if (options_.keep_logits) {
-    sampled_logits_.insert(sampled_logits_.end(), logits_.begin(),
-                           logits_.begin() + static_cast<int64_t>(sampled.size()) * vocab);
+    const float* logits = logits_.as<float>();
+    sampled_logits_.insert(sampled_logits_.end(), logits,
+                           logits + static_cast<int64_t>(sampled.size()) * vocab);
   }
   std::vector<Sample> samples(sampled.size());
   sampling_pool_->ParallelFor(static_cast<int64_t>(sampled.size()), [&](int64_t row) {
     const Item& it = *sampled[row];
-    samples[row] =
-        SampleToken(logits_.data() + row * vocab, vocab, it.sampling, it.start_pos + it.num_tokens);
+    samples[row] = SampleToken(logits_.as<float>() + row * vocab, vocab, it.sampling,
+                               it.start_pos + it.num_tokens);
   });
   for (size_t row = 0; row < sampled.size(); ++row) {
     result->tokens.push_back({sampled[row]->seq_id, samples[row].token, samples[row].logprob});

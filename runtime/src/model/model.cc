@@ -541,7 +541,7 @@ struct Model::Impl {
     return backend->TlsSparseAttention(ap);
   }
 
-  absl::Status Forward(const ForwardBatch& b, KvCache& cache, std::vector<float>* out_logits) {
+  absl::Status Forward(const ForwardBatch& b, KvCache& cache, float* out_logits) {
     ASYNCTLS_RETURN_IF_ERROR(CheckBatch(b));
     const ModelConfig& c = config;
     const int T = static_cast<int>(b.tokens.size());
@@ -752,8 +752,8 @@ struct Model::Impl {
       ASYNCTLS_RETURN_IF_ERROR(run_ops());
     }
     if (num_logits == 0) return absl::OkStatus();
-    out_logits->resize(static_cast<size_t>(num_logits) * c.vocab_size);
-    return backend->CopyToHost(out_logits->data(), logits.data(), out_logits->size() * sizeof(float));
+    return backend->CopyToHost(out_logits, logits.data(),
+                               sizeof(float) * num_logits * c.vocab_size);
   }
 
   // The block-table width of a graphed forward: the batch's widest sequence rounded up to a
@@ -850,6 +850,12 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Random(const ModelConfig& config, 
 }
 
 absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) {
+  ASYNCTLS_RETURN_IF_ERROR(impl_->CheckBatch(batch));  // before sizing by its logit rows
+  logits->resize(batch.logit_rows.size() * static_cast<size_t>(impl_->config.vocab_size));
+  return impl_->Forward(batch, cache, logits->data());
+}
+
+absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, float* logits) {
   return impl_->Forward(batch, cache, logits);
 }
 

@@ -65,7 +65,7 @@ class Engine final : public StepExecutor {
   std::unique_ptr<Model> model_;
   std::unique_ptr<KvCache> cache_;
   std::string model_name_;
-  std::vector<float> logits_;
+  HostBuffer logits_;  // the sampled rows' logits (page-locked on CUDA)
   std::vector<float> sampled_logits_;
   // Samples a step's rows side by side (a vocabulary row is ~0.2-0.4 ms of CPU work, on the
   // critical path of every step).

@@ -122,6 +122,9 @@ class Model {
   // Runs the batch, writing K/V into `cache`, and copies logits of batch.logit_rows to
   // `logits` ([logit_rows, vocab], host). INVALID_ARGUMENT if the batch exceeds the options.
   absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits);
+  // The same into `logits`, room for logit_rows * vocab floats (Backend::AllocateHost's memory
+  // takes the copy fastest).
+  absl::Status Forward(const ForwardBatch& batch, KvCache& cache, float* logits);
   // Calls `fn` in every later Forward once per layer, after RoPE, with host copies of that
   // layer's q/k/v (a blocking device-to-host copy per layer). Null (the default) turns it off
   // and costs nothing.
