@@ -15,7 +15,10 @@
 //   decode_step_bench [--device cuda] [--context 32768] [--batches 1,8] [--steps 20] [--json F]
 //                     [--attention dense|tls|both] [--k-b 128] [--k-t 1024]
 //                     [--lag one-step|same-step|both] [--cuda-graphs 0|1|both]
-//                     [--tls-block-index bf16|int8] [--shape qwen3-8b|tiny]
+//                     [--tls-block-index bf16|int8] [--shape qwen3-8b|tiny] [--profile 0|1]
+// --profile 1: each row's first timed step runs between cudaProfilerStart / Stop, so that
+// `ncu --profile-from-start off --metrics gpu__time_duration.sum --csv` lists one step's kernels
+// (with --cuda-graphs 0) and not the weights' generation.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -25,6 +28,10 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#if ASYNCTLS_HAVE_CUDA
+#include <cuda_profiler_api.h>
+#endif
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
@@ -184,6 +191,7 @@ int Main(int argc, char** argv) {
   std::string device = "cuda", json_path, attention = "dense", lag = "one-step";
   std::string cuda_graphs = "0", block_index = "bf16", shape = "qwen3-8b";
   int context = 32768, steps = 20, k_b = 128, k_t = 1024;
+  bool profile = false;
   std::vector<int> batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
@@ -201,6 +209,8 @@ int Main(int argc, char** argv) {
       block_index = v;
     else if (f == "--shape")
       shape = v;
+    else if (f == "--profile")
+      profile = v == "1";
     else if (f == "--batches") {
       batches.clear();
       for (auto s : absl::StrSplit(v, ',')) batches.push_back(std::atoi(std::string(s).c_str()));
@@ -324,7 +334,14 @@ int Main(int argc, char** argv) {
         for (size_t e = 0; e < engines.size(); ++e) {
           StepPlan plan;
           for (uint64_t id : ids[k]) plan.decodes.push_back({id, 42, context + s, {}, tls_mode});
-          auto r = engines[e]->Step(plan);
+          [[maybe_unused]] const bool profiled = profile && s == 3;
+#if ASYNCTLS_HAVE_CUDA
+          if (profiled) cudaProfilerStart();
+#endif
+          auto r = engines[e]->Step(plan);  // returns once the logits are on the host
+#if ASYNCTLS_HAVE_CUDA
+          if (profiled) cudaProfilerStop();
+#endif
           if (!r.ok() || !r->errors.empty()) {
             std::fprintf(stderr, "step failed: %s\n",
                          r.ok() ? r->errors[0].message.c_str() : r.status().ToString().c_str());
