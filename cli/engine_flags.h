@@ -4,7 +4,7 @@
 // paper's: tokens chosen among the previous step's blocks, block selection beside them; the
 // default) or `same-step`; `--tls-lag-slots N`: sequences that keep lag state at once (256);
 // `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes). And
-// `--cuda-graphs on|off`: decode steps replayed from CUDA graphs (off by default; on a GPU, 8-10%
+// `--cuda-graphs on|off`: decode steps replayed from CUDA graphs (on by default: on a GPU, 8-10%
 // off a batch-1 step, bench/results/tls-decode-step-h200.md run 12; the CPU runs op by op).
 #pragma once
 

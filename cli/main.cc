@@ -33,7 +33,7 @@ commands:
                                  later ones select same-step until slots free)
              --tls-block-index F bf16 (default) or int8: the block index's form (int8 halves
                                  its bytes)
-             --cuda-graphs on|off  decode steps replayed from CUDA graphs (default off; on a
+             --cuda-graphs on|off  decode steps replayed from CUDA graphs (default on: on a
                                  GPU 8-10% faster at batch 1; the CPU runs op by op)
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)

@@ -48,7 +48,7 @@ constexpr char kUsage[] = R"(usage: asynctls-worker --coordinator HOST:PORT [fla
   --max-batch-tokens N     most tokens per step (default 512)
   --tls-channels FILE      serve attention.mode TLS (and the other --tls-* flags of asynctls
                            generate)
-  --cuda-graphs on|off     decode steps replayed from CUDA graphs (default off)
+  --cuda-graphs on|off     decode steps replayed from CUDA graphs (default on)
 )";
 
 // Set by the signal thread; the current session's context is cancelled so blocking calls end.

@@ -20,10 +20,10 @@ absl::Status Parse(std::vector<std::string> args, EngineOptions* options) {
   return status;
 }
 
-TEST(EngineFlagsTest, CudaGraphsOnOffAndOffByDefault) {
+TEST(EngineFlagsTest, CudaGraphsOnOffAndOnByDefault) {
   EngineOptions options;
   ASSERT_TRUE(Parse({}, &options).ok());
-  EXPECT_FALSE(options.cuda_graphs);
+  EXPECT_TRUE(options.cuda_graphs);
   ASSERT_TRUE(Parse({"--cuda-graphs", "on"}, &options).ok());
   EXPECT_TRUE(options.cuda_graphs);
   ASSERT_TRUE(Parse({"--cuda-graphs", "off"}, &options).ok());
