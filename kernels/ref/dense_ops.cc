@@ -141,6 +141,24 @@ void SiluMul(const SiluMulParams& p) {
   }
 }
 
+void GreedyPick(const GreedyPickParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* l = p.logits + int64_t{r} * p.vocab;
+    float max = -std::numeric_limits<float>::infinity();
+    for (int32_t i = 0; i < p.vocab; ++i) max = l[i] > max ? l[i] : max;  // NaN compares false
+    int32_t best = 0;
+    while (best < p.vocab && l[best] != max) ++best;
+    if (best == p.vocab) best = 0;  // every logit NaN
+    double total = 0;
+    for (int32_t i = 0; i < p.vocab; ++i) {
+      const float d = l[i] - max;  // NaN for NaN logits and when max is -inf
+      if (d == d) total += std::exp(double{d});
+    }
+    p.token[r] = best;
+    p.logprob[r] = static_cast<float>(-std::log(total));
+  }
+}
+
 void KvAppend(const KvAppendParams& p) {
   for (int t = 0; t < p.num_tokens; ++t) {
     for (int h = 0; h < p.num_kv_heads; ++h) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -308,6 +309,42 @@ TEST_F(DenseOpsGpuTest, SiluMulMatchesOracle) {
       ExpectClose(Download<float>(d_out, expected.size()), expected, kF32ElementwiseNmse);
     }
   }
+}
+
+// Greedy picks on the device: the oracle's tokens exactly, its logprobs to float precision.
+// Vocabularies with and without 16-byte rows, a tie, NaN and all -inf / all NaN rows.
+TEST_F(DenseOpsGpuTest, GreedyPickMatchesOracle) {
+  SCOPED_TRACE(SeedTrace());
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  for (int vocab : {5, 1000, 49152, 151936, 151937}) {
+    const int rows = 8;
+    SCOPED_TRACE(::testing::Message() << "vocab " << vocab);
+    std::vector<float> logits = kt::RandomNormal(size_t(rows) * vocab, 3.f);
+    logits[1] = 50.f;  // row 0: a tie between ids 1 and vocab - 1
+    logits[vocab - 1] = 50.f;
+    logits[vocab] = nan;                                                   // row 1: NaN first
+    for (int i = 0; i < vocab; ++i) logits[2 * size_t(vocab) + i] = -inf;  // row 2
+    for (int i = 0; i < vocab; ++i) logits[3 * size_t(vocab) + i] = nan;   // row 3
+    std::vector<int32_t> token(rows);
+    std::vector<float> logprob(rows);
+    ref::GreedyPick({logits.data(), token.data(), logprob.data(), rows, vocab});
+    DeviceBuffer d_logits = Upload(logits), d_token(rows * sizeof(int32_t)),
+                 d_logprob(rows * sizeof(float));
+    ASSERT_CUDA_OK(cuda::GreedyPick(
+        {d_logits.as<float>(), d_token.as<int32_t>(), d_logprob.as<float>(), rows, vocab},
+        nullptr));
+    EXPECT_EQ(Download<int32_t>(d_token, rows), token);
+    const std::vector<float> got = Download<float>(d_logprob, rows);
+    for (int r = 0; r < rows; ++r) {
+      if (std::isinf(logprob[r])) {
+        EXPECT_EQ(got[r], logprob[r]) << "row " << r;
+      } else {
+        EXPECT_NEAR(got[r], logprob[r], 1e-5f * std::max(1.f, std::fabs(logprob[r])))
+            << "row " << r;
+      }
+    }
+  }
+  EXPECT_EQ(cuda::GreedyPick({nullptr, nullptr, nullptr, 1, 0}, nullptr), cudaErrorInvalidValue);
 }
 
 // Gathers into a random permutation of rows (16-byte and 4-byte row widths); the rows no index

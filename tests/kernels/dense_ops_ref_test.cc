@@ -160,6 +160,22 @@ TEST(DenseOpsRefTest, SiluMulByHand) {
   EXPECT_NEAR(out[2], -1.f / (1.f + std::exp(1.f)), kTol);
 }
 
+TEST(DenseOpsRefTest, GreedyPickByHand) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  // Rows: a tie (the first wins), NaN beside the max, all -inf, all NaN, NaN then -inf.
+  const std::vector<float> logits = {1.f,  3.f,  3.f, 0.f, nan, 2.f, nan, -1.f, -inf, -inf,
+                                     -inf, -inf, nan, nan, nan, nan, nan, -inf, nan,  -inf};
+  std::vector<int32_t> token(5, -1);
+  std::vector<float> logprob(5);
+  ref::GreedyPick({logits.data(), token.data(), logprob.data(), 5, 4});
+  EXPECT_EQ(token, (std::vector<int32_t>{1, 1, 0, 0, 1}));
+  EXPECT_NEAR(logprob[0], -std::log(2 + std::exp(-2.f) + std::exp(-3.f)), kTol);
+  EXPECT_NEAR(logprob[1], -std::log(1 + std::exp(-3.f)), kTol);  // NaN terms left out
+  EXPECT_EQ(logprob[2], inf);                                    // no finite logit
+  EXPECT_EQ(logprob[3], inf);
+  EXPECT_EQ(logprob[4], inf);
+}
+
 TEST(DenseOpsRefTest, CopyRowsGathersByIndex) {
   // 4 source rows of 3 words; dst rows 2, 0 and 3 from src rows 1, 3 and 1; dst row 1 untouched.
   const std::vector<int32_t> src = {0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32};

@@ -6,7 +6,9 @@
 // and that graphs are evicted least recently used first and freed with the model.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <set>
@@ -71,6 +73,9 @@ class PretendGraphBackend final : public Backend {
   absl::Status Rope(const kernels::RopeParams& p) override { return cpu_->Rope(p); }
   absl::Status SplitQkv(const kernels::SplitQkvParams& p) override { return cpu_->SplitQkv(p); }
   absl::Status SiluMul(const kernels::SiluMulParams& p) override { return cpu_->SiluMul(p); }
+  absl::Status GreedyPick(const kernels::GreedyPickParams& p) override {
+    return cpu_->GreedyPick(p);
+  }
   absl::Status KvAppend(const kernels::KvAppendParams& p) override { return cpu_->KvAppend(p); }
   absl::Status CopyRows(const kernels::CopyRowsParams& p) override { return cpu_->CopyRows(p); }
   absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override {
@@ -231,6 +236,38 @@ TEST(ModelGraphTest, GrowingSequenceChangesShapeOncePerWidthBucket) {
     graphed.reset();
     EXPECT_EQ(backend.live_graphs(), 0u) << "the model frees its graphs";
   }
+}
+
+// ForwardOutputs::greedy: the backend's GreedyPick runs after the LM head (inside the graph when
+// the step replays one), and a step that asks for picks only copies no logits. The picks equal
+// the first maximum of the step's logits, replayed or not, and asking for them is part of the
+// shape (a step without picks is captured apart).
+TEST(ModelGraphTest, GreedyPicksComeWithOrWithoutTheLogits) {
+  PretendGraphBackend backend;
+  std::unique_ptr<Model> model = TinyModel(backend, true);
+  std::unique_ptr<KvCache> cache = TinyCache(backend, 4);
+  ASSERT_TRUE(model && cache);
+  const int vocab = TinyConfig().vocab_size;
+  for (int position = 100; position < 106; ++position) {
+    std::vector<float> logits(vocab, -1.f);
+    std::vector<int32_t> picks(2, -1);  // token, then the logprob's bits
+    const bool with_logits = position % 2 == 0;
+    ForwardOutputs out{with_logits ? logits.data() : nullptr, picks.data()};
+    ASSERT_TRUE(model->Forward(DecodeBatch(*cache, position), *cache, out).ok());
+    if (!with_logits) {
+      EXPECT_EQ(logits, std::vector<float>(vocab, -1.f)) << "logits copied unasked";
+      continue;
+    }
+    const int best =
+        static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    EXPECT_EQ(picks[0], best) << "position " << position;
+    double sum = 0;
+    for (float x : logits) sum += std::exp(double{x} - logits[best]);
+    EXPECT_NEAR(std::bit_cast<float>(picks[1]), -std::log(sum), 1e-5);
+  }
+  const DecodeGraphStats stats = model->graph_stats();
+  EXPECT_EQ(stats.captures, 1);  // one shape, with picks: its second step captured
+  EXPECT_EQ(stats.replays, 5);
 }
 
 // A shape whose capture fails runs op by op and is not tried again at every step.

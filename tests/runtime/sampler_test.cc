@@ -11,6 +11,8 @@
 #include <set>
 #include <vector>
 
+#include "asynctls/kernels/ref.h"
+
 namespace asynctls {
 namespace {
 
@@ -74,6 +76,33 @@ TEST(SamplerTest, GreedyLogprobIsTheLogSoftmaxOfALargeVocabulary) {
   double sum = 0;
   for (float x : logits) sum += std::exp(double{x} - logits[best]);
   EXPECT_NEAR(s.logprob, -std::log(sum), 1e-5);
+}
+
+// A GPU engine picks greedy rows with the backend's GreedyPick (the logits stay on the device):
+// the same token as the host sampler's greedy pick, ties and NaN included, and the same logprob.
+TEST(SamplerTest, GreedyPickOpAgreesWithTheSampler) {
+  std::vector<float> logits;
+  for (uint32_t seed : {3u, 4u, 5u}) {
+    const std::vector<float> row = ModelLikeLogits(151936, seed);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  const float nan = std::nanf("");
+  logits[5] = nan;  // a NaN in row 0
+  const int row1 = 151936, row2 = 2 * 151936;
+  // Row 1: its max twice (the first wins); row 2: NaN at the front.
+  const float top = *std::max_element(logits.begin() + row1, logits.begin() + row2);
+  logits[row1 + 100] = top + 1.f;
+  logits[row1 + 90000] = top + 1.f;
+  logits[row2] = nan;
+  std::vector<int32_t> token(3);
+  std::vector<float> logprob(3);
+  kernels::ref::GreedyPick({logits.data(), token.data(), logprob.data(), 3, 151936});
+  for (int r = 0; r < 3; ++r) {
+    const Sample s = SampleToken(logits.data() + int64_t{r} * 151936, 151936, SamplingParams{}, 0);
+    EXPECT_EQ(token[r], s.token) << "row " << r;
+    EXPECT_NEAR(logprob[r], s.logprob, 1e-5) << "row " << r;
+  }
+  EXPECT_EQ(token[1], 100);
 }
 
 // Top-p over a large vocabulary: every draw lies in the smallest prefix (by logit) whose

@@ -183,6 +183,10 @@ class CpuBackend final : public Backend {
     kernels::ref::SiluMul(p);
     return absl::OkStatus();
   }
+  absl::Status GreedyPick(const kernels::GreedyPickParams& p) override {
+    kernels::ref::GreedyPick(p);
+    return absl::OkStatus();
+  }
   absl::Status KvAppend(const kernels::KvAppendParams& p) override {
     kernels::ref::KvAppend(p);
     return absl::OkStatus();

@@ -83,6 +83,7 @@ class CudaBackend final : public Backend {
   absl::Status Rope(const kernels::RopeParams& p) override;
   absl::Status SplitQkv(const kernels::SplitQkvParams& p) override;
   absl::Status SiluMul(const kernels::SiluMulParams& p) override;
+  absl::Status GreedyPick(const kernels::GreedyPickParams& p) override;
   absl::Status CopyRows(const kernels::CopyRowsParams& p) override;
   absl::Status KvAppend(const kernels::KvAppendParams& p) override;
   absl::Status PagedDecodeAttention(const kernels::PagedDecodeParams& p) override;
@@ -562,6 +563,12 @@ absl::Status CudaBackend::TlsSparseAttention(const kernels::TlsSparseAttentionPa
 absl::Status CudaBackend::SiluMul(const kernels::SiluMulParams& p) {
   ASYNCTLS_RETURN_IF_ERROR(Activate());
   ASYNCTLS_CUDA_OP(kc::SiluMul(p, stream_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::GreedyPick(const kernels::GreedyPickParams& p) {
+  ASYNCTLS_RETURN_IF_ERROR(Activate());
+  ASYNCTLS_CUDA_OP(kc::GreedyPick(p, stream_.get()));
   return absl::OkStatus();
 }
 

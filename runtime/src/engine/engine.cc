@@ -151,6 +151,17 @@ ExecutorInfo Engine::Info() const {
   return info;
 }
 
+// `buffer` with room for `rows` rows of `row_bytes`: grown to the next power of two of rows
+// (page-locked allocations are slow), at least a forward's largest batch.
+absl::Status Engine::GrowHostRows(HostBuffer& buffer, size_t row_bytes, size_t rows) {
+  if (buffer.bytes() >= row_bytes * rows) return absl::OkStatus();
+  const size_t grown = std::max<size_t>(
+      rows, std::min<size_t>(std::bit_ceil(rows), std::max(options_.max_batch_seqs, 1)));
+  buffer = HostBuffer();
+  ASYNCTLS_ASSIGN_OR_RETURN(buffer, backend_->AllocateHost(row_bytes * grown));
+  return absl::OkStatus();
+}
+
 absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* result) {
   ForwardBatch batch;
   batch.cu_q_lens.push_back(0);
@@ -178,17 +189,22 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   using Ms = std::chrono::duration<double, std::milli>;
   const auto t_forward = std::chrono::steady_clock::now();
   const int vocab = model_->config().vocab_size;
-  const size_t logits_bytes = sizeof(float) * vocab * batch.logit_rows.size();
-  if (logits_.bytes() < logits_bytes) {
-    // Grown to the next power of two of rows (page-locked allocations are slow), at most a
-    // forward's largest batch.
-    const size_t rows = std::min<size_t>(std::bit_ceil(batch.logit_rows.size()),
-                                         std::max(options_.max_batch_seqs, 1));
-    logits_ = HostBuffer();
-    ASYNCTLS_ASSIGN_OR_RETURN(
-        logits_, backend_->AllocateHost(std::max(logits_bytes, sizeof(float) * vocab * rows)));
+  const size_t rows = batch.logit_rows.size();
+  // On a GPU greedy rows are picked where the logits are (Backend::GreedyPick): the logits come
+  // to the host only for rows that sample with a temperature, or to be kept.
+  const bool device_greedy = backend_->kind() == DeviceKind::kCuda;
+  bool need_logits = !device_greedy || options_.keep_logits;
+  for (const Item& it : items) need_logits |= it.sample && it.sampling.temperature > 0.f;
+  ForwardOutputs out;
+  if (need_logits && rows > 0) {
+    ASYNCTLS_RETURN_IF_ERROR(GrowHostRows(logits_, sizeof(float) * vocab, rows));
+    out.logits = logits_.as<float>();
   }
-  if (absl::Status s = model_->Forward(batch, *cache_, logits_.as<float>()); !s.ok()) {
+  if (device_greedy && rows > 0) {
+    ASYNCTLS_RETURN_IF_ERROR(GrowHostRows(picks_, 2 * sizeof(int32_t), rows));
+    out.greedy = picks_.data();
+  }
+  if (absl::Status s = model_->Forward(batch, *cache_, out); !s.ok()) {
     // The slots may hold part of this step's block sets: the next steps select same-step.
     for (const Item& it : items) cache_->SetTlsSelectLen(it.seq_id, 0);
     return s;
@@ -209,8 +225,12 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   std::vector<Sample> samples(sampled.size());
   sampling_pool_->ParallelFor(static_cast<int64_t>(sampled.size()), [&](int64_t row) {
     const Item& it = *sampled[row];
-    samples[row] = SampleToken(logits_.as<float>() + row * vocab, vocab, it.sampling,
-                               it.start_pos + it.num_tokens);
+    if (out.greedy != nullptr && it.sampling.temperature <= 0.f) {
+      samples[row] = {picks_.as<int32_t>()[row], picks_.as<float>()[rows + row]};
+    } else {
+      samples[row] = SampleToken(logits_.as<float>() + row * vocab, vocab, it.sampling,
+                                 it.start_pos + it.num_tokens);
+    }
   });
   for (size_t row = 0; row < sampled.size(); ++row) {
     result->tokens.push_back({sampled[row]->seq_id, samples[row].token, samples[row].logprob});

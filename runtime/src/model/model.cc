@@ -112,6 +112,7 @@ struct Model::Impl {
   // SplitQkv leaves them, [T, H, hd] at 0, [T, KV, hd] at max_batch_tokens * H * hd and after
   // that (Q(), K(), V()).
   DeviceBuffer x, xn, qkv, qkv_heads, attn, gate_up, act, gathered, logits;
+  DeviceBuffer picks;  // GreedyPick's tokens [S] then logprobs [S]
   // Per-step metadata.
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
@@ -274,6 +275,7 @@ struct Model::Impl {
         {&act, T * c.ffn_size * f},
         {&gathered, S * c.hidden_size * f},
         {&logits, S * c.vocab_size * f},
+        {&picks, 2 * S * i32},
         {&tokens, T * i32},
         {&positions, T * i32},
         {&slots, T * i32},
@@ -541,7 +543,7 @@ struct Model::Impl {
     return backend->TlsSparseAttention(ap);
   }
 
-  absl::Status Forward(const ForwardBatch& b, KvCache& cache, float* out_logits) {
+  absl::Status Forward(const ForwardBatch& b, KvCache& cache, const ForwardOutputs& out) {
     ASYNCTLS_RETURN_IF_ERROR(CheckBatch(b));
     const ModelConfig& c = config;
     const int T = static_cast<int>(b.tokens.size());
@@ -733,16 +735,19 @@ struct Model::Impl {
           backend->RmsNorm({gathered.as<float>(), output_norm.f32(), gathered.as<float>(),
                             num_logits, c.hidden_size, c.rms_eps}));
       const Weight& head = c.tied_embeddings ? token_embd : output;
-      return gemm(gathered.as<float>(), head, nullptr, logits.as<float>(), num_logits, c.vocab_size,
-                  c.hidden_size, 0.f);
+      ASYNCTLS_RETURN_IF_ERROR(gemm(gathered.as<float>(), head, nullptr, logits.as<float>(),
+                                    num_logits, c.vocab_size, c.hidden_size, 0.f));
+      if (out.greedy == nullptr) return absl::OkStatus();
+      return backend->GreedyPick({logits.as<float>(), picks.as<int32_t>(),
+                                  picks.as<float>() + num_logits, num_logits, c.vocab_size});
     };
     if (graphed) {
       // The shape: everything the ops' parameters take from the host (the dense decode's
       // max_seq_len and the TLS row widths follow from table_width), and the KV cache whose
       // pools the graph reads.
-      std::string key =
-          absl::StrCat(cache.id(), "/", tls_index ? 1 : 0, "/", T, "/", num_dense_decode, "/",
-                       table_width, "/", num_logits, "/", lag_in, "/", lag_out);
+      std::string key = absl::StrCat(cache.id(), "/", tls_index ? 1 : 0, "/", T, "/",
+                                     num_dense_decode, "/", table_width, "/", num_logits, "/",
+                                     lag_in, "/", lag_out, "/", out.greedy != nullptr ? 1 : 0);
       for (const ForwardBatch::TlsBudgets& t : b.tls_decode) {
         absl::StrAppend(&key, "/", t.block_budget, ":", t.token_budget, ":",
                         t.prev_select_len > 0 ? 1 : 0);
@@ -752,7 +757,12 @@ struct Model::Impl {
       ASYNCTLS_RETURN_IF_ERROR(run_ops());
     }
     if (num_logits == 0) return absl::OkStatus();
-    return backend->CopyToHost(out_logits, logits.data(),
+    if (out.greedy != nullptr) {
+      ASYNCTLS_RETURN_IF_ERROR(
+          backend->CopyToHost(out.greedy, picks.data(), 2 * sizeof(int32_t) * num_logits));
+    }
+    if (out.logits == nullptr) return absl::OkStatus();
+    return backend->CopyToHost(out.logits, logits.data(),
                                sizeof(float) * num_logits * c.vocab_size);
   }
 
@@ -852,11 +862,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Random(const ModelConfig& config, 
 absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) {
   ASYNCTLS_RETURN_IF_ERROR(impl_->CheckBatch(batch));  // before sizing by its logit rows
   logits->resize(batch.logit_rows.size() * static_cast<size_t>(impl_->config.vocab_size));
-  return impl_->Forward(batch, cache, logits->data());
+  return impl_->Forward(batch, cache, ForwardOutputs{logits->data()});
 }
 
-absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, float* logits) {
-  return impl_->Forward(batch, cache, logits);
+absl::Status Model::Forward(const ForwardBatch& batch, KvCache& cache, const ForwardOutputs& out) {
+  return impl_->Forward(batch, cache, out);
 }
 
 void Model::SetAttentionCapture(AttentionCaptureFn fn) { impl_->capture = std::move(fn); }

@@ -13,6 +13,7 @@ cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t Rope(const RopeParams& p, cudaStream_t stream);
 cudaError_t SplitQkv(const SplitQkvParams& p, cudaStream_t stream);
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
+cudaError_t GreedyPick(const GreedyPickParams& p, cudaStream_t stream);
 cudaError_t KvAppend(const KvAppendParams& p, cudaStream_t stream);
 cudaError_t CopyRows(const CopyRowsParams& p, cudaStream_t stream);
 // fp32 -> bf16 element-wise (activations before a bf16 GEMM).

@@ -85,6 +85,17 @@ struct SiluMulParams {
   int32_t rows, dim;
 };
 
+// Greedy sampling of logit rows where they are: per row the first index of its largest logit
+// (NaN never wins; a row of NaN picks 0) and that token's log-softmax -log(sum_i e^(l_i -
+// max)) (+inf when every logit is -inf or NaN). The host then needs neither the row nor a pass
+// over it.
+struct GreedyPickParams {
+  const float* logits;  // [rows, vocab]
+  int32_t* token;       // [rows]
+  float* logprob;       // [rows]
+  int32_t rows, vocab;
+};
+
 // Writes each token's K and V (rounded to bf16) into its slot of the paged cache.
 struct KvAppendParams {
   const float* k;        // [num_tokens, num_kv_heads, head_dim] (row stride k_stride floats)

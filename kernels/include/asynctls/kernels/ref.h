@@ -12,6 +12,7 @@ void Gemm(const GemmParams& p);
 void Rope(const RopeParams& p);
 void SplitQkv(const SplitQkvParams& p);
 void SiluMul(const SiluMulParams& p);
+void GreedyPick(const GreedyPickParams& p);
 void KvAppend(const KvAppendParams& p);
 void PagedDecodeAttention(const PagedDecodeParams& p);
 void PagedPrefillAttention(const PagedPrefillParams& p);

@@ -93,6 +93,7 @@ class Backend {
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
   virtual absl::Status SplitQkv(const kernels::SplitQkvParams& p) = 0;
   virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
+  virtual absl::Status GreedyPick(const kernels::GreedyPickParams& p) = 0;
   virtual absl::Status KvAppend(const kernels::KvAppendParams& p) = 0;
   // Row gather / scatter by index lists (per-sequence state between its slots and batch order).
   virtual absl::Status CopyRows(const kernels::CopyRowsParams& p) = 0;

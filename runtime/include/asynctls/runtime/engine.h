@@ -60,6 +60,7 @@ class Engine final : public StepExecutor {
   struct Item;
   static absl::StatusOr<std::unique_ptr<Engine>> Finish(std::unique_ptr<Engine> engine);
   absl::Status RunForward(const std::vector<Item>& items, StepResult* result);
+  absl::Status GrowHostRows(HostBuffer& buffer, size_t row_bytes, size_t rows);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
@@ -67,6 +68,7 @@ class Engine final : public StepExecutor {
   std::unique_ptr<KvCache> cache_;
   std::string model_name_;
   HostBuffer logits_;  // the sampled rows' logits (page-locked on CUDA)
+  HostBuffer picks_;   // their greedy picks on a GPU (ForwardOutputs::greedy)
   std::vector<float> sampled_logits_;
   // Samples a step's rows side by side (a vocabulary row is ~0.2-0.4 ms of CPU work, on the
   // critical path of every step).

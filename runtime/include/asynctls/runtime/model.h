@@ -73,6 +73,15 @@ struct ForwardBatch {
   int32_t num_seqs() const { return static_cast<int32_t>(seq_lens.size()); }
 };
 
+// Where a Forward puts its logit rows' results (host memory, logit_rows entries each; null: not
+// wanted). `greedy` asks for each row's greedy pick computed where the logits are (the backend's
+// GreedyPick: the first largest logit and its log-softmax), as [logit_rows] int32 tokens then
+// [logit_rows] float logprobs: a greedy step then copies no logits.
+struct ForwardOutputs {
+  float* logits = nullptr;  // [logit_rows, vocab]
+  void* greedy = nullptr;   // [2 * logit_rows] 32-bit words
+};
+
 // Two-level sparse attention for decode tokens (DESIGN §1): once enabled, every Forward keeps
 // the KV cache's TLS index up to date (prefill chunks and decode tokens; the cache must have
 // one with channels.num_channels channels), and the batch's TLS decode sequences select their
@@ -122,9 +131,8 @@ class Model {
   // Runs the batch, writing K/V into `cache`, and copies logits of batch.logit_rows to
   // `logits` ([logit_rows, vocab], host). INVALID_ARGUMENT if the batch exceeds the options.
   absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits);
-  // The same into `logits`, room for logit_rows * vocab floats (Backend::AllocateHost's memory
-  // takes the copy fastest).
-  absl::Status Forward(const ForwardBatch& batch, KvCache& cache, float* logits);
+  // The same into `out` (Backend::AllocateHost's memory takes the copies fastest).
+  absl::Status Forward(const ForwardBatch& batch, KvCache& cache, const ForwardOutputs& out);
   // Calls `fn` in every later Forward once per layer, after RoPE, with host copies of that
   // layer's q/k/v (a blocking device-to-host copy per layer). Null (the default) turns it off
   // and costs nothing.
