@@ -6,6 +6,9 @@
 // `--tls-block-index bf16|int8`: the block index's form (int8: half the bytes). And
 // `--cuda-graphs on|off`: decode steps replayed from CUDA graphs (on by default: on a GPU, 8-10%
 // off a batch-1 step, bench/results/tls-decode-step-h200.md run 12; the CPU runs op by op).
+// `--weight-dtype f32|bf16`: the GEMM weights' form on a GPU (bf16 by default: half the bytes
+// each decode step reads; f32 for results that match the CPU's bit for bit where the kernels
+// allow; the CPU keeps f32 either way).
 #pragma once
 
 #include <cstdint>
@@ -34,6 +37,7 @@ inline const std::vector<std::string>& EngineFlagNames() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> n = TlsFlagNames();
     n.push_back("cuda-graphs");
+    n.push_back("weight-dtype");
     return n;
   }();
   return names;
@@ -88,9 +92,15 @@ inline absl::Status ParseTlsFlags(const Flags& flags, EngineOptions* options) {
   return absl::OkStatus();
 }
 
-// The TLS flags, then --cuda-graphs on|off.
+// The TLS flags, then --cuda-graphs on|off and --weight-dtype f32|bf16.
 inline absl::Status ParseEngineFlags(const Flags& flags, EngineOptions* options) {
   ASYNCTLS_RETURN_IF_ERROR(ParseTlsFlags(flags, options));
+  const std::string dtype = flags.Has("weight-dtype") ? flags.Get("weight-dtype") : "bf16";
+  if (dtype != "f32" && dtype != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--weight-dtype: '", dtype, "' is not f32 or bf16"));
+  }
+  options->weight_dtype = dtype == "bf16" ? kernels::DType::kBF16 : kernels::DType::kF32;
   if (flags.Has("cuda-graphs")) {
     const std::string v = flags.Get("cuda-graphs");
     if (v != "on" && v != "off") {

@@ -35,6 +35,8 @@ commands:
                                  its bytes)
              --cuda-graphs on|off  decode steps replayed from CUDA graphs (default on: on a
                                  GPU 8-10% faster at batch 1; the CPU runs op by op)
+             --weight-dtype T    bf16 (default) or f32: GEMM weights on a GPU (f32 doubles
+                                 the bytes a step reads; the CPU keeps f32)
   calibrate  write the TLS token index's channel sets (d_c per layer and KV head) as JSON
              --out FILE          where to write (format: runtime/.../channel_sets.h)
              --model PATH        as for generate
@@ -52,12 +54,12 @@ commands:
              --max-queue N --max-batch-tokens N --max-running N --host H
              --tls-channels FILE [--tls-block-budget N --tls-token-budget N --tls-lag L]   serve requests
                                  with attention.mode TLS (as for generate)
-             --cuda-graphs on|off  as for generate (passed on to --workers)
+             --cuda-graphs on|off --weight-dtype T  as for generate (passed on to --workers)
   generate --server HOST:PORT    act as a client of a running server: --model NAME picks a model
                                  the server lists (default: its only one); --tls-block-budget N
                                  --tls-token-budget N with --attention tls ask for smaller
                                  budgets than the server's; engine flags (--device, --threads,
-                                 --tls-channels, --cuda-graphs, ...) belong to serve
+                                 --tls-channels, --cuda-graphs, --weight-dtype, ...) belong to serve
   bench      load-test a server (vLLM `bench serve` definitions); gRPC builds only
              --server HOST:PORT  the server (required)
              --num-requests N    default 100

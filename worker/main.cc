@@ -49,6 +49,7 @@ constexpr char kUsage[] = R"(usage: asynctls-worker --coordinator HOST:PORT [fla
   --tls-channels FILE      serve attention.mode TLS (and the other --tls-* flags of asynctls
                            generate)
   --cuda-graphs on|off     decode steps replayed from CUDA graphs (default on)
+  --weight-dtype T         bf16 (default) or f32: GEMM weights on a GPU
 )";
 
 // Set by the signal thread; the current session's context is cancelled so blocking calls end.

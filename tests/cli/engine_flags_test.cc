@@ -20,6 +20,17 @@ absl::Status Parse(std::vector<std::string> args, EngineOptions* options) {
   return status;
 }
 
+TEST(EngineFlagsTest, WeightDtypeBf16ByDefaultOrF32) {
+  EngineOptions options;
+  ASSERT_TRUE(Parse({}, &options).ok());
+  EXPECT_EQ(options.weight_dtype, kernels::DType::kBF16);
+  ASSERT_TRUE(Parse({"--weight-dtype", "f32"}, &options).ok());
+  EXPECT_EQ(options.weight_dtype, kernels::DType::kF32);
+  const absl::Status bad = Parse({"--weight-dtype", "fp8"}, &options);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.message(), "--weight-dtype: 'fp8' is not f32 or bf16");
+}
+
 TEST(EngineFlagsTest, CudaGraphsOnOffAndOnByDefault) {
   EngineOptions options;
   ASSERT_TRUE(Parse({}, &options).ok());
@@ -69,8 +80,8 @@ TEST(EngineFlagsTest, ClientBudgetsAreTheRequestsAndEngineFlagsAreRefused) {
   EXPECT_EQ(dense.message(), "--tls-block-budget / --tls-token-budget: only with --attention tls");
   const absl::Status negative = ParseClient({"--tls-block-budget", "-1"}, true, &block, &token);
   EXPECT_EQ(negative.code(), absl::StatusCode::kInvalidArgument);
-  for (const char* flag : {"--cuda-graphs", "--tls-channels", "--tls-lag", "--tls-block-index",
-                           "--device", "--threads"}) {
+  for (const char* flag : {"--cuda-graphs", "--weight-dtype", "--tls-channels", "--tls-lag",
+                           "--tls-block-index", "--device", "--threads"}) {
     const absl::Status engine = ParseClient({flag, "x"}, true, &block, &token);
     EXPECT_EQ(engine.code(), absl::StatusCode::kInvalidArgument) << flag;
     EXPECT_EQ(engine.message(), std::string(flag) +
