@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "asynctls/kernels/types.h"
 
@@ -21,6 +22,20 @@ __device__ __forceinline__ Vec<T, N> LoadVec(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ void StoreVec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// fp32 results stored as OutT (float, or bf16 rounded to nearest even: what a bf16 GEMM's input
+// conversion would make of them).
+template <typename OutT, int N>
+__device__ __forceinline__ void StoreVecAs(OutT* p, const Vec<float, N>& v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    StoreVec<float, N>(p, v);
+  } else {
+    Vec<Bf16, N> b;
+#pragma unroll
+    for (int j = 0; j < N; ++j) b.v[j] = FloatToBf16(v.v[j]);
+    StoreVec<Bf16, N>(p, b);
+  }
 }
 
 __device__ __forceinline__ float ToFloat(float x) { return x; }

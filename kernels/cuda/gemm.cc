@@ -198,7 +198,12 @@ cudaError_t GemmRunner::Run(const GemmParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
 
   const void* x_operand = p.x;
-  if (p.w_dtype == DType::kBF16) {
+  if (p.maybe_x_bf16 != nullptr) {
+    if (p.w_dtype != DType::kBF16) {
+      return st.Fail("GemmRunner::Run (bf16 x needs bf16 weights)", cudaErrorInvalidValue);
+    }
+    x_operand = p.maybe_x_bf16;
+  } else if (p.w_dtype == DType::kBF16) {
     if (int64_t{p.m} * p.k > st.max_x_elements) {
       return st.Fail("GemmRunner::Run (m * k exceeds the bf16 scratch)", cudaErrorInvalidValue);
     }

@@ -70,11 +70,18 @@ void Embedding(const EmbeddingParams& p) {
 void RmsNorm(const RmsNormParams& p) {
   for (int r = 0; r < p.rows; ++r) {
     const float* x = p.x + int64_t{r} * p.dim;
-    float* out = p.out + int64_t{r} * p.dim;
+    float* out = p.maybe_out_bf16 ? nullptr : p.out + int64_t{r} * p.dim;
     float sum_sq = 0.f;
     for (int i = 0; i < p.dim; ++i) sum_sq += x[i] * x[i];
     const float inv = 1.f / std::sqrt(sum_sq / p.dim + p.eps);
-    for (int i = 0; i < p.dim; ++i) out[i] = x[i] * inv * p.weight[i];
+    for (int i = 0; i < p.dim; ++i) {
+      const float y = x[i] * inv * p.weight[i];
+      if (p.maybe_out_bf16) {
+        p.maybe_out_bf16[int64_t{r} * p.dim + i] = FloatToBf16(y);
+      } else {
+        out[i] = y;
+      }
+    }
   }
 }
 
@@ -102,7 +109,11 @@ void Gemm(const GemmParams& p) {
   for (int m = 0; m < p.m; ++m) {
     for (int n = 0; n < p.n; ++n) {
       float acc = 0.f;
-      for (int k = 0; k < p.k; ++k) acc += p.x[int64_t{m} * p.k + k] * Load(p.w, p.w_dtype, int64_t{n} * p.k + k);
+      for (int k = 0; k < p.k; ++k) {
+        const int64_t i = int64_t{m} * p.k + k;
+        const float x = p.maybe_x_bf16 ? Bf16ToFloat(p.maybe_x_bf16[i]) : p.x[i];
+        acc += x * Load(p.w, p.w_dtype, int64_t{n} * p.k + k);
+      }
       if (p.maybe_bias) acc += p.maybe_bias[n];
       float& o = p.out[int64_t{m} * p.n + n];
       o = (p.beta == 0.f ? 0.f : p.beta * o) + acc;
@@ -136,7 +147,12 @@ void SiluMul(const SiluMulParams& p) {
     const float* g = p.gate_up + int64_t{r} * 2 * p.dim;
     for (int i = 0; i < p.dim; ++i) {
       const float x = g[i];
-      p.out[int64_t{r} * p.dim + i] = x / (1.f + std::exp(-x)) * g[p.dim + i];
+      const float y = x / (1.f + std::exp(-x)) * g[p.dim + i];
+      if (p.maybe_out_bf16) {
+        p.maybe_out_bf16[int64_t{r} * p.dim + i] = FloatToBf16(y);
+      } else {
+        p.out[int64_t{r} * p.dim + i] = y;
+      }
     }
   }
 }

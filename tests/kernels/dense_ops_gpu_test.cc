@@ -166,6 +166,45 @@ std::vector<float> InvFreq(int rotary_dim, float theta) {
   return inv;
 }
 
+// maybe_out_bf16: the fp32 results' bits rounded to bf16, nothing else (what the next GEMM's own
+// conversion would have made of them), on the vector and scalar paths.
+TEST_F(DenseOpsGpuTest, RmsNormAndSiluMulWriteBf16AsTheGemmWouldRound) {
+  SCOPED_TRACE(SeedTrace());
+  for (int dim : {64, 130, 250, 4096, 12288}) {
+    for (int rows : kRows) {
+      SCOPED_TRACE(::testing::Message() << "dim " << dim << " rows " << rows);
+      const std::vector<float> x = kt::RandomNormal(size_t(rows) * 2 * dim, 3.f);
+      const std::vector<float> weight = kt::RandomF32(dim, 0.5f, 1.5f);
+      DeviceBuffer d_x = Upload(x), d_w = Upload(weight), d_f32(x.size() * sizeof(float)),
+                   d_bf16(x.size() * sizeof(Bf16));
+      auto rounded = [&](const DeviceBuffer& f32, size_t n) {
+        std::vector<uint16_t> bits;
+        for (float v : Download<float>(f32, n)) bits.push_back(FloatToBf16(v).bits);
+        return bits;
+      };
+      auto bf16_bits = [&](size_t n) {
+        std::vector<uint16_t> bits;
+        for (Bf16 v : Download<Bf16>(d_bf16, n)) bits.push_back(v.bits);
+        return bits;
+      };
+      const size_t n = size_t(rows) * dim;
+      constexpr float kEps = 1e-5f;
+      ASSERT_CUDA_OK(cuda::RmsNorm(
+          {d_x.as<float>(), d_w.as<float>(), d_f32.as<float>(), rows, dim, kEps}, nullptr));
+      ASSERT_CUDA_OK(d_bf16.Poison());
+      ASSERT_CUDA_OK(cuda::RmsNorm(
+          {d_x.as<float>(), d_w.as<float>(), nullptr, rows, dim, kEps, d_bf16.as<Bf16>()},
+          nullptr));
+      EXPECT_EQ(bf16_bits(n), rounded(d_f32, n)) << "RmsNorm";
+      ASSERT_CUDA_OK(cuda::SiluMul({d_x.as<float>(), d_f32.as<float>(), rows, dim}, nullptr));
+      ASSERT_CUDA_OK(d_bf16.Poison());
+      ASSERT_CUDA_OK(
+          cuda::SiluMul({d_x.as<float>(), nullptr, rows, dim, d_bf16.as<Bf16>()}, nullptr));
+      EXPECT_EQ(bf16_bits(n), rounded(d_f32, n)) << "SiluMul";
+    }
+  }
+}
+
 TEST_F(DenseOpsGpuTest, RopeMatchesOracle) {
   SCOPED_TRACE(SeedTrace());
   struct Shape {
@@ -524,6 +563,26 @@ class GemmGpuTest : public DenseOpsGpuTest {
       ExpectClose(Download<float>(d_out, out0.size()), expected,
                   dtype == DType::kBF16 ? kBf16GemmNmse : kF32GemmNmse);
     }
+    if (dtype != DType::kBF16) return;
+    // x handed over in bf16 (maybe_x_bf16, as the norms and SiLU write it): no conversion, the
+    // same bits out as converting x.
+    std::vector<float> f32_x_out = Download<float>(d_out, out0.size());
+    std::vector<Bf16> x_bf16(x_ref.size());
+    for (size_t i = 0; i < x_ref.size(); ++i) x_bf16[i] = FloatToBf16(x[c.x_offset + i]);
+    DeviceBuffer d_xb = Upload(x_bf16);
+    if (c.beta != 0.f) {
+      ASSERT_CUDA_OK(d_out.Upload(out0));
+      ASSERT_EQ(runner.Run(p, nullptr), cudaSuccess) << runner.last_error_detail();
+      f32_x_out = Download<float>(d_out, out0.size());
+      ASSERT_CUDA_OK(d_out.Upload(out0));
+    } else {
+      ASSERT_CUDA_OK(d_out.Poison());
+    }
+    GemmParams pb = p;
+    pb.x = nullptr;
+    pb.maybe_x_bf16 = d_xb.as<Bf16>();
+    ASSERT_EQ(runner.Run(pb, nullptr), cudaSuccess) << runner.last_error_detail();
+    ExpectBitExact(Download<float>(d_out, out0.size()), f32_x_out);
   }
 };
 

@@ -70,6 +70,28 @@ TEST(DenseOpsRefTest, RmsNormByHand) {
   EXPECT_NEAR(y[1], 8 * inv, kTol);
 }
 
+// maybe_out_bf16 / maybe_x_bf16: the fp32 results rounded to bf16, and a GEMM over bf16 x equal
+// to one over the same values in fp32.
+TEST(DenseOpsRefTest, Bf16OutputsAndInputs) {
+  const std::vector<float> x = {3.3f, -4.1f, 0.7f, 9.9f}, w = {1.1f, 2.3f, 0.3f, 0.9f};
+  std::vector<float> f32(4);
+  std::vector<Bf16> b(4);
+  ref::RmsNorm({x.data(), w.data(), f32.data(), 1, 4, 1e-5f});
+  ref::RmsNorm({x.data(), w.data(), nullptr, 1, 4, 1e-5f, b.data()});
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(b[i].bits, FloatToBf16(f32[i]).bits) << i;
+  ref::SiluMul({x.data(), f32.data(), 1, 2});
+  ref::SiluMul({x.data(), nullptr, 1, 2, b.data()});
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(b[i].bits, FloatToBf16(f32[i]).bits) << i;
+  std::vector<Bf16> xb, wb;
+  std::vector<float> xr;
+  for (float v : x) xb.push_back(FloatToBf16(v)), xr.push_back(RoundToBf16(v));
+  for (float v : w) wb.push_back(FloatToBf16(v));
+  float out_f32 = 0.f, out_bf16 = 0.f;
+  ref::Gemm({xr.data(), wb.data(), nullptr, &out_f32, DType::kBF16, 1, 1, 4, 0.f});
+  ref::Gemm({nullptr, wb.data(), nullptr, &out_bf16, DType::kBF16, 1, 1, 4, 0.f, xb.data()});
+  EXPECT_EQ(out_bf16, out_f32);
+}
+
 TEST(DenseOpsRefTest, GemmBiasAndBeta) {
   const std::vector<float> x = {1, 2, 3, 4};        // [2, 2]
   const std::vector<float> w = {1, 0, 0, 1, 1, 1};  // [3, 2]

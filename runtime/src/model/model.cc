@@ -113,6 +113,10 @@ struct Model::Impl {
   // that (Q(), K(), V()).
   DeviceBuffer x, xn, qkv, qkv_heads, attn, gate_up, act, gathered, logits;
   DeviceBuffer picks;  // GreedyPick's tokens [S] then logprobs [S]
+  // With bf16 layer weights the norms and SiLU write the GEMMs' inputs in bf16 themselves
+  // (xn_bf16, act_bf16): the same bits as the GEMM's own conversion, one kernel fewer each.
+  bool bf16_inputs = false;
+  DeviceBuffer xn_bf16, act_bf16;
   // Per-step metadata.
   DeviceBuffer tokens, positions, slots, cu_q_lens, seq_lens, block_table, logit_rows;
   int32_t max_blocks_per_seq = 0;
@@ -261,6 +265,13 @@ struct Model::Impl {
     const int64_t T = options.max_batch_tokens, S = options.max_batch_seqs;
     const int64_t f = sizeof(float), i32 = sizeof(int32_t);
     max_blocks_per_seq = (c.max_context + kernels::kKvBlockSize - 1) / kernels::kKvBlockSize;
+    bf16_inputs = !layers.empty();
+    for (const Layer& L : layers) {
+      for (const Weight* w : {&L.wqkv, &L.w_gate_up, &L.w_down}) {
+        bf16_inputs = bf16_inputs && w->dtype == DType::kBF16;
+      }
+    }
+    const int64_t bf16 = bf16_inputs ? int64_t{sizeof(kernels::Bf16)} : 0;
     struct Alloc {
       DeviceBuffer* buf;
       int64_t bytes;
@@ -276,6 +287,8 @@ struct Model::Impl {
         {&gathered, S * c.hidden_size * f},
         {&logits, S * c.vocab_size * f},
         {&picks, 2 * S * i32},
+        {&xn_bf16, T * c.hidden_size * bf16},
+        {&act_bf16, T * c.ffn_size * bf16},
         {&tokens, T * i32},
         {&positions, T * i32},
         {&slots, T * i32},
@@ -615,18 +628,21 @@ struct Model::Impl {
           backend->Embedding({token_embd.data(), tokens.as<int32_t>(), x.as<float>(),
                               token_embd.dtype, T, c.hidden_size, c.vocab_size}));
       auto gemm = [&](const float* in, const Weight& w, const Weight* bias, float* out, int m,
-                      int n, int k, float beta) {
+                      int n, int k, float beta, const kernels::Bf16* in_bf16 = nullptr) {
         return backend->Gemm({in, w.data(), bias && bias->data() ? bias->f32() : nullptr, out,
-                              w.dtype, m, n, k, beta});
+                              w.dtype, m, n, k, beta, in_bf16});
       };
+      // The layers' GEMM inputs in bf16 where the norms and SiLU write them so (bf16_inputs).
+      kernels::Bf16* const xn_b = bf16_inputs ? xn_bf16.as<kernels::Bf16>() : nullptr;
+      kernels::Bf16* const act_b = bf16_inputs ? act_bf16.as<kernels::Bf16>() : nullptr;
       for (int li = 0; li < c.num_layers; ++li) {
         const Layer& L = layers[li];
         ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm(
-            {x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
-        // q, k and v in one GEMM (one activation convert, one weight stream).
+            {x.as<float>(), L.attn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps, xn_b}));
+        // q, k and v in one GEMM (one weight stream).
         const int qkv_width = (H + 2 * KV) * hd;
         ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.wqkv, &L.bqkv, qkv.as<float>(), T,
-                                      qkv_width, c.hidden_size, 0.f));
+                                      qkv_width, c.hidden_size, 0.f, xn_b));
         // Then q, k, v apart, q / k normalized (Qwen3) and rotated: one op.
         ASYNCTLS_RETURN_IF_ERROR(backend->SplitQkv(
             {qkv.as<float>(), Q(), K(), V(), c.qk_norm ? L.q_norm.f32() : nullptr,
@@ -717,13 +733,13 @@ struct Model::Impl {
         ASYNCTLS_RETURN_IF_ERROR(
             gemm(attn.as<float>(), L.wo, nullptr, x.as<float>(), T, c.hidden_size, H * hd, 1.f));
         ASYNCTLS_RETURN_IF_ERROR(backend->RmsNorm(
-            {x.as<float>(), L.ffn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps}));
+            {x.as<float>(), L.ffn_norm.f32(), xn.as<float>(), T, c.hidden_size, c.rms_eps, xn_b}));
         ASYNCTLS_RETURN_IF_ERROR(gemm(xn.as<float>(), L.w_gate_up, nullptr, gate_up.as<float>(), T,
-                                      2 * c.ffn_size, c.hidden_size, 0.f));
+                                      2 * c.ffn_size, c.hidden_size, 0.f, xn_b));
         ASYNCTLS_RETURN_IF_ERROR(
-            backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size}));
+            backend->SiluMul({gate_up.as<float>(), act.as<float>(), T, c.ffn_size, act_b}));
         ASYNCTLS_RETURN_IF_ERROR(gemm(act.as<float>(), L.w_down, nullptr, x.as<float>(), T,
-                                      c.hidden_size, c.ffn_size, 1.f));
+                                      c.hidden_size, c.ffn_size, 1.f, act_b));
       }
       ASYNCTLS_RETURN_IF_ERROR(CopyTlsLagRows(cache, /*to_slots=*/true, lag_out));
       if (num_logits == 0) return absl::OkStatus();

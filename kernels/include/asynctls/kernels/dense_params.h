@@ -24,12 +24,15 @@ struct EmbeddingParams {
 
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]; out may alias x.
 // Qwen3's per-head q/k norm is this op with rows = tokens * heads and dim = head_dim.
+// With maybe_out_bf16 the result goes there instead, rounded to bf16 (the input form of the next
+// bf16 GEMM, which then converts nothing: the same bits as rounding out).
 struct RmsNormParams {
   const float* x;       // [rows, dim]
   const float* weight;  // [dim]
   float* out;           // [rows, dim]
   int32_t rows, dim;
   float eps;
+  Bf16* maybe_out_bf16 = nullptr;  // [rows, dim]; out unused when set
 };
 
 // out[m, n] = beta * out[m, n] + sum_k x[m, k] * w[n, k] + bias[n]
@@ -42,6 +45,8 @@ struct GemmParams {
   DType w_dtype;
   int32_t m, n, k;
   float beta;
+  // x already in bf16 (bf16 weights only), e.g. RmsNorm's maybe_out_bf16; x unused when set.
+  const Bf16* maybe_x_bf16 = nullptr;
 };
 
 enum class RopeStyle : int32_t {
@@ -83,6 +88,7 @@ struct SiluMulParams {
   const float* gate_up;  // [rows, 2 * dim]: gate, then up
   float* out;            // [rows, dim]
   int32_t rows, dim;
+  Bf16* maybe_out_bf16 = nullptr;  // [rows, dim], as RmsNormParams's; out unused when set
 };
 
 // Greedy sampling of logit rows where they are: per row the first index of its largest logit
