@@ -175,6 +175,72 @@ TEST_F(SmolLm2Test, BatchedDecodeMatchesSingleSequences) {
   EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
 }
 
+// Greedy picks made by the backend (EngineOptions::greedy_on_backend, a GPU's default), in a
+// batch that also samples with a temperature, with and without keeping the logits, and in
+// all-greedy steps that copy no logits: the same tokens as the host sampler, greedy logprobs to
+// float rounding, temperature rows untouched.
+TEST_F(SmolLm2Test, BackendGreedyPicksMatchTheHostSamplerInMixedBatches) {
+  EngineOptions options;
+  options.device = "cpu";
+  options.kv_cache_bytes = int64_t{64} << 20;
+  options.greedy_on_backend = true;
+  for (const bool keep_logits : {false, true}) {
+    SCOPED_TRACE(keep_logits ? "keep_logits" : "no logits kept");
+    options.keep_logits = keep_logits;
+    auto picks = Engine::Create(*weights_, options);
+    ASSERT_TRUE(picks.ok()) << picks.status();
+    const nlohmann::json ref = testing::LoadReference();
+    SamplingParams hot;
+    hot.temperature = 0.8f;
+    hot.seed = 7;
+    const std::vector<SamplingParams> sampling = {{}, hot, {}};
+    auto run = [&](Engine& engine) {
+      std::vector<std::vector<SampledToken>> out(3);
+      std::vector<int32_t> lens(3);
+      StepPlan plan;
+      for (int i = 0; i < 3; ++i) {
+        PrefillChunk c;
+        c.seq_id = 20 + i;
+        c.tokens = Ids(ref["cases"][i]["token_ids"]);
+        c.sample = true;
+        c.sampling = sampling[i];
+        lens[i] = static_cast<int32_t>(c.tokens.size());
+        plan.prefills.push_back(c);
+      }
+      for (int s = 0; s < 5; ++s) {
+        auto r = engine.Step(plan);
+        EXPECT_TRUE(r.ok() && r->errors.empty() && r->tokens.size() == 3u);
+        if (!r.ok() || r->tokens.size() != 3u) return out;
+        for (const SampledToken& t : r->tokens) out[t.seq_id - 20].push_back(t);
+        plan = StepPlan();
+        for (int i = 0; i < 3; ++i) {
+          plan.decodes.push_back({20u + i, out[i].back().token, lens[i] + s, sampling[i]});
+        }
+      }
+      StepPlan release;
+      release.releases = {20, 21, 22};
+      EXPECT_TRUE(engine.Step(release).ok());
+      return out;
+    };
+    const auto host = run(*engine_);
+    const auto backend = run(**picks);
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_EQ(backend[i].size(), host[i].size());
+      for (size_t t = 0; t < host[i].size(); ++t) {
+        EXPECT_EQ(backend[i][t].token, host[i][t].token) << "sequence " << i << " token " << t;
+        EXPECT_NEAR(backend[i][t].logprob, host[i][t].logprob, 1e-4) << "sequence " << i;
+      }
+    }
+    // Every row greedy (and no logits kept): no logits come to the host at all.
+    const std::vector<int32_t> prompt = Ids(ref["cases"][0]["token_ids"]);
+    auto a = testing::Greedy(**picks, prompt, 8, 30);
+    auto b = testing::Greedy(*engine_, prompt, 8, 30);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b);
+    EXPECT_EQ((*picks)->kv_cache().used_blocks(), 0);
+  }
+}
+
 // A prompt fed in uneven chunks (as the scheduler does) ends in the same next token.
 TEST_F(SmolLm2Test, ChunkedPrefillMatchesWholePrefill) {
   const nlohmann::json ref = testing::LoadReference();

@@ -192,7 +192,8 @@ absl::Status Engine::RunForward(const std::vector<Item>& items, StepResult* resu
   const size_t rows = batch.logit_rows.size();
   // On a GPU greedy rows are picked where the logits are (Backend::GreedyPick): the logits come
   // to the host only for rows that sample with a temperature, or to be kept.
-  const bool device_greedy = backend_->kind() == DeviceKind::kCuda;
+  const bool device_greedy =
+      options_.greedy_on_backend.value_or(backend_->kind() == DeviceKind::kCuda);
   bool need_logits = !device_greedy || options_.keep_logits;
   for (const Item& it : items) need_logits |= it.sample && it.sampling.temperature > 0.f;
   ForwardOutputs out;

@@ -28,6 +28,10 @@ struct EngineOptions {
   int32_t max_batch_seqs = 64;
   int64_t kv_cache_bytes = 0;   // 0: 1 GiB on the CPU, 40% of free memory on a GPU
   bool keep_logits = false;     // keep each sampled row's logits (tests, perplexity)
+  // Greedy rows picked by the backend's GreedyPick where the logits are, instead of the host
+  // sampler (the same token; the logprob to float rounding): unset = on a GPU only, where it
+  // spares the logits' copy.
+  std::optional<bool> greedy_on_backend;
   // Decode steps replay CUDA graphs (ModelLoadOptions; the CPU runs op by op either way).
   bool cuda_graphs = true;
   // Two-level sparse decode: the KV cache keeps a TLS index and DecodeItem::tls is honoured.
