@@ -377,22 +377,23 @@ int Main(int argc, char** argv) {
         json += row;
       }
     }
-    // The logits' copy to the host alone (the device idle), to pageable memory as the engine's.
-    if (auto logits = engines[0]->backend().Allocate(sizeof(float) * batch * config.vocab_size);
-        logits.ok()) {
-      std::vector<float> host(static_cast<size_t>(batch) * config.vocab_size);
+    // The logits' copy to the host alone (the device idle), into page-locked memory as the
+    // engine's when a row samples with a temperature (greedy rows copy no logits).
+    Backend& backend = engines[0]->backend();
+    auto logits = backend.Allocate(sizeof(float) * batch * config.vocab_size);
+    auto host = logits.ok() ? backend.AllocateHost(logits->bytes())
+                            : absl::StatusOr<HostBuffer>(logits.status());
+    if (host.ok()) {
       std::vector<double> copy_ms;
       for (int rep = 0; rep < 10; ++rep) {
         const auto c0 = std::chrono::steady_clock::now();
-        if (!engines[0]->backend().CopyToHost(host.data(), logits->data(), logits->bytes()).ok()) {
-          break;
-        }
+        if (!backend.CopyToHost(host->data(), logits->data(), logits->bytes()).ok()) break;
         copy_ms.push_back(
             std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - c0)
                 .count());
       }
       if (!copy_ms.empty()) {
-        std::printf("# logits to host at batch %d (%.1f MB): %.3f ms\n", batch,
+        std::printf("# logits to page-locked host memory at batch %d (%.1f MB): %.3f ms\n", batch,
                     logits->bytes() / 1e6, Median(copy_ms));
       }
     }

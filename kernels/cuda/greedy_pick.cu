@@ -24,6 +24,16 @@ __device__ __forceinline__ Best Better(Best a, Best b) {
   return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
 }
 
+// The warp's best pair, in every lane.
+__device__ __forceinline__ Best WarpBest(Best best) {
+  for (int o = 16; o > 0; o /= 2) {
+    const Best other{__shfl_xor_sync(0xffffffffu, best.value, o),
+                     __shfl_xor_sync(0xffffffffu, best.index, o)};
+    best = Better(best, other);
+  }
+  return best;
+}
+
 __device__ __forceinline__ void Offer(Best& best, float x, int i) {
   if (x > best.value || (x == best.value && i < best.index)) best = {x, i};
 }
@@ -51,20 +61,11 @@ __global__ void __launch_bounds__(kThreads)
   } else {
     for (int i = threadIdx.x; i < vocab; i += kThreads) Offer(best, row[i], i);
   }
-  for (int o = 16; o > 0; o /= 2) {
-    const Best other{__shfl_xor_sync(0xffffffffu, best.value, o),
-                     __shfl_xor_sync(0xffffffffu, best.index, o)};
-    best = Better(best, other);
-  }
+  best = WarpBest(best);
   if (lane == 0) warp_best[warp] = best;
   __syncthreads();
   if (warp == 0) {
-    best = warp_best[lane];  // kWarps == 32
-    for (int o = 16; o > 0; o /= 2) {
-      const Best other{__shfl_xor_sync(0xffffffffu, best.value, o),
-                       __shfl_xor_sync(0xffffffffu, best.index, o)};
-      best = Better(best, other);
-    }
+    best = WarpBest(warp_best[lane]);  // kWarps == 32
     if (lane == 0) row_best = best;
   }
   __syncthreads();

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "asynctls/runtime/status.h"
 #include "asynctls/runtime/tokenizer.h"
 #include "model_test_util.h"
 
@@ -39,19 +40,50 @@ absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const WeightFile& file,
   return Engine::Create(file, options);
 }
 
+// The token `engine` samples right after `prompt` (the sequence is released again).
+absl::StatusOr<SampledToken> FirstToken(Engine& engine, const std::vector<int32_t>& prompt) {
+  auto first = testing::Prefill(engine, 50, prompt);
+  StepPlan release;
+  release.releases.push_back(50);
+  if (auto r = engine.Step(release); !r.ok()) return r.status();
+  return first;
+}
+
+// 32 greedy tokens after `prompt` from each engine, and how many of them lead identically.
+struct GreedyPair {
+  std::vector<int32_t> a, b;
+  int same = 0;
+};
+absl::StatusOr<GreedyPair> GreedyOnBoth(Engine& a, Engine& b, const std::vector<int32_t>& prompt) {
+  GreedyPair out;
+  ASYNCTLS_ASSIGN_OR_RETURN(out.a, testing::Greedy(a, prompt, 32));
+  ASYNCTLS_ASSIGN_OR_RETURN(out.b, testing::Greedy(b, prompt, 32));
+  while (out.same < 32 && out.a[out.same] == out.b[out.same]) ++out.same;
+  return out;
+}
+
+// The real SmolLM2 on the GPU (skipped without a GPU or the GGUF).
+class SmolLm2GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+    const std::string path = testing::SmolLm2Path();
+    if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
+    auto file = WeightFile::Open(path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    file_ = std::move(*file);
+  }
+  std::unique_ptr<WeightFile> file_;
+};
+
 // bf16 GEMM weights (the CLI's default on a GPU), with CUDA graphs: every prompt's first token is
 // still llama.cpp's top-1, and greedy decoding stays with the f32 engine's for most of its tokens
 // (bf16 rounding may flip a near tie, after which the texts part; printed, not asserted).
-TEST(SmolLm2GpuTest, Bf16WeightsKeepTop1AndMostlyFollowF32) {
-  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const std::string path = testing::SmolLm2Path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-  auto file = WeightFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
-  auto bf16 = MakeEngine(**file, "cuda", false, kernels::TlsLag::kOneStep, false, true,
+TEST_F(SmolLm2GpuTest, Bf16WeightsKeepTop1AndMostlyFollowF32) {
+  auto bf16 = MakeEngine(*file_, "cuda", false, kernels::TlsLag::kOneStep, false, true,
                          kernels::DType::kBF16);
   ASSERT_TRUE(bf16.ok()) << bf16.status();
-  auto f32 = MakeEngine(**file, "cuda");
+  auto f32 = MakeEngine(*file_, "cuda");
   ASSERT_TRUE(f32.ok()) << f32.status();
   const nlohmann::json ref = testing::LoadReference();
   int agreeing = 0, total = 0;
@@ -59,60 +91,42 @@ TEST(SmolLm2GpuTest, Bf16WeightsKeepTop1AndMostlyFollowF32) {
     const std::string name = c["name"].get<std::string>();
     SCOPED_TRACE(name);
     const std::vector<int32_t> prompt = Ids(c["token_ids"]);
-    auto first = testing::Prefill(**bf16, 50, prompt);
+    auto first = FirstToken(**bf16, prompt);
     ASSERT_TRUE(first.ok()) << first.status();
     EXPECT_EQ(first->token, Ids(c["top_ids"])[0]) << "bf16 top-1 differs from llama.cpp";
     EXPECT_TRUE(std::isfinite(first->logprob));
-    StepPlan release;
-    release.releases.push_back(50);
-    ASSERT_TRUE((*bf16)->Step(release).ok());
-    auto a = testing::Greedy(**bf16, prompt, 32);
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto b = testing::Greedy(**f32, prompt, 32);
-    ASSERT_TRUE(b.ok()) << b.status();
-    int same = 0;
-    while (same < 32 && (*a)[same] == (*b)[same]) ++same;
-    std::printf("[ bf16=f32 ] %-12s first %d/32 greedy tokens identical\n", name.c_str(), same);
-    agreeing += same;
+    auto both = GreedyOnBoth(**bf16, **f32, prompt);
+    ASSERT_TRUE(both.ok()) << both.status();
+    std::printf("[ bf16=f32 ] %-12s first %d/32 greedy tokens identical\n", name.c_str(),
+                both->same);
+    agreeing += both->same;
     total += 32;
   }
   EXPECT_GE(agreeing * 2, total) << "bf16 greedy decoding left f32's early in most prompts";
   EXPECT_EQ((*bf16)->kv_cache().used_blocks(), 0);
 }
 
-TEST(SmolLm2GpuTest, GreedyMatchesCpuAndTop1MatchesLlamaCpp) {
-  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const std::string path = testing::SmolLm2Path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-  auto file = WeightFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
-  auto gpu = MakeEngine(**file, "cuda");
+TEST_F(SmolLm2GpuTest, GreedyMatchesCpuAndTop1MatchesLlamaCpp) {
+  auto gpu = MakeEngine(*file_, "cuda");
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = MakeEngine(**file, "cpu");
+  auto cpu = MakeEngine(*file_, "cpu");
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto tokenizer = Tokenizer::FromGguf(**file);
+  auto tokenizer = Tokenizer::FromGguf(*file_);
   ASSERT_TRUE(tokenizer.ok());
   const nlohmann::json ref = testing::LoadReference();
   for (const auto& c : ref["cases"]) {
     const std::string name = c["name"].get<std::string>();
     SCOPED_TRACE(name);
     const std::vector<int32_t> prompt = Ids(c["token_ids"]);
-    auto first = testing::Prefill(**gpu, 50, prompt);
+    auto first = FirstToken(**gpu, prompt);
     ASSERT_TRUE(first.ok()) << first.status();
     EXPECT_EQ(first->token, Ids(c["top_ids"])[0]) << "GPU top-1 differs from llama.cpp";
-    StepPlan release;
-    release.releases.push_back(50);
-    ASSERT_TRUE((*gpu)->Step(release).ok());
 
-    auto on_gpu = testing::Greedy(**gpu, prompt, 32);
-    ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
-    auto on_cpu = testing::Greedy(**cpu, prompt, 32);
-    ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
-    int same = 0;
-    while (same < 32 && (*on_gpu)[same] == (*on_cpu)[same]) ++same;
-    std::printf("[ cpu=gpu  ] %-12s first %d/32 greedy tokens identical; gpu: %s\n", name.c_str(), same,
-                (*tokenizer)->Decode(*on_gpu).substr(0, 60).c_str());
-    EXPECT_EQ(*on_gpu, *on_cpu);
+    auto both = GreedyOnBoth(**gpu, **cpu, prompt);
+    ASSERT_TRUE(both.ok()) << both.status();
+    std::printf("[ cpu=gpu  ] %-12s first %d/32 greedy tokens identical; gpu: %s\n", name.c_str(),
+                both->same, (*tokenizer)->Decode(both->a).substr(0, 60).c_str());
+    EXPECT_EQ(both->a, both->b);
   }
   EXPECT_EQ((*gpu)->kv_cache().used_blocks(), 0);
 }
@@ -120,21 +134,16 @@ TEST(SmolLm2GpuTest, GreedyMatchesCpuAndTop1MatchesLlamaCpp) {
 // Two-level sparse decode on the GPU and the CPU: the selections are computed bit for bit alike
 // from the same q, so greedy outputs agree as the dense ones do. With the bf16 block index and
 // its int8 form.
-TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
-  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const std::string path = testing::SmolLm2Path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-  auto file = WeightFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
+TEST_F(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
   for (const auto [lag, int8] :
        {std::pair{kernels::TlsLag::kSameStep, false}, std::pair{kernels::TlsLag::kOneStep, false},
         std::pair{kernels::TlsLag::kOneStep, true}}) {
     const char* lag_name =
         lag == kernels::TlsLag::kOneStep ? (int8 ? "lag, int8 idx" : "one-step lag") : "same step";
     SCOPED_TRACE(lag_name);
-    auto gpu = MakeEngine(**file, "cuda", /*tls=*/true, lag, int8);
+    auto gpu = MakeEngine(*file_, "cuda", /*tls=*/true, lag, int8);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
-    auto cpu = MakeEngine(**file, "cpu", /*tls=*/true, lag, int8);
+    auto cpu = MakeEngine(*file_, "cpu", /*tls=*/true, lag, int8);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     const nlohmann::json ref = testing::LoadReference();
     for (const auto& c : ref["cases"]) {
@@ -170,12 +179,7 @@ TEST(SmolLm2GpuTest, TlsGreedyMatchesCpu) {
 // graphed dense decode plans for 32 blocks, the eager one for the longest sequence; at these
 // lengths and batches both give each split one page (the split count follows the length only
 // up to that), so both sum in the same order.
-TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
-  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const std::string path = testing::SmolLm2Path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not found (set ASYNCTLS_MODEL_PATH)";
-  auto file = WeightFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
+TEST_F(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
   const std::vector<int32_t> text = Ids(testing::LoadReference()["cases"][3]["token_ids"]);
   ASSERT_GE(text.size(), 2200u);  // long_apache
   struct Seq {
@@ -196,9 +200,9 @@ TEST(SmolLm2GpuTest, CudaGraphDecodeMatchesEager) {
   constexpr int kLongest = 1000;  // its step 24 reserves the 17th block: 32 blocks wide
   for (const bool tls : {false, true}) {
     SCOPED_TRACE(tls ? "one dense + two tls (one-step lag) sequences" : "two dense sequences");
-    auto eager = MakeEngine(**file, "cuda", tls);
+    auto eager = MakeEngine(*file_, "cuda", tls);
     ASSERT_TRUE(eager.ok()) << eager.status();
-    auto graphed = MakeEngine(**file, "cuda", tls, kernels::TlsLag::kOneStep, false, true);
+    auto graphed = MakeEngine(*file_, "cuda", tls, kernels::TlsLag::kOneStep, false, true);
     ASSERT_TRUE(graphed.ok()) << graphed.status();
     // Prefills `joining` (sampling each one's first token), then decodes every sequence.
     std::vector<Seq> seqs;
