@@ -2,7 +2,8 @@
 // over the positions, one block per (split, sequence, KV head, chunk of the group's heads), so
 // each gathered K/V row is read once for up to HPC query heads; fp32 online softmax in the
 // log2 domain; a merge kernel combines the splits and writes the log-sum-exp. GQA head dims
-// (64, 128; groups of 1-16) use fp32 CUDA-core math (SparseAttnKernel); MLA (576 / 512, 16+
+// (64, 128; groups of 1-16) use fp32 CUDA-core math (SparseAttnKernel: the split's pool rows
+// looked up at once, cp.async K/V tiles two deep); MLA (576 / 512, 16+
 // heads on one latent row) uses tensor cores: 16 heads per CTA, with bulk-copy row gathers three
 // tiles deep (mla::MlaPipeAttnKernel, bf16 io with V inside the K rows) or one tile at a time
 // (mla::MlaAttnKernel, fp32 io or a V pool of its own), or 32-64 heads per CTA with
@@ -70,10 +71,16 @@ __device__ __forceinline__ void TileRowOffsets(const TlsSparseAttentionParams& p
   row_off[tid] = off;
 }
 
+// Pool rows a GQA CTA looks up at once (int32 row indices: pools of under 2^31 rows): a split
+// of up to this many positions pays the position -> block table chain once; longer splits
+// look up the next chunk when they reach it.
+constexpr int kAttnSlots = 512;
+
 struct AttnLayout {
-  size_t q, p, stats, row_off, k, v, bytes;
+  size_t q, p, stats, slots, k, v, bytes;
 };
 
+// Two K (and V) tile buffers: tile i + 1's rows load (cp.async) while tile i is computed.
 template <int HEAD_DIM, int V_DIM, int HPC>
 constexpr AttnLayout MakeAttnLayout(bool shared_kv) {
   AttnLayout l{};
@@ -85,12 +92,12 @@ constexpr AttnLayout MakeAttnLayout(bool shared_kv) {
   l.stats = off;
   off += sizeof(float) * 3 * HPC;
   off = (off + 15) / 16 * 16;
-  l.row_off = off;
-  off += sizeof(int64_t) * kTile;
+  l.slots = off;
+  off += sizeof(int32_t) * kAttnSlots;
   l.k = off;
-  off += 2 * kTile * (HEAD_DIM + kRowPad);
+  off += 2 * 2 * kTile * (HEAD_DIM + kRowPad);
   l.v = off;
-  if (!shared_kv) off += 2 * kTile * (V_DIM + kRowPad);
+  if (!shared_kv) off += 2 * 2 * kTile * (V_DIM + kRowPad);
   l.bytes = off;
   return l;
 }
@@ -107,12 +114,13 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* m_s = reinterpret_cast<float*>(smem + kL.stats);
   float* l_s = m_s + HPC;
   float* corr_s = l_s + HPC;
-  int64_t* row_off = reinterpret_cast<int64_t*>(smem + kL.row_off);
+  int32_t* slot_s = reinterpret_cast<int32_t*>(smem + kL.slots);
   __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem + kL.k);
   __nv_bfloat16* v_s = shared_kv ? k_s : reinterpret_cast<__nv_bfloat16*>(smem + kL.v);
   constexpr int kKStride = HEAD_DIM + kRowPad;
   constexpr int kVStrideSep = V_DIM + kRowPad;
   const int v_stride = shared_kv ? kKStride : kVStrideSep;
+  constexpr int kKBuf = kTile * kKStride, kVBufSep = kTile * kVStrideSep;
 
   const int split = blockIdx.x, bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
@@ -153,30 +161,65 @@ __global__ void __launch_bounds__(kAttnThreads)
   constexpr int kScorePairs = HPC * kTile;
   constexpr int kTpp = kAttnThreads / kScorePairs > 0 ? kAttnThreads / kScorePairs : 1;
 
-  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
-    const int cnt = min(kTile, t_end - t0);
-    TileRowOffsets(p, positions, table, g, t0, cnt, kTile, HEAD_DIM, row_off);
-    __syncthreads();
+  const int num_tiles = (max(t_end - t_begin, 0) + kTile - 1) / kTile;
+  // The pool rows of positions [c0, c0 + kAttnSlots) of the split, all loads in flight together.
+  auto look_up = [&](int c0) {
+    const int cnt = min(kAttnSlots, t_end - c0);
+    for (int i = tid; i < cnt; i += kAttnThreads) {
+      const int32_t pos = positions[c0 + i];
+      slot_s[i] = static_cast<int32_t>((int64_t{table[pos / kKvBlockSize]} * p.num_kv_heads + g) *
+                                           kKvBlockSize +
+                                       pos % kKvBlockSize);
+    }
+  };
+  // Tile `tile`'s K (and V) rows into buffer tile % 2, one cp.async group; rows past the split's
+  // end are zero-filled. Its slots are in slot_s (the caller looked them up).
+  auto issue_tile = [&](int tile) {
+    const int t0 = t_begin + tile * kTile, cnt = min(kTile, t_end - t0);
+    const int s0 = (t0 - t_begin) % kAttnSlots;
+    __nv_bfloat16* kb = k_s + (tile & 1) * kKBuf;
     for (int e = tid; e < kTile * kVecs; e += kAttnThreads) {
       const int r = e / kVecs, c = e % kVecs;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (r < cnt) val = *reinterpret_cast<const uint4*>(k_cache + row_off[r] + 8 * c);
-      *reinterpret_cast<uint4*>(k_s + r * kKStride + 8 * c) = val;
+      const int64_t row = r < cnt ? slot_s[s0 + r] : 0;
+      CpAsync16(SmemAddr(kb + r * kKStride + 8 * c), k_cache + row * HEAD_DIM + 8 * c, r < cnt);
     }
     if (!shared_kv) {
+      __nv_bfloat16* vb = v_s + (tile & 1) * kVBufSep;
       for (int e = tid; e < kTile * (V_DIM / 8); e += kAttnThreads) {
         const int r = e / (V_DIM / 8), c = e % (V_DIM / 8);
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < cnt) val = *reinterpret_cast<const uint4*>(v_cache + row_off[r] + 8 * c);
-        *reinterpret_cast<uint4*>(v_s + r * kVStrideSep + 8 * c) = val;
+        const int64_t row = r < cnt ? slot_s[s0 + r] : 0;
+        CpAsync16(SmemAddr(vb + r * kVStrideSep + 8 * c), v_cache + row * V_DIM + 8 * c, r < cnt);
       }
     }
+    CpAsyncCommit();
+  };
+  constexpr int kTilesPerChunk = kAttnSlots / kTile;
+  if (num_tiles > 0) {
+    look_up(t_begin);
     __syncthreads();
+    issue_tile(0);
+  }
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int t0 = t_begin + tile * kTile, cnt = min(kTile, t_end - t0);
+    if (tile + 1 < num_tiles) {
+      if ((tile + 1) % kTilesPerChunk == 0) {  // the next chunk's rows (this tile's are issued)
+        __syncthreads();
+        look_up(t_begin + (tile + 1) * kTile);
+        __syncthreads();
+      }
+      issue_tile(tile + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();  // this tile's rows, from every thread's copies
+    const __nv_bfloat16* kb = k_s + (tile & 1) * kKBuf;
+    const __nv_bfloat16* vb = shared_kv ? kb : v_s + (tile & 1) * kVBufSep;
     // Scores (log2 domain): kTpp threads per (head, position) pair.
     for (int pair = tid / kTpp; pair < kScorePairs; pair += kAttnThreads / kTpp) {
       const int hh = pair / kTile, t = pair % kTile, sub = tid % kTpp;
       const float* qrow = q_s + hh * HEAD_DIM;
-      const __nv_bfloat16* krow = k_s + t * kKStride;
+      const __nv_bfloat16* krow = kb + t * kKStride;
       float s = 0.f;
       for (int c = sub; c < kVecs; c += kTpp) {
         const uint4 kv = *reinterpret_cast<const uint4*>(krow + 8 * c);
@@ -223,7 +266,7 @@ __global__ void __launch_bounds__(kAttnThreads)
         const float* prow = p_s + hh * kTile;
         for (int t = 0; t < cnt; ++t) {
           const float2 v = __bfloat1622float2(
-              *reinterpret_cast<const __nv_bfloat162*>(v_s + t * v_stride + 2 * d2));
+              *reinterpret_cast<const __nv_bfloat162*>(vb + t * v_stride + 2 * d2));
           a.x += prow[t] * v.x;
           a.y += prow[t] * v.y;
         }
@@ -1180,12 +1223,12 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   const int tile = wide_rt > 0 ? mla::kWideKeys : mla ? mla::kKeys : kTile;
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
-  // A CTA that walks its tiles one after another (position -> table -> K/V gather, then the
-  // math) takes its tile count times a latency-bound step: aim for one full wave of GQA CTAs
-  // (~40 registers x 256 threads: 6 per SM) so the tiles of a row run side by side, and 2 MLA
-  // CTAs per SM (tensor cores, ~100-125 KB of shared memory). The pipelined and wide CTAs (one
-  // per SM) aim for one wave and no more.
-  const int64_t ctas_per_sm = mla ? 2 : 6;
+  // A CTA's tiles are latency-bound steps (GQA: the next tile loads during this one's math;
+  // MlaAttnKernel: load, then math): aim for one full wave of GQA CTAs (two ~17 KB K/V tile
+  // buffers at head dim 128: 5 per SM) so the tiles of a row run side by side, and 2 MLA CTAs
+  // per SM (tensor cores, ~100-125 KB of shared memory). The pipelined and wide CTAs (one per
+  // SM) aim for one wave and no more.
+  const int64_t ctas_per_sm = mla ? 2 : 5;
   const int64_t want =
       one_wave ? std::max<int64_t>(1, int64_t{NumSms()} / base)
                : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);

@@ -134,6 +134,9 @@ TEST(TlsSparseAttentionGpuTest, GqaMatchesReference) {
       {{4100, 333}, 32, 8, 128, false},      // G = 4
       {{1500}, 8, 1, 128, false},            // G = 8
       {{700}, 12, 1, 128, false},            // G = 12: two head chunks
+      // 128 (sequence, KV head) rows: dense splits of 672 positions, over the 512 pool rows a
+      // CTA looks up at once (two look-ups per split)
+      {{4000, 3900, 3800, 3700}, 32, 32, 64, false},
   };
   for (const AttnShape& s : shapes) {
     for (DType dtype : {DType::kF32, DType::kBF16}) {
