@@ -1224,14 +1224,15 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   s.head_chunks = (group + s.hpc - 1) / s.hpc;
   const int64_t base = int64_t{p.batch} * p.num_kv_heads * s.head_chunks;
   // A CTA's tiles are latency-bound steps (GQA: the next tile loads during this one's math;
-  // MlaAttnKernel: load, then math): aim for one full wave of GQA CTAs (two ~17 KB K/V tile
-  // buffers at head dim 128: 5 per SM) so the tiles of a row run side by side, and 2 MLA CTAs
-  // per SM (tensor cores, ~100-125 KB of shared memory). The pipelined and wide CTAs (one per
-  // SM) aim for one wave and no more.
-  const int64_t ctas_per_sm = mla ? 2 : 5;
+  // MlaAttnKernel: load, then math): aim for one full wave of CTAs so the tiles of a row run side
+  // by side. GQA: 4 per SM (62 registers x 256 threads) and no more (ncu, run 94: 1.21 waves at
+  // 128K batch 8 k_t 2048, the partial second one as long as a whole one). MlaAttnKernel: 2 per
+  // SM (tensor cores, ~100-125 KB of shared memory) or more. The pipelined and wide CTAs: one
+  // per SM, one wave and no more.
+  const int64_t ctas_per_sm = !mla ? 4 : one_wave ? 1 : 2;
+  const int64_t wave = ctas_per_sm * NumSms();
   const int64_t want =
-      one_wave ? std::max<int64_t>(1, int64_t{NumSms()} / base)
-               : std::max<int64_t>(1, (ctas_per_sm * int64_t{NumSms()} + base - 1) / base);
+      std::max<int64_t>(1, mla && !one_wave ? (wave + base - 1) / base : wave / base);
   const int max_positions = std::max(1, p.max_positions);
   int tokens = static_cast<int>((max_positions + want - 1) / want);
   if (pipelined) {
