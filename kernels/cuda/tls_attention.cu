@@ -11,9 +11,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <type_traits>
 
 #include "asynctls/kernels/cuda_tls.h"
 #include "paged_attention_common.cuh"
@@ -1203,46 +1201,40 @@ MlaKernel WideKernel(const TlsSparseAttentionParams& p) {
   return group >= 64 ? MlaKernel::kWide4 : group >= 32 ? MlaKernel::kWide2 : MlaKernel::kTiles;
 }
 
-// Resident SparseAttnKernel CTAs per SM for a GQA call's head dims, heads per CTA and K/V layout
-// (registers or shared memory bound it: 4 at head dim 128 with 4 heads per CTA on the H200).
-int GqaCtasPerSm(int head_dim, int hpc, bool shared_kv) {
-  // Asked once per shape (a decode step plans an attention per layer).
-  static std::atomic<int> cached[2][4][2] = {};
-  const int hpc_index = hpc <= 1 ? 0 : hpc == 2 ? 1 : hpc == 4 ? 2 : 3;
-  std::atomic<int>& slot = cached[head_dim == 64 ? 0 : 1][hpc_index][shared_kv ? 1 : 0];
-  if (const int known = slot.load(std::memory_order_relaxed); known > 0) return known;
-  auto query = [shared_kv](auto kernel, size_t bytes_shared, size_t bytes_separate) {
-    int n = 0;
-    const size_t bytes = shared_kv ? bytes_shared : bytes_separate;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kAttnThreads, bytes) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      return 1;
-    }
-    return std::max(n, 1);
-  };
-  auto of = [&](auto dims, auto heads) {
-    constexpr int D = decltype(dims)::value, H = decltype(heads)::value;
-    return query(SparseAttnKernel<D, D, H>, MakeAttnLayout<D, D, H>(true).bytes,
-                 MakeAttnLayout<D, D, H>(false).bytes);
-  };
-  using I64 = std::integral_constant<int, 64>;
-  using I128 = std::integral_constant<int, 128>;
-  auto for_dims = [&](auto dims) {
-    switch (hpc) {
-      case 1:
-        return of(dims, std::integral_constant<int, 1>{});
-      case 2:
-        return of(dims, std::integral_constant<int, 2>{});
-      case 4:
-        return of(dims, std::integral_constant<int, 4>{});
-      default:
-        return of(dims, std::integral_constant<int, 8>{});
-    }
-  };
-  const int n = head_dim == 64 ? for_dims(I64{}) : for_dims(I128{});
-  slot.store(n, std::memory_order_relaxed);
-  return n;
+// Resident CTAs per SM of `kernel` with `bytes` of dynamic shared memory (1 if it cannot say).
+template <typename Kernel>
+int CtasPerSm(Kernel* kernel, int threads, size_t bytes) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return std::max(n, 1);
+}
+
+// SparseAttnKernel<D, D, HPC>'s, with V in a pool of its own or inside the K rows (registers
+// or shared memory bound it: 4 at head dim 128 with 4 heads per CTA), asked once per shape.
+template <int D, int HPC>
+int SparseAttnCtasPerSm(bool shared_kv) {
+  static const int separate =
+      CtasPerSm(SparseAttnKernel<D, D, HPC>, kAttnThreads, MakeAttnLayout<D, D, HPC>(false).bytes);
+  static const int shared =
+      CtasPerSm(SparseAttnKernel<D, D, HPC>, kAttnThreads, MakeAttnLayout<D, D, HPC>(true).bytes);
+  return shared_kv ? shared : separate;
+}
+
+template <int D>
+int GqaCtasPerSm(int hpc, bool shared_kv) {
+  switch (hpc) {
+    case 1:
+      return SparseAttnCtasPerSm<D, 1>(shared_kv);
+    case 2:
+      return SparseAttnCtasPerSm<D, 2>(shared_kv);
+    case 4:
+      return SparseAttnCtasPerSm<D, 4>(shared_kv);
+    default:
+      return SparseAttnCtasPerSm<D, 8>(shared_kv);
+  }
 }
 
 // kernel: MLA's (ignored for GQA head dims).
@@ -1272,9 +1264,10 @@ SplitPlan PlanSplits(const TlsSparseAttentionParams& p, MlaKernel kernel) {
   // batch 8 k_t 2048, where the plan assumed 5, and the partial second wave took as long as a
   // whole one). MlaAttnKernel: 2 per SM (tensor cores, ~100-125 KB of shared memory) or more.
   // The pipelined and wide CTAs: one per SM, one wave and no more.
-  const int64_t ctas_per_sm = !mla       ? GqaCtasPerSm(p.head_dim, s.hpc, p.v_cache == p.k_cache)
-                              : one_wave ? 1
-                                         : 2;
+  const bool shared_kv = p.v_cache == p.k_cache;
+  const int64_t ctas_per_sm = mla                ? (one_wave ? 1 : 2)
+                              : p.head_dim == 64 ? GqaCtasPerSm<64>(s.hpc, shared_kv)
+                                                 : GqaCtasPerSm<128>(s.hpc, shared_kv);
   const int64_t wave = ctas_per_sm * NumSms();
   const int64_t want =
       std::max<int64_t>(1, mla && !one_wave ? (wave + base - 1) / base : wave / base);
