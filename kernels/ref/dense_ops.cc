@@ -68,19 +68,15 @@ void Embedding(const EmbeddingParams& p) {
 }
 
 void RmsNorm(const RmsNormParams& p) {
+  void* const out = p.maybe_out_bf16 ? static_cast<void*>(p.maybe_out_bf16) : p.out;
+  const DType out_dtype = p.maybe_out_bf16 ? DType::kBF16 : DType::kF32;
   for (int r = 0; r < p.rows; ++r) {
     const float* x = p.x + int64_t{r} * p.dim;
-    float* out = p.maybe_out_bf16 ? nullptr : p.out + int64_t{r} * p.dim;
     float sum_sq = 0.f;
     for (int i = 0; i < p.dim; ++i) sum_sq += x[i] * x[i];
     const float inv = 1.f / std::sqrt(sum_sq / p.dim + p.eps);
     for (int i = 0; i < p.dim; ++i) {
-      const float y = x[i] * inv * p.weight[i];
-      if (p.maybe_out_bf16) {
-        p.maybe_out_bf16[int64_t{r} * p.dim + i] = FloatToBf16(y);
-      } else {
-        out[i] = y;
-      }
+      Store(out, out_dtype, int64_t{r} * p.dim + i, x[i] * inv * p.weight[i]);
     }
   }
 }
@@ -106,13 +102,13 @@ void SplitQkv(const SplitQkvParams& p) {
 }
 
 void Gemm(const GemmParams& p) {
+  const void* const x = p.maybe_x_bf16 ? static_cast<const void*>(p.maybe_x_bf16) : p.x;
+  const DType x_dtype = p.maybe_x_bf16 ? DType::kBF16 : DType::kF32;
   for (int m = 0; m < p.m; ++m) {
     for (int n = 0; n < p.n; ++n) {
       float acc = 0.f;
       for (int k = 0; k < p.k; ++k) {
-        const int64_t i = int64_t{m} * p.k + k;
-        const float x = p.maybe_x_bf16 ? Bf16ToFloat(p.maybe_x_bf16[i]) : p.x[i];
-        acc += x * Load(p.w, p.w_dtype, int64_t{n} * p.k + k);
+        acc += Load(x, x_dtype, int64_t{m} * p.k + k) * Load(p.w, p.w_dtype, int64_t{n} * p.k + k);
       }
       if (p.maybe_bias) acc += p.maybe_bias[n];
       float& o = p.out[int64_t{m} * p.n + n];
@@ -143,16 +139,13 @@ void Rope(const RopeParams& p) {
 }
 
 void SiluMul(const SiluMulParams& p) {
+  void* const out = p.maybe_out_bf16 ? static_cast<void*>(p.maybe_out_bf16) : p.out;
+  const DType out_dtype = p.maybe_out_bf16 ? DType::kBF16 : DType::kF32;
   for (int r = 0; r < p.rows; ++r) {
     const float* g = p.gate_up + int64_t{r} * 2 * p.dim;
     for (int i = 0; i < p.dim; ++i) {
       const float x = g[i];
-      const float y = x / (1.f + std::exp(-x)) * g[p.dim + i];
-      if (p.maybe_out_bf16) {
-        p.maybe_out_bf16[int64_t{r} * p.dim + i] = FloatToBf16(y);
-      } else {
-        p.out[int64_t{r} * p.dim + i] = y;
-      }
+      Store(out, out_dtype, int64_t{r} * p.dim + i, x / (1.f + std::exp(-x)) * g[p.dim + i]);
     }
   }
 }
