@@ -10,7 +10,7 @@
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
-# trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
+# trees, e.g. to bisect with TESTS=0; TEST_TREES=bd tests only those), RUNS (';'-separated `tls_bench --only` arguments,
 # required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, OUT (default
 # ./tls-ab-out). Writes ab.log (the table) and the full tls_bench output per tree; build logs
 # stay in /tmp (the device returns few files).
@@ -61,7 +61,7 @@ log "built in $(( $(date +%s) - t0 )) s"
 
 if [[ -n "$tests" ]]; then
   for letter in $letters; do
-    [[ $letter == a ]] && continue
+    [[ $letter == a || ( -n "${TEST_TREES:-}" && $TEST_TREES != *$letter* ) ]] && continue
     ctest --test-dir "${trees[$letter]}/build-ab-$letter" -L gpu -R tls --output-on-failure -j 3 \
       > "$OUT/ctest_$letter.log" 2>&1 || status=1
     grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest_$letter.log" | sed "s/^/${letter^^} /" |

@@ -71,21 +71,37 @@ std::vector<SelectShape> Shapes() {
 // The device run of decode-select `p` whose reference run filled `buf` (inputs from `d`,
 // outputs poisoned first): the same positions and counts, and the same blocks for the modes
 // that keep blocks.
-// two_streams: the one-step lag's block branch on a second stream (the runtime's launch).
+// How a device selection is launched: on one stream, or (the one-step lag) with the block
+// branch on a second stream, forked at the token kernel's launch completion, eagerly or from a
+// captured graph (the runtime's launch).
+enum class Launch { kOneStream, kTwoStreams, kTwoStreamsGraph };
+
 void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
                                const testing::TlsSelectBuffers& buf, int rows, TlsMode mode,
-                               bool two_streams = false) {
+                               Launch launch = Launch::kOneStream) {
   testing::DeviceSelectRun run;
   ASSERT_CUDA(run.Prepare(p, d, buf));
-  if (two_streams) {
+  if (launch != Launch::kOneStream) {
     cudaStream_t main = nullptr, side = nullptr;
     cudaEvent_t fork = nullptr, join = nullptr;
     ASSERT_CUDA(cudaStreamCreateWithFlags(&main, cudaStreamNonBlocking));
     ASSERT_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     ASSERT_CUDA(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     ASSERT_CUDA(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    const bool graph = launch == Launch::kTwoStreamsGraph;
+    if (graph) ASSERT_CUDA(cudaStreamBeginCapture(main, cudaStreamCaptureModeThreadLocal));
     ASSERT_CUDA(cuda::TlsDecodeSelect(run.params, main, side, run.params.q, fork, join));
     ASSERT_CUDA(cudaStreamWaitEvent(main, join, 0));
+    if (graph) {
+      cudaGraph_t g = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      ASSERT_CUDA(cudaStreamEndCapture(main, &g));
+      ASSERT_CUDA(cudaGraphInstantiate(&exec, g, 0));
+      ASSERT_CUDA(cudaGraphLaunch(exec, main));
+      ASSERT_CUDA(cudaStreamSynchronize(main));
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(g);
+    }
     ASSERT_CUDA(cudaStreamSynchronize(main));  // main waited for the side branch
     EXPECT_EQ(cudaStreamQuery(side), cudaSuccess);
     cudaEventDestroy(fork);
@@ -440,8 +456,12 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
 
           ExpectDeviceSelectMatches(p, d, buf, rows, mode);
           if (lag == TlsLag::kOneStep) {
-            SCOPED_TRACE("block branch on a second stream");
-            ExpectDeviceSelectMatches(p, d, buf, rows, mode, /*two_streams=*/true);
+            {
+              SCOPED_TRACE("block branch on a second stream");
+              ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreams);
+            }
+            SCOPED_TRACE("block branch on a second stream, from a graph");
+            ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreamsGraph);
           }
         }
       }
