@@ -28,6 +28,7 @@ using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
+using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
@@ -337,6 +338,205 @@ cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream
   return cudaGetLastError();
 }
 
+// ---- streaming block scores (slotted rows: MLA up to 64 heads) ------------------------------
+// The lagged step's block branch runs beside the token kernel and the attention, so what it
+// costs the step is mostly its SM time (bench/results/tls-kernels-h200.md run 97: the MLA
+// 16-head batch-8 128K step is 8 us faster without it). BlockScoreKernel's CTAs spend theirs on
+// a chain: index rows, query stage and sums, then each team's blocks copied and scored one at a
+// time, each block's 144-FMA chain waiting on shared-memory loads of the query sums. Here one
+// CTA per SM streams a run of one row's blocks: the query's stage and the run's index rows load
+// first, each team's first blocks copy while the query is summed, each lane holds its slice of
+// the sums in registers, and a team keeps its next block in flight (cp.async into a ring of
+// slots) while it scores one. The same arithmetic in the same order as BlockSliceScore, so the
+// same bits. H100, runs 101-102: the 16-head step 0.7-1.8 us faster, 32-64 heads unchanged; at
+// 128 heads its small query stage (8 rounds) made the 128K step 6 us slower, so groups whose
+// query needs more than kStreamMaxStages stages keep BlockScoreKernel.
+constexpr int kStreamTeamBytes = 4608;    // a team's ring: 2 bf16 or 4 int8 blocks of 576 dims
+constexpr int kStreamStageBytes = 18432;  // the query stage: 16 heads x 576 bf16 at once
+constexpr int kStreamMaxRun = 1024;       // blocks per CTA at most (their index rows in smem)
+constexpr int kStreamMaxStages = 4;       // query stages at most (64 bf16 or 32 fp32 heads)
+
+// Blocks a team's ring holds, and its stride in vectors (int8: 8 vectors of padding put the two
+// teams of a half-warp read on distinct banks, as ScoreTeamSlotVecs).
+template <int WIDTH, typename Code>
+constexpr int StreamDepth() {
+  return kStreamTeamBytes / (ScoreBlockVecs<WIDTH>() * int(sizeof(BoundVec<Code>)));
+}
+template <int WIDTH, typename Code>
+constexpr int StreamTeamVecs() {
+  return StreamDepth<WIDTH, Code>() * ScoreBlockVecs<WIDTH>() + (sizeof(Code) == 1 ? 8 : 0);
+}
+template <int WIDTH, typename Code>
+constexpr size_t StreamSmemBytes(int head_dim) {
+  return 2 * head_dim * sizeof(float) + kStreamStageBytes + kStreamMaxRun * 2 * sizeof(int32_t) +
+         size_t(kScoreTeams) * StreamTeamVecs<WIDTH, Code>() * sizeof(BoundVec<Code>);
+}
+
+// grid (ceil(max_blocks / run), batch * num_kv_heads): blocks [x * run, + run) of row y.
+template <int WIDTH, typename Code>
+__global__ void __launch_bounds__(kScoreThreads, 1)
+    BlockScoreStreamKernel(TlsBlockScoreParams p, int run) {
+  constexpr int kDepth = StreamDepth<WIDTH, Code>();
+  constexpr bool kInt8 = sizeof(Code) == 1;
+  static_assert(kDepth >= 2, "a team scores one block while the next loads");
+  // qpos, qneg [head_dim] (slice-major), the query stage, the run's index rows and (int8) row
+  // scales, then the teams' rings.
+  extern __shared__ __align__(16) float q_sum[];
+  float* qpos = q_sum;
+  float* qneg = q_sum + p.head_dim;
+  unsigned char* stage = reinterpret_cast<unsigned char*>(q_sum + 2 * p.head_dim);
+  int32_t* rows_s = reinterpret_cast<int32_t*>(stage + kStreamStageBytes);
+  float* scale_s = reinterpret_cast<float*>(rows_s + kStreamMaxRun);
+  const int team = threadIdx.x / kTlsBlockScoreSlices, c = threadIdx.x % kTlsBlockScoreSlices;
+  BoundVec<Code>* ring = reinterpret_cast<BoundVec<Code>*>(scale_s + kStreamMaxRun) +
+                         team * StreamTeamVecs<WIDTH, Code>();
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int num_blocks = (p.seq_lens[b] + kKvBlockSize - 1) / kKvBlockSize;
+  const int first = blockIdx.x * run;
+  if (first >= num_blocks) return;
+  const int count = min(run, num_blocks - first);
+  const int width = WIDTH;
+
+  // The query's first stage in flight (the oldest cp.async group of every thread).
+  const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
+  const int stage_heads = min(group, max(1, kStreamStageBytes / (p.head_dim * elem)));
+  const unsigned char* group_q =
+      static_cast<const unsigned char*>(p.q) +
+      (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim * elem;
+  const bool staged = reinterpret_cast<uintptr_t>(group_q) % 16 == 0;
+  auto stage_heads_from = [&](int h0) {
+    const int bytes = min(stage_heads, group - h0) * p.head_dim * elem;  // a multiple of 16
+    const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
+    for (int i = threadIdx.x * 16; i < bytes; i += kScoreThreads * 16) {
+      __pipeline_memcpy_async(stage + i, from + i, 16);
+    }
+  };
+  if (staged) stage_heads_from(0);
+  __pipeline_commit();
+
+  // The run's index rows (and int8 scales), then each team's first kDepth blocks in flight.
+  const int32_t* table = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
+  for (int i = threadIdx.x; i < count; i += kScoreThreads) rows_s[i] = table[i];
+  __syncthreads();
+  const Code* kmax = static_cast<const Code*>(p.block_kmax);
+  const Code* kmin = static_cast<const Code*>(p.block_kmin);
+  auto copy_block = [&](int k) {  // team's k-th block into its ring slot k % kDepth
+    const int i = team + k * kScoreTeams;
+    if (i < count) {
+      const int64_t off = (int64_t{rows_s[i]} * p.num_kv_heads + g) * p.head_dim;
+      CopyBlockRows<WIDTH, Code>(ring + k % kDepth * ScoreBlockVecs<WIDTH>(), kmax + off,
+                                 kmin + off, c);
+    } else {
+      __pipeline_commit();
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < kDepth; ++k) copy_block(k);
+  if constexpr (kInt8) {
+    for (int i = threadIdx.x; i < count; i += kScoreThreads) {
+      scale_s[i] = p.maybe_block_scales[int64_t{rows_s[i]} * p.num_kv_heads + g];
+    }
+  }
+
+  // The group's query summed per dim in head order (SumStagedQuery's arithmetic): the first
+  // stage waits only for itself; later stages (groups over 16 bf16 heads) wait for everything.
+  for (int h0 = 0; h0 < group; h0 += stage_heads) {
+    const int heads = min(stage_heads, group - h0);
+    if (staged) {
+      if (h0 == 0) {
+        __pipeline_wait_prior(kDepth);
+      } else {
+        __syncthreads();  // every thread is done with the previous stage
+        stage_heads_from(h0);
+        __pipeline_commit();
+        __pipeline_wait_prior(0);
+      }
+      __syncthreads();
+    }
+    const void* src = staged ? static_cast<const void*>(stage)
+                             : static_cast<const void*>(group_q + int64_t{h0} * p.head_dim * elem);
+    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+      float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
+#pragma unroll 8
+      for (int h = 0; h < heads; ++h) {
+        const float v = LoadIo(src, p.io_dtype, int64_t{h} * p.head_dim + d);
+        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+      }
+      qpos[at] = pos;
+      qneg[at] = neg;
+    }
+  }
+  __syncthreads();  // qpos / qneg and (int8) the scales, for every team
+
+  const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
+  // This lane's slice of the query sums in registers for the whole run: each block's chain of
+  // 2 * WIDTH FMAs then waits only on its own rows' loads (BlockSliceScore's order).
+  float qp[WIDTH], qn[WIDTH];
+#pragma unroll
+  for (int j = 0; j < WIDTH; ++j) {
+    qp[j] = qpos[j * kTlsBlockScoreSlices + c];
+    qn[j] = qneg[j * kTlsBlockScoreSlices + c];
+  }
+  using Vec = BoundVec<Code>;
+  constexpr int kVecs = WIDTH / 8;
+  float* scores = p.scores + int64_t{bg} * p.max_blocks_per_seq + first;
+  for (int k = 0; team + k * kScoreTeams < count; ++k) {
+    const int i = team + k * kScoreTeams;
+    __pipeline_wait_prior(kDepth - 1);  // block k's group; the next ones may be in flight
+    __syncwarp(team_mask);              // every lane's copies landed
+    const Vec* slot = ring + k % kDepth * ScoreBlockVecs<WIDTH>();
+    float s = 0.f;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const Vec av4 = slot[c * kVecs + v], nv4 = slot[8 * kVecs + c * kVecs + v];
+      const Code* av = reinterpret_cast<const Code*>(&av4);
+      const Code* nv = reinterpret_cast<const Code*>(&nv4);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        s = TlsFma(qp[8 * v + e], BoundValue(av[e]), s);
+        s = TlsFma(qn[8 * v + e], BoundValue(nv[e]), s);
+      }
+    }
+    __syncwarp(team_mask);  // the slot is read: block k + kDepth's copy
+    copy_block(k + kDepth);
+#pragma unroll
+    for (int step = 1; step < kTlsBlockScoreSlices; step *= 2) {
+      s = __fadd_rn(s, __shfl_xor_sync(team_mask, s, step));
+    }
+    if (c == 0) scores[i] = kInt8 ? TlsMul(s, scale_s[i]) : s;
+  }
+}
+
+// Whether BlockScoreStreamKernel takes a block score: its group's query in a few stages.
+bool StreamsBlockScore(const TlsBlockScoreParams& p) {
+  const int64_t query_bytes =
+      int64_t{p.num_q_heads / p.num_kv_heads} * p.head_dim * (p.io_dtype == DType::kBF16 ? 2 : 4);
+  return query_bytes <= int64_t{kStreamMaxStages} * kStreamStageBytes;
+}
+
+// About one CTA per SM (half as many measured 4-7 us slower at 16 heads: long-lived CTAs keep
+// SMs the attention needs once the token kernel ends, run 98), each a run of a multiple of 32
+// blocks (one per team).
+template <int WIDTH, typename Code>
+cudaError_t LaunchBlockScoreStream(const TlsBlockScoreParams& p, cudaStream_t stream) {
+  constexpr auto kKernel = BlockScoreStreamKernel<WIDTH, Code>;
+  const int rows = p.batch * p.num_kv_heads;
+  const int64_t total = int64_t{rows} * p.max_blocks_per_seq;
+  const int64_t ctas = NumSms();
+  int run = static_cast<int>((total + ctas - 1) / ctas);
+  run = std::clamp((run + kScoreTeams - 1) / kScoreTeams * kScoreTeams, kScoreTeams, kStreamMaxRun);
+  const size_t smem = StreamSmemBytes<WIDTH, Code>(p.head_dim);
+  const cudaError_t err = EnsureDynamicSmem<kKernel>(smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.max_blocks_per_seq + run - 1) / run, rows);
+  kKernel<<<grid, kScoreThreads, smem, stream>>>(p, run);
+  return cudaGetLastError();
+}
+
 // The kernel for the rows' element type and the slice width.
 template <typename Code>
 cudaError_t LaunchBlockScoreFor(const TlsBlockScoreParams& p, dim3 grid, cudaStream_t stream) {
@@ -346,7 +546,8 @@ cudaError_t LaunchBlockScoreFor(const TlsBlockScoreParams& p, dim3 grid, cudaStr
     case 16:  // head_dim 128
       return LaunchBlockScore<16, false, Code>(p, grid, stream);
     case 72:  // MLA, 576
-      return LaunchBlockScore<72, true, Code>(p, grid, stream);
+      return StreamsBlockScore(p) ? LaunchBlockScoreStream<72, Code>(p, stream)
+                                  : LaunchBlockScore<72, true, Code>(p, grid, stream);
     default:
       return LaunchBlockScore<0, false, Code>(p, grid, stream);
   }
