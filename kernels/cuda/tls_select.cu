@@ -177,6 +177,24 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   return s;
 }
 
+// Adds heads [h0, h0 + heads) of the group's query, read from `src` (those heads, io_dtype), to
+// qpos / qneg (slice-major) per dim in head order; h0 == 0 starts the sums.
+__device__ __forceinline__ void AddQueryHeads(const TlsBlockScoreParams& p, const void* src, int h0,
+                                              int heads, int width, float* qpos, float* qneg) {
+  for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
+    const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+    float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
+#pragma unroll 8
+    for (int h = 0; h < heads; ++h) {
+      const float v = LoadIo(src, p.io_dtype, int64_t{h} * p.head_dim + d);
+      pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
+      neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
+    }
+    qpos[at] = pos;
+    qneg[at] = neg;
+  }
+}
+
 // The group's query summed per dim in head order into qpos / qneg (slice-major), staged through
 // `stage_region` (stage_bytes of shared memory) a whole number of heads at a time, every load of
 // a stage in flight at once. A query not 16-byte aligned is summed straight from global memory
@@ -203,19 +221,7 @@ __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int
       __pipeline_wait_prior(0);
       __syncthreads();
     }
-    const void* src = staged ? static_cast<const void*>(stage) : from;
-    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
-      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
-      float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
-#pragma unroll 8
-      for (int h = 0; h < heads; ++h) {
-        const float v = LoadIo(src, p.io_dtype, int64_t{h} * p.head_dim + d);
-        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
-        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
-      }
-      qpos[at] = pos;
-      qneg[at] = neg;
-    }
+    AddQueryHeads(p, staged ? static_cast<const void*>(stage) : from, h0, heads, width, qpos, qneg);
     __syncthreads();  // the next stage (or the slots) overwrite this one; scoring reads qpos / qneg
   }
 }
@@ -250,19 +256,10 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
                    ScoreSlotBytes<WIDTH, SLOTTED, Code>());
   } else {  // few heads straight from global memory (the loop measured before staging)
+    const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
     const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
-    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
-      float pos = 0.f, neg = 0.f;
-#pragma unroll 8
-      for (int h = 0; h < group; ++h) {
-        const float v = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim + d);
-        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
-        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
-      }
-      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
-      qpos[at] = pos;
-      qneg[at] = neg;
-    }
+    AddQueryHeads(p, static_cast<const unsigned char*>(p.q) + q0 * elem, 0, group, width, qpos,
+                  qneg);
     __syncthreads();
   }
   const unsigned team_mask = 0xffu << (threadIdx.x % 32 / kTlsBlockScoreSlices * 8);
@@ -455,20 +452,8 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
       }
       __syncthreads();
     }
-    const void* src = staged ? static_cast<const void*>(stage)
-                             : static_cast<const void*>(group_q + int64_t{h0} * p.head_dim * elem);
-    for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
-      const int at = (d % width) * kTlsBlockScoreSlices + d / width;
-      float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
-#pragma unroll 8
-      for (int h = 0; h < heads; ++h) {
-        const float v = LoadIo(src, p.io_dtype, int64_t{h} * p.head_dim + d);
-        pos = __fadd_rn(pos, v > 0.f ? v : 0.f);
-        neg = __fadd_rn(neg, v < 0.f ? v : 0.f);
-      }
-      qpos[at] = pos;
-      qneg[at] = neg;
-    }
+    const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
+    AddQueryHeads(p, staged ? static_cast<const void*>(stage) : from, h0, heads, width, qpos, qneg);
   }
   __syncthreads();  // qpos / qneg and (int8) the scales, for every team
 
