@@ -31,7 +31,9 @@
 //             [--timeline N (no timing table: when each part of the TLS step ends, medians of N
 //             eager steps)] [--block-index bf16|int8|both (the block index's form, tls_params.h;
 //             int8 for TLS, Quest-style and their stages; both: each config with bf16, then
-//             again with int8 as config+i8, in one process)]
+//             again with int8 as config+i8, in one process)] [--without-block-branch (analysis:
+//             the TLS step without its block branch, config-nb; wrong for the next step, it
+//             measures what the branch beside the token branch and attention costs)]
 #include <cuda_bf16.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
@@ -297,6 +299,9 @@ class Bench {
 
   int32_t* Table(int i) const { return tables_[i % kTables].as<int32_t>(); }
 
+  // --without-block-branch: TlsStep leaves out the block branch (an analysis of its cost).
+  void set_block_branch(bool on) { block_branch_ = on; }
+
   TlsIndexUpdateParams Append(int i, bool token_index) const {
     TlsIndexUpdateParams p{};
     p.k_cache = pool_.k.get();
@@ -400,9 +405,9 @@ class Bench {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
     if (err == cudaSuccess) err = TokenBranch(i, k_t, s);
-    if (err == cudaSuccess) err = cuda::TlsIndexUpdate(Append(i, true), s2_);
-    if (err == cudaSuccess) err = cuda::TlsBlockScore(ScoreParams(i), s2_);
-    if (err == cudaSuccess) {
+    if (err == cudaSuccess && block_branch_) err = cuda::TlsIndexUpdate(Append(i, true), s2_);
+    if (err == cudaSuccess && block_branch_) err = cuda::TlsBlockScore(ScoreParams(i), s2_);
+    if (err == cudaSuccess && block_branch_) {
       asynctls::kernels::TlsBlockSelectParams sel = BlockSelectParams(i);
       sel.blocks = next_blocks_[i % kTables].as<int32_t>();
       sel.num_blocks = next_num_blocks_[i % kTables].as<int32_t>();
@@ -654,6 +659,7 @@ class Bench {
   int batch_, context_, samples_, pages_;
   cudaStream_t s_, s2_ = nullptr;
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  bool block_branch_ = true;
   std::vector<DeviceBuffer> tables_, blocks_, num_blocks_, next_blocks_, next_num_blocks_;
   DeviceBuffer lens_, prev_lens_, start_, q_, out_, lse_, positions_, num_positions_, select_ws_,
       attn_ws_, scores_, alpha_, cand_, stats_;
@@ -667,6 +673,7 @@ int main(int argc, char** argv) {
   int profile_steps = 0;
   int timeline_steps = 0;
   std::vector<bool> block_forms = {false};  // int8 block index?
+  bool block_branch = true;                 // --without-block-branch: false
   bool quick = false;
   std::vector<int> k_t_list, batch_list, context_list;
   // "N,N,..." into `out`; false on anything but positive integers.
@@ -691,6 +698,8 @@ int main(int argc, char** argv) {
       timeline_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--without-block-branch") {
+      block_branch = false;
     } else if ((a == "--k-t" || a == "--batches" || a == "--contexts") && i + 1 < argc) {
       std::vector<int>* out = a == "--k-t" ? &k_t_list : a == "--batches" ? &batch_list : &context_list;
       if (!parse_list(argv[++i], out)) {
@@ -710,7 +719,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
-                   "[--timeline N] [--block-index bf16|int8|both]\n",
+                   "[--timeline N] [--block-index bf16|int8|both] [--without-block-branch]\n",
                    argv[0]);
       return 2;
     }
@@ -761,7 +770,8 @@ int main(int argc, char** argv) {
               "stages ms: append bscore bselect tscore tselect tbranch attn");
   for (const Config& c : configs)
     for (const bool int8_block_index : block_forms) {
-      const std::string name = c.name + (int8_block_index ? "+i8" : "");
+      const std::string name =
+          c.name + (int8_block_index ? "+i8" : "") + (block_branch ? "" : "-nb");
       Pool pool;
       BuildPool(c, int8_block_index, pool, stream);
       const std::vector<int> batches = !batch_list.empty() ? batch_list
@@ -773,6 +783,7 @@ int main(int argc, char** argv) {
       for (int b : batches) {
         for (int l : contexts) {
           Bench bench(c, pool, b, l, samples, stream);
+          bench.set_block_branch(block_branch);
           if (profile_steps > 0) {
             for (const int k_t : k_ts) bench.Profile(k_t, profile_steps);
             continue;
@@ -839,8 +850,10 @@ int main(int argc, char** argv) {
       std::perror(json_path.c_str());
       return 1;
     }
-    std::fprintf(f, "{\"device\": \"%s\", \"hbm_bytes_per_s\": %.3e, \"block_budget\": %d, "
-                 "\"results\": [\n", prop.name, kHbmBytesPerS, kBlockBudget);
+    std::fprintf(f,
+                 "{\"device\": \"%s\", \"hbm_bytes_per_s\": %.3e, \"block_budget\": %d, "
+                 "\"tls_block_branch\": %s, \"results\": [\n",
+                 prop.name, kHbmBytesPerS, kBlockBudget, block_branch ? "true" : "false");
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       const Config* c = nullptr;
