@@ -4,9 +4,9 @@
 # selection run on every tree in turn, REPS times, its rows prefixed with the tree's letter.
 # Ratios between trees are only meaningful inside one call (clocks and neighbours move).
 #
-#   bash bench/gpu/ab_trees.sh a=<base-rev> c=<rev>   # on the workstation: untracked trees
-#                                                     # scratch/a, scratch/c, carried along
-#   A=scratch/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
+#   bash bench/gpu/ab_trees.sh a=<base-rev> c=<rev>   # on the workstation: git-ignored trees
+#                                                     # .ab/a, .ab/c (carry .ab and .deps)
+#   A=.ab/a RUNS="mla_h128 --batches 8 --contexts 32768,131072 --k-t 512;gqa_g8 --batches 8" \
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
