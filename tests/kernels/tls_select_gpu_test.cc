@@ -126,6 +126,86 @@ void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::De
   }
 }
 
+// Block scores of case `c` (uploaded as `d`) on the device equal the reference's bit for bit:
+// as given, with the query 4 bytes off 16-byte alignment, and behind a block table wider than
+// the SMs' worth of CTAs.
+void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsCase& d) {
+  const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
+  std::vector<float> want(size_t(rows) * mbps, 0.f);
+  TlsBlockScoreParams bp{c.q.data(),           c.kmax.data(),  c.kmin.data(), c.index_table.data(),
+                         c.kv.seq_lens.data(), want.data(),    c.q.dtype,     c.batch,
+                         c.num_q_heads,        c.num_kv_heads, c.head_dim,    mbps};
+  ref::TlsBlockScore(bp);
+  DeviceBuffer dscores;
+  ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
+  bp.q = d.q.get();
+  bp.block_kmax = d.kmax.get();
+  bp.block_kmin = d.kmin.get();
+  bp.index_table = d.index_table.as<int32_t>();
+  bp.seq_lens = d.seq_lens.as<int32_t>();
+  bp.scores = dscores.as<float>();
+  ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+  auto got = Download<float>(dscores, want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
+  }
+  // A query 4 bytes off 16-byte alignment: the same scores (MLA shapes sum it straight from
+  // global memory instead of staging it through shared memory).
+  std::vector<uint8_t> shifted(4, 0);
+  shifted.insert(shifted.end(), c.q.bytes.begin(), c.q.bytes.end());
+  DeviceBuffer dshifted;
+  ASSERT_CUDA(dshifted.Upload(shifted));
+  ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
+  bp.q = static_cast<const uint8_t*>(dshifted.get()) + 4;
+  ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+  got = Download<float>(dscores, want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << "unaligned q, " << i;
+  }
+  bp.q = d.q.get();
+  // The same rows behind a block table wider than the SMs' worth of 64-block CTAs (the extra
+  // CTAs find no blocks).
+  int sms = 0;
+  ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int wide = 64 * (sms + 1);
+  std::vector<int32_t> wide_table(size_t(c.batch) * wide, 0);
+  for (int b = 0; b < c.batch; ++b) {
+    std::copy_n(c.index_table.begin() + int64_t{b} * mbps, mbps,
+                wide_table.begin() + int64_t{b} * wide);
+  }
+  DeviceBuffer dwide_table, dwide_scores;
+  ASSERT_CUDA(dwide_table.Upload(wide_table));
+  ASSERT_CUDA(dwide_scores.Upload(std::vector<float>(size_t(rows) * wide, 0.f)));
+  bp.index_table = dwide_table.as<int32_t>();
+  bp.scores = dwide_scores.as<float>();
+  bp.max_blocks_per_seq = wide;
+  ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
+  const auto wide_got = Download<float>(dwide_scores, size_t(rows) * wide);
+  for (int r = 0; r < rows; ++r) {
+    ASSERT_EQ(std::memcmp(&wide_got[size_t(r) * wide], &want[size_t(r) * mbps], 4 * mbps), 0)
+        << "wide block table, row " << r;
+  }
+  bp.index_table = d.index_table.as<int32_t>();
+  bp.scores = dscores.as<float>();
+  bp.max_blocks_per_seq = mbps;
+}
+
+// MLA block scores of fp32 queries: G 32 (8 heads per query stage, four stages) takes the
+// streaming kernel, G 64 (eight stages) BlockScoreKernel; rows of different lengths over
+// several CTAs each.
+TEST(TlsSelectGpuTest, MlaBlockScoresOfFp32QueriesAreBitIdentical) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(207);
+  for (const int group : {32, 64}) {
+    SCOPED_TRACE(::testing::Message() << "G " << group);
+    const testing::TlsCase c =
+        testing::MakeTlsCase({6100, 300, 4500}, group, 1, 576, 128, DType::kF32, true);
+    testing::DeviceTlsCase d;
+    ASSERT_CUDA(d.Upload(c));
+    ASSERT_NO_FATAL_FAILURE(ExpectBlockScoresMatch(c, d));
+  }
+}
+
 TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(201);
@@ -136,65 +216,7 @@ TEST(TlsSelectGpuTest, ScoresAreBitIdentical) {
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
-    // Block scores.
-    std::vector<float> want(size_t(rows) * mbps, 0.f);
-    TlsBlockScoreParams bp{
-        c.q.data(),           c.kmax.data(),  c.kmin.data(), c.index_table.data(),
-        c.kv.seq_lens.data(), want.data(),    c.q.dtype,     c.batch,
-        c.num_q_heads,        c.num_kv_heads, c.head_dim,    mbps};
-    ref::TlsBlockScore(bp);
-    DeviceBuffer dscores;
-    ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
-    bp.q = d.q.get();
-    bp.block_kmax = d.kmax.get();
-    bp.block_kmin = d.kmin.get();
-    bp.index_table = d.index_table.as<int32_t>();
-    bp.seq_lens = d.seq_lens.as<int32_t>();
-    bp.scores = dscores.as<float>();
-    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
-    auto got = Download<float>(dscores, want.size());
-    for (size_t i = 0; i < want.size(); ++i) {
-      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << i << ": " << got[i] << " vs " << want[i];
-    }
-    // A query 4 bytes off 16-byte alignment: the same scores (MLA shapes sum it straight from
-    // global memory instead of staging it through shared memory).
-    std::vector<uint8_t> shifted(4, 0);
-    shifted.insert(shifted.end(), c.q.bytes.begin(), c.q.bytes.end());
-    DeviceBuffer dshifted;
-    ASSERT_CUDA(dshifted.Upload(shifted));
-    ASSERT_CUDA(dscores.Upload(std::vector<float>(want.size(), 0.f)));
-    bp.q = static_cast<const uint8_t*>(dshifted.get()) + 4;
-    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
-    got = Download<float>(dscores, want.size());
-    for (size_t i = 0; i < want.size(); ++i) {
-      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << "unaligned q, " << i;
-    }
-    bp.q = d.q.get();
-    // The same rows behind a block table wider than the SMs' worth of 64-block CTAs (the extra
-    // CTAs find no blocks).
-    int sms = 0;
-    ASSERT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    const int wide = 64 * (sms + 1);
-    std::vector<int32_t> wide_table(size_t(c.batch) * wide, 0);
-    for (int b = 0; b < c.batch; ++b) {
-      std::copy_n(c.index_table.begin() + int64_t{b} * mbps, mbps,
-                  wide_table.begin() + int64_t{b} * wide);
-    }
-    DeviceBuffer dwide_table, dwide_scores;
-    ASSERT_CUDA(dwide_table.Upload(wide_table));
-    ASSERT_CUDA(dwide_scores.Upload(std::vector<float>(size_t(rows) * wide, 0.f)));
-    bp.index_table = dwide_table.as<int32_t>();
-    bp.scores = dwide_scores.as<float>();
-    bp.max_blocks_per_seq = wide;
-    ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
-    const auto wide_got = Download<float>(dwide_scores, size_t(rows) * wide);
-    for (int r = 0; r < rows; ++r) {
-      ASSERT_EQ(std::memcmp(&wide_got[size_t(r) * wide], &want[size_t(r) * mbps], 4 * mbps), 0)
-          << "wide block table, row " << r;
-    }
-    bp.index_table = d.index_table.as<int32_t>();
-    bp.scores = dscores.as<float>();
-    bp.max_blocks_per_seq = mbps;
+    ASSERT_NO_FATAL_FAILURE(ExpectBlockScoresMatch(c, d));
     // Token scores over every block (token-only) and over a block list.
     for (bool listed : {false, true}) {
       const int kept = 7;
