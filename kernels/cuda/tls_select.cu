@@ -345,7 +345,7 @@ cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream
 // first, each team's first blocks copy while the query is summed, each lane holds its slice of
 // the sums in registers, and a team keeps its next block in flight (cp.async into a ring of
 // slots) while it scores one. The same arithmetic in the same order as BlockSliceScore, so the
-// same bits. H100, runs 101-102: the 16-head step 0.7-1.8 us faster, 32-64 heads unchanged; at
+// same bits. H100, runs 101-102: the 16-head step 0.3-1.8 us faster, 32-64 heads unchanged; at
 // 128 heads its small query stage (8 rounds) made the 128K step 6 us slower, so groups whose
 // query needs more than kStreamMaxStages stages keep BlockScoreKernel.
 constexpr int kStreamTeamBytes = 4608;    // a team's ring: 2 bf16 or 4 int8 blocks of 576 dims
