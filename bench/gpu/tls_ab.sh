@@ -10,9 +10,9 @@
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
-# trees, e.g. to bisect with TESTS=0; TEST_TREES=bd tests only those), RUNS (';'-separated `tls_bench --only` arguments,
-# required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, OUT (default
-# ./tls-ab-out). Writes ab.log (the table) and the full tls_bench output per tree; build logs
+# trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
+# required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, TEST_TREES
+# (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). Writes ab.log (the table) and the full tls_bench output per tree; build logs
 # stay in /tmp (the device returns few files).
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH

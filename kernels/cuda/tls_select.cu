@@ -195,6 +195,15 @@ __device__ __forceinline__ void AddQueryHeads(const TlsBlockScoreParams& p, cons
   }
 }
 
+// This thread's share of copying `bytes` (a multiple of 16) of the group's query from `from`
+// into the stage, every copy in flight at once (the caller commits the group).
+__device__ __forceinline__ void CopyQueryToStage(unsigned char* stage, const unsigned char* from,
+                                                 int bytes) {
+  for (int i = threadIdx.x * 16; i < bytes; i += kScoreThreads * 16) {
+    __pipeline_memcpy_async(stage + i, from + i, 16);
+  }
+}
+
 // The group's query summed per dim in head order into qpos / qneg (slice-major), staged through
 // `stage_region` (stage_bytes of shared memory) a whole number of heads at a time, every load of
 // a stage in flight at once. A query not 16-byte aligned is summed straight from global memory
@@ -213,10 +222,7 @@ __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int
     const int heads = min(stage_heads, group - h0);
     const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
     if (staged) {
-      const int bytes = heads * p.head_dim * elem;  // a multiple of 16: head_dim % 8 == 0
-      for (int i = threadIdx.x * 16; i < bytes; i += kScoreThreads * 16) {
-        __pipeline_memcpy_async(stage + i, from + i, 16);
-      }
+      CopyQueryToStage(stage, from, heads * p.head_dim * elem);  // head_dim % 8 == 0
       __pipeline_commit();
       __pipeline_wait_prior(0);
       __syncthreads();
@@ -394,7 +400,6 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
   const int first = blockIdx.x * run;
   if (first >= num_blocks) return;
   const int count = min(run, num_blocks - first);
-  const int width = WIDTH;
 
   // The query's first stage in flight (the oldest cp.async group of every thread).
   const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
@@ -404,11 +409,8 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
       (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim * elem;
   const bool staged = reinterpret_cast<uintptr_t>(group_q) % 16 == 0;
   auto stage_heads_from = [&](int h0) {
-    const int bytes = min(stage_heads, group - h0) * p.head_dim * elem;  // a multiple of 16
-    const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
-    for (int i = threadIdx.x * 16; i < bytes; i += kScoreThreads * 16) {
-      __pipeline_memcpy_async(stage + i, from + i, 16);
-    }
+    CopyQueryToStage(stage, group_q + int64_t{h0} * p.head_dim * elem,
+                     min(stage_heads, group - h0) * p.head_dim * elem);
   };
   if (staged) stage_heads_from(0);
   __pipeline_commit();
@@ -453,7 +455,7 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
       __syncthreads();
     }
     const unsigned char* from = group_q + int64_t{h0} * p.head_dim * elem;
-    AddQueryHeads(p, staged ? static_cast<const void*>(stage) : from, h0, heads, width, qpos, qneg);
+    AddQueryHeads(p, staged ? static_cast<const void*>(stage) : from, h0, heads, WIDTH, qpos, qneg);
   }
   __syncthreads();  // qpos / qneg and (int8) the scales, for every team
 
@@ -499,7 +501,7 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
 // Whether BlockScoreStreamKernel takes a block score: its group's query in a few stages.
 bool StreamsBlockScore(const TlsBlockScoreParams& p) {
   const int64_t query_bytes =
-      int64_t{p.num_q_heads / p.num_kv_heads} * p.head_dim * (p.io_dtype == DType::kBF16 ? 2 : 4);
+      int64_t{p.num_q_heads / p.num_kv_heads} * p.head_dim * DTypeSize(p.io_dtype);
   return query_bytes <= int64_t{kStreamMaxStages} * kStreamStageBytes;
 }
 
