@@ -1371,8 +1371,27 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
   return {};
 }
 
-// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>'s clusters for `rows` rows, and its
-// launch.
+// The same clusters' fewest CTAs: each holds up to `max_blocks` list entries. A row's cluster
+// costs about the same time on fewer SMs (its phases are latency-bound), and the lagged step's
+// block branch, beside it on the other stream, needs SMs the cluster leaves free. H100, 16-64
+// heads, 8 rows of 8,192 candidates: 8 CTAs of 16 entries instead of MlaClusterSize's 9 of 15
+// took 1.5-3.6 us off the batch-8 128K step, the token kernel alone 0-0.6 us slower
+// (bench/results/tls-kernels-h200.md run 104).
+template <auto KERNEL>
+MlaSplit MlaFewestCtas(int clusters, int max_candidates, int max_blocks, size_t smem) {
+  const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
+  for (int size = std::max(1, (blocks + max_blocks - 1) / max_blocks); size <= kClusterMaxRanks;
+       ++size) {
+    const int per = (blocks + size - 1) / size;
+    if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty: a larger size
+    if (clusters <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
+  }
+  return {};
+}
+
+// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>'s clusters for `rows` rows (Plan: the
+// most CTAs, which LaunchMlaScoreSelect weighs), and its launch (one candidate per thread: on
+// the fewest CTAs).
 template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS = false>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>;
@@ -1387,6 +1406,11 @@ struct MlaRows {
                             MlaSplit split, cudaStream_t stream) {
     const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
     if (err != cudaSuccess) return err;
+    if constexpr (ITEMS == 1) {
+      const MlaSplit fewest = MlaFewestCtas<kKernel>(SPLIT * p.batch * p.num_kv_heads,
+                                                     p.max_candidates, kMaxBlocks, kSmem);
+      if (fewest.size != 0) split = fewest;
+    }
     return LaunchClustersAfterQueries<kKernel>(split.size, SPLIT * p.batch * p.num_kv_heads, kSmem,
                                                stream, p, sel, tls_detail::TokenQueriesIn(p),
                                                tls_detail::StoredExps(p), split.blocks_per_cta);
