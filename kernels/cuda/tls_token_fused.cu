@@ -1376,7 +1376,7 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
 // block branch, beside it on the other stream, needs SMs the cluster leaves free. H100, 16-64
 // heads, 8 rows of 8,192 candidates: 8 CTAs of 16 entries instead of MlaClusterSize's 9 of 15
 // took 1.5-3.6 us off the batch-8 128K step, the token kernel alone 0-0.6 us slower
-// (bench/results/tls-kernels-h200.md run 104).
+// (bench/results/tls-kernels-h200.md runs 104-105).
 template <auto KERNEL>
 MlaSplit MlaFewestCtas(int clusters, int max_candidates, int max_blocks, size_t smem) {
   const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
