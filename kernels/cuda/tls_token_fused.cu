@@ -1406,7 +1406,10 @@ struct MlaRows {
                             MlaSplit split, cudaStream_t stream) {
     const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
     if (err != cudaSuccess) return err;
-    if constexpr (ITEMS == 1) {
+    // The fewest CTAs where the plan's most would take half the GPU or more (the rows leave the
+    // block branch too few SMs); fewer rows keep the most (batch 1: 16 CTAs of 8 list entries
+    // 0.2-5.8 us faster than 8 of 16 at 16-64 heads, run 112).
+    if (ITEMS == 1 && 2 * SPLIT * p.batch * p.num_kv_heads * split.size >= NumSms()) {
       const MlaSplit fewest = MlaFewestCtas<kKernel>(SPLIT * p.batch * p.num_kv_heads,
                                                      p.max_candidates, kMaxBlocks, kSmem);
       if (fewest.size != 0) split = fewest;
@@ -1417,8 +1420,9 @@ struct MlaRows {
   }
 };
 
-// The one-launch MLA kernel when the rows' clusters fit one wave and fill at least half the
-// GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU from one row).
+// The one-launch MLA kernel when the rows' clusters fit one wave and, at 128 heads, fill at
+// least half the GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU
+// from one row).
 // A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
 // logits per CTA by more than ~15%: 8 rows of 8,192 candidates on the H200 run 8 clusters of
 // 9 CTAs (72 SMs, 15 list entries x 128 heads per CTA) or 16 clusters of 6 (96 SMs, 22 x 64).
@@ -1438,16 +1442,16 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   }
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
   // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
-  // faster) and loses below (1 row of 128 heads: 66 vs 46 us for the whole TLS step).
-  if (whole.size == 0 || 2 * rows * whole.size < NumSms()) {
+  // faster). Below that it still wins for up to 64 heads on the plan's most CTAs (H100, batch 1:
+  // 16 of 8 list entries, 16-64 heads 2-8 us faster than 1-4 head-tile clusters of 8, run 112)
+  // and loses at 128 heads (1 row: 66 vs 46 us for the whole TLS step on the H200).
+  if (whole.size == 0 || (GROUP > 64 && 2 * rows * whole.size < NumSms())) {
     return LaunchMlaTilesForItems<NC>(p, sel, stream);
   }
   if constexpr (GROUP <= 32) {  // the exps in shared memory where they fit (fewer list entries)
     using SmemExps = MlaRows<NC, GROUP, 1, 1, true>;
     const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
-    if (split.size != 0 && 2 * rows * split.size >= NumSms()) {
-      return SmemExps::Launch(p, sel, split, stream);
-    }
+    if (split.size != 0) return SmemExps::Launch(p, sel, split, stream);
   }
   return Whole::Launch(p, sel, whole, stream);
 }
