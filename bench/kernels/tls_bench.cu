@@ -8,7 +8,7 @@
 //   gqa_g8   32 q / 4 KV heads, d 128, d_c 32 (group 8);
 //   mla_hN   N in {16, 32, 64, 128} query heads over one latent KV head of 576 dims (V = first
 //            512), d_c 128.
-// GQA: batch 1, 2, 4, 8 x context 32K, 64K, 128K; MLA: batch 1, 8 x 32K, 128K; k_b 128,
+// GQA: batch 1, 2, 4, 8 x context 32K, 64K, 128K; MLA: batch 1, 2, 4, 8 x 32K, 128K; k_b 128,
 // k_t in {512, 1024, 2048}; one sink block, 64-token window.
 //
 // Methods (each one CUDA graph per sample; the figure is the median over samples):
@@ -775,7 +775,7 @@ int main(int argc, char** argv) {
       Pool pool;
       BuildPool(c, int8_block_index, pool, stream);
       const std::vector<int> batches = !batch_list.empty() ? batch_list
-                                       : c.mla || quick    ? std::vector<int>{1, 8}
+                                       : quick             ? std::vector<int>{1, 8}
                                                            : std::vector<int>{1, 2, 4, 8};
       const std::vector<int> contexts = !context_list.empty() ? context_list
                                         : c.mla || quick      ? std::vector<int>{32768, 131072}
