@@ -1390,8 +1390,7 @@ MlaSplit MlaFewestCtas(int clusters, int max_candidates, int max_blocks, size_t 
 }
 
 // MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>'s clusters for `rows` rows (Plan: the
-// most CTAs, which LaunchMlaScoreSelect weighs), and its launch (one candidate per thread: on
-// the fewest CTAs).
+// most CTAs, which LaunchMlaScoreSelect weighs), and its launch.
 template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS = false>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>;
@@ -1443,7 +1442,7 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
   // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
   // faster). Below that it still wins for up to 64 heads on the plan's most CTAs (H100, batch 1:
-  // 16 of 8 list entries, 16-64 heads 2-8 us faster than 1-4 head-tile clusters of 8, run 112)
+  // 16 of 8 list entries, 16-64 heads 2-9 us faster than 1-4 head-tile clusters of 8, run 112)
   // and loses at 128 heads (1 row: 66 vs 46 us for the whole TLS step on the H200).
   if (whole.size == 0 || (GROUP > 64 && 2 * rows * whole.size < NumSms())) {
     return LaunchMlaTilesForItems<NC>(p, sel, stream);
