@@ -12,8 +12,9 @@
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
 # trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
 # required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, TEST_TREES
-# (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). Writes ab.log (the table) and the full tls_bench output per tree; build logs
-# stay in /tmp (the device returns few files).
+# (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). Writes ab.log (the rows
+# as they come, then their means per tree and row) and the full tls_bench output per tree; build
+# logs stay in /tmp (the device returns few files).
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.." || exit 1
@@ -82,5 +83,15 @@ for ((r = 1; r <= REPS; ++r)); do
     done
   done
 done
+log "per tree and row, us, means over the reps: TLS, Quest-style | x dense, TLS / Quest-style |" \
+  "block score, token branch, attention graphed alone"
+grep -E "^[A-E] (gqa|mla)" "$OUT/ab.log" | awk '{
+    k = $1 " " $2 " " $3 " " $4 " " $5; n[k]++
+    t[k] += $7; q[k] += $10; x[k] += $13; r[k] += $14; b[k] += $20; tb[k] += $24; a[k] += $25
+  } END {
+    for (k in n) printf "%s | %6.1f %6.1f | %6.2f %5.2f | %5.1f %5.1f %5.1f\n", k,
+      1000 * t[k] / n[k], 1000 * q[k] / n[k], x[k] / n[k], r[k] / n[k], 1000 * b[k] / n[k],
+      1000 * tb[k] / n[k], 1000 * a[k] / n[k]
+  }' | sort -k2,2 -k3,3n -k4,4n -k5,5n -k1,1 | tee -a "$OUT/ab.log"
 log "done in $(( $(date +%s) - t0 )) s, status $status"
 exit $status
