@@ -446,8 +446,9 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
     testing::DeviceTlsCase d;
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads;
-    // k_b 16: rows of 1,024 candidates (one CTA at batch 1); 96: 6,144 (8 CTAs at one
-    // candidate per thread, two of them empty).
+    // k_b 16: rows of 1,024 candidates; 96: 6,144. MLA rows of 1-2 sequences take one cluster
+    // per row at 16-64 heads (4 CTAs of 4 list entries; 16 of 6) and the head tiles at 128 (a
+    // cluster of one CTA per tile; of 8 at one candidate per thread, two of them empty).
     for (const int kb : {16, 96}) {
       for (TlsMode mode :
            {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
