@@ -405,20 +405,24 @@ class Bench {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
     if (err == cudaSuccess) err = TokenBranch(i, k_t, s);
-    if (err == cudaSuccess && block_branch_) err = cuda::TlsIndexUpdate(Append(i, true), s2_);
-    if (err == cudaSuccess && block_branch_) err = cuda::TlsBlockScore(ScoreParams(i), s2_);
-    if (err == cudaSuccess && block_branch_) {
-      asynctls::kernels::TlsBlockSelectParams sel = BlockSelectParams(i);
-      sel.blocks = next_blocks_[i % kTables].as<int32_t>();
-      sel.num_blocks = next_num_blocks_[i % kTables].as<int32_t>();
-      err = cuda::TlsBlockSelect(sel, s2_);
-    }
+    if (err == cudaSuccess && block_branch_) err = BlockBranch(i, s2_);
     if (err == cudaSuccess) err = cudaEventRecord(join_, s2_);
     if (err == cudaSuccess) {
       err = cuda::TlsSparseAttention(Attention(i, TokenSelectParams(k_t).max_positions), s);
     }
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s, join_, 0);
     return err;
+  }
+
+  // Branch B: the new token's index append, then M_t (block score, block top-k_b).
+  cudaError_t BlockBranch(int i, cudaStream_t s) {
+    cudaError_t err = cuda::TlsIndexUpdate(Append(i, true), s);
+    if (err == cudaSuccess) err = cuda::TlsBlockScore(ScoreParams(i), s);
+    if (err != cudaSuccess) return err;
+    asynctls::kernels::TlsBlockSelectParams sel = BlockSelectParams(i);
+    sel.blocks = next_blocks_[i % kTables].as<int32_t>();
+    sel.num_blocks = next_num_blocks_[i % kTables].as<int32_t>();
+    return cuda::TlsBlockSelect(sel, s);
   }
 
   // Token score + token top-k_t over M_{t-1}: TlsTokenScoreSelect when the shape allows (as

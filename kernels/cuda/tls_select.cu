@@ -211,7 +211,7 @@ __device__ __forceinline__ void CopyQueryToStage(unsigned char* stage, const uns
 __device__ __forceinline__ void SumStagedQuery(const TlsBlockScoreParams& p, int b, int g,
                                                int group, int width, float* qpos, float* qneg,
                                                void* stage_region, int stage_bytes) {
-  const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
+  const int elem = DTypeSize(p.io_dtype);
   const int stage_heads = min(group, max(1, stage_bytes / (p.head_dim * elem)));
   unsigned char* stage = static_cast<unsigned char*>(stage_region);
   const unsigned char* group_q =
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kScoreThreads) BlockScoreKernel(TlsBlockScoreP
     SumStagedQuery(p, b, g, group, width, qpos, qneg, q_sum + 2 * p.head_dim,
                    ScoreSlotBytes<WIDTH, SLOTTED, Code>());
   } else {  // few heads straight from global memory (the loop measured before staging)
-    const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
+    const int elem = DTypeSize(p.io_dtype);
     const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim;
     AddQueryHeads(p, static_cast<const unsigned char*>(p.q) + q0 * elem, 0, group, width, qpos,
                   qneg);
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
   const int count = min(run, num_blocks - first);
 
   // The query's first stage in flight (the oldest cp.async group of every thread).
-  const int elem = p.io_dtype == DType::kBF16 ? 2 : 4;
+  const int elem = DTypeSize(p.io_dtype);
   const int stage_heads = min(group, max(1, kStreamStageBytes / (p.head_dim * elem)));
   const unsigned char* group_q =
       static_cast<const unsigned char*>(p.q) +

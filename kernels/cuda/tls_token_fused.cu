@@ -1350,9 +1350,14 @@ cudaError_t LaunchMlaTilesForItems(const TlsTokenScoreParams& p, const TlsTokenS
 }
 
 // CTAs per cluster for `clusters` clusters of a one-launch MLA kernel over rows of up to
-// `max_candidates`: the most (up to kClusterMaxRanks, each holding whole list entries: at least
-// kMlaMinBlocks, so cluster barriers stay a small share, at most `max_blocks`) for which every
-// cluster is resident at once, and the list entries each CTA holds; size 0 when none is.
+// `max_candidates`, each CTA holding whole list entries (at least kMlaMinBlocks, so cluster
+// barriers stay a small share, at most `max_blocks`) and every cluster resident at once: the
+// most (up to kClusterMaxRanks), or with `fewest` the fewest; and the list entries each CTA
+// holds; size 0 when none is. The fewest: a row's cluster costs about the same time on fewer
+// SMs (its phases are latency-bound), and the lagged step's block branch, beside it on the other
+// stream, needs SMs the cluster leaves free (H100, 16-64 heads, 8 rows of 8,192 candidates: 8
+// CTAs of 16 entries instead of 9 of 15 took 1.5-3.6 us off the batch-8 128K step, the token
+// kernel alone 0-0.6 us slower; bench/results/tls-kernels-h200.md runs 104-105).
 constexpr int kMlaMinBlocks = 4;
 
 struct MlaSplit {
@@ -1360,30 +1365,15 @@ struct MlaSplit {
 };
 
 template <auto KERNEL>
-MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t smem) {
+MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t smem,
+                        bool fewest = false) {
   const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
-  const int largest = std::clamp(blocks / kMlaMinBlocks, 1, kClusterMaxRanks);
-  for (int size = largest; size >= 1 && size * max_blocks >= blocks; --size) {
+  const int most = std::clamp(blocks / kMlaMinBlocks, 1, kClusterMaxRanks);
+  const int least = std::max(1, (blocks + max_blocks - 1) / max_blocks);
+  for (int i = 0; i <= most - least; ++i) {
+    const int size = fewest ? least + i : most - i;
     const int per = (blocks + size - 1) / size;
-    if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty: a smaller size
-    if (clusters <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
-  }
-  return {};
-}
-
-// The same clusters' fewest CTAs: each holds up to `max_blocks` list entries. A row's cluster
-// costs about the same time on fewer SMs (its phases are latency-bound), and the lagged step's
-// block branch, beside it on the other stream, needs SMs the cluster leaves free. H100, 16-64
-// heads, 8 rows of 8,192 candidates: 8 CTAs of 16 entries instead of MlaClusterSize's 9 of 15
-// took 1.5-3.6 us off the batch-8 128K step, the token kernel alone 0-0.6 us slower
-// (bench/results/tls-kernels-h200.md runs 104-105).
-template <auto KERNEL>
-MlaSplit MlaFewestCtas(int clusters, int max_candidates, int max_blocks, size_t smem) {
-  const int blocks = (max_candidates + kKvBlockSize - 1) / kKvBlockSize;
-  for (int size = std::max(1, (blocks + max_blocks - 1) / max_blocks); size <= kClusterMaxRanks;
-       ++size) {
-    const int per = (blocks + size - 1) / size;
-    if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty: a larger size
+    if ((blocks + per - 1) / per < size) continue;  // a CTA would be empty
     if (clusters <= MaxActiveClusters<KERNEL>(size, smem)) return {size, per};
   }
   return {};
@@ -1409,8 +1399,8 @@ struct MlaRows {
     // block branch too few SMs); fewer rows keep the most (batch 1: 16 CTAs of 8 list entries
     // 0.2-5.8 us faster than 8 of 16 at 16-64 heads, run 112).
     if (ITEMS == 1 && 2 * SPLIT * p.batch * p.num_kv_heads * split.size >= NumSms()) {
-      const MlaSplit fewest = MlaFewestCtas<kKernel>(SPLIT * p.batch * p.num_kv_heads,
-                                                     p.max_candidates, kMaxBlocks, kSmem);
+      const MlaSplit fewest = MlaClusterSize<kKernel>(SPLIT * p.batch * p.num_kv_heads,
+                                                      p.max_candidates, kMaxBlocks, kSmem, true);
       if (fewest.size != 0) split = fewest;
     }
     return LaunchClustersAfterQueries<kKernel>(split.size, SPLIT * p.batch * p.num_kv_heads, kSmem,

@@ -72,8 +72,8 @@ std::vector<SelectShape> Shapes() {
 // outputs poisoned first): the same positions and counts, and the same blocks for the modes
 // that keep blocks.
 // How a device selection is launched: on one stream, or (the one-step lag) with the block
-// branch on a second stream, forked at the token kernel's launch completion, eagerly or from a
-// captured graph (the runtime's launch).
+// branch on a second stream, forked before the token branch, eagerly or from a captured graph
+// (the runtime's launch).
 enum class Launch { kOneStream, kTwoStreams, kTwoStreamsGraph };
 
 void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::DeviceTlsCase& d,
@@ -185,9 +185,6 @@ void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsC
     ASSERT_EQ(std::memcmp(&wide_got[size_t(r) * wide], &want[size_t(r) * mbps], 4 * mbps), 0)
         << "wide block table, row " << r;
   }
-  bp.index_table = d.index_table.as<int32_t>();
-  bp.scores = dscores.as<float>();
-  bp.max_blocks_per_seq = mbps;
 }
 
 // MLA block scores of fp32 queries: G 32 (8 heads per query stage, four stages) takes the
