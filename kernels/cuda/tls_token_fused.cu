@@ -1323,30 +1323,39 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
+constexpr size_t MlaTileSmem(int items) {  // tok_s, scale_s, pos_s
+  return size_t(items) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
+}
+
+int MlaTileClusters(const TlsTokenScoreParams& p) {
+  return p.batch * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads) / kTlsAlphaHeadTile;
+}
+
 template <int NC, int ITEMS>
 cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                            cudaStream_t stream) {
   const cudaError_t err = tls_detail::QuantizeTokenQueries(p, stream);
   if (err != cudaSuccess) return err;
-  const int tiles = p.num_q_heads / p.num_kv_heads / kTlsAlphaHeadTile;
-  const size_t smem =  // tok_s, scale_s, pos_s
-      size_t(ITEMS) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
   return LaunchClustersAfterQueries<MlaTileSelectKernel<NC, ITEMS>>(
-      FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads * tiles, smem, stream,
-      p, sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));
+      FusedClusterSize(p.max_candidates, ITEMS), MlaTileClusters(p), MlaTileSmem(ITEMS), stream, p,
+      sel, tls_detail::TokenQueriesIn(p), tls_detail::StoredExps(p));
 }
 
-// One candidate per thread when every (row, head tile) cluster fits one wave of one CTA per SM,
-// else two (clusters of half the size; waves beyond the first are correct, only slower).
+// Whether every (row, head tile) cluster at one candidate per thread is resident at once (not
+// the SM count: 2 rows of 128 heads make 16 clusters of 8 CTAs, and the H100 and H200 run 15).
+template <int NC>
+bool MlaTilesFitOneWave(const TlsTokenScoreParams& p) {
+  return MlaTileClusters(p) <= MaxActiveClusters<MlaTileSelectKernel<NC, 1>>(
+                                   FusedClusterSize(p.max_candidates, 1), MlaTileSmem(1));
+}
+
+// One candidate per thread when the clusters fit one wave, else two (clusters of half the size;
+// waves beyond the first are correct, only slower).
 template <int NC>
 cudaError_t LaunchMlaTilesForItems(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                    cudaStream_t stream) {
-  const int clusters = p.batch * p.num_kv_heads * (p.num_q_heads / p.num_kv_heads) /
-                       kTlsAlphaHeadTile;
-  if (clusters * FusedClusterSize(p.max_candidates, 1) <= NumSms()) {
-    return LaunchMlaTiles<NC, 1>(p, sel, stream);
-  }
-  return LaunchMlaTiles<NC, 2>(p, sel, stream);
+  return MlaTilesFitOneWave<NC>(p) ? LaunchMlaTiles<NC, 1>(p, sel, stream)
+                                   : LaunchMlaTiles<NC, 2>(p, sel, stream);
 }
 
 // CTAs per cluster for `clusters` clusters of a one-launch MLA kernel over rows of up to
@@ -1409,12 +1418,18 @@ struct MlaRows {
   }
 };
 
-// The one-launch MLA kernel when the rows' clusters fit one wave and, at 128 heads, fill at
-// least half the GPU, else a cluster per (row, head tile) (MlaTileSelectKernel: fills the GPU
-// from one row).
+// The one-launch MLA kernel (MlaScoreSelectKernel: a cluster per row, or per half of a row's
+// heads), or a cluster per (row, 16-head tile) (MlaTileSelectKernel: fills the GPU from one row).
+// A row's cluster computes every logit twice on its own SMs. For up to 64 heads that wins at
+// every batch (H100, batch 1: 16 CTAs of 8 list entries, 16-64 heads 2-9 us faster than 1-4
+// head-tile clusters, run 112). At 128 heads the head tiles win only while they fit one wave at
+// one candidate per thread (one row: 26 vs 28-31 us for the token kernel on the H100, run 114);
+// in a second wave or at two candidates per thread they lose to the row clusters (batch 2: 43 us
+// in two waves against 30 on halves; batch 4: 59 us at two candidates against 35 on whole rows).
 // A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
 // logits per CTA by more than ~15%: 8 rows of 8,192 candidates on the H200 run 8 clusters of
-// 9 CTAs (72 SMs, 15 list entries x 128 heads per CTA) or 16 clusters of 6 (96 SMs, 22 x 64).
+// 9 CTAs (72 SMs, 15 list entries x 128 heads per CTA) or 16 clusters of 6 (96 SMs, 22 x 64);
+// 2 rows of 128 heads on the H100: 30 us on halves against 33 on whole rows (run 114).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {
@@ -1422,21 +1437,15 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit whole = Whole::Plan(rows, p.max_candidates);
   if constexpr (GROUP >= 128) {  // 32-64 heads measured slower split (overheads win)
+    if (MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
     using Halves = MlaRows<NC, GROUP, 2, 2>;
     const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
-    if (halves.size != 0 && 4 * rows * halves.size >= NumSms() &&
+    if (halves.size != 0 &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
       return Halves::Launch(p, sel, halves, stream);
     }
   }
-  // A row's cluster computes every logit twice on its own SMs: it wins once the rows fill at
-  // least half the GPU (H200, 8 rows: 128 heads as fast as the head tiles, 32-64 heads 1.4x
-  // faster). Below that it still wins for up to 64 heads on the plan's most CTAs (H100, batch 1:
-  // 16 of 8 list entries, 16-64 heads 2-9 us faster than 1-4 head-tile clusters of 8, run 112)
-  // and loses at 128 heads (1 row: 66 vs 46 us for the whole TLS step on the H200).
-  if (whole.size == 0 || (GROUP > 64 && 2 * rows * whole.size < NumSms())) {
-    return LaunchMlaTilesForItems<NC>(p, sel, stream);
-  }
+  if (whole.size == 0) return LaunchMlaTilesForItems<NC>(p, sel, stream);
   if constexpr (GROUP <= 32) {  // the exps in shared memory where they fit (fewer list entries)
     using SmemExps = MlaRows<NC, GROUP, 1, 1, true>;
     const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);

@@ -28,18 +28,21 @@ struct SelectShape {
   int nq, nkv, dim, nc;
   DType dtype;
   bool mla;
+  std::vector<int> kbs = {16, 96};  // DecodeSelectMatchesReference's k_b (all but 16: two-level)
 };
 
 std::vector<SelectShape> Shapes() {
+  const std::vector<int32_t> sixteen_rows = {16500, 300, 2000, 6100, 900,  5000, 1200, 64,
+                                             3000,  700, 6000, 150,  2500, 3500, 800,  6400};
   return {
       {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},  // SmolLM2-like, G = 3
       {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
       {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
       {{900, 130}, 6, 2, 96, 32, DType::kF32, false},  // head_dim 96: generic block-score slices
-      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},              // MLA, G = 16
-      {{1800}, 32, 1, 576, 128, DType::kBF16, true},                   // MLA, G = 32
-      {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},              // MLA, G = 64
-      {{2200}, 128, 1, 576, 128, DType::kBF16, true},                  // MLA, G = 128
+      {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},  // MLA, G = 16
+      {{1800}, 32, 1, 576, 128, DType::kBF16, true},       // MLA, G = 32
+      {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},  // MLA, G = 64
+      {{2200}, 128, 1, 576, 128, DType::kBF16, true},      // MLA, G = 128
       // 72 and 48 rows of 6,144 candidates at k_b 96: more clusters of 6 and 3 CTAs than one
       // wave holds on the H200, so the fused token kernel takes 4 (G = 4) and 3 (G = 8)
       // candidates per thread.
@@ -47,13 +50,14 @@ std::vector<SelectShape> Shapes() {
       {{6600, 3000, 6200, 5000, 100, 6300}, 64, 8, 128, 32, DType::kBF16, false},
       // MLA, 16 rows of 6,144 candidates at k_b 96: TlsTokenScoreSelect takes the one-launch
       // row kernel (MlaScoreSelectKernel) with clusters of 6 CTAs on the H200; 8 rows: clusters
-      // of 9 (a non-portable size, CTAs of 11 list entries, the last one partly empty).
-      {{6600, 300, 2000, 6100, 900, 5000, 1200, 64, 3000, 700, 6000, 150, 2500, 3500, 800, 6400},
-       32, 1, 576, 128, DType::kBF16, true},
+      // of 9 (a non-portable size, CTAs of 11 list entries, the last one partly empty). At k_b
+      // 256 (16,384 candidates) no 16 row clusters are resident together, so the head tiles take
+      // two candidates per thread (32 clusters of 8 CTAs, more than one wave).
+      {sixteen_rows, 32, 1, 576, 128, DType::kBF16, true, {16, 96, 256}},
       {{6600, 6500, 300, 6100, 2000, 6400, 900, 6300}, 16, 1, 576, 128, DType::kBF16, true},
-      // MLA, 4 rows x 128 heads of 6,144 candidates: on the H200 a cluster per (row, 16-head
-      // tile), 32 clusters of 3 CTAs with 2 candidates per thread (MlaTileSelectKernel; the
-      // row's last cluster adds the tiles' partials and selects).
+      // MLA, 4 rows x 128 heads of 6,144 candidates: 32 (row, 16-head tile) clusters of 6 CTAs
+      // are more than one wave, so the row kernel takes them (two clusters per row where that
+      // halves the list entries per CTA).
       {{6600, 300, 6100, 2000}, 128, 1, 576, 128, DType::kBF16, true},
       // MLA, 8 rows of 6,144 candidates: at 128 heads two clusters of 6 CTAs per row on the H200,
       // half the heads each, two candidates per thread (MlaScoreSelectKernel split; the row's last
@@ -444,9 +448,9 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
     ASSERT_CUDA(d.Upload(c));
     const int rows = c.batch * c.num_kv_heads;
     // k_b 16: rows of 1,024 candidates; 96: 6,144. MLA rows of 1-2 sequences take one cluster
-    // per row at 16-64 heads (4 CTAs of 4 list entries; 16 of 6) and the head tiles at 128 (a
-    // cluster of one CTA per tile; of 8 at one candidate per thread, two of them empty).
-    for (const int kb : {16, 96}) {
+    // per row at 16-64 heads (4 CTAs of 4 list entries; 16 of 6) and the head tiles at 128 (one
+    // row: a cluster of one CTA per tile; of 6 at one candidate per thread).
+    for (const int kb : s.kbs) {
       for (TlsMode mode :
            {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
         for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
@@ -492,14 +496,16 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
 // The token top-k's cluster-wide radix passes on rows full of exact ties: every token of a row
 // repeats one of `patterns` token-index rows, so the alphas take a few values and the k-th is
 // settled inside a tie (equal keys taken in position order), at a pass that depends on the
-// budget. Same-step two-level and token-only, GQA and MLA rows of up to 8,192 candidates (on
-// the H200: the GQA kernel, the MLA head-tile kernel at 2 rows, the MLA row kernel at 8); the
-// sets must equal the CPU's.
+// budget. Same-step two-level and token-only, GQA and MLA rows of up to 8,192 candidates (the
+// GQA kernel; MLA 128 heads: the head tiles at 1 row, two row clusters per row at 2 (16 tile
+// clusters of 8 CTAs are more than one wave on the H100 and H200); 64 heads: the row kernel at
+// 8); the sets must equal the CPU's.
 TEST(TlsSelectGpuTest, TokenTopKTiesMatchReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(204);
   const std::vector<SelectShape> shapes = {
       {{8150, 6500, 3000}, 32, 8, 128, 32, DType::kBF16, false},
+      {{8150}, 128, 1, 576, 128, DType::kBF16, true},
       {{8150, 700}, 128, 1, 576, 128, DType::kBF16, true},
       {{8150, 6400, 5000, 2000, 8100, 64, 7000, 4000}, 64, 1, 576, 128, DType::kBF16, true},
   };
