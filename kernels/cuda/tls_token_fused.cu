@@ -1342,7 +1342,8 @@ cudaError_t LaunchMlaTiles(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 }
 
 // Whether every (row, head tile) cluster at one candidate per thread is resident at once (not
-// the SM count: 2 rows of 128 heads make 16 clusters of 8 CTAs, and the H100 and H200 run 15).
+// the SM count: 2 rows of 128 heads make 16 clusters of 8 CTAs; the H200 runs 15 at once, the
+// H100 fewer than 16 too, bench/results/tls-kernels-h200.md run 115).
 template <int NC>
 bool MlaTilesFitOneWave(const TlsTokenScoreParams& p) {
   return MlaTileClusters(p) <= MaxActiveClusters<MlaTileSelectKernel<NC, 1>>(
