@@ -1407,7 +1407,8 @@ struct MlaRows {
     if (err != cudaSuccess) return err;
     // The fewest CTAs where the plan's most would take half the GPU or more (the rows leave the
     // block branch too few SMs); fewer rows keep the most (batch 1: 16 CTAs of 8 list entries
-    // 0.2-5.8 us faster than 8 of 16 at 16-64 heads, run 112).
+    // 0.2-5.8 us faster than 8 of 16 at 16-64 heads, run 112; the fewest from a quarter of the
+    // GPU made batch 4 0.7-9.7 us slower, run 116).
     if (ITEMS == 1 && 2 * SPLIT * p.batch * p.num_kv_heads * split.size >= NumSms()) {
       const MlaSplit fewest = MlaClusterSize<kKernel>(SPLIT * p.batch * p.num_kv_heads,
                                                       p.max_candidates, kMaxBlocks, kSmem, true);
