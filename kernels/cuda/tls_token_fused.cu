@@ -13,10 +13,10 @@
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
 //   alpha sums. For 16-32 heads, where they fit, shared memory holds the logits from the max
-//   pass to the exp pass (computed once) and then the exps. When the rows fill less
-//   than half the GPU or more than one wave of clusters, MlaTileSelectKernel takes a cluster
-//   per (row, 16-head tile) instead: the row's last cluster to finish adds the tiles' partial
-//   alpha chains and runs the same top-k.
+//   pass to the exp pass (computed once) and then the exps. At 128 heads, while every
+//   (row, 16-head tile) cluster fits one wave (one row), and wherever no row clusters fit one
+//   wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead: the row's last
+//   cluster to finish adds the tiles' partial alpha chains and runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>

@@ -32,8 +32,8 @@ struct SelectShape {
 };
 
 std::vector<SelectShape> Shapes() {
-  const std::vector<int32_t> sixteen_rows = {16500, 300, 2000, 6100, 900,  5000, 1200, 64,
-                                             3000,  700, 6000, 150,  2500, 3500, 800,  6400};
+  const std::vector<int32_t> sixteen_rows = {8600, 300, 2000, 6100, 900,  5000, 1200, 64,
+                                             3000, 700, 6000, 150,  2500, 3500, 800,  6400};
   return {
       {{1, 63, 64, 65, 700, 2100}, 9, 3, 64, 32, DType::kF32, false},  // SmolLM2-like, G = 3
       {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
@@ -51,9 +51,9 @@ std::vector<SelectShape> Shapes() {
       // MLA, 16 rows of 6,144 candidates at k_b 96: TlsTokenScoreSelect takes the one-launch
       // row kernel (MlaScoreSelectKernel) with clusters of 6 CTAs on the H200; 8 rows: clusters
       // of 9 (a non-portable size, CTAs of 11 list entries, the last one partly empty). At k_b
-      // 256 (16,384 candidates) no 16 row clusters are resident together, so the head tiles take
-      // two candidates per thread (32 clusters of 8 CTAs, more than one wave).
-      {sixteen_rows, 32, 1, 576, 128, DType::kBF16, true, {16, 96, 256}},
+      // 128 (8,192 candidates: clusters of 8-16 CTAs) 16 row clusters are more than one wave, so
+      // the head tiles take the rows, at two candidates per thread (32 clusters of 4 CTAs).
+      {sixteen_rows, 32, 1, 576, 128, DType::kBF16, true, {16, 96, 128}},
       {{6600, 6500, 300, 6100, 2000, 6400, 900, 6300}, 16, 1, 576, 128, DType::kBF16, true},
       // MLA, 4 rows x 128 heads of 6,144 candidates: 32 (row, 16-head tile) clusters of 6 CTAs
       // are more than one wave, so the row kernel takes them (two clusters per row where that
