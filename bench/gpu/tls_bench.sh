@@ -8,6 +8,10 @@
 #
 #   OUT=$OUT bash bench/gpu/tls_bench.sh      # from the repository root; logs + JSON in $OUT
 #
+# $OUT gets at most seven files (the device returns eight): tls_bench.log (progress, test
+# summary, SDPA output), ctest_gpu.log, tls_bench_raw.log, tls_bench.json, sdpa_kv8.json,
+# sdpa_kv4.json, tls_summary.txt; the configure and build logs stay in /tmp.
+#
 # Env: OUT (default ./tls-bench-out), BUILD_DIR (default build), QUICK=1 (batch 1/8, 32K/128K,
 # k_t 1024 only), ONLY=gqa|mla (one layout; mla skips SDPA), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES
 # (default 15), COMMIT (the commit the header names; a copied tree's git metadata may be stale,
@@ -34,14 +38,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&
   tee -a "$OUT/tls_bench.log"
 
 log "configure + build ($BUILD_DIR)"
-if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > "$OUT/cmake.log" 2>&1; then
-  tail -30 "$OUT/cmake.log"; echo "configure failed"; exit 1
+if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/tls-bench-cmake.log 2>&1; then
+  tail -30 /tmp/tls-bench-cmake.log; echo "configure failed"; exit 1
 fi
 targets="tls_bench"
 [[ "${SKIP_TESTS:-0}" == 1 ]] ||
   targets="$targets tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
-if ! ninja -C "$BUILD_DIR" $targets > "$OUT/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT/build.log" | head -40; echo "build failed"; exit 1
+if ! ninja -C "$BUILD_DIR" $targets > /tmp/tls-bench-build.log 2>&1; then
+  grep -E "error|Error" /tmp/tls-bench-build.log | head -40; echo "build failed"; exit 1
 fi
 log "built in $(( $(date +%s) - t0 )) s"
 
@@ -65,7 +69,7 @@ if [[ "${SKIP_SDPA:-0}" != 1 ]]; then
     log "PyTorch SDPA decode baseline, 32 q / $kv kv heads ($(( $(date +%s) - t0 )) s in)"
     python3 bench/attention_sdpa.py --mode decode --q-heads 32 --kv-heads "$kv" \
       --batches "$batches" --contexts "$contexts" --samples "$SAMPLES" \
-      --json "$OUT/sdpa_kv$kv.json" 2>&1 | tee "$OUT/sdpa_kv$kv.log" || status=1
+      --json "$OUT/sdpa_kv$kv.json" 2>&1 | tee -a "$OUT/tls_bench.log" || status=1
   done
 fi
 
