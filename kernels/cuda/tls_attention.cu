@@ -628,28 +628,39 @@ __device__ __forceinline__ void StageQueryRows(const TlsSparseAttentionParams& p
   CpAsyncCommit();
 }
 
-// The pool rows of a split's positions [t_begin, t_end) (at most PER_THREAD * kThreads) into
-// slot_s, all loads in flight together (int32: pools of under 2^31 rows, ~2.5 TB of MLA cache).
+// The pool rows of split positions [t_begin, t_begin + split_tokens) of row bg (at most
+// PER_THREAD * kThreads) into slot_s, all loads in flight together (int32: pools of under 2^31
+// rows, ~2.5 TB of MLA cache); returns the split's end t_end (the row's count may end it
+// early). The count and the positions load side by side, one dependent round trip fewer before
+// the block table's: positions past the count are read (inside the row's max_positions) and
+// dropped.
 template <int PER_THREAD>
-__device__ __forceinline__ void LookUpPoolRows(const TlsSparseAttentionParams& p,
-                                               const int32_t* positions, const int32_t* table,
-                                               int g, int t_begin, int t_end, int32_t* slot_s) {
+__device__ __forceinline__ int LookUpPoolRows(const TlsSparseAttentionParams& p, int bg, int b,
+                                              int g, int t_begin, int split_tokens,
+                                              int32_t* slot_s) {
   const int tid = threadIdx.x;
+  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
+  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const int t_stop = min(p.max_positions, t_begin + split_tokens);
   int32_t pos[PER_THREAD], block[PER_THREAD];
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
     const int t = t_begin + i * kThreads + tid;
-    pos[i] = t < t_end ? positions[t] : 0;
+    pos[i] = t < t_stop ? positions[t] : 0;
   }
+  const int t_end = min(p.num_positions[bg], t_begin + split_tokens);
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
-    block[i] = t_begin + i * kThreads + tid < t_end ? table[pos[i] / kKvBlockSize] : 0;
+    const bool listed = t_begin + i * kThreads + tid < t_end;
+    pos[i] = listed ? pos[i] : 0;
+    block[i] = listed ? table[pos[i] / kKvBlockSize] : 0;
   }
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
     slot_s[i * kThreads + tid] =
         (block[i] * p.num_kv_heads + g) * kKvBlockSize + pos[i] % kKvBlockSize;
   }
+  return t_end;
 }
 
 template <int RT>
@@ -693,11 +704,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     l_s[tid] = 0.f;
   }
   WaitForPreviousGrid();  // the selection before this kernel wrote the positions
-  const int n = p.num_positions[bg];
   const int t_begin = split * split_tokens;
-  const int t_end = min(n, t_begin + split_tokens);
-  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
-  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  // The plan keeps a split's positions within the slots.
+  const int t_end =
+      LookUpPoolRows<kWideSlotsPerThread>(p, bg, b, g, t_begin, split_tokens, slot_s);
   const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
   float o[RT][kWarpDims / 8][4] = {};
 
@@ -708,8 +718,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int v_key = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
   const int rt_s = warp % RT, key0 = 8 * kKeyTiles * (warp / RT);  // this warp's scores
 
-  LookUpPoolRows<kWideSlotsPerThread>(p, positions, table, g, t_begin, t_end, slot_s);  // the plan
-  __syncthreads();
+  __syncthreads();  // the slots
   // Tile t0's rows into buffer `buf`.
   auto issue_tile = [&](int t0, int buf) {
     const int cnt = min(kWideKeys, t_end - t0);
@@ -909,13 +918,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     FenceMbarInit();
   }
   WaitForPreviousGrid();  // the selection before this kernel wrote the positions
-  const int n = p.num_positions[bg];
   const int t_begin = split * split_tokens;
-  const int t_end = min(n, t_begin + split_tokens);
-  const int32_t* positions = p.positions + int64_t{bg} * p.max_positions;
-  const int32_t* table = p.block_table + int64_t{b} * p.max_blocks_per_seq;
+  const int t_end =
+      LookUpPoolRows<kPipeSlotsPerThread>(p, bg, b, g, t_begin, split_tokens, slot_s);
   const char* k_cache = static_cast<const char*>(p.k_cache);
-  LookUpPoolRows<kPipeSlotsPerThread>(p, positions, table, g, t_begin, t_end, slot_s);
   CpAsyncWait<0>();
   __syncthreads();  // slots, the query, the stats and the mbarriers, for every thread
 
@@ -1105,16 +1111,23 @@ __global__ void __launch_bounds__(kMergeThreads)
   WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
-  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
-  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
-  for (int d = VEC * threadIdx.x; d < p.v_head_dim; d += VEC * kMergeThreads) {
-    Vec a[kManySplits - 1];
+  Vec a[kManySplits - 1];
+  auto load_partials = [&](int d) {
 #pragma unroll
     for (int s = 0; s < kManySplits - 1; ++s) {
       if (s < num_splits) {
         a[s] = *reinterpret_cast<const Vec*>(ws_acc + (s * rows + qh) * p.v_head_dim + d);
       }
     }
+  };
+  // A thread's first dims' partials load beside the (m, l) pairs the weights need, not behind
+  // them (MLA's 512 and GQA's 64 / 128 dims: a thread has no other dims).
+  const int d0 = VEC * threadIdx.x;
+  if (d0 < p.v_head_dim) load_partials(d0);
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
+  const float inv = total[0] > 0.f ? 1.f / total[0] : 0.f;
+  for (int d = d0; d < p.v_head_dim; d += VEC * kMergeThreads) {
+    if (d != d0) load_partials(d);
     float o[VEC] = {};
 #pragma unroll
     for (int s = 0; s < kManySplits - 1; ++s) {
@@ -1139,6 +1152,7 @@ __global__ void __launch_bounds__(kMergeThreads)
 constexpr int kMergeDims = 64;
 constexpr int kMergeParts = 4;
 constexpr int kManyMergeThreads = kMergeDims * kMergeParts;
+constexpr int kMergeEarly = 4;  // splits per thread loaded before the weights (16 splits: all)
 
 __global__ void __launch_bounds__(kManyMergeThreads)
     MergeManySplitsKernel(TlsSparseAttentionParams p, int num_splits, const float* ws_acc,
@@ -1149,17 +1163,30 @@ __global__ void __launch_bounds__(kManyMergeThreads)
   WaitForPreviousGrid();  // the attention kernel wrote the partials
   const int64_t qh = blockIdx.x;
   const int64_t rows = int64_t{p.batch} * p.num_q_heads;
-  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   const int col = threadIdx.x % kMergeDims, part = threadIdx.x / kMergeDims;
   const int d = blockIdx.y * kMergeDims + col;
+  const float* acc = ws_acc + qh * p.v_head_dim + d;
+  const int64_t stride = rows * p.v_head_dim;
+  // This thread's first kMergeEarly splits load beside the (m, l) pairs the weights need.
+  float early[kMergeEarly];
+#pragma unroll
+  for (int k = 0; k < kMergeEarly; ++k) {
+    const int s = part + k * kMergeParts;
+    early[k] = d < p.v_head_dim && s < num_splits ? acc[s * stride] : 0.f;
+  }
+  SplitWeights(p, num_splits, ws_ml, qh, weight, total);
   float o = 0.f;
   if (d < p.v_head_dim) {
-    const float* acc = ws_acc + qh * p.v_head_dim + d;
-    const int64_t stride = rows * p.v_head_dim;
+#pragma unroll
+    for (int k = 0; k < kMergeEarly; ++k) {
+      const int s = part + k * kMergeParts;
+      const float w = s < num_splits ? weight[s] : 0.f;
+      o += w != 0.f ? w * early[k] : 0.f;  // an empty split's partial is never written
+    }
 #pragma unroll 8
-    for (int s = part; s < num_splits; s += kMergeParts) {
+    for (int s = part + kMergeEarly * kMergeParts; s < num_splits; s += kMergeParts) {
       const float w = weight[s], a = acc[s * stride];
-      o += w != 0.f ? w * a : 0.f;  // an empty split's partial is never written
+      o += w != 0.f ? w * a : 0.f;
     }
   }
   if (part > 0) part_sum[part - 1][col] = o;

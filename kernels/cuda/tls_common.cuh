@@ -77,6 +77,15 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
   }
 }
 
+// The MLA token kernels' IMMA accumulators start at kDotFloatBias minus the query's code offset,
+// so a dot's int32 bits are those of the float 1.5 * 2^23 + dot (|dot| < 2^22: at most 128
+// channels x 127 x 8), and one exact subtraction gives float(dot) without an I2F (a quarter of
+// the FMA rate on sm_90, and a scoreboard wait in the exp loop).
+constexpr int kDotFloatBias = 0x4B400000;  // bits of 1.5 * 2^23
+__device__ __forceinline__ float BiasedDotToFloat(int biased_dot) {
+  return __fsub_rn(__int_as_float(biased_dot), 12582912.f);
+}
+
 // TlsExpToFixed(e) = floor(e * 2^23) for e in [0, 1] (at most 2^23): 1 + e rounded toward zero
 // keeps e's whole 2^-23 units (the ulp of [1, 2)), so its bits minus those of 1 are the value.
 // Callers sum up to 2^8 of them in 32 bits (a lane's terms, or a warp's through redux).

@@ -33,9 +33,11 @@ namespace {
 
 namespace cg = cooperative_groups;
 using tls_detail::AlphaFromExps;
+using tls_detail::BiasedDotToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::ExpFixed;
+using tls_detail::kDotFloatBias;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
 using tls_detail::LetNextGridLaunch;
@@ -736,12 +738,13 @@ struct LaneHeadPair {
   float m0 = -INFINITY, m1 = -INFINITY;
   uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: at most 64 terms of 2^23 per lane
 
-  // The tile's scaled dots y (TlsTokenScaledDot) of this lane's two heads and two candidates.
+  // The tile's scaled dots y (TlsTokenScaledDot) of this lane's two heads and two candidates
+  // from the biased IMMA dots d (kDotFloatBias).
   static __device__ __forceinline__ void ScaledDots(const int (&d)[4], float2 ks, float (&y)[4]) {
-    y[0] = TlsTokenScaledDot(static_cast<float>(d[0]), ks.x);
-    y[1] = TlsTokenScaledDot(static_cast<float>(d[1]), ks.y);
-    y[2] = TlsTokenScaledDot(static_cast<float>(d[2]), ks.x);
-    y[3] = TlsTokenScaledDot(static_cast<float>(d[3]), ks.y);
+    y[0] = TlsTokenScaledDot(BiasedDotToFloat(d[0]), ks.x);
+    y[1] = TlsTokenScaledDot(BiasedDotToFloat(d[1]), ks.y);
+    y[2] = TlsTokenScaledDot(BiasedDotToFloat(d[2]), ks.x);
+    y[3] = TlsTokenScaledDot(BiasedDotToFloat(d[3]), ks.y);
   }
   __device__ __forceinline__ void AddMax(const float (&y)[4]) {
     m0 = fmaxf(m0, fmaxf(y[0], y[1]));
@@ -993,8 +996,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
   // Integer dots of the tile whose fragments lie at frag[q] (this lane's chunks of candidates
   // 8 tile ..; swizzled, so two pointers that the loops advance), LaneHeadPair's layout. The
-  // accumulators start at minus the query's code offset, so the IMMA yields sum_c qcode[c] *
-  // code[c].
+  // accumulators start at kDotFloatBias minus the query's code offset, so the IMMA yields
+  // sum_c qcode[c] * code[c] plus the bias (BiasedDotToFloat).
   constexpr int kChunks = NC / 64;  // 16-byte fragment chunks per lane and candidate
   constexpr int kTileStep = 8 * kSlots * MlaRowWords<NC>();  // words from one tile to the next
   const uint32_t* frag_start[kChunks];
@@ -1003,8 +1006,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     frag_start[q] = codes_s + 8 * slot * MlaRowWords<NC>() + MlaChunkWord<NC>(r, t * kChunks + q);
   }
   auto tile_dots = [&](const uint32_t* const(&frag)[kChunks], int(&d)[4]) {
-    d[0] = d[1] = -off0;
-    d[2] = d[3] = -off1;
+    d[0] = d[1] = kDotFloatBias - off0;
+    d[2] = d[3] = kDotFloatBias - off1;
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) {
       const uint4 f = *reinterpret_cast<const uint4*>(frag[q]);
@@ -1226,8 +1229,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // reads candidate 8 ct + r's row: the words of its nibble half (t % 2) and word parity
   // (t / 2), unpacked to the B fragments' bytes.
   auto tile_dots = [&](int ct, int (&d)[4]) {
-    d[0] = d[1] = -off0;
-    d[2] = d[3] = -off1;
+    d[0] = d[1] = kDotFloatBias - off0;
+    d[2] = d[3] = kDotFloatBias - off1;
     const int64_t row = tok_s[8 * ct + r];
     const uint4* src =
         reinterpret_cast<const uint4*>(p.token_codes + max(row, int64_t{0}) * (NC / 2));
