@@ -767,7 +767,8 @@ struct LaneHeadPair {
       if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(m1));
     }
   }
-  // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 0.
+  // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 2^-125
+  // (TlsExp2), which no fixed-point sum sees and alpha never reads.
   __device__ __forceinline__ void Exps(const float (&y)[4], float (&e)[4]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
@@ -948,7 +949,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   // Stage this CTA's candidate rows (thread = candidate; every item's loads in flight before the
   // first is unpacked). A slot that is no candidate gets scale NaN: its logits are NaN, which the
-  // max skips and TlsExp2 maps to 0.
+  // max skips and TlsExp2 maps to 2^-125 (below the fixed-point sums' unit; alpha skips it).
   {
     uint4 words[ITEMS][NC / 32];
     float scale[ITEMS];

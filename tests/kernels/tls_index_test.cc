@@ -379,9 +379,13 @@ TEST(TlsMathTest, BlockIndexCodesRoundOutward) {
 TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
   EXPECT_EQ(TlsExp2(0.f), 1.f);
   EXPECT_EQ(TlsExp2(-0.f), 1.f);
-  EXPECT_EQ(TlsExp2(-200.f), 0.f);
-  EXPECT_EQ(TlsExp2(-INFINITY), 0.f);
-  EXPECT_EQ(TlsExp2(NAN), 0.f);
+  // Below -125.5 (and for -inf / NaN) 2^-125: no fixed-point sum sees it.
+  constexpr float kFloor = 2.35098870e-38f;  // 2^-125
+  EXPECT_EQ(TlsExp2(-125.5f), kFloor);
+  EXPECT_EQ(TlsExp2(-200.f), kFloor);
+  EXPECT_EQ(TlsExp2(-INFINITY), kFloor);
+  EXPECT_EQ(TlsExp2(NAN), kFloor);
+  EXPECT_EQ(TlsExpToFixed(kFloor), 0u);
   constexpr double kBound = 1.02e-4;  // the degree-3 polynomial's relative error
   for (float x = -125.f; x <= 0.f; x += 0.37f) {
     const double want = std::exp2(double{x});

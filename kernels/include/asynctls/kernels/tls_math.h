@@ -68,18 +68,19 @@ ASYNCTLS_HD float TlsRint(float x) {
 }
 
 // 2^x for x <= 0 (callers guarantee the sign: TlsTokenExpShift rounds its offset down); relative
-// error below 1.02e-4. Returns 0 below about 2^-126.5 and for -inf / NaN. Branch-free and without
-// float-to-int conversions, because the token kernels spend most of their instructions here (one
-// call per candidate and query head): x is clamped below at -127 (fmax maps NaN to -127), adding
-// 1.5 * 2^23 rounds it to the nearest integer n (ties to even) in t's low mantissa bits, and t's
-// bits shifted into the exponent field give 2^n, which is 0 for n = -127 (so no select for
-// underflow).
+// error below 1.02e-4 down to x = -125.5; 2^-125 below that and for -inf / NaN (terms that no
+// fixed-point sum sees: its unit is 2^-23). Branch-free and without float-to-int conversions or
+// a final product, because the token kernels spend most of their instructions here (one call per
+// candidate and query head): x is clamped below at -125 (fmax maps NaN to -125), adding
+// 1.5 * 2^23 rounds it to the nearest integer n (ties to even) in t's low mantissa bits, and
+// n << 23 added to the bits of p = 2^r (in [2^-0.5, 2^0.5]) makes p * 2^n, exact and normal for
+// n in [-125, 0].
 ASYNCTLS_HD float TlsExp2(float x) {
   constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 #if defined(__CUDA_ARCH__)
-  const float xc = fmaxf(x, -127.f);
+  const float xc = fmaxf(x, -125.f);
 #else
-  const float xc = std::fmax(x, -127.f);
+  const float xc = std::fmax(x, -125.f);
 #endif
   const float t = TlsAdd(xc, kRoundMagic);
   const float r = TlsAdd(xc, -TlsAdd(t, -kRoundMagic));  // x = n + r, r in [-0.5, 0.5], exact
@@ -92,10 +93,8 @@ ASYNCTLS_HD float TlsExp2(float x) {
   p = TlsFma(p, r, 6.932827234e-01f);
   p = TlsFma(p, r, 1.0f);
   // t's bits are those of 1.5 * 2^23 plus n; shifted left by 23 only n << 23 remains (mod 2^32),
-  // and + 127 << 23 makes the biased exponent of 2^n: a normal number for n in [-126, 0], and
-  // 0 (all bits clear) for n = -127.
-  const float scale = BitsToFloat((FloatToBits(t) << 23) + 0x3F800000u);
-  return TlsMul(p, scale);
+  // which added to p's bits lowers its biased exponent (126 or 127) by -n.
+  return BitsToFloat(FloatToBits(p) + (FloatToBits(t) << 23));
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
