@@ -1446,7 +1446,10 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     if (MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
     using Halves = MlaRows<NC, GROUP, 2, 2>;
     const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
-    if (halves.size != 0 &&
+    // Not where the whole rows' most CTAs take half the GPU or more: Whole::Launch then runs
+    // them on the fewest, which leaves the block branch beside more SMs than the halves do.
+    const bool whole_fills_half = whole.size != 0 && 2 * rows * whole.size >= NumSms();
+    if (halves.size != 0 && !whole_fills_half &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
       return Halves::Launch(p, sel, halves, stream);
     }
