@@ -709,10 +709,10 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // order), and ClusterSelect. Same arithmetic as the separate ops and the CPU reference, bit
 // for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates per thread), up
 // to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row takes as many
-// SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes cap that (8
-// rows can use at most 9 of the H200's SMs each), a row's heads split over two clusters; each
-// leaves its part of the alpha chain in the exp scratch, and the row's last cluster to finish
-// (a counter that QuantizeQueryKernel zeroes) adds them and selects.
+// SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes cap that (2-3
+// rows of 128 heads), a row's heads split over two clusters; each leaves its part of the alpha
+// chain in the exp scratch, and the row's last cluster to finish (a counter that
+// QuantizeQueryKernel zeroes) adds them and selects.
 constexpr int kMlaMaxGroup = 128;
 constexpr int kMlaBlocksPerItem = kFusedThreads / kKvBlockSize;  // list entries per item
 constexpr int kMlaMaxBlocks = 2 * kMlaBlocksPerItem;  // entries per CTA at two items per thread
@@ -1433,9 +1433,12 @@ struct MlaRows {
 // in a second wave or at two candidates per thread they lose to the row clusters (batch 2: 43 us
 // in two waves against 30 on halves; batch 4: 59 us at two candidates against 35 on whole rows).
 // A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
-// logits per CTA by more than ~15%: 8 rows of 8,192 candidates on the H200 run 8 clusters of
-// 9 CTAs (72 SMs, 15 list entries x 128 heads per CTA) or 16 clusters of 6 (96 SMs, 22 x 64);
-// 2 rows of 128 heads on the H100: 30 us on halves against 33 on whole rows (run 114).
+// logits per CTA by more than ~15% and the whole rows' clusters take under half the GPU: 2 rows
+// of 128 heads on the H100, 30 us on halves against 33 on whole rows (run 114). From half the
+// GPU the whole rows run on the fewest CTAs (MlaRows::Launch): 8 rows of 8,192 candidates take
+// 8 clusters of 8 (64 SMs, 16 list entries x 128 heads per CTA) where the halves took 16 of 6
+// (96 SMs, 22 x 64). The token kernel alone is then ~1.9 us slower, but the block branch beside
+// it gets the SMs, and the batch-8 step was 0.8-2.9 us faster at k_t 2048 (H100, run 118).
 template <int NC, int GROUP>
 cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSelectParams& sel,
                                  cudaStream_t stream) {

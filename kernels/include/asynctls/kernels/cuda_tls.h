@@ -37,7 +37,7 @@ cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 // <= 512 (GQA) take one launch, a thread cluster per row, and no workspace. Groups of 16, 32,
 // 64 or 128 heads on 64+ channels (MLA) need score.workspace (TlsTokenScoreWorkspaceBytes):
 // the int8 query codes and an exp scratch; a cluster per row (two at 128 heads where cluster
-// sizes cap a row's SMs, half the heads each) scores on integer tensor cores and selects when
+// sizes cap a few rows' SMs, half the heads each) scores on integer tensor cores and selects when
 // the row clusters fit one wave, except at 128 heads where a cluster per (row, 16-head tile)
 // fits one too (one row); then, or when no row clusters fit, the head tiles score; where a row
 // spans clusters, its last cluster to finish selects. The two-level decode
