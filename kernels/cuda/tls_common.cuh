@@ -83,7 +83,7 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
 // the FMA rate on sm_90, and a scoreboard wait in the exp loop).
 constexpr int kDotFloatBias = 0x4B400000;  // bits of 1.5 * 2^23
 __device__ __forceinline__ float BiasedDotToFloat(int biased_dot) {
-  return __fsub_rn(__int_as_float(biased_dot), 12582912.f);
+  return __fsub_rn(__int_as_float(biased_dot), __int_as_float(kDotFloatBias));
 }
 
 // TlsExpToFixed(e) = floor(e * 2^23) for e in [0, 1] (at most 2^23): 1 + e rounded toward zero

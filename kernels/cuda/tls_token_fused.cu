@@ -1374,6 +1374,10 @@ cudaError_t LaunchMlaTilesForItems(const TlsTokenScoreParams& p, const TlsTokenS
 // kernel alone 0-0.6 us slower; bench/results/tls-kernels-h200.md runs 104-105).
 constexpr int kMlaMinBlocks = 4;
 
+// Whether `ctas` CTAs (one per SM) take half the GPU or more: from there the MLA row clusters
+// run on the fewest CTAs, leaving the block branch beside them the rest.
+bool FillsHalfTheGpu(int64_t ctas) { return 2 * ctas >= NumSms(); }
+
 struct MlaSplit {
   int size = 0, blocks_per_cta = 0;
 };
@@ -1413,7 +1417,7 @@ struct MlaRows {
     // block branch too few SMs); fewer rows keep the most (batch 1: 16 CTAs of 8 list entries
     // 0.2-5.8 us faster than 8 of 16 at 16-64 heads, run 112; the fewest from a quarter of the
     // GPU made batch 4 0.7-9.7 us slower, run 116).
-    if (ITEMS == 1 && 2 * SPLIT * p.batch * p.num_kv_heads * split.size >= NumSms()) {
+    if (ITEMS == 1 && FillsHalfTheGpu(int64_t{SPLIT} * p.batch * p.num_kv_heads * split.size)) {
       const MlaSplit fewest = MlaClusterSize<kKernel>(SPLIT * p.batch * p.num_kv_heads,
                                                       p.max_candidates, kMaxBlocks, kSmem, true);
       if (fewest.size != 0) split = fewest;
@@ -1451,7 +1455,7 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
     // Not where the whole rows' most CTAs take half the GPU or more: Whole::Launch then runs
     // them on the fewest, which leaves the block branch beside more SMs than the halves do.
-    const bool whole_fills_half = whole.size != 0 && 2 * rows * whole.size >= NumSms();
+    const bool whole_fills_half = whole.size != 0 && FillsHalfTheGpu(int64_t{rows} * whole.size);
     if (halves.size != 0 && !whole_fills_half &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
       return Halves::Launch(p, sel, halves, stream);
