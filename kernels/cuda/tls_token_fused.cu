@@ -78,18 +78,150 @@ __device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) {
   return pass == 2 ? 1023u : 2047u;
 }
 
+// Cluster mailboxes. ClusterSelect's exchanges between the ranks (and the MLA kernel's exp sums)
+// go through them instead of release cluster barriers: on sm_90 a release at cluster scope
+// (cluster.sync(), a remote arrive, a cluster fence) compiles to MEMBAR.ALL.GPU, which waits
+// until every earlier memory operation of the warp, pushes to the peers included, is
+// acknowledged GPU-wide (13% of the 16-head MLA token kernel's stall samples, ncu run 120). A
+// mailbox is an mbarrier in each rank's shared memory that expects a known number of arrivals
+// and bytes; the peers write its buffer with st.async / red.async, whose bytes complete on that
+// mbarrier with release semantics, and the owner waits on its own mbarrier. Each mailbox serves
+// one exchange per launch (no phases to track). A buffer that several exchanges share is refilled
+// only by peers that already got this rank's next exchange, which it sends after its last read
+// of the buffer.
+constexpr int kMailTotals = 0;  // + pass
+constexpr int kMailBins = 3;    // + pass
+constexpr int kMailCounts = 6;
+constexpr int kSelectMailboxes = 7;
+
+__device__ __forceinline__ uint32_t SharedAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// The address of this CTA's shared `addr` in rank `rank`'s shared memory.
+__device__ __forceinline__ uint32_t PeerAddr(uint32_t addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+// mbarrier `bar` for one phase of `arrivals` arrivals and `bytes` pushed bytes (this thread's
+// arrival expects them; the others come through MailArrive). Pushes go to the other ranks only
+// (st.async needs a cluster of two or more CTAs): each rank writes its own share locally, and
+// the writer's MailArrive releases it to this CTA's waiters.
+__device__ __forceinline__ void MailInit(uint64_t* bar, int arrivals, uint32_t bytes) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SharedAddr(bar)), "r"(arrivals)
+               : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// One more arrival on this CTA's `bar` (releasing this thread's earlier writes to the CTA),
+// expecting `bytes` more (the tx-count may already be below zero: peers' bytes can land first;
+// the phase completes when both counts reach zero).
+__device__ __forceinline__ void MailArrive(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Makes the initialized mbarriers visible to the peers' st.async (the first cluster barrier
+// after it orders them before any push).
+__device__ __forceinline__ void MailFenceInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Waits until this CTA's mailbox `bar` has all its arrivals and bytes (acquire at cluster scope:
+// the peers' complete-tx releases at cluster scope).
+__device__ __forceinline__ void MailWait(uint64_t* bar) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "MAIL_WAIT_LOOP:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra MAIL_WAIT_LOOP;\n"
+      "}\n" ::"r"(SharedAddr(bar))
+      : "memory");
+}
+// Writes `v` at this CTA's `field` offset into rank `rank`'s shared memory (another rank),
+// counted on rank `rank`'s mailbox at this CTA's `bar` offset.
+__device__ __forceinline__ void MailPush(uint32_t* field, uint32_t v, uint64_t* bar, int rank) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
+                   PeerAddr(SharedAddr(field), rank)),
+               "r"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+               : "memory");
+}
+__device__ __forceinline__ void MailPush(int* field, int v, uint64_t* bar, int rank) {
+  MailPush(reinterpret_cast<uint32_t*>(field), static_cast<uint32_t>(v), bar, rank);
+}
+__device__ __forceinline__ void MailPush(uint64_t* field, uint64_t v, uint64_t* bar, int rank) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];\n" ::"r"(
+                   PeerAddr(SharedAddr(field), rank)),
+               "l"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+               : "memory");
+}
+__device__ __forceinline__ void MailPush2(int* field, int v0, int v1, uint64_t* bar, int rank) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
+          PeerAddr(SharedAddr(field), rank)),
+      "r"(v0), "r"(v1), "r"(PeerAddr(SharedAddr(bar), rank))
+      : "memory");
+}
+
+// The max of `v` and rank `rank`'s copy of this CTA's shared `field`, counted on its mailbox `bar`.
+__device__ __forceinline__ void MailMax(uint32_t* field, uint32_t v, uint64_t* bar, int rank) {
+  asm volatile(
+      "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.max.u32 [%0], %1, "
+      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
+      "r"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+      : "memory");
+}
+// A cluster barrier in two halves: the arrive (with or without releasing this thread's earlier
+// writes: the release costs a GPU-scope MEMBAR) and the wait (acquire). Every thread of the CTA
+// takes part, each warp as one.
+__device__ __forceinline__ void ClusterArrive(bool release) {
+  if (release) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  } else {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  }
+}
+__device__ __forceinline__ void ClusterWait() {
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
+// Adds `v` to rank `rank`'s copy of this CTA's shared `field`, counted on its mailbox `bar`.
+__device__ __forceinline__ void MailAdd(unsigned long long* field, unsigned long long v,
+                                        uint64_t* bar, int rank) {
+  asm volatile(
+      "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.add.u64 [%0], %1, "
+      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
+      "l"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+      : "memory");
+}
+__device__ __forceinline__ void MailAdd(int* field, int v, uint64_t* bar, int rank) {
+  asm volatile(
+      "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.add.u32 [%0], %1, "
+      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
+      "r"(static_cast<uint32_t>(v)), "r"(PeerAddr(SharedAddr(bar), rank))
+      : "memory");
+}
+
 // Shared memory of ClusterSelect and the per-warp valid counts before it (every fused kernel).
 template <int ITEMS>
 struct ClusterSelectShared {
   int part_valid[kFusedWarps];                 // per-warp valid candidates
   int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
-  // Pushed by the peers (remote stores before a cluster barrier, local loads after it, instead of
-  // remote loads after it): pass p's 64-bin group totals of rank r (warp w: group w), and each
-  // rank's above / equal counts of the compaction.
-  // When the passes end on a small bin, the slot of the pass that does not run holds the bin's
-  // keys instead (GatheredBin).
-  alignas(16) int peer_group_sum[2][kClusterMaxRanks][kFusedWarps];
-  int peer_counts[kClusterMaxRanks][2];
+  // Pushed by the peers into mailboxes (ClusterMail): the current pass's 64-bin group totals of
+  // rank r (warp w: group w), then its 64 bins of the group that holds the k-th key (lane l's
+  // bins 64 g + 63 - 2 l and one below as the low / high 16 bits: a CTA holds at most 8,192
+  // candidates), and each rank's above / equal counts of the compaction. One buffer serves every
+  // pass: a peer fills it for pass p + 1 only after this rank's own exchange of pass p + 1, which
+  // follows its last read of pass p. After the last pass the totals' rows hold the bin's keys
+  // when the passes end on a small bin (GatheredBin).
+  alignas(16) int peer_group_sum[kClusterMaxRanks][kFusedWarps];
+  alignas(16) uint32_t peer_bins[kClusterMaxRanks][32];
+  alignas(8) int peer_counts[kClusterMaxRanks][2];
+  // The mailboxes' mbarriers (ClusterMail): every rank's group totals of pass p (kMailTotals +
+  // p), its bins of pass p (kMailBins + p), its compaction counts and gathered bin keys
+  // (kMailCounts).
+  alignas(8) uint64_t mail[kSelectMailboxes];
   int counts[1];  // this CTA's valid candidates
   int num_valid;  // cluster-wide valid candidates
   int scan[kFusedWarps + 1];
@@ -199,33 +331,52 @@ __device__ __forceinline__ void CandidatePositions(const TlsTokenScoreParams& p,
 // the bin after two 11-bit passes; a third pass ran in 20-80% of rows).
 constexpr int kSelectGatherMax = 16;
 
-// Rank r's pushed bin keys, TlsSelectKey(alpha, position) = (key << 32) | ~position, in the
-// group-sum slot `slot` of the pass that does not run (its last readers finished before the
-// current pass's cluster barrier): kFusedWarps ints per rank, room for kSelectGatherMax keys.
+// Rank r's pushed bin keys, TlsSelectKey(alpha, position) = (key << 32) | ~position, in its
+// group-total row (the peers push them after this rank's last pass's exchanges, which follow its
+// last read of the totals): kFusedWarps ints per rank, room for kSelectGatherMax keys.
 template <int ITEMS>
-__device__ __forceinline__ uint64_t* GatheredBin(ClusterSelectShared<ITEMS>& sh, int slot, int r) {
+__device__ __forceinline__ uint64_t* GatheredBin(ClusterSelectShared<ITEMS>& sh, int r) {
   static_assert(kFusedWarps * sizeof(int) >= kSelectGatherMax * sizeof(uint64_t),
                 "a rank's bin keys fit its group-sum row");
   static_assert(kSelectGatherMax <= 32, "the ranking takes one gathered key per lane");
-  return reinterpret_cast<uint64_t*>(sh.peer_group_sum[slot][r]);
+  return reinterpret_cast<uint64_t*>(sh.peer_group_sum[r]);
+}
+
+// The mailboxes of ClusterSelect in a cluster of `size` ranks, by one thread before the kernel's
+// first cluster barrier (which orders the initialization before every peer's first push).
+template <int ITEMS>
+__device__ __forceinline__ void InitSelectMail(ClusterSelectShared<ITEMS>& sh, int size) {
+  const int peers = size - 1;
+  for (int pass = 0; pass < 3; ++pass) {
+    // Plus one arrival per warp: its own total, written locally.
+    MailInit(&sh.mail[kMailTotals + pass], 1 + kFusedWarps, peers * kFusedWarps * sizeof(int));
+    // Its own bins are written by the warp that reads them (no arrival).
+    MailInit(&sh.mail[kMailBins + pass], 1, peers * 32 * sizeof(uint32_t));
+  }
+  // The peers' counts; then two arrivals: the peers' gathered bin keys (known once the passes
+  // end) and this CTA's own counts.
+  MailInit(&sh.mail[kMailCounts], 3, peers * 2 * sizeof(int));
+  MailFenceInit();
 }
 
 // One cluster radix pass's decision, by the 32 lanes of one warp of each rank (all ranks decide
 // the same): the digit (descending) of the `remaining`-th largest key, found through the 32
-// group totals summed over the ranks (pushed here: group_sums[r][w]), then the ranks' bins of
-// the one group it falls in (remote loads). Writes the extended prefix, the rank left inside
-// that digit, whether the digit's keys are all kept (no later pass needed), and how many keys
-// the digit holds.
-__device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluster, int size,
-                                                       int* hist,
-                                                       const int (*group_sums)[kFusedWarps],
-                                                       uint32_t prefix, int shift, int remaining,
-                                                       uint32_t* out_prefix, int* out_remaining,
-                                                       int* out_done, int* out_bin) {
+// group totals summed over the ranks (their pass's mailbox), then the ranks' bins of the one
+// group it falls in (each rank pushes those 64 to every rank: a second mailbox). Writes the
+// extended prefix, the rank left inside that digit, whether the digit's keys are all kept (no
+// later pass needed), and how many keys the digit holds, into sh.
+template <int ITEMS>
+__device__ __forceinline__ void FindClusterSelectDigit(ClusterSelectShared<ITEMS>& sh, int pass,
+                                                       int rank, int size, uint32_t prefix,
+                                                       int shift, int remaining) {
   const int lane = threadIdx.x & 31;
+  const int* hist = sh.hist[pass & 1];
+  MailWait(&sh.mail[kMailTotals + pass]);
   int g_count = 0;  // lane l: group 31 - l
 #pragma unroll
-  for (int r = 0; r < kClusterMaxRanks; ++r) g_count += r < size ? group_sums[r][31 - lane] : 0;
+  for (int r = 0; r < kClusterMaxRanks; ++r) {
+    g_count += r < size ? sh.peer_group_sum[r][31 - lane] : 0;
+  }
   const int g_incl = WarpInclusiveSum(g_count);
   const unsigned hit =
       __ballot_sync(0xffffffffu, g_incl - g_count < remaining && remaining <= g_incl);
@@ -233,18 +384,31 @@ __device__ __forceinline__ void FindClusterSelectDigit(cg::cluster_group& cluste
   const int group = 31 - g_lane;
   const int group_above = __shfl_sync(0xffffffffu, g_incl - g_count, g_lane);
   const int hi = 64 * group + 63 - 2 * lane;  // lane l: digits hi and hi - 1
-  const int c0 = ClusterSum(cluster, &hist[hi], size);
-  const int c1 = ClusterSum(cluster, &hist[hi - 1], size);
+  // This rank's two bins of the group to every rank, then the ranks' sums.
+  const uint32_t pair = static_cast<uint32_t>(hist[hi]) | static_cast<uint32_t>(hist[hi - 1]) << 16;
+  sh.peer_bins[rank][lane] = pair;
+  for (int r = 0; r < size; ++r) {
+    if (r != rank) MailPush(&sh.peer_bins[rank][lane], pair, &sh.mail[kMailBins + pass], r);
+  }
+  __syncwarp();  // this rank's own bins, written by this warp's lanes
+  MailWait(&sh.mail[kMailBins + pass]);
+  int c0 = 0, c1 = 0;
+#pragma unroll
+  for (int r = 0; r < kClusterMaxRanks; ++r) {
+    const uint32_t v = r < size ? sh.peer_bins[r][lane] : 0u;
+    c0 += static_cast<int>(v & 0xffffu);
+    c1 += static_cast<int>(v >> 16);
+  }
   const int incl = WarpInclusiveSum(c0 + c1);
   const int above = group_above + incl - (c0 + c1);
   if (above < remaining && remaining <= above + c0 + c1) {
     const bool first = remaining <= above + c0;
     const int digit = first ? hi : hi - 1;
     const int left = first ? remaining - above : remaining - above - c0;
-    *out_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
-    *out_remaining = left;
-    *out_done = left == (first ? c0 : c1) ? 1 : 0;
-    *out_bin = first ? c0 : c1;
+    sh.prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+    sh.remaining = left;
+    sh.done = left == (first ? c0 : c1) ? 1 : 0;
+    sh.bin = first ? c0 : c1;
   }
 }
 
@@ -267,7 +431,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   const bool take_all = num_valid <= k;
   uint32_t threshold = 0, mask = 0;
   int need_equal = 0;
-  int gather_slot = -1;  // >= 0: the passes ended on a small bin, gathered in this slot
+  bool gather = false;  // the passes ended on a small bin: its keys are gathered
   if (!take_all && k > 0) {
     uint32_t prefix = 0;
     int remaining = k;
@@ -289,15 +453,16 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63), to every rank
         const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
         const int total = __reduce_add_sync(0xffffffffu, c);
-        if (lane < size) {
-          *cluster.map_shared_rank(&sh.peer_group_sum[pass & 1][rank][warp], lane) = total;
+        if (lane == rank) {  // this CTA's own total, locally
+          sh.peer_group_sum[rank][warp] = total;
+          MailArrive(&sh.mail[kMailTotals + pass], 0);
+        } else if (lane < size) {
+          MailPush(&sh.peer_group_sum[rank][warp], total, &sh.mail[kMailTotals + pass], lane);
         }
       }
-      cluster.sync();  // every rank's histogram and group totals of this pass are complete
       if (warp == 0) {
-        FindClusterSelectDigit(cluster, size, hist, sh.peer_group_sum[pass & 1], prefix, shift,
-                               remaining, &sh.prefix, &sh.remaining, &sh.done, &sh.bin);
-      } else {  // the next pass's bins, last read by the peers before this cluster barrier
+        FindClusterSelectDigit(sh, pass, rank, size, prefix, shift, remaining);
+      } else {  // the next pass's bins (only this CTA reads its histograms)
         int* next = sh.hist[(pass + 1) & 1];
         for (int i = tid - 32; i < kClusterSelectBins; i += kFusedThreads - 32) next[i] = 0;
       }
@@ -305,9 +470,9 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       prefix = sh.prefix;
       remaining = sh.remaining;
       mask |= digit_mask << shift;
-      if (sh.done) break;  // the slots are next written after two more barriers
+      if (sh.done) break;
       if (pass < 2 && sh.bin <= kSelectGatherMax) {  // the compaction ranks the bin's keys
-        gather_slot = (pass + 1) & 1;
+        gather = true;
         break;
       }
     }
@@ -319,7 +484,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   LetNextGridLaunch();
   // Ordered compaction. Items above the threshold are kept; of the items equal to it (the
   // chosen bin), the first need_equal in candidate order when the passes resolved every bit
-  // (equal keys), else (gather_slot >= 0) the need_equal best of the gathered bin by key, then
+  // (equal keys), else (gather) the need_equal best of the gathered bin by key, then
   // position. A kept item's slot = (items above the threshold before it) + (kept bin items
   // before it): prefixes over ranks, then (item, warp) entries, then lanes.
   bool above[ITEMS], equal[ITEMS];
@@ -335,15 +500,20 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       sh.entry_above[u][warp] = __popc(above_bits[u]);
       sh.entry_equal[u][warp] = __popc(equal_bits[u]);
     }
-    if (gather_slot >= 0 && equal[u]) {  // to every rank (at most kSelectGatherMax in the row)
+    if (gather && equal[u]) {  // to every rank (at most kSelectGatherMax in the row)
       const int i = atomicAdd(&sh.gathered, 1);
       const uint64_t item = uint64_t{key[u]} << 32 | (0xffffffffu - static_cast<uint32_t>(pos[u]));
+      GatheredBin(sh, rank)[i] = item;
       for (int r = 0; r < size; ++r) {
-        *cluster.map_shared_rank(GatheredBin(sh, gather_slot, rank) + i, r) = item;
+        if (r != rank) MailPush(GatheredBin(sh, rank) + i, item, &sh.mail[kMailCounts], r);
       }
     }
   }
-  __syncthreads();
+  __syncthreads();  // this CTA's gathered keys (sh.gathered of them)
+  // The counts' mailbox's arrival for the peers' gathered keys: the bin's (sh.bin) but these.
+  if (tid == 0) {
+    MailArrive(&sh.mail[kMailCounts], gather ? (sh.bin - sh.gathered) * sizeof(uint64_t) : 0u);
+  }
   if (warp == 0) {  // exclusive prefixes over the entries in (item, warp) order, CTA totals
     int above_carry = 0, equal_carry = 0;
     for (int u = 0; u < ITEMS; ++u) {
@@ -358,13 +528,15 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
       above_carry += __shfl_sync(0xffffffffu, ai, 31);
       equal_carry += __shfl_sync(0xffffffffu, ei, 31);
     }
-    if (lane < size) {  // this CTA's counts to every rank
-      int* dst = cluster.map_shared_rank(sh.peer_counts[rank], lane);
-      dst[0] = above_carry;
-      dst[1] = equal_carry;
+    if (lane == rank) {  // this CTA's counts to every rank (its own locally)
+      sh.peer_counts[rank][0] = above_carry;
+      sh.peer_counts[rank][1] = equal_carry;
+      MailArrive(&sh.mail[kMailCounts], 0);
+    } else if (lane < size) {
+      MailPush2(sh.peer_counts[rank], above_carry, equal_carry, &sh.mail[kMailCounts], lane);
     }
   }
-  cluster.sync();
+  MailWait(&sh.mail[kMailCounts]);
   // Every warp: the ranks' counts (pushed above) summed over the ranks before this one and all.
   const int peer_above = lane < size ? sh.peer_counts[lane][0] : 0;
   const int peer_equal = lane < size ? sh.peer_counts[lane][1] : 0;
@@ -377,13 +549,12 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   int bin_size = 0;
   uint64_t bin_item = 0;
   bool bin_kept = false;
-  if (gather_slot >= 0) {
+  if (gather) {
     bin_size = __reduce_add_sync(0xffffffffu, peer_equal);
     int first = 0;
     for (int r = 0; r < size; ++r) {
       const int n = sh.peer_counts[r][1];
-      if (lane >= first && lane < first + n)
-        bin_item = GatheredBin(sh, gather_slot, r)[lane - first];
+      if (lane >= first && lane < first + n) bin_item = GatheredBin(sh, r)[lane - first];
       first += n;
     }
     int ahead = 0;
@@ -399,7 +570,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   for (int u = 0; u < ITEMS; ++u) {
     const int above_before =
         rank_above_before + sh.entry_above[u][warp] + __popc(above_bits[u] & lane_lt);
-    if (gather_slot < 0) {
+    if (!gather) {
       const int equal_before =
           rank_equal_before + sh.entry_equal[u][warp] + __popc(equal_bits[u] & lane_lt);
       if (above[u] || (equal[u] && equal_before < need_equal)) {
@@ -451,6 +622,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  if (tid == 0) InitSelectMail(sh, size);
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
@@ -726,6 +898,15 @@ struct MlaShared {
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
   int last;                      // this cluster finished its row last (set by rank 0)
+  // The cluster's per-head max scaled dots (ordered bits), complete when max_mail has all its
+  // arrivals and bytes, and its per-head exp sums and valid candidates (sum_mail): every rank
+  // adds its own (MailMax, MailAdd) instead of the ranks reading each other's after a release
+  // cluster barrier.
+  uint32_t cluster_max[kMlaMaxGroup];
+  unsigned long long cluster_exp_sum[kMlaMaxGroup];
+  int cluster_valid;
+  alignas(8) uint64_t max_mail;
+  alignas(8) uint64_t sum_mail;
 };
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
@@ -934,6 +1115,21 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     ms.max_bits[tid] = 0u;
     ms.exp_sum[tid] = 0ull;
   }
+  // Warp 0 zeroes the cluster-wide values and sets up the mailboxes; its release arrive at the
+  // cluster barrier (during the staging below) orders that before any peer's first push, which
+  // comes after the barrier's wait (after pass 1).
+  if (warp == 0) {
+    for (int h = lane; h < kHeads; h += 32) {
+      ms.cluster_max[h] = 0u;
+      ms.cluster_exp_sum[h] = 0ull;
+    }
+    if (lane == 0) {
+      ms.cluster_valid = 0;
+      MailInit(&ms.max_mail, 1, (size - 1) * kHeads * sizeof(uint32_t));
+      MailInit(&ms.sum_mail, 1, (size - 1) * (kHeads * sizeof(unsigned long long) + sizeof(int)));
+      InitSelectMail(sh, size);
+    }
+  }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   __syncthreads();  // the list entries
   // Positions from the entries in shared memory (CandidatePositions' candidates, without
@@ -969,6 +1165,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         if (pos[u] >= 0) scale[u] = __ldg(p.token_scales + tok);
       }
     }
+    // Warp 0's release MEMBAR waits for its row loads, which it needs next anyway.
+    ClusterArrive(warp == 0);
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
       const int slot = u * kFusedThreads + tid;
@@ -1050,10 +1248,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
-  cluster.sync();
-  if (tid < kHeads) {
-    ms.shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &ms.max_bits[tid], size)),
-                                     ms.qscale[tid], p.scale * kTlsLog2E);
+  __syncthreads();     // this CTA's maxima
+  ClusterWait();       // every rank's cluster-wide values and mailboxes are set up
+  if (tid < kHeads) {  // this CTA's maxima to every rank's (its own by a local atomic)
+    const uint32_t own = ms.max_bits[tid];
+    atomicMax(&ms.cluster_max[tid], own);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailMax(&ms.cluster_max[tid], own, &ms.max_mail, r);
+    }
+    MailWait(&ms.max_mail);
+    ms.shift[tid] =
+        TlsTokenExpShift(FromOrderedBits(ms.cluster_max[tid]), ms.qscale[tid], p.scale * kTlsLog2E);
   }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
@@ -1098,11 +1303,25 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
-  cluster.sync();
+  __syncthreads();  // this CTA's sums, to every rank's cluster-wide ones
+  // (Its own share by a local atomic: the peers' adds to the same word may come at any time.)
   if (tid < kHeads) {
-    ms.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &ms.exp_sum[tid], size), GROUP);
+    const unsigned long long own = ms.exp_sum[tid];
+    atomicAdd(&ms.cluster_exp_sum[tid], own);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailAdd(&ms.cluster_exp_sum[tid], own, &ms.sum_mail, r);
+    }
+    MailWait(&ms.sum_mail);
+    ms.inv[tid] = TlsInvDenominator(ms.cluster_exp_sum[tid], GROUP);
   }
-  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  if (tid == kFusedThreads - 1) {
+    atomicAdd(&ms.cluster_valid, sh.counts[0]);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailAdd(&ms.cluster_valid, sh.counts[0], &ms.sum_mail, r);
+    }
+    MailWait(&ms.sum_mail);
+    sh.num_valid = ms.cluster_valid;
+  }
   __syncthreads();
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
@@ -1202,6 +1421,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     exp_sum[tid] = 0ull;
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  if (tid == 0) InitSelectMail(sh, size);
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
