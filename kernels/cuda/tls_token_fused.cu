@@ -208,19 +208,18 @@ template <int ITEMS>
 struct ClusterSelectShared {
   int part_valid[kFusedWarps];                 // per-warp valid candidates
   int hist[2][kClusterSelectBins];             // radix pass p: this CTA's hist[p & 1]
-  // Pushed by the peers into mailboxes (ClusterMail): the current pass's 64-bin group totals of
-  // rank r (warp w: group w), then its 64 bins of the group that holds the k-th key (lane l's
-  // bins 64 g + 63 - 2 l and one below as the low / high 16 bits: a CTA holds at most 8,192
-  // candidates), and each rank's above / equal counts of the compaction. One buffer serves every
-  // pass: a peer fills it for pass p + 1 only after this rank's own exchange of pass p + 1, which
-  // follows its last read of pass p. After the last pass the totals' rows hold the bin's keys
-  // when the passes end on a small bin (GatheredBin).
+  // Pushed by the peers into mailboxes (see "Cluster mailboxes" above): the current pass's
+  // 64-bin group totals of rank r (warp w: group w), then its 64 bins of the group that holds
+  // the k-th key (lane l's bins 64 g + 63 - 2 l and one below as the low / high 16 bits: a CTA
+  // holds at most 8,192 candidates), and each rank's above / equal counts of the compaction.
+  // One buffer serves every pass: a peer fills it for pass p + 1 only after this rank's own
+  // exchange of pass p + 1, which follows its last read of pass p. After the last pass the
+  // totals' rows hold the bin's keys when the passes end on a small bin (GatheredBin).
   alignas(16) int peer_group_sum[kClusterMaxRanks][kFusedWarps];
   alignas(16) uint32_t peer_bins[kClusterMaxRanks][32];
   alignas(8) int peer_counts[kClusterMaxRanks][2];
-  // The mailboxes' mbarriers (ClusterMail): every rank's group totals of pass p (kMailTotals +
-  // p), its bins of pass p (kMailBins + p), its compaction counts and gathered bin keys
-  // (kMailCounts).
+  // The mailboxes' mbarriers: every rank's group totals of pass p (kMailTotals + p), its bins
+  // of pass p (kMailBins + p), its compaction counts and gathered bin keys (kMailCounts).
   alignas(8) uint64_t mail[kSelectMailboxes];
   int counts[1];  // this CTA's valid candidates
   int num_valid;  // cluster-wide valid candidates
