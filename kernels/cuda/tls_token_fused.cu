@@ -26,20 +26,25 @@
 #include <atomic>
 
 #include "asynctls/kernels/cuda_tls.h"
+#include "paged_attention_common.cuh"
 #include "tls_common.cuh"
 
 namespace asynctls::kernels::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+using attention_detail::FenceMbarInit;
+using attention_detail::MbarArriveExpectTx;
+using attention_detail::MbarInit;
+using attention_detail::SmemAddr;
 using tls_detail::AlphaFromExps;
 using tls_detail::BiasedDotToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::ExpFixed;
-using tls_detail::kDotFloatBias;
 using tls_detail::FromOrderedBits;
 using tls_detail::Int4PackedDot;
+using tls_detail::kDotFloatBias;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
@@ -94,9 +99,6 @@ constexpr int kMailBins = 3;    // + pass
 constexpr int kMailCounts = 6;
 constexpr int kSelectMailboxes = 7;
 
-__device__ __forceinline__ uint32_t SharedAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // The address of this CTA's shared `addr` in rank `rank`'s shared memory.
 __device__ __forceinline__ uint32_t PeerAddr(uint32_t addr, int rank) {
   uint32_t out;
@@ -106,29 +108,20 @@ __device__ __forceinline__ uint32_t PeerAddr(uint32_t addr, int rank) {
 // mbarrier `bar` for one phase of `arrivals` arrivals and `bytes` pushed bytes (this thread's
 // arrival expects them; the others come through MailArrive). Pushes go to the other ranks only
 // (st.async needs a cluster of two or more CTAs): each rank writes its own share locally, and
-// the writer's MailArrive releases it to this CTA's waiters.
+// the writer's MailArrive releases it to this CTA's waiters. After the inits, FenceMbarInit and
+// a cluster barrier order them before any peer's push.
 __device__ __forceinline__ void MailInit(uint64_t* bar, int arrivals, uint32_t bytes) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SharedAddr(bar)), "r"(arrivals)
-               : "memory");
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddr(bar)),
-               "r"(bytes)
-               : "memory");
+  MbarInit(SmemAddr(bar), arrivals);
+  MbarArriveExpectTx(SmemAddr(bar), bytes);
 }
 // One more arrival on this CTA's `bar` (releasing this thread's earlier writes to the CTA),
 // expecting `bytes` more (the tx-count may already be below zero: peers' bytes can land first;
 // the phase completes when both counts reach zero).
 __device__ __forceinline__ void MailArrive(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddr(bar)),
-               "r"(bytes)
-               : "memory");
+  MbarArriveExpectTx(SmemAddr(bar), bytes);
 }
-// Makes the initialized mbarriers visible to the peers' st.async (the first cluster barrier
-// after it orders them before any push).
-__device__ __forceinline__ void MailFenceInit() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-// Waits until this CTA's mailbox `bar` has all its arrivals and bytes (acquire at cluster scope:
-// the peers' complete-tx releases at cluster scope).
+// Waits until this CTA's mailbox `bar` has all its arrivals and bytes (MbarWait's loop, but
+// acquiring at cluster scope: the peers' complete-tx releases at cluster scope).
 __device__ __forceinline__ void MailWait(uint64_t* bar) {
   asm volatile(
       "{\n"
@@ -136,15 +129,15 @@ __device__ __forceinline__ void MailWait(uint64_t* bar) {
       "MAIL_WAIT_LOOP:\n"
       "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
       "@!done bra MAIL_WAIT_LOOP;\n"
-      "}\n" ::"r"(SharedAddr(bar))
+      "}\n" ::"r"(SmemAddr(bar))
       : "memory");
 }
 // Writes `v` at this CTA's `field` offset into rank `rank`'s shared memory (another rank),
 // counted on rank `rank`'s mailbox at this CTA's `bar` offset.
 __device__ __forceinline__ void MailPush(uint32_t* field, uint32_t v, uint64_t* bar, int rank) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
-                   PeerAddr(SharedAddr(field), rank)),
-               "r"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+                   PeerAddr(SmemAddr(field), rank)),
+               "r"(v), "r"(PeerAddr(SmemAddr(bar), rank))
                : "memory");
 }
 __device__ __forceinline__ void MailPush(int* field, int v, uint64_t* bar, int rank) {
@@ -152,15 +145,15 @@ __device__ __forceinline__ void MailPush(int* field, int v, uint64_t* bar, int r
 }
 __device__ __forceinline__ void MailPush(uint64_t* field, uint64_t v, uint64_t* bar, int rank) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];\n" ::"r"(
-                   PeerAddr(SharedAddr(field), rank)),
-               "l"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+                   PeerAddr(SmemAddr(field), rank)),
+               "l"(v), "r"(PeerAddr(SmemAddr(bar), rank))
                : "memory");
 }
 __device__ __forceinline__ void MailPush2(int* field, int v0, int v1, uint64_t* bar, int rank) {
   asm volatile(
       "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
-          PeerAddr(SharedAddr(field), rank)),
-      "r"(v0), "r"(v1), "r"(PeerAddr(SharedAddr(bar), rank))
+          PeerAddr(SmemAddr(field), rank)),
+      "r"(v0), "r"(v1), "r"(PeerAddr(SmemAddr(bar), rank))
       : "memory");
 }
 
@@ -168,8 +161,8 @@ __device__ __forceinline__ void MailPush2(int* field, int v0, int v1, uint64_t* 
 __device__ __forceinline__ void MailMax(uint32_t* field, uint32_t v, uint64_t* bar, int rank) {
   asm volatile(
       "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.max.u32 [%0], %1, "
-      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
-      "r"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+      "[%2];\n" ::"r"(PeerAddr(SmemAddr(field), rank)),
+      "r"(v), "r"(PeerAddr(SmemAddr(bar), rank))
       : "memory");
 }
 // A cluster barrier in two halves: the arrive (with or without releasing this thread's earlier
@@ -191,15 +184,15 @@ __device__ __forceinline__ void MailAdd(unsigned long long* field, unsigned long
                                         uint64_t* bar, int rank) {
   asm volatile(
       "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.add.u64 [%0], %1, "
-      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
-      "l"(v), "r"(PeerAddr(SharedAddr(bar), rank))
+      "[%2];\n" ::"r"(PeerAddr(SmemAddr(field), rank)),
+      "l"(v), "r"(PeerAddr(SmemAddr(bar), rank))
       : "memory");
 }
 __device__ __forceinline__ void MailAdd(int* field, int v, uint64_t* bar, int rank) {
   asm volatile(
       "red.async.relaxed.cluster.shared::cluster.mbarrier::complete_tx::bytes.add.u32 [%0], %1, "
-      "[%2];\n" ::"r"(PeerAddr(SharedAddr(field), rank)),
-      "r"(static_cast<uint32_t>(v)), "r"(PeerAddr(SharedAddr(bar), rank))
+      "[%2];\n" ::"r"(PeerAddr(SmemAddr(field), rank)),
+      "r"(static_cast<uint32_t>(v)), "r"(PeerAddr(SmemAddr(bar), rank))
       : "memory");
 }
 
@@ -355,7 +348,7 @@ __device__ __forceinline__ void InitSelectMail(ClusterSelectShared<ITEMS>& sh, i
   // The peers' counts; then two arrivals: the peers' gathered bin keys (known once the passes
   // end) and this CTA's own counts.
   MailInit(&sh.mail[kMailCounts], 3, peers * 2 * sizeof(int));
-  MailFenceInit();
+  FenceMbarInit();
 }
 
 // One cluster radix pass's decision, by the 32 lanes of one warp of each rank (all ranks decide
