@@ -105,7 +105,7 @@ __device__ __forceinline__ float AlphaFromExps(const float* e, int64_t stride, c
     float part = 0.f;
 #pragma unroll
     for (int i = 0; i < kTlsAlphaHeadTile; ++i) {
-      if (GROUP > 0 || h0 + i < h1) part = TlsFma(e[(h0 + i) * stride], inv[h0 + i], part);
+      if (GROUP > 0 || h0 + i < h1) part = TlsAlphaTerm(e[(h0 + i) * stride], inv[h0 + i], part);
     }
     alpha = h0 == 0 ? part : TlsAdd(alpha, part);
   }
@@ -549,7 +549,8 @@ inline int NumSms() {
 // Shapes whose token scoring stores per-head logits (channel sets of 64+, groups of 16, 32, 64
 // or 128, rows up to 16,384 candidates: MLA).
 bool UseStoredLogits(const TlsTokenScoreParams& p);
-float* StoredExps(const TlsTokenScoreParams& p);  // [row, head, candidate] in p.workspace
+// [row, head, candidate] floats in p.workspace (MlaScoreSelectKernel's whole rows: bf16 pairs).
+float* StoredExps(const TlsTokenScoreParams& p);
 // Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
 // the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums, and
 // for groups of 16s the IMMA A fragments of each 16-head tile.

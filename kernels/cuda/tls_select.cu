@@ -1183,7 +1183,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
           const unsigned long long fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
           if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
         } else if (HS == 1) {  // heads in order: close each kTlsAlphaHeadTile-head chain
-          part = TlsFma(e, inv_s[hh], part);
+          part = TlsAlphaTerm(e, inv_s[hh], part);
           if (hh % kTlsAlphaHeadTile == kTlsAlphaHeadTile - 1 || hh == group - 1) {
             alpha = hh < kTlsAlphaHeadTile ? part : TlsAdd(alpha, part);
             part = 0.f;

@@ -12,11 +12,12 @@
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums. For 16-32 heads, where they fit, shared memory holds the logits from the max
-//   pass to the exp pass (computed once) and then the exps. At 128 heads, while every
-//   (row, 16-head tile) cluster fits one wave (one row), and wherever no row clusters fit one
-//   wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead: the row's last
-//   cluster to finish adds the tiles' partial alpha chains and runs the same top-k.
+//   alpha sums (a row in one cluster: as bf16 head pairs, AlphaFromBf16Pairs). For 16-32 heads,
+//   where they fit, shared memory holds the logits from the max pass to the exp pass (computed
+//   once) and then the exps. At 128 heads, while every (row, 16-head tile) cluster fits one wave
+//   (one row), and wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster per
+//   (row, 16-head tile) instead: the row's last cluster to finish adds the tiles' partial alpha
+//   chains and runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -728,7 +729,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-      if (hh < group) alpha = TlsFma(lg[(hh * ITEMS + u) * kFusedThreads + tid], sh.inv[hh], alpha);
+      if (hh < group)
+        alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], sh.inv[hh], alpha);
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
@@ -984,6 +986,41 @@ __device__ __forceinline__ void StoreTileExps(float* at0, float* at1, bool store
     __stcg(reinterpret_cast<float2*>(at0), make_float2(e[0], e[1]));
     __stcg(reinterpret_cast<float2*>(at1), make_float2(e[2], e[3]));
   }
+}
+
+// The exps of a row in one cluster as bf16 head pairs: pair P = 8 m + r of 16-head tile m holds
+// heads 16 m + r and 16 m + r + 8 (an IMMA lane's two heads), one bf16x2 word per candidate slot
+// ([pair][slot]: half the bytes of [head][slot] floats, and alpha takes the exps rounded to bf16
+// anyway, TlsAlphaTerm). A tile's lane stores its two slots in one 8-byte store, and the alpha
+// pass loads 64 words per candidate instead of 128 floats: 8 us off the 128-head batch-8 token
+// branch (H100, bench/results/tls-kernels-h200.md run 123).
+__device__ __forceinline__ uint32_t PackBf16Pair(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // round to nearest even, as RoundToBf16
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
+template <int GROUP>
+__device__ __forceinline__ float AlphaFromBf16Pairs(const uint32_t* e, int64_t stride,
+                                                    const float* inv) {
+  static_assert(GROUP % 16 == 0 && kTlsAlphaHeadTile == 16, "whole 16-head tiles");
+  float alpha = 0.f;
+#pragma unroll
+  for (int m = 0; m < GROUP / 16; ++m) {
+    uint32_t v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = e[(8 * m + i) * stride];
+    // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15 (the exps are bf16 already).
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) part = TlsFma(__uint_as_float(v[i] << 16), inv[16 * m + i], part);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      part = TlsFma(__uint_as_float(v[i] & 0xffff0000u), inv[16 * m + 8 + i], part);
+    }
+    alpha = m == 0 ? part : TlsAdd(alpha, part);
+  }
+  return alpha;
 }
 
 // Staged candidate rows, unpacked to one byte per channel (code + 8) in the order the IMMA B
@@ -1258,14 +1295,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Per-head exps, kept in the L2-resident scratch for (3), and their sums, exact in fixed
-  // point (ExpFixed: order-free).
+  // (2) Per-head exps, kept in the L2-resident scratch for (3) (bf16 head pairs for a row in one
+  // cluster, else floats [head][slot]), and their sums, exact in fixed point (ExpFixed:
+  // order-free; from the unrounded exps).
   lhp.s0 = ms.shift[h0];
   lhp.s1 = ms.shift[h1];
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
   float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
   float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
   const int store_end = p.max_candidates - rank * span - 2 * t;
+  constexpr bool kBf16Pairs = SPLIT == 1 && !SMEM_EXPS;  // AlphaFromBf16Pairs' layout
+  uint32_t* const row_pairs =
+      reinterpret_cast<uint32_t*>(exps) + int64_t{bg} * GROUP / 2 * p.max_candidates;
+  uint32_t* at_pair =
+      row_pairs + int64_t{8 * mt + r} * p.max_candidates + rank * span + 2 * t + 8 * slot;
   // The store addresses advance by pointer increments (recomputed from the tile index they
   // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
   float* at0 = SMEM_EXPS ? smem_at0 : exps0 + 8 * slot;
@@ -1285,13 +1328,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
 #pragma unroll 2
-    for (int tile = slot; tile < tiles;
-         tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
+    for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots,
+             at_pair += 8 * kSlots, next_tile(frag)) {
       int d[4];
       tile_dots(frag, d);
       float e[4];
       lhp.Exps(d, tile_scales(tile), e);
-      StoreTileExps(at0, at1, 8 * tile < store_end, e);
+      if constexpr (kBf16Pairs) {
+        if (8 * tile < store_end) {
+          __stcg(reinterpret_cast<uint2*>(at_pair),
+                 make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3])));
+        }
+      } else {
+        StoreTileExps(at0, at1, 8 * tile < store_end, e);
+      }
     }
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
@@ -1326,8 +1376,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (pos[u] < 0) continue;
     if constexpr (SMEM_EXPS) {
       alpha[u] = AlphaFromExps<GROUP>(exps_s + u * kFusedThreads + tid, exps_s_stride, ms.inv);
-    } else if constexpr (SPLIT == 1) {
-      alpha[u] = AlphaFromExps<GROUP>(e, p.max_candidates, ms.inv);
+    } else if constexpr (kBf16Pairs) {
+      alpha[u] = AlphaFromBf16Pairs<GROUP>(row_pairs + rank * span + u * kFusedThreads + tid,
+                                           p.max_candidates, ms.inv);
     } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
       *e = AlphaFromExps<kHeads>(e, p.max_candidates, ms.inv);
     } else {  // each 16-head partial into its tile's head-0 row (this thread just read the slot)

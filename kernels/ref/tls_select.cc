@@ -195,7 +195,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
           float part = 0.f;
           for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
             const float e = TlsExp2(TlsTokenExpArg(logits[hh * n + v], shift[hh]));
-            part = TlsFma(e, inv[hh], part);
+            part = TlsAlphaTerm(e, inv[hh], part);
           }
           a = h0 == 0 ? part : TlsAdd(a, part);
         }

@@ -190,12 +190,23 @@ ASYNCTLS_HD float TlsBlockIndexMin(float a, float b) { return b < a || b != b ? 
 ASYNCTLS_HD float TlsBlockIndexAbs(float x) { return x != x ? 0.f : (x < 0.f ? -x : x); }
 
 // ---- Token scores over the group's heads -------------------------------------------------
-// alpha = sum over the group's heads h of e_h * inv_h (e_h: the candidate's exp for head h,
-// inv_h: TlsInvDenominator), summed as kTlsAlphaHeadTile-head partials: each an ordered TlsFma
-// chain from 0 over its heads, the partials added with TlsAdd in tile order (the first taken
-// as is, so groups of up to 16 heads are a single chain). GPU kernels may then spread a group's
-// heads over CTAs or clusters tile by tile and still match the CPU bit for bit.
+// alpha = sum over the group's heads h of bf16(e_h) * inv_h (e_h: the candidate's exp for head
+// h, rounded to bf16; inv_h: TlsInvDenominator), summed as kTlsAlphaHeadTile-head partials:
+// each an ordered chain of TlsAlphaTerm from 0 over its heads, the partials added with TlsAdd in
+// tile order (the first taken as is, so groups of up to 16 heads are a single chain). GPU
+// kernels may then spread a group's heads over CTAs or clusters tile by tile and still match the
+// CPU bit for bit.
 inline constexpr int kTlsAlphaHeadTile = 16;
+
+// One head's term of alpha: its exp rounded to bf16. The MLA token kernels pass 16-128 heads'
+// exps of every candidate through an L2 scratch between their exp pass and the alpha pass;
+// stored as bf16 they move half the bytes, which took 8 us off the 128-head batch-8 token
+// branch (H100, bench/results/tls-kernels-h200.md run 123). The rounding (relative 2^-9) is far
+// below the INT4 index's error in the logits (bench/results/tls-accuracy.md (k)). The softmax
+// denominators still sum the exps unrounded.
+ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) {
+  return TlsFma(RoundToBf16(e), inv, acc);
+}
 
 // ---- INT4 token index ----------------------------------------------------------------------
 
