@@ -17,6 +17,9 @@
 #if !defined(__CUDA_ARCH__)
 #include <cmath>
 #endif
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
 
 #if defined(__CUDA_ARCH__)
 #define ASYNCTLS_TLS_UNROLL _Pragma("unroll")
@@ -205,7 +208,12 @@ inline constexpr int kTlsAlphaHeadTile = 16;
 // below the INT4 index's error in the logits (bench/results/tls-accuracy.md (k)). The softmax
 // denominators still sum the exps unrounded.
 ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) {
+#if defined(__CUDA_ARCH__)
+  // cvt.rn.bf16.f32 and back: RoundToBf16 for every exp (never NaN) in two instructions.
+  return TlsFma(__bfloat162float(__float2bfloat16_rn(e)), inv, acc);
+#else
   return TlsFma(RoundToBf16(e), inv, acc);
+#endif
 }
 
 // ---- INT4 token index ----------------------------------------------------------------------
