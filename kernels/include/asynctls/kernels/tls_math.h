@@ -205,7 +205,7 @@ inline constexpr int kTlsAlphaHeadTile = 16;
 // exps of every candidate through an L2 scratch between their exp pass and the alpha pass;
 // stored as bf16 they move half the bytes, which took 8 us off the 128-head batch-8 token
 // branch (H100, bench/results/tls-kernels-h200.md run 123). The rounding (relative 2^-9) is far
-// below the INT4 index's error in the logits (bench/results/tls-accuracy.md (k)). The softmax
+// below the INT4 index's error in the logits (bench/results/tls-accuracy.md (m)). The softmax
 // denominators still sum the exps unrounded.
 ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) {
 #if defined(__CUDA_ARCH__)
