@@ -12,7 +12,7 @@
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums (a row in one cluster: as bf16 head pairs, AlphaFromBf16Pairs). For 16-32 heads,
+//   alpha sums (as bf16 head pairs, ScratchPairs). For 16-32 heads,
 //   where they fit, shared memory holds the logits from the max pass to the exp pass (computed
 //   once) and then the exps. At 128 heads, while every (row, 16-head tile) cluster fits one wave
 //   (one row), and wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster per
@@ -973,30 +973,34 @@ struct LaneHeadPair {
   }
 };
 
-// Tile exps to the scratch rows of heads h0 / h1 (at0 / at1: this lane's slot 2 t of the tile),
-// a pair of slots per 8-byte store (half the store instructions, whole 32-byte sectors per
-// quad), when `store`: callers pass tile slot < store_end (slots past it lie past the row's
-// scratch; the others store, 0 when no candidate: alpha reads candidates only). Slots,
-// store_end and the row stride (max_candidates, even: TlsTokenScoreSelectCanFuse) are even, so
-// a pair is stored whole or not at all.
-__device__ __forceinline__ void StoreTileExps(float* at0, float* at1, bool store,
-                                              const float (&e)[4]) {
-  if (store) {
-    // __stcg: a plain float2 assignment came out as two 4-byte stores (nvcc 13.0).
-    __stcg(reinterpret_cast<float2*>(at0), make_float2(e[0], e[1]));
-    __stcg(reinterpret_cast<float2*>(at1), make_float2(e[2], e[3]));
-  }
+// The exps in the L2 scratch as bf16 head pairs: pair P = 8 m + r of 16-head tile m holds
+// heads 16 m + r and 16 m + r + 8 (an IMMA lane's two heads), one bf16x2 word per candidate
+// slot, [pair][slot]. A cluster's kHeads heads from head0 own the scratch rows of those heads
+// (floats, [head][slot]); their pairs fill the upper half of those rows (ScratchPairs), so the
+// lower half stays free for the alpha partials that a row's clusters leave each other. Half the
+// bytes of the floats (alpha takes the exps rounded to bf16 anyway, TlsAlphaTerm): 8 us off
+// the 128-head batch-8 token branch (H100, bench/results/tls-kernels-h200.md run 123). A tile's
+// lane stores its two slots in one 8-byte store, and the alpha pass loads one word per pair.
+__device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, int heads,
+                                                  int max_candidates) {
+  return reinterpret_cast<uint32_t*>(exps + (head0 + heads / 2) * max_candidates);
 }
 
-// The exps of a row in one cluster as bf16 head pairs: pair P = 8 m + r of 16-head tile m holds
-// heads 16 m + r and 16 m + r + 8 (an IMMA lane's two heads), one bf16x2 word per candidate slot
-// ([pair][slot]: half the bytes of [head][slot] floats, and alpha takes the exps rounded to bf16
-// anyway, TlsAlphaTerm). A tile's lane stores its two slots in one 8-byte store, and the alpha
-// pass loads 64 words per candidate instead of 128 floats: 8 us off the 128-head batch-8 token
-// branch (H100, bench/results/tls-kernels-h200.md run 123).
 __device__ __forceinline__ uint32_t PackBf16Pair(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // round to nearest even, as RoundToBf16
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// A tile's exps (LaneHeadPair layout) to this lane's pair row at `at` (its slot 2 t of the
+// tile) when `store`: callers pass tile slot < store_end (slots past it lie past the row's
+// scratch; the others store, 0 when no candidate: alpha reads candidates only). Slots,
+// store_end and the row stride (max_candidates, even: TlsTokenScoreSelectCanFuse) are even, so
+// a pair of slots is stored whole or not at all.
+__device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const float (&e)[4]) {
+  if (store) {
+    __stcg(reinterpret_cast<uint2*>(at),
+           make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3])));
+  }
 }
 
 // AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
@@ -1295,25 +1299,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Per-head exps, kept in the L2-resident scratch for (3) (bf16 head pairs for a row in one
-  // cluster, else floats [head][slot]), and their sums, exact in fixed point (ExpFixed:
+  // (2) Per-head exps, kept for (3) in shared memory (SMEM_EXPS) or as bf16 head pairs in the
+  // L2-resident scratch (ScratchPairs), and their sums, exact in fixed point (ExpFixed:
   // order-free; from the unrounded exps).
   lhp.s0 = ms.shift[h0];
   lhp.s1 = ms.shift[h1];
-  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;  // [head][slot]
-  float* const exps0 = cta_exps + int64_t{h0} * p.max_candidates + 2 * t;
-  float* const exps1 = cta_exps + int64_t{h1} * p.max_candidates + 2 * t;
+  // This cluster's slice of the scratch: the heads' rows [head][slot], floats (cta_exps: this
+  // CTA's slots); the pairs fill the upper half of the rows, the alpha partials of SPLIT 2 go
+  // into the lower half.
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
+  uint32_t* const pairs = ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span;
   const int store_end = p.max_candidates - rank * span - 2 * t;
-  constexpr bool kBf16Pairs = SPLIT == 1 && !SMEM_EXPS;  // AlphaFromBf16Pairs' layout
-  uint32_t* const row_pairs =
-      reinterpret_cast<uint32_t*>(exps) + int64_t{bg} * GROUP / 2 * p.max_candidates;
-  uint32_t* at_pair =
-      row_pairs + int64_t{8 * mt + r} * p.max_candidates + rank * span + 2 * t + 8 * slot;
-  // The store addresses advance by pointer increments (recomputed from the tile index they
-  // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
-  float* at0 = SMEM_EXPS ? smem_at0 : exps0 + 8 * slot;
-  float* at1 = SMEM_EXPS ? smem_at1 : exps1 + 8 * slot;
   if constexpr (SMEM_EXPS) {  // each lane rewrites its own scaled dots from (1) as exps
+    float* at0 = smem_at0;
+    float* at1 = smem_at1;
 #pragma unroll 2
     for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
       const float2 y0 = *reinterpret_cast<const float2*>(at0);
@@ -1327,21 +1326,16 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   } else {
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
+    // The store address advances by increments (recomputed from the tile index, addresses
+    // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
+    uint32_t* at = pairs + int64_t{8 * mt + r} * p.max_candidates + 2 * t + 8 * slot;
 #pragma unroll 2
-    for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots,
-             at_pair += 8 * kSlots, next_tile(frag)) {
+    for (int tile = slot; tile < tiles; tile += kSlots, at += 8 * kSlots, next_tile(frag)) {
       int d[4];
       tile_dots(frag, d);
       float e[4];
       lhp.Exps(d, tile_scales(tile), e);
-      if constexpr (kBf16Pairs) {
-        if (8 * tile < store_end) {
-          __stcg(reinterpret_cast<uint2*>(at_pair),
-                 make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3])));
-        }
-      } else {
-        StoreTileExps(at0, at1, 8 * tile < store_end, e);
-      }
+      StoreTilePairs(at, 8 * tile < store_end, e);
     }
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
@@ -1371,21 +1365,21 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float alpha[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    float* e = cta_exps + u * kFusedThreads + tid;
+    float* e = cta_exps + u * kFusedThreads + tid;  // this slot in the lower rows
+    const uint32_t* ep = pairs + u * kFusedThreads + tid;
     alpha[u] = 0.f;
     if (pos[u] < 0) continue;
     if constexpr (SMEM_EXPS) {
       alpha[u] = AlphaFromExps<GROUP>(exps_s + u * kFusedThreads + tid, exps_s_stride, ms.inv);
-    } else if constexpr (kBf16Pairs) {
-      alpha[u] = AlphaFromBf16Pairs<GROUP>(row_pairs + rank * span + u * kFusedThreads + tid,
-                                           p.max_candidates, ms.inv);
+    } else if constexpr (SPLIT == 1) {
+      alpha[u] = AlphaFromBf16Pairs<GROUP>(ep, p.max_candidates, ms.inv);
     } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
-      *e = AlphaFromExps<kHeads>(e, p.max_candidates, ms.inv);
-    } else {  // each 16-head partial into its tile's head-0 row (this thread just read the slot)
+      *e = AlphaFromBf16Pairs<kHeads>(ep, p.max_candidates, ms.inv);
+    } else {  // each 16-head partial into row k of this part
 #pragma unroll
       for (int k = 0; k < kMTiles; ++k) {
-        float* ek = e + int64_t{16 * k} * p.max_candidates;
-        *ek = AlphaFromExps<16>(ek, p.max_candidates, ms.inv + 16 * k);
+        e[int64_t{k} * p.max_candidates] = AlphaFromBf16Pairs<16>(
+            ep + int64_t{8 * k} * p.max_candidates, p.max_candidates, ms.inv + 16 * k);
       }
     }
   }
@@ -1406,13 +1400,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int u = 0; u < ITEMS; ++u) {
       if (pos[u] < 0) continue;
       // Slot u of this CTA in the row's scratch: part 0's partial sum in head 0's row, part 1's
-      // tile partials in the rows of heads kHeads + 16 k (L2 loads: either cluster wrote them).
+      // tile partials in the rows of heads kHeads + k (L2 loads: either cluster wrote them).
       const float* row =
           exps + int64_t{bg} * GROUP * p.max_candidates + rank * span + u * kFusedThreads + tid;
       alpha[u] = __ldcg(row);
 #pragma unroll
       for (int k = 0; k < kMTiles; ++k) {
-        alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{kHeads + 16 * k} * p.max_candidates));
+        alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{kHeads + k} * p.max_candidates));
       }
     }
   }
@@ -1530,19 +1524,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Exps into the scratch rows of the tile's heads, and their fixed-point sums.
+  // (2) Exps as bf16 pairs into the upper half of the tile's heads' scratch rows
+  // (ScratchPairs), and their fixed-point sums.
   lhp.s0 = shift[r];
   lhp.s1 = shift[r + 8];
-  float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;  // [head][slot]
-  float* const exps0 = cta_exps + int64_t{r} * p.max_candidates + 2 * t;
-  float* const exps1 = exps0 + int64_t{8} * p.max_candidates;
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;  // row of head 0
+  uint32_t* const pairs = ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * kSpan;
+  uint32_t* const at = pairs + int64_t{r} * p.max_candidates + 2 * t;
   const int store_end = p.max_candidates - rank * kSpan - 2 * t;
   for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
     int d[4];
     tile_dots(ct, d);
     float e[4];
     lhp.Exps(d, tile_scales(ct), e);
-    StoreTileExps(exps0 + 8 * ct, exps1 + 8 * ct, 8 * ct < store_end, e);
+    StoreTilePairs(at + 8 * ct, 8 * ct < store_end, e);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   cluster.sync();
@@ -1551,12 +1546,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // (3) The tile's partial alpha chain per candidate, into the scratch row of head 0 of the
-  // tile (this thread has just read that slot: no other thread touches it).
+  // tile (the lower half: no pairs there).
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     if (pos_s[u * kFusedThreads + tid] >= 0) {
-      float* e = cta_exps + u * kFusedThreads + tid;
-      *e = AlphaFromExps<kHeads>(e, p.max_candidates, inv);
+      cta_exps[u * kFusedThreads + tid] =
+          AlphaFromBf16Pairs<kHeads>(pairs + u * kFusedThreads + tid, p.max_candidates, inv);
     }
   }
   if (tiles > 1) {  // the row's last cluster to get here selects; the others leave
