@@ -84,9 +84,9 @@ __device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) {
   return pass == 2 ? 1023u : 2047u;
 }
 
-// Cluster mailboxes. ClusterSelect's exchanges between the ranks (and the MLA kernel's exp sums)
-// go through them instead of release cluster barriers: on sm_90 a release at cluster scope
-// (cluster.sync(), a remote arrive, a cluster fence) compiles to MEMBAR.ALL.GPU, which waits
+// Cluster mailboxes. ClusterSelect's exchanges between the ranks (and ClusterStats' softmax
+// statistics) go through them instead of release cluster barriers: on sm_90 a release at cluster
+// scope (cluster.sync(), a remote arrive, a cluster fence) compiles to MEMBAR.ALL.GPU, which waits
 // until every earlier memory operation of the warp, pushes to the peers included, is
 // acknowledged GPU-wide (13% of the 16-head MLA token kernel's stall samples, ncu run 120). A
 // mailbox is an mbarrier in each rank's shared memory that expects a known number of arrivals
@@ -197,6 +197,63 @@ __device__ __forceinline__ void MailAdd(int* field, int v, uint64_t* bar, int ra
       : "memory");
 }
 
+// The cluster-wide softmax statistics of a fused token kernel's row (or head tile): per head
+// the max scaled dot (ordered bits) and the fixed-point exp sum, and the valid candidates. Every
+// rank adds its own share to every rank's copy (MailMax / MailAdd, its own copy by a local
+// atomic: the peers' adds to the same word may come at any time) instead of the ranks reading
+// each other's after a release cluster barrier.
+template <int MAX_HEADS>
+struct ClusterStats {
+  uint32_t max[MAX_HEADS];
+  unsigned long long exp_sum[MAX_HEADS];
+  int valid;
+  alignas(8) uint64_t max_mail;  // the peers' maxima
+  alignas(8) uint64_t sum_mail;  // the peers' exp sums and valid counts
+
+  // By one warp (`lane`), before its release arrive at the kernel's first cluster barrier; the
+  // caller's InitSelectMail (same thread as lane 0, after this) fences the mbarrier inits.
+  __device__ __forceinline__ void Init(int heads, int size, int lane) {
+    for (int h = lane; h < heads; h += 32) {
+      max[h] = 0u;
+      exp_sum[h] = 0ull;
+    }
+    if (lane == 0) {
+      valid = 0;
+      MailInit(&max_mail, 1, (size - 1) * heads * sizeof(uint32_t));
+      MailInit(&sum_mail, 1, (size - 1) * (heads * sizeof(unsigned long long) + sizeof(int)));
+    }
+  }
+  // The cluster's max of head h from this CTA's `own`, by one thread per head, after the
+  // first cluster barrier's wait.
+  __device__ __forceinline__ uint32_t Max(int h, uint32_t own, int rank, int size) {
+    atomicMax(&max[h], own);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailMax(&max[h], own, &max_mail, r);
+    }
+    MailWait(&max_mail);
+    return max[h];
+  }
+  // The cluster's exp sum of head h (one thread per head), and its valid candidates (one
+  // thread): both complete sum_mail.
+  __device__ __forceinline__ unsigned long long ExpSum(int h, unsigned long long own, int rank,
+                                                       int size) {
+    atomicAdd(&exp_sum[h], own);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailAdd(&exp_sum[h], own, &sum_mail, r);
+    }
+    MailWait(&sum_mail);
+    return exp_sum[h];
+  }
+  __device__ __forceinline__ int Valid(int own, int rank, int size) {
+    atomicAdd(&valid, own);
+    for (int r = 0; r < size; ++r) {
+      if (r != rank) MailAdd(&valid, own, &sum_mail, r);
+    }
+    MailWait(&sum_mail);
+    return valid;
+  }
+};
+
 // Shared memory of ClusterSelect and the per-warp valid counts before it (every fused kernel).
 template <int ITEMS>
 struct ClusterSelectShared {
@@ -237,39 +294,10 @@ struct FusedShared : ClusterSelectShared<ITEMS> {
   float qscale[kFusedMaxGroup];                       // their scales (TlsInt8Scale)
   uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max scaled dot (ordered bits)
   uint32_t part_fixed[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (ExpFixed)
-  unsigned long long exp_sum[kFusedMaxGroup];        // this CTA's per-head fixed-point exp sums
   TlsExpShift shift[kFusedMaxGroup];                 // per head, from the cluster-wide max
   float inv[kFusedMaxGroup];                         // 1 / (G * softmax denominator) per head
+  ClusterStats<kFusedMaxGroup> cluster;
 };
-
-// Sum of `field` over the cluster's `size` CTAs. The remote loads are independent (unrolled to
-// the largest cluster), so they are in flight together: one distributed-shared-memory latency.
-template <typename T>
-__device__ __forceinline__ T ClusterSum(cg::cluster_group& cluster, T* field, int size) {
-  T v[kClusterMaxRanks];
-#pragma unroll
-  for (int r = 0; r < kClusterMaxRanks; ++r) {
-    v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0;
-  }
-  T s = 0;
-#pragma unroll
-  for (int r = 0; r < kClusterMaxRanks; ++r) s += v[r];
-  return s;
-}
-
-// Max of `field` over the cluster's `size` CTAs (remote loads in flight together).
-__device__ __forceinline__ uint32_t ClusterMax(cg::cluster_group& cluster, uint32_t* field,
-                                               int size) {
-  uint32_t v[kClusterMaxRanks];
-#pragma unroll
-  for (int r = 0; r < kClusterMaxRanks; ++r) {
-    v[r] = r < size ? *cluster.map_shared_rank(field, r) : 0u;
-  }
-  uint32_t m = 0u;
-#pragma unroll
-  for (int r = 0; r < kClusterMaxRanks; ++r) m = max(m, v[r]);
-  return m;
-}
 
 // 64-bit sum over the warp's lanes.
 __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
@@ -615,11 +643,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   if (tid < kFusedMaxGroup) sh.max_bits[tid] = 0u;
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
-  if (tid == 0) InitSelectMail(sh, size);
+  // Warp 0 zeroes the cluster-wide statistics and sets up the mailboxes; its release arrive at
+  // the cluster barrier (once the candidates' loads are issued) orders that before any peer's
+  // first push, which comes after the barrier's wait (after the scaled dots).
+  if (warp == 0) {
+    sh.cluster.Init(group, size, lane);
+    if (lane == 0) InitSelectMail(sh, size);
+  }
 
   int32_t pos[ITEMS];
   int64_t tok[ITEMS];
   CandidatePositions<ITEMS>(p, geo, bg, rank, ITEMS * kFusedThreads, pos, tok);
+  ClusterArrive(warp == 0);
   // The query codes (a warp per head) after the candidates' two dependent loads (block list,
   // index table) are issued.
   if (warp < group) {
@@ -680,10 +715,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   const float exp_scale = p.scale * kTlsLog2E;
-  cluster.sync();
+  __syncthreads();  // this CTA's maxima
+  ClusterWait();    // every rank's statistics and mailboxes are set up
   if (tid < group) {
-    sh.shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &sh.max_bits[tid], size)),
-                                     sh.qscale[tid], exp_scale);
+    const uint32_t max_bits = sh.cluster.Max(tid, sh.max_bits[tid], rank, size);
+    sh.shift[tid] = TlsTokenExpShift(FromOrderedBits(max_bits), sh.qscale[tid], exp_scale);
   }
   __syncthreads();
 
@@ -709,18 +745,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   __syncthreads();
-  if (warp < group) {
+  if (warp < group) {  // this CTA's sums to the cluster's, then the head's factor
     const unsigned long long s = WarpSum64(lane < kFusedWarps ? sh.part_fixed[warp][lane] : 0u);
-    if (lane == 0) sh.exp_sum[warp] = s;
+    if (lane == 0) sh.inv[warp] = TlsInvDenominator(sh.cluster.ExpSum(warp, s, rank, size), group);
   } else if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
-    if (lane == 0) sh.counts[0] = v;
+    if (lane == 0) sh.num_valid = sh.cluster.Valid(v, rank, size);
   }
-  cluster.sync();
-  if (tid < group) {
-    sh.inv[tid] = TlsInvDenominator(ClusterSum(cluster, &sh.exp_sum[tid], size), group);
-  }
-  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
   __syncthreads();
   const int num_valid = sh.num_valid;
   uint32_t key[ITEMS];
@@ -892,15 +923,7 @@ struct MlaShared {
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
   int last;                      // this cluster finished its row last (set by rank 0)
-  // The cluster's per-head max scaled dots (ordered bits), complete when max_mail has all its
-  // arrivals and bytes, and its per-head exp sums and valid candidates (sum_mail): every rank
-  // adds its own (MailMax, MailAdd) instead of the ranks reading each other's after a release
-  // cluster barrier.
-  uint32_t cluster_max[kMlaMaxGroup];
-  unsigned long long cluster_exp_sum[kMlaMaxGroup];
-  int cluster_valid;
-  alignas(8) uint64_t max_mail;
-  alignas(8) uint64_t sum_mail;
+  ClusterStats<kMlaMaxGroup> cluster;
 };
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
@@ -1152,16 +1175,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // cluster barrier (during the staging below) orders that before any peer's first push, which
   // comes after the barrier's wait (after pass 1).
   if (warp == 0) {
-    for (int h = lane; h < kHeads; h += 32) {
-      ms.cluster_max[h] = 0u;
-      ms.cluster_exp_sum[h] = 0ull;
-    }
-    if (lane == 0) {
-      ms.cluster_valid = 0;
-      MailInit(&ms.max_mail, 1, (size - 1) * kHeads * sizeof(uint32_t));
-      MailInit(&ms.sum_mail, 1, (size - 1) * (kHeads * sizeof(unsigned long long) + sizeof(int)));
-      InitSelectMail(sh, size);
-    }
+    ms.cluster.Init(kHeads, size, lane);
+    if (lane == 0) InitSelectMail(sh, size);
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   __syncthreads();  // the list entries
@@ -1283,15 +1298,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   __syncthreads();     // this CTA's maxima
   ClusterWait();       // every rank's cluster-wide values and mailboxes are set up
-  if (tid < kHeads) {  // this CTA's maxima to every rank's (its own by a local atomic)
-    const uint32_t own = ms.max_bits[tid];
-    atomicMax(&ms.cluster_max[tid], own);
-    for (int r = 0; r < size; ++r) {
-      if (r != rank) MailMax(&ms.cluster_max[tid], own, &ms.max_mail, r);
-    }
-    MailWait(&ms.max_mail);
+  if (tid < kHeads) {
+    const uint32_t max_bits = ms.cluster.Max(tid, ms.max_bits[tid], rank, size);
     ms.shift[tid] =
-        TlsTokenExpShift(FromOrderedBits(ms.cluster_max[tid]), ms.qscale[tid], p.scale * kTlsLog2E);
+        TlsTokenExpShift(FromOrderedBits(max_bits), ms.qscale[tid], p.scale * kTlsLog2E);
   }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
@@ -1340,24 +1350,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
   __syncthreads();  // this CTA's sums, to every rank's cluster-wide ones
-  // (Its own share by a local atomic: the peers' adds to the same word may come at any time.)
   if (tid < kHeads) {
-    const unsigned long long own = ms.exp_sum[tid];
-    atomicAdd(&ms.cluster_exp_sum[tid], own);
-    for (int r = 0; r < size; ++r) {
-      if (r != rank) MailAdd(&ms.cluster_exp_sum[tid], own, &ms.sum_mail, r);
-    }
-    MailWait(&ms.sum_mail);
-    ms.inv[tid] = TlsInvDenominator(ms.cluster_exp_sum[tid], GROUP);
+    ms.inv[tid] = TlsInvDenominator(ms.cluster.ExpSum(tid, ms.exp_sum[tid], rank, size), GROUP);
   }
-  if (tid == kFusedThreads - 1) {
-    atomicAdd(&ms.cluster_valid, sh.counts[0]);
-    for (int r = 0; r < size; ++r) {
-      if (r != rank) MailAdd(&ms.cluster_valid, sh.counts[0], &ms.sum_mail, r);
-    }
-    MailWait(&ms.sum_mail);
-    sh.num_valid = ms.cluster_valid;
-  }
+  if (tid == kFusedThreads - 1) sh.num_valid = ms.cluster.Valid(sh.counts[0], rank, size);
   __syncthreads();
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
@@ -1435,6 +1431,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ uint32_t max_bits[kHeads];
   __shared__ unsigned long long exp_sum[kHeads];
+  __shared__ ClusterStats<kHeads> stats;
   __shared__ TlsExpShift shift[kHeads];
   __shared__ float qscale[kHeads], inv[kHeads];
   __shared__ int last_flag;
@@ -1458,7 +1455,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     exp_sum[tid] = 0ull;
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
-  if (tid == 0) InitSelectMail(sh, size);
+  if (warp == 0) {  // as in TokenScoreSelectKernel: ordered by warp 0's release arrive below
+    stats.Init(kHeads, size, lane);
+    if (lane == 0) InitSelectMail(sh, size);
+  }
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
     int32_t pos[ITEMS];
@@ -1474,6 +1474,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
+  ClusterArrive(warp == 0);
   const int r = lane >> 2, t = lane & 3;
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   uint32_t a[NC / 32][4];
@@ -1513,9 +1514,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     lhp.AddMax(d, tile_scales(ct));
   }
   lhp.CommitMax(&max_bits[r], &max_bits[r + 8], t);
-  cluster.sync();
+  __syncthreads();  // this CTA's maxima
+  ClusterWait();    // every rank's statistics and mailboxes are set up
   if (tid < kHeads) {
-    shift[tid] = TlsTokenExpShift(FromOrderedBits(ClusterMax(cluster, &max_bits[tid], size)),
+    shift[tid] = TlsTokenExpShift(FromOrderedBits(stats.Max(tid, max_bits[tid], rank, size)),
                                   qscale[tid], p.scale * kTlsLog2E);
   }
   if (warp == kFusedWarps - 1) {
@@ -1540,9 +1542,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     StoreTilePairs(at + 8 * ct, 8 * ct < store_end, e);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
-  cluster.sync();
-  if (tid < kHeads) inv[tid] = TlsInvDenominator(ClusterSum(cluster, &exp_sum[tid], size), group);
-  if (tid == kFusedThreads - 1) sh.num_valid = ClusterSum(cluster, &sh.counts[0], size);
+  __syncthreads();  // this CTA's sums
+  if (tid < kHeads)
+    inv[tid] = TlsInvDenominator(stats.ExpSum(tid, exp_sum[tid], rank, size), group);
+  if (tid == kFusedThreads - 1) sh.num_valid = stats.Valid(sh.counts[0], rank, size);
   __syncthreads();
 
   // (3) The tile's partial alpha chain per candidate, into the scratch row of head 0 of the
