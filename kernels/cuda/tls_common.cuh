@@ -549,7 +549,8 @@ inline int NumSms() {
 // Shapes whose token scoring stores per-head logits (channel sets of 64+, groups of 16, 32, 64
 // or 128, rows up to 16,384 candidates: MLA).
 bool UseStoredLogits(const TlsTokenScoreParams& p);
-// [row, head, candidate] floats in p.workspace (MlaScoreSelectKernel's whole rows: bf16 pairs).
+// [row, head, candidate] floats in p.workspace; the fused MLA kernels keep bf16 head pairs in
+// the upper half of each cluster's rows (tls_token_fused.cu, ScratchPairs).
 float* StoredExps(const TlsTokenScoreParams& p);
 // Token scoring's query side in p.workspace (TlsTokenScoreWorkspaceBytes), per (row, head):
 // the int8 codes on the row's channel set as floats [row, head, channel], scales, code sums, and

@@ -12,12 +12,12 @@
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums (as bf16 head pairs, ScratchPairs). For 16-32 heads,
-//   where they fit, shared memory holds the logits from the max pass to the exp pass (computed
-//   once) and then the exps. At 128 heads, while every (row, 16-head tile) cluster fits one wave
-//   (one row), and wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster per
-//   (row, 16-head tile) instead: the row's last cluster to finish adds the tiles' partial alpha
-//   chains and runs the same top-k.
+//   alpha sums (as bf16 head pairs, ScratchPairs). For 16-32 heads, where they fit, shared
+//   memory holds the logits from the max pass to the exp pass (computed once) and then the
+//   exps. At 128 heads, while every (row, 16-head tile) cluster fits one wave (one row), and
+//   wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head
+//   tile) instead: the row's last cluster to finish adds the tiles' partial alpha chains and
+//   runs the same top-k.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -900,15 +900,15 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // ---- MLA in one launch ----------------------------------------------------------------------
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
 // integer tensor cores (MmaS8U8) compute them so cheaply that two phases recompute them from
-// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head exps, written to the
-// workspace's exp scratch (StoredExps, L2-resident), and their fixed-point sums; then (3)
-// each candidate's thread reads its exps back and sums alpha over the heads (tls_math.h
-// order), and ClusterSelect. Same arithmetic as the separate ops and the CPU reference, bit
-// for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates per thread), up
-// to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row takes as many
-// SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes cap that (2-3
-// rows of 128 heads), a row's heads split over two clusters; each leaves its part of the alpha
-// chain in the exp scratch, and the row's last cluster to finish (a counter that
+// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head exps, written as bf16
+// head pairs to the workspace's exp scratch (StoredExps, L2-resident; ScratchPairs), and their
+// fixed-point sums; then (3) each candidate's thread reads its exps back and sums alpha over
+// the heads (tls_math.h order), and ClusterSelect. Same arithmetic as the separate ops and the
+// CPU reference, bit for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates
+// per thread), up to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row
+// takes as many SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes
+// cap that (2-3 rows of 128 heads), a row's heads split over two clusters; each leaves its part of
+// the alpha chain in the exp scratch, and the row's last cluster to finish (a counter that
 // QuantizeQueryKernel zeroes) adds them and selects.
 constexpr int kMlaMaxGroup = 128;
 constexpr int kMlaBlocksPerItem = kFusedThreads / kKvBlockSize;  // list entries per item
