@@ -277,6 +277,7 @@ class Bench {
     }
     const int cands = kKvBlockSize * kBlockBudget;
     Ensure(scores_, rows * pages_ * 4);
+    Ensure(query_sums_, rows * 2 * c.head_dim * 4);
     Ensure(alpha_, rows * cands * 4);
     Ensure(cand_, rows * cands * 4);
     // The block branch (M_t for the next step) is off the critical path: lowest priority, so the
@@ -649,7 +650,8 @@ class Bench {
             c_.kv_heads,
             c_.head_dim,
             pages_,
-            pool_.block_scales_or_null()};
+            pool_.block_scales_or_null(),
+            query_sums_.as<float>()};
   }
   asynctls::kernels::TlsBlockSelectParams BlockSelectParams(int i) {
     // Scores of the previous stage are in scores_ (any table's scores cost the same).
@@ -666,7 +668,7 @@ class Bench {
   bool block_branch_ = true;
   std::vector<DeviceBuffer> tables_, blocks_, num_blocks_, next_blocks_, next_num_blocks_;
   DeviceBuffer lens_, prev_lens_, start_, q_, out_, lse_, positions_, num_positions_, select_ws_,
-      attn_ws_, scores_, alpha_, cand_, stats_;
+      attn_ws_, scores_, query_sums_, alpha_, cand_, stats_;
 };
 
 }  // namespace

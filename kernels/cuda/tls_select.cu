@@ -24,6 +24,7 @@ using tls_detail::FromOrderedBits;
 using tls_detail::Int4CodeToFloat;
 using tls_detail::Int4HeadDot;
 using tls_detail::Int4WordToFloats;
+using tls_detail::LaunchAfterPrevious;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
@@ -32,6 +33,7 @@ using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
+using tls_detail::WaitForPreviousGrid;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
 using tls_detail::WarpRadixDigit;
@@ -351,6 +353,46 @@ cudaError_t LaunchBlockScore(const TlsBlockScoreParams& p, dim3 grid, cudaStream
   return cudaGetLastError();
 }
 
+// ---- the group's query sums, once per row ---------------------------------------------------
+// Every block-score CTA needs its row's qpos / qneg. Summed in each CTA, a large group costs a
+// staging round trip per 16 heads: at 128 MLA heads, eight of them before any block is scored
+// (H100, batch 8 32K: the 128-head block score took 15.9 us, the 16-head one 6.3, run 132 of
+// bench/results/tls-kernels-h200.md). With a workspace (maybe_query_sums) QuerySumsKernel sums
+// each row once: a CTA per (row, 32 dims) loads the group's columns with every load in flight,
+// then warp 0 chains the positive and warp 1 the negative parts in head order (AddQueryHeads'
+// additions, so the same bits), written slice-major as the block-score CTAs keep them.
+constexpr int kSumDims = 32;
+constexpr int kSumThreads = 256;
+constexpr int kSumMaxGroup = 256;  // the columns in shared memory: group x 32 floats, <= 32 KB
+
+__global__ void __launch_bounds__(kSumThreads) QuerySumsKernel(TlsBlockScoreParams p) {
+  extern __shared__ float column[];  // [group][kSumDims]
+  LetNextGridLaunch();  // the block score may start; it waits for these sums before reading them
+  const int bg = blockIdx.y;
+  const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int lane = threadIdx.x % kSumDims, d = blockIdx.x * kSumDims + lane;
+  if (d < p.head_dim) {
+    const int64_t q0 = (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim + d;
+#pragma unroll 8
+    for (int h = threadIdx.x / kSumDims; h < group; h += kSumThreads / kSumDims) {
+      column[h * kSumDims + lane] = LoadIo(p.q, p.io_dtype, q0 + int64_t{h} * p.head_dim);
+    }
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  if (warp >= 2 || d >= p.head_dim) return;
+  float sum = 0.f;
+#pragma unroll 8
+  for (int h = 0; h < group; ++h) {
+    const float v = column[h * kSumDims + lane];
+    sum = __fadd_rn(sum, warp == 0 ? (v > 0.f ? v : 0.f) : (v < 0.f ? v : 0.f));
+  }
+  const int width = p.head_dim / kTlsBlockScoreSlices;
+  p.maybe_query_sums[(int64_t{bg} * 2 + warp) * p.head_dim + (d % width) * kTlsBlockScoreSlices +
+                     d / width] = sum;
+}
+
 // ---- streaming block scores (slotted rows: MLA up to 64 heads) ------------------------------
 // The lagged step's block branch runs beside the token kernel and the attention, so what it
 // costs the step is mostly its SM time (bench/results/tls-kernels-h200.md run 97: the MLA
@@ -417,13 +459,15 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
   const unsigned char* group_q =
       static_cast<const unsigned char*>(p.q) +
       (int64_t{b} * p.num_q_heads + int64_t{g} * group) * p.head_dim * elem;
-  const bool staged = reinterpret_cast<uintptr_t>(group_q) % 16 == 0;
+  // maybe_query_sums: set only where QuerySumsKernel, the grid before, writes the row's sums.
+  const bool summed = p.maybe_query_sums != nullptr;
+  const bool staged = !summed && reinterpret_cast<uintptr_t>(group_q) % 16 == 0;
   auto stage_heads_from = [&](int h0) {
     CopyQueryToStage(stage, group_q + int64_t{h0} * p.head_dim * elem,
                      min(stage_heads, group - h0) * p.head_dim * elem);
   };
   if (staged) stage_heads_from(0);
-  __pipeline_commit();
+  __pipeline_commit();  // (empty when summed: the block copies' group count stays the same)
 
   // The run's index rows (and int8 scales), then each team's first kDepth blocks in flight.
   const int32_t* table = p.index_table + int64_t{b} * p.max_blocks_per_seq + first;
@@ -451,7 +495,13 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
 
   // The group's query summed per dim in head order (SumStagedQuery's arithmetic): the first
   // stage waits only for itself; later stages (groups over 16 bf16 heads) wait for everything.
-  for (int h0 = 0; h0 < group; h0 += stage_heads) {
+  // Or the row's sums from QuerySumsKernel (launched before this grid, which it may overlap).
+  if (summed) {
+    WaitForPreviousGrid();
+    const float* sums = p.maybe_query_sums + int64_t{bg} * 2 * p.head_dim;
+    for (int i = threadIdx.x; i < 2 * p.head_dim; i += kScoreThreads) q_sum[i] = __ldcg(sums + i);
+  }
+  for (int h0 = 0; !summed && h0 < group; h0 += stage_heads) {
     const int heads = min(stage_heads, group - h0);
     if (staged) {
       if (h0 == 0) {
@@ -506,11 +556,21 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
   }
 }
 
-// Whether BlockScoreStreamKernel takes a block score: its group's query in a few stages.
+// Whether the block score takes its query sums from QuerySumsKernel: given a workspace, for
+// MLA rows (the streaming kernel) whose group's query is more than one stage.
+bool UsesQuerySums(const TlsBlockScoreParams& p) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  return p.maybe_query_sums != nullptr && p.head_dim / kTlsBlockScoreSlices == 72 &&
+         group <= kSumMaxGroup &&
+         int64_t{group} * p.head_dim * DTypeSize(p.io_dtype) > kStreamStageBytes;
+}
+
+// Whether BlockScoreStreamKernel takes a block score: its group's query summed once per row,
+// or in a few stages.
 bool StreamsBlockScore(const TlsBlockScoreParams& p) {
   const int64_t query_bytes =
       int64_t{p.num_q_heads / p.num_kv_heads} * p.head_dim * DTypeSize(p.io_dtype);
-  return query_bytes <= int64_t{kStreamMaxStages} * kStreamStageBytes;
+  return UsesQuerySums(p) || query_bytes <= int64_t{kStreamMaxStages} * kStreamStageBytes;
 }
 
 // About one CTA per SM (half as many measured 4-7 us slower at 16 heads: long-lived CTAs keep
@@ -525,11 +585,21 @@ cudaError_t LaunchBlockScoreStream(const TlsBlockScoreParams& p, cudaStream_t st
   int run = static_cast<int>((total + ctas - 1) / ctas);
   run = std::clamp((run + kScoreTeams - 1) / kScoreTeams * kScoreTeams, kScoreTeams, kStreamMaxRun);
   const size_t smem = StreamSmemBytes<WIDTH, Code>(p.head_dim);
-  const cudaError_t err = EnsureDynamicSmem<kKernel>(smem);
+  cudaError_t err = EnsureDynamicSmem<kKernel>(smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.max_blocks_per_seq + run - 1) / run, rows);
-  kKernel<<<grid, kScoreThreads, smem, stream>>>(p, run);
-  return cudaGetLastError();
+  if (!UsesQuerySums(p)) {
+    TlsBlockScoreParams own = p;
+    own.maybe_query_sums = nullptr;  // each CTA sums its query
+    kKernel<<<grid, kScoreThreads, smem, stream>>>(own, run);
+    return cudaGetLastError();
+  }
+  const int group = p.num_q_heads / p.num_kv_heads;
+  QuerySumsKernel<<<dim3((p.head_dim + kSumDims - 1) / kSumDims, rows), kSumThreads,
+                    size_t(group) * kSumDims * sizeof(float), stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return LaunchAfterPrevious<kKernel>(grid, kScoreThreads, smem, stream, p, run);
 }
 
 // The kernel for the rows' element type and the slice width.
@@ -1302,6 +1372,7 @@ cudaError_t LaunchTokenScore(const TlsTokenScoreParams& p, cudaStream_t stream) 
 // ---- decode select workspace ---------------------------------------------------------------
 struct DecodeWorkspace {
   float* block_scores;
+  float* query_sums;  // TlsBlockScoreParams::maybe_query_sums
   float* alpha;
   int32_t* cand;
   void* token_stats;
@@ -1354,6 +1425,7 @@ DecodeWorkspace CarveDecodeWorkspace(const TlsDecodeSelectParams& p, void* base)
     return ptr;
   };
   w.block_scores = reinterpret_cast<float*>(take(rows * p.max_blocks_per_seq * sizeof(float)));
+  w.query_sums = reinterpret_cast<float*>(take(rows * 2 * p.head_dim * sizeof(float)));
   w.alpha = reinterpret_cast<float*>(take(rows * cands * sizeof(float)));
   w.cand = reinterpret_cast<int32_t*>(take(rows * cands * sizeof(int32_t)));
   w.token_stats = take(TlsTokenScoreWorkspaceBytes(DecodeTokenScoreParams(p)));
@@ -1497,7 +1569,9 @@ cudaError_t TlsDecodeSelect(const TlsDecodeSelectParams& p, cudaStream_t stream,
   const DecodeWorkspace ws = CarveDecodeWorkspace(p, p.workspace);
   auto select_blocks = [&](int k, cudaStream_t on, const void* q) {
     if (k > p.max_kept_blocks) return cudaErrorInvalidValue;
-    cudaError_t err = TlsBlockScore(DecodeBlockScoreParams(p, q, ws.block_scores), on);
+    TlsBlockScoreParams score = DecodeBlockScoreParams(p, q, ws.block_scores);
+    score.maybe_query_sums = ws.query_sums;
+    cudaError_t err = TlsBlockScore(score, on);
     if (err != cudaSuccess) return err;
     const TlsBlockSelectParams sel{
         ws.block_scores,      p.seq_lens,        p.blocks, p.num_blocks,   p.batch, p.num_kv_heads,

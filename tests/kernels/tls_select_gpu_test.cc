@@ -132,8 +132,10 @@ void ExpectDeviceSelectMatches(const TlsDecodeSelectParams& p, const testing::De
 
 // Block scores of case `c` (uploaded as `d`) on the device equal the reference's bit for bit:
 // as given, with the query 4 bytes off 16-byte alignment, and behind a block table wider than
-// the SMs' worth of CTAs.
-void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsCase& d) {
+// the SMs' worth of CTAs; each without and with a query-sums workspace (MLA groups of 32+ heads
+// then sum their query once per row, QuerySumsKernel).
+void ExpectBlockScoresMatchOnce(const testing::TlsCase& c, const testing::DeviceTlsCase& d,
+                                bool query_sums) {
   const int rows = c.batch * c.num_kv_heads, mbps = c.max_blocks_per_seq();
   std::vector<float> want(size_t(rows) * mbps, 0.f);
   TlsBlockScoreParams bp{c.q.data(),           c.kmax.data(),  c.kmin.data(), c.index_table.data(),
@@ -148,6 +150,11 @@ void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsC
   bp.index_table = d.index_table.as<int32_t>();
   bp.seq_lens = d.seq_lens.as<int32_t>();
   bp.scores = dscores.as<float>();
+  DeviceBuffer dsums;
+  if (query_sums) {
+    ASSERT_CUDA(dsums.Upload(std::vector<float>(size_t(rows) * 2 * c.head_dim, -1.f)));
+    bp.maybe_query_sums = dsums.as<float>();
+  }
   ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));
   auto got = Download<float>(dscores, want.size());
   for (size_t i = 0; i < want.size(); ++i) {
@@ -191,9 +198,16 @@ void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsC
   }
 }
 
+void ExpectBlockScoresMatch(const testing::TlsCase& c, const testing::DeviceTlsCase& d) {
+  for (const bool query_sums : {false, true}) {
+    SCOPED_TRACE(query_sums ? "query sums workspace" : "no workspace");
+    ASSERT_NO_FATAL_FAILURE(ExpectBlockScoresMatchOnce(c, d, query_sums));
+  }
+}
+
 // MLA block scores of fp32 queries: G 32 (8 heads per query stage, four stages) takes the
-// streaming kernel, G 64 (eight stages) BlockScoreKernel; rows of different lengths over
-// several CTAs each.
+// streaming kernel, G 64 (eight stages) BlockScoreKernel, and with a query-sums workspace both
+// stream behind QuerySumsKernel; rows of different lengths over several CTAs each.
 TEST(TlsSelectGpuTest, MlaBlockScoresOfFp32QueriesAreBitIdentical) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(207);

@@ -187,6 +187,10 @@ struct TlsBlockScoreParams {
   DType io_dtype;              // kF32 or kBF16
   int32_t batch, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
   const float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: int8 block index, or null
+  // CUDA workspace of [batch, num_kv_heads, 2, head_dim] floats, or null: where a group's query
+  // is large (MLA's 32+ heads), its qpos / qneg are summed there once per row instead of in
+  // every block-score CTA (the same sums). Ignored by the reference.
+  float* maybe_query_sums;
 };
 
 // M: the min(k, #eligible) best eligible blocks (score desc, block asc), written ascending.
