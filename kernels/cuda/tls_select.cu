@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kSumThreads) QuerySumsKernel(TlsBlockScorePara
                      d / width] = sum;
 }
 
-// ---- streaming block scores (slotted rows: MLA up to 64 heads) ------------------------------
+// ---- streaming block scores (slotted rows: MLA) -----------------------------------------------
 // The lagged step's block branch runs beside the token kernel and the attention, so what it
 // costs the step is mostly its SM time (bench/results/tls-kernels-h200.md run 97: the MLA
 // 16-head batch-8 128K step is 8 us faster without it). BlockScoreKernel's CTAs spend theirs on
@@ -405,7 +405,8 @@ __global__ void __launch_bounds__(kSumThreads) QuerySumsKernel(TlsBlockScorePara
 // slots) while it scores one. The same arithmetic in the same order as BlockSliceScore, so the
 // same bits. H100, runs 101-102: the 16-head step 0.3-1.8 us faster, 32-64 heads unchanged; at
 // 128 heads its small query stage (8 rounds) made the 128K step 6 us slower, so groups whose
-// query needs more than kStreamMaxStages stages keep BlockScoreKernel.
+// query needs more than kStreamMaxStages stages keep BlockScoreKernel, unless QuerySumsKernel
+// sums their query (UsesQuerySums).
 constexpr int kStreamTeamBytes = 4608;    // a team's ring: 2 bf16 or 4 int8 blocks of 576 dims
 constexpr int kStreamStageBytes = 18432;  // the query stage: 16 heads x 576 bf16 at once
 constexpr int kStreamMaxRun = 1024;       // blocks per CTA at most (their index rows in smem)
@@ -557,12 +558,14 @@ __global__ void __launch_bounds__(kScoreThreads, 1)
 }
 
 // Whether the block score takes its query sums from QuerySumsKernel: given a workspace, for
-// MLA rows (the streaming kernel) whose group's query is more than one stage.
+// MLA rows (the streaming kernel) whose group's query takes more than two stages. H100, batch
+// 8, bf16: 64 heads (four stages) 10.2 -> 8.1 us at 32K, 128 heads 15.9 -> 8.6 us at 32K and
+// 26.6 -> 18.7 at 128K; 32 heads (two) 7.9 -> 8.3 us, so they keep summing in each CTA (run 136).
 bool UsesQuerySums(const TlsBlockScoreParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   return p.maybe_query_sums != nullptr && p.head_dim / kTlsBlockScoreSlices == 72 &&
          group <= kSumMaxGroup &&
-         int64_t{group} * p.head_dim * DTypeSize(p.io_dtype) > kStreamStageBytes;
+         int64_t{group} * p.head_dim * DTypeSize(p.io_dtype) > 2 * kStreamStageBytes;
 }
 
 // Whether BlockScoreStreamKernel takes a block score: its group's query summed once per row,
