@@ -33,9 +33,9 @@ using tls_detail::NumSms;
 using tls_detail::QuantizeHeadWarp;
 using tls_detail::QueryFragmentSlice;
 using tls_detail::TokenCodeStride;
-using tls_detail::WaitForPreviousGrid;
 using tls_detail::TopKShared;
 using tls_detail::UseStoredLogits;
+using tls_detail::WaitForPreviousGrid;
 using tls_detail::WarpRadixDigit;
 
 __device__ __forceinline__ int32_t SelectLen(const int32_t* maybe_select_lens,
