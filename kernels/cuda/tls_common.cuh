@@ -560,7 +560,7 @@ struct TokenQueries {
   const float* scales;
   const int* sums;
   const uint32_t* frags;  // LoadQueryFragments layout; written when the group is a multiple of 16
-  int* row_done;          // per row, zeroed: head tiles done (MlaTileSelectKernel's last-arriver)
+  int* row_done;          // per row, zeroed: tickets of the row's CTAs (RowTickets)
 };
 cudaError_t QuantizeTokenQueries(const TlsTokenScoreParams& p, cudaStream_t stream);
 TokenQueries TokenQueriesIn(const TlsTokenScoreParams& p);

@@ -915,7 +915,7 @@ struct TokenStats {
   float* qscale;  // [batch * num_kv_heads * group]
   int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
   uint32_t* qfrag;  // groups of 16s: IMMA A fragments per 16-head tile (LoadQueryFragments)
-  int* row_done;    // [batch * num_kv_heads] head tiles finished (MlaTileSelectKernel)
+  int* row_done;    // [batch * num_kv_heads] tickets of the MLA row's CTAs (RowTickets)
 };
 
 // Rows x heads.

@@ -180,6 +180,47 @@ __device__ __forceinline__ void ClusterWait() {
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 }
 
+// Which of a row's clusters (`clusters` of them, each `size` CTAs) finished last, so that it
+// combines the others' partial results (the MLA head tiles and halves). Each CTA, its partials
+// stored, takes a ticket from the row's counter with an acq_rel atomic at GPU scope (after a CTA
+// barrier, so it releases the whole CTA's stores), and the ranks swap tickets through a mailbox.
+// The cluster holding the row's last ticket acquired every other CTA's release, and passes it on
+// to its peers with its push (a cluster-scope release), and each CTA to its threads with a
+// barrier. This replaces __threadfence and three cluster barriers (each a GPU-scope MEMBAR on
+// sm_90). Init: by one thread before the kernel's first cluster barrier and a FenceMbarInit.
+struct RowTickets {
+  int ticket[kClusterMaxRanks];
+  alignas(8) uint64_t mail;
+  int last;
+
+  __device__ __forceinline__ void Init(int size) {
+    MailInit(&mail, 2, (size - 1) * sizeof(int));  // this rank's own arrival, the peers' bytes
+  }
+  // Every thread of the CTA calls it once its partials are stored; true in the last cluster.
+  // The others may exit at once: every push to them has landed.
+  __device__ __forceinline__ bool IsLastCluster(int* counter, int clusters, int rank, int size) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int t;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                   : "=r"(t)
+                   : "l"(counter)
+                   : "memory");
+      ticket[rank] = t;
+      for (int r = 0; r < size; ++r) {
+        if (r != rank) MailPush(&ticket[rank], t, &mail, r);
+      }
+      MailArrive(&mail, 0);
+      MailWait(&mail);
+      bool found = false;
+      for (int r = 0; r < size; ++r) found |= ticket[r] == clusters * size - 1;
+      last = found ? 1 : 0;
+    }
+    __syncthreads();
+    return last != 0;
+  }
+};
+
 // Adds `v` to rank `rank`'s copy of this CTA's shared `field`, counted on its mailbox `bar`.
 __device__ __forceinline__ void MailAdd(unsigned long long* field, unsigned long long v,
                                         uint64_t* bar, int rank) {
@@ -922,7 +963,7 @@ struct MlaShared {
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
-  int last;                      // this cluster finished its row last (set by rank 0)
+  RowTickets tickets;            // SPLIT 2: which of the row's clusters finished last
   ClusterStats<kMlaMaxGroup> cluster;
 };
 
@@ -1176,7 +1217,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // comes after the barrier's wait (after pass 1).
   if (warp == 0) {
     ms.cluster.Init(kHeads, size, lane);
-    if (lane == 0) InitSelectMail(sh, size);
+    if (lane == 0) {
+      if (SPLIT > 1) ms.tickets.Init(size);  // fenced by InitSelectMail's FenceMbarInit
+      InitSelectMail(sh, size);
+    }
   }
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   __syncthreads();  // the list entries
@@ -1380,18 +1424,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   if constexpr (SPLIT > 1) {  // the row's last cluster to get here adds the partials, selects
-    // One thread's GPU-scope fences order the whole cluster's partials (fences are cumulative:
-    // the cluster barrier before them made every rank's stores visible to that thread, and the
-    // one after them orders the ranks' loads of the other part's partials behind its acquire).
-    cluster.sync();
-    if (rank == 0 && tid == 0) {
-      __threadfence();
-      const int last = atomicAdd(queries.row_done + bg, 1) + 1 == SPLIT;
-      __threadfence();
-      for (int peer = 0; peer < size; ++peer) *cluster.map_shared_rank(&ms.last, peer) = last;
-    }
-    cluster.sync();  // the flag is in every rank's shared memory
-    if (!ms.last) return;
+    if (!ms.tickets.IsLastCluster(queries.row_done + bg, SPLIT, rank, size)) return;
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
       if (pos[u] < 0) continue;
@@ -1434,7 +1467,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __shared__ ClusterStats<kHeads> stats;
   __shared__ TlsExpShift shift[kHeads];
   __shared__ float qscale[kHeads], inv[kHeads];
-  __shared__ int last_flag;
+  __shared__ RowTickets tickets;
   extern __shared__ __align__(16) int64_t tile_smem[];
   int64_t* tok_s = tile_smem;                                 // [slot] token row (-1: none)
   float* scale_s = reinterpret_cast<float*>(tok_s + kSpan);  // [slot] token scale (NaN: none)
@@ -1457,7 +1490,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   if (warp == 0) {  // as in TokenScoreSelectKernel: ordered by warp 0's release arrive below
     stats.Init(kHeads, size, lane);
-    if (lane == 0) InitSelectMail(sh, size);
+    if (lane == 0) {
+      tickets.Init(size);  // fenced by InitSelectMail's FenceMbarInit
+      InitSelectMail(sh, size);
+    }
   }
   int valid_warp = 0;
   {  // positions, rows and scales to shared memory: registers are short in the passes
@@ -1557,18 +1593,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
           AlphaFromBf16Pairs<kHeads>(pairs + u * kFusedThreads + tid, p.max_candidates, inv);
     }
   }
-  if (tiles > 1) {  // the row's last cluster to get here selects; the others leave
-    __threadfence();
-    cluster.sync();  // every CTA's partials are written and fenced
-    if (rank == 0 && tid == 0) {
-      last_flag = atomicAdd(queries.row_done + bg, 1) + 1 == tiles;
-    }
-    cluster.sync();
-    const bool last = *cluster.map_shared_rank(&last_flag, 0) != 0;
-    cluster.sync();  // rank 0's flag is read before any CTA leaves
-    if (!last) return;
-    __threadfence();
-  }
+  // The row's last cluster to get here selects; the others leave.
+  if (tiles > 1 && !tickets.IsLastCluster(queries.row_done + bg, tiles, rank, size)) return;
   int32_t pos[ITEMS];
   uint32_t key[ITEMS];
 #pragma unroll
