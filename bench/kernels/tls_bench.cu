@@ -277,7 +277,7 @@ class Bench {
     }
     const int cands = kKvBlockSize * kBlockBudget;
     Ensure(scores_, rows * pages_ * 4);
-    Ensure(query_sums_, rows * 2 * c.head_dim * 4);
+    Ensure(query_sums_, cuda::TlsBlockScoreWorkspaceBytes(ScoreParams(0)));
     Ensure(alpha_, rows * cands * 4);
     Ensure(cand_, rows * cands * 4);
     // The block branch (M_t for the next step) is off the critical path: lowest priority, so the

@@ -1428,7 +1428,8 @@ DecodeWorkspace CarveDecodeWorkspace(const TlsDecodeSelectParams& p, void* base)
     return ptr;
   };
   w.block_scores = reinterpret_cast<float*>(take(rows * p.max_blocks_per_seq * sizeof(float)));
-  w.query_sums = reinterpret_cast<float*>(take(rows * 2 * p.head_dim * sizeof(float)));
+  w.query_sums = reinterpret_cast<float*>(
+      take(TlsBlockScoreWorkspaceBytes(DecodeBlockScoreParams(p, p.q, nullptr))));
   w.alpha = reinterpret_cast<float*>(take(rows * cands * sizeof(float)));
   w.cand = reinterpret_cast<int32_t*>(take(rows * cands * sizeof(int32_t)));
   w.token_stats = take(TlsTokenScoreWorkspaceBytes(DecodeTokenScoreParams(p)));
@@ -1477,6 +1478,11 @@ bool TlsSelectCanImplement(int head_dim, int num_channels, int group_size) {
       num_channels == 16 || num_channels == 32 || num_channels == 64 || num_channels == 128;
   return head_dim > 0 && head_dim % 8 == 0 && head_dim <= 4096 && channels_ok &&
          num_channels <= head_dim && group_size >= 1 && group_size * num_channels <= 16384;
+}
+
+size_t TlsBlockScoreWorkspaceBytes(const TlsBlockScoreParams& p) {
+  return size_t(std::max(0, p.batch)) * std::max(0, p.num_kv_heads) * 2 * std::max(0, p.head_dim) *
+         sizeof(float);
 }
 
 cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream) {

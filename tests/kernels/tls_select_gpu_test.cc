@@ -152,7 +152,8 @@ void ExpectBlockScoresMatchOnce(const testing::TlsCase& c, const testing::Device
   bp.scores = dscores.as<float>();
   DeviceBuffer dsums;
   if (query_sums) {
-    ASSERT_CUDA(dsums.Upload(std::vector<float>(size_t(rows) * 2 * c.head_dim, -1.f)));
+    ASSERT_CUDA(dsums.Upload(
+        std::vector<float>(cuda::TlsBlockScoreWorkspaceBytes(bp) / sizeof(float), -1.f)));
     bp.maybe_query_sums = dsums.as<float>();
   }
   ASSERT_CUDA(cuda::TlsBlockScore(bp, nullptr));

@@ -26,6 +26,9 @@ cudaError_t TlsCalibSelect(const TlsCalibSelectParams& p, cudaStream_t stream);
 cudaError_t TlsIndexUpdate(const TlsIndexUpdateParams& p, cudaStream_t stream);
 
 // ---- selection ----------------------------------------------------------------------------
+// Bytes of TlsBlockScoreParams::maybe_query_sums (optional: with it, large MLA groups sum their
+// query once per row instead of in every block-score CTA).
+size_t TlsBlockScoreWorkspaceBytes(const TlsBlockScoreParams& p);
 cudaError_t TlsBlockScore(const TlsBlockScoreParams& p, cudaStream_t stream);
 cudaError_t TlsBlockSelect(const TlsBlockSelectParams& p, cudaStream_t stream);
 size_t TlsTokenScoreWorkspaceBytes(const TlsTokenScoreParams& p);

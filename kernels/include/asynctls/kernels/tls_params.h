@@ -187,9 +187,10 @@ struct TlsBlockScoreParams {
   DType io_dtype;              // kF32 or kBF16
   int32_t batch, num_q_heads, num_kv_heads, head_dim, max_blocks_per_seq;
   const float* maybe_block_scales;  // [num_index_rows, num_kv_heads]: int8 block index, or null
-  // CUDA workspace of [batch, num_kv_heads, 2, head_dim] floats, or null: where a group's query
-  // is large (MLA's 64+ bf16 heads), its qpos / qneg are summed there once per row instead of
-  // in every block-score CTA (the same sums). Ignored by the reference.
+  // CUDA workspace of [batch, num_kv_heads, 2, head_dim] floats (TlsBlockScoreWorkspaceBytes),
+  // or null: where a group's query is large (MLA's 64+ bf16 heads), its qpos / qneg are summed
+  // there once per row instead of in every block-score CTA (the same sums). Ignored by the
+  // reference.
   float* maybe_query_sums;
 };
 
