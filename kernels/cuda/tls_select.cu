@@ -189,12 +189,18 @@ __device__ __forceinline__ float BlockSliceScore(const float* qpos, const float*
   return s;
 }
 
+// Where dim d of qpos / qneg lies in their slice-major layout (entry j * 8 + c holds dim
+// c * width + j: the 8 lanes of a scoring team read 8 consecutive floats).
+__device__ __forceinline__ int SliceMajor(int d, int width) {
+  return (d % width) * kTlsBlockScoreSlices + d / width;
+}
+
 // Adds heads [h0, h0 + heads) of the group's query, read from `src` (those heads, io_dtype), to
 // qpos / qneg (slice-major) per dim in head order; h0 == 0 starts the sums.
 __device__ __forceinline__ void AddQueryHeads(const TlsBlockScoreParams& p, const void* src, int h0,
                                               int heads, int width, float* qpos, float* qneg) {
   for (int d = threadIdx.x; d < p.head_dim; d += kScoreThreads) {
-    const int at = (d % width) * kTlsBlockScoreSlices + d / width;
+    const int at = SliceMajor(d, width);
     float pos = h0 == 0 ? 0.f : qpos[at], neg = h0 == 0 ? 0.f : qneg[at];
 #pragma unroll 8
     for (int h = 0; h < heads; ++h) {
@@ -389,8 +395,7 @@ __global__ void __launch_bounds__(kSumThreads) QuerySumsKernel(TlsBlockScorePara
     sum = __fadd_rn(sum, warp == 0 ? (v > 0.f ? v : 0.f) : (v < 0.f ? v : 0.f));
   }
   const int width = p.head_dim / kTlsBlockScoreSlices;
-  p.maybe_query_sums[(int64_t{bg} * 2 + warp) * p.head_dim + (d % width) * kTlsBlockScoreSlices +
-                     d / width] = sum;
+  p.maybe_query_sums[(int64_t{bg} * 2 + warp) * p.head_dim + SliceMajor(d, width)] = sum;
 }
 
 // ---- streaming block scores (slotted rows: MLA) -----------------------------------------------
