@@ -285,15 +285,20 @@ class Bench {
     int least = 0;
     BENCH_CHECK(cudaDeviceGetStreamPriorityRange(&least, nullptr));
     BENCH_CHECK(cudaStreamCreateWithPriority(&s2_, cudaStreamNonBlocking, least));
+    BENCH_CHECK(cudaStreamCreateWithPriority(&s3_, cudaStreamNonBlocking, least));
+    BENCH_CHECK(cudaEventCreateWithFlags(&append_done_, cudaEventDisableTiming));
     BENCH_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
     BENCH_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
     BENCH_CHECK(cudaDeviceSynchronize());
   }
   ~Bench() {
     cudaStreamSynchronize(s2_);
+    cudaStreamSynchronize(s3_);
     cudaEventDestroy(fork_);
     cudaEventDestroy(join_);
+    cudaEventDestroy(append_done_);
     cudaStreamDestroy(s2_);
+    cudaStreamDestroy(s3_);
   }
   Bench(const Bench&) = delete;
   Bench& operator=(const Bench&) = delete;
@@ -385,14 +390,23 @@ class Bench {
     return p;
   }
 
-  // Whole step of a selection policy: append, select, attend.
+  // Whole step of a selection policy (Quest-style, token-only, TLS without the lag's overlap):
+  // select, attend; the new token's index append beside them on a third stream. Nothing in the
+  // step reads what the append writes (the new token's block is never a candidate at this
+  // length), so each baseline gets its best schedule: serial, the append cost Quest-style's
+  // steps 2.3-3.2 us (bench/results/tls-kernels-h200.md run 142).
   cudaError_t Step(int i, const TlsPolicy& pol, cudaStream_t s) {
-    cudaError_t err = cuda::TlsIndexUpdate(Append(i, pol.mode != TlsMode::kBlockOnly), s);
-    if (err != cudaSuccess) return err;
+    cudaError_t err = cudaEventRecord(fork_, s);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(s3_, fork_, 0);
+    if (err == cudaSuccess) {
+      err = cuda::TlsIndexUpdate(Append(i, pol.mode != TlsMode::kBlockOnly), s3_);
+    }
+    if (err == cudaSuccess) err = cudaEventRecord(append_done_, s3_);
     const TlsDecodeSelectParams sel = Select(i, pol);
-    err = cuda::TlsDecodeSelect(sel, s);
-    if (err != cudaSuccess) return err;
-    return cuda::TlsSparseAttention(Attention(i, sel.max_positions), s);
+    if (err == cudaSuccess) err = cuda::TlsDecodeSelect(sel, s);
+    if (err == cudaSuccess) err = cuda::TlsSparseAttention(Attention(i, sel.max_positions), s);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(s, append_done_, 0);
+    return err;
   }
 
   // The two-level step as the runtime runs it with the one-step lag: one graph, two branches.
@@ -401,7 +415,10 @@ class Bench {
   // Branch A does not read what branch B writes (M_{t-1} is a separate buffer; the new token is
   // in the recent window, never a candidate), so they overlap; the step ends when both do.
   // Branch A is captured first, so its token kernel's clusters take the SMs before branch B's
-  // CTAs (B, on a low-priority stream, fills what is left; A is the step's critical path).
+  // CTAs (B, on a low-priority stream, fills what is left; A is the step's critical path). The
+  // append heads B on purpose: it holds the block score back until the token kernel has its SMs.
+  // With the block score first, or the append on a third stream, the block score's CTAs took
+  // SMs first and the 16-head MLA batch-8 128K step was 9-12 us slower (run 142).
   cudaError_t TlsStep(int i, int k_t, cudaStream_t s) {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
@@ -663,8 +680,8 @@ class Bench {
   const Config& c_;
   const Pool& pool_;
   int batch_, context_, samples_, pages_;
-  cudaStream_t s_, s2_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  cudaStream_t s_, s2_ = nullptr, s3_ = nullptr;  // s3_: Step's index append
+  cudaEvent_t fork_ = nullptr, join_ = nullptr, append_done_ = nullptr;
   bool block_branch_ = true;
   std::vector<DeviceBuffer> tables_, blocks_, num_blocks_, next_blocks_, next_num_blocks_;
   DeviceBuffer lens_, prev_lens_, start_, q_, out_, lse_, positions_, num_positions_, select_ws_,
@@ -843,9 +860,11 @@ int main(int argc, char** argv) {
       }
     }
   BENCH_CHECK(cudaStreamDestroy(stream));
-  std::printf("\ntls = one graph, block branch (append, block score, top-k_b) on a second stream "
-              "overlapping the token branch (token score, top-k_t, attention); serial = "
-              "append + TlsDecodeSelect + TlsSparseAttention on one stream.\n");
+  std::printf(
+      "\ntls = one graph, block branch (append, block score, top-k_b) on a second stream "
+      "overlapping the token branch (token score, top-k_t, attention); serial = "
+      "TlsDecodeSelect + TlsSparseAttention on one stream, the append beside them "
+      "(as Quest-style and token-only).\n");
   std::printf("xdense = dense ms / tls ms; /quest = quest ms / tls ms (>= 0.8 is the target); "
               "xfloor = tls ms / (tls bytes at %.1f TB/s).\n", kHbmBytesPerS / 1e12);
   std::printf("MLA dense = TlsSparseAttention over every position (no 576-dim dense kernel).\n");
