@@ -418,7 +418,7 @@ class Bench {
   // CTAs (B, on a low-priority stream, fills what is left; A is the step's critical path). The
   // append heads B on purpose: it holds the block score back until the token kernel has its SMs.
   // With the block score first, or the append on a third stream, the block score's CTAs took
-  // SMs first and the 16-head MLA batch-8 128K step was 9-12 us slower (run 142).
+  // SMs first and the 16-head MLA batch-8 128K step was 8-14 us slower (run 142).
   cudaError_t TlsStep(int i, int k_t, cudaStream_t s) {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s2_, fork_, 0);
