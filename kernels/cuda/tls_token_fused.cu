@@ -948,9 +948,9 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // CPU reference, bit for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates
 // per thread), up to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row
 // takes as many SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes
-// cap that (2-3 rows of 128 heads), a row's heads split over two clusters; each leaves its part of
-// the alpha chain in the exp scratch, and the row's last cluster to finish (a counter that
-// QuantizeQueryKernel zeroes) adds them and selects.
+// cap that (1-2 rows of 64 heads, 2-3 rows of 128), a row's heads split over two clusters; each
+// leaves its part of the alpha chain in the exp scratch, and the row's last cluster to finish (a
+// counter that QuantizeQueryKernel zeroes) adds them and selects.
 constexpr int kMlaMaxGroup = 128;
 constexpr int kMlaBlocksPerItem = kFusedThreads / kKvBlockSize;  // list entries per item
 constexpr int kMlaMaxBlocks = 2 * kMlaBlocksPerItem;  // entries per CTA at two items per thread
@@ -1717,15 +1717,17 @@ struct MlaRows {
 
 // The one-launch MLA kernel (MlaScoreSelectKernel: a cluster per row, or per half of a row's
 // heads), or a cluster per (row, 16-head tile) (MlaTileSelectKernel: fills the GPU from one row).
-// A row's cluster computes every logit twice on its own SMs. For up to 64 heads that wins at
+// A row's cluster computes every logit twice on its own SMs. For up to 32 heads that wins at
 // every batch (H100, batch 1: 16 CTAs of 8 list entries, 16-64 heads 2-9 us faster than 1-4
-// head-tile clusters, run 112). At 128 heads the head tiles win only while they fit one wave at
-// one candidate per thread (one row: 26 vs 28-31 us for the token kernel on the H100, run 114);
+// head-tile clusters, run 112; at 64 heads the halves below now beat both, the tiles by 0.5-1.1
+// us, run 149). At 128 heads the head tiles win only while they fit one wave at one candidate
+// per thread (one row: 26 vs 28-31 us for the token kernel on the H100, run 114);
 // in a second wave or at two candidates per thread they lose to the row clusters (batch 2: 43 us
 // in two waves against 30 on halves; batch 4: 59 us at two candidates against 35 on whole rows).
 // A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
 // logits per CTA by more than ~15% and the whole rows' clusters take under half the GPU: 2 rows
-// of 128 heads on the H100, 30 us on halves against 33 on whole rows (run 114). From half the
+// of 128 heads on the H100, 30 us on halves against 33 on whole rows (run 114); 1-2 rows of 64
+// heads, 16 CTAs of 32 heads each, 1.0-1.1 us off the token branch (run 148). From half the
 // GPU the whole rows run on the fewest CTAs (MlaRows::Launch): 8 rows of 8,192 candidates take
 // 8 clusters of 8 (64 SMs, 16 list entries x 128 heads per CTA) where the halves took 16 of 6
 // (96 SMs, 22 x 64). The token kernel alone is then ~1.9 us slower, but the block branch beside
@@ -1736,8 +1738,9 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   using Whole = MlaRows<NC, GROUP, 1, 1>;
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit whole = Whole::Plan(rows, p.max_candidates);
-  if constexpr (GROUP >= 128) {  // 32-64 heads measured slower split (overheads win)
-    if (MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
+  if constexpr (GROUP >= 64) {  // 32 heads measured slower split (overheads win)
+    if (GROUP >= 128 && MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
+    // (64 heads: the halves at batch 1-2; from batch 4 the rule below keeps the whole rows.)
     using Halves = MlaRows<NC, GROUP, 2, 2>;
     const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
     // Not where the whole rows' most CTAs take half the GPU or more: Whole::Launch then runs
