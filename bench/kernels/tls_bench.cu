@@ -409,7 +409,9 @@ class Bench {
     return err;
   }
 
-  // The two-level step as the runtime runs it with the one-step lag: one graph, two branches.
+  // The two-level step with the one-step lag, as TlsDecodeSelect forks it: one graph, two
+  // branches. (The runtime runs the index append on its main stream before the select,
+  // CudaBackend::TlsIndexUpdate, and joins branch B at the next layer's first TLS call.)
   //   branch A (stream s):  token score over M_{t-1} -> token top-k_t -> sparse attention
   //   branch B (stream s2): index append of the new token -> block score -> block top-k_b (M_t)
   // Branch A does not read what branch B writes (M_{t-1} is a separate buffer; the new token is
