@@ -394,7 +394,7 @@ class Bench {
   // select, attend; the new token's index append beside them on a third stream. Nothing in the
   // step reads what the append writes (the new token's block is never a candidate at this
   // length), so each baseline gets its best schedule: serial, the append cost Quest-style's
-  // steps 2.3-3.2 us (bench/results/tls-kernels-h200.md run 142).
+  // steps 1-5 us (bench/results/tls-kernels-h200.md runs 142-143).
   cudaError_t Step(int i, const TlsPolicy& pol, cudaStream_t s) {
     cudaError_t err = cudaEventRecord(fork_, s);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(s3_, fork_, 0);
