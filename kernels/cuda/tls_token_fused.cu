@@ -1172,7 +1172,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   static_assert(SPLIT == 1 || SPLIT == 2, "the last cluster adds one other part's partials");
-  static_assert(!SMEM_EXPS || SPLIT == 1, "shared-memory exps: the row in one cluster");
   constexpr int kHeads = GROUP / SPLIT;  // this cluster's heads
   constexpr int kMTiles = kHeads / 16;
   static_assert(kMTiles >= 1, "whole 16-head tiles per cluster");
@@ -1409,8 +1408,19 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     const uint32_t* ep = pairs + u * kFusedThreads + tid;
     alpha[u] = 0.f;
     if (pos[u] < 0) continue;
-    if constexpr (SMEM_EXPS) {
+    if constexpr (SMEM_EXPS && SPLIT == 1) {
       alpha[u] = AlphaFromExps<GROUP>(exps_s + u * kFusedThreads + tid, exps_s_stride, ms.inv);
+    } else if constexpr (SMEM_EXPS) {  // as below, from the exps in shared memory
+      const float* es = exps_s + u * kFusedThreads + tid;
+      if (part == 0) {
+        *e = AlphaFromExps<kHeads>(es, exps_s_stride, ms.inv);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kMTiles; ++k) {
+          e[int64_t{k} * p.max_candidates] =
+              AlphaFromExps<16>(es + 16 * k * exps_s_stride, exps_s_stride, ms.inv + 16 * k);
+        }
+      }
     } else if constexpr (SPLIT == 1) {
       alpha[u] = AlphaFromBf16Pairs<GROUP>(ep, p.max_candidates, ms.inv);
     } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
@@ -1689,7 +1699,7 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
 template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS = false>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>;
-  static constexpr int kExpHeads = SMEM_EXPS ? GROUP : 0;
+  static constexpr int kExpHeads = SMEM_EXPS ? GROUP / SPLIT : 0;
   static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpHeads);
   static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpHeads);
 
@@ -1748,6 +1758,11 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     const bool whole_fills_half = whole.size != 0 && FillsHalfTheGpu(int64_t{rows} * whole.size);
     if (halves.size != 0 && !whole_fills_half &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
+      if constexpr (GROUP == 64) {  // the halves' exps in shared memory where they fit as many
+        using SmemExps = MlaRows<NC, GROUP, 2, 2, true>;
+        const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
+        if (split.size == halves.size) return SmemExps::Launch(p, sel, split, stream);
+      }
       return Halves::Launch(p, sel, halves, stream);
     }
   }
