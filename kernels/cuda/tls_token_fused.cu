@@ -1456,6 +1456,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
+// Words per head pair of a tile CTA's exps in shared memory: 8 words of padding spread a warp's
+// 8-byte stores to its 8 pair rows over all 32 banks (two wavefronts, the least for 256 bytes).
+constexpr int MlaTilePairStride(int items) { return items * kFusedThreads + 8; }
+
 // One cluster per (row, 16-head tile) instead of per row: a row's 16-128 heads spread over
 // G / 16 clusters, so one row of 128 heads runs on 64 SMs (8 clusters of 8 CTAs) where a
 // cluster per row got 16. The per-head max and exp sums stay inside the cluster; each cluster
@@ -1482,6 +1486,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   int64_t* tok_s = tile_smem;                                 // [slot] token row (-1: none)
   float* scale_s = reinterpret_cast<float*>(tok_s + kSpan);  // [slot] token scale (NaN: none)
   int32_t* pos_s = reinterpret_cast<int32_t*>(scale_s + kSpan);  // [slot] position (-1: none)
+  // [pair][slot]: the tile's exps as bf16 head pairs (ScratchPairs' layout, kept in the CTA).
+  uint32_t* pairs_s = reinterpret_cast<uint32_t*>(pos_s + kSpan);
+  constexpr int kPairStride = MlaTilePairStride(ITEMS);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -1572,20 +1579,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Exps as bf16 pairs into the upper half of the tile's heads' scratch rows
-  // (ScratchPairs), and their fixed-point sums.
+  // (2) Exps as bf16 pairs into shared memory (pairs_s), and their fixed-point sums.
   lhp.s0 = shift[r];
   lhp.s1 = shift[r + 8];
-  float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;  // row of head 0
-  uint32_t* const pairs = ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * kSpan;
-  uint32_t* const at = pairs + int64_t{r} * p.max_candidates + 2 * t;
-  const int store_end = p.max_candidates - rank * kSpan - 2 * t;
+  uint32_t* const at = pairs_s + r * kPairStride + 2 * t;
   for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
     int d[4];
     tile_dots(ct, d);
     float e[4];
     lhp.Exps(d, tile_scales(ct), e);
-    StoreTilePairs(at + 8 * ct, 8 * ct < store_end, e);
+    *reinterpret_cast<uint2*>(at + 8 * ct) =
+        make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3]));
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   __syncthreads();  // this CTA's sums
@@ -1595,12 +1599,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
 
   // (3) The tile's partial alpha chain per candidate, into the scratch row of head 0 of the
-  // tile (the lower half: no pairs there).
+  // tile.
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     if (pos_s[u * kFusedThreads + tid] >= 0) {
       cta_exps[u * kFusedThreads + tid] =
-          AlphaFromBf16Pairs<kHeads>(pairs + u * kFusedThreads + tid, p.max_candidates, inv);
+          AlphaFromBf16Pairs<kHeads>(pairs_s + u * kFusedThreads + tid, kPairStride, inv);
     }
   }
   // The row's last cluster to get here selects; the others leave.
@@ -1624,8 +1629,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
 }
 
-constexpr size_t MlaTileSmem(int items) {  // tok_s, scale_s, pos_s
-  return size_t(items) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t));
+constexpr size_t MlaTileSmem(int items) {  // tok_s, scale_s, pos_s, pairs_s
+  return size_t(items) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t)) +
+         size_t(kTlsAlphaHeadTile / 2) * MlaTilePairStride(items) * sizeof(uint32_t);
 }
 
 int MlaTileClusters(const TlsTokenScoreParams& p) {
