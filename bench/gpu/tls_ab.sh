@@ -86,14 +86,14 @@ for ((r = 1; r <= REPS; ++r)); do
   done
 done
 log "per tree and row, us, means over the reps: TLS, Quest-style | x dense, TLS / Quest-style |" \
-  "block score, token branch, attention graphed alone"
+  "block score, token branch, attention graphed alone (TLS's positions, Quest-style's)"
 grep -E "^[A-E] (gqa|mla)" "$OUT/ab.log" | awk '{
     k = $1 " " $2 " " $3 " " $4 " " $5; n[k]++
-    t[k] += $7; q[k] += $10; x[k] += $13; r[k] += $14; b[k] += $20; tb[k] += $24; a[k] += $25
+    t[k] += $7; q[k] += $10; x[k] += $13; r[k] += $14; b[k] += $20; tb[k] += $24; a[k] += $25; qa[k] += $26
   } END {
-    for (k in n) printf "%s | %6.1f %6.1f | %6.2f %5.2f | %5.1f %5.1f %5.1f\n", k,
+    for (k in n) printf "%s | %6.1f %6.1f | %6.2f %5.2f | %5.1f %5.1f %5.1f %5.1f\n", k,
       1000 * t[k] / n[k], 1000 * q[k] / n[k], x[k] / n[k], r[k] / n[k], 1000 * b[k] / n[k],
-      1000 * tb[k] / n[k], 1000 * a[k] / n[k]
+      1000 * tb[k] / n[k], 1000 * a[k] / n[k], 1000 * qa[k] / n[k]
   }' | sort -k2,2 -k3,3n -k4,4n -k5,5n -k1,1 | tee -a "$OUT/ab.log"
 log "done in $(( $(date +%s) - t0 )) s, status $status"
 exit $status

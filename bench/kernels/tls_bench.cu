@@ -604,6 +604,18 @@ class Bench {
     (*out)["attention"] = TimeMs([&](int i, cudaStream_t s) {
       return cuda::TlsSparseAttention(Attention(i, max_positions), s);
     }, samples_, s_);
+    // The same attention over Quest-style's positions (whole blocks) at this budget: the two
+    // steps' attention differs only in which rows it gathers (tokens scattered over k_b blocks,
+    // or k_t / 64 whole blocks).
+    TlsPolicy quest;
+    quest.token_budget = k_t;
+    quest.mode = TlsMode::kBlockOnly;
+    const TlsDecodeSelectParams quest_sel = Select(0, quest);
+    BENCH_CHECK(cuda::TlsDecodeSelect(quest_sel, s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
+    (*out)["attention_quest"] = TimeMs([&](int i, cudaStream_t s) {
+      return cuda::TlsSparseAttention(Attention(i, quest_sel.max_positions), s);
+    }, samples_, s_);
   }
 
  private:
@@ -792,7 +804,7 @@ int main(int argc, char** argv) {
   std::printf("\n%-11s %5s %7s %5s | %8s %8s %8s %8s %8s | %6s %6s | %8s %6s | %s\n", "config",
               "batch", "context", "k_t", "tls ms", "serial", "dense ms", "quest ms", "token ms",
               "xdense", "/quest", "tls MB", "xfloor",
-              "stages ms: append bscore bselect tscore tselect tbranch attn");
+              "stages ms: append bscore bselect tscore tselect tbranch attn qattn");
   for (const Config& c : configs)
     for (const bool int8_block_index : block_forms) {
       const std::string name =
@@ -849,12 +861,12 @@ int main(int argc, char** argv) {
             const double floor_ms = r.bytes.tls / kHbmBytesPerS * 1e3;
             std::printf(
                 "%-11s %5d %7d %5d | %8.4f %8.4f %8.4f %8.4f %8.4f | %6.2f %6.2f | %8.2f %6.2f | "
-                "%.4f %.4f %.4f %.4f %.4f %.4f %.4f\n",
+                "%.4f %.4f %.4f %.4f %.4f %.4f %.4f %.4f\n",
                 name.c_str(), b, l, k_t, r.tls, r.tls_serial, r.dense, r.quest, r.token,
                 r.dense / r.tls, r.quest / r.tls, r.bytes.tls / 1e6, r.tls / floor_ms,
                 r.stages["append"], r.stages["block_score"], r.stages["block_select"],
                 r.stages["token_score"], r.stages["token_select"], r.stages["token_branch"],
-                r.stages["attention"]);
+                r.stages["attention"], r.stages["attention_quest"]);
             std::fflush(stdout);
             rows.push_back(r);
           }
