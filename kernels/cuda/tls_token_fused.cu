@@ -1171,7 +1171,7 @@ template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
-  static_assert(SPLIT == 1 || SPLIT == 2, "the last cluster adds one other part's partials");
+  static_assert(SPLIT == 1 || SPLIT == 2 || SPLIT == 4, "whole 16-head tiles per part");
   constexpr int kHeads = GROUP / SPLIT;  // this cluster's heads
   constexpr int kMTiles = kHeads / 16;
   static_assert(kMTiles >= 1, "whole 16-head tiles per cluster");
@@ -1438,14 +1438,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
       if (pos[u] < 0) continue;
-      // Slot u of this CTA in the row's scratch: part 0's partial sum in head 0's row, part 1's
-      // tile partials in the rows of heads kHeads + k (L2 loads: either cluster wrote them).
+      // Slot u of this CTA in the row's scratch: part 0's partial sum in head 0's row, part q's
+      // tile partials in the rows of heads q kHeads + k (L2 loads: any cluster wrote them).
       const float* row =
           exps + int64_t{bg} * GROUP * p.max_candidates + rank * span + u * kFusedThreads + tid;
       alpha[u] = __ldcg(row);
 #pragma unroll
-      for (int k = 0; k < kMTiles; ++k) {
-        alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{kHeads + k} * p.max_candidates));
+      for (int q = 1; q < SPLIT; ++q) {
+#pragma unroll
+        for (int k = 0; k < kMTiles; ++k) {
+          alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{q * kHeads + k} * p.max_candidates));
+        }
       }
     }
   }
@@ -1738,8 +1741,9 @@ struct MlaRows {
 // A row's cluster computes every logit twice on its own SMs. For up to 32 heads that wins at
 // every batch (H100, batch 1: 16 CTAs of 8 list entries, 16-64 heads 2-9 us faster than 1-4
 // head-tile clusters, run 112; at 64 heads the halves below now beat both, the tiles by 0.5-1.1
-// us, run 149). At 128 heads the head tiles win only while they fit one wave at one candidate
-// per thread (one row: 26 vs 28-31 us for the token kernel on the H100, run 114);
+// us, run 149). At 128 heads one row now runs in quarters of 32 heads (below, run 154); before
+// them the head tiles won only while they fit one wave at one candidate per thread (one row: 26
+// vs 28-31 us for the token kernel on the H100, run 114);
 // in a second wave or at two candidates per thread they lose to the row clusters (batch 2: 43 us
 // in two waves against 30 on halves; batch 4: 59 us at two candidates against 35 on whole rows).
 // A row's heads go to two clusters (half each; two candidates per thread) when that cuts the
@@ -1757,6 +1761,15 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit whole = Whole::Plan(rows, p.max_candidates);
   if constexpr (GROUP >= 64) {  // 32 heads measured slower split (overheads win)
+    // 128 heads: quarters of 32 heads, their exps in shared memory, while they take under half
+    // the GPU (H100, batch 1: 2.3-2.5 us off the token branch against the head tiles, run 154).
+    if constexpr (GROUP == 128) {
+      using Quarters = MlaRows<NC, GROUP, 4, 1, true>;
+      const MlaSplit quarters = Quarters::Plan(rows, p.max_candidates);
+      if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size)) {
+        return Quarters::Launch(p, sel, quarters, stream);
+      }
+    }
     if (GROUP >= 128 && MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
     // (64 heads: the halves at batch 1-2; from batch 4 the rule below keeps the whole rows.)
     using Halves = MlaRows<NC, GROUP, 2, 2>;
@@ -1767,9 +1780,10 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     if (halves.size != 0 && !whole_fills_half &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
       // 64 heads: the halves' exps in shared memory where that takes as many CTAs (H100, batch
-      // 1-2: 1.6 us off the token branch, run 153; 128 heads' halves do not fit).
+      // 1-2: 1.6 us off the token branch, run 153; one candidate per thread, 0.3-0.5 us more,
+      // run 154; 128 heads' halves do not fit).
       if constexpr (GROUP == 64) {
-        using SmemExps = MlaRows<NC, GROUP, 2, 2, true>;
+        using SmemExps = MlaRows<NC, GROUP, 2, 1, true>;
         const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
         if (split.size == halves.size) return SmemExps::Launch(p, sel, split, stream);
       }
