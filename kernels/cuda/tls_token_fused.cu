@@ -1791,10 +1791,15 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     }
   }
   if (whole.size == 0) return LaunchMlaTilesForItems<NC>(p, sel, stream);
-  if constexpr (GROUP <= 32) {  // the exps in shared memory where they fit (fewer list entries)
+  // The exps in shared memory where they fit (fewer list entries); at 64 heads (8 entries per
+  // CTA) only under half the GPU, where the CTAs stay as many (batch 4: 2.7 us off the token
+  // branch, H100 run 155; from half the GPU the L2 scratch's rows on the fewest CTAs).
+  if constexpr (GROUP <= 64) {
     using SmemExps = MlaRows<NC, GROUP, 1, 1, true>;
     const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
-    if (split.size != 0) return SmemExps::Launch(p, sel, split, stream);
+    if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
+      return SmemExps::Launch(p, sel, split, stream);
+    }
   }
   return Whole::Launch(p, sel, whole, stream);
 }
