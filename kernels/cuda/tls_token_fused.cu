@@ -12,12 +12,13 @@
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
-//   alpha sums (as bf16 head pairs, ScratchPairs). For 16-32 heads (and the 32-head halves of 64),
-//   where they fit, shared memory holds the logits from the max pass to the exp pass (computed
-//   once) and then the exps. At 128 heads, while every (row, 16-head tile) cluster fits one wave
-//   (one row), and wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster per
-//   (row, 16-head tile) instead (its exps in shared memory): the row's last cluster to finish
-//   adds the tiles' partial alpha chains and runs the same top-k.
+//   alpha sums (as bf16 head pairs, ScratchPairs). Where a cluster's exps fit beside its staged
+//   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the 32-head halves and quarters
+//   that 64- and 128-head rows split into at small batches), shared memory holds the logits from
+//   the max pass to the exp pass (computed once) and then the exps; a split row's last cluster
+//   to finish adds the others' partial alpha chains and runs the top-k. Wherever no row clusters
+//   fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its exps
+//   in shared memory), likewise combined by the row's last cluster.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -963,7 +964,7 @@ struct MlaShared {
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
   int32_t block[kMlaMaxBlocks];  // the CTA's list entries (-1: none)
-  RowTickets tickets;            // SPLIT 2: which of the row's clusters finished last
+  RowTickets tickets;            // SPLIT > 1: which of the row's clusters finished last
   ClusterStats<kMlaMaxGroup> cluster;
 };
 
@@ -1162,11 +1163,11 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
   }
 }
 
-// GROUP: the row's heads; SPLIT: clusters per row (1, or 2 taking half the heads each); ITEMS:
-// candidates per thread (slot u * kFusedThreads + tid); SMEM_EXPS: the exps stay in shared
-// memory (where a cluster's exps fit beside the staged rows: 16-32 heads, or half of 64) instead
-// of going through the L2 scratch, which saves their stores, the wait for them at the cluster
-// barrier and the alpha pass's L2 loads; a half's partial alpha chains still go through it.
+// GROUP: the row's heads; SPLIT: clusters per row (1, or 2 / 4 taking a half / quarter of the
+// heads each); ITEMS: candidates per thread (slot u * kFusedThreads + tid); SMEM_EXPS: the exps
+// stay in shared memory (where a cluster's exps fit beside the staged rows) instead of going
+// through the L2 scratch, which saves their stores, the wait for them at the cluster barrier and
+// the alpha pass's L2 loads; a split row's partial alpha chains still go through it.
 template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
