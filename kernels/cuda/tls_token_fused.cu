@@ -1056,16 +1056,17 @@ __device__ __forceinline__ uint32_t PackBf16Pair(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// A tile's exps (LaneHeadPair layout) to this lane's pair row at `at` (its slot 2 t of the
-// tile) when `store`: callers pass tile slot < store_end (slots past it lie past the row's
-// scratch; the others store, 0 when no candidate: alpha reads candidates only). Slots,
-// store_end and the row stride (max_candidates, even: TlsTokenScoreSelectCanFuse) are even, so
-// a pair of slots is stored whole or not at all.
+// A tile's exps (LaneHeadPair layout) as this lane's words of its pair row (slots 2 t, 2 t + 1).
+__device__ __forceinline__ uint2 TilePairs(const float (&e)[4]) {
+  return make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3]));
+}
+
+// Those words to the scratch at `at` when `store`: callers pass tile slot < store_end (slots past
+// it lie past the row's scratch; the others store, 0 when no candidate: alpha reads candidates
+// only). Slots, store_end and the row stride (max_candidates, even:
+// TlsTokenScoreSelectCanFuse) are even, so a pair of slots is stored whole or not at all.
 __device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const float (&e)[4]) {
-  if (store) {
-    __stcg(reinterpret_cast<uint2*>(at),
-           make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3])));
-  }
+  if (store) __stcg(reinterpret_cast<uint2*>(at), TilePairs(e));
 }
 
 // AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
@@ -1112,28 +1113,53 @@ __device__ __forceinline__ int MlaChunkWord(int row, int c) {
   return row * MlaRowWords<NC>() + 4 * (c ^ swizzle);
 }
 
-// Row stride (floats) of the exps MlaScoreSelectKernel keeps in shared memory for `slots`
-// candidate slots (SMEM_EXPS): 8 floats of padding put the eight heads of a quad's stores on
-// different banks.
+// Where MlaScoreSelectKernel keeps its exps from the exp pass to the alpha pass.
+enum class MlaExps {
+  kScratch,     // bf16 head pairs in the L2-resident scratch (ScratchPairs)
+  kSmemFloats,  // floats in shared memory, which hold the max pass's scaled dots before them
+                // (the logits computed once)
+  kSmemPairs,   // bf16 head pairs in shared memory (ScratchPairs' layout): half the bytes of
+                // the floats, the logits computed twice as with the scratch
+};
+
+// Shared-memory rows of 32-bit words that `heads` heads' exps take: one per head as floats, one
+// per head pair as bf16 pairs.
+constexpr int MlaSmemExpRows(MlaExps exps, int heads) {
+  return exps == MlaExps::kSmemFloats ? heads : exps == MlaExps::kSmemPairs ? heads / 2 : 0;
+}
+
+// Row stride (words) of those rows for `slots` candidate slots: 8 words of padding put a quad's
+// stores to eight rows on different banks.
 __host__ __device__ constexpr int MlaSmemExpStride(int slots) { return slots + 8; }
 
 // Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
-// rows and their token scales, and with `smem_exp_heads` > 0 those heads' exps.
+// rows and their token scales, and `exp_rows` rows of exps (MlaSmemExpRows).
 template <int NC>
-constexpr size_t MlaDynamicSmem(int blocks, int smem_exp_heads) {
+constexpr size_t MlaDynamicSmem(int blocks, int exp_rows) {
   const int slots = blocks * kKvBlockSize;
   return size_t(slots) * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float)) +
-         size_t(smem_exp_heads) * MlaSmemExpStride(slots) * sizeof(float);
+         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t);
 }
 
 // The most list entries one CTA stages at `items` candidates per thread (two items: as many as
 // fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
 template <int NC>
-constexpr int MlaMaxBlocks(int items, int smem_exp_heads) {
+constexpr int MlaMaxBlocks(int items, int exp_rows) {
   constexpr size_t kDynamicLimit = 200 * 1024;
   int blocks = items * kMlaBlocksPerItem;
-  while (MlaDynamicSmem<NC>(blocks, smem_exp_heads) > kDynamicLimit) --blocks;
+  while (MlaDynamicSmem<NC>(blocks, exp_rows) > kDynamicLimit) --blocks;
   return blocks;
+}
+
+// The alpha chain of HEADS heads (tls_math.h order) from one candidate's exps at `e`, rows
+// `stride` words apart, wherever EXPS keeps them.
+template <MlaExps EXPS, int HEADS>
+__device__ __forceinline__ float AlphaChain(const uint32_t* e, int64_t stride, const float* inv) {
+  if constexpr (EXPS == MlaExps::kSmemFloats) {
+    return AlphaFromExps<HEADS>(reinterpret_cast<const float*>(e), stride, inv);
+  } else {
+    return AlphaFromBf16Pairs<HEADS>(e, stride, inv);
+  }
 }
 
 // One candidate row's INT4 words (channel c in word c / 8, nibble c % 8) to the staged layout.
@@ -1164,11 +1190,11 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
 }
 
 // GROUP: the row's heads; SPLIT: clusters per row (1, or 2 / 4 taking a half / quarter of the
-// heads each); ITEMS: candidates per thread (slot u * kFusedThreads + tid); SMEM_EXPS: the exps
-// stay in shared memory (where a cluster's exps fit beside the staged rows) instead of going
-// through the L2 scratch, which saves their stores, the wait for them at the cluster barrier and
-// the alpha pass's L2 loads; a split row's partial alpha chains still go through it.
-template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS>
+// heads each); ITEMS: candidates per thread (slot u * kFusedThreads + tid); EXPS: where the exps
+// wait for the alpha pass. In shared memory (where a cluster's exps fit beside the staged rows)
+// they save the L2 scratch's stores, the wait for them at the cluster barrier and the alpha
+// pass's L2 loads; a split row's partial alpha chains still go through the scratch.
+template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
@@ -1183,7 +1209,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   uint32_t* codes_s = mla_smem;                    // [slot] rows
   float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
-  float* exps_s = scale_s + span;  // SMEM_EXPS: [head][MlaSmemExpStride(span)]
+  // kSmemFloats: [head][MlaSmemExpStride(span)] floats; kSmemPairs: [pair][...] bf16 pairs.
+  float* exps_s = scale_s + span;
   const int exps_s_stride = MlaSmemExpStride(span);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
@@ -1314,7 +1341,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
   };
 
-  // This lane's pairs of slots in the shared-memory exps of heads h0 / h1 (SMEM_EXPS), which
+  // This lane's pairs of slots in the shared-memory exps of heads h0 / h1 (kSmemFloats), which
   // hold the scaled dots from (1) to (2): the logits are computed once.
   float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t + 8 * slot;
   float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t + 8 * slot;
@@ -1333,7 +1360,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       float y[4];
       LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
       lhp.AddMax(y);
-      if constexpr (SMEM_EXPS) {
+      if constexpr (EXPS == MlaExps::kSmemFloats) {
         *reinterpret_cast<float2*>(at0) = make_float2(y[0], y[1]);
         *reinterpret_cast<float2*>(at1) = make_float2(y[2], y[3]);
       }
@@ -1353,18 +1380,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // (2) Per-head exps, kept for (3) in shared memory (SMEM_EXPS) or as bf16 head pairs in the
-  // L2-resident scratch (ScratchPairs), and their sums, exact in fixed point (ExpFixed:
-  // order-free; from the unrounded exps).
+  // (2) Per-head exps, kept for (3) where EXPS says, and their sums, exact in fixed point
+  // (ExpFixed: order-free; from the unrounded exps).
   lhp.s0 = ms.shift[h0];
   lhp.s1 = ms.shift[h1];
   // This cluster's slice of the scratch: the heads' rows [head][slot], floats (cta_exps: this
-  // CTA's slots); the pairs fill the upper half of the rows, the alpha partials of SPLIT 2 go
-  // into the lower half.
+  // CTA's slots); kScratch's pairs fill the upper half of the rows, the alpha partials of SPLIT
+  // > 1 go into the lower half.
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
-  uint32_t* const pairs = ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span;
-  const int store_end = p.max_candidates - rank * span - 2 * t;
-  if constexpr (SMEM_EXPS) {  // each lane rewrites its own scaled dots from (1) as exps
+  // The exps' rows (3) reads: pair (or head) rows of `exp_stride` words from `exp_rows`.
+  uint32_t* const exp_rows = EXPS == MlaExps::kScratch
+                                 ? ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span
+                                 : reinterpret_cast<uint32_t*>(exps_s);
+  const int64_t exp_stride = EXPS == MlaExps::kScratch ? p.max_candidates : exps_s_stride;
+  if constexpr (EXPS == MlaExps::kSmemFloats) {  // each lane rewrites its scaled dots from (1)
     float* at0 = smem_at0;
     float* at1 = smem_at1;
 #pragma unroll 2
@@ -1380,16 +1409,21 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   } else {
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
+    const int store_end = p.max_candidates - rank * span - 2 * t;
     // The store address advances by increments (recomputed from the tile index, addresses
     // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
-    uint32_t* at = pairs + int64_t{8 * mt + r} * p.max_candidates + 2 * t + 8 * slot;
+    uint32_t* at = exp_rows + (8 * mt + r) * exp_stride + 2 * t + 8 * slot;
 #pragma unroll 2
     for (int tile = slot; tile < tiles; tile += kSlots, at += 8 * kSlots, next_tile(frag)) {
       int d[4];
       tile_dots(frag, d);
       float e[4];
       lhp.Exps(d, tile_scales(tile), e);
-      StoreTilePairs(at, 8 * tile < store_end, e);
+      if constexpr (EXPS == MlaExps::kScratch) {
+        StoreTilePairs(at, 8 * tile < store_end, e);
+      } else {  // inside the CTA's rows: every slot stores
+        *reinterpret_cast<uint2*>(at) = TilePairs(e);
+      }
     }
   }
   lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
@@ -1402,35 +1436,25 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
   // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
+  // A split row's parts leave partial chains in the scratch: part 0 its heads' (the chain's
+  // first kMTiles partials, added) in head 0's row, the others each 16-head partial in row k.
+  constexpr int kTileRows = EXPS == MlaExps::kSmemFloats ? 16 : 8;  // exp rows per 16 heads
   float alpha[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    float* e = cta_exps + u * kFusedThreads + tid;  // this slot in the lower rows
-    const uint32_t* ep = pairs + u * kFusedThreads + tid;
+    const uint32_t* e = exp_rows + u * kFusedThreads + tid;
+    float* partial = cta_exps + u * kFusedThreads + tid;
     alpha[u] = 0.f;
     if (pos[u] < 0) continue;
-    if constexpr (SMEM_EXPS && SPLIT == 1) {
-      alpha[u] = AlphaFromExps<GROUP>(exps_s + u * kFusedThreads + tid, exps_s_stride, ms.inv);
-    } else if constexpr (SMEM_EXPS) {  // as below, from the exps in shared memory
-      const float* es = exps_s + u * kFusedThreads + tid;
-      if (part == 0) {
-        *e = AlphaFromExps<kHeads>(es, exps_s_stride, ms.inv);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kMTiles; ++k) {
-          e[int64_t{k} * p.max_candidates] =
-              AlphaFromExps<16>(es + 16 * k * exps_s_stride, exps_s_stride, ms.inv + 16 * k);
-        }
-      }
-    } else if constexpr (SPLIT == 1) {
-      alpha[u] = AlphaFromBf16Pairs<GROUP>(ep, p.max_candidates, ms.inv);
-    } else if (part == 0) {  // the chain's first kMTiles partials, added, into head 0's row
-      *e = AlphaFromBf16Pairs<kHeads>(ep, p.max_candidates, ms.inv);
-    } else {  // each 16-head partial into row k of this part
+    if constexpr (SPLIT == 1) {
+      alpha[u] = AlphaChain<EXPS, GROUP>(e, exp_stride, ms.inv);
+    } else if (part == 0) {
+      *partial = AlphaChain<EXPS, kHeads>(e, exp_stride, ms.inv);
+    } else {
 #pragma unroll
       for (int k = 0; k < kMTiles; ++k) {
-        e[int64_t{k} * p.max_candidates] = AlphaFromBf16Pairs<16>(
-            ep + int64_t{8 * k} * p.max_candidates, p.max_candidates, ms.inv + 16 * k);
+        partial[int64_t{k} * p.max_candidates] =
+            AlphaChain<EXPS, 16>(e + k * kTileRows * exp_stride, exp_stride, ms.inv + 16 * k);
       }
     }
   }
@@ -1594,8 +1618,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     tile_dots(ct, d);
     float e[4];
     lhp.Exps(d, tile_scales(ct), e);
-    *reinterpret_cast<uint2*>(at + 8 * ct) =
-        make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3]));
+    *reinterpret_cast<uint2*>(at + 8 * ct) = TilePairs(e);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   __syncthreads();  // this CTA's sums
@@ -1706,14 +1729,14 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
   return {};
 }
 
-// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>'s clusters for `rows` rows (Plan: the
+// MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>'s clusters for `rows` rows (Plan: the
 // most CTAs, which LaunchMlaScoreSelect weighs), and its launch.
-template <int NC, int GROUP, int SPLIT, int ITEMS, bool SMEM_EXPS = false>
+template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS = MlaExps::kScratch>
 struct MlaRows {
-  static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, SMEM_EXPS>;
-  static constexpr int kExpHeads = SMEM_EXPS ? GROUP / SPLIT : 0;
-  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpHeads);
-  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpHeads);
+  static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>;
+  static constexpr int kExpRows = MlaSmemExpRows(EXPS, GROUP / SPLIT);
+  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows);
+  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows);
 
   static MlaSplit Plan(int rows, int max_candidates) {
     return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
@@ -1765,7 +1788,7 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     // 128 heads: quarters of 32 heads, their exps in shared memory, while they take under half
     // the GPU (H100, batch 1: 2.3-2.5 us off the token branch against the head tiles, run 154).
     if constexpr (GROUP == 128) {
-      using Quarters = MlaRows<NC, GROUP, 4, 1, true>;
+      using Quarters = MlaRows<NC, GROUP, 4, 1, MlaExps::kSmemFloats>;
       const MlaSplit quarters = Quarters::Plan(rows, p.max_candidates);
       if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size)) {
         return Quarters::Launch(p, sel, quarters, stream);
@@ -1780,27 +1803,25 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     const bool whole_fills_half = whole.size != 0 && FillsHalfTheGpu(int64_t{rows} * whole.size);
     if (halves.size != 0 && !whole_fills_half &&
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
-      // 64 heads: the halves' exps in shared memory where that takes as many CTAs (H100, batch
+      // The halves' exps in shared memory where that takes as many CTAs (H100, 64 heads batch
       // 1-2: 1.6 us off the token branch, run 153; one candidate per thread, 0.3-0.5 us more,
-      // run 154; 128 heads' halves do not fit).
-      if constexpr (GROUP == 64) {
-        using SmemExps = MlaRows<NC, GROUP, 2, 1, true>;
-        const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
-        if (split.size == halves.size) return SmemExps::Launch(p, sel, split, stream);
-      }
+      // run 154; 128 heads batch 2: 16 CTAs of 8 list entries, whose 64 heads' floats fit).
+      using SmemExps = MlaRows<NC, GROUP, 2, 1, MlaExps::kSmemFloats>;
+      const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
+      if (split.size == halves.size) return SmemExps::Launch(p, sel, split, stream);
       return Halves::Launch(p, sel, halves, stream);
     }
   }
   if (whole.size == 0) return LaunchMlaTilesForItems<NC>(p, sel, stream);
-  // The exps in shared memory where they fit (fewer list entries); at 64 heads (8 entries per
-  // CTA) only under half the GPU, where the CTAs stay as many (batch 4: 2.7 us off the token
-  // branch, H100 run 155; from half the GPU the L2 scratch's rows on the fewest CTAs).
-  if constexpr (GROUP <= 64) {
-    using SmemExps = MlaRows<NC, GROUP, 1, 1, true>;
-    const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
-    if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
-      return SmemExps::Launch(p, sel, split, stream);
-    }
+  // The exps in shared memory where they fit (fewer list entries): floats up to 64 heads, bf16
+  // pairs at 128; from 64 heads (8 entries per CTA) only under half the GPU, where the CTAs stay
+  // as many (64 heads batch 4: 2.7 us off the token branch, H100 run 155; from half the GPU the
+  // L2 scratch's rows on the fewest CTAs).
+  using SmemExps =
+      MlaRows<NC, GROUP, 1, 1, GROUP <= 64 ? MlaExps::kSmemFloats : MlaExps::kSmemPairs>;
+  const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
+  if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
+    return SmemExps::Launch(p, sel, split, stream);
   }
   return Whole::Launch(p, sel, whole, stream);
 }
