@@ -1785,19 +1785,20 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   const int rows = p.batch * p.num_kv_heads;
   const MlaSplit whole = Whole::Plan(rows, p.max_candidates);
   if constexpr (GROUP >= 64) {  // 32 heads measured slower split (overheads win)
-    // 128 heads: quarters of 32 heads, their exps in shared memory, while they take under half
-    // the GPU (H100, batch 1: 2.3-2.5 us off the token branch against the head tiles, run 154).
-    if constexpr (GROUP == 128) {
-      using Quarters = MlaRows<NC, GROUP, 4, 1, MlaExps::kSmemFloats>;
-      const MlaSplit quarters = Quarters::Plan(rows, p.max_candidates);
-      if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size)) {
-        return Quarters::Launch(p, sel, quarters, stream);
-      }
+    using Halves = MlaRows<NC, GROUP, 2, 2>;
+    const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
+    // Quarters (32 or 16 heads), their exps in shared memory, while they take under half the
+    // GPU and hold no more list entries per CTA than the halves (batch 1: 64 SMs where the
+    // halves take 32; H100, 128 heads: 2.3-2.5 us off the token branch against the head tiles,
+    // run 154).
+    using Quarters = MlaRows<NC, GROUP, 4, 1, MlaExps::kSmemFloats>;
+    const MlaSplit quarters = Quarters::Plan(rows, p.max_candidates);
+    if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size) &&
+        (halves.size == 0 || quarters.blocks_per_cta <= halves.blocks_per_cta)) {
+      return Quarters::Launch(p, sel, quarters, stream);
     }
     if (GROUP >= 128 && MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
     // (64 heads: the halves at batch 1-2; from batch 4 the rule below keeps the whole rows.)
-    using Halves = MlaRows<NC, GROUP, 2, 2>;
-    const MlaSplit halves = Halves::Plan(rows, p.max_candidates);
     // Not where the whole rows' most CTAs take half the GPU or more: Whole::Launch then runs
     // them on the fewest, which leaves the block branch beside more SMs than the halves do.
     const bool whole_fills_half = whole.size != 0 && FillsHalfTheGpu(int64_t{rows} * whole.size);
