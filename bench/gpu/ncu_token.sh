@@ -8,7 +8,9 @@
 #     OUT=$OUT bash bench/gpu/ncu_token.sh
 #
 # Env: KERNEL (a regex of kernel names, default MlaScoreSelectKernel), RUNS (';'-separated
-# `tls_bench --only` arguments, required), OUT (default ./ncu-out), BUILD_DIR (default build-k).
+# `tls_bench --only` arguments, required), OUT (default ./ncu-out), BUILD_DIR (default build-k),
+# CACHE (ncu --cache-control: all flushes the caches before the kernel, the default; none keeps
+# them warm, as in a decode step).
 # Writes one segments-N.txt per selection and durations.txt.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
@@ -17,6 +19,7 @@ cd "$(dirname "$0")/../.." || exit 1
 KERNEL=${KERNEL:-MlaScoreSelectKernel}
 OUT=${OUT:-$PWD/ncu-out}
 BUILD_DIR=${BUILD_DIR:-build-k}
+CACHE=${CACHE:-all}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/ncu-cmake.log 2>&1 &&
@@ -28,7 +31,8 @@ IFS=';' read -ra runs <<< "$RUNS"
 for run in "${runs[@]}"; do
   i=$((i + 1))
   # shellcheck disable=SC2086  # $run: tls_bench arguments
-  ncu --clock-control none --profile-from-start off --kernel-name "regex:$KERNEL" \
+  ncu --clock-control none --cache-control "$CACHE" --profile-from-start off \
+    --kernel-name "regex:$KERNEL" \
     --launch-count 1 --set full --import-source yes -f -o "/tmp/ncu-$i" \
     "$bench" --profile-steps 1 --only $run > "/tmp/ncu-$i.log" 2>&1 ||
     { tail -5 "/tmp/ncu-$i.log"; continue; }
