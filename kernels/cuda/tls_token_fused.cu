@@ -13,10 +13,11 @@
 //   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
 //   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
 //   alpha sums (as bf16 head pairs, ScratchPairs). Where a cluster's exps fit beside its staged
-//   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the 32-head halves and quarters
-//   that 64- and 128-head rows split into at small batches), shared memory holds the logits from
-//   the max pass to the exp pass (computed once) and then the exps; a split row's last cluster
-//   to finish adds the others' partial alpha chains and runs the top-k. Wherever no row clusters
+//   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the halves and quarters that 64-
+//   and 128-head rows split into at small batches), shared memory holds the logits from the max
+//   pass to the exp pass (computed once) and then the exps; 128-head rows on 8 list entries per
+//   CTA keep bf16 head pairs there instead (MlaExps). A split row's last cluster to finish adds
+//   the others' partial alpha chains and runs the top-k. Wherever no row clusters
 //   fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its exps
 //   in shared memory), likewise combined by the row's last cluster.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
@@ -1790,7 +1791,7 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     // Quarters (32 or 16 heads), their exps in shared memory, while they take under half the
     // GPU and hold no more list entries per CTA than the halves (batch 1: 64 SMs where the
     // halves take 32; H100, 128 heads: 2.3-2.5 us off the token branch against the head tiles,
-    // run 154).
+    // run 154; 64 heads: 0.3-0.6 us off the step against the halves, run 157).
     using Quarters = MlaRows<NC, GROUP, 4, 1, MlaExps::kSmemFloats>;
     const MlaSplit quarters = Quarters::Plan(rows, p.max_candidates);
     if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size) &&
@@ -1806,7 +1807,8 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
         (whole.size == 0 || 10 * halves.blocks_per_cta <= 17 * whole.blocks_per_cta)) {
       // The halves' exps in shared memory where that takes as many CTAs (H100, 64 heads batch
       // 1-2: 1.6 us off the token branch, run 153; one candidate per thread, 0.3-0.5 us more,
-      // run 154; 128 heads batch 2: 16 CTAs of 8 list entries, whose 64 heads' floats fit).
+      // run 154; 128 heads batch 2: 16 CTAs of 8 list entries, whose 64 heads' floats fit, 2.8
+      // us off the token branch, run 157).
       using SmemExps = MlaRows<NC, GROUP, 2, 1, MlaExps::kSmemFloats>;
       const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
       if (split.size == halves.size) return SmemExps::Launch(p, sel, split, stream);
@@ -1816,8 +1818,8 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   if (whole.size == 0) return LaunchMlaTilesForItems<NC>(p, sel, stream);
   // The exps in shared memory where they fit (fewer list entries): floats up to 64 heads, bf16
   // pairs at 128; from 64 heads (8 entries per CTA) only under half the GPU, where the CTAs stay
-  // as many (64 heads batch 4: 2.7 us off the token branch, H100 run 155; from half the GPU the
-  // L2 scratch's rows on the fewest CTAs).
+  // as many (H100, batch 4: 2.7 us off the token branch at 64 heads, run 155; 1.6 us at 128,
+  // run 157; from half the GPU the L2 scratch's rows on the fewest CTAs).
   using SmemExps =
       MlaRows<NC, GROUP, 1, 1, GROUP <= 64 ? MlaExps::kSmemFloats : MlaExps::kSmemPairs>;
   const MlaSplit split = SmemExps::Plan(rows, p.max_candidates);
