@@ -1199,11 +1199,15 @@ template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
-  static_assert(SPLIT == 1 || SPLIT == 2 || SPLIT == 4, "whole 16-head tiles per part");
-  constexpr int kHeads = GROUP / SPLIT;  // this cluster's heads
-  constexpr int kMTiles = kHeads / 16;
-  static_assert(kMTiles >= 1, "whole 16-head tiles per cluster");
-  constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile
+  // Each part takes kMTiles 16-head tiles (kHeads heads); of 3 parts the last takes fewer.
+  constexpr int kGroupTiles = GROUP / 16;
+  constexpr int kMTiles = (kGroupTiles + SPLIT - 1) / SPLIT;
+  constexpr int kHeads = 16 * kMTiles;
+  static_assert(GROUP % 16 == 0 && (SPLIT - 1) * kMTiles < kGroupTiles, "16-head tiles per part");
+  // (The scratch's pair rows, ScratchPairs, assume kHeads heads in every part.)
+  static_assert(GROUP % SPLIT == 0 || EXPS == MlaExps::kSmemFloats, "uneven parts in smem");
+  constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile (32 / 3: 2 idle)
+  constexpr bool kEvenParts = kGroupTiles % SPLIT == 0 && kFusedWarps % kMTiles == 0;
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
@@ -1218,6 +1222,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y / SPLIT, part = blockIdx.y % SPLIT;
+  const int part_tiles = kEvenParts ? kMTiles : min(kMTiles, kGroupTiles - part * kMTiles);
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
   const TlsGeometry geo = MakeTlsGeometry(p.seq_lens[b], select_len, p.sink_blocks, p.window);
@@ -1299,7 +1304,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   // The scales are read back only after the cluster barrier below; copied here, their global
   // load is off that critical path (read after it: +0.8 us at 128 heads batch 8, run 34).
-  if (tid < kHeads) {
+  if (tid < 16 * part_tiles) {
     ms.qscale[tid] = queries.scales[head0 + tid];
     ms.qsum[tid] = queries.sums[head0 + tid];
   }
@@ -1308,8 +1313,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int mt = warp % kMTiles, slot = warp / kMTiles;
   const int r = lane >> 2, t = lane & 3;
   const int h0 = 16 * mt + r, h1 = h0 + 8;
+  // Warps past kSlots per tile, and those of a part's missing tiles, idle in the passes.
+  const int warp_tiles = kEvenParts || (slot < kSlots && mt < part_tiles) ? tiles : 0;
   uint32_t a[NC / 32][4];
-  LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
+  if (kEvenParts || warp_tiles > 0) LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
   __syncthreads();
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
@@ -1354,7 +1361,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   {
     float* at0 = smem_at0;
     float* at1 = smem_at1;
-    for (int tile = slot; tile < tiles;
+    for (int tile = slot; tile < warp_tiles;
          tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
       int d[4];
       tile_dots(frag, d);
@@ -1398,7 +1405,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float* at0 = smem_at0;
     float* at1 = smem_at1;
 #pragma unroll 2
-    for (int tile = slot; tile < tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
+    for (int tile = slot; tile < warp_tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
       const float2 y0 = *reinterpret_cast<const float2*>(at0);
       const float2 y1 = *reinterpret_cast<const float2*>(at1);
       const float y[4] = {y0.x, y0.y, y1.x, y1.y};
@@ -1415,7 +1422,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
     uint32_t* at = exp_rows + (8 * mt + r) * exp_stride + 2 * t + 8 * slot;
 #pragma unroll 2
-    for (int tile = slot; tile < tiles; tile += kSlots, at += 8 * kSlots, next_tile(frag)) {
+    for (int tile = slot; tile < warp_tiles; tile += kSlots, at += 8 * kSlots, next_tile(frag)) {
       int d[4];
       tile_dots(frag, d);
       float e[4];
@@ -1454,6 +1461,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     } else {
 #pragma unroll
       for (int k = 0; k < kMTiles; ++k) {
+        if (k >= part_tiles) break;
         partial[int64_t{k} * p.max_candidates] =
             AlphaChain<EXPS, 16>(e + k * kTileRows * exp_stride, exp_stride, ms.inv + 16 * k);
       }
@@ -1473,6 +1481,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       for (int q = 1; q < SPLIT; ++q) {
 #pragma unroll
         for (int k = 0; k < kMTiles; ++k) {
+          if (q * kMTiles + k >= kGroupTiles) break;
           alpha[u] = TlsAdd(alpha[u], __ldcg(row + int64_t{q * kHeads + k} * p.max_candidates));
         }
       }
@@ -1735,7 +1744,7 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
 template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS = MlaExps::kScratch>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>;
-  static constexpr int kExpRows = MlaSmemExpRows(EXPS, GROUP / SPLIT);
+  static constexpr int kExpRows = MlaSmemExpRows(EXPS, 16 * ((GROUP / 16 + SPLIT - 1) / SPLIT));
   static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows);
   static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows);
 
@@ -1797,6 +1806,16 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
     if (quarters.size != 0 && !FillsHalfTheGpu(int64_t{4} * rows * quarters.size) &&
         (halves.size == 0 || quarters.blocks_per_cta <= halves.blocks_per_cta)) {
       return Quarters::Launch(p, sel, quarters, stream);
+    }
+    // 128 heads where the quarters do not fit one wave (batch 2): thirds of 48, 48 and 32 heads
+    // (their exps in shared memory) when all their clusters fit at the halves' list entries per
+    // CTA: 6 clusters of 16 CTAs, 96 SMs where the halves take 64.
+    if constexpr (GROUP == 128) {
+      using Thirds = MlaRows<NC, GROUP, 3, 1, MlaExps::kSmemFloats>;
+      const MlaSplit thirds = Thirds::Plan(rows, p.max_candidates);
+      if (thirds.size != 0 && halves.size != 0 && thirds.blocks_per_cta <= halves.blocks_per_cta) {
+        return Thirds::Launch(p, sel, thirds, stream);
+      }
     }
     if (GROUP >= 128 && MlaTilesFitOneWave<NC>(p)) return LaunchMlaTiles<NC, 1>(p, sel, stream);
     // (64 heads: the halves at batch 1-2; from batch 4 the rule below keeps the whole rows.)
