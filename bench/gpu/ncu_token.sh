@@ -48,6 +48,6 @@ for run in "${runs[@]}"; do
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
     "$bench" --profile-steps 1 --only $run 2>/dev/null |
     awk -F'","' -v run="$run" 'NR == 1 {print "== " run} /gpu__time_duration/ {
-      n = split($5, k, "("); print $NF " " k[1]}' >> "$OUT/durations.txt"
+      split($5, k, "("); print $NF " " k[1]}' >> "$OUT/durations.txt"
   head -40 "$OUT/segments-$i.txt"
 done

@@ -74,6 +74,14 @@ constexpr int kPoolBlocks = 65536;  // KV pool blocks (and index rows) shared by
 constexpr int kTables = 32;         // random block tables rotated over inside one sample
 constexpr int kBlockBudget = 128;
 
+// A method's policy at token budget k_t (the rest TlsPolicy's defaults).
+TlsPolicy MethodPolicy(TlsMode mode, int k_t) {
+  TlsPolicy pol;
+  pol.mode = mode;
+  pol.token_budget = k_t;
+  return pol;
+}
+
 struct Config {
   std::string name, note;
   int q_heads, kv_heads, head_dim, v_dim, channels;
@@ -464,10 +472,8 @@ class Bench {
   // M_{t-1} of every table (same-step two-level selection at length len - 1 is close enough:
   // any valid block list of k_b blocks costs the same).
   void InitLagState(int k_t) {
-    TlsPolicy pol;
-    pol.mode = TlsMode::kTwoLevel;
+    TlsPolicy pol = MethodPolicy(TlsMode::kTwoLevel, k_t);
     pol.lag = TlsLag::kSameStep;
-    pol.token_budget = k_t;
     for (int i = 0; i < kTables; ++i) BENCH_CHECK(cuda::TlsDecodeSelect(Select(i, pol), s_));
     BENCH_CHECK(cudaStreamSynchronize(s_));
   }
@@ -519,11 +525,8 @@ class Bench {
   // kernels are profiled, not the set-up or the timing graphs).
   void Profile(int k_t, int steps) {
     InitLagState(k_t);
-    TlsPolicy quest;
-    quest.token_budget = k_t;
-    quest.mode = TlsMode::kBlockOnly;
-    TlsPolicy token = quest;
-    token.mode = TlsMode::kTokenOnly;
+    const TlsPolicy quest = MethodPolicy(TlsMode::kBlockOnly, k_t);
+    const TlsPolicy token = MethodPolicy(TlsMode::kTokenOnly, k_t);
     BENCH_CHECK(cudaProfilerStart());
     for (int i = 0; i < steps; ++i) BENCH_CHECK(TlsStep(i, k_t, s_));
     for (int i = 0; i < steps; ++i) BENCH_CHECK(Step(i, quest, s_));
@@ -607,10 +610,7 @@ class Bench {
     // The same attention over Quest-style's positions (whole blocks) at this budget: the two
     // steps' attention differs only in which rows it gathers (tokens scattered over k_b blocks,
     // or k_t / 64 whole blocks).
-    TlsPolicy quest;
-    quest.token_budget = k_t;
-    quest.mode = TlsMode::kBlockOnly;
-    const TlsDecodeSelectParams quest_sel = Select(0, quest);
+    const TlsDecodeSelectParams quest_sel = Select(0, MethodPolicy(TlsMode::kBlockOnly, k_t));
     BENCH_CHECK(cuda::TlsDecodeSelect(quest_sel, s_));
     BENCH_CHECK(cudaStreamSynchronize(s_));
     (*out)["attention_quest"] = TimeMs([&](int i, cudaStream_t s) {
@@ -656,9 +656,8 @@ class Bench {
   }
 
   asynctls::kernels::TlsTokenSelectParams TokenSelectParams(int k_t) {
-    TlsPolicy pol;
-    pol.token_budget = k_t;
-    const int max_positions = asynctls::kernels::TlsMaxSelectedTokens(pol, pages_);
+    const int max_positions =
+        asynctls::kernels::TlsMaxSelectedTokens(MethodPolicy(TlsMode::kTwoLevel, k_t), pages_);
     Ensure(positions_, size_t(batch_) * c_.kv_heads * max_positions * 4);
     Ensure(num_positions_, size_t(batch_) * c_.kv_heads * 4);
     return {alpha_.as<float>(),       cand_.as<int32_t>(),      lens_.as<int32_t>(),
@@ -840,16 +839,10 @@ int main(int argc, char** argv) {
                   0,      dense,
                   0,      0,
                   {},     StepBytes(c, b, l, k_t, int8_block_index)};
-            TlsPolicy tls;
-            tls.token_budget = k_t;
             r.tls = bench.Tls(k_t);
-            r.tls_serial = bench.Method(tls);
-            TlsPolicy quest = tls;
-            quest.mode = TlsMode::kBlockOnly;
-            r.quest = bench.Method(quest);
-            TlsPolicy token = tls;
-            token.mode = TlsMode::kTokenOnly;
-            r.token = bench.Method(token);
+            r.tls_serial = bench.Method(MethodPolicy(TlsMode::kTwoLevel, k_t));
+            r.quest = bench.Method(MethodPolicy(TlsMode::kBlockOnly, k_t));
+            r.token = bench.Method(MethodPolicy(TlsMode::kTokenOnly, k_t));
             bench.InitLagState(k_t);
             bench.Stages(k_t, ki == 0, &r.stages);
             if (ki == 0) {

@@ -1130,8 +1130,13 @@ constexpr int MlaSmemExpRows(MlaExps exps, int heads) {
 }
 
 // Row stride (words) of those rows for `slots` candidate slots: 8 words of padding put a quad's
-// stores to eight rows on different banks.
+// stores to eight rows on different banks (a warp's 8-byte stores to its 8 pair rows: two
+// wavefronts, the least for 256 bytes).
 __host__ __device__ constexpr int MlaSmemExpStride(int slots) { return slots + 8; }
+
+// Heads of each part of a row split over SPLIT clusters in whole 16-head tiles (of 3 parts the
+// last takes fewer).
+constexpr int MlaPartHeads(int group, int split) { return 16 * ((group / 16 + split - 1) / split); }
 
 // Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
 // rows and their token scales, and `exp_rows` rows of exps (MlaSmemExpRows).
@@ -1202,8 +1207,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   // Each part takes kMTiles 16-head tiles (kHeads heads); of 3 parts the last takes fewer.
   constexpr int kGroupTiles = GROUP / 16;
-  constexpr int kMTiles = (kGroupTiles + SPLIT - 1) / SPLIT;
-  constexpr int kHeads = 16 * kMTiles;
+  constexpr int kHeads = MlaPartHeads(GROUP, SPLIT);
+  constexpr int kMTiles = kHeads / 16;
   static_assert(GROUP % 16 == 0 && (SPLIT - 1) * kMTiles < kGroupTiles, "16-head tiles per part");
   // (The scratch's pair rows, ScratchPairs, assume kHeads heads in every part.)
   static_assert(GROUP % SPLIT == 0 || EXPS == MlaExps::kSmemFloats, "uneven parts in smem");
@@ -1495,10 +1500,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------
-// Words per head pair of a tile CTA's exps in shared memory: 8 words of padding spread a warp's
-// 8-byte stores to its 8 pair rows over all 32 banks (two wavefronts, the least for 256 bytes).
-constexpr int MlaTilePairStride(int items) { return items * kFusedThreads + 8; }
-
 // One cluster per (row, 16-head tile) instead of per row: a row's 16-128 heads spread over
 // G / 16 clusters, so one row of 128 heads runs on 64 SMs (8 clusters of 8 CTAs) where a
 // cluster per row got 16. The per-head max and exp sums stay inside the cluster; each cluster
@@ -1529,7 +1530,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   int32_t* pos_s = reinterpret_cast<int32_t*>(scale_s + kSpan);  // [slot] position (-1: none)
   // [pair][slot]: the tile's exps as bf16 head pairs (ScratchPairs' layout, kept in the CTA).
   uint32_t* pairs_s = reinterpret_cast<uint32_t*>(pos_s + kSpan);
-  constexpr int kPairStride = MlaTilePairStride(ITEMS);
+  constexpr int kPairStride = MlaSmemExpStride(kSpan);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -1671,7 +1672,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
 constexpr size_t MlaTileSmem(int items) {  // tok_s, scale_s, pos_s, pairs_s
   return size_t(items) * kFusedThreads * (sizeof(int64_t) + sizeof(float) + sizeof(int32_t)) +
-         size_t(kTlsAlphaHeadTile / 2) * MlaTilePairStride(items) * sizeof(uint32_t);
+         size_t(kTlsAlphaHeadTile / 2) * MlaSmemExpStride(items * kFusedThreads) * sizeof(uint32_t);
 }
 
 int MlaTileClusters(const TlsTokenScoreParams& p) {
@@ -1745,7 +1746,7 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
 template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS = MlaExps::kScratch>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>;
-  static constexpr int kExpRows = MlaSmemExpRows(EXPS, 16 * ((GROUP / 16 + SPLIT - 1) / SPLIT));
+  static constexpr int kExpRows = MlaSmemExpRows(EXPS, MlaPartHeads(GROUP, SPLIT));
   static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows);
   static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows);
 
