@@ -11,7 +11,7 @@
 # `tls_bench --only` arguments, required), OUT (default ./ncu-out), BUILD_DIR (default build-k),
 # CACHE (ncu --cache-control: all flushes the caches before the kernel, the default; none keeps
 # them warm, as in a decode step).
-# Writes one segments-N.txt per selection and durations.txt.
+# Writes one segments-N.txt per selection (phases, stalls, pipe utilization) and durations.txt.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.." || exit 1
@@ -43,11 +43,14 @@ for run in "${runs[@]}"; do
       grep -E '"(Duration|Grid Size|Block Size|Registers Per Thread|Cluster Size)"' |
       awk -F'","' '{print $(NF-2) " " $(NF-1) " " $NF}' | head -6
     python3 bench/gpu/ncu_segments.py "/tmp/ncu-$i.csv"
+    echo "-- issue and pipes (% of peak while active)"
+    ncu -i "/tmp/ncu-$i.ncu-rep" --page raw --csv > "/tmp/ncu-$i-raw.csv" 2>/dev/null &&
+      python3 bench/gpu/ncu_pipes.py "/tmp/ncu-$i-raw.csv"
   } > "$OUT/segments-$i.txt" 2>&1
   # shellcheck disable=SC2086
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
     "$bench" --profile-steps 1 --only $run 2>/dev/null |
     awk -F'","' -v run="$run" 'NR == 1 {print "== " run} /gpu__time_duration/ {
       split($5, k, "("); print $NF " " k[1]}' >> "$OUT/durations.txt"
-  head -40 "$OUT/segments-$i.txt"
+  head -30 "$OUT/segments-$i.txt"; tail -25 "$OUT/segments-$i.txt"
 done

@@ -274,6 +274,48 @@ __device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---- the same sums on warpgroup MMA (sm_90a IGMMA) ------------------------------------------
+// mma.sync runs at about half the tensor cores' rate on sm_90; wgmma.mma_async takes 64 heads x
+// N candidates per instruction at the full rate and reads B straight from shared memory. B:
+// staged candidate rows of 128 bytes (one u8 code per k), 128-byte swizzled (16-byte chunk c of
+// row r at c ^ (r % 8), rows from a 1,024-byte aligned base), k-major; k-slice j is bytes 32 j ..
+// 32 j + 31 of each row. A: the heads' codes in registers, the mma.sync A layout per warp.
+
+// Shared-memory matrix descriptor of such rows from `rows` (8-row groups 1,024 bytes apart).
+__device__ __forceinline__ uint64_t GmmaRowsDesc(const void* rows) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
+  return uint64_t{(addr >> 4) & 0x3fffu} | uint64_t{1} << 16 | uint64_t{1024 >> 4} << 32 |
+         uint64_t{1} << 62;  // layout type 1: 128-byte swizzle
+}
+
+// d (64 x 32 int32, the wgmma accumulator layout: d[4 n .. 4 n + 3] are 8-column tile n's
+// mma.sync C fragment) += A (k-slice registers a) x B (desc's 32 rows), asynchronously.
+__device__ __forceinline__ void GmmaS8U8N32(int (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1;\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
+        "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
+        "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+// d += the four k-slices of 128-byte rows (ag[j]: slice j's A registers), waited for.
+__device__ __forceinline__ void GmmaRowDots(int (&d)[16], const uint32_t (&ag)[4][4],
+                                            uint64_t desc) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int j = 0; j < 4; ++j) GmmaS8U8N32(d, ag[j], desc + 2 * j);  // + 32 bytes (>> 4)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory stores (the staging) before later wgmma
+// reads of them (async proxy); a CTA barrier after it makes that hold for every thread.
+__device__ __forceinline__ void FenceSharedForGmma() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // A fragments of a 16-head tile for 32-channel slab `sl`: `codes` holds the tile's int8 query
 // codes as floats, head stride NC (a0: row lane / 4, k 4 (lane % 4) ..; a1: row + 8; a2, a3:
 // the same at k + 16).

@@ -45,7 +45,10 @@ using tls_detail::BiasedDotToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::ExpFixed;
+using tls_detail::FenceSharedForGmma;
 using tls_detail::FromOrderedBits;
+using tls_detail::GmmaRowDots;
+using tls_detail::GmmaRowsDesc;
 using tls_detail::Int4PackedDot;
 using tls_detail::kDotFloatBias;
 using tls_detail::LetNextGridLaunch;
@@ -1195,6 +1198,34 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
   }
 }
 
+// The IGMMA A registers of a 16-head tile (ag[j]: k-slice j, bytes 32 j .. 32 j + 31 of a row
+// staged by StageUnpackedCodes<128>) from its mma.sync fragments a[sl] (LoadQueryFragments). A
+// staged row's byte 32 t + 8 sl + 4 half + i holds mma.sync k index 32 sl + 16 half + 4 t + i
+// (lane t's b0 / b1 of slice sl), so lane (r, t)'s register reg of slice j is register
+// 2 (t % 2) + reg % 2 of slice t / 2 + 2 (reg / 2) in lane (r, j). Once per kernel: 64 shuffles.
+__device__ __forceinline__ void GmmaQueryFragments(const uint32_t (&a)[4][4], int lane,
+                                                   uint32_t (&ag)[4][4]) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      uint32_t v = 0u;
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt) {  // what lane t = tt of each quad takes
+        const uint32_t w = __shfl_sync(
+            0xffffffffu, a[(tt >> 1) + 2 * (reg >> 1)][2 * (tt & 1) + (reg & 1)], (lane & ~3) | j);
+        if (t == tt) v = w;
+      }
+      ag[j][reg] = v;
+    }
+  }
+}
+
+// 8-candidate tiles per IGMMA (N = 32): list entries hold 8 tiles, so a CTA's tiles split into
+// whole groups.
+constexpr int kGmmaTiles = 4;
+
 // GROUP: the row's heads; SPLIT: clusters per row (1, or 2 / 3 / 4 taking a half / third /
 // quarter of the heads each, in whole 16-head tiles); ITEMS: candidates per thread (slot u *
 // kFusedThreads + tid); EXPS: where the exps wait for the alpha pass. In shared memory (where a
@@ -1214,11 +1245,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   static_assert(GROUP % SPLIT == 0 || EXPS == MlaExps::kSmemFloats, "uneven parts in smem");
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile (32 / 3: 2 idle)
   constexpr bool kEvenParts = kGroupTiles % SPLIT == 0 && kFusedWarps % kMTiles == 0;
+  // Parts of 64 or 128 heads at 128 channels take their logits from warpgroup MMA: the four
+  // warps of warpgroup w / 4 hold consecutive 16-head tiles of one 64-head block, all one slot.
+  constexpr bool kGmma = NC == 128 && kMTiles % 4 == 0 && kEvenParts;
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   uint32_t* codes_s = mla_smem;                    // [slot] rows
+  if constexpr (kGmma) {  // IGMMA's swizzle reads address bits: rows from a 1,024-byte boundary
+    extern __shared__ __align__(1024) uint32_t mla_smem_1k[];
+    codes_s = mla_smem_1k;
+  }
   float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
   // kSmemFloats: [head][MlaSmemExpStride(span)] floats; kSmemPairs: [pair][...] bf16 pairs.
   float* exps_s = scale_s + span;
@@ -1307,6 +1345,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
     }
   }
+  if constexpr (kGmma) FenceSharedForGmma();  // the staged rows, before IGMMA reads them
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
   // The scales are read back only after the cluster barrier below; copied here, their global
   // load is off that critical path (read after it: +0.8 us at 128 heads batch 8, run 34).
@@ -1323,6 +1362,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int warp_tiles = kEvenParts || (slot < kSlots && mt < part_tiles) ? tiles : 0;
   uint32_t a[NC / 32][4];
   if (kEvenParts || warp_tiles > 0) LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
+  uint32_t ag[kGmma ? 4 : 1][4];
+  if constexpr (kGmma) GmmaQueryFragments(a, lane, ag);
   __syncthreads();
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
@@ -1354,6 +1395,27 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   auto tile_scales = [&](int tile) {
     return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
   };
+  // kGmma: fn(tile, d) for each tile of this warpgroup's (d: the tile's LaneHeadPair-layout dots,
+  // biased as tile_dots'), kGmmaTiles tiles per IGMMA; a slot's warpgroups take groups slot,
+  // slot + kSlots, ... of the CTA's tiles (whole groups: list entries hold 8 tiles).
+  auto for_gmma_tiles = [&](auto&& fn) {
+    for (int group = slot; group < tiles / kGmmaTiles; group += kSlots) {
+      int d[4 * kGmmaTiles];
+#pragma unroll
+      for (int n = 0; n < kGmmaTiles; ++n) {
+        d[4 * n] = d[4 * n + 1] = kDotFloatBias - off0;
+        d[4 * n + 2] = d[4 * n + 3] = kDotFloatBias - off1;
+      }
+      if constexpr (kGmma) {
+        GmmaRowDots(d, ag, GmmaRowsDesc(codes_s + 8 * kGmmaTiles * group * MlaRowWords<NC>()));
+      }
+#pragma unroll
+      for (int n = 0; n < kGmmaTiles; ++n) {
+        const int dn[4] = {d[4 * n], d[4 * n + 1], d[4 * n + 2], d[4 * n + 3]};
+        fn(kGmmaTiles * group + n, dn);
+      }
+    }
+  };
 
   // This lane's pairs of slots in the shared-memory exps of heads h0 / h1 (kSmemFloats), which
   // hold the scaled dots from (1) to (2): the logits are computed once.
@@ -1364,7 +1426,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const uint32_t* frag[kChunks];
 #pragma unroll
   for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
-  {
+  if constexpr (kGmma) {
+    for_gmma_tiles([&](int tile, const int(&d)[4]) {
+      float y[4];
+      LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
+      lhp.AddMax(y);
+      if constexpr (EXPS == MlaExps::kSmemFloats) {
+        *reinterpret_cast<float2*>(smem_at0 + 8 * (tile - slot)) = make_float2(y[0], y[1]);
+        *reinterpret_cast<float2*>(smem_at1 + 8 * (tile - slot)) = make_float2(y[2], y[3]);
+      }
+    });
+  } else {
     float* at0 = smem_at0;
     float* at1 = smem_at1;
     for (int tile = slot; tile < warp_tiles;
@@ -1420,6 +1492,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       *reinterpret_cast<float2*>(at0) = make_float2(e[0], e[1]);
       *reinterpret_cast<float2*>(at1) = make_float2(e[2], e[3]);
     }
+  } else if constexpr (kGmma) {
+    const int store_end = p.max_candidates - rank * span - 2 * t;
+    uint32_t* const at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
+    for_gmma_tiles([&](int tile, const int(&d)[4]) {
+      float e[4];
+      lhp.Exps(d, tile_scales(tile), e);
+      if constexpr (EXPS == MlaExps::kScratch) {
+        StoreTilePairs(at + 8 * tile, 8 * tile < store_end, e);
+      } else {
+        *reinterpret_cast<uint2*>(at + 8 * tile) = TilePairs(e);
+      }
+    });
   } else {
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];

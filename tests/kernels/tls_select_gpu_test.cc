@@ -453,57 +453,74 @@ TEST(TlsSelectGpuTest, BlockTopKScoreShapesMatchReference) {
 }
 
 // The whole step for every mode and lag: blocks, positions and counts equal the reference.
+void ExpectDecodeSelectsMatch(const SelectShape& s) {
+  const testing::TlsCase c = testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
+  testing::DeviceTlsCase d;
+  ASSERT_CUDA(d.Upload(c));
+  const int rows = c.batch * c.num_kv_heads;
+  // k_b 16: rows of 1,024 candidates; 96: 6,144. MLA rows of 1-2 sequences take one cluster
+  // per row at 16-64 heads (4 CTAs of 4 list entries; 16 of 6) and the head tiles at 128 (one
+  // row: a cluster of one CTA per tile; of 6 at one candidate per thread).
+  for (const int kb : s.kbs) {
+    for (TlsMode mode :
+         {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
+      for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
+        if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
+        if (kb != 16 && mode != TlsMode::kTwoLevel) continue;
+        SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " mode " << int(mode) << " lag "
+                                          << int(lag) << " k_b " << kb);
+        const TlsPolicy pol = testing::MakePolicy(mode, lag, kb, 256, 1, 64);
+        testing::TlsSelectBuffers buf;
+        if (lag == TlsLag::kOneStep) {
+          // Previous step: the same-step blocks of a sequence one token shorter.
+          buf.prev_blocks.assign(size_t(rows) * kb, 0);
+          buf.prev_num_blocks.assign(rows, 0);
+          buf.prev_select_lens = c.seq_lens();
+          for (int r = 0; r < rows; ++r) {
+            int32_t& l = buf.prev_select_lens[r / c.num_kv_heads];
+            if (r % c.num_kv_heads == 0 && l > 1) l -= 1;
+            int n = 0;
+            for (int blk = 1 + r % 2; blk < TlsEligibleEnd(l) && n < kb; blk += 2) {
+              buf.prev_blocks[r * kb + n++] = blk;
+            }
+            buf.prev_num_blocks[r] = n;
+          }
+        }
+        TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
+        ref::TlsDecodeSelect(p);
+
+        ExpectDeviceSelectMatches(p, d, buf, rows, mode);
+        if (lag == TlsLag::kOneStep) {
+          {
+            SCOPED_TRACE("block branch on a second stream");
+            ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreams);
+          }
+          SCOPED_TRACE("block branch on a second stream, from a graph");
+          ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreamsGraph);
+        }
+      }
+    }
+  }
+}
+
 TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(203);
-  for (const SelectShape& s : Shapes()) {
-    const testing::TlsCase c =
-        testing::MakeTlsCase(s.lens, s.nq, s.nkv, s.dim, s.nc, s.dtype, s.mla);
-    testing::DeviceTlsCase d;
-    ASSERT_CUDA(d.Upload(c));
-    const int rows = c.batch * c.num_kv_heads;
-    // k_b 16: rows of 1,024 candidates; 96: 6,144. MLA rows of 1-2 sequences take one cluster
-    // per row at 16-64 heads (4 CTAs of 4 list entries; 16 of 6) and the head tiles at 128 (one
-    // row: a cluster of one CTA per tile; of 6 at one candidate per thread).
-    for (const int kb : s.kbs) {
-      for (TlsMode mode :
-           {TlsMode::kDense, TlsMode::kBlockOnly, TlsMode::kTokenOnly, TlsMode::kTwoLevel}) {
-        for (TlsLag lag : {TlsLag::kSameStep, TlsLag::kOneStep}) {
-          if (lag == TlsLag::kOneStep && mode != TlsMode::kTwoLevel) continue;
-          if (kb != 16 && mode != TlsMode::kTwoLevel) continue;
-          SCOPED_TRACE(::testing::Message() << "dim " << s.dim << " mode " << int(mode) << " lag "
-                                            << int(lag) << " k_b " << kb);
-          const TlsPolicy pol = testing::MakePolicy(mode, lag, kb, 256, 1, 64);
-          testing::TlsSelectBuffers buf;
-          if (lag == TlsLag::kOneStep) {
-            // Previous step: the same-step blocks of a sequence one token shorter.
-            buf.prev_blocks.assign(size_t(rows) * kb, 0);
-            buf.prev_num_blocks.assign(rows, 0);
-            buf.prev_select_lens = c.seq_lens();
-            for (int r = 0; r < rows; ++r) {
-              int32_t& l = buf.prev_select_lens[r / c.num_kv_heads];
-              if (r % c.num_kv_heads == 0 && l > 1) l -= 1;
-              int n = 0;
-              for (int blk = 1 + r % 2; blk < TlsEligibleEnd(l) && n < kb; blk += 2) {
-                buf.prev_blocks[r * kb + n++] = blk;
-              }
-              buf.prev_num_blocks[r] = n;
-            }
-          }
-          TlsDecodeSelectParams p = testing::MakeDecodeSelectParams(c, pol, buf);
-          ref::TlsDecodeSelect(p);
+  for (const SelectShape& s : Shapes()) ExpectDecodeSelectsMatch(s);
+}
 
-          ExpectDeviceSelectMatches(p, d, buf, rows, mode);
-          if (lag == TlsLag::kOneStep) {
-            {
-              SCOPED_TRACE("block branch on a second stream");
-              ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreams);
-            }
-            SCOPED_TRACE("block branch on a second stream, from a graph");
-            ExpectDeviceSelectMatches(p, d, buf, rows, mode, Launch::kTwoStreamsGraph);
-          }
-        }
-      }
+// The benchmark's MLA rows at batch 4 and 8: 64 and 128 heads over 8,192 candidates (k_b 128),
+// whose row clusters take their logits from warpgroup MMA (64-head blocks; the exps in shared
+// memory at batch 4, in the L2 scratch at batch 8 on the fewest CTAs).
+TEST(TlsSelectGpuTest, DecodeSelectAtBatchedMlaRowsMatchesReference) {
+  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  testing::Reseed(205);
+  const std::vector<int32_t> four = {8600, 8400, 9000, 8500};
+  const std::vector<int32_t> eight = {8600, 8400, 9000, 8500, 8700, 8450, 8900, 8800};
+  for (const int heads : {64, 128}) {
+    for (const auto& lens : {four, eight}) {
+      SCOPED_TRACE(::testing::Message() << heads << " heads, " << lens.size() << " rows");
+      ExpectDecodeSelectsMatch({lens, heads, 1, 576, 128, DType::kBF16, true, {128}});
     }
   }
 }
