@@ -1141,22 +1141,38 @@ __host__ __device__ constexpr int MlaSmemExpStride(int slots) { return slots + 8
 // last takes fewer).
 constexpr int MlaPartHeads(int group, int split) { return 16 * ((group / 16 + split - 1) / split); }
 
+// Whether MlaScoreSelectKernel<NC, GROUP, SPLIT, *, EXPS> takes its logits from warpgroup MMA:
+// parts of 64 or 128 heads at 128 channels that compute them twice. The four warps of warpgroup
+// w / 4 hold consecutive 16-head tiles of one 64-head block, all of one slot. (H100: 0.6-0.9 us
+// off the token branch at batch 8, 0.2-0.3 at 128 heads batch 4; the float exps' single pass at
+// 64 heads batch 4 was 0.5 us slower on it: bench/results/tls-kernels-h200.md run 161.)
+constexpr bool MlaUsesGmma(int nc, int group, int split, MlaExps exps) {
+  const int tiles = MlaPartHeads(group, split) / 16;
+  return nc == 128 && tiles % 4 == 0 && (group / 16) % split == 0 && kFusedWarps % tiles == 0 &&
+         exps != MlaExps::kSmemFloats;
+}
+
+// IGMMA's 128-byte swizzle follows shared-memory address bits, so those kernels start their
+// staged rows on the next 1,024-byte boundary of their dynamic shared memory, which has this
+// much more room (an __align__(1024) extern array would pad every kernel of this file).
+constexpr int kGmmaAlign = 1024;
+
 // Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
 // rows and their token scales, and `exp_rows` rows of exps (MlaSmemExpRows).
 template <int NC>
-constexpr size_t MlaDynamicSmem(int blocks, int exp_rows) {
+constexpr size_t MlaDynamicSmem(int blocks, int exp_rows, bool gmma) {
   const int slots = blocks * kKvBlockSize;
   return size_t(slots) * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float)) +
-         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t);
+         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t) + (gmma ? kGmmaAlign : 0);
 }
 
 // The most list entries one CTA stages at `items` candidates per thread (two items: as many as
 // fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
 template <int NC>
-constexpr int MlaMaxBlocks(int items, int exp_rows) {
+constexpr int MlaMaxBlocks(int items, int exp_rows, bool gmma) {
   constexpr size_t kDynamicLimit = 200 * 1024;
   int blocks = items * kMlaBlocksPerItem;
-  while (MlaDynamicSmem<NC>(blocks, exp_rows) > kDynamicLimit) --blocks;
+  while (MlaDynamicSmem<NC>(blocks, exp_rows, gmma) > kDynamicLimit) --blocks;
   return blocks;
 }
 
@@ -1245,18 +1261,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   static_assert(GROUP % SPLIT == 0 || EXPS == MlaExps::kSmemFloats, "uneven parts in smem");
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile (32 / 3: 2 idle)
   constexpr bool kEvenParts = kGroupTiles % SPLIT == 0 && kFusedWarps % kMTiles == 0;
-  // Parts of 64 or 128 heads at 128 channels take their logits from warpgroup MMA: the four
-  // warps of warpgroup w / 4 hold consecutive 16-head tiles of one 64-head block, all one slot.
-  constexpr bool kGmma = NC == 128 && kMTiles % 4 == 0 && kEvenParts;
+  constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   uint32_t* codes_s = mla_smem;                    // [slot] rows
-  if constexpr (kGmma) {  // IGMMA's swizzle reads address bits: rows from a 1,024-byte boundary
-    extern __shared__ __align__(1024) uint32_t mla_smem_1k[];
-    codes_s = mla_smem_1k;
-  }
+  if constexpr (kGmma) codes_s += (kGmmaAlign - SmemAddr(mla_smem) % kGmmaAlign) % kGmmaAlign / 4;
   float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
   // kSmemFloats: [head][MlaSmemExpStride(span)] floats; kSmemPairs: [pair][...] bf16 pairs.
   float* exps_s = scale_s + span;
@@ -1426,16 +1437,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const uint32_t* frag[kChunks];
 #pragma unroll
   for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
-  if constexpr (kGmma) {
-    for_gmma_tiles([&](int tile, const int(&d)[4]) {
-      float y[4];
-      LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
-      lhp.AddMax(y);
-      if constexpr (EXPS == MlaExps::kSmemFloats) {
-        *reinterpret_cast<float2*>(smem_at0 + 8 * (tile - slot)) = make_float2(y[0], y[1]);
-        *reinterpret_cast<float2*>(smem_at1 + 8 * (tile - slot)) = make_float2(y[2], y[3]);
-      }
-    });
+  if constexpr (kGmma) {  // (not kSmemFloats: no scaled dots kept)
+    for_gmma_tiles([&](int tile, const int(&d)[4]) { lhp.AddMax(d, tile_scales(tile)); });
   } else {
     float* at0 = smem_at0;
     float* at1 = smem_at1;
@@ -1831,8 +1834,9 @@ template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS = MlaExps::kScra
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>;
   static constexpr int kExpRows = MlaSmemExpRows(EXPS, MlaPartHeads(GROUP, SPLIT));
-  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows);
-  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows);
+  static constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
+  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows, kGmma);
+  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows, kGmma);
 
   static MlaSplit Plan(int rows, int max_candidates) {
     return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
