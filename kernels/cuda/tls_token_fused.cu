@@ -945,9 +945,10 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 
 // ---- MLA in one launch ----------------------------------------------------------------------
 // A row's MLA logits (16-128 heads x 1,024 candidates per CTA) do not fit in shared memory, but
-// integer tensor cores (MmaS8U8) compute them so cheaply that two phases recompute them from
-// the CTA's staged INT4 rows: (1) the per-head max, (2) the per-head exps, written as bf16
-// head pairs to the workspace's exp scratch (StoredExps, L2-resident; ScratchPairs), and their
+// integer tensor cores (MmaS8U8; warpgroup MMA for 64-head blocks, MlaUsesGmma) compute them so
+// cheaply that two phases recompute them from the CTA's staged INT4 rows: (1) the per-head max,
+// (2) the per-head exps, written as bf16 head pairs to the workspace's exp scratch (StoredExps,
+// L2-resident; ScratchPairs), and their
 // fixed-point sums; then (3) each candidate's thread reads its exps back and sums alpha over
 // the heads (tls_math.h order), and ClusterSelect. Same arithmetic as the separate ops and the
 // CPU reference, bit for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates
