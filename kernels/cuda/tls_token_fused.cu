@@ -948,9 +948,8 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // integer tensor cores (MmaS8U8; warpgroup MMA for 64-head blocks, MlaUsesGmma) compute them so
 // cheaply that two phases recompute them from the CTA's staged INT4 rows: (1) the per-head max,
 // (2) the per-head exps, written as bf16 head pairs to the workspace's exp scratch (StoredExps,
-// L2-resident; ScratchPairs), and their
-// fixed-point sums; then (3) each candidate's thread reads its exps back and sums alpha over
-// the heads (tls_math.h order), and ClusterSelect. Same arithmetic as the separate ops and the
+// L2-resident; ScratchPairs), and their fixed-point sums; then (3) each candidate's thread reads
+// its exps back and sums alpha over the heads (tls_math.h order), and ClusterSelect. Same arithmetic as the separate ops and the
 // CPU reference, bit for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates
 // per thread), up to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row
 // takes as many SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes
@@ -1142,14 +1141,18 @@ __host__ __device__ constexpr int MlaSmemExpStride(int slots) { return slots + 8
 // last takes fewer).
 constexpr int MlaPartHeads(int group, int split) { return 16 * ((group / 16 + split - 1) / split); }
 
+// Whether a row's SPLIT parts are equal and every warp takes a 16-head tile of its part.
+constexpr bool MlaEvenParts(int group, int split) {
+  return (group / 16) % split == 0 && kFusedWarps % (MlaPartHeads(group, split) / 16) == 0;
+}
+
 // Whether MlaScoreSelectKernel<NC, GROUP, SPLIT, *, EXPS> takes its logits from warpgroup MMA:
 // parts of 64 or 128 heads at 128 channels that compute them twice. The four warps of warpgroup
 // w / 4 hold consecutive 16-head tiles of one 64-head block, all of one slot. (H100: 0.6-0.9 us
 // off the token branch at batch 8, 0.2-0.3 at 128 heads batch 4; the float exps' single pass at
 // 64 heads batch 4 was 0.5 us slower on it: bench/results/tls-kernels-h200.md run 161.)
 constexpr bool MlaUsesGmma(int nc, int group, int split, MlaExps exps) {
-  const int tiles = MlaPartHeads(group, split) / 16;
-  return nc == 128 && tiles % 4 == 0 && (group / 16) % split == 0 && kFusedWarps % tiles == 0 &&
+  return nc == 128 && MlaPartHeads(group, split) % 64 == 0 && MlaEvenParts(group, split) &&
          exps != MlaExps::kSmemFloats;
 }
 
@@ -1261,7 +1264,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // (The scratch's pair rows, ScratchPairs, assume kHeads heads in every part.)
   static_assert(GROUP % SPLIT == 0 || EXPS == MlaExps::kSmemFloats, "uneven parts in smem");
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile (32 / 3: 2 idle)
-  constexpr bool kEvenParts = kGroupTiles % SPLIT == 0 && kFusedWarps % kMTiles == 0;
+  constexpr bool kEvenParts = MlaEvenParts(GROUP, SPLIT);
   constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
