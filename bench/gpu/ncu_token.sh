@@ -10,8 +10,10 @@
 # Env: KERNEL (a regex of kernel names, default MlaScoreSelectKernel), RUNS (';'-separated
 # `tls_bench --only` arguments, required), OUT (default ./ncu-out), BUILD_DIR (default build-k),
 # CACHE (ncu --cache-control: all flushes the caches before the kernel, the default; none keeps
-# them warm, as in a decode step).
-# Writes one segments-N.txt per selection (phases, stalls, pipe utilization) and durations.txt.
+# them warm, as in a decode step), BENCH (a tls_bench built elsewhere, e.g. carried with its
+# libraries: skips the build).
+# Writes one segments-N.txt per selection (phases, stalls, pipe utilization), its source page
+# (source-N.csv.gz, per SASS instruction) and durations.txt.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
 cd "$(dirname "$0")/../.." || exit 1
@@ -22,10 +24,12 @@ BUILD_DIR=${BUILD_DIR:-build-k}
 CACHE=${CACHE:-all}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/ncu-cmake.log 2>&1 &&
-  ninja -C "$BUILD_DIR" tls_bench > /tmp/ncu-build.log 2>&1 ||
-  { grep -h -A8 error /tmp/ncu-*.log | head -30; exit 1; }
-bench=$BUILD_DIR/bench/tls_bench
+bench=${BENCH:-$BUILD_DIR/bench/tls_bench}
+if [ -z "${BENCH:-}" ]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/ncu-cmake.log 2>&1 &&
+    ninja -C "$BUILD_DIR" tls_bench > /tmp/ncu-build.log 2>&1 ||
+    { grep -h -A8 error /tmp/ncu-*.log | head -30; exit 1; }
+fi
 i=0
 IFS=';' read -ra runs <<< "$RUNS"
 for run in "${runs[@]}"; do
@@ -47,6 +51,7 @@ for run in "${runs[@]}"; do
     ncu -i "/tmp/ncu-$i.ncu-rep" --page raw --csv > "/tmp/ncu-$i-raw.csv" 2>/dev/null &&
       python3 bench/gpu/ncu_pipes.py "/tmp/ncu-$i-raw.csv"
   } > "$OUT/segments-$i.txt" 2>&1
+  gzip -c "/tmp/ncu-$i.csv" > "$OUT/source-$i.csv.gz"
   # shellcheck disable=SC2086
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
     "$bench" --profile-steps 1 --only $run 2>/dev/null |

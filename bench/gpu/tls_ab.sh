@@ -12,7 +12,9 @@
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
 # trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
 # required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, TEST_TREES
-# (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). Writes ab.log (the rows
+# (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). A tree holding bin/tls_bench
+# and lib/ (built on the workstation, bundled by ../shared/tools/bundle-libs.sh TREE
+# build/bench/tls_bench) is not built here and runs no tests. Writes ab.log (the rows
 # as they come, then their means per tree and row) and the full tls_bench output per tree; build
 # logs stay in /tmp (the device returns few files).
 set -uo pipefail
@@ -43,7 +45,13 @@ declare -A trees=([a]=$A [b]=$B)
 [[ -n "${E:-}" ]] && trees[e]=$E
 letters=$(printf '%s\n' "${!trees[@]}" | sort | tr '\n' ' ')
 declare -A pids
+prebuilt() { [[ -x "${trees[$1]}/bin/tls_bench" ]]; }
+bench_of() {
+  if prebuilt "$1"; then echo "${trees[$1]}/bin/tls_bench"; else
+    echo "${trees[$1]}/build-ab-$1/bench/tls_bench"; fi
+}
 for letter in $letters; do
+  prebuilt "$letter" && continue
   targets="tls_bench"
   [[ $letter != a ]] && targets="$targets $tests"
   # shellcheck disable=SC2086  # $targets: a list of targets
@@ -51,6 +59,7 @@ for letter in $letters; do
 done
 status=0
 for letter in $letters; do
+  prebuilt "$letter" && continue
   wait "${pids[$letter]}" || {
     log "tree ${letter^^} build failed"
     grep -h -A8 error /tmp/ab-*-"$letter".log | head -30
@@ -63,6 +72,7 @@ log "built in $(( $(date +%s) - t0 )) s"
 if [[ -n "$tests" ]]; then
   for letter in $letters; do
     [[ $letter == a || ( -n "${TEST_TREES:-}" && $TEST_TREES != *$letter* ) ]] && continue
+    prebuilt "$letter" && continue
     # A kernel that hangs fails its test after 120 s instead of taking the device call's time.
     ctest --test-dir "${trees[$letter]}/build-ab-$letter" -L gpu -R tls --output-on-failure -j 3 \
       --timeout 120 \
@@ -76,10 +86,9 @@ IFS=';' read -ra runs <<< "$RUNS"
 for ((r = 1; r <= REPS; ++r)); do
   for run in "${runs[@]}"; do
     for letter in $letters; do
-      tree=${trees[$letter]}
       # shellcheck disable=SC2086  # the selection is a list of arguments
-      timeout 300 "$tree/build-ab-$letter/bench/tls_bench" --samples "$SAMPLES" --only $run \
-        > /tmp/ab-run.log 2>&1 || status=1
+      LD_LIBRARY_PATH="${trees[$letter]}/lib:${LD_LIBRARY_PATH:-}" timeout 300 \
+        "$(bench_of "$letter")" --samples "$SAMPLES" --only $run > /tmp/ab-run.log 2>&1 || status=1
       cat /tmp/ab-run.log >> "$OUT/tls_bench_$letter.log"
       grep -E "^(gqa|mla)" /tmp/ab-run.log | sed "s/^/${letter^^} /" | tee -a "$OUT/ab.log"
     done

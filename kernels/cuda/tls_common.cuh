@@ -86,6 +86,10 @@ __device__ __forceinline__ float BiasedDotToFloat(int biased_dot) {
   return __fsub_rn(__int_as_float(biased_dot), __int_as_float(kDotFloatBias));
 }
 
+// The halves of a bf16x2 word (TlsTokenExpPair, the MLA exp scratch) as floats.
+__device__ __forceinline__ float Bf16PairLo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float Bf16PairHi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
 // TlsExpToFixed(e) = floor(e * 2^23) for e in [0, 1] (at most 2^23): 1 + e rounded toward zero
 // keeps e's whole 2^-23 units (the ulp of [1, 2)), so its bits minus those of 1 are the value.
 // Callers sum up to 2^8 of them in 32 bits (a lane's terms, or a warp's through redux).

@@ -1263,7 +1263,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
         const float e = !valid ? 0.f
                         : STORED && PASS == 2
                             ? logit
-                            : TlsExp2(TlsTokenExpArg(logit, {shift_a[hh], shift_b[hh]}));
+                            : TlsTokenExp(TlsTokenExpArg(logit, {shift_a[hh], shift_b[hh]}));
         if (STORED && PASS == 1 && valid) *stored = e;
         if (PASS == 1) {
           const unsigned long long fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));

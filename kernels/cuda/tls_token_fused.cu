@@ -41,6 +41,8 @@ using attention_detail::MbarArriveExpectTx;
 using attention_detail::MbarInit;
 using attention_detail::SmemAddr;
 using tls_detail::AlphaFromExps;
+using tls_detail::Bf16PairHi;
+using tls_detail::Bf16PairLo;
 using tls_detail::BiasedDotToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
@@ -781,7 +783,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
       for (int u = 0; u < ITEMS; ++u) {
         float& v = lg[(hh * ITEMS + u) * kFusedThreads + tid];
-        const float e = pos[u] >= 0 ? TlsExp2(TlsTokenExpArg(v, sh.shift[hh])) : 0.f;
+        const float e = pos[u] >= 0 ? TlsTokenExp(TlsTokenExpArg(v, sh.shift[hh])) : 0.f;
         v = e;
         fixed += ExpFixed(e);
       }
@@ -1011,21 +1013,25 @@ struct LaneHeadPair {
       if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(m1));
     }
   }
-  // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 2^-125
-  // (TlsExp2), which no fixed-point sum sees and alpha never reads.
-  __device__ __forceinline__ void Exps(const float (&y)[4], float (&e)[4]) {
+  // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 2^-126
+  // (TlsTokenExpArg), which no fixed-point sum sees and alpha never reads. The exps come as the
+  // bf16 head pairs the scratch stores (w[u]: heads h0 and h1 of slot u, TlsTokenExpPair) and as
+  // floats (e, LaneHeadPair's layout), whose sums need no unrounded copy.
+  __device__ __forceinline__ void Exps(const float (&y)[4], float (&e)[4], uint32_t (&w)[2]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      e[u] = TlsExp2(TlsTokenExpArg(y[u], s0));
-      e[2 + u] = TlsExp2(TlsTokenExpArg(y[2 + u], s1));
+      w[u] = TlsTokenExpPair(TlsTokenExpArg(y[u], s0), TlsTokenExpArg(y[2 + u], s1));
+      e[u] = Bf16PairLo(w[u]);
+      e[2 + u] = Bf16PairHi(w[u]);
       fixed0 += ExpFixed(e[u]);
       fixed1 += ExpFixed(e[2 + u]);
     }
   }
-  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float (&e)[4]) {
+  __device__ __forceinline__ void Exps(const int (&d)[4], float2 ks, float (&e)[4],
+                                       uint32_t (&w)[2]) {
     float y[4];
     ScaledDots(d, ks, y);
-    Exps(y, e);
+    Exps(y, e, w);
   }
   __device__ __forceinline__ void CommitSums(unsigned long long* sum0, unsigned long long* sum1,
                                              int t) {
@@ -1047,7 +1053,7 @@ struct LaneHeadPair {
 // slot, [pair][slot]. A cluster's kHeads heads from head0 own the scratch rows of those heads
 // (floats, [head][slot]); their pairs fill the upper half of those rows (ScratchPairs), so the
 // lower half stays free for the alpha partials that a row's clusters leave each other. Half the
-// bytes of the floats (alpha takes the exps rounded to bf16 anyway, TlsAlphaTerm): 8 us off
+// bytes of the floats (the exps are bf16 values, TlsTokenExp): 8 us off
 // the 128-head batch-8 token branch (H100, bench/results/tls-kernels-h200.md run 123). A tile's
 // lane stores its two slots in one 8-byte store, and the alpha pass loads one word per pair.
 __device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, int heads,
@@ -1055,22 +1061,13 @@ __device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, in
   return reinterpret_cast<uint32_t*>(exps + (head0 + heads / 2) * max_candidates);
 }
 
-__device__ __forceinline__ uint32_t PackBf16Pair(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // round to nearest even, as RoundToBf16
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// A tile's exps (LaneHeadPair layout) as this lane's words of its pair row (slots 2 t, 2 t + 1).
-__device__ __forceinline__ uint2 TilePairs(const float (&e)[4]) {
-  return make_uint2(PackBf16Pair(e[0], e[2]), PackBf16Pair(e[1], e[3]));
-}
-
-// Those words to the scratch at `at` when `store`: callers pass tile slot < store_end (slots past
-// it lie past the row's scratch; the others store, 0 when no candidate: alpha reads candidates
-// only). Slots, store_end and the row stride (max_candidates, even:
-// TlsTokenScoreSelectCanFuse) are even, so a pair of slots is stored whole or not at all.
-__device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const float (&e)[4]) {
-  if (store) __stcg(reinterpret_cast<uint2*>(at), TilePairs(e));
+// A tile's exp words (LaneHeadPair::Exps) to the scratch at `at` when `store`: this lane's
+// words of its pair row (slots 2 t, 2 t + 1) in one 8-byte store. Callers pass tile slot <
+// store_end (slots past it lie past the row's scratch; the others store, 2^-126 when no
+// candidate: alpha reads candidates only). Slots, store_end and the row stride (max_candidates,
+// even: TlsTokenScoreSelectCanFuse) are even, so a pair of slots is stored whole or not at all.
+__device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const uint32_t (&w)[2]) {
+  if (store) __stcg(reinterpret_cast<uint2*>(at), make_uint2(w[0], w[1]));
 }
 
 // AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
@@ -1087,10 +1084,10 @@ __device__ __forceinline__ float AlphaFromBf16Pairs(const uint32_t* e, int64_t s
     // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15 (the exps are bf16 already).
     float part = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) part = TlsFma(__uint_as_float(v[i] << 16), inv[16 * m + i], part);
+    for (int i = 0; i < 8; ++i) part = TlsFma(Bf16PairLo(v[i]), inv[16 * m + i], part);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      part = TlsFma(__uint_as_float(v[i] & 0xffff0000u), inv[16 * m + 8 + i], part);
+      part = TlsFma(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
     }
     alpha = m == 0 ? part : TlsAdd(alpha, part);
   }
@@ -1329,7 +1326,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   if (lane == 0) sh.part_valid[warp] = valid_warp;
   // Stage this CTA's candidate rows (thread = candidate; every item's loads in flight before the
   // first is unpacked). A slot that is no candidate gets scale NaN: its logits are NaN, which the
-  // max skips and TlsExp2 maps to 2^-125 (below the fixed-point sums' unit; alpha skips it).
+  // max skips and TlsTokenExpArg maps to -126 (an exp below the fixed-point sums' unit; alpha
+  // skips it).
   {
     uint4 words[ITEMS][NC / 32];
     float scale[ITEMS];
@@ -1495,7 +1493,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       const float2 y1 = *reinterpret_cast<const float2*>(at1);
       const float y[4] = {y0.x, y0.y, y1.x, y1.y};
       float e[4];
-      lhp.Exps(y, e);
+      uint32_t w[2];
+      lhp.Exps(y, e, w);
       *reinterpret_cast<float2*>(at0) = make_float2(e[0], e[1]);
       *reinterpret_cast<float2*>(at1) = make_float2(e[2], e[3]);
     }
@@ -1504,11 +1503,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     uint32_t* const at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
     for_gmma_tiles([&](int tile, const int(&d)[4]) {
       float e[4];
-      lhp.Exps(d, tile_scales(tile), e);
+      uint32_t w[2];
+      lhp.Exps(d, tile_scales(tile), e, w);
       if constexpr (EXPS == MlaExps::kScratch) {
-        StoreTilePairs(at + 8 * tile, 8 * tile < store_end, e);
+        StoreTilePairs(at + 8 * tile, 8 * tile < store_end, w);
       } else {
-        *reinterpret_cast<uint2*>(at + 8 * tile) = TilePairs(e);
+        *reinterpret_cast<uint2*>(at + 8 * tile) = make_uint2(w[0], w[1]);
       }
     });
   } else {
@@ -1523,11 +1523,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       int d[4];
       tile_dots(frag, d);
       float e[4];
-      lhp.Exps(d, tile_scales(tile), e);
+      uint32_t w[2];
+      lhp.Exps(d, tile_scales(tile), e, w);
       if constexpr (EXPS == MlaExps::kScratch) {
-        StoreTilePairs(at, 8 * tile < store_end, e);
+        StoreTilePairs(at, 8 * tile < store_end, w);
       } else {  // inside the CTA's rows: every slot stores
-        *reinterpret_cast<uint2*>(at) = TilePairs(e);
+        *reinterpret_cast<uint2*>(at) = make_uint2(w[0], w[1]);
       }
     }
   }
@@ -1720,8 +1721,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     int d[4];
     tile_dots(ct, d);
     float e[4];
-    lhp.Exps(d, tile_scales(ct), e);
-    *reinterpret_cast<uint2*>(at + 8 * ct) = TilePairs(e);
+    uint32_t w[2];
+    lhp.Exps(d, tile_scales(ct), e, w);
+    *reinterpret_cast<uint2*>(at + 8 * ct) = make_uint2(w[0], w[1]);
   }
   lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
   __syncthreads();  // this CTA's sums

@@ -186,7 +186,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         shift[hh] = TlsTokenExpShift(m, qscale[hh], exp_scale);
         uint64_t z = 0;
         for (size_t v = 0; v < n; ++v)
-          z += TlsExpToFixed(TlsExp2(TlsTokenExpArg(logits[hh * n + v], shift[hh])));
+          z += TlsExpToFixed(TlsTokenExp(TlsTokenExpArg(logits[hh * n + v], shift[hh])));
         inv[hh] = TlsInvDenominator(z, group);
       }
       for (size_t v = 0; v < n; ++v) {
@@ -194,7 +194,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
           float part = 0.f;
           for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
-            const float e = TlsExp2(TlsTokenExpArg(logits[hh * n + v], shift[hh]));
+            const float e = TlsTokenExp(TlsTokenExpArg(logits[hh * n + v], shift[hh]));
             part = TlsAlphaTerm(e, inv[hh], part);
           }
           a = h0 == 0 ? part : TlsAdd(a, part);

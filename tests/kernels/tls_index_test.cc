@@ -376,42 +376,55 @@ TEST(TlsMathTest, BlockIndexCodesRoundOutward) {
   EXPECT_GT(raised, 0);  // the ulp raise is exercised
 }
 
-TEST(TlsMathTest, Exp2AccurateAndExactAtZero) {
-  EXPECT_EQ(TlsExp2(0.f), 1.f);
-  EXPECT_EQ(TlsExp2(-0.f), 1.f);
-  // Below -125.5 (and for -inf / NaN) 2^-125: no fixed-point sum sees it.
-  constexpr float kFloor = 2.35098870e-38f;  // 2^-125
-  EXPECT_EQ(TlsExp2(-125.5f), kFloor);
-  EXPECT_EQ(TlsExp2(-200.f), kFloor);
-  EXPECT_EQ(TlsExp2(-INFINITY), kFloor);
-  EXPECT_EQ(TlsExp2(NAN), kFloor);
-  EXPECT_EQ(TlsExpToFixed(kFloor), 0u);
-  constexpr double kBound = 1.02e-4;  // the degree-3 polynomial's relative error
-  for (float x = -125.f; x <= 0.f; x += 0.37f) {
-    const double want = std::exp2(double{x});
-    EXPECT_NEAR(TlsExp2(x) / want, 1.0, kBound) << x;
-  }
-  for (float x = -1.f; x <= 0.f; x += 1.f / 4096) {  // every fraction the polynomial sees
-    EXPECT_NEAR(TlsExp2(x) / std::exp2(double{x}), 1.0, kBound) << x;
-    EXPECT_LE(TlsExp2(x), 1.f) << x;  // ExpFixed's sums take terms of at most 1
+// TlsTokenExp is 2^x rounded to nearest bf16 on every grid point of [-126, 0] (the GPU's
+// MUFU gives the same: TokenExpMatchesReference in tls_select_gpu_test.cc).
+TEST(TlsMathTest, TokenExpIsTheNearestBf16OnTheGrid) {
+  EXPECT_EQ(TlsTokenExp(0.f), 1.f);
+  EXPECT_EQ(TlsTokenExp(-0.f), 1.f);
+  EXPECT_EQ(TlsTokenExp(-1.f), 0.5f);
+  EXPECT_EQ(TlsTokenExp(-126.f), std::ldexp(1.f, -126));
+  EXPECT_EQ(TlsExpToFixed(TlsTokenExp(-126.f)), 0u);  // below the fixed-point sums' unit
+  EXPECT_EQ(TlsExpToFixed(TlsTokenExp(0.f)), uint64_t{1} << 23);
+  for (int j = 0; j <= 126 * 256; ++j) {
+    const float x = -j / 256.f;
+    const double exact = std::exp2(-j / 256.0);
+    const float e = TlsTokenExp(x);
+    ASSERT_EQ(e, RoundToBf16(e)) << x;  // a bf16 value
+    // The nearest one: within half a bf16 ulp (2^-8 relative to [1, 2)'s) of the exact value.
+    const double ulp = std::ldexp(1.0, std::ilogb(e) - 7);
+    ASSERT_LE(std::fabs(e - exact), 0.5 * ulp) << x;
   }
 }
 
-// TlsExp2 has no upper clamp: the offset TlsTokenExpShift returns is rounded down, so every
-// argument of a head's softmax is <= 0, also where max * a rounds up to nearest.
-TEST(TlsMathTest, TokenExpArgumentsAreNeverPositive) {
+// TlsTokenExpShift rounds c = max * a up to the grid, so every argument of a head's softmax is
+// <= 0 (no exp exceeds 1, which ExpFixed's sums need), also where max * a rounds up to nearest;
+// and every argument lies on the grid in [-126, 0].
+TEST(TlsMathTest, TokenExpArgumentsLieOnTheGridAndAreNeverPositive) {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> y_dist(-50.f, 50.f), scale_dist(1e-4f, 2.f);
-  int rounded_up = 0;
   for (int i = 0; i < 20000; ++i) {
     const float max_y = y_dist(rng), a_scale = scale_dist(rng), e_scale = scale_dist(rng);
     const TlsExpShift s = TlsTokenExpShift(max_y, a_scale, e_scale);
-    EXPECT_LE(TlsTokenExpArg(max_y, s), 0.f) << max_y;
-    EXPECT_LE(TlsTokenExpArg(std::nextafter(max_y, -INFINITY), s), 0.f) << max_y;
-    EXPECT_LE(-static_cast<double>(max_y) * s.a - s.b, 1e-6 * std::fabs(max_y * s.a));
-    rounded_up += -(max_y * s.a) > s.b;  // round to nearest would have given a larger offset
+    for (const float y : {max_y, std::nextafter(max_y, -INFINITY), max_y - 1.f, y_dist(rng)}) {
+      if (y > max_y) continue;
+      const float x = TlsTokenExpArg(y, s);
+      ASSERT_LE(x, 0.f) << max_y;
+      ASSERT_GE(x, -126.f) << max_y;
+      ASSERT_EQ(x * 256.f, std::nearbyint(x * 256.f)) << x;  // on the grid
+      // Within a grid step of the exact (y - max) * a (c rounds up by under one step, and the
+      // fma's rounding adds half of one), unless clamped.
+      const double exact = (double{y} - max_y) * s.a;
+      if (exact > -125.0) ASSERT_NEAR(x, exact, 1.5 / 256 + 1e-6 * std::fabs(max_y * s.a)) << y;
+    }
   }
-  EXPECT_GT(rounded_up, 1000);  // the case the rounding guards against is common
+  // Degenerate rows: no max (NaN), an infinite max, a zero query scale (every exp 1), a NaN y.
+  EXPECT_EQ(TlsTokenExpArg(1.f, TlsTokenExpShift(NAN, 1.f, 1.f)), -126.f);
+  EXPECT_EQ(TlsTokenExpArg(1.f, TlsTokenExpShift(INFINITY, 1.f, 1.f)), -126.f);
+  EXPECT_EQ(TlsTokenExpArg(-5.f, TlsTokenExpShift(3.f, 0.f, 1.f)), 0.f);
+  EXPECT_EQ(TlsTokenExpArg(NAN, TlsTokenExpShift(3.f, 1.f, 1.f)), -126.f);
+  // A hugely negative max keeps the offset exact (c clamped at -2^30): the max's argument is 0.
+  const TlsExpShift low = TlsTokenExpShift(-1e12f, 1.f, 1.f);
+  EXPECT_LE(TlsTokenExpArg(-1e12f, low), 0.f);
   EXPECT_EQ(TlsNegMulDown(0.f, 3.f), 0.f);
   EXPECT_EQ(TlsNegMulDown(1.f, 0.5f), -0.5f);  // exact products stay exact
   // 3 * float(1/3) = 1 + 2^-25 + ...: nearest is -1, rounded down the float below it.
@@ -468,11 +481,13 @@ TEST(TlsMathTest, Int4DotIsExactInAnyOrder) {
   }
   EXPECT_EQ(backwards, float(want));
   EXPECT_EQ(TlsTokenScaledDot(float(want), 0.5f), float(want) * 0.5f);
-  // The exp2 argument of the head's max is 0 up to the rounding of max * a; others are
-  // (y - max) * a within an ulp of the product.
+  // The exp2 argument of the head's max is 0 where max * a lies on the grid; others are
+  // (y - max) * a rounded to the grid.
   const TlsExpShift s = TlsTokenExpShift(3.f, 0.25f, 2.f);
   EXPECT_EQ(TlsTokenExpArg(3.f, s), 0.f);
   EXPECT_EQ(TlsTokenExpArg(1.f, s), -1.f);
+  EXPECT_EQ(TlsTokenExpArg(2.999f, s), 0.f);          // -0.0005: the nearest grid point is 0
+  EXPECT_EQ(TlsTokenExpArg(2.99f, s), -0.00390625f);  // -0.005: the nearest is -2^-8
 }
 
 }  // namespace

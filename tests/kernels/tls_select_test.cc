@@ -352,14 +352,14 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
       shift[h] = TlsTokenExpShift(*std::max_element(l, l + slots.size()), qscale[h], exp_scale);
       uint64_t z = 0;
       for (size_t v = 0; v < slots.size(); ++v) {
-        z += TlsExpToFixed(TlsExp2(TlsTokenExpArg(l[v], shift[h])));
+        z += TlsExpToFixed(TlsTokenExp(TlsTokenExpArg(l[v], shift[h])));
       }
       inv[h] = TlsInvDenominator(z, G);
     }
     for (size_t v = 0; v < slots.size(); ++v) {
       float tile[3] = {0.f, 0.f, 0.f};
       for (int h = 0; h < G; ++h) {
-        const float e = TlsExp2(TlsTokenExpArg(logit[h * slots.size() + v], shift[h]));
+        const float e = TlsTokenExp(TlsTokenExpArg(logit[h * slots.size() + v], shift[h]));
         tile[h / 16] = std::fma(RoundToBf16(e), inv[h], tile[h / 16]);
       }
       const float want = (tile[0] + tile[1]) + tile[2];

@@ -4,7 +4,8 @@
 //   - products enter sums only through TlsFma (std::fma / __fmaf_rn, both correctly rounded);
 //     no expression of the form a * b + c is left to the compiler's contraction choice;
 //   - token logits are exact integer sums (int8 query codes x INT4 key codes) times scales;
-//   - exp is TlsExp2, a polynomial of fmas (libm's and CUDA's expf differ in the last ulp);
+//   - exp is TlsTokenExp: its argument on a grid of 2^-8, its result 2^x rounded to bf16, which
+//     the GPU's ex2.approx and a 256-entry table on the CPU both give exactly;
 //   - softmax denominators are sums of exp values truncated to multiples of 2^-23 in uint64,
 //     which are exact and therefore independent of the summation order (atomics on the GPU);
 //   - maxima and minima are exact in any order.
@@ -15,6 +16,7 @@
 #include "asynctls/kernels/types.h"
 
 #if !defined(__CUDA_ARCH__)
+#include <array>
 #include <cmath>
 #endif
 #if defined(__CUDACC__)
@@ -68,36 +70,6 @@ ASYNCTLS_HD float TlsRint(float x) {
 #else
   return std::nearbyint(x);  // round half to even in the default rounding mode
 #endif
-}
-
-// 2^x for x <= 0 (callers guarantee the sign: TlsTokenExpShift rounds its offset down); relative
-// error below 1.02e-4 down to x = -125.5; 2^-125 below that and for -inf / NaN (terms that no
-// fixed-point sum sees: its unit is 2^-23). Branch-free and without float-to-int conversions or
-// a final product, because the token kernels spend most of their instructions here (one call per
-// candidate and query head): x is clamped below at -125 (fmax maps NaN to -125), adding
-// 1.5 * 2^23 rounds it to the nearest integer n (ties to even) in t's low mantissa bits, and
-// n << 23 added to the bits of p = 2^r (in [2^-0.5, 2^0.5]) makes p * 2^n, exact and normal for
-// n in [-125, 0].
-ASYNCTLS_HD float TlsExp2(float x) {
-  constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
-#if defined(__CUDA_ARCH__)
-  const float xc = fmaxf(x, -125.f);
-#else
-  const float xc = std::fmax(x, -125.f);
-#endif
-  const float t = TlsAdd(xc, kRoundMagic);
-  const float r = TlsAdd(xc, -TlsAdd(t, -kRoundMagic));  // x = n + r, r in [-0.5, 0.5], exact
-  // 2^r: degree-3 polynomial with p(0) = 1, relative minimax fit on [-0.5, 0.5] (error 1.02e-4
-  // evaluated in fp32). The softmax it feeds only ranks tokens whose logits already carry the
-  // INT4 index's quantization error, orders of magnitude larger; degree 5 (4.9e-7, until session
-  // 15) cost two more fmas per candidate and head. bench/results/tls-accuracy.md (j).
-  float p = 5.500970408e-02f;
-  p = TlsFma(p, r, 2.422110438e-01f);
-  p = TlsFma(p, r, 6.932827234e-01f);
-  p = TlsFma(p, r, 1.0f);
-  // t's bits are those of 1.5 * 2^23 plus n; shifted left by 23 only n << 23 remains (mod 2^32),
-  // which added to p's bits lowers its biased exponent (126 or 127) by -n.
-  return BitsToFloat(FloatToBits(p) + (FloatToBits(t) << 23));
 }
 
 inline constexpr float kTlsLog2E = 1.4426950408889634f;
@@ -201,20 +173,12 @@ ASYNCTLS_HD float TlsBlockIndexAbs(float x) { return x != x ? 0.f : (x < 0.f ? -
 // CPU bit for bit.
 inline constexpr int kTlsAlphaHeadTile = 16;
 
-// One head's term of alpha: its exp rounded to bf16. The MLA token kernels pass 16-128 heads'
-// exps of every candidate through an L2 scratch between their exp pass and the alpha pass;
-// stored as bf16 they move half the bytes, which took 8 us off the 128-head batch-8 token
-// branch (H100, bench/results/tls-kernels-h200.md run 123). The rounding (relative 2^-9) is far
-// below the INT4 index's error in the logits (bench/results/tls-accuracy.md (m)). The softmax
-// denominators still sum the exps unrounded.
-ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) {
-#if defined(__CUDA_ARCH__)
-  // cvt.rn.bf16.f32 and back: RoundToBf16 for every exp (never NaN) in two instructions.
-  return TlsFma(__bfloat162float(__float2bfloat16_rn(e)), inv, acc);
-#else
-  return TlsFma(RoundToBf16(e), inv, acc);
-#endif
-}
+// One head's term of alpha. The exps are bf16 values already (TlsTokenExp), which the MLA token
+// kernels exploit: they pass 16-128 heads' exps of every candidate through an L2 scratch (or
+// shared memory) between their exp pass and the alpha pass as bf16 head pairs, half the bytes of
+// floats (8 us off the 128-head batch-8 token branch, H100, bench/results/tls-kernels-h200.md
+// run 123), without rounding them again.
+ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) { return TlsFma(e, inv, acc); }
 
 // ---- INT4 token index ----------------------------------------------------------------------
 
@@ -243,8 +207,8 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) { return TlsSymmetricCode(x, s
 // The per-head softmax is computed from y = sum * token scale (TlsTokenScaledDot) alone: the
 // query scale q > 0 is monotone, so the head's max logit belongs to its max y, and the exp2
 // argument (logit - max logit) * softmax scale * log2(e) is one fma per candidate and head,
-// TlsTokenExpArg(y, shift) = fma(y, a, b) with a = q * scale * log2(e) and b = -(max y * a)
-// (TlsTokenExpShift, once per head): the token kernels' innermost loop.
+// TlsTokenExpArg(y, shift) from a = q * scale * log2(e) and an offset b (TlsTokenExpShift, once
+// per head): the token kernels' innermost loop.
 ASYNCTLS_HD float TlsInt8Scale(float absmax) { return TlsDiv(absmax, 127.f); }
 
 ASYNCTLS_HD int TlsInt8Code(float x, float scale) { return TlsSymmetricCode(x, scale, 127.f); }
@@ -268,15 +232,83 @@ ASYNCTLS_HD float TlsNegMulDown(float y, float a) {
 #endif
 }
 
-// The exp2 argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
-// scale times log2(e)). b is rounded down, so fma(y, a, b) <= 0 for every y <= max_y (a >= 0):
-// TlsExp2 needs no upper clamp.
+// The exp arguments lie on a grid of 2^-8 in [-126, 0], so that the exp needs no polynomial
+// (TlsTokenExp). An fma lands on that grid by itself when its result lies in [2^15, 2^16), whose
+// ulp is 2^-8: the offset b carries kTlsExpGridBias = 1.5 * 2^15, which the argument subtracts
+// again (exactly, Sterbenz, down to 2^-8 * 2^14 below the bias, far under the clamp at -126).
+inline constexpr float kTlsExpGridBias = 49152.f;
+inline constexpr float kTlsExpGridSteps = 256.f;  // grid points per unit
+
+// The exp argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
+// scale times log2(e)): a = query scale * exp_scale and b = bias - c, where c is max_y * a
+// rounded up to the grid (at least -2^30, so that b stays exact): y * a + b <= bias for every
+// y <= max_y, so no argument exceeds 0 (and no exp 1). Every step is exact or rounds the same
+// way on both sides.
 ASYNCTLS_HD TlsExpShift TlsTokenExpShift(float max_y, float query_scale, float exp_scale) {
   const float a = TlsMul(query_scale, exp_scale);
-  return {a, TlsNegMulDown(max_y, a)};
+  const float up = -TlsNegMulDown(max_y, a);  // max_y * a rounded toward +inf
+#if defined(__CUDA_ARCH__)
+  float c = ceilf(up * kTlsExpGridSteps) * (1.f / kTlsExpGridSteps);  // powers of 2: exact
+  c = fmaxf(c, -1073741824.f);
+#else
+  float c = std::ceil(up * kTlsExpGridSteps) * (1.f / kTlsExpGridSteps);
+  c = std::fmax(c, -1073741824.f);
+#endif
+  // A NaN max (a row whose every y is NaN): b = -inf, every argument -126.
+  if (up != up) c = INFINITY;
+  return {a, TlsAdd(kTlsExpGridBias, -c)};
 }
 
-ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) { return TlsFma(y, s.a, s.b); }
+// The exp argument of scaled dot y: y * a - c rounded to the grid, clamped below at -126 (a NaN
+// y, a slot without a candidate, also maps to -126, whose exp no fixed-point sum sees).
+ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) {
+  const float x = TlsAdd(TlsFma(y, s.a, s.b), -kTlsExpGridBias);
+#if defined(__CUDA_ARCH__)
+  return fmaxf(x, -126.f);
+#else
+  return std::fmax(x, -126.f);
+#endif
+}
+
+#if !defined(__CUDA_ARCH__)
+// 2^(-k / 256) rounded to bf16, k in [0, 256): each lies at least 2^-15.4 (relative) from a
+// rounding boundary of bf16 (checked with 200-bit arithmetic), so double exp2 and a float step
+// between round it the same as exact arithmetic, on any libm.
+inline const std::array<float, 256>& TlsExpGridMantissas() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int k = 0; k < 256; ++k) {
+      t[k] = RoundToBf16(static_cast<float>(std::exp2(-k / 256.0)));
+    }
+    return t;
+  }();
+  return table;
+}
+#endif
+
+// The token softmax's exp: 2^x rounded to bf16 (nearest even), for x on the grid in [-126, 0]
+// (TlsTokenExpArg). On the GPU one MUFU.EX2 (ex2.approx.ftz.f32) and the rounding: the
+// approximation's error (about 2^-22) is far below the 2^-15.4 that separates every 2^(-k / 256)
+// from a bf16 rounding boundary, and the 2^-n scaling is exact in the normal range, so the
+// result is the exact one rounded (every grid point checked on an H100 by
+// tests/kernels/tls_math_gpu_test.cu). On the CPU a table of the 256 fractional steps, scaled by
+// 2^-n. In [2^-126, 1], so TlsExpToFixed's sums take it as is, and alpha takes it without
+// rounding again (TlsAlphaTerm). The polynomial exp before it (TlsExp2, until session 37) took
+// 8 instructions per candidate and head in the token kernels' exp loop; this takes 2.5 there
+// (MUFU, half a packing conversion, one unpacking).
+ASYNCTLS_HD float TlsTokenExp(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return __bfloat162float(__float2bfloat16_rn(r));
+#else
+  const int j = static_cast<int>(-x * kTlsExpGridSteps);  // exact: x is on the grid
+  // 2^-(j >> 8) by the exponent bits: the table's values lie in [0.5, 1], and j >> 8 reaches 126
+  // only with j & 255 = 0 (x = -126), so the result stays normal.
+  return BitsToFloat(FloatToBits(TlsExpGridMantissas()[j & 255]) -
+                     (static_cast<uint32_t>(j >> 8) << 23));
+#endif
+}
 
 // sum_c qcode[c] * code[c] of one head (qcode: int8 codes held as floats; exact). `words` holds
 // the row's num_channels / 8 little-endian 32-bit words (channel c in word c / 8, bits
@@ -290,6 +322,20 @@ ASYNCTLS_HD float TlsInt4Dot(const float* qcode, const uint32_t* words, int num_
   }
   return acc;
 }
+
+#if defined(__CUDACC__)
+// TlsTokenExp of two arguments as one bf16x2 word (x0 in the low half): two MUFU.EX2 and one
+// packing conversion (round to nearest even, as TlsTokenExp's). ex2.approx.ftz.bf16x2 would
+// take bf16 arguments and round its results toward zero (H100: 2,670 of the 17,149 bf16
+// arguments in [-126, 0] differ from the exact 2^x rounded to nearest).
+__device__ __forceinline__ uint32_t TlsTokenExpPair(float x0, float x1) {
+  float r0, r1;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(x0));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r1) : "f"(x1));
+  const __nv_bfloat162 v = __floats2bfloat162_rn(r0, r1);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+#endif
 
 // ---- Geometry of the always-kept set (see tls_params.h) -------------------------------------
 
