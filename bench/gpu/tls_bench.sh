@@ -15,7 +15,8 @@
 # Env: OUT (default ./tls-bench-out), BUILD_DIR (default build), QUICK=1 (batch 1/8, 32K/128K,
 # k_t 1024 only), ONLY=gqa|mla (one layout; mla skips SDPA), SKIP_TESTS=1, SKIP_SDPA=1, SAMPLES
 # (default 15), COMMIT (the commit the header names; a copied tree's git metadata may be stale,
-# so pass COMMIT=<hash> from the caller). Needs cmake, ninja, nvcc
+# so pass COMMIT=<hash> from the caller), BENCH (a tls_bench built elsewhere, e.g. carried with
+# its libraries by ../shared/tools/bundle-libs.sh: no build, no tests). Needs cmake, ninja, nvcc
 # (CUDA 13), python3 with torch for the SDPA baseline, GoogleTest sources in .deps/googletest.
 set -uo pipefail
 export PATH=/usr/local/cuda/bin:$PATH
@@ -37,17 +38,23 @@ log "$(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/nul
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 |
   tee -a "$OUT/tls_bench.log"
 
-log "configure + build ($BUILD_DIR)"
-if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/tls-bench-cmake.log 2>&1; then
-  tail -30 /tmp/tls-bench-cmake.log; echo "configure failed"; exit 1
+bench=${BENCH:-$BUILD_DIR/bench/tls_bench}
+if [[ -n "${BENCH:-}" ]]; then
+  SKIP_TESTS=1
+  log "prebuilt $BENCH"
+else
+  log "configure + build ($BUILD_DIR)"
+  if ! cmake -S . -B "$BUILD_DIR" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON > /tmp/tls-bench-cmake.log 2>&1; then
+    tail -30 /tmp/tls-bench-cmake.log; echo "configure failed"; exit 1
+  fi
+  targets="tls_bench"
+  [[ "${SKIP_TESTS:-0}" == 1 ]] ||
+    targets="$targets tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
+  if ! ninja -C "$BUILD_DIR" $targets > /tmp/tls-bench-build.log 2>&1; then
+    grep -E "error|Error" /tmp/tls-bench-build.log | head -40; echo "build failed"; exit 1
+  fi
+  log "built in $(( $(date +%s) - t0 )) s"
 fi
-targets="tls_bench"
-[[ "${SKIP_TESTS:-0}" == 1 ]] ||
-  targets="$targets tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
-if ! ninja -C "$BUILD_DIR" $targets > /tmp/tls-bench-build.log 2>&1; then
-  grep -E "error|Error" /tmp/tls-bench-build.log | head -40; echo "build failed"; exit 1
-fi
-log "built in $(( $(date +%s) - t0 )) s"
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   log "ctest -L gpu -R tls"
@@ -59,7 +66,7 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
 fi
 
 log "tls_bench ($(( $(date +%s) - t0 )) s in)"
-"$BUILD_DIR/bench/tls_bench" --json "$OUT/tls_bench.json" --samples "$SAMPLES" $QUICK_FLAG 2>&1 |
+"$bench" --json "$OUT/tls_bench.json" --samples "$SAMPLES" $QUICK_FLAG 2>&1 |
   tee "$OUT/tls_bench_raw.log" || status=1
 
 if [[ "${SKIP_SDPA:-0}" != 1 ]]; then

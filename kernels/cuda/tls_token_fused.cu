@@ -1159,22 +1159,59 @@ constexpr bool MlaUsesGmma(int nc, int group, int split, MlaExps exps) {
 constexpr int kGmmaAlign = 1024;
 
 // Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
-// rows and their token scales, and `exp_rows` rows of exps (MlaSmemExpRows).
+// rows and their token scales, `exp_rows` rows of exps (MlaSmemExpRows), and `query_rows` rows of
+// IGMMA A operand (MlaGmmaQueryRows).
 template <int NC>
-constexpr size_t MlaDynamicSmem(int blocks, int exp_rows, bool gmma) {
+constexpr size_t MlaDynamicSmem(int blocks, int exp_rows, bool gmma, int query_rows = 0) {
   const int slots = blocks * kKvBlockSize;
   return size_t(slots) * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float)) +
-         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t) + (gmma ? kGmmaAlign : 0);
+         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t) + size_t(query_rows) * NC +
+         (gmma ? kGmmaAlign : 0);
 }
 
 // The most list entries one CTA stages at `items` candidates per thread (two items: as many as
 // fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
 template <int NC>
-constexpr int MlaMaxBlocks(int items, int exp_rows, bool gmma) {
+constexpr int MlaMaxBlocks(int items, int exp_rows, bool gmma, int query_rows = 0) {
   constexpr size_t kDynamicLimit = 200 * 1024;
   int blocks = items * kMlaBlocksPerItem;
-  while (MlaDynamicSmem<NC>(blocks, exp_rows, gmma) > kDynamicLimit) --blocks;
+  while (MlaDynamicSmem<NC>(blocks, exp_rows, gmma, query_rows) > kDynamicLimit) --blocks;
   return blocks;
+}
+
+// Rows of the IGMMA kernels' A operand (the part's query codes, one 128-byte row per head in the
+// staged rows' byte order and swizzle) in shared memory, where they fit without fewer list
+// entries per CTA (the L2-scratch kernels; 0: A stays in registers, GmmaQueryFragments). From
+// shared memory A costs no shuffles and 16 registers less in a kernel at its 64-register limit.
+template <int NC>
+constexpr int MlaGmmaQueryRows(int group, int split, int items, MlaExps exps) {
+  if (!MlaUsesGmma(NC, group, split, exps)) return 0;
+  const int heads = MlaPartHeads(group, split), exp_rows = MlaSmemExpRows(exps, heads);
+  return MlaMaxBlocks<NC>(items, exp_rows, true, heads) == MlaMaxBlocks<NC>(items, exp_rows, true)
+             ? heads
+             : 0;
+}
+
+// Word offset in such A rows (or staged rows) of 32-bit word `word` of row `row` (128-byte
+// rows: chunk word / 4 at chunk ^ row % 8).
+__device__ __forceinline__ int GmmaSwizzledWord(int row, int word) {
+  return row * 32 + 4 * ((word >> 2) ^ (row & 7)) + (word & 3);
+}
+
+// This warp's 16-head tile `tile` of A rows from its mma.sync fragments a[sl] (LoadQueryFragments):
+// a[sl][reg] holds row r + 8 (reg % 2)'s mma.sync k indices 32 sl + 16 (reg / 2) + 4 t .. + 3,
+// which a staged row keeps at bytes 32 t + 8 sl + 4 (reg / 2) .. + 3 (see GmmaQueryFragments).
+__device__ __forceinline__ void StoreGmmaQueryRows(const uint32_t (&a)[4][4], int tile, int lane,
+                                                   uint32_t* rows) {
+  const int r = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int sl = 0; sl < 4; ++sl) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const int row = 16 * tile + r + 8 * (reg & 1);
+      rows[GmmaSwizzledWord(row, 8 * t + 2 * sl + (reg >> 1))] = a[sl][reg];
+    }
+  }
 }
 
 // The alpha chain of HEADS heads (tls_math.h order) from one candidate's exps at `e`, rows
@@ -1219,7 +1256,8 @@ __device__ __forceinline__ void StageUnpackedCodes(const uint4 (&w4)[NC / 32], u
 // staged by StageUnpackedCodes<128>) from its mma.sync fragments a[sl] (LoadQueryFragments). A
 // staged row's byte 32 t + 8 sl + 4 half + i holds mma.sync k index 32 sl + 16 half + 4 t + i
 // (lane t's b0 / b1 of slice sl), so lane (r, t)'s register reg of slice j is register
-// 2 (t % 2) + reg % 2 of slice t / 2 + 2 (reg / 2) in lane (r, j). Once per kernel: 64 shuffles.
+// 2 (t % 2) + reg % 2 of slice t / 2 + 2 (reg / 2) in lane (r, j). Once per kernel: 64 shuffles
+// (the kernels without A rows in shared memory, MlaGmmaQueryRows 0).
 __device__ __forceinline__ void GmmaQueryFragments(const uint32_t (&a)[4][4], int lane,
                                                    uint32_t (&ag)[4][4]) {
   const int t = lane & 3;
@@ -1263,12 +1301,19 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr int kSlots = kFusedWarps / kMTiles;  // warps per 16-head tile (32 / 3: 2 idle)
   constexpr bool kEvenParts = MlaEvenParts(GROUP, SPLIT);
   constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
+  constexpr int kQueryRows = MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS);
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
   const int span = blocks_per_cta * kKvBlockSize;  // this CTA's candidate slots
   uint32_t* codes_s = mla_smem;                    // [slot] rows
-  if constexpr (kGmma) codes_s += (kGmmaAlign - SmemAddr(mla_smem) % kGmmaAlign) % kGmmaAlign / 4;
+  uint32_t* query_s = nullptr;                     // kQueryRows A rows, before the staged ones
+  if constexpr (kGmma) {  // (in 16-byte units, so that the staging's stores stay 16 bytes wide)
+    query_s = reinterpret_cast<uint32_t*>(reinterpret_cast<uint4*>(mla_smem) +
+                                          (kGmmaAlign - SmemAddr(mla_smem) % kGmmaAlign) %
+                                              kGmmaAlign / 16);
+    codes_s = query_s + kQueryRows * MlaRowWords<NC>();
+  }
   float* scale_s = reinterpret_cast<float*>(codes_s + span * MlaRowWords<NC>());  // [slot]
   // kSmemFloats: [head][MlaSmemExpStride(span)] floats; kSmemPairs: [pair][...] bf16 pairs.
   float* exps_s = scale_s + span;
@@ -1374,9 +1419,19 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // Warps past kSlots per tile, and those of a part's missing tiles, idle in the passes.
   const int warp_tiles = kEvenParts || (slot < kSlots && mt < part_tiles) ? tiles : 0;
   uint32_t a[NC / 32][4];
-  if (kEvenParts || warp_tiles > 0) LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
-  uint32_t ag[kGmma ? 4 : 1][4];
-  if constexpr (kGmma) GmmaQueryFragments(a, lane, ag);
+  uint32_t ag[kGmma && kQueryRows == 0 ? 4 : 1][4];
+  if constexpr (kQueryRows > 0) {  // one warp per tile writes its A rows
+    if (slot == 0) {
+      LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
+      StoreGmmaQueryRows(a, mt, lane, query_s);
+      FenceSharedForGmma();
+    }
+  } else {
+    if (kEvenParts || warp_tiles > 0) {
+      LoadQueryFragments<NC>(queries.frags, head0 / 16 + mt, lane, a);
+    }
+    if constexpr (kGmma) GmmaQueryFragments(a, lane, ag);
+  }
   __syncthreads();
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
@@ -1419,8 +1474,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         d[4 * n] = d[4 * n + 1] = kDotFloatBias - off0;
         d[4 * n + 2] = d[4 * n + 3] = kDotFloatBias - off1;
       }
-      if constexpr (kGmma) {
-        GmmaRowDots(d, ag, GmmaRowsDesc(codes_s + 8 * kGmmaTiles * group * MlaRowWords<NC>()));
+      const uint64_t b_desc = GmmaRowsDesc(codes_s + 8 * kGmmaTiles * group * MlaRowWords<NC>());
+      if constexpr (kQueryRows > 0) {  // the warpgroup's 64 heads: tiles mt - mt % 4 ..
+        GmmaRowDots(d, GmmaRowsDesc(query_s + 16 * (mt & ~3) * MlaRowWords<NC>()), b_desc);
+      } else if constexpr (kGmma) {
+        GmmaRowDots(d, ag, b_desc);
       }
 #pragma unroll
       for (int n = 0; n < kGmmaTiles; ++n) {
@@ -1842,7 +1900,8 @@ struct MlaRows {
   static constexpr int kExpRows = MlaSmemExpRows(EXPS, MlaPartHeads(GROUP, SPLIT));
   static constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
   static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows, kGmma);
-  static constexpr size_t kSmem = MlaDynamicSmem<NC>(kMaxBlocks, kExpRows, kGmma);
+  static constexpr size_t kSmem = MlaDynamicSmem<NC>(
+      kMaxBlocks, kExpRows, kGmma, MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS));
 
   static MlaSplit Plan(int rows, int max_candidates) {
     return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
