@@ -1053,9 +1053,9 @@ struct LaneHeadPair {
 // slot, [pair][slot]. A cluster's kHeads heads from head0 own the scratch rows of those heads
 // (floats, [head][slot]); their pairs fill the upper half of those rows (ScratchPairs), so the
 // lower half stays free for the alpha partials that a row's clusters leave each other. Half the
-// bytes of the floats (the exps are bf16 values, TlsTokenExp): 8 us off
-// the 128-head batch-8 token branch (H100, bench/results/tls-kernels-h200.md run 123). A tile's
-// lane stores its two slots in one 8-byte store, and the alpha pass loads one word per pair.
+// bytes of the floats (the exps are bf16 values, TlsTokenExp): 8 us off the 128-head batch-8
+// token branch (H100, bench/results/tls-kernels-h200.md run 123). A tile's lane stores its two
+// slots in one 8-byte store, and the alpha pass loads one word per pair.
 __device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, int heads,
                                                   int max_candidates) {
   return reinterpret_cast<uint32_t*>(exps + (head0 + heads / 2) * max_candidates);
