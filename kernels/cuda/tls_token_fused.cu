@@ -951,10 +951,11 @@ cudaError_t LaunchForGroup(const TlsTokenScoreParams& p, const TlsTokenSelectPar
 // cheaply that two phases recompute them from the CTA's staged INT4 rows: (1) the per-head max,
 // (2) the per-head exps, written as bf16 head pairs to the workspace's exp scratch (StoredExps,
 // L2-resident; ScratchPairs), and their fixed-point sums; then (3) each candidate's thread reads
-// its exps back and sums alpha over the heads (tls_math.h order), and ClusterSelect. Same arithmetic as the separate ops and the
-// CPU reference, bit for bit. `blocks_per_cta` whole list entries per CTA (one or two candidates
-// per thread), up to 16 CTAs per cluster: the compute scales with the candidates per SM, so a row
-// takes as many SMs as still let every cluster run at once (MlaClusterSize). Where cluster sizes
+// its exps back and sums alpha over the heads (tls_math.h order), and ClusterSelect. Same
+// arithmetic as the separate ops and the CPU reference, bit for bit. `blocks_per_cta` whole list
+// entries per CTA (one or two candidates per thread), up to 16 CTAs per cluster: the compute
+// scales with the candidates per SM, so a row takes as many SMs as still let every cluster run
+// at once (MlaClusterSize). Where cluster sizes
 // cap that (1-2 rows of 64 heads, 2-3 rows of 128), a row's heads split over two clusters; each
 // leaves its part of the alpha chain in the exp scratch, and the row's last cluster to finish (a
 // counter that QuantizeQueryKernel zeroes) adds them and selects.
@@ -1192,15 +1193,10 @@ constexpr int MlaGmmaQueryRows(int group, int split, int items, MlaExps exps) {
              : 0;
 }
 
-// Word offset in such A rows (or staged rows) of 32-bit word `word` of row `row` (128-byte
-// rows: chunk word / 4 at chunk ^ row % 8).
-__device__ __forceinline__ int GmmaSwizzledWord(int row, int word) {
-  return row * 32 + 4 * ((word >> 2) ^ (row & 7)) + (word & 3);
-}
-
 // This warp's 16-head tile `tile` of A rows from its mma.sync fragments a[sl] (LoadQueryFragments):
 // a[sl][reg] holds row r + 8 (reg % 2)'s mma.sync k indices 32 sl + 16 (reg / 2) + 4 t .. + 3,
-// which a staged row keeps at bytes 32 t + 8 sl + 4 (reg / 2) .. + 3 (see GmmaQueryFragments).
+// which a staged row keeps at bytes 32 t + 8 sl + 4 (reg / 2) .. + 3 (see GmmaQueryFragments),
+// swizzled as the staged rows (MlaChunkWord<128>).
 __device__ __forceinline__ void StoreGmmaQueryRows(const uint32_t (&a)[4][4], int tile, int lane,
                                                    uint32_t* rows) {
   const int r = lane >> 2, t = lane & 3;
@@ -1208,8 +1204,8 @@ __device__ __forceinline__ void StoreGmmaQueryRows(const uint32_t (&a)[4][4], in
   for (int sl = 0; sl < 4; ++sl) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {
-      const int row = 16 * tile + r + 8 * (reg & 1);
-      rows[GmmaSwizzledWord(row, 8 * t + 2 * sl + (reg >> 1))] = a[sl][reg];
+      const int row = 16 * tile + r + 8 * (reg & 1), word = 8 * t + 2 * sl + (reg >> 1);
+      rows[MlaChunkWord<128>(row, word >> 2) + (word & 3)] = a[sl][reg];
     }
   }
 }

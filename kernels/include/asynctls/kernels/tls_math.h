@@ -235,15 +235,15 @@ ASYNCTLS_HD float TlsNegMulDown(float y, float a) {
 // The exp arguments lie on a grid of 2^-8 in [-126, 0], so that the exp needs no polynomial
 // (TlsTokenExp). An fma lands on that grid by itself when its result lies in [2^15, 2^16), whose
 // ulp is 2^-8: the offset b carries kTlsExpGridBias = 1.5 * 2^15, which the argument subtracts
-// again (exactly, Sterbenz, down to 2^-8 * 2^14 below the bias, far under the clamp at -126).
+// again (exactly, by Sterbenz, for results down to half the bias, far under the clamp at -126).
 inline constexpr float kTlsExpGridBias = 49152.f;
 inline constexpr float kTlsExpGridSteps = 256.f;  // grid points per unit
 
 // The exp argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
 // scale times log2(e)): a = query scale * exp_scale and b = bias - c, where c is max_y * a
 // rounded up to the grid (at least -2^30, so that b stays exact): y * a + b <= bias for every
-// y <= max_y, so no argument exceeds 0 (and no exp 1). Every step is exact or rounds the same
-// way on both sides.
+// y <= max_y, so no argument exceeds 0 (and no exp exceeds 1). Every step is exact or rounds the
+// same way on both sides.
 ASYNCTLS_HD TlsExpShift TlsTokenExpShift(float max_y, float query_scale, float exp_scale) {
   const float a = TlsMul(query_scale, exp_scale);
   const float up = -TlsNegMulDown(max_y, a);  // max_y * a rounded toward +inf
@@ -269,6 +269,15 @@ ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) {
   return std::fmax(x, -126.f);
 #endif
 }
+
+#if defined(__CUDACC__)
+// MUFU.EX2: 2^x, relative error about 2^-22 (results below 2^-126 flush to 0).
+__device__ __forceinline__ float Ex2Approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
 
 #if !defined(__CUDA_ARCH__)
 // 2^(-k / 256) rounded to bf16, k in [0, 256): each lies at least 2^-15.4 (relative) from a
@@ -298,9 +307,7 @@ inline const std::array<float, 256>& TlsExpGridMantissas() {
 // (MUFU, half a packing conversion, one unpacking).
 ASYNCTLS_HD float TlsTokenExp(float x) {
 #if defined(__CUDA_ARCH__)
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return __bfloat162float(__float2bfloat16_rn(r));
+  return __bfloat162float(__float2bfloat16_rn(Ex2Approx(x)));
 #else
   const int j = static_cast<int>(-x * kTlsExpGridSteps);  // exact: x is on the grid
   // 2^-(j >> 8) by the exponent bits: the table's values lie in [0.5, 1], and j >> 8 reaches 126
@@ -329,10 +336,7 @@ ASYNCTLS_HD float TlsInt4Dot(const float* qcode, const uint32_t* words, int num_
 // take bf16 arguments and round its results toward zero (H100: 2,670 of the 17,149 bf16
 // arguments in [-126, 0] differ from the exact 2^x rounded to nearest).
 __device__ __forceinline__ uint32_t TlsTokenExpPair(float x0, float x1) {
-  float r0, r1;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(x0));
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r1) : "f"(x1));
-  const __nv_bfloat162 v = __floats2bfloat162_rn(r0, r1);
+  const __nv_bfloat162 v = __floats2bfloat162_rn(Ex2Approx(x0), Ex2Approx(x1));
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 #endif
