@@ -315,23 +315,32 @@ __device__ __forceinline__ void GmmaRowDots(int (&d)[16], const uint32_t (&ag)[4
 }
 
 // The same with A from shared memory too (a_desc: 64 rows of 128 bytes in B's layout, k-slice j
-// at + 32 bytes as B's).
-__device__ __forceinline__ void GmmaS8U8N32(int (&d)[16], uint64_t a_desc, uint64_t desc) {
+// at + 32 bytes as B's). One asm statement for the fence, the four wgmma, the commit and the
+// wait: written as four statements (as above), ptxas serialized them in the L2-scratch kernels
+// (C7520, "compiler-inserted WG.AR in divergent path": a wait after each wgmma).
+__device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint64_t a_desc, uint64_t desc) {
   asm volatile(
+      "{\n"
+      ".reg .b64 a<4>, b<4>;\n"
+      "mov.b64 a0, %16;\n add.s64 a1, %16, 2;\n add.s64 a2, %16, 4;\n add.s64 a3, %16, 6;\n"
+      "mov.b64 b0, %17;\n add.s64 b1, %17, 2;\n add.s64 b2, %17, 4;\n add.s64 b3, %17, 6;\n"
+      "wgmma.fence.sync.aligned;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1;\n"
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a0, b0, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a1, b1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a2, b2, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a3, b3, 1;\n"
+      "wgmma.commit_group.sync.aligned;\n"
+      "wgmma.wait_group.sync.aligned 0;\n"
+      "}\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
         "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
         "+r"(d[14]), "+r"(d[15])
-      : "l"(a_desc), "l"(desc));
-}
-
-__device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint64_t a_desc, uint64_t desc) {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-  for (int j = 0; j < 4; ++j) GmmaS8U8N32(d, a_desc + 2 * j, desc + 2 * j);
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      : "l"(a_desc), "l"(desc)
+      : "memory");
 }
 
 // Orders this thread's generic-proxy shared-memory stores (the staging) before later wgmma
