@@ -321,12 +321,12 @@ __device__ __forceinline__ void GmmaRowDots(int (&d)[16], const uint32_t (&ag)[4
 __device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint64_t a_desc, uint64_t desc) {
   asm volatile(
       "{\n"
-      ".reg .b64 a<4>, b<4>;\n"
-      "mov.b64 a0, %16;\n add.s64 a1, %16, 2;\n add.s64 a2, %16, 4;\n add.s64 a3, %16, 6;\n"
-      "mov.b64 b0, %17;\n add.s64 b1, %17, 2;\n add.s64 b2, %17, 4;\n add.s64 b3, %17, 6;\n"
+      ".reg .b64 a<4>, b<4>;\n"  // k-slices 1-3: + 32 bytes each (>> 4)
+      "add.s64 a1, %16, 2;\n add.s64 a2, %16, 4;\n add.s64 a3, %16, 6;\n"
+      "add.s64 b1, %17, 2;\n add.s64 b2, %17, 4;\n add.s64 b3, %17, 6;\n"
       "wgmma.fence.sync.aligned;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a0, b0, 1;\n"
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
       "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a1, b1, 1;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
