@@ -178,24 +178,50 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         }
       }
       if (n == 0) continue;
-      std::vector<float> inv(group);
-      std::vector<TlsExpShift> shift(group);
+      // Chunk-local shifts (tls_math.h): per (chunk, head) c, the exps, their fixed-point sums;
+      // then the head's denominator from the sums shifted by c_max - c, and alpha's weights.
+      const int chunks = (p.max_candidates + kTlsSoftmaxChunk - 1) / kTlsSoftmaxChunk;
+      std::vector<float> exps(n * group), weight(size_t(chunks) * group);
+      std::vector<float> chunk_max(chunks), shift_c(chunks);
+      std::vector<uint64_t> chunk_sum(chunks);
       for (int hh = 0; hh < group; ++hh) {
-        float m = logits[hh * n];
-        for (size_t v = 1; v < n; ++v) m = std::max(m, logits[hh * n + v]);
-        shift[hh] = TlsTokenExpShift(m, qscale[hh], exp_scale);
+        const float a = TlsMul(qscale[hh], exp_scale);
+        const float* y = logits.data() + hh * n;
+        std::fill(chunk_max.begin(), chunk_max.end(), -INFINITY);
+        std::fill(chunk_sum.begin(), chunk_sum.end(), 0u);
+        for (size_t v = 0; v < n; ++v) {
+          float& m = chunk_max[valid[v] / kTlsSoftmaxChunk];
+          m = std::max(m, y[v]);
+        }
+        float c_max = -INFINITY;
+        for (int k = 0; k < chunks; ++k) {
+          if (chunk_max[k] == -INFINITY) continue;  // no candidate in the chunk
+          shift_c[k] = TlsChunkShift(chunk_max[k], a);
+          c_max = std::max(c_max, shift_c[k]);
+        }
+        for (size_t v = 0; v < n; ++v) {
+          const int k = valid[v] / kTlsSoftmaxChunk;
+          const float e = TlsTokenExp(TlsTokenExpArg(y[v], TlsChunkExpShift(a, shift_c[k])));
+          exps[hh * n + v] = e;
+          chunk_sum[k] += TlsExpToFixed(e);
+        }
         uint64_t z = 0;
-        for (size_t v = 0; v < n; ++v)
-          z += TlsExpToFixed(TlsTokenExp(TlsTokenExpArg(logits[hh * n + v], shift[hh])));
-        inv[hh] = TlsInvDenominator(z, group);
+        for (int k = 0; k < chunks; ++k) {
+          if (chunk_max[k] != -INFINITY) z += TlsChunkScaledSum(chunk_sum[k], shift_c[k], c_max);
+        }
+        const float inv = TlsInvDenominator(z, group);
+        for (int k = 0; k < chunks; ++k) {
+          weight[size_t(k) * group + hh] =
+              chunk_max[k] == -INFINITY ? 0.f : TlsChunkWeight(inv, shift_c[k], c_max);
+        }
       }
       for (size_t v = 0; v < n; ++v) {
+        const float* w = weight.data() + size_t(valid[v] / kTlsSoftmaxChunk) * group;
         float a = 0.f;  // kTlsAlphaHeadTile-head partial chains, added in tile order
         for (int h0 = 0; h0 < group; h0 += kTlsAlphaHeadTile) {
           float part = 0.f;
           for (int hh = h0; hh < std::min(group, h0 + kTlsAlphaHeadTile); ++hh) {
-            const float e = TlsTokenExp(TlsTokenExpArg(logits[hh * n + v], shift[hh]));
-            part = TlsAlphaTerm(e, inv[hh], part);
+            part = TlsAlphaTerm(exps[hh * n + v], w[hh], part);
           }
           a = h0 == 0 ? part : TlsAdd(a, part);
         }

@@ -431,6 +431,34 @@ TEST(TlsMathTest, TokenExpArgumentsLieOnTheGridAndAreNeverPositive) {
   EXPECT_EQ(TlsNegMulDown(3.f, 1.f / 3.f), std::nextafter(-1.f, -INFINITY));
 }
 
+// Chunk-local shifts: c rounds max * a up to an integer, so every argument of the chunk is <= 0;
+// the sums and weights scale by exact powers of two.
+TEST(TlsMathTest, ChunkShiftsAreIntegersAboveTheChunkAndScaleExactly) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> y_dist(-50.f, 50.f), a_dist(1e-4f, 2.f);
+  for (int i = 0; i < 20000; ++i) {
+    const float max_y = y_dist(rng), a = a_dist(rng);
+    const float c = TlsChunkShift(max_y, a);
+    ASSERT_EQ(c, std::ceil(c)) << max_y;
+    ASSERT_GE(double{c}, double{max_y} * a) << max_y;
+    ASSERT_LT(double{c}, double{max_y} * a + 1.0 + 1e-6) << max_y;
+    const TlsExpShift s = TlsChunkExpShift(a, c);
+    ASSERT_LE(TlsTokenExpArg(max_y, s), 0.f) << max_y;
+    ASSERT_GT(TlsTokenExpArg(max_y, s), -1.01f) << max_y;  // the max's exp stays above 1/2
+  }
+  EXPECT_EQ(TlsChunkShift(NAN, 1.f), INFINITY);
+  EXPECT_EQ(TlsChunkShift(-1e12f, 1.f), -1073741824.f);
+  EXPECT_EQ(TlsChunkShift(3.f, 0.5f), 2.f);  // 1.5 up
+  EXPECT_EQ(TlsChunkShift(2.f, 0.5f), 1.f);  // exact
+  EXPECT_EQ(TlsChunkScaledSum(1000, 5.f, 5.f), 1000u);
+  EXPECT_EQ(TlsChunkScaledSum(1000, 2.f, 5.f), 125u);  // 1000 / 8
+  EXPECT_EQ(TlsChunkScaledSum(1003, 2.f, 5.f), 125u);  // truncated
+  EXPECT_EQ(TlsChunkScaledSum(~uint64_t{0}, -100.f, 5.f), 0u);
+  EXPECT_EQ(TlsChunkWeight(0.75f, 5.f, 5.f), 0.75f);
+  EXPECT_EQ(TlsChunkWeight(0.75f, 2.f, 5.f), 0.09375f);
+  EXPECT_EQ(TlsChunkWeight(0.75f, -200.f, 5.f), 0.f);
+}
+
 TEST(TlsMathTest, SelectKeyOrdersScoreThenId) {
   EXPECT_GT(TlsSelectKey(1.f, 5), TlsSelectKey(0.5f, 0));
   EXPECT_GT(TlsSelectKey(-1.f, 5), TlsSelectKey(-2.f, 0));

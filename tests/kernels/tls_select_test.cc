@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <set>
 #include <vector>
@@ -307,8 +308,8 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
 }
 
 // The spec's summation order of alpha (tls_math.h): 16-head fma chains, added in tile order.
-// G = 40 gives tiles of 16, 16 and 8 heads; the logits, max and fixed-point sums are rebuilt
-// from the same primitives, so only the order of the head sum can differ.
+// G = 40 gives tiles of 16, 16 and 8 heads; the logits, chunk shifts, exps and weights are
+// rebuilt from the same primitives, so only the order of the head sum can differ.
 TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
   testing::Reseed(33);
   const TlsCase c = MakeTlsCase({300, 1000}, 40, 1, 64, 32, DType::kF32);
@@ -345,22 +346,40 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
             TlsInt4Dot(qcode.data() + size_t(h) * nc, words.data(), nc), c.scales[tok]);
       }
     }
-    std::vector<float> inv(G);
-    std::vector<TlsExpShift> shift(G);
+    // Chunk-local shifts (tls_math.h): slot j's chunk is j / 32.
+    std::vector<float> e(logit.size()), w(logit.size());
     for (int h = 0; h < G; ++h) {
       const float* l = logit.data() + h * slots.size();
-      shift[h] = TlsTokenExpShift(*std::max_element(l, l + slots.size()), qscale[h], exp_scale);
-      uint64_t z = 0;
+      const float a = qscale[h] * exp_scale;
+      std::map<int, float> chunk_max;
       for (size_t v = 0; v < slots.size(); ++v) {
-        z += TlsExpToFixed(TlsTokenExp(TlsTokenExpArg(l[v], shift[h])));
+        auto [it, fresh] = chunk_max.try_emplace(slots[v] / 32, l[v]);
+        if (!fresh) it->second = std::max(it->second, l[v]);
       }
-      inv[h] = TlsInvDenominator(z, G);
+      std::map<int, float> shift;  // c per chunk
+      float c_max = -INFINITY;
+      for (const auto& [k, m] : chunk_max) {
+        shift[k] = TlsChunkShift(m, a);
+        c_max = std::max(c_max, shift[k]);
+      }
+      std::map<int, uint64_t> chunk_sum;
+      for (size_t v = 0; v < slots.size(); ++v) {
+        const int k = slots[v] / 32;
+        e[h * slots.size() + v] = TlsTokenExp(TlsTokenExpArg(l[v], TlsChunkExpShift(a, shift[k])));
+        chunk_sum[k] += TlsExpToFixed(e[h * slots.size() + v]);
+      }
+      uint64_t z = 0;
+      for (const auto& [k, sum] : chunk_sum) z += TlsChunkScaledSum(sum, shift[k], c_max);
+      const float inv = TlsInvDenominator(z, G);
+      for (size_t v = 0; v < slots.size(); ++v) {
+        w[h * slots.size() + v] = TlsChunkWeight(inv, shift[slots[v] / 32], c_max);
+      }
     }
     for (size_t v = 0; v < slots.size(); ++v) {
       float tile[3] = {0.f, 0.f, 0.f};
       for (int h = 0; h < G; ++h) {
-        const float e = TlsTokenExp(TlsTokenExpArg(logit[h * slots.size() + v], shift[h]));
-        tile[h / 16] = std::fma(RoundToBf16(e), inv[h], tile[h / 16]);
+        const size_t i = h * slots.size() + v;
+        tile[h / 16] = std::fma(e[i], w[i], tile[h / 16]);
       }
       const float want = (tile[0] + tile[1]) + tile[2];
       ASSERT_EQ(FloatToBits(o.alpha[row + slots[v]]), FloatToBits(want)) << "b " << b << " v " << v;

@@ -270,6 +270,46 @@ ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) {
 #endif
 }
 
+// ---- Chunk-local softmax shifts ----------------------------------------------------------
+// A head's softmax over a row's candidates is shifted chunk by chunk, so that the token kernels
+// compute every logit once (no max pass before the exps): a chunk is kTlsSoftmaxChunk
+// consecutive candidate slots (slot j in chunk j / 32: one IGMMA group, one warp's slots), and
+// each (chunk, head) gets the integer shift c = ceil(max y * a) of its own candidates
+// (TlsChunkShift). Its exps are TlsTokenExp(TlsTokenExpArg(y, TlsChunkExpShift(a, c))) <= 1, its
+// fixed-point sum (TlsExpToFixed terms) enters the head's denominator shifted right by
+// c_max - c (TlsChunkScaledSum; c_max: the row's largest c), and alpha weighs its exps by
+// inv * 2^(c - c_max) (TlsChunkWeight): integer shifts and powers of two, exact and order-free.
+inline constexpr int kTlsSoftmaxChunk = 32;
+
+// c for a chunk whose max scaled dot is max_y: max_y * a rounded up, then to the next integer
+// (at least -2^30, so that TlsChunkExpShift's offset stays exact; a NaN max: +inf).
+ASYNCTLS_HD float TlsChunkShift(float max_y, float a) {
+  const float up = -TlsNegMulDown(max_y, a);
+  if (up != up) return INFINITY;
+#if defined(__CUDA_ARCH__)
+  return fmaxf(ceilf(up), -1073741824.f);
+#else
+  return std::fmax(std::ceil(up), -1073741824.f);
+#endif
+}
+
+ASYNCTLS_HD TlsExpShift TlsChunkExpShift(float a, float c) {
+  return {a, TlsAdd(kTlsExpGridBias, -c)};
+}
+
+// A chunk's fixed-point exp sum in the head's denominator: sum * 2^(c - c_max), truncated.
+ASYNCTLS_HD uint64_t TlsChunkScaledSum(uint64_t sum, float c, float c_max) {
+  const float d = TlsAdd(c_max, -c);  // >= 0, an integer
+  return d < 64.f ? sum >> static_cast<int>(d) : 0u;
+}
+
+// alpha's weight of a chunk's exps: inv * 2^(c - c_max) (0 below 2^-126 of inv's scale).
+ASYNCTLS_HD float TlsChunkWeight(float inv, float c, float c_max) {
+  const float d = TlsAdd(c_max, -c);
+  if (!(d < 126.f)) return 0.f;
+  return TlsMul(inv, BitsToFloat(static_cast<uint32_t>(127 - static_cast<int>(d)) << 23));
+}
+
 #if defined(__CUDACC__)
 // MUFU.EX2: 2^x, relative error about 2^-22 (results below 2^-126 flush to 0).
 __device__ __forceinline__ float Ex2Approx(float x) {
