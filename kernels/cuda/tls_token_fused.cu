@@ -340,10 +340,13 @@ struct FusedShared : ClusterSelectShared<ITEMS> {
   int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
   int qoffset[kFusedMaxGroup];                        // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                       // their scales (TlsInt8Scale)
-  uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max scaled dot (ordered bits)
-  uint32_t part_fixed[kFusedMaxGroup][kFusedWarps];  // per-warp fixed-point exp sums (ExpFixed)
-  TlsExpShift shift[kFusedMaxGroup];                 // per head, from the cluster-wide max
-  float inv[kFusedMaxGroup];                         // 1 / (G * softmax denominator) per head
+  uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max chunk shift (ordered bits)
+  float c_max[kFusedMaxGroup];        // the row's per-head max chunk shift
+  // Per chunk (item u of warp w: 32 slots) and head: its shift c (-inf: no candidate), and its
+  // fixed-point exp sum (ExpFixed, at most 32 x 2^23), which alpha's weight later replaces
+  // (float bits, TlsChunkWeight).
+  float chunk_c[ITEMS][kFusedWarps][kFusedMaxGroup];
+  uint32_t chunk_sum[ITEMS][kFusedWarps][kFusedMaxGroup];
   ClusterStats<kFusedMaxGroup> cluster;
 };
 
@@ -713,13 +716,15 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   __syncthreads();
 
-  // Scaled dots (TlsTokenScaledDot of TlsInt4Dot's exact sum) per head, and their max.
-  float head_max[MAXG];
-#pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) head_max[hh] = -INFINITY;
+  // Per head: the scaled dots (TlsTokenScaledDot of TlsInt4Dot's exact sum), and at once their
+  // exps with the chunk's shift (tls_math.h): item u of a warp is one 32-slot chunk, so the
+  // chunk's max is one redux and no pass over every candidate precedes the exps.
+  const float exp_scale = p.scale * kTlsLog2E;
+  int valid_warp = 0;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const bool valid = pos[u] >= 0;
+    valid_warp += __popc(__ballot_sync(0xffffffffu, valid));
     uint32_t words[NC / 8];
 #pragma unroll
     for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
@@ -748,54 +753,51 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int hh = 0; hh < MAXG; ++hh) {
       if (hh < group) {
         const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), nib) - sh.qoffset[hh];
-        const float y = valid ? TlsTokenScaledDot(static_cast<float>(dot), tok_scale) : 0.f;
-        lg[(hh * ITEMS + u) * kFusedThreads + tid] = y;
-        if (valid) head_max[hh] = fmaxf(head_max[hh], y);  // y is finite: max in any order
+        const float y = TlsTokenScaledDot(static_cast<float>(dot), tok_scale);
+        // y is finite where valid: its ordered bits are never 0 (that key marks no candidate).
+        const uint32_t max_key = __reduce_max_sync(0xffffffffu, valid ? TlsOrderedBits(y) : 0u);
+        float c = -INFINITY, e = 0.f;
+        uint32_t fixed = 0u;
+        if (max_key != 0u) {  // warp-uniform
+          const float a = TlsMul(sh.qscale[hh], exp_scale);
+          c = TlsChunkShift(FromOrderedBits(max_key), a);
+          if (valid) e = TlsTokenExp(TlsTokenExpArg(y, TlsChunkExpShift(a, c)));
+          fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
+          if (lane == 0) atomicMax(&sh.max_bits[hh], TlsOrderedBits(c));
+        }
+        lg[(hh * ITEMS + u) * kFusedThreads + tid] = e;
+        if (lane == 0) {
+          sh.chunk_c[u][warp][hh] = c;
+          sh.chunk_sum[u][warp][hh] = fixed;
+        }
       }
-    }
-  }
-#pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) {
-    if (hh < group) {
-      const uint32_t key = head_max[hh] > -INFINITY ? TlsOrderedBits(head_max[hh]) : 0u;
-      const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
-      if (lane == 0 && wmax != 0u) atomicMax(&sh.max_bits[hh], wmax);
-    }
-  }
-  const float exp_scale = p.scale * kTlsLog2E;
-  __syncthreads();  // this CTA's maxima
-  ClusterWait();    // every rank's statistics and mailboxes are set up
-  if (tid < group) {
-    const uint32_t max_bits = sh.cluster.Max(tid, sh.max_bits[tid], rank, size);
-    sh.shift[tid] = TlsTokenExpShift(FromOrderedBits(max_bits), sh.qscale[tid], exp_scale);
-  }
-  __syncthreads();
-
-  // Per-head exp, summed exactly in fixed point (order-free, as the separate ops' atomics):
-  // per warp with redux, then over the CTA's warps by one warp per head.
-  int valid_warp = 0;
-#pragma unroll
-  for (int u = 0; u < ITEMS; ++u) valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
-#pragma unroll
-  for (int hh = 0; hh < MAXG; ++hh) {
-    if (hh < group) {
-      uint32_t fixed = 0u;  // at most 32 lanes x 4 items x 2^23
-#pragma unroll
-      for (int u = 0; u < ITEMS; ++u) {
-        float& v = lg[(hh * ITEMS + u) * kFusedThreads + tid];
-        const float e = pos[u] >= 0 ? TlsTokenExp(TlsTokenExpArg(v, sh.shift[hh])) : 0.f;
-        v = e;
-        fixed += ExpFixed(e);
-      }
-      fixed = __reduce_add_sync(0xffffffffu, fixed);
-      if (lane == 0) sh.part_fixed[hh][warp] = fixed;
     }
   }
   if (lane == 0) sh.part_valid[warp] = valid_warp;
+  __syncthreads();  // this CTA's max shifts, chunk sums and valid counts
+  ClusterWait();    // every rank's statistics and mailboxes are set up
+  if (tid < group) {
+    sh.c_max[tid] = FromOrderedBits(sh.cluster.Max(tid, sh.max_bits[tid], rank, size));
+  }
   __syncthreads();
-  if (warp < group) {  // this CTA's sums to the cluster's, then the head's factor
-    const unsigned long long s = WarpSum64(lane < kFusedWarps ? sh.part_fixed[warp][lane] : 0u);
-    if (lane == 0) sh.inv[warp] = TlsInvDenominator(sh.cluster.ExpSum(warp, s, rank, size), group);
+  // A warp per head: the chunks' sums shifted to the row's max shift, over the cluster; then
+  // each chunk's alpha weight over its sum.
+  constexpr int kChunks = ITEMS * kFusedWarps;
+  if (warp < group) {
+    const float c_max = sh.c_max[warp];
+    unsigned long long s = 0ull;
+    for (int i = lane; i < kChunks; i += 32) {
+      s += TlsChunkScaledSum(sh.chunk_sum[i / kFusedWarps][i % kFusedWarps][warp],
+                             sh.chunk_c[i / kFusedWarps][i % kFusedWarps][warp], c_max);
+    }
+    s = WarpSum64(s);
+    float inv = 0.f;
+    if (lane == 0) inv = TlsInvDenominator(sh.cluster.ExpSum(warp, s, rank, size), group);
+    inv = __shfl_sync(0xffffffffu, inv, 0);
+    for (int i = lane; i < kChunks; i += 32) {
+      const float w = TlsChunkWeight(inv, sh.chunk_c[i / kFusedWarps][i % kFusedWarps][warp], c_max);
+      sh.chunk_sum[i / kFusedWarps][i % kFusedWarps][warp] = __float_as_uint(w);
+    }
   } else if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.num_valid = sh.cluster.Valid(v, rank, size);
@@ -805,11 +807,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   uint32_t key[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
+    const float* w = reinterpret_cast<const float*>(sh.chunk_sum[u][warp]);
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-      if (hh < group)
-        alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], sh.inv[hh], alpha);
+      if (hh < group) alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], w[hh], alpha);
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
@@ -964,9 +966,9 @@ constexpr int kMlaBlocksPerItem = kFusedThreads / kKvBlockSize;  // list entries
 constexpr int kMlaMaxBlocks = 2 * kMlaBlocksPerItem;  // entries per CTA at two items per thread
 
 struct MlaShared {
-  uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max scaled dot (ordered bits)
-  unsigned long long exp_sum[kMlaMaxGroup];   // this CTA's per-head fixed-point exp sums
-  TlsExpShift shift[kMlaMaxGroup];            // per head, from the cluster-wide max
+  uint32_t max_bits[kMlaMaxGroup];            // this CTA's per-head max chunk shift (ordered bits)
+  unsigned long long exp_sum[kMlaMaxGroup];   // this CTA's per-head exp sums (at the row's c_max)
+  float c_max[kMlaMaxGroup];                  // the row's per-head max chunk shift
   float inv[kMlaMaxGroup];                    // 1 / (G * softmax denominator)
   float qscale[kMlaMaxGroup];
   int qsum[kMlaMaxGroup];
@@ -977,13 +979,16 @@ struct MlaShared {
 
 // One lane's share of an IMMA logit tile in the MLA token kernels: heads h0 = lane / 4 and
 // h1 = h0 + 8 of a 16-head tile, slots 2 (lane % 4) and + 1 of each 8-candidate tile (d[u]:
-// head h0, slot u; d[2 + u]: head h1). Pass 1 keeps the max of the scaled dots (dot * token
-// scale, TlsTokenScaledDot); pass 2 the exps' exact fixed-point sums (ExpFixed). The quad's four
-// lanes hold one head pair's slots.
+// head h0, slot u; d[2 + u]: head h1). The quad's four lanes hold one head pair's slots, so a
+// 32-slot chunk (tls_math.h's chunk-local shifts: four tiles) is the quad's: its max phase keeps
+// the max of the scaled dots (dot * token scale, TlsTokenScaledDot), ChunkShifts turns them
+// into the chunk's shifts, its exp phase sums the exps exactly in fixed point (ExpFixed), and
+// CommitChunk leaves both in the CTA's chunk table.
 struct LaneHeadPair {
-  TlsExpShift s0, s1;  // the heads' exp shifts (pass 2)
+  TlsExpShift s0, s1;  // the heads' exp shifts in the current chunk
+  float c0 = -INFINITY, c1 = -INFINITY;  // and the chunk's c (-inf: no candidate in it)
   float m0 = -INFINITY, m1 = -INFINITY;
-  uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: at most 64 terms of 2^23 per lane
+  uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: 8 terms of at most 2^23 per lane
 
   // The tile's scaled dots y (TlsTokenScaledDot) of this lane's two heads and two candidates
   // from the biased IMMA dots d (kDotFloatBias).
@@ -1002,17 +1007,19 @@ struct LaneHeadPair {
     ScaledDots(d, ks, y);
     AddMax(y);
   }
-  // The quad's max scaled dots into the per-head ordered-bit maxima (-inf: no candidate here).
-  __device__ __forceinline__ void CommitMax(uint32_t* bits0, uint32_t* bits1, int t) {
+  // The chunk's shifts from the quad's maxima (a0 / a1: the heads' TlsMul(query scale, softmax
+  // scale * log2 e)); the maxima restart for the next chunk.
+  __device__ __forceinline__ void ChunkShifts(float a0, float a1) {
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
     }
-    if (t == 0) {
-      if (m0 > -INFINITY) atomicMax(bits0, TlsOrderedBits(m0));
-      if (m1 > -INFINITY) atomicMax(bits1, TlsOrderedBits(m1));
-    }
+    c0 = m0 > -INFINITY ? TlsChunkShift(m0, a0) : -INFINITY;
+    c1 = m1 > -INFINITY ? TlsChunkShift(m1, a1) : -INFINITY;
+    s0 = TlsChunkExpShift(a0, c0);
+    s1 = TlsChunkExpShift(a1, c1);
+    m0 = m1 = -INFINITY;
   }
   // A slot's token scale is NaN when it holds no candidate: its y are NaN, its exps 2^-126
   // (TlsTokenExpArg), which no fixed-point sum sees and alpha never reads. The exps come as the
@@ -1034,20 +1041,62 @@ struct LaneHeadPair {
     ScaledDots(d, ks, y);
     Exps(y, e, w);
   }
-  __device__ __forceinline__ void CommitSums(unsigned long long* sum0, unsigned long long* sum1,
-                                             int t) {
-    unsigned long long s0 = fixed0, s1 = fixed1;
+  // The chunk's shifts and the quad's sums into table entries i0 / i1 (chunk_c: c; chunk_sum:
+  // the sum, at most 32 x 2^23), and the shifts into the CTA's per-head max (ordered bits).
+  __device__ __forceinline__ void CommitChunk(float* chunk_c, uint32_t* chunk_sum, int i0, int i1,
+                                              uint32_t* max0, uint32_t* max1, int t) {
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
-      s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+      fixed0 += __shfl_xor_sync(0xffffffffu, fixed0, o);
+      fixed1 += __shfl_xor_sync(0xffffffffu, fixed1, o);
     }
     if (t == 0) {
-      atomicAdd(sum0, s0);
-      atomicAdd(sum1, s1);
+      chunk_c[i0] = c0;
+      chunk_c[i1] = c1;
+      chunk_sum[i0] = fixed0;
+      chunk_sum[i1] = fixed1;
+      if (c0 > -INFINITY) atomicMax(max0, TlsOrderedBits(c0));
+      if (c1 > -INFINITY) atomicMax(max1, TlsOrderedBits(c1));
     }
+    fixed0 = fixed1 = 0u;
   }
 };
+
+// The chunk table of an MLA token kernel's CTA (tls_math.h's chunk-local shifts): per chunk k
+// of the CTA's slots (32 k ..) and head h of its part, entry k * heads + h of c (floats), then
+// of the fixed-point exp sums, which alpha's weights (TlsChunkWeight, float bits) replace once
+// the row's shifts and sums are known. In the top-k's histograms (free until the top-k, which
+// the kernels zero again before it) where they fit, else after the dynamic shared memory's
+// exps.
+constexpr size_t kChunkTableInHist = 2 * kClusterSelectBins * sizeof(int);
+__host__ __device__ constexpr size_t MlaChunkTableBytes(int blocks, int heads) {
+  const size_t bytes = size_t(blocks) * (kKvBlockSize / kTlsSoftmaxChunk) * heads * 8;
+  return bytes <= kChunkTableInHist ? 0 : bytes;
+}
+
+// After a token kernel's chunk phases: each chunk's sum shifted to the row's max shift (c_max,
+// per head) into the CTA's per-head sums (exp_sum), entries `n` of the table whose head (i %
+// heads) is below `live` heads (a part's missing tiles wrote none).
+__device__ __forceinline__ void AddChunkSums(const float* chunk_c, const uint32_t* chunk_sum,
+                                             int n, int heads, int live, const float* c_max,
+                                             unsigned long long* exp_sum) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int h = i % heads;
+    if (h >= live) continue;
+    const unsigned long long v = TlsChunkScaledSum(chunk_sum[i], chunk_c[i], c_max[h]);
+    if (v != 0ull) atomicAdd(&exp_sum[h], v);
+  }
+}
+
+// Then, once the heads' factors inv are known: each entry's alpha weight over its sum.
+__device__ __forceinline__ void ChunkWeights(const float* chunk_c, uint32_t* chunk_sum, int n,
+                                             int heads, int live, const float* c_max,
+                                             const float* inv) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int h = i % heads;
+    if (h < live) chunk_sum[i] = __float_as_uint(TlsChunkWeight(inv[h], chunk_c[i], c_max[h]));
+  }
+}
 
 // The exps in the L2 scratch as bf16 head pairs: pair P = 8 m + r of 16-head tile m holds
 // heads 16 m + r and 16 m + r + 8 (an IMMA lane's two heads), one bf16x2 word per candidate
@@ -1159,24 +1208,26 @@ constexpr bool MlaUsesGmma(int nc, int group, int split, MlaExps exps) {
 // much more room (an __align__(1024) extern array would pad every kernel of this file).
 constexpr int kGmmaAlign = 1024;
 
-// Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries: the staged
-// rows and their token scales, `exp_rows` rows of exps (MlaSmemExpRows), and `query_rows` rows of
-// IGMMA A operand (MlaGmmaQueryRows).
+// Dynamic shared memory of MlaScoreSelectKernel for CTAs of `blocks` list entries of `heads`
+// heads: the staged rows and their token scales, `exp_rows` rows of exps (MlaSmemExpRows), the
+// chunk table where the histograms cannot hold it (MlaChunkTableBytes), and `query_rows` rows
+// of IGMMA A operand (MlaGmmaQueryRows).
 template <int NC>
-constexpr size_t MlaDynamicSmem(int blocks, int exp_rows, bool gmma, int query_rows = 0) {
+constexpr size_t MlaDynamicSmem(int blocks, int heads, int exp_rows, bool gmma,
+                                int query_rows = 0) {
   const int slots = blocks * kKvBlockSize;
   return size_t(slots) * (sizeof(uint32_t) * MlaRowWords<NC>() + sizeof(float)) +
-         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t) + size_t(query_rows) * NC +
-         (gmma ? kGmmaAlign : 0);
+         size_t(exp_rows) * MlaSmemExpStride(slots) * sizeof(uint32_t) +
+         MlaChunkTableBytes(blocks, heads) + size_t(query_rows) * NC + (gmma ? kGmmaAlign : 0);
 }
 
 // The most list entries one CTA stages at `items` candidates per thread (two items: as many as
 // fit next to the kernel's ~26 KB of static shared memory, 24 at NC 128).
 template <int NC>
-constexpr int MlaMaxBlocks(int items, int exp_rows, bool gmma, int query_rows = 0) {
+constexpr int MlaMaxBlocks(int items, int heads, int exp_rows, bool gmma, int query_rows = 0) {
   constexpr size_t kDynamicLimit = 200 * 1024;
   int blocks = items * kMlaBlocksPerItem;
-  while (MlaDynamicSmem<NC>(blocks, exp_rows, gmma, query_rows) > kDynamicLimit) --blocks;
+  while (MlaDynamicSmem<NC>(blocks, heads, exp_rows, gmma, query_rows) > kDynamicLimit) --blocks;
   return blocks;
 }
 
@@ -1188,7 +1239,8 @@ template <int NC>
 constexpr int MlaGmmaQueryRows(int group, int split, int items, MlaExps exps) {
   if (!MlaUsesGmma(NC, group, split, exps)) return 0;
   const int heads = MlaPartHeads(group, split), exp_rows = MlaSmemExpRows(exps, heads);
-  return MlaMaxBlocks<NC>(items, exp_rows, true, heads) == MlaMaxBlocks<NC>(items, exp_rows, true)
+  return MlaMaxBlocks<NC>(items, heads, exp_rows, true, heads) ==
+                 MlaMaxBlocks<NC>(items, heads, exp_rows, true)
              ? heads
              : 0;
 }
@@ -1298,6 +1350,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr bool kEvenParts = MlaEvenParts(GROUP, SPLIT);
   constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
   constexpr int kQueryRows = MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS);
+  constexpr int kExpRows = MlaSmemExpRows(EXPS, kHeads);
+  constexpr bool kTableInHist =
+      MlaChunkTableBytes(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma, kQueryRows), kHeads) == 0;
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
@@ -1314,6 +1369,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // kSmemFloats: [head][MlaSmemExpStride(span)] floats; kSmemPairs: [pair][...] bf16 pairs.
   float* exps_s = scale_s + span;
   const int exps_s_stride = MlaSmemExpStride(span);
+  uint32_t* table_s = reinterpret_cast<uint32_t*>(exps_s + kExpRows * exps_s_stride);
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -1352,7 +1408,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       InitSelectMail(sh, size);
     }
   }
-  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  if constexpr (!kTableInHist) {
+    for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  }
   __syncthreads();  // the list entries
   // Positions from the entries in shared memory (CandidatePositions' candidates, without
   // loading the list again behind its count).
@@ -1431,193 +1489,197 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __syncthreads();
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
-  // Integer dots of the tile whose fragments lie at frag[q] (this lane's chunks of candidates
-  // 8 tile ..; swizzled, so two pointers that the loops advance), LaneHeadPair's layout. The
-  // accumulators start at kDotFloatBias minus the query's code offset, so the IMMA yields
-  // sum_c qcode[c] * code[c] plus the bias (BiasedDotToFloat).
-  constexpr int kChunks = NC / 64;  // 16-byte fragment chunks per lane and candidate
-  constexpr int kTileStep = 8 * kSlots * MlaRowWords<NC>();  // words from one tile to the next
-  const uint32_t* frag_start[kChunks];
+  // Integer dots of tile `tile` (candidates 8 tile ..; this lane's 16-byte fragment chunks q
+  // of their rows at frag0[q] + the tile's offset: swizzled by row, so one pointer per chunk),
+  // LaneHeadPair's layout. The accumulators start at kDotFloatBias minus the query's code
+  // offset, so the IMMA yields sum_c qcode[c] * code[c] plus the bias (BiasedDotToFloat).
+  constexpr int kFragChunks = NC / 64;  // 16-byte fragment chunks per lane and candidate
+  const uint32_t* frag0[kFragChunks];
 #pragma unroll
-  for (int q = 0; q < kChunks; ++q) {
-    frag_start[q] = codes_s + 8 * slot * MlaRowWords<NC>() + MlaChunkWord<NC>(r, t * kChunks + q);
+  for (int q = 0; q < kFragChunks; ++q) {
+    frag0[q] = codes_s + MlaChunkWord<NC>(r, t * kFragChunks + q);
   }
-  auto tile_dots = [&](const uint32_t* const(&frag)[kChunks], int(&d)[4]) {
+  auto tile_dots = [&](int tile, int(&d)[4]) {
     d[0] = d[1] = kDotFloatBias - off0;
     d[2] = d[3] = kDotFloatBias - off1;
 #pragma unroll
-    for (int q = 0; q < kChunks; ++q) {
-      const uint4 f = *reinterpret_cast<const uint4*>(frag[q]);
+    for (int q = 0; q < kFragChunks; ++q) {
+      const uint4 f =
+          *reinterpret_cast<const uint4*>(frag0[q] + 8 * tile * MlaRowWords<NC>());
       MmaS8U8(d, a[2 * q], f.x, f.y);
       MmaS8U8(d, a[2 * q + 1], f.z, f.w);
     }
   };
-  auto next_tile = [&](const uint32_t*(&frag)[kChunks]) {
-#pragma unroll
-    for (int q = 0; q < kChunks; ++q) frag[q] += kTileStep;
-  };
   auto tile_scales = [&](int tile) {
     return *reinterpret_cast<const float2*>(scale_s + 8 * tile + 2 * t);
   };
-  // kGmma: fn(tile, d) for each tile of this warpgroup's (d: the tile's LaneHeadPair-layout dots,
-  // biased as tile_dots'), kGmmaTiles tiles per IGMMA; a slot's warpgroups take groups slot,
-  // slot + kSlots, ... of the CTA's tiles (whole groups: list entries hold 8 tiles).
-  auto for_gmma_tiles = [&](auto&& fn) {
-    for (int group = slot; group < tiles / kGmmaTiles; group += kSlots) {
+
+  // One pass over 32-slot chunks (tls_math.h's chunk-local shifts: no max pass before the
+  // exps). A warp takes chunks slot, slot + kSlots, ... of its 16-head tile; per chunk a max
+  // phase over its four tiles, the chunk's shifts, then an exp phase: the exps go where EXPS
+  // keeps them, their sums and the shifts into the chunk table.
+  const int chunks = span / kTlsSoftmaxChunk;
+  const int warp_chunks = warp_tiles / 4;
+  const int table_n = chunks * kHeads;
+  float* const chunk_c = kTableInHist ? reinterpret_cast<float*>(&sh.hist[0][0])
+                                      : reinterpret_cast<float*>(table_s);
+  uint32_t* const chunk_sum = reinterpret_cast<uint32_t*>(chunk_c + table_n);
+  const float exp_scale = p.scale * kTlsLog2E;
+  const float a0 = TlsMul(ms.qscale[h0], exp_scale), a1 = TlsMul(ms.qscale[h1], exp_scale);
+  auto commit_chunk = [&](int q) {
+    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + 16 * mt + r, q * kHeads + 16 * mt + r + 8,
+                    &ms.max_bits[h0], &ms.max_bits[h1], t);
+  };
+  // This cluster's slice of the scratch: the heads' rows [head][slot], floats (cta_exps: this
+  // CTA's slots); kScratch's pairs fill the upper half of the rows, the alpha partials of SPLIT
+  // > 1 go into the lower half.
+  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
+  // The exps' rows (the alpha pass reads them): pair (or head) rows of `exp_stride` words from
+  // `exp_rows`.
+  uint32_t* const exp_rows = EXPS == MlaExps::kScratch
+                                 ? ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span
+                                 : reinterpret_cast<uint32_t*>(exps_s);
+  const int64_t exp_stride = EXPS == MlaExps::kScratch ? p.max_candidates : exps_s_stride;
+  const int store_end = p.max_candidates - rank * span - 2 * t;
+  // This lane's pairs of slots of tile `tile` in the exps' rows (heads h0 / h1 for kSmemFloats,
+  // whose rows hold the max phase's scaled dots before the exps: the logits computed once;
+  // pair 8 mt + r else).
+  float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t;
+  float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t;
+  uint32_t* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
+  auto store_pairs = [&](int tile, const uint32_t(&w)[2]) {
+    if constexpr (EXPS == MlaExps::kScratch) {
+      StoreTilePairs(pair_at + 8 * tile, 8 * tile < store_end, w);
+    } else {  // inside the CTA's rows: every slot stores
+      *reinterpret_cast<uint2*>(pair_at + 8 * tile) = make_uint2(w[0], w[1]);
+    }
+  };
+  if constexpr (kGmma) {  // one IGMMA per chunk: its 16 dots serve both phases
+    for (int q = slot; q < tiles / kGmmaTiles; q += kSlots) {
       int d[4 * kGmmaTiles];
 #pragma unroll
       for (int n = 0; n < kGmmaTiles; ++n) {
         d[4 * n] = d[4 * n + 1] = kDotFloatBias - off0;
         d[4 * n + 2] = d[4 * n + 3] = kDotFloatBias - off1;
       }
-      const uint64_t b_desc = GmmaRowsDesc(codes_s + 8 * kGmmaTiles * group * MlaRowWords<NC>());
+      const uint64_t b_desc = GmmaRowsDesc(codes_s + 8 * kGmmaTiles * q * MlaRowWords<NC>());
       if constexpr (kQueryRows > 0) {  // the warpgroup's 64 heads: tiles mt - mt % 4 ..
         GmmaRowDots(d, GmmaRowsDesc(query_s + 16 * (mt & ~3) * MlaRowWords<NC>()), b_desc);
-      } else if constexpr (kGmma) {
+      } else {
         GmmaRowDots(d, ag, b_desc);
       }
+      float y[kGmmaTiles][4];
 #pragma unroll
       for (int n = 0; n < kGmmaTiles; ++n) {
         const int dn[4] = {d[4 * n], d[4 * n + 1], d[4 * n + 2], d[4 * n + 3]};
-        fn(kGmmaTiles * group + n, dn);
+        LaneHeadPair::ScaledDots(dn, tile_scales(kGmmaTiles * q + n), y[n]);
+        lhp.AddMax(y[n]);
       }
-    }
-  };
-
-  // This lane's pairs of slots in the shared-memory exps of heads h0 / h1 (kSmemFloats), which
-  // hold the scaled dots from (1) to (2): the logits are computed once.
-  float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t + 8 * slot;
-  float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t + 8 * slot;
-
-  // (1) Per-head max.
-  const uint32_t* frag[kChunks];
+      lhp.ChunkShifts(a0, a1);
 #pragma unroll
-  for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
-  if constexpr (kGmma) {  // (not kSmemFloats: no scaled dots kept)
-    for_gmma_tiles([&](int tile, const int(&d)[4]) { lhp.AddMax(d, tile_scales(tile)); });
-  } else {
-    float* at0 = smem_at0;
-    float* at1 = smem_at1;
-    for (int tile = slot; tile < warp_tiles;
-         tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots, next_tile(frag)) {
-      int d[4];
-      tile_dots(frag, d);
-      float y[4];
-      LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
-      lhp.AddMax(y);
-      if constexpr (EXPS == MlaExps::kSmemFloats) {
-        *reinterpret_cast<float2*>(at0) = make_float2(y[0], y[1]);
-        *reinterpret_cast<float2*>(at1) = make_float2(y[2], y[3]);
+      for (int n = 0; n < kGmmaTiles; ++n) {
+        float e[4];
+        uint32_t w[2];
+        lhp.Exps(y[n], e, w);
+        store_pairs(kGmmaTiles * q + n, w);
       }
+      commit_chunk(q);
+    }
+  } else {
+    for (int q = slot; q < warp_chunks; q += kSlots) {
+      // Max phase: the chunk's four tiles (kSmemFloats keeps their scaled dots). (Unrolled two
+      // tiles deep: four tiles' fragment loads in flight spill.)
+#pragma unroll 2
+      for (int n = 0; n < 4; ++n) {
+        const int tile = 4 * q + n;
+        int d[4];
+        tile_dots(tile, d);
+        float y[4];
+        LaneHeadPair::ScaledDots(d, tile_scales(tile), y);
+        lhp.AddMax(y);
+        if constexpr (EXPS == MlaExps::kSmemFloats) {
+          *reinterpret_cast<float2*>(smem_at0 + 8 * tile) = make_float2(y[0], y[1]);
+          *reinterpret_cast<float2*>(smem_at1 + 8 * tile) = make_float2(y[2], y[3]);
+        }
+      }
+      lhp.ChunkShifts(a0, a1);
+      // Exp phase: the scaled dots again (kSmemFloats: read back, this lane's own).
+#pragma unroll 2
+      for (int n = 0; n < 4; ++n) {
+        const int tile = 4 * q + n;
+        float e[4];
+        uint32_t w[2];
+        if constexpr (EXPS == MlaExps::kSmemFloats) {
+          const float2 y0 = *reinterpret_cast<const float2*>(smem_at0 + 8 * tile);
+          const float2 y1 = *reinterpret_cast<const float2*>(smem_at1 + 8 * tile);
+          const float y[4] = {y0.x, y0.y, y1.x, y1.y};
+          lhp.Exps(y, e, w);
+          *reinterpret_cast<float2*>(smem_at0 + 8 * tile) = make_float2(e[0], e[1]);
+          *reinterpret_cast<float2*>(smem_at1 + 8 * tile) = make_float2(e[2], e[3]);
+        } else {
+          int d[4];
+          tile_dots(tile, d);
+          lhp.Exps(d, tile_scales(tile), e, w);
+          store_pairs(tile, w);
+        }
+      }
+      commit_chunk(q);
     }
   }
-  lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
-  __syncthreads();     // this CTA's maxima
+  __syncthreads();     // this CTA's chunk table and max shifts
   ClusterWait();       // every rank's cluster-wide values and mailboxes are set up
   if (tid < kHeads) {
-    const uint32_t max_bits = ms.cluster.Max(tid, ms.max_bits[tid], rank, size);
-    ms.shift[tid] =
-        TlsTokenExpShift(FromOrderedBits(max_bits), ms.qscale[tid], p.scale * kTlsLog2E);
+    ms.c_max[tid] = FromOrderedBits(ms.cluster.Max(tid, ms.max_bits[tid], rank, size));
   }
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, lane < kFusedWarps ? sh.part_valid[lane] : 0);
     if (lane == 0) sh.counts[0] = v;
   }
   __syncthreads();
-
-  // (2) Per-head exps, kept for (3) where EXPS says, and their sums, exact in fixed point
-  // (ExpFixed: order-free; from the unrounded exps).
-  lhp.s0 = ms.shift[h0];
-  lhp.s1 = ms.shift[h1];
-  // This cluster's slice of the scratch: the heads' rows [head][slot], floats (cta_exps: this
-  // CTA's slots); kScratch's pairs fill the upper half of the rows, the alpha partials of SPLIT
-  // > 1 go into the lower half.
-  float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
-  // The exps' rows (3) reads: pair (or head) rows of `exp_stride` words from `exp_rows`.
-  uint32_t* const exp_rows = EXPS == MlaExps::kScratch
-                                 ? ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span
-                                 : reinterpret_cast<uint32_t*>(exps_s);
-  const int64_t exp_stride = EXPS == MlaExps::kScratch ? p.max_candidates : exps_s_stride;
-  if constexpr (EXPS == MlaExps::kSmemFloats) {  // each lane rewrites its scaled dots from (1)
-    float* at0 = smem_at0;
-    float* at1 = smem_at1;
-#pragma unroll 2
-    for (int tile = slot; tile < warp_tiles; tile += kSlots, at0 += 8 * kSlots, at1 += 8 * kSlots) {
-      const float2 y0 = *reinterpret_cast<const float2*>(at0);
-      const float2 y1 = *reinterpret_cast<const float2*>(at1);
-      const float y[4] = {y0.x, y0.y, y1.x, y1.y};
-      float e[4];
-      uint32_t w[2];
-      lhp.Exps(y, e, w);
-      *reinterpret_cast<float2*>(at0) = make_float2(e[0], e[1]);
-      *reinterpret_cast<float2*>(at1) = make_float2(e[2], e[3]);
-    }
-  } else if constexpr (kGmma) {
-    const int store_end = p.max_candidates - rank * span - 2 * t;
-    uint32_t* const at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
-    for_gmma_tiles([&](int tile, const int(&d)[4]) {
-      float e[4];
-      uint32_t w[2];
-      lhp.Exps(d, tile_scales(tile), e, w);
-      if constexpr (EXPS == MlaExps::kScratch) {
-        StoreTilePairs(at + 8 * tile, 8 * tile < store_end, w);
-      } else {
-        *reinterpret_cast<uint2*>(at + 8 * tile) = make_uint2(w[0], w[1]);
-      }
-    });
-  } else {
-#pragma unroll
-    for (int q = 0; q < kChunks; ++q) frag[q] = frag_start[q];
-    const int store_end = p.max_candidates - rank * span - 2 * t;
-    // The store address advances by increments (recomputed from the tile index, addresses
-    // were ~10 of the loop's ~120 instructions per tile, and the loop is issue-bound).
-    uint32_t* at = exp_rows + (8 * mt + r) * exp_stride + 2 * t + 8 * slot;
-#pragma unroll 2
-    for (int tile = slot; tile < warp_tiles; tile += kSlots, at += 8 * kSlots, next_tile(frag)) {
-      int d[4];
-      tile_dots(frag, d);
-      float e[4];
-      uint32_t w[2];
-      lhp.Exps(d, tile_scales(tile), e, w);
-      if constexpr (EXPS == MlaExps::kScratch) {
-        StoreTilePairs(at, 8 * tile < store_end, w);
-      } else {  // inside the CTA's rows: every slot stores
-        *reinterpret_cast<uint2*>(at) = make_uint2(w[0], w[1]);
-      }
-    }
-  }
-  lhp.CommitSums(&ms.exp_sum[h0], &ms.exp_sum[h1], t);
+  const int live_heads = 16 * part_tiles;
+  AddChunkSums(chunk_c, chunk_sum, table_n, kHeads, live_heads, ms.c_max, ms.exp_sum);
   __syncthreads();  // this CTA's sums, to every rank's cluster-wide ones
   if (tid < kHeads) {
     ms.inv[tid] = TlsInvDenominator(ms.cluster.ExpSum(tid, ms.exp_sum[tid], rank, size), GROUP);
   }
   if (tid == kFusedThreads - 1) sh.num_valid = ms.cluster.Valid(sh.counts[0], rank, size);
   __syncthreads();
+  ChunkWeights(chunk_c, chunk_sum, table_n, kHeads, live_heads, ms.c_max, ms.inv);
+  __syncthreads();
 
-  // (3) alpha: each candidate's thread reads its exps back (written by this CTA before the
-  // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order).
-  // A split row's parts leave partial chains in the scratch: part 0 its heads' (the chain's
-  // first kMTiles partials, added) in head 0's row, the others each 16-head partial in row k.
+  // The alpha pass: each candidate's thread reads its exps back (written by this CTA before the
+  // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order)
+  // with its chunk's weights. A split row's parts leave partial chains in the scratch: part 0
+  // its heads' (the chain's first kMTiles partials, added) in head 0's row, the others each
+  // 16-head partial in row k.
   constexpr int kTileRows = EXPS == MlaExps::kSmemFloats ? 16 : 8;  // exp rows per 16 heads
   float alpha[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    const uint32_t* e = exp_rows + u * kFusedThreads + tid;
-    float* partial = cta_exps + u * kFusedThreads + tid;
+    const int cand = u * kFusedThreads + tid;
+    const uint32_t* e = exp_rows + cand;
+    const float* weight =
+        reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
+    float* partial = cta_exps + cand;
     alpha[u] = 0.f;
     if (pos[u] < 0) continue;
     if constexpr (SPLIT == 1) {
-      alpha[u] = AlphaChain<EXPS, GROUP>(e, exp_stride, ms.inv);
+      alpha[u] = AlphaChain<EXPS, GROUP>(e, exp_stride, weight);
     } else if (part == 0) {
-      *partial = AlphaChain<EXPS, kHeads>(e, exp_stride, ms.inv);
+      *partial = AlphaChain<EXPS, kHeads>(e, exp_stride, weight);
     } else {
 #pragma unroll
       for (int k = 0; k < kMTiles; ++k) {
         if (k >= part_tiles) break;
         partial[int64_t{k} * p.max_candidates] =
-            AlphaChain<EXPS, 16>(e + k * kTileRows * exp_stride, exp_stride, ms.inv + 16 * k);
+            AlphaChain<EXPS, 16>(e + k * kTileRows * exp_stride, exp_stride, weight + 16 * k);
       }
     }
+  }
+  if constexpr (kTableInHist) {  // the top-k's first histogram, after every weight is read
+    __syncthreads();
+    for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+    __syncthreads();
   }
   if constexpr (SPLIT > 1) {  // the row's last cluster to get here adds the partials, selects
     if (!ms.tickets.IsLastCluster(queries.row_done + bg, SPLIT, rank, size)) return;
@@ -1667,8 +1729,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   __shared__ uint32_t max_bits[kHeads];
   __shared__ unsigned long long exp_sum[kHeads];
   __shared__ ClusterStats<kHeads> stats;
-  __shared__ TlsExpShift shift[kHeads];
-  __shared__ float qscale[kHeads], inv[kHeads];
+  __shared__ float qscale[kHeads], inv[kHeads], c_max[kHeads];
   __shared__ RowTickets tickets;
   extern __shared__ __align__(16) int64_t tile_smem[];
   int64_t* tok_s = tile_smem;                                 // [slot] token row (-1: none)
@@ -1692,7 +1753,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     max_bits[tid] = 0u;
     exp_sum[tid] = 0ull;
   }
-  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   if (warp == 0) {  // as in TokenScoreSelectKernel: ordered by warp 0's release arrive below
     stats.Init(kHeads, size, lane);
     if (lane == 0) {
@@ -1746,44 +1806,53 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   auto tile_scales = [&](int ct) {
     return *reinterpret_cast<const float2*>(scale_s + 8 * ct + 2 * t);
   };
-  constexpr int kTiles = kSpan / 8;
 
-  // (1) Per-head max.
-  for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
-    int d[4];
-    tile_dots(ct, d);
-    lhp.AddMax(d, tile_scales(ct));
+  // One pass over 32-slot chunks (as MlaScoreSelectKernel's; warp w takes chunks w, w + 32,
+  // ...): the max phase, the chunk's shifts, the exp phase (bf16 pairs into pairs_s), the chunk
+  // table in the top-k's histograms (zeroed again before the top-k).
+  constexpr int kChunks = kSpan / kTlsSoftmaxChunk;
+  static_assert(2 * kChunks * kHeads * sizeof(uint32_t) <= kChunkTableInHist, "table in hist");
+  float* const chunk_c = reinterpret_cast<float*>(&sh.hist[0][0]);
+  uint32_t* const chunk_sum = reinterpret_cast<uint32_t*>(chunk_c + kChunks * kHeads);
+  const float exp_scale = p.scale * kTlsLog2E;
+  const float a0 = TlsMul(qscale[r], exp_scale), a1 = TlsMul(qscale[r + 8], exp_scale);
+  uint32_t* const at = pairs_s + r * kPairStride + 2 * t;
+  for (int q = warp; q < kChunks; q += kFusedWarps) {
+#pragma unroll 2
+    for (int n = 0; n < 4; ++n) {
+      int d[4];
+      tile_dots(4 * q + n, d);
+      lhp.AddMax(d, tile_scales(4 * q + n));
+    }
+    lhp.ChunkShifts(a0, a1);
+#pragma unroll 2
+    for (int n = 0; n < 4; ++n) {
+      const int ct = 4 * q + n;
+      int d[4];
+      tile_dots(ct, d);
+      float e[4];
+      uint32_t w[2];
+      lhp.Exps(d, tile_scales(ct), e, w);
+      *reinterpret_cast<uint2*>(at + 8 * ct) = make_uint2(w[0], w[1]);
+    }
+    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + r, q * kHeads + r + 8, &max_bits[r],
+                    &max_bits[r + 8], t);
   }
-  lhp.CommitMax(&max_bits[r], &max_bits[r + 8], t);
-  __syncthreads();  // this CTA's maxima
+  __syncthreads();  // this CTA's chunk table and max shifts
   ClusterWait();    // every rank's statistics and mailboxes are set up
-  if (tid < kHeads) {
-    shift[tid] = TlsTokenExpShift(FromOrderedBits(stats.Max(tid, max_bits[tid], rank, size)),
-                                  qscale[tid], p.scale * kTlsLog2E);
-  }
+  if (tid < kHeads) c_max[tid] = FromOrderedBits(stats.Max(tid, max_bits[tid], rank, size));
   if (warp == kFusedWarps - 1) {
     const int v = __reduce_add_sync(0xffffffffu, sh.part_valid[lane]);
     if (lane == 0) sh.counts[0] = v;
   }
   __syncthreads();
-
-  // (2) Exps as bf16 pairs into shared memory (pairs_s), and their fixed-point sums.
-  lhp.s0 = shift[r];
-  lhp.s1 = shift[r + 8];
-  uint32_t* const at = pairs_s + r * kPairStride + 2 * t;
-  for (int ct = warp; ct < kTiles; ct += kFusedWarps) {
-    int d[4];
-    tile_dots(ct, d);
-    float e[4];
-    uint32_t w[2];
-    lhp.Exps(d, tile_scales(ct), e, w);
-    *reinterpret_cast<uint2*>(at + 8 * ct) = make_uint2(w[0], w[1]);
-  }
-  lhp.CommitSums(&exp_sum[r], &exp_sum[r + 8], t);
+  AddChunkSums(chunk_c, chunk_sum, kChunks * kHeads, kHeads, kHeads, c_max, exp_sum);
   __syncthreads();  // this CTA's sums
   if (tid < kHeads)
     inv[tid] = TlsInvDenominator(stats.ExpSum(tid, exp_sum[tid], rank, size), group);
   if (tid == kFusedThreads - 1) sh.num_valid = stats.Valid(sh.counts[0], rank, size);
+  __syncthreads();
+  ChunkWeights(chunk_c, chunk_sum, kChunks * kHeads, kHeads, kHeads, c_max, inv);
   __syncthreads();
 
   // (3) The tile's partial alpha chain per candidate, into the scratch row of head 0 of the
@@ -1791,11 +1860,16 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const cta_exps = exps + head0 * p.max_candidates + rank * kSpan;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    if (pos_s[u * kFusedThreads + tid] >= 0) {
-      cta_exps[u * kFusedThreads + tid] =
-          AlphaFromBf16Pairs<kHeads>(pairs_s + u * kFusedThreads + tid, kPairStride, inv);
+    const int cand = u * kFusedThreads + tid;
+    if (pos_s[cand] >= 0) {
+      const float* weight =
+          reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
+      cta_exps[cand] = AlphaFromBf16Pairs<kHeads>(pairs_s + cand, kPairStride, weight);
     }
   }
+  __syncthreads();  // every weight is read: the top-k's first histogram
+  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
+  __syncthreads();
   // The row's last cluster to get here selects; the others leave.
   if (tiles > 1 && !tickets.IsLastCluster(queries.row_done + bg, tiles, rank, size)) return;
   int32_t pos[ITEMS];
@@ -1893,11 +1967,12 @@ MlaSplit MlaClusterSize(int clusters, int max_candidates, int max_blocks, size_t
 template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS = MlaExps::kScratch>
 struct MlaRows {
   static constexpr auto kKernel = MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS>;
-  static constexpr int kExpRows = MlaSmemExpRows(EXPS, MlaPartHeads(GROUP, SPLIT));
+  static constexpr int kHeads = MlaPartHeads(GROUP, SPLIT);
+  static constexpr int kExpRows = MlaSmemExpRows(EXPS, kHeads);
   static constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
-  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kExpRows, kGmma);
+  static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma);
   static constexpr size_t kSmem = MlaDynamicSmem<NC>(
-      kMaxBlocks, kExpRows, kGmma, MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS));
+      kMaxBlocks, kHeads, kExpRows, kGmma, MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS));
 
   static MlaSplit Plan(int rows, int max_candidates) {
     return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
