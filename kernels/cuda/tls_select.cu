@@ -890,10 +890,15 @@ __global__ void __launch_bounds__(kExpandThreads) BlockExpandKernel(TlsBlockExpa
 // ---- token scores -------------------------------------------------------------------------
 // Three passes over the candidates (grid (ceil(max_candidates / candidates per CTA), batch *
 // num_kv_heads)); each recomputes the per-head logits (NC fmas from the INT4 row) instead of
-// storing them:
-//   pass 0: per-head max (atomicMax on ordered bits)
-//   pass 1: per-head sum of exp, as exact uint64 fixed point (atomicAdd)
-//   pass 2: alpha = sum_h e_h * inv_h (heads in order), and the candidate positions
+// storing them. Softmax shifts are chunk-local (tls_math.h): chunk k is candidate slots
+// [32k, 32k + 32), the slots j of the reference (listed block j / 64, token j % 64).
+//   pass 0: per (chunk, head) and per head the max scaled dot y (ordered bits)
+//   pass 1: per head the sum of the chunks' exp sums, each shifted by c_max - c (exact uint64
+//           fixed point, atomicAdd)
+//   pass 2: alpha = sum_h e_h * w_h (heads in order; w: the chunk's TlsChunkWeight), and the
+//           candidate positions
+// A warp's 32 lanes are one chunk's 32 slots in every pass (CTAs start at multiples of 32
+// slots), so a chunk's max and exp sum are warp reductions, written by one lane.
 // HS = 1: one thread per candidate walks every head (128 candidates per CTA). HS > 1 (large
 // groups, e.g. MLA): warp w of HS handles heads w, w + HS, ... for the CTA's 32 candidates, so
 // HS times more threads share the logit work; pass 2 stages e_h in shared memory and one thread
@@ -909,16 +914,32 @@ template <int HS>
 struct TokenTile {
   static constexpr int kThreads = HS == 1 ? kTokenThreads : 32 * HS;
   static constexpr int kCands = HS == 1 ? kTokenThreads : 32;
+  static constexpr int kChunks = kCands / kTlsSoftmaxChunk;  // HS = 1: warp w's slots, chunk w
+  static_assert(kCands % kTlsSoftmaxChunk == 0 && kTlsSoftmaxChunk == 32,
+                "a chunk is one warp's slots, whole within a CTA");
 };
 
-// Per-row scratch of the token passes: one max and one exp sum per (row, head), zeroed before
-// each call, and the row's quantized queries (QuantizeQueryKernel).
+// Softmax chunks of a row of max_candidates slots.
+__host__ __device__ __forceinline__ int SoftmaxChunks(int max_candidates) {
+  return (max_candidates + kTlsSoftmaxChunk - 1) / kTlsSoftmaxChunk;
+}
+
+// Whether a max key (ordered bits; 0 for none or NaN) is above -inf's: the reference leaves a
+// chunk out of the softmax when no candidate's y in it is (its chunk max stays -inf).
+__device__ __forceinline__ bool ChunkHasMax(uint32_t key) {
+  return key > TlsOrderedBits(__int_as_float(0xff800000));
+}
+
+// Per-row scratch of the token passes: per (row, head) a max and an exp sum, per (row, chunk,
+// head) the chunk's max, zeroed before each call, and the row's quantized queries
+// (QuantizeQueryKernel).
 struct TokenStats {
-  uint32_t* max_bits;  // [batch * num_kv_heads * group]
+  uint32_t* max_bits;        // [batch * num_kv_heads * group]
+  uint32_t* chunk_max_bits;  // [batch * num_kv_heads, SoftmaxChunks(max_candidates), group]
   unsigned long long* exp_sum;
-  float* qcode;   // [batch * num_kv_heads * group, num_channels] int8 codes as floats
-  float* qscale;  // [batch * num_kv_heads * group]
-  int* qsum;      // [batch * num_kv_heads * group] sum of each head's codes
+  float* qcode;     // [batch * num_kv_heads * group, num_channels] int8 codes as floats
+  float* qscale;    // [batch * num_kv_heads * group]
+  int* qsum;        // [batch * num_kv_heads * group] sum of each head's codes
   uint32_t* qfrag;  // groups of 16s: IMMA A fragments per 16-head tile (LoadQueryFragments)
   int* row_done;    // [batch * num_kv_heads] tickets of the MLA row's CTAs (RowTickets)
 };
@@ -929,18 +950,19 @@ size_t TokenStatsCount(const TlsTokenScoreParams& p) {
          (p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0);
 }
 
-// Byte offsets in the workspace: exp sums and max bits (the zeroed counters), then the query
-// codes, scales, code sums and A fragments, and the head-tile counters (zeroed by
+// Byte offsets in the workspace: exp sums, max bits and chunk max bits (the zeroed counters),
+// then the query codes, scales, code sums and A fragments, and the head-tile counters (zeroed by
 // QuantizeQueryKernel); `bytes` the total.
 struct TokenStatsLayout {
-  size_t max_bits, qcode, qscale, qsum, qfrag, row_done, bytes;
+  size_t max_bits, chunk_max_bits, qcode, qscale, qsum, qfrag, row_done, bytes;
 };
 
 TokenStatsLayout MakeTokenStatsLayout(const TlsTokenScoreParams& p) {
   const size_t n = TokenStatsCount(p);
   TokenStatsLayout l;
   l.max_bits = AlignUp(n * 8, 256);
-  l.qcode = l.max_bits + AlignUp(n * 4, 256);
+  l.chunk_max_bits = l.max_bits + AlignUp(n * 4, 256);
+  l.qcode = l.chunk_max_bits + AlignUp(n * SoftmaxChunks(std::max(0, p.max_candidates)) * 4, 256);
   l.qscale = l.qcode + AlignUp(n * std::max(0, p.num_channels) * 4, 256);
   l.qsum = l.qscale + AlignUp(n * 4, 256);
   l.qfrag = l.qsum + AlignUp(n * 4, 256);
@@ -957,6 +979,7 @@ TokenStats TokenStatsIn(void* workspace, const TlsTokenScoreParams& p) {
   TokenStats s;
   s.exp_sum = reinterpret_cast<unsigned long long*>(base);
   s.max_bits = reinterpret_cast<uint32_t*>(base + l.max_bits);
+  s.chunk_max_bits = reinterpret_cast<uint32_t*>(base + l.chunk_max_bits);
   s.qcode = reinterpret_cast<float*>(base + l.qcode);
   s.qscale = reinterpret_cast<float*>(base + l.qscale);
   s.qsum = reinterpret_cast<int*>(base + l.qsum);
@@ -1041,7 +1064,8 @@ float* StoredLogitsIn(void* workspace, const TlsTokenScoreParams& p) {
 // Pass 0 of the stored path on integer tensor cores (MmaS8U8, tls_common.cuh): the scaled dots of
 // listed KV blocks' 64 candidates for every head of the group, a GROUP x NC by NC x 64 product
 // per block. A CTA loads the group's query codes once and walks blocks blockIdx.x, + gridDim.x,
-// ...; also the per-head max (atomicMax on ordered bits, as pass 0).
+// ...; also the per-head and per (chunk, head) maxima (atomicMax on ordered bits: a block's two
+// chunks, whole in the CTA, may span two warps).
 constexpr int kLogitCands = kKvBlockSize;
 constexpr int kLogitThreads = 128;  // 4 warps
 
@@ -1052,6 +1076,10 @@ struct LogitTile {
   static constexpr int kMGroups = kMTiles / kWarpM;                 // warps along heads
   static constexpr int kWarpN = 8 / (4 / kMGroups);                 // 8-candidate tiles per warp
   static constexpr int kSlabs = NC / 32;                            // k steps of 32 channels
+  // Softmax chunks a warp's 8 * kWarpN candidates touch (8-candidate tiles never straddle one).
+  static constexpr int kWarpChunks = (8 * kWarpN + kTlsSoftmaxChunk - 1) / kTlsSoftmaxChunk;
+  static_assert((8 * kWarpN) % kTlsSoftmaxChunk == 0 || kTlsSoftmaxChunk % (8 * kWarpN) == 0,
+                "a warp's candidates start a chunk or lie in one");
   static constexpr int kCodeStride = TokenCodeStride<NC>();
   static constexpr size_t kSmem = sizeof(float) * kLogitCands + sizeof(int) * GROUP +
                                   sizeof(uint32_t) * kLogitCands * kCodeStride;
@@ -1074,6 +1102,7 @@ __global__ void __launch_bounds__(kLogitThreads)
       p.maybe_blocks ? p.maybe_num_blocks[bg] : max(0, geo.first_recent_block - p.sink_blocks);
   if (static_cast<int>(blockIdx.x) >= num_listed) return;  // passes 1-2 read valid logits only
   const int64_t stat = int64_t{bg} * GROUP;
+  uint32_t* chunk_bits = stats.chunk_max_bits + stat * SoftmaxChunks(p.max_candidates);
   for (int hh = tid; hh < GROUP; hh += kLogitThreads) {
     qsum_s[hh] = stats.qsum[stat + hh];
   }
@@ -1116,6 +1145,7 @@ __global__ void __launch_bounds__(kLogitThreads)
     }
 
     const int cbeg = TlsBlockCandBegin(geo, block), cend = TlsBlockCandEnd(geo, block);
+    uint32_t chunk_max[Tile::kWarpM][2][Tile::kWarpChunks] = {};
 #pragma unroll
     for (int mi = 0; mi < Tile::kWarpM; ++mi) {
 #pragma unroll
@@ -1133,23 +1163,44 @@ __global__ void __launch_bounds__(kLogitThreads)
             const bool valid = cpos >= cbeg && cpos < cend;
             const float dot = static_cast<float>(acc[mi][ni][2 * half + u] - offset);
             out[u] = valid ? TlsTokenScaledDot(dot, scale_s[j + u]) : 0.f;
-            if (valid) head_max[mi][half] = max(head_max[mi][half], TlsOrderedBits(out[u]));
+            if (valid) {
+              uint32_t& m = chunk_max[mi][half][8 * ni / kTlsSoftmaxChunk];
+              m = max(m, TlsOrderedBits(out[u]));
+            }
           }
           *reinterpret_cast<float2*>(dst + j) = make_float2(out[0], out[1]);
         }
       }
     }
+    // The four lanes of a quad hold one head's candidates. This warp's first chunk: slot
+    // i * 64 + 8 * ng * kWarpN over 32; its entry of the quad's first head.
+    const int chunk0 = (i * kLogitCands + 8 * ng * Tile::kWarpN) / kTlsSoftmaxChunk;
+    uint32_t* quad_bits = chunk_bits + (chunk0 * GROUP + 16 * mg * Tile::kWarpM + r);
+#pragma unroll
+    for (int mi = 0; mi < Tile::kWarpM; ++mi) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int wc = 0; wc < Tile::kWarpChunks; ++wc) {
+          uint32_t key = chunk_max[mi][half][wc];
+          key = max(key, __shfl_xor_sync(0xffffffffu, key, 1));
+          key = max(key, __shfl_xor_sync(0xffffffffu, key, 2));
+          head_max[mi][half] = max(head_max[mi][half], key);
+          if (t == 0 && ChunkHasMax(key)) {
+            atomicMax(quad_bits + (wc * GROUP + 16 * mi + 8 * half), key);
+          }
+        }
+      }
+    }
   }
-  // The four lanes of a quad hold one head's candidates.
 #pragma unroll
   for (int mi = 0; mi < Tile::kWarpM; ++mi) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      uint32_t key = head_max[mi][half];
-      key = max(key, __shfl_xor_sync(0xffffffffu, key, 1));
-      key = max(key, __shfl_xor_sync(0xffffffffu, key, 2));
       const int head = 16 * (mg * Tile::kWarpM + mi) + r + 8 * half;
-      if (t == 0 && key != 0u) atomicMax(stats.max_bits + stat + head, key);
+      if (t == 0 && ChunkHasMax(head_max[mi][half])) {
+        atomicMax(stats.max_bits + stat + head, head_max[mi][half]);
+      }
     }
   }
 }
@@ -1159,8 +1210,10 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     TokenScoreKernel(TlsTokenScoreParams p, TokenStats stats, float* logits) {
   constexpr int kThreads = TokenTile<HS>::kThreads;
   constexpr int kCands = TokenTile<HS>::kCands;
-  // [group, NC] query codes, then per head the exp shift's a, inv, the shift's b, then (HS > 1,
-  // pass 2) e [kCands, group + 1]
+  constexpr int kChunks = TokenTile<HS>::kChunks;
+  // [group, NC] query codes, then per head the exp factor a and the row's c_max, per (chunk of
+  // the CTA, head) the exp shift's b and the chunk's c (pass 1) or alpha weight (pass 2), then
+  // (HS > 1, pass 2) e [kCands, group + 1]
   extern __shared__ float q_s[];
   const int bg = blockIdx.y;
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
@@ -1179,21 +1232,43 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     return;
   }
   float* shift_a = q_s + (STORED ? 0 : group * NC);
-  float* inv_s = shift_a + group;
-  float* shift_b = inv_s + group;
-  float* e_s = shift_b + group;
+  float* cmax_s = shift_a + group;
+  float* shift_b = cmax_s + group;             // [kChunks][group]
+  float* chunk_s = shift_b + kChunks * group;  // [kChunks][group]: c (pass 1), weight (pass 2)
+  float* e_s = chunk_s + kChunks * group;
   const int64_t stat = int64_t{bg} * group;
+  const int chunks = SoftmaxChunks(p.max_candidates);
+  // The row's [chunk, head] maxima, from the CTA's first chunk.
+  uint32_t* chunk_bits = stats.chunk_max_bits + (stat * chunks + first / kTlsSoftmaxChunk * group);
   for (int e = threadIdx.x; !STORED && e < group * NC; e += kThreads) {
     q_s[e] = stats.qcode[stat * NC + e];
   }
   const float exp_scale = p.scale * kTlsLog2E;
   if (PASS >= 1) {
-    for (int hh = threadIdx.x; hh < group; hh += kThreads) {
-      const TlsExpShift s = TlsTokenExpShift(FromOrderedBits(stats.max_bits[stat + hh]),
-                                             stats.qscale[stat + hh], exp_scale);
-      shift_a[hh] = s.a;
-      shift_b[hh] = s.b;
-      if (PASS == 2) inv_s[hh] = TlsInvDenominator(stats.exp_sum[stat + hh], group);
+    // c_max = TlsChunkShift of the row's max y, which is the largest chunk c: TlsChunkShift is
+    // monotone in y for a >= 0 (rounding up, ceil and the clamp are), so the chunk holding the
+    // max has the max c. An empty chunk (ChunkHasMax false) has no exp sum and weight 0, as in
+    // the reference; its exps (NaN or -inf y only) are 2^-126 whatever the shift.
+    for (int e = threadIdx.x; e < kChunks * group; e += kThreads) {
+      const int k = e / group, hh = e % group;
+      const float a = TlsMul(stats.qscale[stat + hh], exp_scale);
+      const float c_max = TlsChunkShift(FromOrderedBits(stats.max_bits[stat + hh]), a);
+      const bool in_row = first / kTlsSoftmaxChunk + k < chunks;
+      const uint32_t key = in_row ? chunk_bits[e] : 0u;
+      const bool has_max = ChunkHasMax(key);
+      const float c = has_max ? TlsChunkShift(FromOrderedBits(key), a) : 0.f;
+      shift_b[e] = TlsChunkExpShift(a, c).b;
+      if (k == 0) {
+        shift_a[hh] = a;
+        cmax_s[hh] = c_max;
+      }
+      if (PASS == 1) {
+        chunk_s[e] = c;
+      } else {
+        chunk_s[e] =
+            has_max ? TlsChunkWeight(TlsInvDenominator(stats.exp_sum[stat + hh], group), c, c_max)
+                    : 0.f;
+      }
     }
   }
   __syncthreads();
@@ -1229,22 +1304,26 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
 #pragma unroll
     for (int w = 0; w < NC / 8; ++w) Int4WordToFloats(words[w], codes + 8 * w);
   }
+  // This warp's chunk in the CTA: its [head] entries of shift_b / chunk_s / chunk_bits.
+  const int kc = HS == 1 ? static_cast<int>(threadIdx.x) / 32 : 0;
+  const float* chunk_b = shift_b + kc * group;
+  const float* chunk_v = chunk_s + kc * group;
   float alpha = 0.f, part = 0.f;
   // Stored: the logit before pass 1, its exp after (pass 1 writes e back, pass 2 reads it).
-  // Each is an L2 round trip, so a chunk of heads' loads go out together before the math (a
+  // Each is an L2 round trip, so a batch of heads' loads go out together before the math (a
   // plain loop waited for each in turn: the stored passes were latency-bound).
-  constexpr int kChunk = STORED ? 4 : 1;
-  for (int hh0 = sub; hh0 < group; hh0 += kChunk * HS) {
-    float pre[kChunk];
+  constexpr int kHeadBatch = STORED ? 4 : 1;
+  for (int hh0 = sub; hh0 < group; hh0 += kHeadBatch * HS) {
+    float pre[kHeadBatch];
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
+    for (int k = 0; k < kHeadBatch; ++k) {
       const int hh = hh0 + k * HS;
       pre[k] = STORED && valid && hh < group
                    ? logits[(int64_t{bg} * group + hh) * p.max_candidates + j]
                    : 0.f;
     }
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
+    for (int k = 0; k < kHeadBatch; ++k) {
       const int hh = hh0 + k * HS;
       if (hh >= group) break;
       float* stored = STORED ? logits + (int64_t{bg} * group + hh) * p.max_candidates + j : nullptr;
@@ -1257,19 +1336,26 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
       }
       if (PASS == 0) {
         const uint32_t key = valid ? TlsOrderedBits(logit) : 0u;
-        const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);
-        if ((threadIdx.x & 31) == 0 && wmax != 0u) atomicMax(stats.max_bits + stat + hh, wmax);
+        const uint32_t wmax = __reduce_max_sync(0xffffffffu, key);  // the chunk's max
+        if ((threadIdx.x & 31) == 0 && ChunkHasMax(wmax)) {
+          chunk_bits[kc * group + hh] = wmax;  // this warp's alone
+          atomicMax(stats.max_bits + stat + hh, wmax);
+        }
       } else {
         const float e = !valid ? 0.f
                         : STORED && PASS == 2
                             ? logit
-                            : TlsTokenExp(TlsTokenExpArg(logit, {shift_a[hh], shift_b[hh]}));
+                            : TlsTokenExp(TlsTokenExpArg(logit, {shift_a[hh], chunk_b[hh]}));
         if (STORED && PASS == 1 && valid) *stored = e;
         if (PASS == 1) {
-          const unsigned long long fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
-          if ((threadIdx.x & 31) == 0 && fixed != 0ull) atomicAdd(stats.exp_sum + stat + hh, fixed);
+          // 32 terms of at most 2^23: the chunk's sum fits 32 bits.
+          const uint32_t fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
+          if ((threadIdx.x & 31) == 0 && fixed != 0u) {  // 0 for an empty chunk
+            const unsigned long long scaled = TlsChunkScaledSum(fixed, chunk_v[hh], cmax_s[hh]);
+            if (scaled != 0ull) atomicAdd(stats.exp_sum + stat + hh, scaled);
+          }
         } else if (HS == 1) {  // heads in order: close each kTlsAlphaHeadTile-head chain
-          part = TlsAlphaTerm(e, inv_s[hh], part);
+          part = TlsAlphaTerm(e, chunk_v[hh], part);
           if (hh % kTlsAlphaHeadTile == kTlsAlphaHeadTile - 1 || hh == group - 1) {
             alpha = hh < kTlsAlphaHeadTile ? part : TlsAdd(alpha, part);
             part = 0.f;
@@ -1284,7 +1370,7 @@ __global__ void __launch_bounds__(TokenTile<HS>::kThreads)
     if (HS > 1) {
       __syncthreads();
       if (sub != 0) return;
-      alpha = AlphaFromExps(e_s + local * (group + 1), 1, inv_s, group);
+      alpha = AlphaFromExps(e_s + local * (group + 1), 1, chunk_s, group);  // the CTA's chunk
     }
     if (valid) p.alpha[int64_t{bg} * p.max_candidates + j] = alpha;
   }
@@ -1295,7 +1381,8 @@ cudaError_t LaunchTokenScorePasses(const TlsTokenScoreParams& p, TokenStats stat
                                    float* logits, cudaStream_t stream) {
   using Tile = TokenTile<HS>;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const size_t smem = (size_t(STORED ? 0 : group) * NC + 3 * group) * sizeof(float);
+  const size_t smem =
+      (size_t(STORED ? 0 : group) * NC + (2 + 2 * Tile::kChunks) * size_t(group)) * sizeof(float);
   const size_t smem2 = smem + (HS > 1 ? size_t(Tile::kCands) * (group + 1) * sizeof(float) : 0);
   const dim3 grid((p.max_candidates + Tile::kCands - 1) / Tile::kCands, p.batch * p.num_kv_heads);
   cudaError_t err = EnsureDynamicSmem<TokenScoreKernel<NC, 0, HS, STORED>>(smem);

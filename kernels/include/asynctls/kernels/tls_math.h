@@ -281,15 +281,16 @@ ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) {
 // inv * 2^(c - c_max) (TlsChunkWeight): integer shifts and powers of two, exact and order-free.
 inline constexpr int kTlsSoftmaxChunk = 32;
 
-// c for a chunk whose max scaled dot is max_y: max_y * a rounded up, then to the next integer
-// (at least -2^30, so that TlsChunkExpShift's offset stays exact; a NaN max: +inf).
+// c for a chunk whose max scaled dot is max_y: max_y * a rounded up, then to the next integer,
+// at least -2^23 (a NaN max: +inf). Integers of magnitude up to 2^23 keep TlsChunkExpShift's
+// offset bias - c exact; a larger c (a logit of 2^23 in log2 units) is outside the spec.
 ASYNCTLS_HD float TlsChunkShift(float max_y, float a) {
   const float up = -TlsNegMulDown(max_y, a);
   if (up != up) return INFINITY;
 #if defined(__CUDA_ARCH__)
-  return fmaxf(ceilf(up), -1073741824.f);
+  return fmaxf(ceilf(up), -8388608.f);
 #else
-  return std::fmax(std::ceil(up), -1073741824.f);
+  return std::fmax(std::ceil(up), -8388608.f);
 #endif
 }
 
