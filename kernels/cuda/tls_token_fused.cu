@@ -5,18 +5,24 @@
 // and a top-k kernel with one CTA per row: four dependent launches of a few microseconds each for
 // ~100 KB of token index per row, so the token branch was latency-bound. Here a thread cluster of
 // up to 8 CTAs (MLA: 16) owns one (sequence, KV head) row, 1-4 candidates per thread.
+// The softmax shifts are chunk-local (tls_math.h): a chunk is 32 candidate slots, one warp's
+// item (GQA) or a quad's four 8-candidate tiles (MLA), so its max is known inside the warp and
+// every logit's exp follows it at once; no pass over the row's logits precedes the exps. Per
+// (chunk, head) the shift and the exps' fixed-point sum wait in a chunk table until the row's
+// largest shift (one cluster exchange) scales the sums and then the alpha weights.
 //   GQA (TokenScoreSelectKernel, one launch): each thread takes its INT4 rows through dp4a
-//   (Int4PackedDot) for every head of the group and keeps the logits in shared memory; the
-//   per-head softmax max and exact fixed-point sums, the radix histograms and the compaction
+//   (Int4PackedDot) for every head of the group and keeps the exps in shared memory; the
+//   per-head max shifts and exact fixed-point sums, the radix histograms and the compaction
 //   counts cross the cluster through distributed shared memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
-//   channels are too many logits to keep, so integer tensor cores compute them twice (max, then
-//   exps) from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
+//   channels are too many exps to keep in registers, so integer tensor cores compute the logits
+//   of each chunk (twice where they come from mma.sync: max phase, exp phase; once from IGMMA)
+//   from the CTA's staged INT4 rows, and the exps go through an L2-resident scratch to the
 //   alpha sums (as bf16 head pairs, ScratchPairs). Where a cluster's exps fit beside its staged
 //   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the halves, thirds and quarters
-//   that 64- and 128-head rows split into at small batches), shared memory holds the logits from
-//   the max pass to the exp pass (computed once) and then the exps; 128-head rows on 8 list entries
-//   per CTA keep bf16 head pairs there instead (MlaExps). A split row's last cluster to finish adds
+//   that 64- and 128-head rows split into at small batches), shared memory holds the scaled dots
+//   from a chunk's max phase to its exp phase (computed once) and then the exps; 128-head rows
+//   on 8 list entries per CTA keep bf16 head pairs there instead (MlaExps). A split row's last cluster to finish adds
 //   the others' partial alpha chains and runs the top-k. Wherever no row clusters
 //   fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its exps
 //   in shared memory), likewise combined by the row's last cluster.

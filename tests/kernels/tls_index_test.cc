@@ -396,35 +396,41 @@ TEST(TlsMathTest, TokenExpIsTheNearestBf16OnTheGrid) {
   }
 }
 
-// TlsTokenExpShift rounds c = max * a up to the grid, so every argument of a head's softmax is
+// The chunk shift c rounds max * a up to an integer, so every argument of a chunk's softmax is
 // <= 0 (no exp exceeds 1, which ExpFixed's sums need), also where max * a rounds up to nearest;
 // and every argument lies on the grid in [-126, 0].
+TlsExpShift ChunkExpShiftOf(float max_y, float query_scale, float exp_scale) {
+  const float a = TlsMul(query_scale, exp_scale);
+  return TlsChunkExpShift(a, TlsChunkShift(max_y, a));
+}
+
 TEST(TlsMathTest, TokenExpArgumentsLieOnTheGridAndAreNeverPositive) {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> y_dist(-50.f, 50.f), scale_dist(1e-4f, 2.f);
   for (int i = 0; i < 20000; ++i) {
     const float max_y = y_dist(rng), a_scale = scale_dist(rng), e_scale = scale_dist(rng);
-    const TlsExpShift s = TlsTokenExpShift(max_y, a_scale, e_scale);
+    const TlsExpShift s = ChunkExpShiftOf(max_y, a_scale, e_scale);
+    const float c = TlsChunkShift(max_y, s.a);
     for (const float y : {max_y, std::nextafter(max_y, -INFINITY), max_y - 1.f, y_dist(rng)}) {
       if (y > max_y) continue;
       const float x = TlsTokenExpArg(y, s);
       ASSERT_LE(x, 0.f) << max_y;
       ASSERT_GE(x, -126.f) << max_y;
       ASSERT_EQ(x * 256.f, std::nearbyint(x * 256.f)) << x;  // on the grid
-      // Within a grid step of the exact (y - max) * a (c rounds up by under one step, and the
-      // fma's rounding adds half of one), unless clamped.
-      const double exact = (double{y} - max_y) * s.a;
-      if (exact > -125.0) ASSERT_NEAR(x, exact, 1.5 / 256 + 1e-6 * std::fabs(max_y * s.a)) << y;
+      // The exact y * a - c rounded to the grid (the fma rounds once), unless clamped.
+      const double exact = double{y} * s.a - c;
+      if (exact > -125.0) ASSERT_NEAR(x, exact, 0.5 / 256 + 1e-6) << y;
     }
+    ASSERT_GT(TlsTokenExpArg(max_y, s), -1.f - 1.f / 256) << max_y;  // the max's exp >= ~1/2
   }
-  // Degenerate rows: no max (NaN), an infinite max, a zero query scale (every exp 1), a NaN y.
-  EXPECT_EQ(TlsTokenExpArg(1.f, TlsTokenExpShift(NAN, 1.f, 1.f)), -126.f);
-  EXPECT_EQ(TlsTokenExpArg(1.f, TlsTokenExpShift(INFINITY, 1.f, 1.f)), -126.f);
-  EXPECT_EQ(TlsTokenExpArg(-5.f, TlsTokenExpShift(3.f, 0.f, 1.f)), 0.f);
-  EXPECT_EQ(TlsTokenExpArg(NAN, TlsTokenExpShift(3.f, 1.f, 1.f)), -126.f);
-  // A hugely negative max keeps the offset exact (c clamped at -2^30): the max's argument is 0.
-  const TlsExpShift low = TlsTokenExpShift(-1e12f, 1.f, 1.f);
-  EXPECT_LE(TlsTokenExpArg(-1e12f, low), 0.f);
+  // Degenerate chunks: no max (NaN), an infinite max, a zero query scale (every exp 1), a NaN y.
+  EXPECT_EQ(TlsTokenExpArg(1.f, ChunkExpShiftOf(NAN, 1.f, 1.f)), -126.f);
+  EXPECT_EQ(TlsTokenExpArg(1.f, ChunkExpShiftOf(INFINITY, 1.f, 1.f)), -126.f);
+  EXPECT_EQ(TlsTokenExpArg(-5.f, ChunkExpShiftOf(3.f, 0.f, 1.f)), 0.f);
+  EXPECT_EQ(TlsTokenExpArg(NAN, ChunkExpShiftOf(3.f, 1.f, 1.f)), -126.f);
+  // A hugely negative max keeps the offset exact (c clamped at -2^23): the max's argument is
+  // at most 0.
+  EXPECT_LE(TlsTokenExpArg(-1e12f, ChunkExpShiftOf(-1e12f, 1.f, 1.f)), 0.f);
   EXPECT_EQ(TlsNegMulDown(0.f, 3.f), 0.f);
   EXPECT_EQ(TlsNegMulDown(1.f, 0.5f), -0.5f);  // exact products stay exact
   // 3 * float(1/3) = 1 + 2^-25 + ...: nearest is -1, rounded down the float below it.
@@ -447,7 +453,7 @@ TEST(TlsMathTest, ChunkShiftsAreIntegersAboveTheChunkAndScaleExactly) {
     ASSERT_GT(TlsTokenExpArg(max_y, s), -1.01f) << max_y;  // the max's exp stays above 1/2
   }
   EXPECT_EQ(TlsChunkShift(NAN, 1.f), INFINITY);
-  EXPECT_EQ(TlsChunkShift(-1e12f, 1.f), -1073741824.f);
+  EXPECT_EQ(TlsChunkShift(-1e12f, 1.f), -8388608.f);  // clamped: bias - c stays exact
   EXPECT_EQ(TlsChunkShift(3.f, 0.5f), 2.f);  // 1.5 up
   EXPECT_EQ(TlsChunkShift(2.f, 0.5f), 1.f);  // exact
   EXPECT_EQ(TlsChunkScaledSum(1000, 5.f, 5.f), 1000u);
@@ -509,13 +515,14 @@ TEST(TlsMathTest, Int4DotIsExactInAnyOrder) {
   }
   EXPECT_EQ(backwards, float(want));
   EXPECT_EQ(TlsTokenScaledDot(float(want), 0.5f), float(want) * 0.5f);
-  // The exp2 argument of the head's max is 0 where max * a lies on the grid; others are
-  // (y - max) * a rounded to the grid.
-  const TlsExpShift s = TlsTokenExpShift(3.f, 0.25f, 2.f);
-  EXPECT_EQ(TlsTokenExpArg(3.f, s), 0.f);
-  EXPECT_EQ(TlsTokenExpArg(1.f, s), -1.f);
-  EXPECT_EQ(TlsTokenExpArg(2.999f, s), 0.f);          // -0.0005: the nearest grid point is 0
-  EXPECT_EQ(TlsTokenExpArg(2.99f, s), -0.00390625f);  // -0.005: the nearest is -2^-8
+  // The exp2 argument of the chunk's max is 0 where max * a is an integer; others are
+  // y * a - c rounded to the grid.
+  const float a = TlsMul(0.25f, 2.f);
+  const TlsExpShift s = TlsChunkExpShift(a, TlsChunkShift(4.f, a));
+  EXPECT_EQ(TlsTokenExpArg(4.f, s), 0.f);
+  EXPECT_EQ(TlsTokenExpArg(2.f, s), -1.f);
+  EXPECT_EQ(TlsTokenExpArg(3.998f, s), 0.f);          // -0.001: the nearest grid point is 0
+  EXPECT_EQ(TlsTokenExpArg(3.98f, s), -0.01171875f);  // -0.01: the nearest is -3 * 2^-8
 }
 
 }  // namespace

@@ -39,7 +39,8 @@ __global__ void TokenExpArgKernel(const ArgCase* cases, int n, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const ArgCase c = cases[i];
-  out[i] = TlsTokenExpArg(c.y, TlsTokenExpShift(c.max_y, c.query_scale, c.exp_scale));
+  const float a = TlsMul(c.query_scale, c.exp_scale);
+  out[i] = TlsTokenExpArg(c.y, TlsChunkExpShift(a, TlsChunkShift(c.max_y, a)));
 }
 
 uint32_t Bits(float f) {
@@ -95,7 +96,8 @@ TEST(TlsMathGpuTest, TokenExpArgumentsMatchReference) {
   int differ = 0;
   for (int i = 0; i < n; ++i) {
     const ArgCase& c = cases[i];
-    const float want = TlsTokenExpArg(c.y, TlsTokenExpShift(c.max_y, c.query_scale, c.exp_scale));
+    const float a = TlsMul(c.query_scale, c.exp_scale);
+    const float want = TlsTokenExpArg(c.y, TlsChunkExpShift(a, TlsChunkShift(c.max_y, a)));
     if (Bits(got[i]) != Bits(want) && ++differ <= 5) {
       ADD_FAILURE() << "max " << c.max_y << " scales " << c.query_scale << " " << c.exp_scale
                     << " y " << c.y << ": device " << got[i] << ", reference " << want;

@@ -205,10 +205,10 @@ ASYNCTLS_HD int TlsInt4Code(float x, float scale) { return TlsSymmetricCode(x, s
 // (Measured accuracy-neutral: bench/results/tls-accuracy.md.)
 //
 // The per-head softmax is computed from y = sum * token scale (TlsTokenScaledDot) alone: the
-// query scale q > 0 is monotone, so the head's max logit belongs to its max y, and the exp2
-// argument (logit - max logit) * softmax scale * log2(e) is one fma per candidate and head,
-// TlsTokenExpArg(y, shift) from a = q * scale * log2(e) and an offset b (TlsTokenExpShift, once
-// per head): the token kernels' innermost loop.
+// query scale q > 0 is monotone, so a chunk's max logit belongs to its max y, and the exp2
+// argument (logit - shift) * softmax scale * log2(e) is one fma per candidate and head,
+// TlsTokenExpArg(y, shift) from a = q * scale * log2(e) and an offset b (TlsChunkExpShift, once
+// per chunk and head, below): the token kernels' innermost loop.
 ASYNCTLS_HD float TlsInt8Scale(float absmax) { return TlsDiv(absmax, 127.f); }
 
 ASYNCTLS_HD int TlsInt8Code(float x, float scale) { return TlsSymmetricCode(x, scale, 127.f); }
@@ -238,26 +238,6 @@ ASYNCTLS_HD float TlsNegMulDown(float y, float a) {
 // again (exactly, by Sterbenz, for results down to half the bias, far under the clamp at -126).
 inline constexpr float kTlsExpGridBias = 49152.f;
 inline constexpr float kTlsExpGridSteps = 256.f;  // grid points per unit
-
-// The exp argument's factors for a head with max scaled dot `max_y` (exp_scale: the softmax
-// scale times log2(e)): a = query scale * exp_scale and b = bias - c, where c is max_y * a
-// rounded up to the grid (at least -2^30, so that b stays exact): y * a + b <= bias for every
-// y <= max_y, so no argument exceeds 0 (and no exp exceeds 1). Every step is exact or rounds the
-// same way on both sides.
-ASYNCTLS_HD TlsExpShift TlsTokenExpShift(float max_y, float query_scale, float exp_scale) {
-  const float a = TlsMul(query_scale, exp_scale);
-  const float up = -TlsNegMulDown(max_y, a);  // max_y * a rounded toward +inf
-#if defined(__CUDA_ARCH__)
-  float c = ceilf(up * kTlsExpGridSteps) * (1.f / kTlsExpGridSteps);  // powers of 2: exact
-  c = fmaxf(c, -1073741824.f);
-#else
-  float c = std::ceil(up * kTlsExpGridSteps) * (1.f / kTlsExpGridSteps);
-  c = std::fmax(c, -1073741824.f);
-#endif
-  // A NaN max (a row whose every y is NaN): b = -inf, every argument -126.
-  if (up != up) c = INFINITY;
-  return {a, TlsAdd(kTlsExpGridBias, -c)};
-}
 
 // The exp argument of scaled dot y: y * a - c rounded to the grid, clamped below at -126 (a NaN
 // y, a slot without a candidate, also maps to -126, whose exp no fixed-point sum sees).
