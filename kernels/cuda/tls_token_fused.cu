@@ -666,10 +666,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   // memory (the counts were pushed before it), so every CTA may exit as soon as it is done.
 }
 
-// MAXG: the group size rounded up to 4, 8 or 16 (the per-head arrays, lg's head stride).
-// ITEMS: candidates per thread; item u of thread t is candidate (rank * ITEMS + u) *
-// kFusedThreads + t, so candidate order is (rank, item, thread) order, which is position order.
-// A warp's candidates of one item, staged for the tensor-core dots (GqaTileDots): per lane
+// A warp's candidates of one item, staged for the tensor-core dots (GqaTileFragments): per lane
 // (candidate) its INT4 words, each 32-channel slice's four in the order 0 2 1 3 (so that an IMMA
 // lane's two B words of a slice, words x and x + 2, are adjacent: one 8-byte load), then the 32
 // token scales. Words per warp:
