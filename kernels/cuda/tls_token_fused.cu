@@ -334,7 +334,7 @@ struct ClusterSelectShared {
 // The GQA kernel's: the group's queries and per-head statistics besides.
 template <int ITEMS>
 struct FusedShared : ClusterSelectShared<ITEMS> {
-  float q[kFusedMaxGroup * kTlsMaxChannels];  // the group's query codes
+  float q[kFusedMaxGroup * kTlsMaxChannels];          // the group's query codes
   int qoffset[kFusedMaxGroup];                        // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                       // their scales (TlsInt8Scale)
   uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max scaled dot (ordered bits)
