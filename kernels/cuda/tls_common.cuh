@@ -219,49 +219,6 @@ __device__ __forceinline__ float Int4HeadDot(const float* q, const float* codes,
   return acc;
 }
 
-// ---- integer token logits with dp4a ---------------------------------------------------------
-// The token logit's integer sum (tls_math.h) as dp4a: a head's int8 query codes are packed four
-// to a word in nibble order (word 2w: channels 8w, 8w+2, 8w+4, 8w+6, the low nibbles of INT4
-// word w; word 2w+1: the odd channels, its high nibbles), so each INT4 word takes two dp4a on its
-// masked nibbles (0..15 = code + 8, non-negative as int8). Int4PackedDot returns
-// sum_c qcode[c] * nibble[c] from a row's nibble words (SplitNibbles, once per row for all the
-// group's heads); the logit's sum is that minus 8 * the head's code sum.
-
-// Packs one head's NC codes (floats in shared memory, written by QuantizeHeadWarp) into NC / 4
-// words; called by the whole warp after a __syncwarp.
-template <int NC>
-__device__ __forceinline__ void PackQueryCodesWarp(const float* codes, int* packed) {
-  const int lane = threadIdx.x & 31;
-  for (int i = lane; i < NC / 4; i += 32) {
-    const int w = i / 2, parity = i % 2;
-    uint32_t word = 0u;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int code = static_cast<int>(codes[8 * w + 2 * k + parity]);
-      word |= (static_cast<uint32_t>(code) & 0xffu) << (8 * k);
-    }
-    packed[i] = static_cast<int>(word);
-  }
-}
-
-// nib[2w] = the low nibbles of INT4 word w (its even channels), nib[2w + 1] = the high ones.
-template <int NC>
-__device__ __forceinline__ void SplitNibbles(const uint32_t* words, int* nib) {
-#pragma unroll
-  for (int w = 0; w < NC / 8; ++w) {
-    nib[2 * w] = static_cast<int>(words[w] & 0x0F0F0F0Fu);
-    nib[2 * w + 1] = static_cast<int>((words[w] >> 4) & 0x0F0F0F0Fu);
-  }
-}
-
-template <int NC>
-__device__ __forceinline__ int Int4PackedDot(const int* packed, const int* nib) {
-  int acc = 0;
-#pragma unroll
-  for (int i = 0; i < NC / 4; ++i) acc = __dp4a(nib[i], packed[i], acc);
-  return acc;
-}
-
 // ---- integer token logits on tensor cores -------------------------------------------------
 // The token logit's integer sum (tls_math.h) of 16 heads x 8 candidates per mma.sync
 // m16n8k32: A = the heads' int8 query codes (signed), B = the candidates' INT4 nibbles 0..15
@@ -351,19 +308,23 @@ __device__ __forceinline__ void FenceSharedForGmma() {
 
 // A fragments of a 16-head tile for 32-channel slab `sl`: `codes` holds the tile's int8 query
 // codes as floats, head stride NC (a0: row lane / 4, k 4 (lane % 4) ..; a1: row + 8; a2, a3:
-// the same at k + 16).
+// the same at k + 16). Rows from `rows` on (a GQA group of fewer than 16 heads) and channels past
+// NC (16 channels: k 16 .. 31) are zero.
 template <int NC>
 __device__ __forceinline__ void QueryFragmentSlice(const float* codes, int sl, int lane,
-                                                   uint32_t (&a)[4]) {
+                                                   uint32_t (&a)[4], int rows = 16) {
   const int r = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int reg = 0; reg < 4; ++reg) {
     const int k = 4 * t + 16 * (reg >> 1);  // k .. k + 3: word k / 8, nibble half (k % 8) / 4
-    const float* q = codes + (r + 8 * (reg & 1)) * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
+    const int row = r + 8 * (reg & 1);
+    const float* q = codes + row * NC + 32 * sl + 8 * (k >> 3) + ((k >> 2) & 1);
     uint32_t packed = 0u;
+    if (row < rows && (NC >= 32 || k < NC)) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      packed |= (static_cast<uint32_t>(static_cast<int>(q[2 * i])) & 0xffu) << (8 * i);
+      for (int i = 0; i < 4; ++i) {
+        packed |= (static_cast<uint32_t>(static_cast<int>(q[2 * i])) & 0xffu) << (8 * i);
+      }
     }
     a[reg] = packed;
   }

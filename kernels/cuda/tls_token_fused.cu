@@ -5,13 +5,13 @@
 // and a top-k kernel with one CTA per row: four dependent launches of a few microseconds each for
 // ~100 KB of token index per row, so the token branch was latency-bound. Here a thread cluster of
 // up to 8 CTAs (MLA: 16) owns one (sequence, KV head) row, 1-4 candidates per thread.
-// The softmax shifts are chunk-local (tls_math.h): a chunk is 32 candidate slots, one warp's
-// item (GQA) or a quad's four 8-candidate tiles (MLA), so its max is known inside the warp and
-// every logit's exp follows it at once; no pass over the row's logits precedes the exps. Per
-// (chunk, head) the shift and the exps' fixed-point sum wait in a chunk table until the row's
-// largest shift (one cluster exchange) scales the sums and then the alpha weights.
-//   GQA (TokenScoreSelectKernel, one launch): each thread takes its INT4 rows through dp4a
-//   (Int4PackedDot) for every head of the group and keeps the exps in shared memory; the
+// The softmax shifts are chunk-local (tls_math.h): a chunk is 32 candidate slots, a quad's four
+// 8-candidate IMMA tiles (GQA: one warp's item), so its max is known inside the warp and every
+// logit's exp follows it at once; no pass over the row's logits precedes the exps. Per (chunk,
+// head) the shift and the exps' fixed-point sum wait in a chunk table until the row's largest
+// shift (one cluster exchange) scales the sums and then the alpha weights.
+//   GQA (TokenScoreSelectKernel, one launch): each warp's candidates go through integer tensor
+//   cores (MmaS8U8, the group's heads as A rows) and the exps stay in shared memory; the
 //   per-head max shifts and exact fixed-point sums, the radix histograms and the compaction
 //   counts cross the cluster through distributed shared memory.
 //   MLA (MlaScoreSelectKernel, one launch after the query quantization): 16-128 heads x 64-128
@@ -57,16 +57,14 @@ using tls_detail::FenceSharedForGmma;
 using tls_detail::FromOrderedBits;
 using tls_detail::GmmaRowDots;
 using tls_detail::GmmaRowsDesc;
-using tls_detail::Int4PackedDot;
 using tls_detail::kDotFloatBias;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
 using tls_detail::LoadQueryFragments;
 using tls_detail::MmaS8U8;
 using tls_detail::NumSms;
-using tls_detail::PackQueryCodesWarp;
 using tls_detail::QuantizeHeadWarp;
-using tls_detail::SplitNibbles;
+using tls_detail::QueryFragmentSlice;
 using tls_detail::WaitForPreviousGrid;
 using tls_detail::WarpInclusiveSum;
 
@@ -343,7 +341,6 @@ struct ClusterSelectShared {
 template <int ITEMS>
 struct FusedShared : ClusterSelectShared<ITEMS> {
   float q[kFusedMaxGroup * kTlsMaxChannels];          // the group's query codes
-  int qpacked[kFusedMaxGroup * kTlsMaxChannels / 4];  // the same, packed for Int4PackedDot
   int qoffset[kFusedMaxGroup];                        // 8 * the sum of each head's codes
   float qscale[kFusedMaxGroup];                       // their scales (TlsInt8Scale)
   uint32_t max_bits[kFusedMaxGroup];  // this CTA's per-head max chunk shift (ordered bits)
@@ -678,6 +675,37 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   // memory (the counts were pushed before it), so every CTA may exit as soon as it is done.
 }
 
+// A warp's candidates of one item, staged for the tensor-core dots (GqaTileFragments): per lane
+// (candidate) its INT4 words, each 32-channel slice's four in the order 0 2 1 3 (so that an IMMA
+// lane's two B words of a slice, words x and x + 2, are adjacent: one 8-byte load), then the 32
+// token scales. Words per warp:
+template <int NC>
+__host__ __device__ constexpr int GqaStageWords() {
+  return 32 * (NC / 8) + 32;
+}
+
+// The IMMA B fragments of 8-candidate tile `tile` and slice `sl` from a warp's staged words (the
+// MmaS8U8 layout: lane (r, t) takes candidate 8 tile + r, words 4 sl + t / 2 and + 2, nibble
+// half t % 2; 16 channels: word t / 2, the upper k half zero).
+template <int NC>
+__device__ __forceinline__ void GqaTileFragments(const uint32_t* stage, int tile, int sl, int lane,
+                                                 uint32_t& b0, uint32_t& b1) {
+  const int r = lane >> 2, t = lane & 3, shift = 4 * (t & 1);
+  const uint32_t* row = stage + (8 * tile + r) * (NC / 8);
+  if constexpr (NC == 16) {
+    b0 = (row[t >> 1] >> shift) & 0x0f0f0f0fu;
+    b1 = 0u;
+  } else {
+    const uint2 w = *reinterpret_cast<const uint2*>(row + 4 * sl + 2 * (t >> 1));
+    b0 = (w.x >> shift) & 0x0f0f0f0fu;
+    b1 = (w.y >> shift) & 0x0f0f0f0fu;
+  }
+}
+
+// Floats per (head, item) row of the GQA kernel's exps: 8 of padding spread a quad's float2
+// stores to a tile's eight heads over the banks (2-way instead of 8-way conflicts).
+constexpr int kLgRow = kFusedThreads + 8;
+
 // MAXG: the group size rounded up to 4, 8 or 16 (the per-head arrays, lg's head stride).
 // ITEMS: candidates per thread; item u of thread t is candidate (rank * ITEMS + u) *
 // kFusedThreads + t, so candidate order is (rank, item, thread) order, which is position order.
@@ -685,9 +713,10 @@ template <int NC, int MAXG, int ITEMS>
 __global__ void __launch_bounds__(kFusedThreads, 1)
     TokenScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel) {
   __shared__ FusedShared<ITEMS> sh;
-  // Item u's scaled dot, then exp, for head hh at lg[(hh * ITEMS + u) * kFusedThreads + tid]:
-  // shared memory instead of registers, so up to 4 items x 8 heads per thread fit without spilling.
-  extern __shared__ float lg[];
+  // Item u's exp for head hh at lg[(hh * ITEMS + u) * kLgRow + tid]: shared memory instead of
+  // registers, so up to 4 items x 8 heads per thread fit without spilling. Then each warp's
+  // staging of its candidates for the dots (GqaStageWords).
+  extern __shared__ __align__(16) float lg[];
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int size = static_cast<int>(cluster.num_blocks());
@@ -716,26 +745,46 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // index table) are issued.
   if (warp < group) {
     const int sum = QuantizeHeadWarp<NC>(p, b, g, warp, sh.q + warp * NC, &sh.qscale[warp]);
-    __syncwarp();
-    PackQueryCodesWarp<NC>(sh.q + warp * NC, sh.qpacked + warp * (NC / 4));
     if (lane == 0) sh.qoffset[warp] = 8 * sum;
   }
   __syncthreads();
 
-  // Per head: the scaled dots (TlsTokenScaledDot of TlsInt4Dot's exact sum), and at once their
-  // exps with the chunk's shift (tls_math.h): item u of a warp is one 32-slot chunk, so the
-  // chunk's max is one redux and no pass over every candidate precedes the exps.
+  // Per item the warp's 32 candidates, one 32-slot chunk (tls_math.h), go through integer
+  // tensor cores: four 8-candidate tiles of an m16n8k32 IMMA per 32-channel slice (MmaS8U8; A =
+  // the group's query codes, rows past the group zero), so a candidate's nibbles are split once
+  // for all its heads (with dp4a the nibbles and the head's packed query were reloaded per head:
+  // ~35 instructions per candidate and head at 8 heads, H200 run 169). Lane (r, t) gets heads r
+  // and r + 8 of candidates 2 t, 2 t + 1 of each tile, so a quad holds the chunk's candidates of
+  // its heads: their max, the chunk's shift and the exps follow in registers, and the exps go to
+  // lg. A candidate that is none has scale NaN: its scaled dots are NaN, which the max skips, and
+  // its exps 2^-126, which no fixed-point sum sees and alpha never reads.
+  constexpr int kSlices = NC >= 32 ? NC / 32 : 1;
+  constexpr int kRowHalves = MAXG > 8 ? 2 : 1;  // C rows r + 8 hold heads only in groups of 16
+  uint32_t a[kSlices][4];
+#pragma unroll
+  for (int sl = 0; sl < kSlices; ++sl) QueryFragmentSlice<NC>(sh.q, sl, lane, a[sl], group);
+  const int r = lane >> 2, t = lane & 3;
   const float exp_scale = p.scale * kTlsLog2E;
+  int qoff[kRowHalves];
+  float ascale[kRowHalves];
+#pragma unroll
+  for (int h = 0; h < kRowHalves; ++h) {
+    const bool head = r + 8 * h < group;
+    qoff[h] = head ? sh.qoffset[r + 8 * h] : 0;
+    ascale[h] = head ? TlsMul(sh.qscale[r + 8 * h], exp_scale) : 0.f;
+  }
+  uint32_t* const stage = reinterpret_cast<uint32_t*>(lg + MAXG * ITEMS * kLgRow) +
+                          warp * GqaStageWords<NC>();
+  const float* const stage_scales = reinterpret_cast<const float*>(stage + 32 * (NC / 8));
   int valid_warp = 0;
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
-    const bool valid = pos[u] >= 0;
-    valid_warp += __popc(__ballot_sync(0xffffffffu, valid));
+    valid_warp += __popc(__ballot_sync(0xffffffffu, pos[u] >= 0));
     uint32_t words[NC / 8];
 #pragma unroll
     for (int w = 0; w < NC / 8; ++w) words[w] = 0u;
-    float tok_scale = 0.f;
-    if (valid) {
+    float tok_scale = __int_as_float(0x7fc00000);  // NaN: no candidate
+    if (pos[u] >= 0) {
       if (NC == 16) {
         const uint2 v = __ldg(reinterpret_cast<const uint2*>(p.token_codes + tok[u] * (NC / 2)));
         words[0] = v.x;
@@ -753,29 +802,66 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
       tok_scale = __ldg(p.token_scales + tok[u]);
     }
-    int nib[NC / 4];
-    SplitNibbles<NC>(words, nib);
+    if (u > 0) __syncwarp();  // the previous item's fragment loads are done
+    if constexpr (NC == 16) {
+      *reinterpret_cast<uint2*>(stage + 2 * lane) = make_uint2(words[0], words[1]);
+    } else {
 #pragma unroll
-    for (int hh = 0; hh < MAXG; ++hh) {
-      if (hh < group) {
-        const int dot = Int4PackedDot<NC>(sh.qpacked + hh * (NC / 4), nib) - sh.qoffset[hh];
-        const float y = TlsTokenScaledDot(static_cast<float>(dot), tok_scale);
-        // y is finite where valid: its ordered bits are never 0 (that key marks no candidate).
-        const uint32_t max_key = __reduce_max_sync(0xffffffffu, valid ? TlsOrderedBits(y) : 0u);
-        float c = -INFINITY, e = 0.f;
-        uint32_t fixed = 0u;
-        if (max_key != 0u) {  // warp-uniform
-          const float a = TlsMul(sh.qscale[hh], exp_scale);
-          c = TlsChunkShift(FromOrderedBits(max_key), a);
-          if (valid) e = TlsTokenExp(TlsTokenExpArg(y, TlsChunkExpShift(a, c)));
-          fixed = __reduce_add_sync(0xffffffffu, ExpFixed(e));
-          if (lane == 0) atomicMax(&sh.max_bits[hh], TlsOrderedBits(c));
+      for (int w = 0; w < NC / 32; ++w) {
+        *reinterpret_cast<uint4*>(stage + lane * (NC / 8) + 4 * w) =
+            make_uint4(words[4 * w], words[4 * w + 2], words[4 * w + 1], words[4 * w + 3]);
+      }
+    }
+    stage[32 * (NC / 8) + lane] = __float_as_uint(tok_scale);
+    __syncwarp();
+    // Max phase: the chunk's scaled dots y[tile][2 h + j] (head r + 8 h, candidate 2 t + j).
+    float y[4][2 * kRowHalves];
+    float m[kRowHalves];
+#pragma unroll
+    for (int h = 0; h < kRowHalves; ++h) m[h] = -INFINITY;
+#pragma unroll
+    for (int tile = 0; tile < 4; ++tile) {
+      int d[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int sl = 0; sl < kSlices; ++sl) {
+        uint32_t b0, b1;
+        GqaTileFragments<NC>(stage, tile, sl, lane, b0, b1);
+        MmaS8U8(d, a[sl], b0, b1);
+      }
+      const float2 ks = *reinterpret_cast<const float2*>(stage_scales + 8 * tile + 2 * t);
+#pragma unroll
+      for (int h = 0; h < kRowHalves; ++h) {
+        y[tile][2 * h] = TlsTokenScaledDot(static_cast<float>(d[2 * h] - qoff[h]), ks.x);
+        y[tile][2 * h + 1] = TlsTokenScaledDot(static_cast<float>(d[2 * h + 1] - qoff[h]), ks.y);
+        m[h] = fmaxf(m[h], fmaxf(y[tile][2 * h], y[tile][2 * h + 1]));  // NaN skipped
+      }
+    }
+    // The chunk's shifts, then its exps into lg and their fixed-point sums into the table.
+#pragma unroll
+    for (int h = 0; h < kRowHalves; ++h) {
+      const int hh = r + 8 * h;
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], o));
+      const float c = m[h] > -INFINITY ? TlsChunkShift(m[h], ascale[h]) : -INFINITY;
+      const TlsExpShift shift = TlsChunkExpShift(ascale[h], c);
+      uint32_t fixed = 0u;
+#pragma unroll
+      for (int tile = 0; tile < 4; ++tile) {
+        const uint32_t w = TlsTokenExpPair(TlsTokenExpArg(y[tile][2 * h], shift),
+                                           TlsTokenExpArg(y[tile][2 * h + 1], shift));
+        const float e0 = Bf16PairLo(w), e1 = Bf16PairHi(w);
+        fixed += ExpFixed(e0) + ExpFixed(e1);
+        if (hh < group) {
+          *reinterpret_cast<float2*>(lg + (hh * ITEMS + u) * kLgRow + warp * 32 + 8 * tile +
+                                     2 * t) = make_float2(e0, e1);
         }
-        lg[(hh * ITEMS + u) * kFusedThreads + tid] = e;
-        if (lane == 0) {
-          sh.chunk_c[u][warp][hh] = c;
-          sh.chunk_sum[u][warp][hh] = fixed;
-        }
+      }
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) fixed += __shfl_xor_sync(0xffffffffu, fixed, o);
+      if (t == 0 && hh < group) {
+        sh.chunk_c[u][warp][hh] = c;
+        sh.chunk_sum[u][warp][hh] = fixed;
+        if (c > -INFINITY) atomicMax(&sh.max_bits[hh], TlsOrderedBits(c));
       }
     }
   }
@@ -817,7 +903,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-      if (hh < group) alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], w[hh], alpha);
+      if (hh < group) alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kLgRow + tid], w[hh], alpha);
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
@@ -831,8 +917,9 @@ int FusedClusterSize(int max_candidates, int items) {
   return std::max(1, (max_candidates + items * kFusedThreads - 1) / (items * kFusedThreads));
 }
 
+template <int NC>
 constexpr size_t FusedDynamicSmem(int max_group, int items) {
-  return size_t(max_group) * items * kFusedThreads * sizeof(float);
+  return (size_t(max_group) * items * kLgRow + kFusedWarps * GqaStageWords<NC>()) * sizeof(float);
 }
 
 // One row per cluster of `size` CTAs; also lets the kernel use `smem` of dynamic shared memory.
@@ -909,7 +996,7 @@ cudaError_t LaunchClustersAfterQueries(int size, int rows, size_t smem, cudaStre
 template <int NC, int MAXG, int ITEMS>
 int FusedActiveClusters(const TlsTokenScoreParams& p) {
   return MaxActiveClusters<TokenScoreSelectKernel<NC, MAXG, ITEMS>>(
-      FusedClusterSize(p.max_candidates, ITEMS), FusedDynamicSmem(MAXG, ITEMS));
+      FusedClusterSize(p.max_candidates, ITEMS), FusedDynamicSmem<NC>(MAXG, ITEMS));
 }
 
 template <int NC, int MAXG, int ITEMS>
@@ -917,7 +1004,7 @@ cudaError_t LaunchFused(const TlsTokenScoreParams& p, const TlsTokenSelectParams
                         cudaStream_t stream) {
   return LaunchClusters<TokenScoreSelectKernel<NC, MAXG, ITEMS>>(
       FusedClusterSize(p.max_candidates, ITEMS), p.batch * p.num_kv_heads,
-      FusedDynamicSmem(MAXG, ITEMS), stream, p, sel);
+      FusedDynamicSmem<NC>(MAXG, ITEMS), stream, p, sel);
 }
 
 // Candidates per thread: the fewest that keep every row's cluster resident at once (one wave),

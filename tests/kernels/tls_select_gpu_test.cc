@@ -39,6 +39,11 @@ std::vector<SelectShape> Shapes() {
       {{5000, 97, 1300}, 32, 8, 128, 32, DType::kBF16, false},         // Qwen3-8B-like, G = 4
       {{3000}, 8, 1, 128, 16, DType::kF32, false},                     // G = 8
       {{900, 130}, 6, 2, 96, 32, DType::kF32, false},  // head_dim 96: generic block-score slices
+      // The fused GQA token kernel's tensor-core dots: a group of 16 (C rows r + 8), and 64- and
+      // 128-channel token indexes (two and four k-slices).
+      {{2600, 500}, 32, 2, 128, 32, DType::kBF16, false},
+      {{2100, 90}, 16, 2, 128, 64, DType::kF32, false},
+      {{1700}, 8, 2, 128, 128, DType::kBF16, false},
       {{2500, 333}, 16, 1, 576, 128, DType::kBF16, true},  // MLA, G = 16
       {{1800}, 32, 1, 576, 128, DType::kBF16, true},       // MLA, G = 32
       {{1500, 700}, 64, 1, 576, 128, DType::kBF16, true},  // MLA, G = 64
