@@ -22,10 +22,10 @@
 //   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the halves, thirds and quarters
 //   that 64- and 128-head rows split into at small batches), shared memory holds the scaled dots
 //   from a chunk's max phase to its exp phase (computed once) and then the exps; 128-head rows
-//   on 8 list entries per CTA keep bf16 head pairs there instead (MlaExps). A split row's last cluster to finish adds
-//   the others' partial alpha chains and runs the top-k. Wherever no row clusters
-//   fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its exps
-//   in shared memory), likewise combined by the row's last cluster.
+//   on 8 list entries per CTA keep bf16 head pairs there instead (MlaExps). A split row's last
+//   cluster to finish adds the others' partial alpha chains and runs the top-k. Wherever no row
+//   clusters fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its
+//   exps in shared memory), likewise combined by the row's last cluster.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -887,7 +887,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (lane == 0) inv = TlsInvDenominator(sh.cluster.ExpSum(warp, s, rank, size), group);
     inv = __shfl_sync(0xffffffffu, inv, 0);
     for (int i = lane; i < kChunks; i += 32) {
-      const float w = TlsChunkWeight(inv, sh.chunk_c[i / kFusedWarps][i % kFusedWarps][warp], c_max);
+      const float w =
+          TlsChunkWeight(inv, sh.chunk_c[i / kFusedWarps][i % kFusedWarps][warp], c_max);
       sh.chunk_sum[i / kFusedWarps][i % kFusedWarps][warp] = __float_as_uint(w);
     }
   } else if (warp == kFusedWarps - 1) {
@@ -903,7 +904,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
+<<<<<<< HEAD
       if (hh < group) alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kLgRow + tid], w[hh], alpha);
+=======
+      if (hh < group)
+        alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], w[hh], alpha);
+>>>>>>> cs2
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
@@ -1078,7 +1084,7 @@ struct MlaShared {
 // into the chunk's shifts, its exp phase sums the exps exactly in fixed point (ExpFixed), and
 // CommitChunk leaves both in the CTA's chunk table.
 struct LaneHeadPair {
-  TlsExpShift s0, s1;  // the heads' exp shifts in the current chunk
+  TlsExpShift s0, s1;                    // the heads' exp shifts in the current chunk
   float c0 = -INFINITY, c1 = -INFINITY;  // and the chunk's c (-inf: no candidate in it)
   float m0 = -INFINITY, m1 = -INFINITY;
   uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: 8 terms of at most 2^23 per lane
@@ -1170,8 +1176,8 @@ __host__ __device__ constexpr size_t MlaChunkTableBytes(int blocks, int heads) {
 // After a token kernel's chunk phases: each chunk's sum shifted to the row's max shift (c_max,
 // per head) into the CTA's per-head sums (exp_sum), entries `n` of the table whose head (i %
 // heads) is below `live` heads (a part's missing tiles wrote none).
-__device__ __forceinline__ void AddChunkSums(const float* chunk_c, const uint32_t* chunk_sum,
-                                             int n, int heads, int live, const float* c_max,
+__device__ __forceinline__ void AddChunkSums(const float* chunk_c, const uint32_t* chunk_sum, int n,
+                                             int heads, int live, const float* c_max,
                                              unsigned long long* exp_sum) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int h = i % heads;
@@ -1597,8 +1603,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     d[2] = d[3] = kDotFloatBias - off1;
 #pragma unroll
     for (int q = 0; q < kFragChunks; ++q) {
-      const uint4 f =
-          *reinterpret_cast<const uint4*>(frag0[q] + 8 * tile * MlaRowWords<NC>());
+      const uint4 f = *reinterpret_cast<const uint4*>(frag0[q] + 8 * tile * MlaRowWords<NC>());
       MmaS8U8(d, a[2 * q], f.x, f.y);
       MmaS8U8(d, a[2 * q + 1], f.z, f.w);
     }
@@ -1614,8 +1619,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int chunks = span / kTlsSoftmaxChunk;
   const int warp_chunks = warp_tiles / 4;
   const int table_n = chunks * kHeads;
-  float* const chunk_c = kTableInHist ? reinterpret_cast<float*>(&sh.hist[0][0])
-                                      : reinterpret_cast<float*>(table_s);
+  float* const chunk_c =
+      kTableInHist ? reinterpret_cast<float*>(&sh.hist[0][0]) : reinterpret_cast<float*>(table_s);
   uint32_t* const chunk_sum = reinterpret_cast<uint32_t*>(chunk_c + table_n);
   const float exp_scale = p.scale * kTlsLog2E;
   const float a0 = TlsMul(ms.qscale[h0], exp_scale), a1 = TlsMul(ms.qscale[h1], exp_scale);

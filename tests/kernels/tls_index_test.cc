@@ -454,8 +454,8 @@ TEST(TlsMathTest, ChunkShiftsAreIntegersAboveTheChunkAndScaleExactly) {
   }
   EXPECT_EQ(TlsChunkShift(NAN, 1.f), INFINITY);
   EXPECT_EQ(TlsChunkShift(-1e12f, 1.f), -8388608.f);  // clamped: bias - c stays exact
-  EXPECT_EQ(TlsChunkShift(3.f, 0.5f), 2.f);  // 1.5 up
-  EXPECT_EQ(TlsChunkShift(2.f, 0.5f), 1.f);  // exact
+  EXPECT_EQ(TlsChunkShift(3.f, 0.5f), 2.f);           // 1.5 up
+  EXPECT_EQ(TlsChunkShift(2.f, 0.5f), 1.f);           // exact
   EXPECT_EQ(TlsChunkScaledSum(1000, 5.f, 5.f), 1000u);
   EXPECT_EQ(TlsChunkScaledSum(1000, 2.f, 5.f), 125u);  // 1000 / 8
   EXPECT_EQ(TlsChunkScaledSum(1003, 2.f, 5.f), 125u);  // truncated
