@@ -904,12 +904,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     float alpha = 0.f;
 #pragma unroll
     for (int hh = 0; hh < MAXG; ++hh) {
-<<<<<<< HEAD
       if (hh < group) alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kLgRow + tid], w[hh], alpha);
-=======
-      if (hh < group)
-        alpha = TlsAlphaTerm(lg[(hh * ITEMS + u) * kFusedThreads + tid], w[hh], alpha);
->>>>>>> cs2
     }
     key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha) : 0u;
   }
