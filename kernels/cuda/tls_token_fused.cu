@@ -773,8 +773,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     qoff[h] = head ? sh.qoffset[r + 8 * h] : 0;
     ascale[h] = head ? TlsMul(sh.qscale[r + 8 * h], exp_scale) : 0.f;
   }
-  uint32_t* const stage = reinterpret_cast<uint32_t*>(lg + MAXG * ITEMS * kLgRow) +
-                          warp * GqaStageWords<NC>();
+  uint32_t* const stage =
+      reinterpret_cast<uint32_t*>(lg + MAXG * ITEMS * kLgRow) + warp * GqaStageWords<NC>();
   const float* const stage_scales = reinterpret_cast<const float*>(stage + 32 * (NC / 8));
   int valid_warp = 0;
 #pragma unroll
