@@ -195,7 +195,8 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
         }
         float c_max = -INFINITY;
         for (int k = 0; k < chunks; ++k) {
-          if (chunk_max[k] == -INFINITY) continue;  // no candidate in the chunk
+          shift_c[k] = -INFINITY;  // no candidate in the chunk (or only NaN y): exps 2^-126
+          if (chunk_max[k] == -INFINITY) continue;
           shift_c[k] = TlsChunkShift(chunk_max[k], a);
           c_max = std::max(c_max, shift_c[k]);
         }
