@@ -1679,10 +1679,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       commit_chunk(q);
     }
   } else {
+    // Tiles in flight per phase: one where the exp phase takes its dots from mma.sync again
+    // (two spilled 32-56 bytes in the 16-64-head scratch kernels, ptxas), two where it reads
+    // kSmemFloats' scaled dots back.
+    constexpr int kTileUnroll = EXPS == MlaExps::kSmemFloats ? 2 : 1;
     for (int q = slot; q < warp_chunks; q += kSlots) {
-      // Max phase: the chunk's four tiles (kSmemFloats keeps their scaled dots). (Unrolled two
-      // tiles deep: four tiles' fragment loads in flight spill.)
-#pragma unroll 2
+      // Max phase: the chunk's four tiles (kSmemFloats keeps their scaled dots).
+#pragma unroll kTileUnroll
       for (int n = 0; n < 4; ++n) {
         const int tile = 4 * q + n;
         int d[4];
@@ -1697,7 +1700,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
       lhp.ChunkShifts(a0, a1);
       // Exp phase: the scaled dots again (kSmemFloats: read back, this lane's own).
-#pragma unroll 2
+#pragma unroll kTileUnroll
       for (int n = 0; n < 4; ++n) {
         const int tile = 4 * q + n;
         float e[4];
