@@ -1109,8 +1109,8 @@ struct LaneHeadPair {
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
       m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
     }
-    c0 = m0 > -INFINITY ? TlsChunkShift(m0, a0) : -INFINITY;
-    c1 = m1 > -INFINITY ? TlsChunkShift(m1, a1) : -INFINITY;
+    c0 = TlsChunkShift(m0, a0);
+    c1 = TlsChunkShift(m1, a1);
     s0 = TlsChunkExpShift(a0, c0);
     s1 = TlsChunkExpShift(a1, c1);
     m0 = m1 = -INFINITY;

@@ -194,9 +194,7 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
           m = std::max(m, y[v]);
         }
         float c_max = -INFINITY;
-        for (int k = 0; k < chunks; ++k) {
-          shift_c[k] = -INFINITY;  // no candidate in the chunk (or only NaN y): exps 2^-126
-          if (chunk_max[k] == -INFINITY) continue;
+        for (int k = 0; k < chunks; ++k) {  // -inf: no candidate (or only NaN y) in the chunk
           shift_c[k] = TlsChunkShift(chunk_max[k], a);
           c_max = std::max(c_max, shift_c[k]);
         }
@@ -207,13 +205,10 @@ void TlsTokenScore(const TlsTokenScoreParams& p) {
           chunk_sum[k] += TlsExpToFixed(e);
         }
         uint64_t z = 0;
-        for (int k = 0; k < chunks; ++k) {
-          if (chunk_max[k] != -INFINITY) z += TlsChunkScaledSum(chunk_sum[k], shift_c[k], c_max);
-        }
+        for (int k = 0; k < chunks; ++k) z += TlsChunkScaledSum(chunk_sum[k], shift_c[k], c_max);
         const float inv = TlsInvDenominator(z, group);
         for (int k = 0; k < chunks; ++k) {
-          weight[size_t(k) * group + hh] =
-              chunk_max[k] == -INFINITY ? 0.f : TlsChunkWeight(inv, shift_c[k], c_max);
+          weight[size_t(k) * group + hh] = TlsChunkWeight(inv, shift_c[k], c_max);
         }
       }
       for (size_t v = 0; v < n; ++v) {

@@ -453,6 +453,9 @@ TEST(TlsMathTest, ChunkShiftsAreIntegersAboveTheChunkAndScaleExactly) {
     ASSERT_GT(TlsTokenExpArg(max_y, s), -1.01f) << max_y;  // the max's exp stays above 1/2
   }
   EXPECT_EQ(TlsChunkShift(NAN, 1.f), INFINITY);
+  EXPECT_EQ(TlsChunkShift(-INFINITY, 0.f), -INFINITY);  // no candidate in the chunk
+  EXPECT_EQ(TlsChunkScaledSum(0, -INFINITY, -INFINITY), 0u);
+  EXPECT_EQ(TlsChunkWeight(0.5f, -INFINITY, 3.f), 0.f);
   EXPECT_EQ(TlsChunkShift(-1e12f, 1.f), -8388608.f);  // clamped: bias - c stays exact
   EXPECT_EQ(TlsChunkShift(3.f, 0.5f), 2.f);           // 1.5 up
   EXPECT_EQ(TlsChunkShift(2.f, 0.5f), 1.f);           // exact

@@ -262,9 +262,12 @@ ASYNCTLS_HD float TlsTokenExpArg(float y, TlsExpShift s) {
 inline constexpr int kTlsSoftmaxChunk = 32;
 
 // c for a chunk whose max scaled dot is max_y: max_y * a rounded up, then to the next integer,
-// at least -2^23 (a NaN max: +inf). Integers of magnitude up to 2^23 keep TlsChunkExpShift's
-// offset bias - c exact; a larger c (a logit of 2^23 in log2 units) is outside the spec.
+// at least -2^23. Integers of magnitude up to 2^23 keep TlsChunkExpShift's offset bias - c
+// exact; a larger c (a logit of 2^23 in log2 units) is outside the spec. A chunk without a
+// candidate (max -inf) gets c = -inf: no argument of it is finite, its sum shifts out and its
+// weight is 0 (TlsChunkScaledSum, TlsChunkWeight); a NaN max gets +inf.
 ASYNCTLS_HD float TlsChunkShift(float max_y, float a) {
+  if (max_y == -INFINITY) return -INFINITY;
   const float up = -TlsNegMulDown(max_y, a);
   if (up != up) return INFINITY;
 #if defined(__CUDA_ARCH__)
