@@ -842,7 +842,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       const int hh = r + 8 * h;
 #pragma unroll
       for (int o = 1; o <= 2; o <<= 1) m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], o));
-      const float c = m[h] > -INFINITY ? TlsChunkShift(m[h], ascale[h]) : -INFINITY;
+      const float c = TlsChunkShift(m[h], ascale[h]);
       const TlsExpShift shift = TlsChunkExpShift(ascale[h], c);
       uint32_t fixed = 0u;
 #pragma unroll
