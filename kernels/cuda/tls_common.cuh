@@ -242,48 +242,65 @@ __device__ __forceinline__ void MmaS8U8(int (&d)[4], const uint32_t (&a)[4], uin
 // row r at c ^ (r % 8), rows from a 1,024-byte aligned base), k-major; k-slice j is bytes 32 j ..
 // 32 j + 31 of each row. A: the heads' codes in registers, the mma.sync A layout per warp.
 
-// Shared-memory matrix descriptor of such rows from `rows` (8-row groups 1,024 bytes apart).
-__device__ __forceinline__ uint64_t GmmaRowsDesc(const void* rows) {
+// Shared-memory matrix descriptor of such rows, as two words: the low one (start address >> 4,
+// leading-byte offset 1) from GmmaRowsLo(rows), the high one (8-row groups 1,024 bytes apart,
+// layout type 1: 128-byte swizzle) a constant. The loops keep only the low words: the next 32
+// rows or k-slice is an add to it (shared addresses stay under 2^18, so the 14-bit start field
+// never carries), and the asm below pairs it with kGmmaRowsHi, so that no 64-bit descriptor
+// arithmetic or register pairs are built per IGMMA (about 30 instructions per chunk in the
+// 128-head token kernel's loop, cuobjdump).
+inline constexpr uint32_t kGmmaRowsHi = (1024u >> 4) | 1u << 30;
+__device__ __forceinline__ uint32_t GmmaRowsLo(const void* rows) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
-  return uint64_t{(addr >> 4) & 0x3fffu} | uint64_t{1} << 16 | uint64_t{1024 >> 4} << 32 |
-         uint64_t{1} << 62;  // layout type 1: 128-byte swizzle
+  return ((addr >> 4) & 0x3fffu) | 1u << 16;
 }
+// The low-word step of `bytes` further rows' start (a multiple of 16).
+__host__ __device__ constexpr uint32_t GmmaRowsLoStep(int bytes) { return uint32_t(bytes) >> 4; }
 
 // d (64 x 32 int32, the wgmma accumulator layout: d[4 n .. 4 n + 3] are 8-column tile n's
-// mma.sync C fragment) += A (k-slice registers a) x B (desc's 32 rows), asynchronously.
-__device__ __forceinline__ void GmmaS8U8N32(int (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+// mma.sync C fragment) += A (k-slice registers a) x B (the rows at low word b_lo).
+__device__ __forceinline__ void GmmaS8U8N32(int (&d)[16], const uint32_t (&a)[4], uint32_t b_lo) {
   asm volatile(
+      "{\n"
+      ".reg .b64 b;\n"
+      "mov.b64 b, {%20, %21};\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1;\n"
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, b, 1;\n"
+      "}\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
         "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
         "+r"(d[14]), "+r"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(kGmmaRowsHi));
 }
 
 // d += the four k-slices of 128-byte rows (ag[j]: slice j's A registers), waited for.
 __device__ __forceinline__ void GmmaRowDots(int (&d)[16], const uint32_t (&ag)[4][4],
-                                            uint64_t desc) {
+                                            uint32_t b_lo) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-  for (int j = 0; j < 4; ++j) GmmaS8U8N32(d, ag[j], desc + 2 * j);  // + 32 bytes (>> 4)
+  for (int j = 0; j < 4; ++j) GmmaS8U8N32(d, ag[j], b_lo + GmmaRowsLoStep(32 * j));
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
 
-// The same with A from shared memory too (a_desc: 64 rows of 128 bytes in B's layout, k-slice j
+// The same with A from shared memory too (a_lo: 64 rows of 128 bytes in B's layout, k-slice j
 // at + 32 bytes as B's). One asm statement for the fence, the four wgmma, the commit and the
 // wait: written as four statements (as above), ptxas serialized them in the L2-scratch kernels
 // (C7520, "compiler-inserted WG.AR in divergent path": a wait after each wgmma).
-__device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint64_t a_desc, uint64_t desc) {
+__device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint32_t a_lo, uint32_t b_lo) {
   asm volatile(
       "{\n"
-      ".reg .b64 a<4>, b<4>;\n"  // k-slices 1-3: + 32 bytes each (>> 4)
-      "add.s64 a1, %16, 2;\n add.s64 a2, %16, 4;\n add.s64 a3, %16, 6;\n"
-      "add.s64 b1, %17, 2;\n add.s64 b2, %17, 4;\n add.s64 b3, %17, 6;\n"
+      ".reg .b32 al<4>, bl<4>;\n"  // k-slices 1-3: + 32 bytes each (>> 4)
+      ".reg .b64 a<4>, b<4>;\n"
+      "add.u32 al1, %16, 2;\n add.u32 al2, %16, 4;\n add.u32 al3, %16, 6;\n"
+      "add.u32 bl1, %17, 2;\n add.u32 bl2, %17, 4;\n add.u32 bl3, %17, 6;\n"
+      "mov.b64 a0, {%16, %18};\n mov.b64 a1, {al1, %18};\n"
+      "mov.b64 a2, {al2, %18};\n mov.b64 a3, {al3, %18};\n"
+      "mov.b64 b0, {%17, %18};\n mov.b64 b1, {bl1, %18};\n"
+      "mov.b64 b2, {bl2, %18};\n mov.b64 b3, {bl3, %18};\n"
       "wgmma.fence.sync.aligned;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1;\n"
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a0, b0, 1;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
       "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, a1, b1, 1;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.u8 "
@@ -296,7 +313,7 @@ __device__ __forceinline__ void GmmaRowDots(int (&d)[16], uint64_t a_desc, uint6
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
         "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
         "+r"(d[14]), "+r"(d[15])
-      : "l"(a_desc), "l"(desc)
+      : "r"(a_lo), "r"(b_lo), "r"(kGmmaRowsHi)
       : "memory");
 }
 

@@ -56,7 +56,8 @@ using tls_detail::ExpFixed;
 using tls_detail::FenceSharedForGmma;
 using tls_detail::FromOrderedBits;
 using tls_detail::GmmaRowDots;
-using tls_detail::GmmaRowsDesc;
+using tls_detail::GmmaRowsLo;
+using tls_detail::GmmaRowsLoStep;
 using tls_detail::kDotFloatBias;
 using tls_detail::LetNextGridLaunch;
 using tls_detail::LoadIo;
@@ -1648,6 +1649,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   };
   if constexpr (kGmma) {  // one IGMMA per chunk: its 16 dots serve both phases
+    // The descriptors' low words: the warpgroup's A rows (64 heads: tiles mt - mt % 4 ..) and
+    // chunk 0's B rows, which the chunks step through.
+    const uint32_t a_lo =
+        kQueryRows > 0 ? GmmaRowsLo(query_s + 16 * (mt & ~3) * MlaRowWords<NC>()) : 0u;
+    const uint32_t b_lo0 = GmmaRowsLo(codes_s);
+    constexpr uint32_t kChunkStep = GmmaRowsLoStep(8 * kGmmaTiles * NC);
     for (int q = slot; q < tiles / kGmmaTiles; q += kSlots) {
       int d[4 * kGmmaTiles];
 #pragma unroll
@@ -1655,11 +1662,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         d[4 * n] = d[4 * n + 1] = kDotFloatBias - off0;
         d[4 * n + 2] = d[4 * n + 3] = kDotFloatBias - off1;
       }
-      const uint64_t b_desc = GmmaRowsDesc(codes_s + 8 * kGmmaTiles * q * MlaRowWords<NC>());
-      if constexpr (kQueryRows > 0) {  // the warpgroup's 64 heads: tiles mt - mt % 4 ..
-        GmmaRowDots(d, GmmaRowsDesc(query_s + 16 * (mt & ~3) * MlaRowWords<NC>()), b_desc);
+      const uint32_t b_lo = b_lo0 + kChunkStep * q;
+      if constexpr (kQueryRows > 0) {
+        GmmaRowDots(d, a_lo, b_lo);
       } else {
-        GmmaRowDots(d, ag, b_desc);
+        GmmaRowDots(d, ag, b_lo);
       }
       float y[kGmmaTiles][4];
 #pragma unroll
