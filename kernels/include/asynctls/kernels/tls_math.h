@@ -267,12 +267,15 @@ inline constexpr int kTlsSoftmaxChunk = 32;
 // candidate (max -inf) gets c = -inf: no argument of it is finite, its sum shifts out and its
 // weight is 0 (TlsChunkScaledSum, TlsChunkWeight); a NaN max gets +inf.
 ASYNCTLS_HD float TlsChunkShift(float max_y, float a) {
+#if defined(__CUDA_ARCH__)
+  // Selects, not branches: once per chunk and head in the token kernels' loops.
+  const float up = -TlsNegMulDown(max_y, a);
+  const float c = fmaxf(ceilf(up), -8388608.f);
+  return max_y == -INFINITY ? -INFINITY : (up != up ? INFINITY : c);
+#else
   if (max_y == -INFINITY) return -INFINITY;
   const float up = -TlsNegMulDown(max_y, a);
   if (up != up) return INFINITY;
-#if defined(__CUDA_ARCH__)
-  return fmaxf(ceilf(up), -8388608.f);
-#else
   return std::fmax(std::ceil(up), -8388608.f);
 #endif
 }
