@@ -1259,13 +1259,13 @@ __device__ __forceinline__ int MlaChunkWord(int row, int c) {
   return row * MlaRowWords<NC>() + 4 * (c ^ swizzle);
 }
 
-// Where MlaScoreSelectKernel keeps its exps from the exp pass to the alpha pass.
+// Where MlaScoreSelectKernel keeps its exps from a chunk's exp phase to the alpha pass.
 enum class MlaExps {
   kScratch,     // bf16 head pairs in the L2-resident scratch (ScratchPairs)
-  kSmemFloats,  // floats in shared memory, which hold the max pass's scaled dots before them
-                // (the logits computed once)
+  kSmemFloats,  // floats in shared memory, which hold a chunk's scaled dots from its max
+                // phase to its exp phase (mma.sync logits computed once)
   kSmemPairs,   // bf16 head pairs in shared memory (ScratchPairs' layout): half the bytes of
-                // the floats, the logits computed twice as with the scratch
+                // the floats (mma.sync logits computed twice, as with the scratch)
 };
 
 // Shared-memory rows of 32-bit words that `heads` heads' exps take: one per head as floats, one
@@ -1495,7 +1495,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   // Warp 0 zeroes the cluster-wide values and sets up the mailboxes; its release arrive at the
   // cluster barrier (during the staging below) orders that before any peer's first push, which
-  // comes after the barrier's wait (after pass 1).
+  // comes after the barrier's wait (after the chunk loop).
   if (warp == 0) {
     ms.cluster.Init(kHeads, size, lane);
     if (lane == 0) {
