@@ -28,6 +28,8 @@
 //   tls_bench [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] [--k-t N,N,...]
 //             [--batches N,...] [--contexts N,...] [--profile-steps N (no timing: N eager
 //             steps of TLS, Quest-style and token-only per row for ncu --profile-from-start off)]
+//             [--trace-token N (no timing table: N token branches, then the MLA token kernel's
+//             phase stamps, in a build with -DASYNCTLS_TOKEN_TRACE=ON)]
 //             [--timeline N (no timing table: when each part of the TLS step ends, medians of N
 //             eager steps)] [--block-index bf16|int8|both (the block index's form, tls_params.h;
 //             int8 for TLS, Quest-style and their stages; both: each config with bf16, then
@@ -581,6 +583,70 @@ class Bench {
     for (auto& e : ev) cudaEventDestroy(e);
   }
 
+  // --trace-token: `steps` eager token branches (each alone), then the last one's MLA token
+  // kernel phase stamps (a build with ASYNCTLS_TOKEN_TRACE): per phase the mean, min and max
+  // over the CTAs in us (each CTA's clock64 deltas at its own globaltimer rate), and when the
+  // CTAs started and ended after the first one started.
+  void TraceToken(int k_t, int steps) {
+    InitLagState(k_t);
+    const size_t words = size_t{cuda::kTokenTraceCtas} * cuda::kTokenTraceWords;
+    std::vector<unsigned long long> t(words);
+    for (int i = 0; i < steps; ++i) {
+      if (i == steps - 1 && cuda::TlsTokenTraceRead(t.data()) != cudaSuccess) {
+        std::printf("trace %s: no stamps (build with -DASYNCTLS_TOKEN_TRACE=ON)\n", c_.name.c_str());
+        return;
+      }
+      BENCH_CHECK(TokenBranch(i, k_t, s_));
+      BENCH_CHECK(cudaStreamSynchronize(s_));
+    }
+    BENCH_CHECK(cuda::TlsTokenTraceRead(t.data()));
+    constexpr int kMarks = cuda::kTokenTraceMarks;
+    static const char* kPhase[kMarks] = {
+        "",        "list",  "staged*",   "prevgrid", "queries", "loop",  "cmax",  "sums",  "weights",
+        "alpha*",  "ticket", "partials*", "pass0",    "pass1",   "pass2", "counts", "write"};
+    unsigned long long first = ~0ull, last = 0;
+    std::vector<const unsigned long long*> ctas;
+    for (int c = 0; c < cuda::kTokenTraceCtas; ++c) {
+      const unsigned long long* row = &t[size_t{c} * cuda::kTokenTraceWords];
+      if (row[0] == 0 || row[4] == 0) continue;
+      ctas.push_back(row);
+      first = std::min(first, row[0]);
+      last = std::max(last, row[1]);
+    }
+    if (ctas.empty()) {
+      std::printf("trace %s: no CTA stamped (not the MLA one-launch kernel)\n", c_.name.c_str());
+      return;
+    }
+    std::printf("trace %-8s %d %6d %5d | %zu CTAs, %.1f us first start to last end | us mean/min/max:",
+                c_.name.c_str(), batch_, context_, k_t, ctas.size(), (last - first) * 1e-3);
+    auto stats = [&](auto value) {  // value(row) in us, < 0: none
+      double sum = 0, lo = 1e30, hi = -1e30;
+      int n = 0;
+      for (const unsigned long long* row : ctas) {
+        const double v = value(row);
+        if (v < 0) continue;
+        sum += v, lo = std::min(lo, v), hi = std::max(hi, v), ++n;
+      }
+      if (n == 0) return std::string(" -");
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), " %.2f/%.2f/%.2f", sum / n, lo, hi);
+      return std::string(buf);
+    };
+    std::printf(" start%s", stats([&](const unsigned long long* r) { return (r[0] - first) * 1e-3; }).c_str());
+    for (int m = 1; m < kMarks; ++m) {
+      std::printf(" %s%s", kPhase[m], stats([&](const unsigned long long* r) {
+        int prev = m - 1;
+        while (prev > 0 && r[4 + prev] == 0) --prev;
+        if (r[4 + m] == 0 || r[1] <= r[0]) return -1.0;
+        int end = kMarks - 1;
+        while (r[4 + end] == 0) --end;
+        const double ns_per_clock = double(r[1] - r[0]) / double(r[4 + end] - r[4]);
+        return double(r[4 + m] - r[4 + prev]) * ns_per_clock * 1e-3;
+      }).c_str());
+    }
+    std::printf(" end%s\n", stats([&](const unsigned long long* r) { return (r[1] - first) * 1e-3; }).c_str());
+  }
+
   // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).
   void Stages(int k_t, bool with_fixed, std::map<std::string, double>* out) {
     if (with_fixed) {
@@ -708,6 +774,7 @@ int main(int argc, char** argv) {
   int samples = 15;
   int profile_steps = 0;
   int timeline_steps = 0;
+  int trace_steps = 0;
   std::vector<bool> block_forms = {false};  // int8 block index?
   bool block_branch = true;                 // --without-block-branch: false
   bool quick = false;
@@ -732,6 +799,8 @@ int main(int argc, char** argv) {
       profile_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--timeline" && i + 1 < argc) {
       timeline_steps = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--trace-token" && i + 1 < argc) {
+      trace_steps = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--quick") {
       quick = true;
     } else if (a == "--without-block-branch") {
@@ -755,7 +824,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
-                   "[--timeline N] [--block-index bf16|int8|both] [--without-block-branch]\n",
+                   "[--timeline N] [--trace-token N] [--block-index bf16|int8|both] [--without-block-branch]\n",
                    argv[0]);
       return 2;
     }
@@ -826,6 +895,10 @@ int main(int argc, char** argv) {
           }
           if (timeline_steps > 0) {
             for (const int k_t : k_ts) bench.Timeline(k_t, timeline_steps);
+            continue;
+          }
+          if (trace_steps > 0) {
+            for (const int k_t : k_ts) bench.TraceToken(k_t, trace_steps);
             continue;
           }
           const double dense = bench.Dense();

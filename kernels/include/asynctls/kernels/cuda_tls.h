@@ -48,6 +48,16 @@ cudaError_t TlsBlockExpand(const TlsBlockExpandParams& p, cudaStream_t stream);
 bool TlsTokenScoreSelectCanFuse(const TlsTokenScoreParams& score);
 cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
                                 const TlsTokenSelectParams& select, cudaStream_t stream);
+// Phase trace of the MLA one-launch token kernel (MlaScoreSelectKernel), for tls_bench
+// --trace-token: in builds with ASYNCTLS_TOKEN_TRACE each launch's CTAs (up to kTokenTraceCtas,
+// by linear block index) stamp kTokenTraceWords words: globaltimer ns at the start and at the
+// end, the SM, then (from word 4) clock64 at kTokenTraceMarks marks (0: not reached). Copies the
+// stamps to `out` (kTokenTraceCtas * kTokenTraceWords) and clears them (synchronous);
+// cudaErrorNotSupported in other builds.
+inline constexpr int kTokenTraceCtas = 1024;
+inline constexpr int kTokenTraceMarks = 17;
+inline constexpr int kTokenTraceWords = 24;
+cudaError_t TlsTokenTraceRead(unsigned long long* out);
 // Runs the policy's ops in order on `stream` (workspace holds block scores, token scores and
 // the softmax statistics, each in its own region).
 size_t TlsDecodeSelectWorkspaceBytes(const TlsDecodeSelectParams& p);
