@@ -593,7 +593,8 @@ class Bench {
     std::vector<unsigned long long> t(words);
     for (int i = 0; i < steps; ++i) {
       if (i == steps - 1 && cuda::TlsTokenTraceRead(t.data()) != cudaSuccess) {
-        std::printf("trace %s: no stamps (build with -DASYNCTLS_TOKEN_TRACE=ON)\n", c_.name.c_str());
+        std::printf("trace %s: no stamps (build with -DASYNCTLS_TOKEN_TRACE=ON)\n",
+                    c_.name.c_str());
         return;
       }
       BENCH_CHECK(TokenBranch(i, k_t, s_));
@@ -601,9 +602,10 @@ class Bench {
     }
     BENCH_CHECK(cuda::TlsTokenTraceRead(t.data()));
     constexpr int kMarks = cuda::kTokenTraceMarks;
-    static const char* kPhase[kMarks] = {
-        "",        "list",  "staged*",   "prevgrid", "queries", "loop",  "cmax",  "sums",  "weights",
-        "alpha*",  "ticket", "partials*", "pass0",    "pass1",   "pass2", "counts", "write"};
+    static const char* kPhase[kMarks] = {"",       "list",      "staged*", "prevgrid", "queries",
+                                         "loop",   "cmax",      "sums",    "weights",  "alpha*",
+                                         "ticket", "partials*", "pass0",   "pass1",    "pass2",
+                                         "counts", "write"};
     unsigned long long first = ~0ull, last = 0;
     std::vector<const unsigned long long*> ctas;
     for (int c = 0; c < cuda::kTokenTraceCtas; ++c) {
@@ -617,8 +619,9 @@ class Bench {
       std::printf("trace %s: no CTA stamped (not the MLA one-launch kernel)\n", c_.name.c_str());
       return;
     }
-    std::printf("trace %-8s %d %6d %5d | %zu CTAs, %.1f us first start to last end | us mean/min/max:",
-                c_.name.c_str(), batch_, context_, k_t, ctas.size(), (last - first) * 1e-3);
+    std::printf(
+        "trace %-8s %d %6d %5d | %zu CTAs, %.1f us first start to last end | us mean/min/max:",
+        c_.name.c_str(), batch_, context_, k_t, ctas.size(), (last - first) * 1e-3);
     auto stats = [&](auto value) {  // value(row) in us, < 0: none
       double sum = 0, lo = 1e30, hi = -1e30;
       int n = 0;
@@ -632,19 +635,22 @@ class Bench {
       std::snprintf(buf, sizeof(buf), " %.2f/%.2f/%.2f", sum / n, lo, hi);
       return std::string(buf);
     };
-    std::printf(" start%s", stats([&](const unsigned long long* r) { return (r[0] - first) * 1e-3; }).c_str());
+    std::printf(" start%s",
+                stats([&](const unsigned long long* r) { return (r[0] - first) * 1e-3; }).c_str());
     for (int m = 1; m < kMarks; ++m) {
       std::printf(" %s%s", kPhase[m], stats([&](const unsigned long long* r) {
-        int prev = m - 1;
-        while (prev > 0 && r[4 + prev] == 0) --prev;
-        if (r[4 + m] == 0 || r[1] <= r[0]) return -1.0;
-        int end = kMarks - 1;
-        while (r[4 + end] == 0) --end;
-        const double ns_per_clock = double(r[1] - r[0]) / double(r[4 + end] - r[4]);
-        return double(r[4 + m] - r[4 + prev]) * ns_per_clock * 1e-3;
-      }).c_str());
+                                        int prev = m - 1;
+                                        while (prev > 0 && r[4 + prev] == 0) --prev;
+                                        if (r[4 + m] == 0 || r[1] <= r[0]) return -1.0;
+                                        int end = kMarks - 1;
+                                        while (r[4 + end] == 0) --end;
+                                        const double ns_per_clock =
+                                            double(r[1] - r[0]) / double(r[4 + end] - r[4]);
+                                        return double(r[4 + m] - r[4 + prev]) * ns_per_clock * 1e-3;
+                                      }).c_str());
     }
-    std::printf(" end%s\n", stats([&](const unsigned long long* r) { return (r[1] - first) * 1e-3; }).c_str());
+    std::printf(" end%s\n",
+                stats([&](const unsigned long long* r) { return (r[1] - first) * 1e-3; }).c_str());
   }
 
   // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).
@@ -824,7 +830,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--json FILE] [--samples N] [--quick] [--only gqa|mla|CONFIG] "
                    "[--k-t N,N,...] [--batches N,...] [--contexts N,...] [--profile-steps N] "
-                   "[--timeline N] [--trace-token N] [--block-index bf16|int8|both] [--without-block-branch]\n",
+                   "[--timeline N] [--trace-token N] [--block-index bf16|int8|both] "
+                   "[--without-block-branch]\n",
                    argv[0]);
       return 2;
     }
