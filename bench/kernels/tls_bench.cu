@@ -589,29 +589,33 @@ class Bench {
   // CTAs started and ended after the first one started.
   void TraceToken(int k_t, int steps) {
     InitLagState(k_t);
-    const size_t words = size_t{cuda::kTokenTraceCtas} * cuda::kTokenTraceWords;
-    std::vector<unsigned long long> t(words);
-    for (int i = 0; i < steps; ++i) {
-      if (i == steps - 1 && cuda::TlsTokenTraceRead(t.data()) != cudaSuccess) {
-        std::printf("trace %s: no stamps (build with -DASYNCTLS_TOKEN_TRACE=ON)\n",
-                    c_.name.c_str());
-        return;
-      }
-      BENCH_CHECK(TokenBranch(i, k_t, s_));
-      BENCH_CHECK(cudaStreamSynchronize(s_));
+    std::vector<unsigned long long> t(size_t{cuda::kTokenTraceCtas} * cuda::kTokenTraceWords);
+    for (int i = 0; i < steps - 1; ++i) BENCH_CHECK(TokenBranch(i, k_t, s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
+    if (cuda::TlsTokenTraceRead(t.data()) != cudaSuccess) {  // clears the earlier steps' stamps
+      std::printf("trace %s: no stamps (build with -DASYNCTLS_TOKEN_TRACE=ON)\n", c_.name.c_str());
+      return;
     }
+    BENCH_CHECK(TokenBranch(steps - 1, k_t, s_));
+    BENCH_CHECK(cudaStreamSynchronize(s_));
     BENCH_CHECK(cuda::TlsTokenTraceRead(t.data()));
-    constexpr int kMarks = cuda::kTokenTraceMarks;
-    static const char* kPhase[kMarks] = {"",       "list",      "staged*", "prevgrid", "queries",
-                                         "loop",   "cmax",      "sums",    "weights",  "alpha*",
-                                         "ticket", "partials*", "pass0",   "pass1",    "pass2",
-                                         "counts", "write"};
+    static const char* kPhase[cuda::kTokenTraceMarks] = {
+        "",      "list",  "staged*", "prevgrid", "queries", "loop",
+        "cmax",  "sums",  "weights", "alpha*",   "ticket",  "partials*",
+        "pass0", "pass1", "pass2",   "counts",   "write"};
+    struct Cta {
+      const unsigned long long* row;  // kTokenTraceWords stamps
+      double us_per_clock;            // its globaltimer span over its clock64 span
+    };
     unsigned long long first = ~0ull, last = 0;
-    std::vector<const unsigned long long*> ctas;
+    std::vector<Cta> ctas;
     for (int c = 0; c < cuda::kTokenTraceCtas; ++c) {
-      const unsigned long long* row = &t[size_t{c} * cuda::kTokenTraceWords];
-      if (row[0] == 0 || row[4] == 0) continue;
-      ctas.push_back(row);
+      const unsigned long long* row = &t[static_cast<size_t>(c) * cuda::kTokenTraceWords];
+      const unsigned long long* clock = row + 4;
+      if (row[0] == 0 || clock[cuda::kTraceStart] == 0 || row[1] <= row[0]) continue;
+      int end = cuda::kTokenTraceMarks - 1;
+      while (clock[end] == 0) --end;
+      ctas.push_back({row, double(row[1] - row[0]) * 1e-3 / double(clock[end] - clock[0])});
       first = std::min(first, row[0]);
       last = std::max(last, row[1]);
     }
@@ -622,11 +626,11 @@ class Bench {
     std::printf(
         "trace %-8s %d %6d %5d | %zu CTAs, %.1f us first start to last end | us mean/min/max:",
         c_.name.c_str(), batch_, context_, k_t, ctas.size(), (last - first) * 1e-3);
-    auto stats = [&](auto value) {  // value(row) in us, < 0: none
+    auto stats = [&](auto value) {  // value(cta) in us, < 0: none
       double sum = 0, lo = 1e30, hi = -1e30;
       int n = 0;
-      for (const unsigned long long* row : ctas) {
-        const double v = value(row);
+      for (const Cta& cta : ctas) {
+        const double v = value(cta);
         if (v < 0) continue;
         sum += v, lo = std::min(lo, v), hi = std::max(hi, v), ++n;
       }
@@ -635,22 +639,18 @@ class Bench {
       std::snprintf(buf, sizeof(buf), " %.2f/%.2f/%.2f", sum / n, lo, hi);
       return std::string(buf);
     };
-    std::printf(" start%s",
-                stats([&](const unsigned long long* r) { return (r[0] - first) * 1e-3; }).c_str());
-    for (int m = 1; m < kMarks; ++m) {
-      std::printf(" %s%s", kPhase[m], stats([&](const unsigned long long* r) {
-                                        int prev = m - 1;
-                                        while (prev > 0 && r[4 + prev] == 0) --prev;
-                                        if (r[4 + m] == 0 || r[1] <= r[0]) return -1.0;
-                                        int end = kMarks - 1;
-                                        while (r[4 + end] == 0) --end;
-                                        const double ns_per_clock =
-                                            double(r[1] - r[0]) / double(r[4 + end] - r[4]);
-                                        return double(r[4 + m] - r[4 + prev]) * ns_per_clock * 1e-3;
-                                      }).c_str());
+    std::printf(" start%s", stats([&](const Cta& c) { return (c.row[0] - first) * 1e-3; }).c_str());
+    for (int m = cuda::kTraceStart + 1; m < cuda::kTokenTraceMarks; ++m) {
+      // From the last mark this CTA reached before m.
+      std::printf(" %s%s", kPhase[m],
+                  stats([&](const Cta& c) {
+                    const unsigned long long* clock = c.row + 4;
+                    int prev = m - 1;
+                    while (prev > cuda::kTraceStart && clock[prev] == 0) --prev;
+                    return clock[m] == 0 ? -1.0 : double(clock[m] - clock[prev]) * c.us_per_clock;
+                  }).c_str());
     }
-    std::printf(" end%s\n",
-                stats([&](const unsigned long long* r) { return (r[1] - first) * 1e-3; }).c_str());
+    std::printf(" end%s\n", stats([&](const Cta& c) { return (c.row[1] - first) * 1e-3; }).c_str());
   }
 
   // Stages of the two-level step, each graphed alone (scratch of our own, same shapes).

@@ -97,9 +97,10 @@ __device__ __forceinline__ uint32_t ClusterSelectDigitMask(int pass) {
 }
 
 // Phase marks of MlaScoreSelectKernel (builds with ASYNCTLS_TOKEN_TRACE only, for tls_bench
-// --trace-token): thread 0 of each CTA stamps clock64 at each mark, globaltimer and the SM at
-// the first and last (TlsTokenTraceRead). A mark that thread 0 reaches alone (staged, alpha) is
-// its own time, not the CTA's.
+// --trace-token; TlsTokenTraceMark): thread 0 of each CTA stamps clock64 at each mark,
+// globaltimer and the SM at the first and last (TlsTokenTraceRead). A mark that thread 0 reaches
+// alone (staged, alpha, partials) is its own time, not the CTA's. ClusterSelect's marks also
+// stamp the GQA and head-tile kernels' rows, which no kTraceStart marks as read.
 #if defined(ASYNCTLS_TOKEN_TRACE)
 __device__ unsigned long long g_token_trace[kTokenTraceCtas][kTokenTraceWords];
 __device__ __forceinline__ void TraceMark(int mark) {
@@ -107,16 +108,16 @@ __device__ __forceinline__ void TraceMark(int mark) {
   const int cta = blockIdx.x + gridDim.x * blockIdx.y;
   if (cta >= kTokenTraceCtas) return;
   unsigned long long* row = g_token_trace[cta];
-  if (mark == 0) {
+  if (mark == kTraceStart) {
     unsigned long long ns;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
     uint32_t sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     row[0] = ns;
     row[2] = sm;
-    for (int m = 1; m < kTokenTraceMarks; ++m) row[4 + m] = 0ull;
+    for (int m = kTraceStart + 1; m < kTokenTraceMarks; ++m) row[4 + m] = 0ull;
   }
-  if (mark == 9 || mark == kTokenTraceMarks - 1) {  // alpha's end (a split row's return), the end
+  if (mark == kTraceAlpha || mark == kTraceEnd) {  // (kTraceAlpha: a split row's early return)
     unsigned long long ns;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
     row[1] = ns;
@@ -574,7 +575,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
         for (int i = tid - 32; i < kClusterSelectBins; i += kFusedThreads - 32) next[i] = 0;
       }
       __syncthreads();
-      TraceMark(12 + pass);
+      TraceMark(kTracePass0 + pass);
       prefix = sh.prefix;
       remaining = sh.remaining;
       mask |= digit_mask << shift;
@@ -645,7 +646,7 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
     }
   }
   MailWait(&sh.mail[kMailCounts]);
-  TraceMark(15);
+  TraceMark(kTraceCounts);
   // Every warp: the ranks' counts (pushed above) summed over the ranks before this one and all.
   const int peer_above = lane < size ? sh.peer_counts[lane][0] : 0;
   const int peer_equal = lane < size ? sh.peer_counts[lane][1] : 0;
@@ -1468,7 +1469,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     MlaScoreSelectKernel(TlsTokenScoreParams p, TlsTokenSelectParams sel,
                          tls_detail::TokenQueries queries, float* exps, int blocks_per_cta) {
   // Each part takes kMTiles 16-head tiles (kHeads heads); of 3 parts the last takes fewer.
-  TraceMark(0);
+  TraceMark(kTraceStart);
   constexpr int kGroupTiles = GROUP / 16;
   constexpr int kHeads = MlaPartHeads(GROUP, SPLIT);
   constexpr int kMTiles = kHeads / 16;
@@ -1541,7 +1542,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
   }
   __syncthreads();  // the list entries
-  TraceMark(1);
+  TraceMark(kTraceList);
   // Positions from the entries in shared memory (CandidatePositions' candidates, without
   // loading the list again behind its count).
   int32_t pos[ITEMS];
@@ -1588,9 +1589,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   if constexpr (kGmma) FenceSharedForGmma();  // the staged rows, before IGMMA reads them
-  TraceMark(2);
+  TraceMark(kTraceStaged);
   WaitForPreviousGrid();  // the staging above overlapped QuantizeQueryKernel
-  TraceMark(3);
+  TraceMark(kTracePrevGrid);
   // The scales are read back only after the cluster barrier below; copied here, their global
   // load is off that critical path (read after it: +0.8 us at 128 heads batch 8, run 34).
   if (tid < 16 * part_tiles) {
@@ -1619,7 +1620,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if constexpr (kGmma) GmmaQueryFragments(a, lane, ag);
   }
   __syncthreads();
-  TraceMark(4);
+  TraceMark(kTraceQueries);
   LaneHeadPair lhp;
   const int off0 = 8 * ms.qsum[h0], off1 = 8 * ms.qsum[h1];
   // Integer dots of tile `tile` (candidates 8 tile ..; this lane's 16-byte fragment chunks q
@@ -1768,7 +1769,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     }
   }
   __syncthreads();     // this CTA's chunk table and max shifts
-  TraceMark(5);
+  TraceMark(kTraceLoop);
   ClusterWait();       // every rank's cluster-wide values and mailboxes are set up
   if (tid < kHeads) {
     ms.c_max[tid] = FromOrderedBits(ms.cluster.Max(tid, ms.max_bits[tid], rank, size));
@@ -1778,7 +1779,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (lane == 0) sh.counts[0] = v;
   }
   __syncthreads();
-  TraceMark(6);
+  TraceMark(kTraceCmax);
   const int live_heads = 16 * part_tiles;
   AddChunkSums(chunk_c, chunk_sum, table_n, kHeads, live_heads, ms.c_max, ms.exp_sum);
   __syncthreads();  // this CTA's sums, to every rank's cluster-wide ones
@@ -1787,10 +1788,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if (tid == kFusedThreads - 1) sh.num_valid = ms.cluster.Valid(sh.counts[0], rank, size);
   __syncthreads();
-  TraceMark(7);
+  TraceMark(kTraceSums);
   ChunkWeights(chunk_c, chunk_sum, table_n, kHeads, live_heads, ms.c_max, ms.inv);
   __syncthreads();
-  TraceMark(8);
+  TraceMark(kTraceWeights);
 
   // The alpha pass: each candidate's thread reads its exps back (written by this CTA before the
   // barriers above; plain loads, not the read-only path) and sums the heads (tls_math.h order)
@@ -1821,7 +1822,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       }
     }
   }
-  TraceMark(9);
+  TraceMark(kTraceAlpha);
   if constexpr (kTableInHist) {  // the top-k's first histogram, after every weight is read
     __syncthreads();
     for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) sh.hist[0][i] = 0;
@@ -1829,7 +1830,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
   if constexpr (SPLIT > 1) {  // the row's last cluster to get here adds the partials, selects
     if (!ms.tickets.IsLastCluster(queries.row_done + bg, SPLIT, rank, size)) return;
-    TraceMark(10);
+    TraceMark(kTraceTicket);
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
       if (pos[u] < 0) continue;
@@ -1847,13 +1848,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         }
       }
     }
-    TraceMark(11);
+    TraceMark(kTracePartials);
   }
   uint32_t key[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha[u]) : 0u;
   ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
-  TraceMark(kTokenTraceMarks - 1);
+  TraceMark(kTraceEnd);
 }
 
 // ---- MLA by head tiles ----------------------------------------------------------------------

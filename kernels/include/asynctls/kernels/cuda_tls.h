@@ -51,12 +51,32 @@ cudaError_t TlsTokenScoreSelect(const TlsTokenScoreParams& score,
 // Phase trace of the MLA one-launch token kernel (MlaScoreSelectKernel), for tls_bench
 // --trace-token: in builds with ASYNCTLS_TOKEN_TRACE each launch's CTAs (up to kTokenTraceCtas,
 // by linear block index) stamp kTokenTraceWords words: globaltimer ns at the start and at the
-// end, the SM, then (from word 4) clock64 at kTokenTraceMarks marks (0: not reached). Copies the
-// stamps to `out` (kTokenTraceCtas * kTokenTraceWords) and clears them (synchronous);
-// cudaErrorNotSupported in other builds.
+// end (kTraceEnd, or kTraceAlpha for a split row's clusters that do not select), the SM, then
+// (from word 4) clock64 at each mark below (0: not reached). Copies the stamps to `out`
+// (kTokenTraceCtas * kTokenTraceWords) and clears them (synchronous); cudaErrorNotSupported in
+// other builds.
+enum TlsTokenTraceMark : int {
+  kTraceStart,
+  kTraceList,
+  kTraceStaged,
+  kTracePrevGrid,
+  kTraceQueries,
+  kTraceLoop,
+  kTraceCmax,
+  kTraceSums,
+  kTraceWeights,
+  kTraceAlpha,
+  kTraceTicket,
+  kTracePartials,
+  kTracePass0,
+  kTracePass1,
+  kTracePass2,  // the cluster top-k's radix passes (kTracePass0 + pass)
+  kTraceCounts,
+  kTraceEnd,
+  kTokenTraceMarks
+};
 inline constexpr int kTokenTraceCtas = 1024;
-inline constexpr int kTokenTraceMarks = 17;
-inline constexpr int kTokenTraceWords = 24;
+inline constexpr int kTokenTraceWords = 4 + kTokenTraceMarks;
 cudaError_t TlsTokenTraceRead(unsigned long long* out);
 // Runs the policy's ops in order on `stream` (workspace holds block scores, token scores and
 // the softmax statistics, each in its own region).
