@@ -45,6 +45,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <numeric>
 #include <random>
@@ -599,10 +600,12 @@ class Bench {
     BENCH_CHECK(TokenBranch(steps - 1, k_t, s_));
     BENCH_CHECK(cudaStreamSynchronize(s_));
     BENCH_CHECK(cuda::TlsTokenTraceRead(t.data()));
-    static const char* kPhase[cuda::kTokenTraceMarks] = {
+    // One name per TlsTokenTraceMark, in its order (*: thread 0's own time).
+    static constexpr const char* kPhase[] = {
         "",      "list",  "staged*", "prevgrid", "queries", "loop",
         "cmax",  "sums",  "weights", "alpha*",   "ticket",  "partials*",
         "pass0", "pass1", "pass2",   "counts",   "write"};
+    static_assert(std::size(kPhase) == cuda::kTokenTraceMarks, "a name per trace mark");
     struct Cta {
       const unsigned long long* row;  // kTokenTraceWords stamps
       double us_per_clock;            // its globaltimer span over its clock64 span
