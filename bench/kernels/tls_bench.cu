@@ -602,9 +602,10 @@ class Bench {
     BENCH_CHECK(cuda::TlsTokenTraceRead(t.data()));
     // One name per TlsTokenTraceMark, in its order (*: thread 0's own time).
     static constexpr const char* kPhase[] = {
-        "",      "list",  "staged*", "prevgrid", "queries", "loop",
-        "cmax",  "sums",  "weights", "alpha*",   "ticket",  "partials*",
-        "pass0", "pass1", "pass2",   "counts",   "write"};
+        "",      "list",    "staged*", "prevgrid", "queries",   "loop",  "cmax",
+        "sums",  "weights", "alpha*",  "ticket",   "partials*", "hist0", "tot0",
+        "bins0", "pass0",   "hist1",   "tot1",     "bins1",     "pass1", "hist2",
+        "tot2",  "bins2",   "pass2",   "counts",   "write"};
     static_assert(std::size(kPhase) == cuda::kTokenTraceMarks, "a name per trace mark");
     struct Cta {
       const unsigned long long* row;  // kTokenTraceWords stamps

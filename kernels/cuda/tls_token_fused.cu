@@ -194,6 +194,22 @@ __device__ __forceinline__ void MailPush(uint64_t* field, uint64_t v, uint64_t* 
                "l"(v), "r"(PeerAddr(SmemAddr(bar), rank))
                : "memory");
 }
+__device__ __forceinline__ void MailPush4(int* field, int4 v, uint64_t* bar, int rank) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(PeerAddr(SmemAddr(field), rank)),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(PeerAddr(SmemAddr(bar), rank))
+      : "memory");
+}
+// This rank's 32-word `row` (written to its own shared memory before) to the same place in every
+// other rank's, counted on their mailbox `bar`: by one warp, 8 16-byte pushes per peer. (A push
+// per word, 32 per peer, made each exchange of a 16-CTA cluster ~0.3 us slower: H100, run 174.)
+__device__ __forceinline__ void PushRowToPeers(int* row, uint64_t* bar, int rank, int size) {
+  for (int i = threadIdx.x & 31; i < 8 * size; i += 32) {
+    const int r = i / 8, q = i % 8;
+    if (r != rank) MailPush4(row + 4 * q, *reinterpret_cast<const int4*>(row + 4 * q), bar, r);
+  }
+}
 __device__ __forceinline__ void MailPush2(int* field, int v0, int v1, uint64_t* bar, int rank) {
   asm volatile(
       "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
@@ -386,6 +402,17 @@ struct FusedShared : ClusterSelectShared<ITEMS> {
   ClusterStats<kFusedMaxGroup> cluster;
 };
 
+// *at += v on a shared 64-bit word, as two 32-bit atomic adds (the low word's carry into the
+// high one): sm_90 has no 64-bit shared atomic add, and atomicAdd's compare-and-swap loop retries
+// under contention. The word is whole once every adder is past a barrier.
+__device__ __forceinline__ void AddToSharedU64(unsigned long long* at, unsigned long long v) {
+  unsigned int* word = reinterpret_cast<unsigned int*>(at);  // little-endian: low word first
+  const unsigned int lo = static_cast<unsigned int>(v);
+  unsigned int hi = static_cast<unsigned int>(v >> 32);
+  if (lo != 0u) hi += (atomicAdd(word, lo) + lo < lo) ? 1u : 0u;  // wrapped: a carry
+  if (hi != 0u) atomicAdd(word + 1, hi);
+}
+
 // 64-bit sum over the warp's lanes.
 __device__ __forceinline__ unsigned long long WarpSum64(unsigned long long v) {
 #pragma unroll
@@ -456,9 +483,8 @@ template <int ITEMS>
 __device__ __forceinline__ void InitSelectMail(ClusterSelectShared<ITEMS>& sh, int size) {
   const int peers = size - 1;
   for (int pass = 0; pass < 3; ++pass) {
-    // Plus one arrival per warp: its own total, written locally.
-    MailInit(&sh.mail[kMailTotals + pass], 1 + kFusedWarps, peers * kFusedWarps * sizeof(int));
-    // Its own bins are written by the warp that reads them (no arrival).
+    // Its own totals and bins are written before a CTA or warp barrier (no arrival).
+    MailInit(&sh.mail[kMailTotals + pass], 1, peers * kFusedWarps * sizeof(int));
     MailInit(&sh.mail[kMailBins + pass], 1, peers * 32 * sizeof(uint32_t));
   }
   // The peers' counts; then two arrivals: the peers' gathered bin keys (known once the passes
@@ -480,6 +506,7 @@ __device__ __forceinline__ void FindClusterSelectDigit(ClusterSelectShared<ITEMS
   const int lane = threadIdx.x & 31;
   const int* hist = sh.hist[pass & 1];
   MailWait(&sh.mail[kMailTotals + pass]);
+  TraceMark(kTraceTotals0 + 4 * pass);
   int g_count = 0;  // lane l: group 31 - l
 #pragma unroll
   for (int r = 0; r < kClusterMaxRanks; ++r) {
@@ -495,11 +522,11 @@ __device__ __forceinline__ void FindClusterSelectDigit(ClusterSelectShared<ITEMS
   // This rank's two bins of the group to every rank, then the ranks' sums.
   const uint32_t pair = static_cast<uint32_t>(hist[hi]) | static_cast<uint32_t>(hist[hi - 1]) << 16;
   sh.peer_bins[rank][lane] = pair;
-  for (int r = 0; r < size; ++r) {
-    if (r != rank) MailPush(&sh.peer_bins[rank][lane], pair, &sh.mail[kMailBins + pass], r);
-  }
   __syncwarp();  // this rank's own bins, written by this warp's lanes
+  PushRowToPeers(reinterpret_cast<int*>(sh.peer_bins[rank]), &sh.mail[kMailBins + pass], rank,
+                 size);
   MailWait(&sh.mail[kMailBins + pass]);
+  TraceMark(kTraceBins0 + 4 * pass);
   int c0 = 0, c1 = 0;
 #pragma unroll
   for (int r = 0; r < kClusterMaxRanks; ++r) {
@@ -558,24 +585,22 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
         if (digit != kClusterSelectBins) atomicAdd(&hist[digit], 1);
       }
       __syncthreads();  // this CTA's histogram is complete
-      {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63), to every rank
+      TraceMark(kTraceHist0 + 4 * pass);
+      {  // warp w: this CTA's total of group w (bins 64 w .. 64 w + 63)
         const int c = hist[64 * warp + lane] + hist[64 * warp + 32 + lane];
         const int total = __reduce_add_sync(0xffffffffu, c);
-        if (lane == rank) {  // this CTA's own total, locally
-          sh.peer_group_sum[rank][warp] = total;
-          MailArrive(&sh.mail[kMailTotals + pass], 0);
-        } else if (lane < size) {
-          MailPush(&sh.peer_group_sum[rank][warp], total, &sh.mail[kMailTotals + pass], lane);
-        }
+        if (lane == 0) sh.peer_group_sum[rank][warp] = total;
       }
-      if (warp == 0) {
+      __syncthreads();
+      if (warp == 0) {  // the totals to every rank, then the decision
+        PushRowToPeers(sh.peer_group_sum[rank], &sh.mail[kMailTotals + pass], rank, size);
         FindClusterSelectDigit(sh, pass, rank, size, prefix, shift, remaining);
       } else {  // the next pass's bins (only this CTA reads its histograms)
         int* next = sh.hist[(pass + 1) & 1];
         for (int i = tid - 32; i < kClusterSelectBins; i += kFusedThreads - 32) next[i] = 0;
       }
       __syncthreads();
-      TraceMark(kTracePass0 + pass);
+      TraceMark(kTracePass0 + 4 * pass);
       prefix = sh.prefix;
       remaining = sh.remaining;
       mask |= digit_mask << shift;
@@ -1209,12 +1234,17 @@ __host__ __device__ constexpr size_t MlaChunkTableBytes(int blocks, int heads) {
 __device__ __forceinline__ void AddChunkSums(const float* chunk_c, const uint32_t* chunk_sum, int n,
                                              int heads, int live, const float* c_max,
                                              unsigned long long* exp_sum) {
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int h = i % heads;
-    if (h >= live) continue;
-    const unsigned long long v = TlsChunkScaledSum(chunk_sum[i], chunk_c[i], c_max[h]);
-    if (v != 0ull) atomicAdd(&exp_sum[h], v);
+  // A thread's entries share one head (the stride is a multiple of `heads`): their sum in a
+  // register, then one add, as 32-bit shared atomics (a 64-bit one compiles to a compare-and-swap
+  // loop, on which the head's threads contended: one per entry before, run 174).
+  const int stride = blockDim.x / heads * heads;
+  const int h = threadIdx.x % heads;
+  if (static_cast<int>(threadIdx.x) >= stride || h >= live) return;
+  unsigned long long v = 0ull;
+  for (int i = threadIdx.x; i < n; i += stride) {
+    v += TlsChunkScaledSum(chunk_sum[i], chunk_c[i], c_max[h]);
   }
+  if (v != 0ull) AddToSharedU64(&exp_sum[h], v);
 }
 
 // Then, once the heads' factors inv are known: each entry's alpha weight over its sum.

@@ -68,9 +68,19 @@ enum TlsTokenTraceMark : int {
   kTraceAlpha,
   kTraceTicket,
   kTracePartials,
+  // the cluster top-k's radix passes (4 marks per pass: kTraceHist0 + 4 * pass ...)
+  kTraceHist0,
+  kTraceTotals0,
+  kTraceBins0,
   kTracePass0,
+  kTraceHist1,
+  kTraceTotals1,
+  kTraceBins1,
   kTracePass1,
-  kTracePass2,  // the cluster top-k's radix passes (kTracePass0 + pass)
+  kTraceHist2,
+  kTraceTotals2,
+  kTraceBins2,
+  kTracePass2,
   kTraceCounts,
   kTraceEnd,
   kTokenTraceMarks
