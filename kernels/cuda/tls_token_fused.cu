@@ -203,7 +203,7 @@ __device__ __forceinline__ void MailPush4(int* field, int4 v, uint64_t* bar, int
 }
 // This rank's 32-word `row` (written to its own shared memory before) to the same place in every
 // other rank's, counted on their mailbox `bar`: by one warp, 8 16-byte pushes per peer. (A push
-// per word, 32 per peer, made each exchange of a 16-CTA cluster ~0.3 us slower: H100, run 174.)
+// per word, 32 per peer, made each exchange of a 16-CTA cluster ~0.3 us slower: H100, run 175.)
 __device__ __forceinline__ void PushRowToPeers(int* row, uint64_t* bar, int rank, int size) {
   for (int i = threadIdx.x & 31; i < 8 * size; i += 32) {
     const int r = i / 8, q = i % 8;
@@ -1236,7 +1236,7 @@ __device__ __forceinline__ void AddChunkSums(const float* chunk_c, const uint32_
                                              unsigned long long* exp_sum) {
   // A thread's entries share one head (the stride is a multiple of `heads`): their sum in a
   // register, then one add, as 32-bit shared atomics (a 64-bit one compiles to a compare-and-swap
-  // loop, on which the head's threads contended: one per entry before, run 174).
+  // loop, on which the head's threads contended: one per entry before, run 176).
   const int stride = blockDim.x / heads * heads;
   const int h = threadIdx.x % heads;
   if (static_cast<int>(threadIdx.x) >= stride || h >= live) return;
