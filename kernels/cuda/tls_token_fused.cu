@@ -2252,6 +2252,14 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
     return SmemExps::Launch(p, sel, split, stream);
   }
+  if constexpr (GROUP == 32) {
+    // 32 heads where the floats need more CTAs than one wave holds (batch 8: 11 per row, 7
+    // clusters of them at once): bf16 pairs on 16 list entries per CTA, half the floats' bytes,
+    // so that the alpha pass reads shared memory, not the L2 scratch (run 181).
+    using SmemPairs = MlaRows<NC, GROUP, 1, 1, MlaExps::kSmemPairs>;
+    const MlaSplit pairs = SmemPairs::Plan(rows, p.max_candidates);
+    if (pairs.size != 0) return SmemPairs::Launch(p, sel, pairs, stream);
+  }
   return Whole::Launch(p, sel, whole, stream);
 }
 

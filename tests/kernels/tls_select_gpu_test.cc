@@ -514,15 +514,16 @@ TEST(TlsSelectGpuTest, DecodeSelectMatchesReference) {
   for (const SelectShape& s : Shapes()) ExpectDecodeSelectsMatch(s);
 }
 
-// The benchmark's MLA rows at batch 4 and 8: 64 and 128 heads over 8,192 candidates (k_b 128),
-// whose row clusters take their logits from warpgroup MMA (64-head blocks; the exps in shared
-// memory at batch 4, in the L2 scratch at batch 8 on the fewest CTAs).
+// The benchmark's MLA rows at batch 4 and 8: 32, 64 and 128 heads over 8,192 candidates (k_b
+// 128). 64 and 128 heads: row clusters taking their logits from warpgroup MMA (64-head blocks;
+// the exps in shared memory at batch 4, in the L2 scratch at batch 8 on the fewest CTAs); 32
+// heads: float exps in shared memory at batch 4, bf16 pairs at batch 8.
 TEST(TlsSelectGpuTest, DecodeSelectAtBatchedMlaRowsMatchesReference) {
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
   testing::Reseed(205);
   const std::vector<int32_t> four = {8600, 8400, 9000, 8500};
   const std::vector<int32_t> eight = {8600, 8400, 9000, 8500, 8700, 8450, 8900, 8800};
-  for (const int heads : {64, 128}) {
+  for (const int heads : {32, 64, 128}) {
     for (const auto& lens : {four, eight}) {
       SCOPED_TRACE(::testing::Message() << heads << " heads, " << lens.size() << " rows");
       ExpectDecodeSelectsMatch({lens, heads, 1, 576, 128, DType::kBF16, true, {128}});
