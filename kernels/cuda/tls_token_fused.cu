@@ -22,10 +22,11 @@
 //   rows (16-32 heads, 64 heads on 8 list entries per CTA, and the halves, thirds and quarters
 //   that 64- and 128-head rows split into at small batches), shared memory holds the scaled dots
 //   from a chunk's max phase to its exp phase (computed once) and then the exps; 128-head rows
-//   on 8 list entries per CTA keep bf16 head pairs there instead (MlaExps). A split row's last
-//   cluster to finish adds the others' partial alpha chains and runs the top-k. Wherever no row
-//   clusters fit one wave, MlaTileSelectKernel takes a cluster per (row, 16-head tile) instead (its
-//   exps in shared memory), likewise combined by the row's last cluster.
+//   on 8 list entries per CTA and 32-head rows on 16 keep bf16 head pairs there instead
+//   (MlaExps). A split row's last cluster to finish adds the others' partial alpha chains and
+//   runs the top-k. Wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster
+//   per (row, 16-head tile) instead (its exps in shared memory), likewise combined by the row's
+//   last cluster.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
