@@ -112,12 +112,15 @@ class WorkerLinkTest : public ::testing::Test {
       _exit(127);
     }
     const auto deadline = Clock::now() + std::chrono::seconds(120);
-    while (router_->num_replicas() == 0 && Clock::now() < deadline) {
+    // The registry adds the router's replica before it lists the worker: wait for both.
+    while ((router_->num_replicas() == 0 || registry_->Workers().empty()) &&
+           Clock::now() < deadline) {
       int status = 0;
       ASSERT_EQ(waitpid(worker_pid_, &status, WNOHANG), 0) << "worker exited early, status " << status;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     ASSERT_EQ(router_->num_replicas(), 1) << "worker did not register";
+    ASSERT_EQ(registry_->Workers().size(), 1u) << "worker registered but is not listed";
   }
 
   // Signals the worker and reaps it; returns its wait status.
