@@ -26,7 +26,9 @@
 //   (MlaExps). A split row's last cluster to finish adds the others' partial alpha chains and
 //   runs the top-k. Wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster
 //   per (row, 16-head tile) instead (its exps in shared memory), likewise combined by the row's
-//   last cluster.
+//   last cluster. Built with ASYNCTLS_ALPHA_BYTES (tls_math.h, an experiment) the head pairs
+//   are two bytes per slot instead of a bf16 pair, and 64-head rows at 16 list entries per CTA
+//   keep them in shared memory too.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -34,6 +36,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "asynctls/kernels/cuda_tls.h"
 #include "paged_attention_common.cuh"
@@ -1291,14 +1294,39 @@ __device__ __forceinline__ float AlphaFromBf16Pairs(const uint32_t* e, int64_t s
     uint32_t v[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = e[(8 * m + i) * stride];
-    // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15 (the exps are bf16 already).
+    // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15.
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) part = TlsAlphaTerm(Bf16PairLo(v[i]), inv[16 * m + i], part);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      part = TlsAlphaTerm(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
+    }
+    alpha = m == 0 ? part : TlsAdd(alpha, part);
+  }
+  return alpha;
+}
+
+// ASYNCTLS_ALPHA_BYTES: the MLA row kernels keep their head pairs as two bytes per slot
+// (TlsAlphaExpByte of head h0, then of h1: TlsAlphaBytesOfPairs), in ScratchPairs' layout with
+// 16-bit elements, half the bf16 pairs' bytes. AlphaFromBf16Pairs over them (e: the candidate's
+// element of pair 0; stride: elements per pair): the decoded values are TlsAlphaExp's already,
+// so a plain fma chain.
+template <int GROUP>
+__device__ __forceinline__ float AlphaFromBytePairs(const uint16_t* e, int64_t stride,
+                                                    const float* inv) {
+  static_assert(GROUP % 16 == 0 && kTlsAlphaHeadTile == 16, "whole 16-head tiles");
+  float alpha = 0.f;
+#pragma unroll
+  for (int m = 0; m < GROUP / 16; ++m) {
+    uint32_t v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = TlsBf16PairOfAlphaBytes(e[(8 * m + i) * stride]);
     float part = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) part = TlsFma(Bf16PairLo(v[i]), inv[16 * m + i], part);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      part = TlsFma(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
-    }
+    for (int i = 0; i < 8; ++i) part = TlsFma(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
     alpha = m == 0 ? part : TlsAdd(alpha, part);
   }
   return alpha;
@@ -1332,11 +1360,19 @@ enum class MlaExps {
   kSmemPairs,   // bf16 head pairs in shared memory (ScratchPairs' layout): half the bytes of
                 // the floats (mma.sync logits computed twice, as with the scratch)
 };
+// (kScratch and kSmemPairs hold byte pairs instead under ASYNCTLS_ALPHA_BYTES.)
+
+// The element of a pair row: a bf16 pair word, or two bytes (TlsAlphaBytesOfPairs).
+template <MlaExps EXPS>
+using MlaPairElement =
+    std::conditional_t<kTlsAlphaBytes && EXPS != MlaExps::kSmemFloats, uint16_t, uint32_t>;
 
 // Shared-memory rows of 32-bit words that `heads` heads' exps take: one per head as floats, one
-// per head pair as bf16 pairs.
+// per head pair as bf16 pairs, one per two head pairs as bytes.
 constexpr int MlaSmemExpRows(MlaExps exps, int heads) {
-  return exps == MlaExps::kSmemFloats ? heads : exps == MlaExps::kSmemPairs ? heads / 2 : 0;
+  return exps == MlaExps::kSmemFloats ? heads
+         : exps == MlaExps::kSmemPairs ? heads / (kTlsAlphaBytes ? 4 : 2)
+                                       : 0;
 }
 
 // Row stride (words) of those rows for `slots` candidate slots: 8 words of padding put a quad's
@@ -1425,9 +1461,12 @@ __device__ __forceinline__ void StoreGmmaQueryRows(const uint32_t (&a)[4][4], in
 // The alpha chain of HEADS heads (tls_math.h order) from one candidate's exps at `e`, rows
 // `stride` words apart, wherever EXPS keeps them.
 template <MlaExps EXPS, int HEADS>
-__device__ __forceinline__ float AlphaChain(const uint32_t* e, int64_t stride, const float* inv) {
+__device__ __forceinline__ float AlphaChain(const MlaPairElement<EXPS>* e, int64_t stride,
+                                            const float* inv) {
   if constexpr (EXPS == MlaExps::kSmemFloats) {
     return AlphaFromExps<HEADS>(reinterpret_cast<const float*>(e), stride, inv);
+  } else if constexpr (kTlsAlphaBytes) {
+    return AlphaFromBytePairs<HEADS>(e, stride, inv);
   } else {
     return AlphaFromBf16Pairs<HEADS>(e, stride, inv);
   }
@@ -1700,9 +1739,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
   // The exps' rows (the alpha pass reads them): pair (or head) rows of `exp_stride` words from
   // `exp_rows`.
-  uint32_t* const exp_rows = EXPS == MlaExps::kScratch
-                                 ? ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span
-                                 : reinterpret_cast<uint32_t*>(exps_s);
+  using PairElement = MlaPairElement<EXPS>;
+  PairElement* const exp_rows =
+      EXPS == MlaExps::kScratch
+          ? reinterpret_cast<PairElement*>(ScratchPairs(exps, head0, kHeads, p.max_candidates)) +
+                rank * span
+          : reinterpret_cast<PairElement*>(exps_s);
   const int64_t exp_stride = EXPS == MlaExps::kScratch ? p.max_candidates : exps_s_stride;
   const int store_end = p.max_candidates - rank * span - 2 * t;
   // This lane's pairs of slots of tile `tile` in the exps' rows (heads h0 / h1 for kSmemFloats,
@@ -1710,9 +1752,17 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // pair 8 mt + r else).
   float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t;
   float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t;
-  uint32_t* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
+  PairElement* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
   auto store_pairs = [&](int tile, const uint32_t(&w)[2]) {
-    if constexpr (EXPS == MlaExps::kScratch) {
+    if constexpr (kTlsAlphaBytes) {  // both slots' bytes in one 4-byte store
+      const uint32_t bytes = TlsAlphaBytesOfPairs(w[0], w[1]);
+      uint32_t* const at = reinterpret_cast<uint32_t*>(pair_at + 8 * tile);
+      if constexpr (EXPS == MlaExps::kScratch) {
+        if (8 * tile < store_end) __stcg(at, bytes);
+      } else {
+        *at = bytes;
+      }
+    } else if constexpr (EXPS == MlaExps::kScratch) {
       StoreTilePairs(pair_at + 8 * tile, 8 * tile < store_end, w);
     } else {  // inside the CTA's rows: every slot stores
       *reinterpret_cast<uint2*>(pair_at + 8 * tile) = make_uint2(w[0], w[1]);
@@ -1834,7 +1884,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const int cand = u * kFusedThreads + tid;
-    const uint32_t* e = exp_rows + cand;
+    const PairElement* e = exp_rows + cand;
     const float* weight =
         reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
     float* partial = cta_exps + cand;
@@ -2253,10 +2303,11 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
     return SmemExps::Launch(p, sel, split, stream);
   }
-  if constexpr (GROUP == 32) {
+  if constexpr (GROUP == 32 || (kTlsAlphaBytes && GROUP == 64)) {
     // 32 heads where the floats need more CTAs than one wave holds (batch 8: 11 per row, 7
     // clusters of them at once): bf16 pairs on 16 list entries per CTA, half the floats' bytes,
-    // so that the alpha pass reads shared memory, not the L2 scratch (run 181).
+    // so that the alpha pass reads shared memory, not the L2 scratch (run 181). 64 heads on 16
+    // entries where the pairs are bytes (64 KB beside the 132 KB of staged rows).
     using SmemPairs = MlaRows<NC, GROUP, 1, 1, MlaExps::kSmemPairs>;
     const MlaSplit pairs = SmemPairs::Plan(rows, p.max_candidates);
     if (pairs.size != 0) return SmemPairs::Launch(p, sel, pairs, stream);
