@@ -1370,7 +1370,7 @@ using MlaPairElement =
 // Shared-memory rows of 32-bit words that `heads` heads' exps take: one per head as floats, one
 // per head pair as bf16 pairs, one per two head pairs as bytes.
 constexpr int MlaSmemExpRows(MlaExps exps, int heads) {
-  return exps == MlaExps::kSmemFloats ? heads
+  return exps == MlaExps::kSmemFloats  ? heads
          : exps == MlaExps::kSmemPairs ? heads / (kTlsAlphaBytes ? 4 : 2)
                                        : 0;
 }
