@@ -10,7 +10,9 @@
 #     OUT=$OUT bash bench/gpu/tls_ab.sh
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
-# trees, e.g. to bisect with TESTS=0), RUNS (';'-separated `tls_bench --only` arguments,
+# trees, e.g. to bisect with TESTS=0; one tree may appear under two letters with different
+# CMAKE_<letter> options, e.g. A=$PWD B=$PWD CMAKE_B=-DASYNCTLS_ALPHA_BYTES=ON, since each
+# letter builds in its own build-ab-<letter>), RUNS (';'-separated `tls_bench --only` arguments,
 # required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, TEST_TREES
 # (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). A tree holding bin/tls_bench
 # and lib/ (built on the workstation, bundled by ../shared/tools/bundle-libs.sh TREE
@@ -33,12 +35,14 @@ log() { echo "== $*" | tee -a "$OUT/ab.log"; }
 build() {  # tree letter targets...
   local tree=$1 letter=$2
   shift 2
+  local options_var="CMAKE_${letter^^}"
+  # shellcheck disable=SC2086  # CMAKE_<letter>: a list of options
   (cd "$tree" && cmake -S . -B "build-ab-$letter" -G Ninja -DASYNCTLS_KERNELS_ONLY=ON \
-    > "/tmp/ab-cmake-$letter.log" 2>&1 && ninja -C "build-ab-$letter" "$@" \
+    ${!options_var:-} > "/tmp/ab-cmake-$letter.log" 2>&1 && ninja -C "build-ab-$letter" "$@" \
     > "/tmp/ab-build-$letter.log" 2>&1)
 }
 tests=""
-[[ "${TESTS:-1}" == 1 ]] && tests="tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test"
+[[ "${TESTS:-1}" == 1 ]] && tests="tls_index_gpu_test tls_select_gpu_test tls_attention_gpu_test tls_math_gpu_test"
 declare -A trees=([a]=$A [b]=$B)
 [[ -n "${C:-}" ]] && trees[c]=$C
 [[ -n "${D:-}" ]] && trees[d]=$D
