@@ -1279,54 +1279,44 @@ __device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, in
 // store_end (slots past it lie past the row's scratch; the others store, 2^-126 when no
 // candidate: alpha reads candidates only). Slots, store_end and the row stride (max_candidates,
 // even: TlsTokenScoreSelectCanFuse) are even, so a pair of slots is stored whole or not at all.
-__device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const uint32_t (&w)[2]) {
-  if (store) __stcg(reinterpret_cast<uint2*>(at), make_uint2(w[0], w[1]));
+// (Byte pairs, ASYNCTLS_ALPHA_BYTES: both slots' four bytes in one 4-byte store.)
+template <typename Element>
+__device__ __forceinline__ void StoreTilePairs(Element* at, bool store, const uint32_t (&w)[2]) {
+  if (!store) return;
+  if constexpr (sizeof(Element) == 2) {
+    __stcg(reinterpret_cast<uint32_t*>(at), TlsAlphaBytesOfPairs(w[0], w[1]));
+  } else {
+    __stcg(reinterpret_cast<uint2*>(at), make_uint2(w[0], w[1]));
+  }
 }
 
-// AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
-template <int GROUP>
-__device__ __forceinline__ float AlphaFromBf16Pairs(const uint32_t* e, int64_t stride,
-                                                    const float* inv) {
+// AlphaFromExps over head pairs (e: the candidate's element of pair 0; stride: elements per
+// pair): bf16 pair words, or (ASYNCTLS_ALPHA_BYTES: the MLA row kernels) two bytes per slot,
+// TlsAlphaExpByte of head h0 then h1 (TlsAlphaBytesOfPairs), half the bf16 pairs' bytes, whose
+// decoded values are TlsAlphaExp's already: a plain fma chain.
+template <int GROUP, typename Element>
+__device__ __forceinline__ float AlphaFromPairs(const Element* e, int64_t stride,
+                                                const float* inv) {
   static_assert(GROUP % 16 == 0 && kTlsAlphaHeadTile == 16, "whole 16-head tiles");
+  constexpr bool kBytes = sizeof(Element) == 2;
+  auto term = [](float x, float w, float acc) {
+    return kBytes ? TlsFma(x, w, acc) : TlsAlphaTerm(x, w, acc);
+  };
   float alpha = 0.f;
 #pragma unroll
   for (int m = 0; m < GROUP / 16; ++m) {
     uint32_t v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = e[(8 * m + i) * stride];
+    for (int i = 0; i < 8; ++i) {
+      const Element x = e[(8 * m + i) * stride];
+      v[i] = kBytes ? TlsBf16PairOfAlphaBytes(x) : x;
+    }
     // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15.
     float part = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) part = TlsAlphaTerm(Bf16PairLo(v[i]), inv[16 * m + i], part);
+    for (int i = 0; i < 8; ++i) part = term(Bf16PairLo(v[i]), inv[16 * m + i], part);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      part = TlsAlphaTerm(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
-    }
-    alpha = m == 0 ? part : TlsAdd(alpha, part);
-  }
-  return alpha;
-}
-
-// ASYNCTLS_ALPHA_BYTES: the MLA row kernels keep their head pairs as two bytes per slot
-// (TlsAlphaExpByte of head h0, then of h1: TlsAlphaBytesOfPairs), in ScratchPairs' layout with
-// 16-bit elements, half the bf16 pairs' bytes. AlphaFromBf16Pairs over them (e: the candidate's
-// element of pair 0; stride: elements per pair): the decoded values are TlsAlphaExp's already,
-// so a plain fma chain.
-template <int GROUP>
-__device__ __forceinline__ float AlphaFromBytePairs(const uint16_t* e, int64_t stride,
-                                                    const float* inv) {
-  static_assert(GROUP % 16 == 0 && kTlsAlphaHeadTile == 16, "whole 16-head tiles");
-  float alpha = 0.f;
-#pragma unroll
-  for (int m = 0; m < GROUP / 16; ++m) {
-    uint32_t v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = TlsBf16PairOfAlphaBytes(e[(8 * m + i) * stride]);
-    float part = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) part = TlsFma(Bf16PairLo(v[i]), inv[16 * m + i], part);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) part = TlsFma(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
+    for (int i = 0; i < 8; ++i) part = term(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
     alpha = m == 0 ? part : TlsAdd(alpha, part);
   }
   return alpha;
@@ -1465,10 +1455,8 @@ __device__ __forceinline__ float AlphaChain(const MlaPairElement<EXPS>* e, int64
                                             const float* inv) {
   if constexpr (EXPS == MlaExps::kSmemFloats) {
     return AlphaFromExps<HEADS>(reinterpret_cast<const float*>(e), stride, inv);
-  } else if constexpr (kTlsAlphaBytes) {
-    return AlphaFromBytePairs<HEADS>(e, stride, inv);
   } else {
-    return AlphaFromBf16Pairs<HEADS>(e, stride, inv);
+    return AlphaFromPairs<HEADS>(e, stride, inv);
   }
 }
 
@@ -1754,17 +1742,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t;
   PairElement* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
   auto store_pairs = [&](int tile, const uint32_t(&w)[2]) {
-    if constexpr (kTlsAlphaBytes) {  // both slots' bytes in one 4-byte store
-      const uint32_t bytes = TlsAlphaBytesOfPairs(w[0], w[1]);
-      uint32_t* const at = reinterpret_cast<uint32_t*>(pair_at + 8 * tile);
-      if constexpr (EXPS == MlaExps::kScratch) {
-        if (8 * tile < store_end) __stcg(at, bytes);
-      } else {
-        *at = bytes;
-      }
-    } else if constexpr (EXPS == MlaExps::kScratch) {
+    if constexpr (EXPS == MlaExps::kScratch) {
       StoreTilePairs(pair_at + 8 * tile, 8 * tile < store_end, w);
-    } else {  // inside the CTA's rows: every slot stores
+    } else if constexpr (kTlsAlphaBytes) {  // inside the CTA's rows: every slot stores
+      *reinterpret_cast<uint32_t*>(pair_at + 8 * tile) = TlsAlphaBytesOfPairs(w[0], w[1]);
+    } else {
       *reinterpret_cast<uint2*>(pair_at + 8 * tile) = make_uint2(w[0], w[1]);
     }
   };
@@ -2095,7 +2077,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (pos_s[cand] >= 0) {
       const float* weight =
           reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
-      cta_exps[cand] = AlphaFromBf16Pairs<kHeads>(pairs_s + cand, kPairStride, weight);
+      cta_exps[cand] = AlphaFromPairs<kHeads>(pairs_s + cand, kPairStride, weight);
     }
   }
   __syncthreads();  // every weight is read: the top-k's first histogram
