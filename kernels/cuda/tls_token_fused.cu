@@ -556,14 +556,12 @@ __device__ __forceinline__ void FindClusterSelectDigit(ClusterSelectShared<ITEMS
 // positions (sink, kept in position order, recent) and their count. Past its last cluster
 // barrier (before the positions are written) no rank touches another's shared memory, so each
 // CTA may exit when done; callers must not read a peer's shared memory after it.
+// (`rank` of `size`: the cluster's ranks, or rank 0 of 1 where one CTA selects, GatherThenSelect.)
 template <int ITEMS>
-__device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
-                                              ClusterSelectShared<ITEMS>& sh, const int32_t* pos,
-                                              const uint32_t* key, int num_valid,
-                                              const TlsTokenSelectParams& sel,
+__device__ __forceinline__ void ClusterSelect(int rank, int size, ClusterSelectShared<ITEMS>& sh,
+                                              const int32_t* pos, const uint32_t* key,
+                                              int num_valid, const TlsTokenSelectParams& sel,
                                               const TlsGeometry& geo, int bg) {
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Cluster-wide radix select of the k-th key (as BlockTopK, histograms summed over the ranks).
   const int k = sel.k;
@@ -737,6 +735,99 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
   }
   // No closing cluster barrier: past the last one no rank reads or writes another's shared
   // memory (the counts were pushed before it), so every CTA may exit as soon as it is done.
+}
+
+template <int ITEMS>
+__device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
+                                              ClusterSelectShared<ITEMS>& sh, const int32_t* pos,
+                                              const uint32_t* key, int num_valid,
+                                              const TlsTokenSelectParams& sel,
+                                              const TlsGeometry& geo, int bg) {
+  ClusterSelect<ITEMS>(static_cast<int>(cluster.block_rank()),
+                       static_cast<int>(cluster.num_blocks()), sh, pos, key, num_valid, sel, geo,
+                       bg);
+}
+
+// ---- The row's top-k on one CTA (ASYNCTLS_LOCAL_TOPK, an experiment) -----------------------
+// ClusterSelect waits on five cluster exchanges of ~0.5 us each (H100, run 175), 4.7 us in all
+// in 8-CTA clusters and 5.6-7 us in 16-CTA ones. Instead every rank pushes its candidates' items
+// (TlsSelectKey's form: (key << 32) | ~position, 0 for none) into rank 0, whose staged rows are
+// dead once it has finished its chunk loop (which each peer knows from the softmax maxima it
+// waited for), and exits; rank 0 selects alone, as a cluster of one. Candidate order is kept:
+// item j = rank * span + slot, read back by thread j % kFusedThreads as its item j / kFusedThreads.
+#if defined(ASYNCTLS_LOCAL_TOPK)
+constexpr int kLocalTopK = ASYNCTLS_LOCAL_TOPK;  // 1: clusters of more than 8 CTAs; 2: every one
+#else
+constexpr int kLocalTopK = 0;
+#endif
+constexpr int kLocalItems = kFusedMaxCluster;  // a row's candidates: at most 8 per thread
+constexpr int kLocalSlots = kLocalItems * kFusedThreads;
+
+// Dynamic shared memory rank 0 needs from its staged rows on: the items, then the select's.
+constexpr size_t kLocalTopKBytes =
+    size_t(kLocalSlots) * sizeof(uint64_t) + sizeof(ClusterSelectShared<kLocalItems>);
+
+// Whether a cluster of `size` selects on rank 0: staged rows of NC bytes per slot must hold
+// size items of 8 bytes each.
+template <int NC>
+__device__ __forceinline__ bool UseLocalTopK(int size) {
+  return kLocalTopK > 0 && size > 1 && (kLocalTopK == 2 || size > 8) && 8 * size <= NC;
+}
+
+// The candidates the gathered items cover: the cluster's slots, of which only the first
+// kLocalSlots can hold a candidate (a row lists at most max_candidates / 64 entries).
+__device__ __forceinline__ int LocalTopKSlots(int size, int span) {
+  return min(size * span, kLocalSlots);
+}
+
+// Rank 0's mailbox for the items (one of ClusterSelect's, which the cluster does not use then):
+// every peer's slots, 8 bytes each. By one thread before the kernel's first cluster barrier.
+__device__ __forceinline__ void InitLocalTopKMail(uint64_t* mail, int size, int span) {
+  const int n = LocalTopKSlots(size, span);
+  MailInit(mail, 1, static_cast<uint32_t>(n - min(span, n)) * sizeof(uint64_t));
+  FenceMbarInit();
+}
+
+// Every rank: its items to rank 0's `items` (its staged rows' space); then rank 0 selects.
+template <int ITEMS>
+__device__ __forceinline__ void GatherThenSelect(int rank, int size, int span, uint64_t* items,
+                                                 uint64_t* mail, const int32_t* pos,
+                                                 const uint32_t* key, int num_valid,
+                                                 const TlsTokenSelectParams& sel,
+                                                 const TlsGeometry& geo, int bg) {
+  const int n = LocalTopKSlots(size, span);
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < ITEMS; ++u) {
+    const int slot = u * kFusedThreads + tid, j = rank * span + slot;
+    if (slot >= span || j >= n) continue;
+    const uint64_t item =
+        pos[u] >= 0 ? uint64_t{key[u]} << 32 | (0xffffffffu - static_cast<uint32_t>(pos[u])) : 0u;
+    if (rank == 0) {
+      items[j] = item;
+    } else {
+      MailPush(items + j, item, mail, 0);
+    }
+  }
+  if (rank != 0) return;
+  __syncthreads();  // this CTA's own items
+  MailWait(mail);   // the peers'
+  int32_t local_pos[kLocalItems];
+  uint32_t local_key[kLocalItems];
+#pragma unroll
+  for (int i = 0; i < kLocalItems; ++i) {
+    const int j = i * kFusedThreads + tid;
+    const uint64_t item = j < n ? items[j] : 0u;
+    local_key[i] = static_cast<uint32_t>(item >> 32);
+    local_pos[i] = item != 0u ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(item)) : -1;
+  }
+  // The select's shared memory after the items (this CTA's exps and chunk table, which it lies
+  // over, were read by its alpha pass before).
+  auto& lsh = *reinterpret_cast<ClusterSelectShared<kLocalItems>*>(items + (n + 1) / 2 * 2);
+  for (int i = tid; i < kClusterSelectBins; i += kFusedThreads) lsh.hist[0][i] = 0;
+  if (tid == 0) InitSelectMail(lsh, 1);
+  __syncthreads();
+  ClusterSelect<kLocalItems>(0, 1, lsh, local_pos, local_key, num_valid, sel, geo, bg);
 }
 
 // A warp's candidates of one item, staged for the tensor-core dots (GqaTileFragments): per lane
@@ -1541,6 +1632,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr int kExpRows = MlaSmemExpRows(EXPS, kHeads);
   constexpr bool kTableInHist =
       MlaChunkTableBytes(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma, kQueryRows), kHeads) == 0;
+  // (MlaRows' dynamic shared memory: the room rank 0 has from its staged rows on.)
+  constexpr size_t kSmemBytes = MlaDynamicSmem<NC>(
+      MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma), kHeads, kExpRows, kGmma, kQueryRows);
+  constexpr bool kLocalFits =
+      (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <= kSmemBytes;
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
@@ -1563,6 +1659,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y / SPLIT, part = blockIdx.y % SPLIT;
+  const bool local_topk = kLocalFits && UseLocalTopK<NC>(size);
   const int part_tiles = kEvenParts ? kMTiles : min(kMTiles, kGroupTiles - part * kMTiles);
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
@@ -1593,7 +1690,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     ms.cluster.Init(kHeads, size, lane);
     if (lane == 0) {
       if (SPLIT > 1) ms.tickets.Init(size);  // fenced by InitSelectMail's FenceMbarInit
-      InitSelectMail(sh, size);
+      if (!local_topk) {
+        InitSelectMail(sh, size);
+      } else if (rank == 0) {
+        InitLocalTopKMail(&sh.mail[kMailTotals], size, span);
+      } else {
+        FenceMbarInit();
+      }
     }
   }
   if constexpr (!kTableInHist) {
@@ -1916,7 +2019,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   uint32_t key[ITEMS];
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) key[u] = pos[u] >= 0 ? TlsOrderedBits(alpha[u]) : 0u;
-  ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+  if (local_topk) {
+    GatherThenSelect<ITEMS>(rank, size, span, reinterpret_cast<uint64_t*>(codes_s),
+                            &sh.mail[kMailTotals], pos, key, sh.num_valid, sel, geo, bg);
+  } else {
+    ClusterSelect<ITEMS>(cluster, sh, pos, key, sh.num_valid, sel, geo, bg);
+  }
   TraceMark(kTraceEnd);
 }
 
