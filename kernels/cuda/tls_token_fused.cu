@@ -819,7 +819,8 @@ __device__ __forceinline__ void GatherThenSelect(int rank, int size, int span, u
     const int j = i * kFusedThreads + tid;
     const uint64_t item = j < n ? items[j] : 0u;
     local_key[i] = static_cast<uint32_t>(item >> 32);
-    local_pos[i] = item != 0u ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(item)) : -1;
+    local_pos[i] =
+        item != 0u ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(item)) : -1;
   }
   // The select's shared memory after the items (this CTA's exps and chunk table, which it lies
   // over, were read by its alpha pass before).
@@ -1633,8 +1634,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr bool kTableInHist =
       MlaChunkTableBytes(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma, kQueryRows), kHeads) == 0;
   // (MlaRows' dynamic shared memory: the room rank 0 has from its staged rows on.)
-  constexpr size_t kSmemBytes = MlaDynamicSmem<NC>(
-      MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma), kHeads, kExpRows, kGmma, kQueryRows);
+  constexpr size_t kSmemBytes = MlaDynamicSmem<NC>(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma),
+                                                   kHeads, kExpRows, kGmma, kQueryRows);
   constexpr bool kLocalFits =
       (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <= kSmemBytes;
   __shared__ ClusterSelectShared<ITEMS> sh;
