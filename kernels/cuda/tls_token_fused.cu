@@ -781,11 +781,11 @@ __device__ __forceinline__ int LocalTopKSlots(int size, int span) {
 }
 
 // Rank 0's mailbox for the items (one of ClusterSelect's, which the cluster does not use then):
-// every peer's slots, 8 bytes each. By one thread before the kernel's first cluster barrier.
+// every peer's slots, 8 bytes each. By one thread before a FenceMbarInit and the kernel's first
+// cluster barrier.
 __device__ __forceinline__ void InitLocalTopKMail(uint64_t* mail, int size, int span) {
   const int n = LocalTopKSlots(size, span);
   MailInit(mail, 1, static_cast<uint32_t>(n - min(span, n)) * sizeof(uint64_t));
-  FenceMbarInit();
 }
 
 // Every rank: its items to rank 0's `items` (its staged rows' space); then rank 0 selects.
@@ -1523,6 +1523,16 @@ constexpr int MlaGmmaQueryRows(int group, int split, int items, MlaExps exps) {
              : 0;
 }
 
+// The dynamic shared memory MlaScoreSelectKernel<NC, GROUP, SPLIT, ITEMS, EXPS> launches with: its
+// most list entries per CTA, with IGMMA's A rows where they fit beside them.
+template <int NC, int GROUP, int SPLIT, int ITEMS, MlaExps EXPS>
+constexpr size_t MlaRowSmem() {
+  const int heads = MlaPartHeads(GROUP, SPLIT), exp_rows = MlaSmemExpRows(EXPS, heads);
+  const bool gmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
+  return MlaDynamicSmem<NC>(MlaMaxBlocks<NC>(ITEMS, heads, exp_rows, gmma), heads, exp_rows, gmma,
+                            MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS));
+}
+
 // This warp's 16-head tile `tile` of A rows from its mma.sync fragments a[sl] (LoadQueryFragments):
 // a[sl][reg] holds row r + 8 (reg % 2)'s mma.sync k indices 32 sl + 16 (reg / 2) + 4 t .. + 3,
 // which a staged row keeps at bytes 32 t + 8 sl + 4 (reg / 2) .. + 3 (see GmmaQueryFragments),
@@ -1633,11 +1643,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr int kExpRows = MlaSmemExpRows(EXPS, kHeads);
   constexpr bool kTableInHist =
       MlaChunkTableBytes(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma, kQueryRows), kHeads) == 0;
-  // (MlaRows' dynamic shared memory: the room rank 0 has from its staged rows on.)
-  constexpr size_t kSmemBytes = MlaDynamicSmem<NC>(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma),
-                                                   kHeads, kExpRows, kGmma, kQueryRows);
-  constexpr bool kLocalFits =
-      (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <= kSmemBytes;
+  // Whether rank 0 has room for GatherThenSelect from its staged rows on.
+  constexpr bool kLocalFits = (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <=
+                              MlaRowSmem<NC, GROUP, SPLIT, ITEMS, EXPS>();
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
@@ -1693,9 +1701,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       if (SPLIT > 1) ms.tickets.Init(size);  // fenced by InitSelectMail's FenceMbarInit
       if (!local_topk) {
         InitSelectMail(sh, size);
-      } else if (rank == 0) {
-        InitLocalTopKMail(&sh.mail[kMailTotals], size, span);
       } else {
+        if (rank == 0) InitLocalTopKMail(&sh.mail[kMailTotals], size, span);
         FenceMbarInit();
       }
     }
@@ -2293,8 +2300,7 @@ struct MlaRows {
   static constexpr int kExpRows = MlaSmemExpRows(EXPS, kHeads);
   static constexpr bool kGmma = MlaUsesGmma(NC, GROUP, SPLIT, EXPS);
   static constexpr int kMaxBlocks = MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma);
-  static constexpr size_t kSmem = MlaDynamicSmem<NC>(
-      kMaxBlocks, kHeads, kExpRows, kGmma, MlaGmmaQueryRows<NC>(GROUP, SPLIT, ITEMS, EXPS));
+  static constexpr size_t kSmem = MlaRowSmem<NC, GROUP, SPLIT, ITEMS, EXPS>();
 
   static MlaSplit Plan(int rows, int max_candidates) {
     return MlaClusterSize<kKernel>(SPLIT * rows, max_candidates, kMaxBlocks, kSmem);
