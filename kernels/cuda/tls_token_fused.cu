@@ -1644,8 +1644,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   constexpr bool kTableInHist =
       MlaChunkTableBytes(MlaMaxBlocks<NC>(ITEMS, kHeads, kExpRows, kGmma, kQueryRows), kHeads) == 0;
   // Whether rank 0 has room for GatherThenSelect from its staged rows on.
-  constexpr bool kLocalFits = (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <=
-                              MlaRowSmem<NC, GROUP, SPLIT, ITEMS, EXPS>();
+  constexpr bool kLocalFits =
+      (kGmma ? kGmmaAlign : 0) + size_t(kQueryRows) * NC + kLocalTopKBytes <=
+      MlaRowSmem<NC, GROUP, SPLIT, ITEMS, EXPS>();
   __shared__ ClusterSelectShared<ITEMS> sh;
   __shared__ MlaShared ms;
   extern __shared__ __align__(16) uint32_t mla_smem[];
