@@ -756,7 +756,8 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
 // waited for), and exits; rank 0 selects alone, as a cluster of one. Candidate order is kept:
 // item j = rank * span + slot, read back by thread j % kFusedThreads as its item j / kFusedThreads.
 #if defined(ASYNCTLS_LOCAL_TOPK)
-constexpr int kLocalTopK = ASYNCTLS_LOCAL_TOPK;  // 1: clusters of more than 8 CTAs; 2: every one
+// 1: clusters of more than 8 CTAs; 2: every cluster; 3: every cluster of 16-head rows
+constexpr int kLocalTopK = ASYNCTLS_LOCAL_TOPK;
 #else
 constexpr int kLocalTopK = 0;
 #endif
@@ -767,11 +768,13 @@ constexpr int kLocalSlots = kLocalItems * kFusedThreads;
 constexpr size_t kLocalTopKBytes =
     size_t(kLocalSlots) * sizeof(uint64_t) + sizeof(ClusterSelectShared<kLocalItems>);
 
-// Whether a cluster of `size` selects on rank 0: staged rows of NC bytes per slot must hold
-// size items of 8 bytes each.
-template <int NC>
+// Whether a cluster of `size` CTAs on a row of GROUP heads selects on rank 0: staged rows of
+// NC bytes per slot must hold size items of 8 bytes each.
+template <int NC, int GROUP>
 __device__ __forceinline__ bool UseLocalTopK(int size) {
-  return kLocalTopK > 0 && size > 1 && (kLocalTopK == 2 || size > 8) && 8 * size <= NC;
+  const bool chosen =
+      kLocalTopK == 2 || (kLocalTopK == 1 && size > 8) || (kLocalTopK == 3 && GROUP == 16);
+  return chosen && size > 1 && 8 * size <= NC;
 }
 
 // The candidates the gathered items cover: the cluster's slots, of which only the first
@@ -1669,7 +1672,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int size = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y / SPLIT, part = blockIdx.y % SPLIT;
-  const bool local_topk = kLocalFits && UseLocalTopK<NC>(size);
+  const bool local_topk = kLocalFits && UseLocalTopK<NC, GROUP>(size);
   const int part_tiles = kEvenParts ? kMTiles : min(kMTiles, kGroupTiles - part * kMTiles);
   const int b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
   const int32_t select_len = p.maybe_select_lens ? p.maybe_select_lens[b] : p.seq_lens[b];
