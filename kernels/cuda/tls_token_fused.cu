@@ -748,18 +748,21 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
                        bg);
 }
 
-// ---- The row's top-k on one CTA (ASYNCTLS_LOCAL_TOPK, an experiment) -----------------------
-// ClusterSelect waits on five cluster exchanges of ~0.5 us each (H100, run 175), 4.7 us in all
-// in 8-CTA clusters and 5.6-7 us in 16-CTA ones. Instead every rank pushes its candidates' items
-// (TlsSelectKey's form: (key << 32) | ~position, 0 for none) into rank 0, whose staged rows are
-// dead once it has finished its chunk loop (which each peer knows from the softmax maxima it
-// waited for), and exits; rank 0 selects alone, as a cluster of one. Candidate order is kept:
-// item j = rank * span + slot, read back by thread j % kFusedThreads as its item j / kFusedThreads.
-#if defined(ASYNCTLS_LOCAL_TOPK)
-// 1: clusters of more than 8 CTAs; 2: every cluster; 3: every cluster of 16-head rows
-constexpr int kLocalTopK = ASYNCTLS_LOCAL_TOPK;
+// ---- The row's top-k on one CTA (ASYNCTLS_LOCAL_TOPK16, an experiment) ---------------------
+// ClusterSelect waits on five cluster exchanges of ~0.5 us each (H100, run 175). Instead every
+// rank pushes its candidates' items (TlsSelectKey's form: (key << 32) | ~position, 0 for none)
+// into rank 0, whose staged rows are dead once it has finished its chunk loop (which each peer
+// knows from the softmax maxima it waited for), and exits; rank 0 selects alone, as a cluster
+// of one. Candidate order is kept: item j = rank * span + slot, read back by thread
+// j % kFusedThreads as its item j / kFusedThreads. Alone the token kernel is 3-6 us slower so
+// at 16-128 heads (H100, run 182: one SM's top-k is latency-bound), but the peers leave their
+// SMs early, and at 16 heads the block branch beside the token kernel holds SMs that the
+// attention waits for (run 129): the 16-head 128K batch-8 k_t 2048 step was 3.1 us shorter
+// (run 182). Hence an option for the 16-head rows only, until their whole grid is measured.
+#if defined(ASYNCTLS_LOCAL_TOPK16)
+constexpr bool kLocalTopK16 = true;
 #else
-constexpr int kLocalTopK = 0;
+constexpr bool kLocalTopK16 = false;
 #endif
 constexpr int kLocalItems = kFusedMaxCluster;  // a row's candidates: at most 8 per thread
 constexpr int kLocalSlots = kLocalItems * kFusedThreads;
@@ -768,13 +771,11 @@ constexpr int kLocalSlots = kLocalItems * kFusedThreads;
 constexpr size_t kLocalTopKBytes =
     size_t(kLocalSlots) * sizeof(uint64_t) + sizeof(ClusterSelectShared<kLocalItems>);
 
-// Whether a cluster of `size` CTAs on a row of GROUP heads selects on rank 0: staged rows of
-// NC bytes per slot must hold size items of 8 bytes each.
+// Whether a cluster of `size` CTAs on a row of GROUP heads selects on rank 0 (16 heads, under
+// the option): staged rows of NC bytes per slot must hold size items of 8 bytes each.
 template <int NC, int GROUP>
 __device__ __forceinline__ bool UseLocalTopK(int size) {
-  const bool chosen =
-      kLocalTopK == 2 || (kLocalTopK == 1 && size > 8) || (kLocalTopK == 3 && GROUP == 16);
-  return chosen && size > 1 && 8 * size <= NC;
+  return kLocalTopK16 && GROUP == 16 && size > 1 && 8 * size <= NC;
 }
 
 // The candidates the gathered items cover: the cluster's slots, of which only the first

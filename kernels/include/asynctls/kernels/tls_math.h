@@ -179,10 +179,12 @@ inline constexpr int kTlsAlphaHeadTile = 16;
 // floats (8 us off the 128-head batch-8 token branch, H100, bench/results/tls-kernels-h200.md
 // run 123), without rounding them again.
 //
-// Built with ASYNCTLS_ALPHA_BYTES (an experiment, not yet measured on a GPU) alpha takes each exp
-// as TlsAlphaExp instead: 3 mantissa bits, which one byte holds (TlsAlphaExpByte), so the MLA
-// kernels pass a byte per (candidate, head) instead of two. Only alpha sees that rounding; the
-// denominators keep the bf16 exps. Accuracy: bench/results/tls-accuracy.md (q) and (r).
+// Built with ASYNCTLS_ALPHA_BYTES (an experiment) alpha takes each exp as TlsAlphaExp instead: 3
+// mantissa bits, which one byte holds (TlsAlphaExpByte), so the MLA kernels pass a byte per
+// (candidate, head) instead of two. Only alpha sees that rounding; the denominators keep the
+// bf16 exps. Accuracy: bench/results/tls-accuracy.md (q) and (r). Speed (H100, run 182 in
+// tls-kernels-h200.md): 0.8 us off the 64-head batch-8 token branch, whose exps then stay in
+// shared memory, but 4.2 us more at 128 heads batch 8 (the L2 scratch), not yet explained.
 #if defined(ASYNCTLS_ALPHA_BYTES)
 inline constexpr bool kTlsAlphaBytes = true;
 #else
