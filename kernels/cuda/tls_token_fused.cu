@@ -754,8 +754,8 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
 // into rank 0, whose staged rows are dead once it has finished its chunk loop (which each peer
 // knows from the softmax maxima it waited for), and exits; rank 0 selects alone, as a cluster
 // of one. Candidate order is kept: item j = rank * span + slot, read back by thread
-// j % kFusedThreads as its item j / kFusedThreads. Alone the token kernel is 3-6 us slower so
-// at 16-128 heads (H100, run 182: one SM's top-k is latency-bound), but the peers leave their
+// j % kFusedThreads as its item j / kFusedThreads. The token kernel alone is 3-6 us slower this
+// way at 16-128 heads (H100, run 182: one SM's top-k is latency-bound), but the peers leave their
 // SMs early, and at 16 heads the block branch beside the token kernel holds SMs that the
 // attention waits for (run 129): the 16-head 128K batch-8 k_t 2048 step was 3.1 us shorter
 // (run 182). Hence an option for the 16-head rows only, until their whole grid is measured.

@@ -399,12 +399,15 @@ __device__ __forceinline__ uint32_t TlsTokenExpPair(float x0, float x1) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The floor 2^-31 as bf16 bits in both halves of a pair word.
+inline constexpr uint32_t kTlsAlphaExpFloorPair = (kTlsAlphaExpFloorBits >> 16) * 0x00010001u;
+
 // Two slots' TlsTokenExpPair words w0, w1 (heads h0 low, h1 high) as one word of
 // TlsAlphaExpByte bytes: h0 and h1 of w0, then of w1. Per half, as TlsAlphaExp: half of the 4th
 // mantissa bit added, the floor 2^-31 (bf16 0x3000) as a 16-bit max, its bits subtracted (no
 // borrow between halves); each byte is then bits 4-11 of its half.
 __device__ __forceinline__ uint32_t TlsAlphaBytesOfPairs(uint32_t w0, uint32_t w1) {
-  constexpr uint32_t kFloor = (kTlsAlphaExpFloorBits >> 16) * 0x00010001u;
+  constexpr uint32_t kFloor = kTlsAlphaExpFloorPair;
   const uint32_t x0 = __vmaxu2(w0 + 0x00080008u, kFloor) - kFloor;
   const uint32_t x1 = __vmaxu2(w1 + 0x00080008u, kFloor) - kFloor;
   return __byte_perm(x0 >> 4, x1 >> 4, 0x6420);
@@ -412,8 +415,7 @@ __device__ __forceinline__ uint32_t TlsAlphaBytesOfPairs(uint32_t w0, uint32_t w
 
 // A slot's two bytes (h0 low) back to the bf16 pair word of their TlsAlphaExp values.
 __device__ __forceinline__ uint32_t TlsBf16PairOfAlphaBytes(uint32_t two_bytes) {
-  constexpr uint32_t kFloor = (kTlsAlphaExpFloorBits >> 16) * 0x00010001u;
-  return (__byte_perm(two_bytes, 0u, 0x4140) << 4) + kFloor;
+  return (__byte_perm(two_bytes, 0u, 0x4140) << 4) + kTlsAlphaExpFloorPair;
 }
 #endif
 
