@@ -11,7 +11,7 @@
 #
 # Env: A (tree A, required), B (tree B, default the repository root), C, D, E (optional more
 # trees, e.g. to bisect with TESTS=0; one tree may appear under two letters with different
-# CMAKE_<letter> options, e.g. A=$PWD B=$PWD CMAKE_B=-DASYNCTLS_ALPHA_BYTES=ON, since each
+# CMAKE_<letter> options, e.g. A=$PWD B=$PWD CMAKE_B=-DASYNCTLS_LOCAL_TOPK16=ON, since each
 # letter builds in its own build-ab-<letter>), RUNS (';'-separated `tls_bench --only` arguments,
 # required), REPS (default 2), SAMPLES (default 15), TESTS=0 to skip the GPU tests, TEST_TREES
 # (e.g. bd: only those trees' GPU tests), OUT (default ./tls-ab-out). A tree holding bin/tls_bench

@@ -26,9 +26,7 @@
 //   (MlaExps). A split row's last cluster to finish adds the others' partial alpha chains and
 //   runs the top-k. Wherever no row clusters fit one wave, MlaTileSelectKernel takes a cluster
 //   per (row, 16-head tile) instead (its exps in shared memory), likewise combined by the row's
-//   last cluster. Built with ASYNCTLS_ALPHA_BYTES (tls_math.h, an experiment) the head pairs
-//   are two bytes per slot instead of a bf16 pair, and 64-head rows at 16 list entries per CTA
-//   keep them in shared memory too.
+//   last cluster.
 // The arithmetic is the separate ops' (tls_math.h order), so scores and the selected set equal
 // theirs and the CPU reference's bit for bit.
 #include <cooperative_groups.h>
@@ -36,7 +34,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 
 #include "asynctls/kernels/cuda_tls.h"
 #include "paged_attention_common.cuh"
@@ -758,7 +755,9 @@ __device__ __forceinline__ void ClusterSelect(cg::cluster_group& cluster,
 // way at 16-128 heads (H100, run 182: one SM's top-k is latency-bound), but the peers leave their
 // SMs early, and at 16 heads the block branch beside the token kernel holds SMs that the
 // attention waits for (run 129): the 16-head 128K batch-8 k_t 2048 step was 3.1 us shorter
-// (run 182). Hence an option for the 16-head rows only, until their whole grid is measured.
+// (run 182). Over all 36 16-head rows (run 183) that is the only gain: batch 8 at 128K, 3.1-3.4
+// us, against 1.9-4.8 us lost in the 33 others (18 of them under 0.8x Quest-style). Hence an
+// option, off: choosing it per step would need the token launch to know the block branch's size.
 #if defined(ASYNCTLS_LOCAL_TOPK16)
 constexpr bool kLocalTopK16 = true;
 #else
@@ -1375,44 +1374,27 @@ __device__ __forceinline__ uint32_t* ScratchPairs(float* exps, int64_t head0, in
 // store_end (slots past it lie past the row's scratch; the others store, 2^-126 when no
 // candidate: alpha reads candidates only). Slots, store_end and the row stride (max_candidates,
 // even: TlsTokenScoreSelectCanFuse) are even, so a pair of slots is stored whole or not at all.
-// (Byte pairs, ASYNCTLS_ALPHA_BYTES: both slots' four bytes in one 4-byte store.)
-template <typename Element>
-__device__ __forceinline__ void StoreTilePairs(Element* at, bool store, const uint32_t (&w)[2]) {
-  if (!store) return;
-  if constexpr (sizeof(Element) == 2) {
-    __stcg(reinterpret_cast<uint32_t*>(at), TlsAlphaBytesOfPairs(w[0], w[1]));
-  } else {
-    __stcg(reinterpret_cast<uint2*>(at), make_uint2(w[0], w[1]));
-  }
+__device__ __forceinline__ void StoreTilePairs(uint32_t* at, bool store, const uint32_t (&w)[2]) {
+  if (store) __stcg(reinterpret_cast<uint2*>(at), make_uint2(w[0], w[1]));
 }
 
-// AlphaFromExps over head pairs (e: the candidate's element of pair 0; stride: elements per
-// pair): bf16 pair words, or (ASYNCTLS_ALPHA_BYTES: the MLA row kernels) two bytes per slot,
-// TlsAlphaExpByte of head h0 then h1 (TlsAlphaBytesOfPairs), half the bf16 pairs' bytes, whose
-// decoded values are TlsAlphaExp's already: a plain fma chain.
-template <int GROUP, typename Element>
-__device__ __forceinline__ float AlphaFromPairs(const Element* e, int64_t stride,
-                                                const float* inv) {
+// AlphaFromExps over bf16 pairs (e: the candidate's word of pair 0; stride: words per pair).
+template <int GROUP>
+__device__ __forceinline__ float AlphaFromBf16Pairs(const uint32_t* e, int64_t stride,
+                                                    const float* inv) {
   static_assert(GROUP % 16 == 0 && kTlsAlphaHeadTile == 16, "whole 16-head tiles");
-  constexpr bool kBytes = sizeof(Element) == 2;
-  auto term = [](float x, float w, float acc) {
-    return kBytes ? TlsFma(x, w, acc) : TlsAlphaTerm(x, w, acc);
-  };
   float alpha = 0.f;
 #pragma unroll
   for (int m = 0; m < GROUP / 16; ++m) {
     uint32_t v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const Element x = e[(8 * m + i) * stride];
-      v[i] = kBytes ? TlsBf16PairOfAlphaBytes(x) : x;
-    }
-    // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15.
+    for (int i = 0; i < 8; ++i) v[i] = e[(8 * m + i) * stride];
+    // The chain of TlsAlphaTerm over heads 16 m .. 16 m + 15 (the exps are bf16 already).
     float part = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) part = term(Bf16PairLo(v[i]), inv[16 * m + i], part);
+    for (int i = 0; i < 8; ++i) part = TlsAlphaTerm(Bf16PairLo(v[i]), inv[16 * m + i], part);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) part = term(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
+    for (int i = 0; i < 8; ++i) part = TlsAlphaTerm(Bf16PairHi(v[i]), inv[16 * m + 8 + i], part);
     alpha = m == 0 ? part : TlsAdd(alpha, part);
   }
   return alpha;
@@ -1446,19 +1428,11 @@ enum class MlaExps {
   kSmemPairs,   // bf16 head pairs in shared memory (ScratchPairs' layout): half the bytes of
                 // the floats (mma.sync logits computed twice, as with the scratch)
 };
-// (kScratch and kSmemPairs hold byte pairs instead under ASYNCTLS_ALPHA_BYTES.)
-
-// The element of a pair row: a bf16 pair word, or two bytes (TlsAlphaBytesOfPairs).
-template <MlaExps EXPS>
-using MlaPairElement =
-    std::conditional_t<kTlsAlphaBytes && EXPS != MlaExps::kSmemFloats, uint16_t, uint32_t>;
 
 // Shared-memory rows of 32-bit words that `heads` heads' exps take: one per head as floats, one
-// per head pair as bf16 pairs, one per two head pairs as bytes.
+// per head pair as bf16 pairs.
 constexpr int MlaSmemExpRows(MlaExps exps, int heads) {
-  return exps == MlaExps::kSmemFloats  ? heads
-         : exps == MlaExps::kSmemPairs ? heads / (kTlsAlphaBytes ? 4 : 2)
-                                       : 0;
+  return exps == MlaExps::kSmemFloats ? heads : exps == MlaExps::kSmemPairs ? heads / 2 : 0;
 }
 
 // Row stride (words) of those rows for `slots` candidate slots: 8 words of padding put a quad's
@@ -1557,12 +1531,11 @@ __device__ __forceinline__ void StoreGmmaQueryRows(const uint32_t (&a)[4][4], in
 // The alpha chain of HEADS heads (tls_math.h order) from one candidate's exps at `e`, rows
 // `stride` words apart, wherever EXPS keeps them.
 template <MlaExps EXPS, int HEADS>
-__device__ __forceinline__ float AlphaChain(const MlaPairElement<EXPS>* e, int64_t stride,
-                                            const float* inv) {
+__device__ __forceinline__ float AlphaChain(const uint32_t* e, int64_t stride, const float* inv) {
   if constexpr (EXPS == MlaExps::kSmemFloats) {
     return AlphaFromExps<HEADS>(reinterpret_cast<const float*>(e), stride, inv);
   } else {
-    return AlphaFromPairs<HEADS>(e, stride, inv);
+    return AlphaFromBf16Pairs<HEADS>(e, stride, inv);
   }
 }
 
@@ -1843,12 +1816,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   float* const cta_exps = exps + head0 * p.max_candidates + rank * span;
   // The exps' rows (the alpha pass reads them): pair (or head) rows of `exp_stride` words from
   // `exp_rows`.
-  using PairElement = MlaPairElement<EXPS>;
-  PairElement* const exp_rows =
-      EXPS == MlaExps::kScratch
-          ? reinterpret_cast<PairElement*>(ScratchPairs(exps, head0, kHeads, p.max_candidates)) +
-                rank * span
-          : reinterpret_cast<PairElement*>(exps_s);
+  uint32_t* const exp_rows = EXPS == MlaExps::kScratch
+                                 ? ScratchPairs(exps, head0, kHeads, p.max_candidates) + rank * span
+                                 : reinterpret_cast<uint32_t*>(exps_s);
   const int64_t exp_stride = EXPS == MlaExps::kScratch ? p.max_candidates : exps_s_stride;
   const int store_end = p.max_candidates - rank * span - 2 * t;
   // This lane's pairs of slots of tile `tile` in the exps' rows (heads h0 / h1 for kSmemFloats,
@@ -1856,13 +1826,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // pair 8 mt + r else).
   float* const smem_at0 = exps_s + h0 * exps_s_stride + 2 * t;
   float* const smem_at1 = exps_s + h1 * exps_s_stride + 2 * t;
-  PairElement* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
+  uint32_t* const pair_at = exp_rows + (8 * mt + r) * exp_stride + 2 * t;
   auto store_pairs = [&](int tile, const uint32_t(&w)[2]) {
     if constexpr (EXPS == MlaExps::kScratch) {
       StoreTilePairs(pair_at + 8 * tile, 8 * tile < store_end, w);
-    } else if constexpr (kTlsAlphaBytes) {  // inside the CTA's rows: every slot stores
-      *reinterpret_cast<uint32_t*>(pair_at + 8 * tile) = TlsAlphaBytesOfPairs(w[0], w[1]);
-    } else {
+    } else {  // inside the CTA's rows: every slot stores
       *reinterpret_cast<uint2*>(pair_at + 8 * tile) = make_uint2(w[0], w[1]);
     }
   };
@@ -1982,7 +1950,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #pragma unroll
   for (int u = 0; u < ITEMS; ++u) {
     const int cand = u * kFusedThreads + tid;
-    const PairElement* e = exp_rows + cand;
+    const uint32_t* e = exp_rows + cand;
     const float* weight =
         reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
     float* partial = cta_exps + cand;
@@ -2198,7 +2166,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     if (pos_s[cand] >= 0) {
       const float* weight =
           reinterpret_cast<const float*>(chunk_sum) + cand / kTlsSoftmaxChunk * kHeads;
-      cta_exps[cand] = AlphaFromPairs<kHeads>(pairs_s + cand, kPairStride, weight);
+      cta_exps[cand] = AlphaFromBf16Pairs<kHeads>(pairs_s + cand, kPairStride, weight);
     }
   }
   __syncthreads();  // every weight is read: the top-k's first histogram
@@ -2405,11 +2373,10 @@ cudaError_t LaunchMlaScoreSelect(const TlsTokenScoreParams& p, const TlsTokenSel
   if (split.size != 0 && (GROUP <= 32 || !FillsHalfTheGpu(int64_t{rows} * split.size))) {
     return SmemExps::Launch(p, sel, split, stream);
   }
-  if constexpr (GROUP == 32 || (kTlsAlphaBytes && GROUP == 64)) {
+  if constexpr (GROUP == 32) {
     // 32 heads where the floats need more CTAs than one wave holds (batch 8: 11 per row, 7
     // clusters of them at once): bf16 pairs on 16 list entries per CTA, half the floats' bytes,
-    // so that the alpha pass reads shared memory, not the L2 scratch (run 181). 64 heads on 16
-    // entries where the pairs are bytes (64 KB beside the 132 KB of staged rows).
+    // so that the alpha pass reads shared memory, not the L2 scratch (run 181).
     using SmemPairs = MlaRows<NC, GROUP, 1, 1, MlaExps::kSmemPairs>;
     const MlaSplit pairs = SmemPairs::Plan(rows, p.max_candidates);
     if (pairs.size != 0) return SmemPairs::Launch(p, sel, pairs, stream);

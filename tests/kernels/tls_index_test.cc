@@ -396,36 +396,6 @@ TEST(TlsMathTest, TokenExpIsTheNearestBf16OnTheGrid) {
   }
 }
 
-// TlsAlphaExp (alpha's exp under ASYNCTLS_ALPHA_BYTES, a codec in every build): every bf16 value
-// in [2^-126, 1] to the nearest value of 3 mantissa bits (ties up), at least 2^-31, monotone,
-// and through its byte and back unchanged.
-TEST(TlsMathTest, AlphaExpKeepsThreeMantissaBitsAndRoundTripsThroughItsByte) {
-  const float floor = std::ldexp(1.f, -31);
-  EXPECT_EQ(TlsAlphaExp(1.f), 1.f);
-  EXPECT_EQ(TlsAlphaExpByte(1.f), 248u);
-  EXPECT_EQ(TlsAlphaExp(std::ldexp(1.f, -126)), floor);
-  EXPECT_EQ(TlsAlphaExpByte(std::ldexp(1.f, -126)), 0u);
-  EXPECT_EQ(TlsAlphaExp(1.0625f), 1.125f);  // a tie goes up (1 + 2^-4: between 1 and 1 + 2^-3)
-  EXPECT_EQ(TlsAlphaExp(0.96875f), 1.f);    // (1 - 2^-5: up to the next binade)
-  float previous = 0.f;
-  for (uint32_t bits = 0x0080u; bits <= 0x3f80u; ++bits) {  // bf16 2^-126 .. 1
-    const float e = BitsToFloat(bits << 16);
-    const float a = TlsAlphaExp(e);
-    ASSERT_GE(a, floor) << e;
-    ASSERT_GE(a, previous) << e;
-    previous = a;
-    ASSERT_EQ(FloatToBits(a) & 0x000fffffu, 0u) << e;  // 3 mantissa bits
-    if (e >= floor) {
-      const double ulp = std::ldexp(1.0, std::ilogb(e) - 3);
-      ASSERT_LE(std::fabs(double(a) - e), 0.5 * ulp) << e;
-      ASSERT_TRUE(a > e || std::fabs(double(a) - e) < 0.5 * ulp) << e;  // ties up
-    }
-    const uint32_t byte = TlsAlphaExpByte(e);
-    ASSERT_LE(byte, 248u) << e;
-    ASSERT_EQ(TlsAlphaExpFromByte(byte), a) << e;
-  }
-}
-
 // The chunk shift c rounds max * a up to an integer, so every argument of a chunk's softmax is
 // <= 0 (no exp exceeds 1, which ExpFixed's sums need), also where max * a rounds up to nearest;
 // and every argument lies on the grid in [-126, 0].

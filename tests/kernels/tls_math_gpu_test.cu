@@ -1,7 +1,6 @@
 // The device side of tls_math.h against its host side, bit for bit: the token softmax's exp on
 // every point of its argument grid (one MUFU.EX2 and a rounding to bf16 on the GPU, a table on
-// the CPU), the exp arguments from random maxima, scales and scaled dots, and alpha's exps as
-// byte pairs.
+// the CPU), and the exp arguments from random maxima, scales and scaled dots.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -105,48 +104,6 @@ TEST(TlsMathGpuTest, TokenExpArgumentsMatchReference) {
     }
   }
   EXPECT_EQ(differ, 0) << "of " << n;
-}
-
-// The MLA kernels' byte pairs of alpha's exps (TlsAlphaBytesOfPairs and back) for every bf16 exp
-// in [2^-126, 1]: word i packs exps i, i + 1 (slot 0's heads) and i + 2, i + 3 (slot 1's).
-constexpr uint32_t kFirstExpBits = 0x0080u, kExpValues = 0x3f80u - kFirstExpBits + 1;
-
-__device__ __host__ uint32_t ExpBits(uint32_t i) { return kFirstExpBits + i % kExpValues; }
-
-__global__ void AlphaBytesKernel(uint32_t* bytes, uint32_t* decoded) {
-  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= kExpValues) return;
-  const uint32_t w0 = ExpBits(i) | ExpBits(i + 1) << 16, w1 = ExpBits(i + 2) | ExpBits(i + 3) << 16;
-  bytes[i] = TlsAlphaBytesOfPairs(w0, w1);
-  decoded[2 * i] = TlsBf16PairOfAlphaBytes(bytes[i] & 0xffffu);
-  decoded[2 * i + 1] = TlsBf16PairOfAlphaBytes(bytes[i] >> 16);
-}
-
-TEST(TlsMathGpuTest, AlphaBytePairsMatchReference) {
-  if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
-  DeviceBuffer d_bytes(kExpValues * sizeof(uint32_t)), d_decoded(2 * kExpValues * sizeof(uint32_t));
-  AlphaBytesKernel<<<(kExpValues + 255) / 256, 256>>>(d_bytes.as<uint32_t>(),
-                                                      d_decoded.as<uint32_t>());
-  ASSERT_CUDA(cudaDeviceSynchronize());
-  const std::vector<uint32_t> bytes = Download<uint32_t>(d_bytes, kExpValues);
-  const std::vector<uint32_t> decoded = Download<uint32_t>(d_decoded, 2 * kExpValues);
-  auto e = [](uint32_t i) { return BitsToFloat(ExpBits(i) << 16); };
-  int differ = 0;
-  for (uint32_t i = 0; i < kExpValues; ++i) {
-    uint32_t want = 0u, want_decoded[2] = {0u, 0u};
-    for (uint32_t k = 0; k < 4; ++k) {
-      want |= TlsAlphaExpByte(e(i + k)) << (8 * k);
-      want_decoded[k / 2] |= (Bits(TlsAlphaExp(e(i + k))) >> 16) << (16 * (k % 2));
-    }
-    if ((bytes[i] != want || decoded[2 * i] != want_decoded[0] ||
-         decoded[2 * i + 1] != want_decoded[1]) &&
-        ++differ <= 5) {
-      ADD_FAILURE() << std::hex << "exps from bf16 " << ExpBits(i) << ": device bytes " << bytes[i]
-                    << " decoded " << decoded[2 * i] << " " << decoded[2 * i + 1] << ", reference "
-                    << want << " " << want_decoded[0] << " " << want_decoded[1];
-    }
-  }
-  EXPECT_EQ(differ, 0) << "of " << kExpValues;
 }
 
 }  // namespace

@@ -298,13 +298,11 @@ TEST(TlsTokenScoreTest, MeanOfPerHeadSoftmaxOverAllTokens) {
       double sum = 0;
       for (size_t v = 0; v < cands.size(); ++v) {
         const float a = o.alpha[row + (cands[v] - 64)];
-        // Each head's exp enters alpha rounded to bf16 (relative 2^-9), or to 3 mantissa bits
-        // (ASYNCTLS_ALPHA_BYTES: TlsAlphaExp, relative 2^-4).
-        const double rel = kTlsAlphaBytes ? 0x1p-4 : 0x1p-8;
-        ASSERT_NEAR(a, alpha[v], 2e-6 + rel * alpha[v]) << "b=" << b << " pos=" << cands[v];
+        // Each head's exp enters alpha rounded to bf16 (TlsAlphaTerm: relative 2^-9).
+        ASSERT_NEAR(a, alpha[v], 2e-6 + 0x1p-8 * alpha[v]) << "b=" << b << " pos=" << cands[v];
         sum += a;
       }
-      EXPECT_NEAR(sum, 1.0, kTlsAlphaBytes ? 0x1p-5 : 0x1p-9);
+      EXPECT_NEAR(sum, 1.0, 0x1p-9);
     }
   }
 }
@@ -381,7 +379,7 @@ TEST(TlsTokenScoreTest, AlphaSumsHeadTilesInSpecOrderBitForBit) {
       float tile[3] = {0.f, 0.f, 0.f};
       for (int h = 0; h < G; ++h) {
         const size_t i = h * slots.size() + v;
-        tile[h / 16] = std::fma(kTlsAlphaBytes ? TlsAlphaExp(e[i]) : e[i], w[i], tile[h / 16]);
+        tile[h / 16] = std::fma(e[i], w[i], tile[h / 16]);
       }
       const float want = (tile[0] + tile[1]) + tile[2];
       ASSERT_EQ(FloatToBits(o.alpha[row + slots[v]]), FloatToBits(want)) << "b " << b << " v " << v;

@@ -177,40 +177,10 @@ inline constexpr int kTlsAlphaHeadTile = 16;
 // kernels exploit: they pass 16-128 heads' exps of every candidate through an L2 scratch (or
 // shared memory) between their exp pass and the alpha pass as bf16 head pairs, half the bytes of
 // floats (8 us off the 128-head batch-8 token branch, H100, bench/results/tls-kernels-h200.md
-// run 123), without rounding them again.
-//
-// Built with ASYNCTLS_ALPHA_BYTES (an experiment) alpha takes each exp as TlsAlphaExp instead: 3
-// mantissa bits, which one byte holds (TlsAlphaExpByte), so the MLA kernels pass a byte per
-// (candidate, head) instead of two. Only alpha sees that rounding; the denominators keep the
-// bf16 exps. Accuracy: bench/results/tls-accuracy.md (q) and (r). Speed (H100, run 182 in
-// tls-kernels-h200.md): 0.8 us off the 64-head batch-8 token branch, whose exps then stay in
-// shared memory, but 4.2 us more at 128 heads batch 8 (the L2 scratch), not yet explained.
-#if defined(ASYNCTLS_ALPHA_BYTES)
-inline constexpr bool kTlsAlphaBytes = true;
-#else
-inline constexpr bool kTlsAlphaBytes = false;
-#endif
-
-// A bf16 exp e in [2^-126, 1] rounded to 3 mantissa bits (half up) and raised to at least 2^-31:
-// an unsigned minifloat of 5 exponent bits. Below 2^-31 of its chunk's max an exp carries no
-// mass that alpha's top-k could see; the floor (not 0) keeps the decode to one add.
-inline constexpr uint32_t kTlsAlphaExpFloorBits = 0x30000000u;  // 2^-31
-ASYNCTLS_HD float TlsAlphaExp(float e) {
-  const uint32_t b = FloatToBits(e) + 0x00080000u;  // half of the 4th mantissa bit
-  return BitsToFloat((b < kTlsAlphaExpFloorBits ? kTlsAlphaExpFloorBits : b) & 0xfff00000u);
-}
-// TlsAlphaExp(e) as a byte in [0, 248] (exponent - (-31), then the 3 mantissa bits), and back.
-ASYNCTLS_HD uint32_t TlsAlphaExpByte(float e) {
-  return (FloatToBits(TlsAlphaExp(e)) - kTlsAlphaExpFloorBits) >> 20;
-}
-ASYNCTLS_HD float TlsAlphaExpFromByte(uint32_t byte) {
-  return BitsToFloat((byte << 20) + kTlsAlphaExpFloorBits);
-}
-
-ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) {
-  if constexpr (kTlsAlphaBytes) return TlsFma(TlsAlphaExp(e), inv, acc);
-  return TlsFma(e, inv, acc);
-}
+// run 123), without rounding them again. (One byte per exp instead, 3 mantissa bits for alpha
+// alone, was measured and removed in session 46: the L2 scratch's stores became partial-sector
+// writes, +5.5 us at 128 heads batch 8; run 183 there, the code at a25aec9.)
+ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) { return TlsFma(e, inv, acc); }
 
 // ---- INT4 token index ----------------------------------------------------------------------
 
@@ -397,25 +367,6 @@ ASYNCTLS_HD float TlsInt4Dot(const float* qcode, const uint32_t* words, int num_
 __device__ __forceinline__ uint32_t TlsTokenExpPair(float x0, float x1) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(Ex2Approx(x0), Ex2Approx(x1));
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// The floor 2^-31 as bf16 bits in both halves of a pair word.
-inline constexpr uint32_t kTlsAlphaExpFloorPair = (kTlsAlphaExpFloorBits >> 16) * 0x00010001u;
-
-// Two slots' TlsTokenExpPair words w0, w1 (heads h0 low, h1 high) as one word of
-// TlsAlphaExpByte bytes: h0 and h1 of w0, then of w1. Per half, as TlsAlphaExp: half of the 4th
-// mantissa bit added, the floor 2^-31 (bf16 0x3000) as a 16-bit max, its bits subtracted (no
-// borrow between halves); each byte is then bits 4-11 of its half.
-__device__ __forceinline__ uint32_t TlsAlphaBytesOfPairs(uint32_t w0, uint32_t w1) {
-  constexpr uint32_t kFloor = kTlsAlphaExpFloorPair;
-  const uint32_t x0 = __vmaxu2(w0 + 0x00080008u, kFloor) - kFloor;
-  const uint32_t x1 = __vmaxu2(w1 + 0x00080008u, kFloor) - kFloor;
-  return __byte_perm(x0 >> 4, x1 >> 4, 0x6420);
-}
-
-// A slot's two bytes (h0 low) back to the bf16 pair word of their TlsAlphaExp values.
-__device__ __forceinline__ uint32_t TlsBf16PairOfAlphaBytes(uint32_t two_bytes) {
-  return (__byte_perm(two_bytes, 0u, 0x4140) << 4) + kTlsAlphaExpFloorPair;
 }
 #endif
 
