@@ -78,7 +78,9 @@ void ExpectIndexMatchesCache(const TlsCase& c) {
               absmax,
               std::fabs(k[size_t(t) * c.head_dim + c.channels[size_t(g) * c.num_channels + ch]]));
         }
-        ASSERT_EQ(scale, absmax / 7.f);
+        // absmax / 7 to 22 significant bits (TlsInt4Scale).
+        ASSERT_EQ(FloatToBits(scale) & 3u, 0u);
+        ASSERT_LE(std::fabs(scale - absmax / 7.f), 0x1p-22f * absmax / 7.f);
         for (int ch = 0; ch < c.num_channels; ++ch) {
           const uint8_t byte = c.codes[tok * rb + ch / 2];
           const int nibble = ch % 2 ? byte >> 4 : byte & 15;
@@ -474,6 +476,27 @@ TEST(TlsMathTest, SelectKeyOrdersScoreThenId) {
   EXPECT_GT(TlsSelectKey(0.f, 3), TlsSelectKey(0.f, 4));
   EXPECT_GT(TlsSelectKey(-INFINITY, 0), TlsSelectKey(NAN, 0));
   EXPECT_GT(TlsSelectKey(0.f, 9), TlsSelectKey(-0.f, 1));
+}
+
+// Token scales keep 22 significant bits, so that the MLA token kernels' one-fma scaled dot
+// (B + dot) * scale - B * scale, B = 1.5 * 2^23, equals TlsTokenScaledDot(dot, scale) bit for bit.
+TEST(TlsMathTest, Int4ScaleMakesTheBiasedScaledDotExact) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> absmax_dist(1e-6f, 1e4f);
+  std::uniform_int_distribution<int> dot_dist(-(1 << 21), 1 << 21);
+  const float bias = 12582912.f;
+  for (int i = 0; i < 20000; ++i) {
+    const float scale = TlsInt4Scale(absmax_dist(rng));
+    ASSERT_EQ(FloatToBits(scale) & 3u, 0u) << scale;
+    const float nb = -bias * scale;
+    ASSERT_EQ(double(nb), -double(bias) * double(scale)) << scale;  // exact
+    const int dot = dot_dist(rng);
+    ASSERT_EQ(FloatToBits(std::fma(bias + float(dot), scale, nb)),
+              FloatToBits(TlsTokenScaledDot(float(dot), scale)))
+        << dot << " " << scale;
+  }
+  EXPECT_EQ(TlsInt4Scale(0.f), 0.f);
+  EXPECT_EQ(TlsInt4Scale(7.f), 1.f);
 }
 
 TEST(TlsMathTest, Int4CodeRoundTrip) {

@@ -184,7 +184,13 @@ ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) { return TlsFma(e,
 
 // ---- INT4 token index ----------------------------------------------------------------------
 
-ASYNCTLS_HD float TlsInt4Scale(float absmax) { return TlsDiv(absmax, 7.f); }
+// absmax / 7 rounded to 22 significant bits (the last two mantissa bits, ties away from 0), so
+// that 1.5 * 2^23 times a scale is a float too: the MLA token kernels then turn a biased dot into
+// its scaled dot with one exact fma (LaneHeadPair::ScaledDots). Scales stay below 2^100 (keys up
+// to 2^102), far from that product's overflow.
+ASYNCTLS_HD float TlsInt4Scale(float absmax) {
+  return BitsToFloat((FloatToBits(TlsDiv(absmax, 7.f)) + 2u) & ~3u);
+}
 
 // Symmetric code of x with `scale`: rint(x / scale) clamped to [-max_code, max_code] (0 when
 // scale is 0).
