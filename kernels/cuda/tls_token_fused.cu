@@ -1241,7 +1241,8 @@ struct LaneHeadPair {
   TlsExpShift s0, s1;                    // the heads' exp shifts in the current chunk
   float c0 = -INFINITY, c1 = -INFINITY;  // and the chunk's c (-inf: no candidate in it)
   float m0 = -INFINITY, m1 = -INFINITY;
-  uint32_t fixed0 = 0u, fixed1 = 0u;  // ExpFixed sums: 8 terms of at most 2^23 per lane
+  float cm0 = -INFINITY, cm1 = -INFINITY;  // the largest c of the warp's chunks so far
+  uint32_t fixed0 = 0u, fixed1 = 0u;       // ExpFixed sums: 8 terms of at most 2^23 per lane
 
   // The tile's scaled dots y (TlsTokenScaledDot) of this lane's two heads and two candidates
   // from the biased IMMA dots d (kDotFloatBias): (B + dot) * ks - B * ks in one fma, which is
@@ -1299,9 +1300,9 @@ struct LaneHeadPair {
     Exps(y, e, w);
   }
   // The chunk's shifts and the quad's sums into table entries i0 / i1 (chunk_c: c; chunk_sum:
-  // the sum, at most 32 x 2^23), and the shifts into the CTA's per-head max (ordered bits).
+  // the sum, at most 32 x 2^23); the shifts into the lane's running max (CommitMax).
   __device__ __forceinline__ void CommitChunk(float* chunk_c, uint32_t* chunk_sum, int i0, int i1,
-                                              uint32_t* max0, uint32_t* max1, int t) {
+                                              int t) {
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
       fixed0 += __shfl_xor_sync(0xffffffffu, fixed0, o);
@@ -1312,10 +1313,17 @@ struct LaneHeadPair {
       chunk_c[i1] = c1;
       chunk_sum[i0] = fixed0;
       chunk_sum[i1] = fixed1;
-      if (c0 > -INFINITY) atomicMax(max0, TlsOrderedBits(c0));
-      if (c1 > -INFINITY) atomicMax(max1, TlsOrderedBits(c1));
     }
+    cm0 = fmaxf(cm0, c0);
+    cm1 = fmaxf(cm1, c1);
     fixed0 = fixed1 = 0u;
+  }
+  // After the warp's last chunk: its heads' largest c into the CTA's per-head max (ordered
+  // bits), once per warp and not once per chunk (12 fewer SASS instructions per chunk).
+  __device__ __forceinline__ void CommitMax(uint32_t* max0, uint32_t* max1, int t) const {
+    if (t != 0) return;
+    if (cm0 > -INFINITY) atomicMax(max0, TlsOrderedBits(cm0));
+    if (cm1 > -INFINITY) atomicMax(max1, TlsOrderedBits(cm1));
   }
 };
 
@@ -1815,8 +1823,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const float exp_scale = p.scale * kTlsLog2E;
   const float a0 = TlsMul(ms.qscale[h0], exp_scale), a1 = TlsMul(ms.qscale[h1], exp_scale);
   auto commit_chunk = [&](int q) {
-    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + 16 * mt + r, q * kHeads + 16 * mt + r + 8,
-                    &ms.max_bits[h0], &ms.max_bits[h1], t);
+    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + 16 * mt + r, q * kHeads + 16 * mt + r + 8, t);
   };
   // This cluster's slice of the scratch: the heads' rows [head][slot], floats (cta_exps: this
   // CTA's slots); kScratch's pairs fill the upper half of the rows, the alpha partials of SPLIT
@@ -1923,6 +1930,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       commit_chunk(q);
     }
   }
+  lhp.CommitMax(&ms.max_bits[h0], &ms.max_bits[h1], t);
   __syncthreads();     // this CTA's chunk table and max shifts
   TraceMark(kTraceLoop);
   ClusterWait();       // every rank's cluster-wide values and mailboxes are set up
@@ -2145,9 +2153,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       lhp.Exps(d, tile_scales(ct), e, w);
       *reinterpret_cast<uint2*>(at + 8 * ct) = make_uint2(w[0], w[1]);
     }
-    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + r, q * kHeads + r + 8, &max_bits[r],
-                    &max_bits[r + 8], t);
+    lhp.CommitChunk(chunk_c, chunk_sum, q * kHeads + r, q * kHeads + r + 8, t);
   }
+  lhp.CommitMax(&max_bits[r], &max_bits[r + 8], t);
   __syncthreads();  // this CTA's chunk table and max shifts
   ClusterWait();    // every rank's statistics and mailboxes are set up
   if (tid < kHeads) c_max[tid] = FromOrderedBits(stats.Max(tid, max_bits[tid], rank, size));
