@@ -186,8 +186,9 @@ ASYNCTLS_HD float TlsAlphaTerm(float e, float inv, float acc) { return TlsFma(e,
 
 // absmax / 7 rounded to 22 significant bits (the last two mantissa bits, ties away from 0), so
 // that 1.5 * 2^23 times a scale is a float too: the MLA token kernels then turn a biased dot into
-// its scaled dot with one exact fma (LaneHeadPair::ScaledDots). Scales stay below 2^100 (keys up
-// to 2^102), far from that product's overflow.
+// its scaled dot with one exact fma (LaneHeadPair::ScaledDots). (That product overflows for
+// scales past 2^104, keys past 2^107: there the GPU's scaled dots read -inf or NaN, the CPU's
+// finite values; real keys are far below.)
 ASYNCTLS_HD float TlsInt4Scale(float absmax) {
   return BitsToFloat((FloatToBits(TlsDiv(absmax, 7.f)) + 2u) & ~3u);
 }

@@ -45,7 +45,8 @@
 //                scales fp32  [num_index_rows, num_kv_heads, 64]
 //                channels int32 [num_kv_heads, num_channels]: the calibrated set C, ascending.
 //     INT4 scheme: per token and KV head, symmetric absmax over the C channels:
-//       scale = absmax / 7, code = rint(k[C_c] / scale) in [-7, 7] (0 when absmax == 0),
+//       scale = absmax / 7 to 22 significant bits (TlsInt4Scale), code = rint(k[C_c] / scale)
+//       clamped to [-7, 7] (0 when absmax == 0),
 //       stored as the nibble code + 8; byte i holds channel 2i in its low and 2i+1 in its high
 //       nibble. Dequantized value = code * scale. 4 + 32/num_channels bits per channel.
 //       num_channels is a multiple of 8 in [8, kTlsMaxChannels] (rows are whole 32-bit words).
