@@ -79,12 +79,9 @@ __device__ __forceinline__ void Int4WordToFloats(uint32_t w, float* out) {
 
 // The MLA token kernels' IMMA accumulators start at kDotFloatBias minus the query's code offset,
 // so a dot's int32 bits are those of the float 1.5 * 2^23 + dot (|dot| < 2^22: at most 128
-// channels x 127 x 8), and one exact subtraction gives float(dot) without an I2F (a quarter of
-// the FMA rate on sm_90, and a scoreboard wait in the exp loop).
+// channels x 127 x 8), and one exact fma gives the scaled dot without an I2F (a quarter of the
+// FMA rate on sm_90, and a scoreboard wait in the exp loop): LaneHeadPair::ScaledDots.
 constexpr int kDotFloatBias = 0x4B400000;  // bits of 1.5 * 2^23
-__device__ __forceinline__ float BiasedDotToFloat(int biased_dot) {
-  return __fsub_rn(__int_as_float(biased_dot), __int_as_float(kDotFloatBias));
-}
 
 // The halves of a bf16x2 word (TlsTokenExpPair, the MLA exp scratch) as floats.
 __device__ __forceinline__ float Bf16PairLo(uint32_t w) { return __uint_as_float(w << 16); }

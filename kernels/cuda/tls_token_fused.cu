@@ -50,7 +50,6 @@ using attention_detail::SmemAddr;
 using tls_detail::AlphaFromExps;
 using tls_detail::Bf16PairHi;
 using tls_detail::Bf16PairLo;
-using tls_detail::BiasedDotToFloat;
 using tls_detail::BlockExclusiveScan;
 using tls_detail::EnsureDynamicSmem;
 using tls_detail::ExpFixed;
@@ -1789,7 +1788,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   // Integer dots of tile `tile` (candidates 8 tile ..; this lane's 16-byte fragment chunks q
   // of their rows at frag0[q] + the tile's offset: swizzled by row, so one pointer per chunk),
   // LaneHeadPair's layout. The accumulators start at kDotFloatBias minus the query's code
-  // offset, so the IMMA yields sum_c qcode[c] * code[c] plus the bias (BiasedDotToFloat).
+  // offset, so the IMMA yields sum_c qcode[c] * code[c] plus the bias (ScaledDots).
   constexpr int kFragChunks = NC / 64;  // 16-byte fragment chunks per lane and candidate
   const uint32_t* frag0[kFragChunks];
 #pragma unroll
