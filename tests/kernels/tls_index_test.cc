@@ -78,9 +78,7 @@ void ExpectIndexMatchesCache(const TlsCase& c) {
               absmax,
               std::fabs(k[size_t(t) * c.head_dim + c.channels[size_t(g) * c.num_channels + ch]]));
         }
-        // absmax / 7 to 22 significant bits (TlsInt4Scale).
-        ASSERT_EQ(FloatToBits(scale) & 3u, 0u);
-        ASSERT_LE(std::fabs(scale - absmax / 7.f), 0x1p-22f * absmax / 7.f);
+        ASSERT_EQ(scale, TlsInt4Scale(absmax));  // absmax / 7 to 22 significant bits
         for (int ch = 0; ch < c.num_channels; ++ch) {
           const uint8_t byte = c.codes[tok * rb + ch / 2];
           const int nibble = ch % 2 ? byte >> 4 : byte & 15;
