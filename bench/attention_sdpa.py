@@ -5,6 +5,11 @@ Qwen3-8B attention layout (32 query / 8 KV heads, head_dim 128, bf16), GQA throu
 enable_gqa=True (no K/V expansion):
   decode  (q_len 1): batch 1, 2, 4, 8 x context 16K..128K; cuDNN and flash backends.
   prefill (causal, batch 1, q_len == context): 8K, 16K, 32K; flash and cuDNN backends.
+  mla     (--mode mla): MLA decode with absorbed queries (tls_bench's mla_hN rows: N query
+          heads over one shared latent KV head of 576 dims, V its first 512), which SDPA's flash
+          and cuDNN backends do not take (head dim 576 > 256); so PyTorch's own form of it: S = q
+          c^T (cuBLAS, bf16), softmax in fp32, O = P c[:, :512] (cuBLAS, bf16), over a
+          contiguous latent cache (no paging: the best case for it).
 Each sample replays a CUDA graph of N calls (no Python launch gaps in the figure), timed with
 CUDA events; the figure is the median. Decode rotates over enough K/V copies to miss the 60 MB L2.
 Prints a table and, with --json FILE, writes records shaped like attention_bench's.
@@ -80,6 +85,32 @@ def bench_decode(backend, batch, context, samples):
             "gbps": kv_bytes / (ms * 1e6), "tflops": 0.0}
 
 
+MLA_DIM, MLA_V_DIM = 576, 512
+
+
+def bench_mla(heads, batch, context, samples):
+    cache_bytes = batch * context * MLA_DIM * 2
+    copies = min(16, max(2, (1 << 30) // cache_bytes + 1))
+    q = torch.randn(batch, heads, MLA_DIM, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.randn(batch, context, MLA_DIM, device="cuda", dtype=torch.bfloat16)
+              for _ in range(copies)]
+    scale = 1.0 / math.sqrt(MLA_DIM)
+    out = torch.empty(batch, heads, MLA_V_DIM, device="cuda", dtype=torch.bfloat16)
+
+    def call(i):
+        c = caches[i % copies]
+        s = torch.matmul(q, c.transpose(1, 2))  # [batch, heads, context]
+        p = torch.softmax(s.float() * scale, dim=-1).to(torch.bfloat16)
+        out.copy_(torch.matmul(p, c[:, :, :MLA_V_DIM]))
+
+    ms = time_ms(call, max(copies, 8), samples)
+    del caches
+    torch.cuda.empty_cache()
+    flops = 2.0 * batch * heads * context * (MLA_DIM + MLA_V_DIM)
+    return {"kind": "mla_decode", "heads": heads, "batch": batch, "context": context, "ms": ms,
+            "gbps": cache_bytes / (ms * 1e6), "tflops": flops / (ms * 1e9)}
+
+
 def bench_prefill(backend, context, samples):
     q = torch.randn(1, HQ, context, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, HKV, context, D, device="cuda", dtype=torch.bfloat16)
@@ -97,7 +128,8 @@ def bench_prefill(backend, context, samples):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", default="all", choices=["decode", "prefill", "all"])
+    ap.add_argument("--mode", default="all", choices=["decode", "prefill", "all", "mla"])
+    ap.add_argument("--mla-heads", default="16,32,64,128", help="comma list (--mode mla)")
     ap.add_argument("--json")
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--quick", action="store_true")
@@ -108,8 +140,10 @@ def main():
     args = ap.parse_args()
     globals().update(HQ=args.q_heads, HKV=args.kv_heads)
     torch.manual_seed(0)
+    shape = (f"MLA: one latent KV head, d {MLA_DIM} / v {MLA_V_DIM}" if args.mode == "mla"
+             else f"{HQ} q / {HKV} kv heads, d {D}")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"cudnn {torch.backends.cudnn.version()}; {HQ} q / {HKV} kv heads, d {D}")
+          f"cudnn {torch.backends.cudnn.version()}; {shape}")
     batches = [1, 8] if args.quick else [1, 2, 4, 8]
     contexts = [16384, 131072] if args.quick else [16384, 32768, 65536, 131072]
     prefill_contexts = [8192] if args.quick else [8192, 16384, 32768]
@@ -135,20 +169,44 @@ def main():
         print(f"{r['impl']:12s} {r['kind']:8s} {r['batch']:6d} {r['context']:8d} {val} {rate_s}"
               + (f"  ({r['error']})" if "error" in r else ""), flush=True)
 
-    print(f"{'impl':12s} {'kind':8s} {'batch':>6s} {'context':>8s} {'ms':>10s} {'GB/s|TF/s':>10s}")
+    if args.mode != "mla":
+        print(f"{'impl':12s} {'kind':8s} {'batch':>6s} {'context':>8s} {'ms':>10s} "
+              f"{'GB/s|TF/s':>10s}")
     if args.mode in ("decode", "all"):
         for backend in ("cudnn", "flash"):
             for b in batches:
                 for l in contexts:
                     run(backend, bench_decode, b, l, args.samples)
+    if args.mode == "mla":
+        print(f"{'impl':12s} {'heads':>5s} {'batch':>6s} {'context':>8s} {'ms':>10s} "
+              f"{'GB/s':>8s} {'TF/s':>8s}")
+        for h in [int(x) for x in args.mla_heads.split(",")]:
+            for b in batches:
+                for l in contexts:
+                    try:
+                        r = bench_mla(h, b, l, args.samples)
+                    except Exception as e:  # out of memory, say: record why, keep going
+                        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else \
+                            type(e).__name__
+                        r = {"kind": "mla_decode", "heads": h, "batch": b, "context": l,
+                             "ms": None, "gbps": None, "tflops": None, "error": msg}
+                        torch.cuda.empty_cache()
+                    r["impl"] = "torch_mla"
+                    results.append(r)
+                    ms = ("%10.4f" % r["ms"]) if r["ms"] else "%10s" % "n/a"
+                    rates = ("%8.1f %8.1f" % (r["gbps"], r["tflops"])) if r["ms"] else ""
+                    print(f"{r['impl']:12s} {h:5d} {b:6d} {l:8d} {ms} {rates}"
+                          + (f"  ({r['error']})" if "error" in r else ""), flush=True)
     if args.mode in ("prefill", "all"):
         for backend in ("flash", "cudnn"):
             for l in prefill_contexts:
                 run(backend, bench_prefill, l, max(5, args.samples // 3))
     if args.json:
         with open(args.json, "w") as f:
+            shape = ({"kv_heads": 1, "head_dim": MLA_DIM, "v_head_dim": MLA_V_DIM}
+                     if args.mode == "mla" else {"q_heads": HQ, "kv_heads": HKV, "head_dim": D})
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "results": results}, f, indent=1)
+                       **shape, "results": results}, f, indent=1)
     return 0
 
 
