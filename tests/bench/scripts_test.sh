@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmark scripts without a GPU: every bench/gpu shell script parses, every benchmark
-# Python script compiles, and tls_summary.py turns a small tls_bench.json (a GQA and an MLA row)
-# plus PyTorch baseline files into the combined table with the right ratios, with and without
-# the baselines. A broken script then fails here, not on the device.
-#   bash tests/bench/gpu_scripts_test.sh SOURCE_DIR
+# The benchmark scripts without a GPU: every bench/gpu shell script parses, every benchmark
+# Python script compiles, tls_summary.py turns a small tls_bench.json (a GQA and an MLA row) plus
+# PyTorch baseline files into the combined table with the right ratios, with and without the
+# baselines, and sass_loops.py finds and counts a kernel's hot loop in a SASS listing. A broken
+# script then fails here, not on the device.
+#   bash tests/bench/scripts_test.sh SOURCE_DIR
 set -euo pipefail
-src=${1:?usage: gpu_scripts_test.sh SOURCE_DIR}
+src=${1:?usage: scripts_test.sh SOURCE_DIR}
 fail() { echo "FAIL: $*"; exit 1; }
 
 for f in "$src"/bench/gpu/*.sh; do bash -n "$f" || fail "$f does not parse"; done
@@ -53,4 +54,32 @@ grep -q "^mla_h128  8  32K  512 |   0.0600   0.4200      n/a      n/a   0.7200 .
   "$dir/full.txt" || fail "MLA row with torch: $(grep mla_h128 "$dir/full.txt" | head -1)"
 grep -q "^cells met: GQA>=6x 1/1, MLA>=10x 0/1, Q>=0.8 GQA 1/1, Q>=0.8 MLA 0/1" "$dir/full.txt" ||
   fail "target counts: $(grep 'cells met' "$dir/full.txt")"
-echo "gpu scripts: ok"
+
+# sass_loops.py: of two backward branches the longer range with matrix work is the hot loop
+# (the inner one has none); the counts drop predicates and modifiers.
+cat > "$dir/k.sass" <<'SASS'
+	code for sm_90a
+		Function : _Z5OtherKernelv
+        /*0000*/                   EXIT ;
+		Function : _Z9TokenKernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   IGMMA.64x32x32.S8.U8 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   FFMA R2, R3, R4, R5 ;
+        /*0040*/                   MUFU.EX2 R6, R2 ;
+        /*0050*/                   FMNMX R7, R6, R7, !PT ;
+        /*0060*/               @P0 BRA 0x30 ;
+        /*0070*/              @!P1 FADD.RZ R8, R7, 1 ;
+        /*0080*/                   BRA `(.L_x_3) 0x10 ;
+        /*0090*/                   EXIT ;
+SASS
+python3 "$src/bench/sass_loops.py" "$dir/k.sass" --kernel TokenKernel > "$dir/loops.txt" ||
+  fail "sass_loops.py: $(cat "$dir/loops.txt")"
+grep -q "loop 0x10-0x80: 8 instructions; " "$dir/loops.txt" || fail "hot loop: $(cat "$dir/loops.txt")"
+for op in "FMNMX:1" "FADD:1" "IGMMA:1" "BRA:2" "MUFU:1" "WARPGROUP:1"; do
+  grep -q " $op\b" "$dir/loops.txt" || fail "no $op in: $(cat "$dir/loops.txt")"
+done
+if python3 "$src/bench/sass_loops.py" "$dir/k.sass" --kernel OtherKernel > /dev/null; then
+  fail "sass_loops.py found a loop in a kernel without one"
+fi
+echo "bench scripts: ok"
