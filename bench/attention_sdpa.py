@@ -126,6 +126,11 @@ def bench_prefill(backend, context, samples):
             "tflops": flops / (ms * 1e9)}
 
 
+def error_message(e):
+    """The first line of an exception's message (a backend rejecting a shape, out of memory)."""
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="all", choices=["decode", "prefill", "all", "mla"])
@@ -157,9 +162,9 @@ def main():
         try:
             r = fn(backend, *a)
         except Exception as e:  # a backend that rejects the shape: record why, keep going
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             r = {"kind": fn.__name__.split("_")[1], "batch": a[0] if len(a) == 3 else 1,
-                 "context": a[-2], "ms": None, "gbps": None, "tflops": None, "error": msg}
+                 "context": a[-2], "ms": None, "gbps": None, "tflops": None,
+                 "error": error_message(e)}
             torch.cuda.synchronize()
         r["impl"] = "sdpa_" + backend
         results.append(r)
@@ -186,10 +191,8 @@ def main():
                     try:
                         r = bench_mla(h, b, l, args.samples)
                     except Exception as e:  # out of memory, say: record why, keep going
-                        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else \
-                            type(e).__name__
                         r = {"kind": "mla_decode", "heads": h, "batch": b, "context": l,
-                             "ms": None, "gbps": None, "tflops": None, "error": msg}
+                             "ms": None, "gbps": None, "tflops": None, "error": error_message(e)}
                         torch.cuda.empty_cache()
                     r["impl"] = "torch_mla"
                     results.append(r)

@@ -9,19 +9,18 @@ per-stage breakdown.
 import json, os, sys
 out = sys.argv[1]
 tls = json.load(open(os.path.join(out, "tls_bench.json")))
-sdpa = {}
+def baseline(name, key):
+    """ms per key(record) of a baseline file's timed records; empty when the file is absent."""
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return {}
+    return {key(r): r["ms"] for r in json.load(open(path))["results"] if r.get("ms")}
+sdpa = {}  # (kv heads, impl, batch, context) -> ms of SDPA
 for kv in (8, 4):
-    path = os.path.join(out, "sdpa_kv%d.json" % kv)
-    if os.path.exists(path):
-        for r in json.load(open(path))["results"]:
-            if r.get("ms"):
-                sdpa[(kv, r["impl"], r["batch"], r["context"])] = r["ms"]
-mla_pt = {}  # (query heads, batch, context) -> ms of the PyTorch MLA baseline
-path = os.path.join(out, "sdpa_mla.json")
-if os.path.exists(path):
-    for r in json.load(open(path))["results"]:
-        if r.get("ms"):
-            mla_pt[(r["heads"], r["batch"], r["context"])] = r["ms"]
+    sdpa.update(baseline("sdpa_kv%d.json" % kv,
+                         lambda r, kv=kv: (kv, r["impl"], r["batch"], r["context"])))
+# (query heads, batch, context) -> ms of the PyTorch MLA baseline
+mla_pt = baseline("sdpa_mla.json", lambda r: (r["heads"], r["batch"], r["context"]))
 def f(x, w=8, p=4): return ("%*.*f" % (w, p, x)) if x else "%*s" % (w, "n/a")
 print("device %s; ratios: x = other ms / TLS ms (>1: TLS faster); floor = TLS ms / TLS bytes at "
       "%.1f TB/s" % (tls["device"], tls["hbm_bytes_per_s"] / 1e12))
