@@ -126,9 +126,11 @@ def bench_prefill(backend, context, samples):
             "tflops": flops / (ms * 1e9)}
 
 
-def error_message(e):
-    """The first line of an exception's message (a backend rejecting a shape, out of memory)."""
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+def failed_record(e, **fields):
+    """The record of a shape that could not be timed (a backend rejecting it, out of memory):
+    its fields, no figures, and the first line of the exception's message."""
+    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return {**fields, "ms": None, "gbps": None, "tflops": None, "error": why}
 
 
 def main():
@@ -158,21 +160,24 @@ def main():
         contexts = [int(x) for x in args.contexts.split(",")]
     results = []
 
+    def report(r, columns, rates):
+        """Keeps record r and prints its row: the columns, ms and (when timed) the rates."""
+        results.append(r)
+        ms = ("%10.4f" % r["ms"]) if r["ms"] else "%10s" % "n/a"
+        print(f"{columns} {ms} {rates if r['ms'] else ''}"
+              + (f"  ({r['error']})" if "error" in r else ""), flush=True)
+
     def run(backend, fn, *a):
         try:
             r = fn(backend, *a)
         except Exception as e:  # a backend that rejects the shape: record why, keep going
-            r = {"kind": fn.__name__.split("_")[1], "batch": a[0] if len(a) == 3 else 1,
-                 "context": a[-2], "ms": None, "gbps": None, "tflops": None,
-                 "error": error_message(e)}
+            r = failed_record(e, kind=fn.__name__.split("_")[1],
+                              batch=a[0] if len(a) == 3 else 1, context=a[-2])
             torch.cuda.synchronize()
         r["impl"] = "sdpa_" + backend
-        results.append(r)
-        val = ("%10.4f" % r["ms"]) if r["ms"] else "%10s" % "n/a"
         rate = r["gbps"] if r["kind"] == "decode" else r["tflops"]
-        rate_s = ("%10.1f" % rate) if rate else "%10s" % "n/a"
-        print(f"{r['impl']:12s} {r['kind']:8s} {r['batch']:6d} {r['context']:8d} {val} {rate_s}"
-              + (f"  ({r['error']})" if "error" in r else ""), flush=True)
+        report(r, f"{r['impl']:12s} {r['kind']:8s} {r['batch']:6d} {r['context']:8d}",
+               "%10.1f" % (rate or 0))
 
     if args.mode != "mla":
         print(f"{'impl':12s} {'kind':8s} {'batch':>6s} {'context':>8s} {'ms':>10s} "
@@ -191,15 +196,11 @@ def main():
                     try:
                         r = bench_mla(h, b, l, args.samples)
                     except Exception as e:  # out of memory, say: record why, keep going
-                        r = {"kind": "mla_decode", "heads": h, "batch": b, "context": l,
-                             "ms": None, "gbps": None, "tflops": None, "error": error_message(e)}
+                        r = failed_record(e, kind="mla_decode", heads=h, batch=b, context=l)
                         torch.cuda.empty_cache()
                     r["impl"] = "torch_mla"
-                    results.append(r)
-                    ms = ("%10.4f" % r["ms"]) if r["ms"] else "%10s" % "n/a"
-                    rates = ("%8.1f %8.1f" % (r["gbps"], r["tflops"])) if r["ms"] else ""
-                    print(f"{r['impl']:12s} {h:5d} {b:6d} {l:8d} {ms} {rates}"
-                          + (f"  ({r['error']})" if "error" in r else ""), flush=True)
+                    report(r, f"{r['impl']:12s} {h:5d} {b:6d} {l:8d}",
+                           "%8.1f %8.1f" % (r["gbps"] or 0, r["tflops"] or 0))
     if args.mode in ("prefill", "all"):
         for backend in ("flash", "cudnn"):
             for l in prefill_contexts:
